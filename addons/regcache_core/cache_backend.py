@@ -1,0 +1,85 @@
+"""The registry:2 pull-through caches that `regcache up` runs natively, one per registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .config import Config, Registry, is_local
+
+# Debian installs the registry:2 program as docker-registry; upstream builds call it registry.
+REGISTRY_PROGRAMS = ("registry", "docker-registry")
+INSTALL_HINT = "install it with `apt-get install docker-registry` (Debian/Ubuntu) or put distribution's `registry` binary on PATH"
+
+
+@dataclass(frozen=True)
+class CacheBackend:
+    registry: Registry
+    root: Path  # holds config.yml, registry.log and storage/
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yml"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "registry.log"
+
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
+
+
+def local_backends(config: Config) -> list[CacheBackend]:
+    """The caches this machine runs: those whose URL points at loopback.
+
+    A cache URL naming another host is somebody else's to run (a compose service, say).
+    """
+    return [
+        CacheBackend(r, config.data_dir / r.key.lower())
+        for r in config.registries
+        if r.cache and is_local(r.cache)
+    ]
+
+
+def find_registry_program() -> str | None:
+    return next(filter(None, map(shutil.which, REGISTRY_PROGRAMS)), None)
+
+
+def registry_config(backend: CacheBackend) -> dict:
+    """distribution's configuration for one pull-through cache."""
+    registry = backend.registry
+    cache = urlsplit(registry.cache)
+    proxy = {"remoteurl": registry.upstream}
+    if registry.username:
+        proxy |= {"username": registry.username, "password": registry.password}
+    return {
+        "version": 0.1,
+        "log": {"level": "info", "formatter": "text"},
+        "storage": {
+            "filesystem": {"rootdirectory": str(backend.storage)},
+            # Lets the proxy's TTL scheduler delete expired content.
+            "delete": {"enabled": True},
+        },
+        "http": {
+            "addr": f"{cache.hostname}:{cache.port or 80}",
+            # A fixed secret per start; one instance per cache, so nothing else must share it.
+            "secret": secrets.token_hex(16),
+        },
+        "proxy": proxy,
+    }
+
+
+def write_registry_config(backend: CacheBackend) -> Path:
+    """Write config.yml (JSON is valid YAML), readable by its owner only: it may hold credentials."""
+    backend.storage.mkdir(parents=True, exist_ok=True)
+    fd = os.open(backend.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(registry_config(backend), f, indent=2)
+    os.chmod(backend.config_file, 0o600)
+    return backend.config_file

@@ -1,0 +1,190 @@
+"""Settings: the environment and `.env`, checked and turned into typed values.
+
+Every variable is documented in `.env.example`. The real environment wins over `.env`,
+and both win over `DEFAULTS`. A registry is a few variables sharing a prefix (its key):
+
+    REGCACHE_REGISTRIES=DOCKERHUB,K8S
+    K8S_REGISTRY=registry.k8s.io          # the name clients pull from
+    K8S_UPSTREAM=https://registry.k8s.io  # where its images come from
+    K8S_CACHE=http://127.0.0.1:5004       # its registry:2 cache, or "none" to pass through
+    K8S_USERNAME= / K8S_PASSWORD=         # optional upstream credentials
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+DEFAULTS: Mapping[str, str] = {
+    "REGISTRY_DOMAIN": "registry.localhost",
+    "REGCACHE_PORT": "5000",
+    "REGCACHE_DATA_DIR": "./data",
+    "REGCACHE_PULL_LOG": "",  # empty: <data dir>/pull.log
+    "REGCACHE_PULL_LOG_STDOUT": "false",
+    "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
+    "DOCKERHUB_REGISTRY": "docker.io",
+    "DOCKERHUB_UPSTREAM": "https://registry-1.docker.io",
+    "DOCKERHUB_CACHE": "http://127.0.0.1:5001",
+    "GHCR_REGISTRY": "ghcr.io",
+    "GHCR_UPSTREAM": "https://ghcr.io",
+    "GHCR_CACHE": "http://127.0.0.1:5002",
+    "QUAY_REGISTRY": "quay.io",
+    "QUAY_UPSTREAM": "https://quay.io",
+    "QUAY_CACHE": "http://127.0.0.1:5003",
+}
+
+_KEY = re.compile(r"[A-Z][A-Z0-9_]*")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+# A registry name as containerd writes it in ?ns=: a host name, optionally with a port.
+_REGISTRY_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    """A bad setting. The message names the variable and says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Registry:
+    key: str  # the variable prefix, e.g. DOCKERHUB
+    name: str  # what clients pull from, e.g. docker.io
+    upstream: str  # base URL of the real registry, no trailing slash
+    cache: str | None  # base URL of its registry:2 cache; None passes through to upstream
+    username: str = ""
+    password: str = field(default="", repr=False)
+
+    @property
+    def backend(self) -> str:
+        """Where client requests for this registry go."""
+        return self.cache or self.upstream
+
+
+@dataclass(frozen=True)
+class Config:
+    domain: str
+    port: int
+    data_dir: Path
+    pull_log: Path
+    pull_log_stdout: bool
+    registries: tuple[Registry, ...]
+
+    def registry(self, name: str) -> Registry | None:
+        return next((r for r in self.registries if r.name == name), None)
+
+
+def load_config(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike = ".env") -> Config:
+    """Read settings from DEFAULTS, then `env_file` if it exists, then `environ`."""
+    environ = os.environ if environ is None else environ
+    values = dict(DEFAULTS)
+    if Path(env_file).is_file():
+        values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+    values.update(environ)
+    return parse_config(values)
+
+
+def parse_config(values: Mapping[str, str]) -> Config:
+    get = lambda name: values.get(name, "").strip()  # noqa: E731
+    data_dir = Path(get("REGCACHE_DATA_DIR") or "./data").absolute()
+    keys = _registry_keys(get("REGCACHE_REGISTRIES"))
+    registries = tuple(_registry(key, get) for key in keys)
+    _check_unique("REGCACHE_REGISTRIES", [r.name for r in registries], "registry name")
+    return Config(
+        domain=_hostname("REGISTRY_DOMAIN", get("REGISTRY_DOMAIN").lower()),
+        port=_port("REGCACHE_PORT", get("REGCACHE_PORT")),
+        data_dir=data_dir,
+        pull_log=Path(get("REGCACHE_PULL_LOG")).absolute() if get("REGCACHE_PULL_LOG") else data_dir / "pull.log",
+        pull_log_stdout=_bool("REGCACHE_PULL_LOG_STDOUT", get("REGCACHE_PULL_LOG_STDOUT")),
+        registries=registries,
+    )
+
+
+def _registry_keys(value: str) -> list[str]:
+    keys = [k.strip() for k in value.split(",") if k.strip()]
+    if not keys:
+        raise ConfigError("REGCACHE_REGISTRIES: empty; list registry keys such as DOCKERHUB,GHCR")
+    for key in keys:
+        if not _KEY.fullmatch(key):
+            raise ConfigError(f"REGCACHE_REGISTRIES: {key!r} is not a key (capital letters, digits, _)")
+    _check_unique("REGCACHE_REGISTRIES", keys, "key")
+    return keys
+
+
+def _registry(key: str, get) -> Registry:
+    name_var, upstream_var, cache_var = f"{key}_REGISTRY", f"{key}_UPSTREAM", f"{key}_CACHE"
+    for var in (name_var, upstream_var, cache_var):
+        if not get(var):
+            raise ConfigError(f"{var}: not set, and {key} is listed in REGCACHE_REGISTRIES")
+    name = get(name_var).lower()
+    if not _REGISTRY_NAME.fullmatch(name):
+        raise ConfigError(f"{name_var}: {name!r} is not a registry host name such as docker.io")
+    cache = None if get(cache_var).lower() == "none" else _url(cache_var, get(cache_var))
+    username, password = get(f"{key}_USERNAME"), get(f"{key}_PASSWORD")
+    if bool(username) != bool(password):
+        raise ConfigError(f"{key}_USERNAME/{key}_PASSWORD: set both or neither")
+    return Registry(key, name, _url(upstream_var, get(upstream_var)), cache, username, password)
+
+
+def _url(var: str, value: str) -> str:
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as e:
+        raise ConfigError(f"{var}: {value!r} is not a URL ({e})") from None
+    if parts.username or parts.password:
+        # Never echo the value: it holds a secret.
+        raise ConfigError(f"{var}: has credentials in it; put them in the _USERNAME/_PASSWORD variables")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{var}: {value!r} is not an http:// or https:// URL with a host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{var}: {value!r} must be a bare scheme://host[:port], with no path")
+    if port == 0:
+        raise ConfigError(f"{var}: {value!r} has port 0")
+    return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+def _hostname(var: str, value: str) -> str:
+    if not _HOSTNAME.fullmatch(value):
+        raise ConfigError(f"{var}: {value!r} is not a DNS name such as registry.example.com")
+    return value
+
+
+def _port(var: str, value: str) -> int:
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ConfigError(f"{var}: {value!r} is not a port number (1-65535)")
+    return int(value)
+
+
+def _bool(var: str, value: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ConfigError(f"{var}: {value!r} is not true or false")
+
+
+def _check_unique(var: str, items: list[str], what: str) -> None:
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise ConfigError(f"{var}: {what} {item!r} appears twice")
+        seen.add(item)
+
+
+def is_local(url: str) -> bool:
+    """True when the URL's host is this machine's loopback, so `regcache up` runs it."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,149 @@
+"""`regcache up`: run the registry:2 caches and the proxy as children, until told to stop."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache_backend import INSTALL_HINT, CacheBackend, find_registry_program, local_backends, write_registry_config
+from .config import Config
+
+ADDON_SCRIPT = Path(__file__).resolve().parent.parent / "regcache.py"
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen
+    ready_url: str  # answers with any HTTP status once the child serves
+
+
+def up(config: Config, env_file: str) -> int:
+    """Start everything, wait until it serves, print where to point clients, then supervise.
+
+    Returns the exit status: 0 after Ctrl-C or SIGTERM, 1 if a child failed.
+    """
+    backends = local_backends(config)
+    program = find_registry_program()
+    if backends and program is None:
+        print(f"regcache: the registry program is not on PATH; {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    mitmdump = _mitmdump_program()
+    if mitmdump is None:
+        print("regcache: mitmdump is not installed; install regcache with pip (it brings mitmproxy)", file=sys.stderr)
+        return 1
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+
+    children: list[Child] = []
+    try:
+        for backend in backends:
+            children.append(_start_cache(program, backend))
+        children.append(_start_proxy(mitmdump, config, env_file))
+        if not _wait_ready(children, stop):
+            return 0 if stop.is_set() else 1
+        print(ready_message(config, backends), flush=True)
+        while not stop.wait(0.5):
+            if failed := _exited(children):
+                print(f"regcache: {failed.name} exited with status {failed.process.returncode}; stopping", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        _stop_all(children)
+
+
+def _mitmdump_program() -> str | None:
+    beside_python = Path(sys.executable).with_name("mitmdump")
+    return str(beside_python) if beside_python.exists() else shutil.which("mitmdump")
+
+
+def _start_cache(program: str, backend: CacheBackend) -> Child:
+    config_file = write_registry_config(backend)
+    with open(backend.log_file, "ab") as log:
+        process = subprocess.Popen(
+            [program, "serve", str(config_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # we forward Ctrl-C ourselves, in order
+        )
+    return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process, f"{backend.registry.cache}/v2/")
+
+
+def _start_proxy(mitmdump: str, config: Config, env_file: str) -> Child:
+    command = [
+        mitmdump,
+        "--scripts", str(ADDON_SCRIPT),
+        "--set", f"regcache_env_file={env_file}",
+        "--set", "flow_detail=0",  # the pull log is the record of requests
+        "--set", "termlog_verbosity=warn",  # no line per connection
+    ]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+    return Child("proxy (mitmdump)", process, f"http://127.0.0.1:{config.port}/v2/")
+
+
+def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
+    deadline = time.monotonic() + READY_TIMEOUT
+    waiting = list(children)
+    while waiting:
+        if failed := _exited(children):
+            print(f"regcache: {failed.name} exited with status {failed.process.returncode} while starting", file=sys.stderr)
+            return False
+        if time.monotonic() > deadline:
+            names = ", ".join(c.name for c in waiting)
+            print(f"regcache: not ready after {READY_TIMEOUT:.0f}s: {names}", file=sys.stderr)
+            return False
+        waiting = [c for c in waiting if not answers_http(c.ready_url)]
+        if waiting and stop.wait(0.2):
+            return False
+    return True
+
+
+def answers_http(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=1).close()
+    except urllib.error.HTTPError:
+        pass  # an HTTP error status still means the server is up
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _exited(children: list[Child]) -> Child | None:
+    return next((c for c in children if c.process.poll() is not None), None)
+
+
+def _stop_all(children: list[Child]) -> None:
+    """Stop the proxy first (no new pulls), then the caches; kill what does not stop in time."""
+    for child in reversed(children):
+        if child.process.poll() is None:
+            child.process.terminate()
+        try:
+            child.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            child.process.kill()
+            child.process.wait()
+
+
+def ready_message(config: Config, backends: list[CacheBackend]) -> str:
+    local = {b.registry.key for b in backends}
+    lines = [f"regcache is ready on port {config.port}; pull log: {config.pull_log}"]
+    width = max(len(r.name) for r in config.registries)
+    for r in config.registries:
+        where = f"cache {r.cache}" + (" (run here)" if r.key in local else "") if r.cache else "uncached, passes through"
+        lines.append(f"  {r.name:<{width}}  http://{r.name}.{config.domain}:{config.port}  <- {r.upstream}, {where}")
+    lines.append(f"containerd may also use http://<this host>:{config.port} for every registry (it adds ?ns=<registry>).")
+    lines.append("Ctrl-C stops everything.")
+    return "\n".join(lines)

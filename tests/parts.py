@@ -1,0 +1,198 @@
+"""Real parts for end-to-end tests and benchmarks: registry, skopeo, umoci and `regcache up`.
+
+Plain functions and small classes, no pytest: scripts/ uses them too. Everything listens on
+loopback inside the private network namespace that tests/conftest.py (or the benchmark) makes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_DOMAIN = "regcache.test"
+REGISTRY_PROGRAM = next(
+    (p for p in ("registry", "docker-registry") if subprocess.run(["which", p], capture_output=True).returncode == 0),
+    "docker-registry",
+)
+
+
+def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class Upstream:
+    """A plain `registry` (registry:2's program) on loopback: what Docker Hub is to a user."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.port = root, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Upstream":
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = self.root / "config.yml"
+        config.write_text(json.dumps({
+            "version": 0.1,
+            "log": {"level": "warn"},
+            "storage": {"filesystem": {"rootdirectory": str(self.root / "storage")}},
+            "http": {"addr": f"127.0.0.1:{self.port}"},
+        }))
+        log = open(self.root / "registry.log", "ab")
+        self.process = subprocess.Popen([REGISTRY_PROGRAM, "serve", str(config)], stdout=log, stderr=log)
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.process:
+            stop_process(self.process)
+            self.process = None
+
+
+@dataclass
+class TestImage:
+    name: str  # repository, e.g. library/small
+    tag: str
+    layout: Path  # OCI layout holding it
+    manifest_digest: str = ""
+    blob_digests: list[str] = field(default_factory=list)  # config and layers
+
+    @property
+    def reference(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+
+def build_image(workdir: Path, name: str, layer_files: list[tuple[str, bytes | int]]) -> TestImage:
+    """Build an OCI image offline with umoci: one layer per (path, content or random size)."""
+    layout = workdir / name.replace("/", "_")
+    subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
+    subprocess.run(["umoci", "new", "--image", f"{layout}:1.0"], check=True)
+    for index, (path, content) in enumerate(layer_files):
+        source = workdir / f"{layout.name}-layer{index}"
+        (source / path).parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, int):
+            with open(source / path, "wb") as f:
+                for _ in range(content // (1 << 20)):
+                    f.write(os.urandom(1 << 20))
+        else:
+            (source / path).write_bytes(content)
+        subprocess.run(["umoci", "insert", "--image", f"{layout}:1.0", str(source / path), f"/{path}"], check=True)
+    subprocess.run(
+        ["umoci", "config", "--image", f"{layout}:1.0", "--architecture", "amd64", "--os", "linux",
+         "--config.cmd", "/bin/true"],
+        check=True,
+    )
+    return TestImage(name, "1.0", layout)
+
+
+def skopeo(*args: str, hosts_env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["skopeo", "--insecure-policy", *args], capture_output=True, text=True, timeout=timeout, env=hosts_env
+    )
+
+
+def push_image(image: TestImage, registry: str) -> None:
+    """Copy an OCI layout into a registry, keeping digests, and record them on the image."""
+    result = skopeo("copy", "--dest-tls-verify=false", f"oci:{image.layout}:{image.tag}",
+                    f"docker://{registry}/{image.reference}")
+    assert result.returncode == 0, result.stderr
+    raw = skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{registry}/{image.reference}").stdout
+    image.manifest_digest = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+    manifest = json.loads(raw)
+    image.blob_digests = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+
+
+class Stack:
+    """`regcache up`, run the way a user runs it, with settings passed as environment."""
+
+    def __init__(self, workdir: Path, settings: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.settings = {"REGISTRY_DOMAIN": TEST_DOMAIN, "REGCACHE_DATA_DIR": str(workdir / "data"), **settings}
+        self.port = int(self.settings.get("REGCACHE_PORT", "5000"))
+        self.output: list[str] = []
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.settings["REGCACHE_DATA_DIR"])
+
+    @property
+    def pull_log(self) -> Path:
+        return self.data_dir / "pull.log"
+
+    def start(self, timeout: float = 60.0) -> "Stack":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.settings}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "regcache_core.cli", "up"],
+            cwd=self.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        ready = threading.Event()
+
+        def read_output() -> None:
+            for line in self.process.stdout:
+                self.output.append(line.rstrip("\n"))
+                if line.startswith("regcache is ready"):
+                    ready.set()
+
+        threading.Thread(target=read_output, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.1):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("regcache up did not get ready:\n" + "\n".join(self.output))
+        return self
+
+    def stop(self) -> int | None:
+        if self.process:
+            stop_process(self.process, timeout=20)
+            return self.process.returncode
+        return None
+
+    def pull_records(self) -> list[dict]:
+        if not self.pull_log.exists():
+            return []
+        return [json.loads(line) for line in self.pull_log.read_text().splitlines() if line.strip()]
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_get(url: str, host: str | None = None, method: str = "GET", timeout: float = 30,
+             headers: dict | None = None, data: bytes | None = None) -> tuple[int, dict, bytes]:
+    """One HTTP request; returns (status, headers, body) whatever the status."""
+    request = urllib.request.Request(url, method=method, data=data, headers=dict(headers or {}))
+    if host:
+        request.add_header("Host", host)
+    try:
+        with _NO_PROXY.open(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
