@@ -20,6 +20,7 @@ logger = logging.getLogger(__name__)
 PLACEHOLDER_DESTINATION = "http://127.0.0.1:1"
 TARGET = "regcache.target"  # flow.metadata key: the routing decision
 BYTE_COUNTER = "regcache.bytes"  # flow.metadata key: counts a streamed body
+CACHE_RESULT = "regcache.cache"  # flow.metadata key: "hit" or "miss", set once the cache's upstream use is known
 
 
 class Settings:
@@ -155,6 +156,7 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         bytes=sent,
         duration_ms=round((now - flow.request.timestamp_start) * 1000),
         backend=target.backend if target else None,
+        cache=flow.metadata.get(CACHE_RESULT),
         error=flow.error.msg if flow.error else None,
     )
 

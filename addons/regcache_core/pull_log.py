@@ -27,6 +27,7 @@ class PullRecord:
     bytes: int  # body bytes sent to the client
     duration_ms: int
     backend: str | None  # base URL the request went to; None if we answered it ourselves
+    cache: str | None = None  # "hit" or "miss" for cached registries' manifests and blobs, else None
     error: str | None = None  # why the exchange failed, when it did
 
 
