@@ -76,7 +76,7 @@ def route(config: Config, method: str, host: str, path: str, proxy_form: bool = 
 
 def select_registry(config: Config, host: str, ns: str) -> Registry | Refusal:
     """The registry named by the virtual host `<registry>.<domain>`, else by `?ns=`."""
-    hostname = strip_port(host).lower()
+    hostname = strip_port(host).lower().rstrip(".")  # "name." is the same host as "name"
     suffix = "." + config.domain
     if hostname.endswith(suffix):
         name = hostname[: -len(suffix)]
