@@ -7,7 +7,7 @@ import logging
 import time
 from urllib.parse import urlsplit
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, http
 
 from .config import Config, ConfigError, load_config
 from .pull_log import PullLog, PullRecord, utc_iso
@@ -36,7 +36,11 @@ class Settings:
             try:
                 self.config = load_config(env_file=ctx.options.regcache_env_file)
             except ConfigError as e:
-                raise exceptions.OptionsError(f"regcache: {e}") from None
+                # Logged, not raised as OptionsError: mitmproxy would print a traceback for a
+                # script's OptionsError, where one line says it all. An error logged during
+                # start-up makes mitmproxy exit (its errorcheck addon); later, the last good
+                # config stays in force.
+                logger.error(f"regcache: {e}")
 
 
 class MirrorDefaults:
