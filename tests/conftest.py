@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from parts import TEST_DOMAIN, Upstream, build_image, push_image
+from parts import TEST_DOMAIN, Stack, Upstream, build_image, push_image
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
@@ -60,3 +60,17 @@ def upstream(tmp_path_factory, images) -> Upstream:
         push_image(image, f"127.0.0.1:{UPSTREAM_PORT}")
     yield registry
     registry.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, upstream) -> Stack:
+    """`regcache up` on port 5000 for the session: docker.io cached, ghcr.io passed through uncached."""
+    stack = Stack(tmp_path_factory.mktemp("stack"), {
+        "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR",
+        "DOCKERHUB_UPSTREAM": upstream.url,
+        "DOCKERHUB_CACHE": "http://127.0.0.1:5001",
+        "GHCR_UPSTREAM": upstream.url,
+        "GHCR_CACHE": "none",
+    }).start()
+    yield stack
+    assert stack.stop() == 0, "regcache up should exit 0 on SIGTERM"

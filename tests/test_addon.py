@@ -110,6 +110,17 @@ def test_router_answers_refusals_itself_with_registry_error_json(method, path, h
     assert (flow.request.host, flow.request.port) == ("127.0.0.1", 5000)  # sent nowhere
 
 
+@pytest.mark.parametrize("body_headers", [{"Content-Length": str(50 << 20)}, {"Transfer-Encoding": "chunked"}])
+def test_router_drops_a_refused_request_whose_body_would_stream(body_headers):
+    """mitmproxy cannot answer a request whose body it streams: the connection would crash."""
+    flow = client_flow("/v2/library/small/blobs/uploads/", method="POST")
+    flow.request.headers.update(body_headers)
+    flow.request.stream = "content-length" in flow.request.headers  # as stream_large_bodies decided
+    routed(flow)
+    assert flow.response is None and flow.error.msg == flow.error.KILLED_MESSAGE
+    assert finished(flow)["status"] == 0  # nothing was sent
+
+
 def finished(flow: http.HTTPFlow, response: http.Response | None = None, error: str | None = None) -> dict:
     flow.response = response or flow.response
     if error:

@@ -119,8 +119,9 @@ def test_bad_repository_names_are_400_name_invalid(repository):
     assert (decision.status, decision.code) == (400, "NAME_INVALID")
 
 
-def test_a_name_of_255_characters_is_valid():
+def test_a_name_of_255_characters_is_valid_and_a_longer_one_is_not_echoed():
     assert target(f"/v2/{'a' * 255}/manifests/1.0").repository == "a" * 255
+    assert "aaa" not in refusal(f"/v2/{'a' * 100_000}/manifests/1.0").message
 
 
 @pytest.mark.parametrize("kind, reference", [

@@ -8,6 +8,7 @@ import time
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, http
+from mitmproxy.flow import Error
 
 from .config import Config, ConfigError, load_config
 from .pull_log import PullLog, PullRecord, utc_iso
@@ -82,6 +83,12 @@ class Router:
             proxy_form=request.first_line_format != "relative" and not request.is_http2,
         )
         if isinstance(decision, Refusal):
+            if request.stream or "transfer-encoding" in request.headers:
+                # mitmproxy answers only after reading the whole request body, and crashes the
+                # connection if a body it streams (over stream_large_bodies, or chunked and
+                # growing past it) meets a response: drop such a request instead.
+                flow.kill()
+                return
             flow.response = http.Response.make(
                 decision.status, decision.body(), {"Content-Type": "application/json"}
             )
@@ -148,6 +155,10 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         sent = counter.count
     else:
         sent = len(response.raw_content or b"") if response and flow.request.method != "HEAD" else 0
+    if response:
+        status = response.status_code
+    else:  # mitmproxy answers a failed exchange with 502, and a killed one with nothing
+        status = 502 if flow.error and flow.error.msg != Error.KILLED_MESSAGE else 0
     return PullRecord(
         time=utc_iso(flow.request.timestamp_start),
         client=flow.client_conn.peername[0] if flow.client_conn.peername else "",
@@ -156,7 +167,7 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         kind=target.kind if target else None,
         reference=target.reference if target else None,
         method=flow.request.method,
-        status=response.status_code if response else (502 if flow.error else 0),
+        status=status,
         bytes=sent,
         duration_ms=round((now - flow.request.timestamp_start) * 1000),
         backend=target.backend if target else None,

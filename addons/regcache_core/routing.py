@@ -101,7 +101,9 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
     if not match:
         return Refusal(404, "UNSUPPORTED", f"{path!r} is not a pull API path (manifests, blobs, tags/list)")
     repository, kind, reference = match["repository"], _KINDS[match["kind"]], match["reference"]
-    if len(repository) > 255 or not _REPOSITORY.fullmatch(repository):
+    if len(repository) > 255:  # said without echoing the name, which may be huge
+        return Refusal(400, "NAME_INVALID", f"a repository name of {len(repository)} characters; at most 255 are allowed")
+    if not _REPOSITORY.fullmatch(repository):
         return Refusal(400, "NAME_INVALID", f"{repository!r} is not a valid repository name")
     if kind == "tags":
         if reference != "list":
