@@ -61,6 +61,8 @@ def test_uncached_registry_goes_to_its_upstream():
     ("127.0.0.1:5000", "/v2/x/manifests/1", "127.0.0.1:5000"),
     ("[::1]:5000", "/v2/", "[::1]:5000"),
     ("regcache.test:5000", "/v2/", "regcache.test:5000"),  # the domain itself names no registry
+    (f"{HUB}, ghcr.io.regcache.test", "/v2/", f"{HUB}, ghcr.io.regcache.test"),  # two Host headers, joined
+    ("docker.io.regcache.test:http", "/v2/", "docker.io.regcache.test:http"),
 ])
 def test_no_registry_is_404_name_unknown_naming_the_host(host, path, named):
     decision = refusal(path, host)

@@ -121,4 +121,6 @@ def strip_port(host: str) -> str:
     """`name:5000` -> `name`; `[::1]:5000` -> `::1`."""
     if host.startswith("["):
         return host[1 : host.find("]")] if "]" in host else host
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
+    name, _, port = host.rpartition(":")
+    # Only a numeric port: "a:5000, b" (two Host headers, joined) must not pass for host "a".
+    return name if port.isascii() and port.isdigit() and ":" not in name else host
