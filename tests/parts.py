@@ -1,11 +1,13 @@
 """Real parts for end-to-end tests and benchmarks: registry, skopeo, umoci and `regcache up`.
 
 Plain functions and small classes, no pytest: scripts/ uses them too. Everything listens on
-loopback inside the private network namespace that tests/conftest.py (or the benchmark) makes.
+loopback inside the private network namespace that `enter_private_namespaces` makes (pytest's
+conftest.py and the benchmarks call it first).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -13,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -25,6 +28,34 @@ REGISTRY_PROGRAM = next(
     (p for p in ("registry", "docker-registry") if subprocess.run(["which", p], capture_output=True).returncode == 0),
     "docker-registry",
 )
+
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def enter_private_namespaces(hostnames: list[str]) -> None:
+    """Move this process into new network and mount namespaces, with `hostnames` on loopback.
+
+    Every server started afterwards listens on a loopback of its own (no port can collide with
+    anything on the machine), and a private /etc/hosts points the names at 127.0.0.1. Children
+    inherit both. Needs root; raises OSError saying what failed.
+    """
+    if os.geteuid() != 0:
+        raise PermissionError("needs root, to unshare network and mount namespaces")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS | CLONE_NEWNET) != 0:
+        raise OSError(f"unshare failed: {os.strerror(ctypes.get_errno())}")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    with tempfile.TemporaryDirectory(prefix="regcache-hosts-") as directory:
+        hosts = Path(directory) / "hosts"
+        hosts.write_text(f"127.0.0.1 localhost {' '.join(hostnames)}\n::1 localhost\n")
+        # The bind mount holds the file itself, so the temporary copy can go right away.
+        subprocess.run(["mount", "--bind", str(hosts), "/etc/hosts"], check=True)
+    for variable in PROXY_VARIABLES:  # nothing here may go through a proxy of the machine's
+        os.environ.pop(variable, None)
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
