@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import http.client
 import json
 import os
 import signal
@@ -19,8 +20,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_DOMAIN = "regcache.test"
@@ -158,6 +161,74 @@ def push_image(image: TestImage, registry: str) -> None:
     image.manifest_digest = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
     manifest = json.loads(raw)
     image.blob_digests = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+
+
+def random_chunks(size: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """`size` incompressible bytes, a chunk at a time: big blobs never sit whole in memory."""
+    for offset in range(0, size, chunk):
+        yield os.urandom(min(chunk, size - offset))
+
+
+def push_blob(registry_url: str, repository: str, chunks: Iterable[bytes], timeout: float = 60) -> str:
+    """Upload a blob with the registry's chunked-upload API, streaming it; returns its digest.
+
+    One POST opens the upload, one PATCH streams every chunk (chunked transfer encoding, so the
+    size need not be known), and a PUT names the digest, hashed on the way. A blob served by
+    GET /v2/<repository>/blobs/<digest> needs no manifest.
+    """
+    connection = http.client.HTTPConnection(urlsplit(registry_url).netloc, timeout=timeout)
+    digest = hashlib.sha256()
+
+    def hashed() -> Iterator[bytes]:
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
+
+    def send(method: str, target: str, expected: int, **kwargs) -> str:
+        connection.request(method, target, **kwargs)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != expected:
+            raise RuntimeError(f"{method} {target}: {response.status} {body[:200]!r}")
+        location = urlsplit(response.getheader("Location", ""))
+        return location.path + (f"?{location.query}" if location.query else "")
+
+    try:
+        upload = send("POST", f"/v2/{repository}/blobs/uploads/", 202, headers={"Content-Length": "0"})
+        upload = send("PATCH", upload, 202, body=hashed(), encode_chunked=True,
+                      headers={"Content-Type": "application/octet-stream", "Transfer-Encoding": "chunked"})
+        name = f"sha256:{digest.hexdigest()}"
+        send("PUT", f"{upload}{'&' if '?' in upload else '?'}digest={name}", 201, headers={"Content-Length": "0"})
+        return name
+    finally:
+        connection.close()
+
+
+def child_pids(parent: int) -> list[int]:
+    """Direct children of a process, from /proc (ppid is the 4th field of /proc/PID/stat)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone while we looked
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def command_line(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS (resident now) and VmHWM (peak resident) of a process, in MiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024  # the kernel writes kB (KiB)
+    return values
 
 
 class Stack:
