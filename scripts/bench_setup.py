@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from parts import (  # noqa: E402  (tests/ is put on the path just above)
-    TEST_DOMAIN, Stack, Upstream, child_pids, command_line, enter_private_namespaces, push_blob, random_chunks,
+    TEST_DOMAIN, Stack, Upstream, cache_holds, child_pids, command_line, enter_private_namespaces, push_blob, random_chunks,
 )
 
 PROXY_PORT, CACHE_PORT, UPSTREAM_PORT = 5000, 5001, 6000
@@ -108,14 +108,8 @@ class BenchStack:
         return self.child_pid("serve")
 
     def wait_cached(self, timeout: float = 60) -> None:
-        """registry:2 commits a proxied blob to its storage just after it finished serving it."""
-        hex_digest = self.digest.split(":")[1]
-        data = self.stack.data_dir / "dockerhub/storage/docker/registry/v2/blobs/sha256" / hex_digest[:2] / hex_digest / "data"
-        deadline = time.monotonic() + timeout
-        while not data.is_file():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the cache did not store the blob within {timeout:.0f}s")
-            time.sleep(0.1)
+        if not cache_holds(self.stack.data_dir / "dockerhub" / "storage", self.digest, timeout):
+            raise TimeoutError(f"the cache did not store the blob within {timeout:.0f}s")
 
 
 def fetch(url: str, digest: str | None = None, timeout: float = 60) -> int:

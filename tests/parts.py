@@ -284,6 +284,16 @@ class Stack:
         return [json.loads(line) for line in self.pull_log.read_text().splitlines() if line.strip()]
 
 
+def cache_holds(storage: Path, digest: str, timeout: float = 15) -> bool:
+    """registry:2 commits a proxied blob to its storage just after it finished serving it."""
+    hex_digest = digest.split(":")[1]
+    path = storage / "docker/registry/v2/blobs/sha256" / hex_digest[:2] / hex_digest / "data"
+    deadline = time.monotonic() + timeout
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return path.is_file()
+
+
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
