@@ -17,7 +17,7 @@ from typing import TextIO
 @dataclass(frozen=True)
 class PullRecord:
     time: str  # ISO 8601, UTC, when the request arrived
-    client: str  # client address, host:port
+    client: str  # client IP address
     registry: str | None  # None when the request named no registry we map
     repository: str | None
     kind: str | None  # ping | manifest | blob | tags; None for refused requests

@@ -62,7 +62,7 @@ def route(config: Config, method: str, host: str, path: str, proxy_form: bool = 
         return Refusal(400, "UNSUPPORTED", "regcache is a registry mirror, not a forward proxy")
     path_only, _, query = path.partition("?")
     if not (path_only == "/v2" or path_only.startswith("/v2/")):
-        return Refusal(404, "UNSUPPORTED", f"{path_only!r} is not a registry API path (/v2/...)")
+        return Refusal(404, "UNSUPPORTED", f"{_quote(path_only)} is not a registry API path (/v2/...)")
     if method not in PULL_METHODS:
         return Refusal(405, "UNSUPPORTED", f"{method} is not allowed: regcache serves pulls only (GET, HEAD)")
     params = parse_qsl(query, keep_blank_values=True)
@@ -81,16 +81,16 @@ def select_registry(config: Config, host: str, ns: str) -> Registry | Refusal:
     if hostname.endswith(suffix):
         name = hostname[: -len(suffix)]
         return config.registry(name) or Refusal(
-            404, "NAME_UNKNOWN", f"registry {name!r} (host {host!r}) is not mapped by this regcache"
+            404, "NAME_UNKNOWN", f"registry {_quote(name)} (host {_quote(host)}) is not mapped by this regcache"
         )
     if ns:
         return config.registry(ns.lower()) or Refusal(
-            404, "NAME_UNKNOWN", f"registry {ns!r} (?ns= on host {host!r}) is not mapped by this regcache"
+            404, "NAME_UNKNOWN", f"registry {_quote(ns)} (?ns= on host {_quote(host)}) is not mapped by this regcache"
         )
     return Refusal(
         404,
         "NAME_UNKNOWN",
-        f"host {host!r} names no registry: use <registry>.{config.domain} or add ?ns=<registry>",
+        f"host {_quote(host)} names no registry: use <registry>.{config.domain} or add ?ns=<registry>",
     )
 
 
@@ -99,22 +99,27 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
         return Target(registry, "ping", None, None, forward_path)
     match = _API_PATH.fullmatch(path)
     if not match:
-        return Refusal(404, "UNSUPPORTED", f"{path!r} is not a pull API path (manifests, blobs, tags/list)")
+        return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list)")
     repository, kind, reference = match["repository"], _KINDS[match["kind"]], match["reference"]
-    if len(repository) > 255:  # said without echoing the name, which may be huge
-        return Refusal(400, "NAME_INVALID", f"a repository name of {len(repository)} characters; at most 255 are allowed")
+    if len(repository) > 255:
+        return Refusal(400, "NAME_INVALID", f"{_quote(repository)} is longer than 255 characters")
     if not _REPOSITORY.fullmatch(repository):
-        return Refusal(400, "NAME_INVALID", f"{repository!r} is not a valid repository name")
+        return Refusal(400, "NAME_INVALID", f"{_quote(repository)} is not a valid repository name")
     if kind == "tags":
         if reference != "list":
-            return Refusal(404, "UNSUPPORTED", f"{path!r} is not a pull API path (manifests, blobs, tags/list)")
+            return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list)")
         return Target(registry, kind, repository, None, forward_path)
     if ":" in reference or kind == "blob":
         if not _DIGEST.fullmatch(reference):
-            return Refusal(400, "DIGEST_INVALID", f"{reference!r} is not a sha256 or sha512 digest")
+            return Refusal(400, "DIGEST_INVALID", f"{_quote(reference)} is not a sha256 or sha512 digest")
     elif not _TAG.fullmatch(reference):
-        return Refusal(400, "TAG_INVALID", f"{reference!r} is not a valid tag")
+        return Refusal(400, "TAG_INVALID", f"{_quote(reference)} is not a valid tag")
     return Target(registry, kind, repository, reference, forward_path)
+
+
+def _quote(value: str, limit: int = 80) -> str:
+    """A client's value, quoted for an error message and cut short: clients choose its length."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
 def strip_port(host: str) -> str:
