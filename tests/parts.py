@@ -134,8 +134,14 @@ class Stack:
 
     def __init__(self, workdir: Path, settings: dict[str, str]) -> None:
         self.workdir = workdir
-        self.settings = {"REGISTRY_DOMAIN": TEST_DOMAIN, "REGCACHE_DATA_DIR": str(workdir / "data"), **settings}
-        self.port = int(self.settings.get("REGCACHE_PORT", "5000"))
+        port = int(settings.get("REGCACHE_PORT", "5000"))
+        self.settings = {
+            "REGISTRY_DOMAIN": TEST_DOMAIN,
+            "REGCACHE_DATA_DIR": str(workdir / "data"),
+            "REGCACHE_EGRESS_PORT": str(port + 80),  # stacks on different ports never share one
+            **settings,
+        }
+        self.port = port
         self.output: list[str] = []
         self.process: subprocess.Popen | None = None
 
