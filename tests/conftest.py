@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from parts import TEST_DOMAIN, Upstream, build_image, push_image
+from parts import TEST_DOMAIN, Upstream, build_image
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
@@ -57,6 +57,6 @@ def upstream(tmp_path_factory, images) -> Upstream:
     """One upstream registry for the session, seeded with both images (as docker.io would be)."""
     registry = Upstream(tmp_path_factory.mktemp("upstream"), UPSTREAM_PORT).start()
     for image in images.values():
-        push_image(image, f"127.0.0.1:{UPSTREAM_PORT}")
+        registry.push(image)
     yield registry
     registry.stop()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from parts import TEST_DOMAIN, Stack, Upstream, http_get, push_image, skopeo
+from parts import TEST_DOMAIN, Stack, Upstream, http_get, pull, skopeo
 
 PORT = 5000
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
@@ -31,15 +31,6 @@ def stack(tmp_path_factory, upstream) -> Stack:
     }).start()
     yield stack
     assert stack.stop() == 0, "regcache up should exit 0 on SIGTERM"
-
-
-def pull(registry_host: str, image, destination) -> str:
-    """skopeo copy through the proxy into an OCI layout; returns the pulled manifest's digest."""
-    result = skopeo("copy", "--src-tls-verify=false", f"docker://{registry_host}/{image.reference}",
-                    f"oci:{destination}:{image.tag}")
-    assert result.returncode == 0, result.stderr
-    index = json.loads((destination / "index.json").read_text())
-    return index["manifests"][0]["digest"]
 
 
 def cache_holds(storage, digest: str, timeout: float = 15) -> bool:
@@ -150,7 +141,7 @@ def test_cached_image_is_served_with_upstream_stopped(tmp_path, images):
     """A fresh upstream and stack, so stopping the upstream disturbs no other test."""
     upstream = Upstream(tmp_path / "upstream", 6001).start()
     image = images["small"]
-    push_image(image, f"127.0.0.1:{upstream.port}")
+    upstream.push(image)
     stack = Stack(tmp_path / "stack", {
         "REGCACHE_PORT": "5100",
         "REGCACHE_REGISTRIES": "DOCKERHUB",
