@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fakes import Cdn, TokenServer
-from parts import TEST_DOMAIN, Stack, Upstream, htpasswd_auth, pull, skopeo
+from parts import TEST_DOMAIN, Stack, Upstream, htpasswd_auth, http_get, pull, skopeo
 
 USER = "regcache-user"
 PASSWORD = "pw-" + secrets.token_urlsafe(16)  # unique, so finding it anywhere is a leak
@@ -138,6 +138,19 @@ def test_uncached_registry_gets_our_credentials(world, images):
     assert pull(world.host("ghcr.io"), image, world.tmp / "passthrough") == image.manifest_digest
     records = pull_records(world.stack, before, image, "ghcr.io")
     assert records and {r["cache"] for r in records} == {None}
+
+
+@pytest.mark.parametrize("world", ["basic"], indirect=True)
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/v2/", 200),  # answered by the proxy: the cache never sees the upstream's challenge
+    ("PUT", "/v2/library/small/manifests/1.0", 405),
+    ("GET", "/v2/_catalog", 404),
+    ("GET", "/_regcache/redirect?url=http://127.0.0.1:22/&sig=00", 403),  # no open relay
+])
+def test_egress_serves_only_what_a_cache_needs(world, method, path, status):
+    got, _, body = http_get(f"http://127.0.0.1:{world.stack.port + 80}{path}", method=method)
+    assert got == status
+    assert got != 200 or json.loads(body) == {}
 
 
 @pytest.mark.parametrize("world", ["basic", "token"], indirect=True)
