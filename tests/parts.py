@@ -1,23 +1,29 @@
 """Real parts for end-to-end tests and benchmarks: registry, skopeo, umoci and `regcache up`.
 
 Plain functions and small classes, no pytest: scripts/ uses them too. Everything listens on
-loopback inside the private network namespace that tests/conftest.py (or the benchmark) makes.
+loopback inside the private network namespace that `enter_private_namespaces` makes (pytest's
+conftest.py and the benchmarks call it first).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import http.client
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_DOMAIN = "regcache.test"
@@ -25,6 +31,34 @@ REGISTRY_PROGRAM = next(
     (p for p in ("registry", "docker-registry") if subprocess.run(["which", p], capture_output=True).returncode == 0),
     "docker-registry",
 )
+
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+
+
+def enter_private_namespaces(hostnames: list[str]) -> None:
+    """Move this process into new network and mount namespaces, with `hostnames` on loopback.
+
+    Every server started afterwards listens on a loopback of its own (no port can collide with
+    anything on the machine), and a private /etc/hosts points the names at 127.0.0.1. Children
+    inherit both. Needs root; raises OSError saying what failed.
+    """
+    if os.geteuid() != 0:
+        raise PermissionError("needs root, to unshare network and mount namespaces")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS | CLONE_NEWNET) != 0:
+        raise OSError(f"unshare failed: {os.strerror(ctypes.get_errno())}")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    with tempfile.TemporaryDirectory(prefix="regcache-hosts-") as directory:
+        hosts = Path(directory) / "hosts"
+        hosts.write_text(f"127.0.0.1 localhost {' '.join(hostnames)}\n::1 localhost\n")
+        # The bind mount holds the file itself, so the temporary copy can go right away.
+        subprocess.run(["mount", "--bind", str(hosts), "/etc/hosts"], check=True)
+    for variable in PROXY_VARIABLES:  # nothing here may go through a proxy of the machine's
+        os.environ.pop(variable, None)
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
@@ -152,13 +186,81 @@ def push_image(image: TestImage, registry: str, creds: str | None = None) -> Non
     image.blob_digests = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
 
 
-def pull(registry_host: str, image: TestImage, destination: Path, *extra: str) -> str:
+def pull(registry_host: str, image: TestImage, destination: Path) -> str:
     """skopeo copy through the proxy into an OCI layout; returns the pulled manifest's digest."""
-    result = skopeo("copy", "--src-tls-verify=false", *extra, f"docker://{registry_host}/{image.reference}",
+    result = skopeo("copy", "--src-tls-verify=false", f"docker://{registry_host}/{image.reference}",
                     f"oci:{destination}:{image.tag}")
     assert result.returncode == 0, result.stderr
     index = json.loads((destination / "index.json").read_text())
     return index["manifests"][0]["digest"]
+
+
+def random_chunks(size: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """`size` incompressible bytes, a chunk at a time: big blobs never sit whole in memory."""
+    for offset in range(0, size, chunk):
+        yield os.urandom(min(chunk, size - offset))
+
+
+def push_blob(registry_url: str, repository: str, chunks: Iterable[bytes], timeout: float = 60) -> str:
+    """Upload a blob with the registry's chunked-upload API, streaming it; returns its digest.
+
+    One POST opens the upload, one PATCH streams every chunk (chunked transfer encoding, so the
+    size need not be known), and a PUT names the digest, hashed on the way. A blob served by
+    GET /v2/<repository>/blobs/<digest> needs no manifest.
+    """
+    connection = http.client.HTTPConnection(urlsplit(registry_url).netloc, timeout=timeout)
+    digest = hashlib.sha256()
+
+    def hashed() -> Iterator[bytes]:
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
+
+    def send(method: str, target: str, expected: int, **kwargs) -> str:
+        connection.request(method, target, **kwargs)
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != expected:
+            raise RuntimeError(f"{method} {target}: {response.status} {body[:200]!r}")
+        location = urlsplit(response.getheader("Location", ""))
+        return location.path + (f"?{location.query}" if location.query else "")
+
+    try:
+        upload = send("POST", f"/v2/{repository}/blobs/uploads/", 202, headers={"Content-Length": "0"})
+        upload = send("PATCH", upload, 202, body=hashed(), encode_chunked=True,
+                      headers={"Content-Type": "application/octet-stream", "Transfer-Encoding": "chunked"})
+        name = f"sha256:{digest.hexdigest()}"
+        send("PUT", f"{upload}{'&' if '?' in upload else '?'}digest={name}", 201, headers={"Content-Length": "0"})
+        return name
+    finally:
+        connection.close()
+
+
+def child_pids(parent: int) -> list[int]:
+    """Direct children of a process, from /proc (ppid is the 4th field of /proc/PID/stat)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone while we looked
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def command_line(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS (resident now) and VmHWM (peak resident) of a process, in MiB."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024  # the kernel writes kB (KiB)
+    return values
 
 
 class Stack:
@@ -225,6 +327,16 @@ class Stack:
         if not self.pull_log.exists():
             return []
         return [json.loads(line) for line in self.pull_log.read_text().splitlines() if line.strip()]
+
+
+def cache_holds(storage: Path, digest: str, timeout: float = 15) -> bool:
+    """registry:2 commits a proxied blob to its storage just after it finished serving it."""
+    hex_digest = digest.split(":")[1]
+    path = storage / "docker/registry/v2/blobs/sha256" / hex_digest[:2] / hex_digest / "data"
+    deadline = time.monotonic() + timeout
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return path.is_file()
 
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fakes import Cdn, TokenServer
-from parts import TEST_DOMAIN, Stack, Upstream, htpasswd_auth, http_get, pull, skopeo
+from parts import TEST_DOMAIN, Stack, Upstream, cache_holds, htpasswd_auth, http_get, pull, skopeo
 
 USER = "regcache-user"
 PASSWORD = "pw-" + secrets.token_urlsafe(16)  # unique, so finding it anywhere is a leak
@@ -182,6 +182,8 @@ def test_one_token_request_per_scope_shared_by_pulls_and_restarts(world, images)
 
 def test_cached_image_is_served_with_the_upstream_stopped_also_after_a_restart(world, images):
     image = images["small"]
+    storage = world.stack.data_dir / "dockerhub" / "storage"
+    assert all(cache_holds(storage, digest) for digest in image.blob_digests)
     world.stop_upstream()
     assert pull(world.cached, image, world.tmp / "upstream-down") == image.manifest_digest
     world.stack.stop()

@@ -9,11 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import time
 
 import pytest
 
-from parts import TEST_DOMAIN, Stack, Upstream, http_get, pull, skopeo
+from parts import TEST_DOMAIN, Stack, cache_holds, http_get, pull, skopeo
 
 PORT = 5000
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
@@ -33,14 +32,6 @@ def stack(tmp_path_factory, upstream) -> Stack:
     assert stack.stop() == 0, "regcache up should exit 0 on SIGTERM"
 
 
-def cache_holds(storage, digest: str, timeout: float = 15) -> bool:
-    """registry:2 commits a proxied blob to its storage just after it finished serving it."""
-    hex_digest = digest.split(":")[1]
-    path = storage / "docker/registry/v2/blobs/sha256" / hex_digest[:2] / hex_digest / "data"
-    deadline = time.monotonic() + timeout
-    while not path.is_file() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return path.is_file()
 
 
 @pytest.mark.parametrize("name", ["small", "big"])
@@ -135,28 +126,3 @@ def test_pull_log_records_every_request(stack, images):
     big_layer = images["big"].blob_digests[-1]
     big = [r for r in stack.pull_records() if r["reference"] == big_layer and r["method"] == "GET"]
     assert big and big[0]["bytes"] > 100 << 20
-
-
-def test_cached_image_is_served_with_upstream_stopped(tmp_path, images):
-    """A fresh upstream and stack, so stopping the upstream disturbs no other test."""
-    upstream = Upstream(tmp_path / "upstream", 6001).start()
-    image = images["small"]
-    upstream.push(image)
-    stack = Stack(tmp_path / "stack", {
-        "REGCACHE_PORT": "5100",
-        "REGCACHE_REGISTRIES": "DOCKERHUB",
-        "DOCKERHUB_UPSTREAM": upstream.url,
-        "DOCKERHUB_CACHE": "http://127.0.0.1:5101",
-    }).start()
-    try:
-        host = f"docker.io.{TEST_DOMAIN}:5100"
-        assert pull(host, image, tmp_path / "first") == image.manifest_digest
-        upstream.stop()
-        assert pull(host, image, tmp_path / "second") == image.manifest_digest
-        by_digest = f"{host}/{image.name}@{image.manifest_digest}"
-        assert skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{by_digest}").returncode == 0
-        never_pulled = skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{host}/library/never:1.0")
-        assert never_pulled.returncode != 0
-    finally:
-        stack.stop()
-        upstream.stop()

@@ -1,0 +1,24 @@
+# The regcache proxy image: mitmproxy with regcache's addon, started by `regcache up`.
+# The docker.io, ghcr.io and quay.io caches run as registry:2 services of docker-compose.yml;
+# docker-registry (registry:2's program, as Debian ships it) is here so that `regcache up` can
+# also run any extra cache whose URL in .env is loopback.
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends docker-registry \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --create-home regcache \
+ && mkdir /data && chown regcache /data
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY addons ./addons
+# Editable, so that addons/regcache.py (which `regcache up` hands to mitmdump) stays beside
+# the package, as in a checkout.
+RUN pip install --no-cache-dir --disable-pip-version-check -e .
+
+USER regcache
+# Settings come from the environment (compose passes .env); the image holds no .env.
+ENV REGCACHE_DATA_DIR=/data
+EXPOSE 5000
+CMD ["regcache", "up"]

@@ -1,0 +1,165 @@
+"""What the benchmarks share: a private upstream with one random blob, `regcache up`, clients.
+
+Run as root. The benchmark moves itself into private network and mount namespaces (as the
+test suite does), so its servers use the usual ports without touching the machine's, and it
+removes every file it made, big blobs included, however it ends: done, failed, Ctrl-C,
+SIGTERM or over its time limit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from parts import (  # noqa: E402  (tests/ is put on the path just above)
+    TEST_DOMAIN, Stack, Upstream, cache_holds, child_pids, command_line, enter_private_namespaces, push_blob, random_chunks,
+)
+
+PROXY_PORT, CACHE_PORT, UPSTREAM_PORT = 5000, 5001, 6000
+REPOSITORY = "library/bench"
+READ_CHUNK = 1 << 20
+
+
+class TimeLimit(SystemExit):
+    """Ends the benchmark with a message, running every clean-up on the way out."""
+
+
+class BenchStack:
+    """Upstream registry holding one random blob of `blob_size` bytes, and `regcache up` caching it.
+
+    A context manager: entering builds everything, leaving stops it and deletes its files.
+    """
+
+    def __init__(self, blob_size: int, time_limit: float) -> None:
+        self.blob_size, self.time_limit = blob_size, time_limit
+        self.workdir: Path | None = None
+        self.upstream: Upstream | None = None
+        self.stack: Stack | None = None
+        self.digest = ""
+
+    def __enter__(self) -> "BenchStack":
+        enter_private_namespaces([f"docker.io.{TEST_DOMAIN}"])
+        signal.signal(signal.SIGALRM, self._over_time)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM; cleaning up"))
+        signal.alarm(int(self.time_limit))
+        try:
+            self.workdir = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
+            self.upstream = Upstream(self.workdir / "upstream", UPSTREAM_PORT).start()
+            started = time.monotonic()
+            self.digest = push_blob(self.upstream.url, REPOSITORY, random_chunks(self.blob_size))
+            print(f"pushed a {self.blob_size / 2**20:.0f} MiB random blob to the upstream "
+                  f"in {time.monotonic() - started:.1f}s", flush=True)
+            self.stack = Stack(self.workdir / "stack", {
+                "REGCACHE_REGISTRIES": "DOCKERHUB",
+                "REGCACHE_PORT": str(PROXY_PORT),
+                "DOCKERHUB_UPSTREAM": self.upstream.url,
+                "DOCKERHUB_CACHE": f"http://127.0.0.1:{CACHE_PORT}",
+            }).start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *_) -> None:
+        signal.alarm(0)
+        if self.stack:
+            self.stack.stop()
+        if self.upstream:
+            self.upstream.stop()
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _over_time(self, *_) -> None:
+        raise TimeLimit(f"over the time limit of {self.time_limit:.0f}s; cleaning up")
+
+    @property
+    def proxy_url(self) -> str:
+        """The blob through regcache, by the virtual host name a user's client would use."""
+        return f"http://docker.io.{TEST_DOMAIN}:{PROXY_PORT}/v2/{REPOSITORY}/blobs/{self.digest}"
+
+    @property
+    def cache_url(self) -> str:
+        """The blob straight from the registry:2 cache, bypassing the proxy."""
+        return f"http://127.0.0.1:{CACHE_PORT}/v2/{REPOSITORY}/blobs/{self.digest}"
+
+    def child_pid(self, marker: str) -> int:
+        """The pid of the child of `regcache up` whose command line has `marker` in it."""
+        for pid in child_pids(self.stack.process.pid):
+            if any(marker in part for part in command_line(pid)):
+                return pid
+        raise LookupError(f"regcache up has no child running {marker}")
+
+    @property
+    def proxy_pid(self) -> int:
+        return self.child_pid("mitmdump")
+
+    @property
+    def cache_pid(self) -> int:
+        return self.child_pid("serve")
+
+    def wait_cached(self, timeout: float = 60) -> None:
+        if not cache_holds(self.stack.data_dir / "dockerhub" / "storage", self.digest, timeout):
+            raise TimeoutError(f"the cache did not store the blob within {timeout:.0f}s")
+
+
+def fetch(url: str, digest: str | None = None, timeout: float = 60) -> int:
+    """GET url, reading in 1 MiB chunks into one buffer; returns the byte count.
+
+    With `digest`, hashes what arrives and raises if it differs.
+    """
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.netloc, timeout=timeout)
+    try:
+        connection.request("GET", parts.path)
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"GET {url}: {response.status} {response.read(200)!r}")
+        hasher = hashlib.sha256() if digest else None
+        buffer = memoryview(bytearray(READ_CHUNK))
+        received = 0
+        while count := response.readinto(buffer):
+            if hasher:
+                hasher.update(buffer[:count])
+            received += count
+    finally:
+        connection.close()
+    if hasher and f"sha256:{hasher.hexdigest()}" != digest:
+        raise RuntimeError(f"GET {url}: got sha256:{hasher.hexdigest()}, expected {digest}")
+    return received
+
+
+def fetch_in_parallel(url: str, clients: int, expected_size: int) -> float:
+    """`clients` threads each GET url at once; returns the wall time until the last one finished."""
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            if (received := fetch(url)) != expected_size:
+                raise RuntimeError(f"GET {url}: {received} bytes, expected {expected_size}")
+        except BaseException as e:  # reported by the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    if errors:
+        raise errors[0]
+    return elapsed
+
+
+def mb_per_s(size: int, seconds: float) -> float:
+    return size / seconds / 1e6

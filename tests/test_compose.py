@@ -1,0 +1,145 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine.
+
+Debian's docker-compose validates and resolves the file (`config`, no engine needed), and the
+resolved configuration is then held to what a user relies on. The proxy's healthcheck command
+is run for real against `regcache up`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from ruamel.yaml import YAML
+
+from parts import REPO, Stack
+from regcache_core.cache_backend import local_backends
+from regcache_core.config import DEFAULTS, parse_config
+
+PROXY = "registry-cache"
+CACHES = {"DOCKERHUB": "registry-dockerhub", "GHCR": "registry-ghcr", "QUAY": "registry-quay"}
+REGCACHE_UP = ["regcache", "up"]
+
+
+def credentials(key: str) -> tuple[str, str]:
+    return f"user-{key.lower()}", f"secret-{key.lower()}-must-not-leak"
+
+
+@pytest.fixture(scope="module")
+def project_dir(tmp_path_factory):
+    """A project directory with a .env made from .env.example, plus credentials for every cache."""
+    directory = tmp_path_factory.mktemp("compose")
+    lines = [(REPO / ".env.example").read_text()]
+    for key in CACHES:
+        username, password = credentials(key)
+        lines.append(f"{key}_USERNAME={username}\n{key}_PASSWORD={password}\n")
+    (directory / ".env").write_text("\n".join(lines))
+    return directory
+
+
+def docker_compose(project_dir, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["docker-compose", "-f", str(REPO / "docker-compose.yml"), "--project-directory", str(project_dir), *args],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+@pytest.fixture(scope="module")
+def resolved(project_dir) -> dict:
+    """`docker-compose config`: the file with .env interpolated and anchors merged."""
+    result = docker_compose(project_dir, "config")
+    assert result.returncode == 0, result.stderr
+    return YAML(typ="safe").load(result.stdout)
+
+
+def test_docker_compose_accepts_the_file(project_dir):
+    result = docker_compose(project_dir, "config", "-q")
+    assert result.returncode == 0, result.stderr
+
+
+def test_services_and_the_one_published_port(resolved):
+    services = resolved["services"]
+    assert set(services) == {PROXY, *CACHES.values()}
+    assert services[PROXY]["container_name"] == PROXY
+    assert [(str(p["published"]), str(p["target"])) for p in services[PROXY]["ports"]] == [("5000", "5000")]
+    assert [name for name, service in services.items() if service.get("ports")] == [PROXY]
+
+
+def test_every_service_is_on_the_network_named_registry_cache(resolved):
+    assert resolved["networks"]["registry-cache"]["name"] == "registry-cache"
+    for service in resolved["services"].values():
+        assert list(service["networks"]) == ["registry-cache"]
+
+
+def test_every_service_has_a_named_volume_and_a_healthcheck(resolved):
+    named_volumes = set(resolved["volumes"])
+    sources = []
+    for name, service in resolved["services"].items():
+        source = service["volumes"][0].split(":")[0]
+        assert source in named_volumes, f"{name} keeps its data in {source!r}, not a named volume"
+        sources.append(source)
+        assert service["healthcheck"]["test"][0] == "CMD", name
+    assert len(set(sources)) == len(sources), "each service has a volume of its own"
+
+
+def test_caches_are_registry2_pull_through_caches_with_credentials(resolved):
+    for key, name in CACHES.items():
+        service = resolved["services"][name]
+        username, password = credentials(key)
+        assert service["image"] == "registry:2"
+        assert service["environment"] == {
+            "REGISTRY_PROXY_REMOTEURL": DEFAULTS[f"{key}_UPSTREAM"],
+            "REGISTRY_PROXY_USERNAME": username,
+            "REGISTRY_PROXY_PASSWORD": password,
+            "REGISTRY_STORAGE_DELETE_ENABLED": "true",
+        }
+        assert "/var/lib/registry" in service["volumes"][0]
+        assert resolved["services"][PROXY]["depends_on"][name] == {"condition": "service_healthy"}
+
+
+def test_proxy_runs_regcache_up_with_the_compose_caches_and_starts_none_itself(resolved):
+    proxy = resolved["services"][PROXY]
+    assert proxy["command"] == REGCACHE_UP
+    config = parse_config({**DEFAULTS, **proxy["environment"]})
+    assert {r.key: r.cache for r in config.registries} == {
+        key: f"http://{name}:5000" for key, name in CACHES.items()
+    }
+    assert local_backends(config) == []
+    assert str(config.data_dir) == "/data"
+    assert proxy["volumes"][0].split(":")[1] == "/data"
+
+
+def test_no_secret_on_any_command_line(resolved):
+    passwords = [credentials(key)[1] for key in CACHES]
+    for name, service in resolved["services"].items():
+        command_lines = json.dumps([service.get("command"), service.get("entrypoint"), service["healthcheck"]])
+        assert not [p for p in passwords if p in command_lines], name
+
+
+def test_image_runs_regcache_up_and_never_gets_the_env_file():
+    instructions = [line.split(None, 1) for line in (REPO / "Dockerfile").read_text().splitlines()
+                    if line and not line.startswith((" ", "#"))]
+    assert "ENTRYPOINT" not in [word for word, *_ in instructions]
+    assert json.loads([rest for word, rest in instructions if word == "CMD"][-1]) == REGCACHE_UP
+    # .dockerignore lists what the build may see, after excluding everything.
+    patterns = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    assert patterns[0] == "*" and not [p for p in patterns if p.startswith("!.env")]
+
+
+def test_proxy_healthcheck_passes_only_when_the_proxy_reaches_the_docker_io_cache(resolved, upstream, tmp_path):
+    check = resolved["services"][PROXY]["healthcheck"]["test"][1:]
+    run_check = lambda: subprocess.run([sys.executable, *check[1:]], capture_output=True, timeout=30)  # noqa: E731
+    assert check[0] == "python"
+    assert run_check().returncode != 0, "healthy with nothing listening"
+    stack = Stack(tmp_path, {
+        "REGCACHE_REGISTRIES": "DOCKERHUB",
+        "DOCKERHUB_UPSTREAM": upstream.url,
+        "DOCKERHUB_CACHE": "http://127.0.0.1:5001",
+    }).start()
+    try:
+        result = run_check()
+        assert result.returncode == 0, result.stderr
+    finally:
+        stack.stop()
