@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from parts import TEST_DOMAIN, Upstream, build_image, enter_private_namespaces
+from parts import TEST_DOMAIN, Stack, Upstream, build_image, enter_private_namespaces
 
 TEST_REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "unmapped.io")
 UPSTREAM_PORT = 6000
@@ -45,3 +45,17 @@ def upstream(tmp_path_factory, images) -> Upstream:
         registry.push(image)
     yield registry
     registry.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory, upstream) -> Stack:
+    """`regcache up` on port 5000 for the session: docker.io cached, ghcr.io passed through uncached."""
+    stack = Stack(tmp_path_factory.mktemp("stack"), {
+        "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR",
+        "DOCKERHUB_UPSTREAM": upstream.url,
+        "DOCKERHUB_CACHE": "http://127.0.0.1:5001",
+        "GHCR_UPSTREAM": upstream.url,
+        "GHCR_CACHE": "none",
+    }).start()
+    yield stack
+    assert stack.stop() == 0, "regcache up should exit 0 on SIGTERM"

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_DOMAIN = "regcache.test"
+REGCACHE = [sys.executable, "-m", "regcache_core.cli"]  # the `regcache` command of this checkout
 REGISTRY_PROGRAM = next(
     (p for p in ("registry", "docker-registry") if subprocess.run(["which", p], capture_output=True).returncode == 0),
     "docker-registry",
@@ -61,14 +62,20 @@ def enter_private_namespaces(hostnames: list[str]) -> None:
         os.environ.pop(variable, None)
 
 
+def accepts_connections(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
+        if accepts_connections(port, host):
             return
-        except OSError:
-            time.sleep(0.05)
+        time.sleep(0.05)
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
@@ -291,7 +298,7 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.settings}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "regcache_core.cli", "up"],
+            [*REGCACHE, "up"],
             cwd=self.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         ready = threading.Event()
@@ -337,6 +344,20 @@ def cache_holds(storage: Path, digest: str, timeout: float = 15) -> bool:
     while not path.is_file() and time.monotonic() < deadline:
         time.sleep(0.1)
     return path.is_file()
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send bytes as they are (no HTTP library to tidy them) and return all that comes back
+    until the server closes the connection."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(data)
+        try:
+            while chunk := conn.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass  # a server dropping a bad client may reset rather than close
+    return received
 
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

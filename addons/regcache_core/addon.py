@@ -13,7 +13,8 @@ import logging
 import time
 from urllib.parse import urlsplit
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, http
+from mitmproxy.flow import Error
 
 from .cache_watch import InFlight
 from .config import Config, ConfigError, Registry, load_config
@@ -53,7 +54,11 @@ class Settings:
             try:
                 self.config = load_config(env_file=ctx.options.regcache_env_file)
             except ConfigError as e:
-                raise exceptions.OptionsError(f"regcache: {e}") from None
+                # Logged, not raised as OptionsError: mitmproxy would print a traceback for a
+                # script's OptionsError, where one line says it all. An error logged during
+                # start-up makes mitmproxy exit (its errorcheck addon); later, the last good
+                # config stays in force.
+                logger.error(f"regcache: {e}")
 
 
 class MirrorDefaults:
@@ -147,6 +152,12 @@ class Router:
 
 
 def answer(flow: http.HTTPFlow, refusal: Refusal) -> None:
+    if flow.request.stream or "transfer-encoding" in flow.request.headers:
+        # mitmproxy answers only after reading the whole request body, and crashes the
+        # connection if a body it streams (over stream_large_bodies, or chunked and
+        # growing past it) meets a response: drop such a request instead.
+        flow.kill()
+        return
     flow.response = http.Response.make(refusal.status, refusal.body(), {"Content-Type": "application/json"})
 
 
@@ -317,6 +328,10 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         sent = counter.count
     else:
         sent = len(response.raw_content or b"") if response and flow.request.method != "HEAD" else 0
+    if response:
+        status = response.status_code
+    else:  # mitmproxy answers a failed exchange with 502, and a killed one with nothing
+        status = 502 if flow.error and flow.error.msg != Error.KILLED_MESSAGE else 0
     return PullRecord(
         time=utc_iso(flow.request.timestamp_start),
         client=flow.client_conn.peername[0] if flow.client_conn.peername else "",
@@ -325,7 +340,7 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         kind=target.kind if target else None,
         reference=target.reference if target else None,
         method=flow.request.method,
-        status=response.status_code if response else (502 if flow.error else 0),
+        status=status,
         bytes=sent,
         duration_ms=round((now - flow.request.timestamp_start) * 1000),
         backend=target.backend if target else None,

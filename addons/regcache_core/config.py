@@ -51,6 +51,7 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 # A registry name as containerd writes it in ?ns=: a host name, optionally with a port.
 _REGISTRY_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?")
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII only: str.isdigit() accepts "²", which int() rejects
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -115,7 +116,7 @@ def parse_config(values: Mapping[str, str]) -> Config:
     keys = _registry_keys(get("REGCACHE_REGISTRIES"))
     egress_base = _port("REGCACHE_EGRESS_PORT", get("REGCACHE_EGRESS_PORT"))
     registries = tuple(_registry(key, get, egress_base + index) for index, key in enumerate(keys))
-    _check_unique("REGCACHE_REGISTRIES", [r.name for r in registries], "registry name")
+    _check_names_differ(registries)
     port = _port("REGCACHE_PORT", get("REGCACHE_PORT"))
     egress_ports = [r.egress_port for r in registries if r.egress_port is not None]
     if egress_ports and (egress_ports[-1] > 65535 or egress_base <= port <= egress_ports[-1]):
@@ -141,7 +142,8 @@ def _registry_keys(value: str) -> list[str]:
     for key in keys:
         if not _KEY.fullmatch(key):
             raise ConfigError(f"REGCACHE_REGISTRIES: {key!r} is not a key (capital letters, digits, _)")
-    _check_unique("REGCACHE_REGISTRIES", keys, "key")
+    if duplicates := sorted({k for k in keys if keys.count(k) > 1}):
+        raise ConfigError(f"REGCACHE_REGISTRIES: {duplicates[0]!r} is listed twice")
     return keys
 
 
@@ -156,21 +158,22 @@ def _registry(key: str, get, egress_port: int) -> Registry:
     cache = None if get(cache_var).lower() == "none" else _url(cache_var, get(cache_var))
     username, password = get(f"{key}_USERNAME"), get(f"{key}_PASSWORD")
     if bool(username) != bool(password):
-        raise ConfigError(f"{key}_USERNAME/{key}_PASSWORD: set both or neither")
+        missing, given = (f"{key}_PASSWORD", f"{key}_USERNAME") if username else (f"{key}_USERNAME", f"{key}_PASSWORD")
+        raise ConfigError(f"{missing}: not set, but {given} is; set both or neither")
     return Registry(
         key, name, _url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None
     )
 
 
 def _url(var: str, value: str) -> str:
+    if "@" in value:
+        # Checked before parsing, and the value is never echoed: it may hold user:password@.
+        raise ConfigError(f"{var}: has '@' in it; credentials go in the _USERNAME/_PASSWORD variables, not in a URL")
     try:
         parts = urlsplit(value)
         port = parts.port
     except ValueError as e:
         raise ConfigError(f"{var}: {value!r} is not a URL ({e})") from None
-    if parts.username or parts.password:
-        # Never echo the value: it holds a secret.
-        raise ConfigError(f"{var}: has credentials in it; put them in the _USERNAME/_PASSWORD variables")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{var}: {value!r} is not an http:// or https:// URL with a host")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -194,7 +197,7 @@ def _ip_address(var: str, value: str) -> str:
 
 
 def _port(var: str, value: str) -> int:
-    if not value.isdigit() or not 0 < int(value) < 65536:
+    if not _PORT.fullmatch(value) or not 0 < int(value) < 65536:
         raise ConfigError(f"{var}: {value!r} is not a port number (1-65535)")
     return int(value)
 
@@ -207,12 +210,13 @@ def _bool(var: str, value: str) -> bool:
     raise ConfigError(f"{var}: {value!r} is not true or false")
 
 
-def _check_unique(var: str, items: list[str], what: str) -> None:
-    seen = set()
-    for item in items:
-        if item in seen:
-            raise ConfigError(f"{var}: {what} {item!r} appears twice")
-        seen.add(item)
+def _check_names_differ(registries: tuple[Registry, ...]) -> None:
+    """Routing finds a registry by name, so two with one name would make one unreachable."""
+    key_of: dict[str, str] = {}
+    for r in registries:
+        if r.name in key_of:
+            raise ConfigError(f"{r.key}_REGISTRY: {r.name!r} is also {key_of[r.name]}_REGISTRY; each registry needs its own name")
+        key_of[r.name] = r.key
 
 
 def is_local(url: str) -> bool:

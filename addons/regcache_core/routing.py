@@ -91,7 +91,7 @@ def refuse_non_pull(method: str, path_only: str) -> Refusal | None:
 
 def select_registry(config: Config, host: str, ns: str) -> Registry | Refusal:
     """The registry named by the virtual host `<registry>.<domain>`, else by `?ns=`."""
-    hostname = strip_port(host).lower()
+    hostname = strip_port(host).lower().rstrip(".")  # "name." is the same host as "name"
     suffix = "." + config.domain
     if hostname.endswith(suffix):
         name = hostname[: -len(suffix)]
@@ -116,7 +116,9 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
     if not match:
         return Refusal(404, "UNSUPPORTED", f"{path!r} is not a pull API path (manifests, blobs, tags/list)")
     repository, kind, reference = match["repository"], _KINDS[match["kind"]], match["reference"]
-    if len(repository) > 255 or not _REPOSITORY.fullmatch(repository):
+    if len(repository) > 255:  # said without echoing the name, which may be huge
+        return Refusal(400, "NAME_INVALID", f"a repository name of {len(repository)} characters; at most 255 are allowed")
+    if not _REPOSITORY.fullmatch(repository):
         return Refusal(400, "NAME_INVALID", f"{repository!r} is not a valid repository name")
     if kind == "tags":
         if reference != "list":
@@ -134,4 +136,6 @@ def strip_port(host: str) -> str:
     """`name:5000` -> `name`; `[::1]:5000` -> `::1`."""
     if host.startswith("["):
         return host[1 : host.find("]")] if "]" in host else host
-    return host.rpartition(":")[0] if host.count(":") == 1 else host
+    name, _, port = host.rpartition(":")
+    # Only a numeric port: "a:5000, b" (two Host headers, joined) must not pass for host "a".
+    return name if port.isascii() and port.isdigit() and ":" not in name else host

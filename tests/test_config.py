@@ -1,0 +1,135 @@
+"""Config as pure functions: defaults, .env versus environment, and every kind of bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from regcache_core.config import DEFAULTS, ConfigError, load_config, parse_config
+
+K8S = {
+    "REGCACHE_REGISTRIES": "DOCKERHUB,K8S",
+    "K8S_REGISTRY": "registry.k8s.io",
+    "K8S_UPSTREAM": "https://registry.k8s.io",
+    "K8S_CACHE": "http://127.0.0.1:5004",
+}
+
+
+def parse(**changes: str):
+    return parse_config({**DEFAULTS, **changes})
+
+
+def test_defaults_cache_the_three_big_registries():
+    config = load_config(environ={}, env_file="/nonexistent/.env")
+    assert [(r.key, r.name, r.upstream, r.cache) for r in config.registries] == [
+        ("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001"),
+        ("GHCR", "ghcr.io", "https://ghcr.io", "http://127.0.0.1:5002"),
+        ("QUAY", "quay.io", "https://quay.io", "http://127.0.0.1:5003"),
+    ]
+    assert (config.domain, config.port, config.pull_log_stdout) == ("registry.localhost", 5000, False)
+    assert config.data_dir == Path("data").absolute()
+    assert config.pull_log == config.data_dir / "pull.log"
+    assert all(r.backend == r.cache for r in config.registries)
+
+
+def test_env_file_is_read_and_the_real_environment_wins(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("REGISTRY_DOMAIN=from-file.example\nREGCACHE_PORT=5500\nGHCR_CACHE=none\n")
+    config = load_config(environ={"REGCACHE_PORT": "6500"}, env_file=env_file)
+    assert config.domain == "from-file.example"
+    assert config.port == 6500
+    assert config.registry("ghcr.io").cache is None
+
+
+def test_a_registry_is_added_by_environment_alone():
+    config = parse_config({**DEFAULTS, **K8S})
+    assert [r.name for r in config.registries] == ["docker.io", "registry.k8s.io"]
+    k8s = config.registry("registry.k8s.io")
+    assert (k8s.key, k8s.upstream, k8s.backend) == ("K8S", "https://registry.k8s.io", "http://127.0.0.1:5004")
+
+
+def test_cache_none_passes_through_to_the_upstream():
+    ghcr = parse(GHCR_CACHE="NONE").registry("ghcr.io")
+    assert ghcr.cache is None and ghcr.backend == "https://ghcr.io"
+
+
+def test_values_are_normalised():
+    config = parse(
+        REGISTRY_DOMAIN=" Registry.Example.COM ",
+        DOCKERHUB_REGISTRY="Docker.IO",
+        DOCKERHUB_UPSTREAM="https://Registry-1.Docker.io/",
+        REGCACHE_PULL_LOG="logs/pulls.jsonl",
+        REGCACHE_PULL_LOG_STDOUT="Yes",
+    )
+    assert config.domain == "registry.example.com"
+    assert config.registry("docker.io").upstream == "https://registry-1.docker.io"
+    assert config.pull_log == Path("logs/pulls.jsonl").absolute()
+    assert config.pull_log_stdout is True
+
+
+def test_credentials_come_in_pairs_and_stay_out_of_repr():
+    hub = parse(DOCKERHUB_USERNAME="alice", DOCKERHUB_PASSWORD="s3cret-pw").registry("docker.io")
+    assert (hub.username, hub.password) == ("alice", "s3cret-pw")
+    assert "s3cret-pw" not in repr(hub)
+
+
+@pytest.mark.parametrize("changes, variable, says", [
+    ({"DOCKERHUB_UPSTREAM": "registry-1.docker.io"}, "DOCKERHUB_UPSTREAM", "not an http:// or https:// URL"),
+    ({"DOCKERHUB_UPSTREAM": "ftp://example.com"}, "DOCKERHUB_UPSTREAM", "not an http:// or https:// URL"),
+    ({"DOCKERHUB_UPSTREAM": "http://[::1"}, "DOCKERHUB_UPSTREAM", "not a URL"),
+    ({"DOCKERHUB_CACHE": "http://127.0.0.1:abc"}, "DOCKERHUB_CACHE", "not a URL"),
+    ({"DOCKERHUB_CACHE": "http://127.0.0.1:70000"}, "DOCKERHUB_CACHE", "not a URL"),
+    ({"DOCKERHUB_CACHE": "http://127.0.0.1:0"}, "DOCKERHUB_CACHE", "port 0"),
+    ({"DOCKERHUB_UPSTREAM": "https://example.com/v2"}, "DOCKERHUB_UPSTREAM", "no path"),
+    ({"DOCKERHUB_UPSTREAM": "https://example.com?x=1"}, "DOCKERHUB_UPSTREAM", "no path"),
+    ({"REGCACHE_PORT": "http"}, "REGCACHE_PORT", "not a port number"),
+    ({"REGCACHE_PORT": "0"}, "REGCACHE_PORT", "not a port number"),
+    ({"REGCACHE_PORT": "65536"}, "REGCACHE_PORT", "not a port number"),
+    ({"REGCACHE_PORT": "²"}, "REGCACHE_PORT", "not a port number"),
+    ({"REGCACHE_PORT": ""}, "REGCACHE_PORT", "not a port number"),
+    ({"REGCACHE_PULL_LOG_STDOUT": "maybe"}, "REGCACHE_PULL_LOG_STDOUT", "not true or false"),
+    ({"REGISTRY_DOMAIN": "under_score.example"}, "REGISTRY_DOMAIN", "not a DNS name"),
+    ({"REGISTRY_DOMAIN": "example.com:5000"}, "REGISTRY_DOMAIN", "not a DNS name"),
+    ({"REGISTRY_DOMAIN": ""}, "REGISTRY_DOMAIN", "not a DNS name"),
+    ({"DOCKERHUB_REGISTRY": "docker.io/library"}, "DOCKERHUB_REGISTRY", "not a registry host name"),
+    ({"REGCACHE_REGISTRIES": " , "}, "REGCACHE_REGISTRIES", "empty"),
+    ({"REGCACHE_REGISTRIES": "DOCKERHUB,ghcr"}, "REGCACHE_REGISTRIES", "'ghcr' is not a key"),
+    ({"REGCACHE_REGISTRIES": "DOCKER-HUB"}, "REGCACHE_REGISTRIES", "not a key"),
+    ({"REGCACHE_REGISTRIES": "GHCR,DOCKERHUB,GHCR"}, "REGCACHE_REGISTRIES", "'GHCR' is listed twice"),
+    ({"QUAY_REGISTRY": "docker.io"}, "QUAY_REGISTRY", "is also DOCKERHUB_REGISTRY"),
+    ({"REGCACHE_REGISTRIES": "DOCKERHUB,K8S"}, "K8S_REGISTRY", "not set, and K8S is listed"),
+    ({**K8S, "K8S_UPSTREAM": " "}, "K8S_UPSTREAM", "not set"),
+    ({**K8S, "K8S_CACHE": ""}, "K8S_CACHE", "not set"),
+    ({"GHCR_USERNAME": "alice"}, "GHCR_PASSWORD", "not set, but GHCR_USERNAME is"),
+    ({"GHCR_PASSWORD": "s3cret-pw"}, "GHCR_USERNAME", "not set, but GHCR_PASSWORD is"),
+])
+def test_a_bad_value_is_one_line_naming_the_variable(changes, variable, says):
+    with pytest.raises(ConfigError) as raised:
+        parse(**changes)
+    message = str(raised.value)
+    assert message.startswith(f"{variable}: ") and says in message
+    assert "\n" not in message
+    assert "s3cret" not in message
+
+
+@pytest.mark.parametrize("url", [
+    "https://alice:s3cret-pw@registry-1.docker.io",
+    "https://alice:s3cret-pw@registry-1.docker.io:bad",  # fails to parse too: still not echoed
+    "https://alice:s3cret-pw@[::1",
+    "https://s3cret-token@registry-1.docker.io",
+])
+def test_a_url_with_credentials_is_refused_without_echoing_them(url):
+    with pytest.raises(ConfigError) as raised:
+        parse(DOCKERHUB_UPSTREAM=url)
+    message = str(raised.value)
+    assert message.startswith("DOCKERHUB_UPSTREAM: ") and "_USERNAME/_PASSWORD" in message
+    assert "s3cret" not in message and "alice" not in message
+
+
+def test_a_bad_value_in_the_env_file_is_reported_like_one_in_the_environment(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("REGCACHE_PULL_LOG_STDOUT=sometimes\n")
+    with pytest.raises(ConfigError, match=r"^REGCACHE_PULL_LOG_STDOUT: 'sometimes'"):
+        load_config(environ={}, env_file=env_file)
+    assert load_config(environ={"REGCACHE_PULL_LOG_STDOUT": "off"}, env_file=env_file).pull_log_stdout is False

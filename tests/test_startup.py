@@ -1,0 +1,85 @@
+"""Start-up and shutdown of the real programs: bad settings, a missing registry program, signals,
+and a cache that dies under `regcache up`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from parts import REGCACHE, REPO, Stack, accepts_connections
+
+MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
+
+
+def run(command: list[str], workdir: Path, env_file_text: str, path: str | None = None, timeout: float = 60):
+    """Run a command in `workdir` with `.env` there holding `env_file_text`, and no REGCACHE_* etc. from us."""
+    (workdir / ".env").write_text(env_file_text)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGCACHE_", "REGISTRY_DOMAIN"))}
+    if path is not None:
+        env["PATH"] = path
+    return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_regcache_up_with_a_bad_setting_says_which_in_one_line_and_starts_nothing(tmp_path):
+    result = run([*REGCACHE, "up"], tmp_path, "REGCACHE_PORT=5000\nDOCKERHUB_CACHE=http://127.0.0.1:70000\n")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "regcache: DOCKERHUB_CACHE: 'http://127.0.0.1:70000' is not a URL (Port out of range 0-65535)"
+    ]
+    assert result.stdout == ""
+    assert not (tmp_path / "data").exists()
+
+
+def test_regcache_up_without_the_registry_program_says_how_to_install_it(tmp_path):
+    """PATH holds nothing: python and mitmdump are found by absolute path, `registry` is not."""
+    (tmp_path / "empty").mkdir()
+    result = run([*REGCACHE, "up"], tmp_path, "", path=str(tmp_path / "empty"))
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert "registry program is not on PATH" in line and "apt-get install docker-registry" in line
+    assert not (tmp_path / "data").exists()  # no cache config written, nothing started
+
+
+def test_plain_mitmdump_with_a_bad_setting_exits_naming_it(tmp_path):
+    result = run([MITMDUMP, "-s", str(REPO / "addons" / "regcache.py")], tmp_path, "REGCACHE_PULL_LOG_STDOUT=2\n")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "regcache: REGCACHE_PULL_LOG_STDOUT: '2' is not true or false" in output
+    assert "Traceback" not in output
+
+
+def one_cache_stack(workdir: Path, upstream) -> Stack:
+    return Stack(workdir, {
+        "REGCACHE_PORT": "5200",
+        "REGCACHE_REGISTRIES": "DOCKERHUB",
+        "DOCKERHUB_UPSTREAM": upstream.url,
+        "DOCKERHUB_CACHE": "http://127.0.0.1:5201",
+    }).start()
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_sigterm_stops_every_child_and_exits_0(tmp_path, upstream):
+    stack = one_cache_stack(tmp_path, upstream)
+    started = children(stack.process.pid)
+    assert len(started) == 2 and accepts_connections(5200) and accepts_connections(5201)
+    assert stack.stop() == 0
+    assert not accepts_connections(5200) and not accepts_connections(5201)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in started)
+
+
+def test_a_cache_that_dies_stops_the_rest_and_exits_1(tmp_path, upstream):
+    stack = one_cache_stack(tmp_path, upstream)
+    try:
+        [cache] = [pid for pid in children(stack.process.pid) if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(cache, signal.SIGKILL)
+        assert stack.process.wait(30) == 1
+        assert not accepts_connections(5200)
+        assert any("exited with status" in line and "stopping" in line for line in stack.output)
+    finally:
+        stack.stop()
