@@ -1,17 +1,21 @@
 """The mitmproxy addons. Each hook is short: it reads the flow, calls a plain function
-(routing, pull log) and applies the answer. Wiring is explicit, in `make_addons()`."""
+(routing, pull log, metrics, mitmweb labels) and applies the answer. Wiring is explicit, in `make_addons()`."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, exceptions, http
 
-from .config import Config, ConfigError, load_config
+from .admin import AdminServer, Answer, readiness
+from .config import Config, ConfigError, is_loopback_host, load_config
+from .metrics import EXPOSITION_CONTENT_TYPE, Metrics
 from .pull_log import PullLog, PullRecord, utc_iso
 from .routing import Refusal, Target, route
+from .web import finished_flows_beyond, label_flow, redact_credentials
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +25,9 @@ PLACEHOLDER_DESTINATION = "http://127.0.0.1:1"
 TARGET = "regcache.target"  # flow.metadata key: the routing decision
 BYTE_COUNTER = "regcache.bytes"  # flow.metadata key: counts a streamed body
 CACHE_RESULT = "regcache.cache"  # flow.metadata key: "hit" or "miss", set once the cache's upstream use is known
+IN_FLIGHT = "regcache.in_flight"  # flow.metadata key: counted in the in-flight gauge, not yet finished
+RECORD = "regcache.record"  # flow.metadata key: the flow's PullRecord, once it ended
+DEFAULT_WEB_MAX_FLOWS = 2000
 
 
 class Settings:
@@ -57,6 +64,8 @@ class MirrorDefaults:
             "connection_strategy": "lazy",
             "stream_large_bodies": "1m",  # layers are streamed, never held in memory
         }
+        if "web_columns" in ctx.options.keys():  # mitmweb: show each flow's regcache label
+            wanted["web_columns"] = [*ctx.options.web_columns, "comment"]
         changes = {name: value for name, value in wanted.items() if not ctx.options.has_changed(name)}
         if changes:
             ctx.options.update(**changes)
@@ -101,8 +110,46 @@ class ByteCounter:
         return chunk
 
 
+class Recorder:
+    """Builds one PullRecord per client request, when it ends or fails, and hands it to every sink.
+
+    Also keeps the in-flight gauge: up when a routed request arrives, down exactly once when
+    its flow ends (response or error, whichever comes first; mitmproxy ends every flow with one).
+    """
+
+    def __init__(self, metrics: Metrics, sinks: list[Callable[[PullRecord], None]]) -> None:
+        self.metrics = metrics
+        self.sinks = sinks
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if TARGET in flow.metadata:
+            flow.metadata[IN_FLIGHT] = True
+            self.metrics.request_started()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        target = flow.metadata.get(TARGET)
+        # Blobs always stream; smaller bodies stream once stream_large_bodies says so.
+        if flow.response.stream is True or (target and target.kind == "blob"):
+            flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.pop(IN_FLIGHT, False):
+            self.metrics.request_finished()
+        if RECORD in flow.metadata:
+            return
+        record = flow.metadata[RECORD] = pull_record(flow, time.time())
+        for sink in self.sinks:
+            sink(record)
+
+
 class PullLogger:
-    """Writes one pull log record per client request, when it ends or fails."""
+    """The pull log file, (re)opened with the settings; `write` is a Recorder sink."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -119,21 +166,97 @@ class PullLogger:
         if self.log:
             self.log.close()
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        target = flow.metadata.get(TARGET)
-        # Blobs always stream; smaller bodies stream once stream_large_bodies says so.
-        if flow.response.stream is True or (target and target.kind == "blob"):
-            flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter()
+    def write(self, record: PullRecord) -> None:
+        if self.log is not None:
+            self.log.write(record)
+
+
+class Admin:
+    """Serves /metrics, /ready and /live on REGCACHE_ADMIN_HOST:REGCACHE_ADMIN_PORT (see admin.py)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.server = AdminServer({"/metrics": self._metrics, "/ready": self._ready, "/live": self._live})
+
+    async def running(self) -> None:
+        config = self.settings.config
+        try:
+            await self.server.start(config.admin_host, config.admin_port)
+        except OSError as e:
+            logger.error(f"regcache: admin endpoint (metrics, health) cannot listen on {config.admin_host}:{config.admin_port}: {e}")
+
+    def done(self) -> None:
+        self.server.close()
+
+    async def _metrics(self) -> Answer:
+        return Answer(200, EXPOSITION_CONTENT_TYPE, self.metrics.exposition())
+
+    async def _ready(self) -> Answer:
+        servers = list(ctx.master.addons.get("proxyserver").servers)
+        proxy_serves = bool(servers) and all(server.is_running for server in servers)
+        backends = {r.name: r.cache for r in self.settings.config.registries if r.cache}
+        return await readiness(proxy_serves, backends)
+
+    async def _live(self) -> Answer:
+        return Answer.json(200, {"live": True})
+
+
+class WebView:
+    """In mitmweb (or any tool with a flow view): label flows and keep the list bounded."""
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "regcache_web_max_flows", int, DEFAULT_WEB_MAX_FLOWS,
+            "Finished flows mitmweb keeps; older ones are dropped so memory stays bounded.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "regcache_web_max_flows" in updated and ctx.options.regcache_web_max_flows < 1:
+            raise exceptions.OptionsError("regcache_web_max_flows: must be at least 1")
+        if "web_host" in updated and not hasattr(ctx.options, "web_password") and not is_loopback_host(ctx.options.web_host):
+            # mitmproxy before 11.1 has no web_password: its UI would be open to the network.
+            raise exceptions.OptionsError(
+                "regcache: this mitmweb has no web_password option, so its UI must stay on 127.0.0.1 (web_host)"
+            )
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self._view():
+            label_flow(flow, flow.metadata.get(TARGET))
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._write(flow)
+        self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._write(flow)
+        self._finish(flow)
 
-    def _write(self, flow: http.HTTPFlow) -> None:
-        if self.log is not None:
-            self.log.write(pull_record(flow, time.time()))
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        if view := self._view():
+            label_flow(flow, flow.metadata.get(TARGET), flow.metadata.get(RECORD))
+            if drop := finished_flows_beyond(view.resolve("@all"), view.store_count(), ctx.options.regcache_web_max_flows):
+                view.remove(drop)
+
+    @staticmethod
+    def _view():
+        return ctx.master.addons.get("view")
+
+
+class CredentialRedactor:
+    """Blanks Authorization headers on the flow once the request went out, before any view stores it.
+
+    Runs last of regcache's addons, and mitmweb's flow list (an addon added after the scripts)
+    updates only after it. `responseheaders` comes first for answered requests, so a streamed
+    blob's flow is clean for all of its transfer; `error` covers requests that got no answer.
+    """
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        redact_credentials(flow)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        redact_credentials(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        redact_credentials(flow)
 
 
 def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
@@ -163,4 +286,15 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
 
 def make_addons() -> list:
     settings = Settings()
-    return [settings, MirrorDefaults(settings), Router(settings), PullLogger(settings)]
+    metrics = Metrics()
+    pull_logger = PullLogger(settings)
+    return [
+        settings,
+        MirrorDefaults(settings),
+        Router(settings),
+        pull_logger,
+        Recorder(metrics, [pull_logger.write, metrics.observe]),
+        Admin(settings, metrics),
+        WebView(),
+        CredentialRedactor(),  # last: earlier addons may still read the request as sent
+    ]

@@ -25,6 +25,8 @@ from dotenv import dotenv_values
 DEFAULTS: Mapping[str, str] = {
     "REGISTRY_DOMAIN": "registry.localhost",
     "REGCACHE_PORT": "5000",
+    "REGCACHE_ADMIN_HOST": "127.0.0.1",
+    "REGCACHE_ADMIN_PORT": "5080",
     "REGCACHE_DATA_DIR": "./data",
     "REGCACHE_PULL_LOG": "",  # empty: <data dir>/pull.log
     "REGCACHE_PULL_LOG_STDOUT": "false",
@@ -72,6 +74,8 @@ class Registry:
 class Config:
     domain: str
     port: int
+    admin_host: str  # where /metrics, /ready and /live listen: never on the mirror's port
+    admin_port: int
     data_dir: Path
     pull_log: Path
     pull_log_stdout: bool
@@ -97,9 +101,15 @@ def parse_config(values: Mapping[str, str]) -> Config:
     keys = _registry_keys(get("REGCACHE_REGISTRIES"))
     registries = tuple(_registry(key, get) for key in keys)
     _check_unique("REGCACHE_REGISTRIES", [r.name for r in registries], "registry name")
+    port = _port("REGCACHE_PORT", get("REGCACHE_PORT"))
+    admin_port = _port("REGCACHE_ADMIN_PORT", get("REGCACHE_ADMIN_PORT"))
+    if admin_port == port:
+        raise ConfigError(f"REGCACHE_ADMIN_PORT: {admin_port} is REGCACHE_PORT too; the admin endpoint needs its own port")
     return Config(
         domain=_hostname("REGISTRY_DOMAIN", get("REGISTRY_DOMAIN").lower()),
-        port=_port("REGCACHE_PORT", get("REGCACHE_PORT")),
+        port=port,
+        admin_host=_ip_address("REGCACHE_ADMIN_HOST", get("REGCACHE_ADMIN_HOST")),
+        admin_port=admin_port,
         data_dir=data_dir,
         pull_log=Path(get("REGCACHE_PULL_LOG")).absolute() if get("REGCACHE_PULL_LOG") else data_dir / "pull.log",
         pull_log_stdout=_bool("REGCACHE_PULL_LOG_STDOUT", get("REGCACHE_PULL_LOG_STDOUT")),
@@ -163,6 +173,13 @@ def _port(var: str, value: str) -> int:
     return int(value)
 
 
+def _ip_address(var: str, value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ConfigError(f"{var}: {value!r} is not an IP address to listen on, such as 127.0.0.1 or 0.0.0.0") from None
+
+
 def _bool(var: str, value: str) -> bool:
     if value.lower() in _TRUE:
         return True
@@ -181,7 +198,10 @@ def _check_unique(var: str, items: list[str], what: str) -> None:
 
 def is_local(url: str) -> bool:
     """True when the URL's host is this machine's loopback, so `regcache up` runs it."""
-    host = urlsplit(url).hostname or ""
+    return is_loopback_host(urlsplit(url).hostname or "")
+
+
+def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
     try:

@@ -120,3 +120,11 @@ def strip_port(host: str) -> str:
     if host.startswith("["):
         return host[1 : host.find("]")] if "]" in host else host
     return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def short_reference(reference: str | None) -> str | None:
+    """Digests shortened to the 12 hex digits people recognise; tags unchanged."""
+    if reference and ":" in reference:
+        algorithm, _, hex_digits = reference.partition(":")
+        return f"{algorithm}:{hex_digits[:12]}"
+    return reference
