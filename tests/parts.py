@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_DOMAIN = "regcache.test"
 REGISTRY_PROGRAM = next(
@@ -132,8 +134,9 @@ def push_image(image: TestImage, registry: str) -> None:
 class Stack:
     """`regcache up`, run the way a user runs it, with settings passed as environment."""
 
-    def __init__(self, workdir: Path, settings: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, settings: dict[str, str], args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
+        self.args = args  # extra arguments of `regcache up`, e.g. --web
         self.settings = {"REGISTRY_DOMAIN": TEST_DOMAIN, "REGCACHE_DATA_DIR": str(workdir / "data"), **settings}
         self.port = int(self.settings.get("REGCACHE_PORT", "5000"))
         self.output: list[str] = []
@@ -151,7 +154,7 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.settings}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "regcache_core.cli", "up"],
+            [sys.executable, "-m", "regcache_core.cli", "up", *self.args],
             cwd=self.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         ready = threading.Event()
@@ -176,10 +179,38 @@ class Stack:
             return self.process.returncode
         return None
 
+    @property
+    def admin_port(self) -> int:
+        return int(self.settings.get("REGCACHE_ADMIN_PORT", "5080"))
+
+    def admin(self, path: str) -> tuple[int, dict, bytes]:
+        return http_get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=10)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """/metrics as {(sample name, sorted label items): value}."""
+        status, _, body = self.admin("/metrics")
+        assert status == 200
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+        }
+
+    def child(self, program: str) -> int:
+        """The pid of the child of `regcache up` whose command line names `program`."""
+        for pid in child_pids(self.process.pid):
+            if program in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                return pid
+        raise LookupError(f"regcache up has no child running {program}")
+
     def pull_records(self) -> list[dict]:
         if not self.pull_log.exists():
             return []
         return [json.loads(line) for line in self.pull_log.read_text().splitlines() if line.strip()]
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -3,7 +3,8 @@
 Plain methods, no mitmproxy: the addon feeds client requests in (one PullRecord each, the
 same record the pull log gets), the upstream side calls `upstream_fetch`, `upstream_error`,
 `token_fetch` and `rate_limit` itself. Metrics live in their own CollectorRegistry, so
-nothing else in the process (mitmproxy's libraries) can add series to /metrics.
+nothing else in the process (mitmproxy's libraries) can add series to /metrics; the proxy
+process's own memory and CPU (process_*) are added on purpose.
 
 Label values come from routing (mapped registry names, a handful of kinds), HTTP status codes
 and exception class names: all bounded, so no client can make the series count grow.
@@ -11,7 +12,7 @@ and exception class names: all bounded, so no client can make the series count g
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .pull_log import PullRecord
@@ -26,6 +27,7 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
         client = ("registry", "kind", "status", "cache")
         self.requests = Counter(
             "regcache_requests", "Client requests answered, by registry, kind, status code and cache hit/miss/none.",

@@ -3,7 +3,8 @@
 A *pull* is a manifest GET (by tag or by digest) answered 2xx: what Docker Hub counts as a
 pull. A `docker pull` of a single-platform image makes one (HEAD by tag, GET by digest); of a
 multi-platform image two (the index, then the platform's manifest). HEADs, blobs and refused
-requests are not pulls, but their bytes count.
+requests are not pulls, but their bytes count. The slowest transfers are successful GETs
+of manifests and blobs; a transfer the client dropped is not slow, so it is left out.
 
 The hit ratio is hits / (hits + misses) over records whose `cache` says which; "n/a" when no
 record of that group says. Lines that are not whole, well-typed records (a line cut short by
@@ -23,7 +24,7 @@ from .routing import short_reference
 REQUIRED_FIELDS = {
     "time": (str,), "client": (str,), "method": (str,), "status": (int,), "bytes": (int,), "duration_ms": (int,),
     "registry": (str, type(None)), "repository": (str, type(None)), "kind": (str, type(None)),
-    "reference": (str, type(None)), "cache": (str, type(None)),
+    "reference": (str, type(None)), "cache": (str, type(None)), "error": (str, type(None)),
 }
 REFUSED = "(refused)"  # group of requests that named no mapped registry
 
@@ -61,8 +62,7 @@ def parse_record(line: str) -> dict | None:
     if not isinstance(record, dict):
         return None
     for name, types in REQUIRED_FIELDS.items():
-        value = record.get(name)
-        if not isinstance(value, types) or isinstance(value, bool):
+        if name not in record or not isinstance(record[name], types) or isinstance(record[name], bool):
             return None
     if record["bytes"] < 0 or record["duration_ms"] < 0:
         return None
@@ -97,7 +97,7 @@ def summarize(lines: Iterable[str], slowest: int = 10) -> dict:
             images.setdefault(image, Totals()).add(record)
         first = min(first or record["time"], record["time"])
         last = max(last or record["time"], record["time"])
-        if image and record["method"] == "GET" and 200 <= record["status"] < 300:
+        if image and record["method"] == "GET" and 200 <= record["status"] < 300 and not record["error"]:
             entry = (record["duration_ms"], number, record)
             (heapq.heappushpop if len(slow) >= slowest else heapq.heappush)(slow, entry)
     return {
