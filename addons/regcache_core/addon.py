@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from mitmproxy import ctx, exceptions, http
 
 from .admin import AdminServer, Answer, readiness
-from .config import Config, ConfigError, is_loopback_host, load_config
+from .config import DEFAULTS, Config, ConfigError, is_loopback_host, load_config
 from .metrics import EXPOSITION_CONTENT_TYPE, Metrics
 from .pull_log import PullLog, PullRecord, utc_iso
 from .routing import Refusal, Target, route
@@ -27,7 +27,6 @@ BYTE_COUNTER = "regcache.bytes"  # flow.metadata key: counts a streamed body
 CACHE_RESULT = "regcache.cache"  # flow.metadata key: "hit" or "miss", set once the cache's upstream use is known
 IN_FLIGHT = "regcache.in_flight"  # flow.metadata key: counted in the in-flight gauge, not yet finished
 RECORD = "regcache.record"  # flow.metadata key: the flow's PullRecord, once it ended
-DEFAULT_WEB_MAX_FLOWS = 2000
 
 
 class Settings:
@@ -49,7 +48,8 @@ class Settings:
 class MirrorDefaults:
     """Turns a plain `mitmdump -s addons/regcache.py` into a registry mirror on REGCACHE_PORT.
 
-    Only options still at mitmproxy's defaults are changed, so explicit flags win.
+    Only options still at mitmproxy's defaults are changed, so explicit flags win. It also
+    brings REGCACHE_WEB_MAX_FLOWS to the regcache_web_max_flows option (used by mitmweb).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -63,6 +63,7 @@ class MirrorDefaults:
             "keep_host_header": True,  # routing reads the client's Host header
             "connection_strategy": "lazy",
             "stream_large_bodies": "1m",  # layers are streamed, never held in memory
+            "regcache_web_max_flows": self.settings.config.web_max_flows,
         }
         if "web_columns" in ctx.options.keys():  # mitmweb: show each flow's regcache label
             wanted["web_columns"] = [*ctx.options.web_columns, "comment"]
@@ -207,7 +208,7 @@ class WebView:
 
     def load(self, loader) -> None:
         loader.add_option(
-            "regcache_web_max_flows", int, DEFAULT_WEB_MAX_FLOWS,
+            "regcache_web_max_flows", int, int(DEFAULTS["REGCACHE_WEB_MAX_FLOWS"]),
             "Finished flows mitmweb keeps; older ones are dropped so memory stays bounded.",
         )
 
@@ -221,7 +222,7 @@ class WebView:
             )
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if self._view():
+        if self._view() is not None:
             label_flow(flow, flow.metadata.get(TARGET))
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -231,7 +232,7 @@ class WebView:
         self._finish(flow)
 
     def _finish(self, flow: http.HTTPFlow) -> None:
-        if view := self._view():
+        if (view := self._view()) is not None:  # not `if view`: an empty view is falsy
             label_flow(flow, flow.metadata.get(TARGET), flow.metadata.get(RECORD))
             if drop := finished_flows_beyond(view.resolve("@all"), view.store_count(), ctx.options.regcache_web_max_flows):
                 view.remove(drop)

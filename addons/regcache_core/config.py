@@ -27,6 +27,7 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_PORT": "5000",
     "REGCACHE_ADMIN_HOST": "127.0.0.1",
     "REGCACHE_ADMIN_PORT": "5080",
+    "REGCACHE_WEB_MAX_FLOWS": "2000",
     "REGCACHE_DATA_DIR": "./data",
     "REGCACHE_PULL_LOG": "",  # empty: <data dir>/pull.log
     "REGCACHE_PULL_LOG_STDOUT": "false",
@@ -76,6 +77,7 @@ class Config:
     port: int
     admin_host: str  # where /metrics, /ready and /live listen: never on the mirror's port
     admin_port: int
+    web_max_flows: int  # flows mitmweb keeps (regcache up --web)
     data_dir: Path
     pull_log: Path
     pull_log_stdout: bool
@@ -110,6 +112,7 @@ def parse_config(values: Mapping[str, str]) -> Config:
         port=port,
         admin_host=_ip_address("REGCACHE_ADMIN_HOST", get("REGCACHE_ADMIN_HOST")),
         admin_port=admin_port,
+        web_max_flows=_positive("REGCACHE_WEB_MAX_FLOWS", get("REGCACHE_WEB_MAX_FLOWS")),
         data_dir=data_dir,
         pull_log=Path(get("REGCACHE_PULL_LOG")).absolute() if get("REGCACHE_PULL_LOG") else data_dir / "pull.log",
         pull_log_stdout=_bool("REGCACHE_PULL_LOG_STDOUT", get("REGCACHE_PULL_LOG_STDOUT")),
@@ -170,6 +173,12 @@ def _hostname(var: str, value: str) -> str:
 def _port(var: str, value: str) -> int:
     if not value.isdigit() or not 0 < int(value) < 65536:
         raise ConfigError(f"{var}: {value!r} is not a port number (1-65535)")
+    return int(value)
+
+
+def _positive(var: str, value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{var}: {value!r} is not a whole number of at least 1")
     return int(value)
 
 
