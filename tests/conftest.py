@@ -7,36 +7,21 @@ and /etc/hosts is ours to point test names at 127.0.0.1. This needs root, as CI 
 
 from __future__ import annotations
 
-import ctypes
 import os
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
-from parts import TEST_DOMAIN, Upstream, build_image, push_image
+from parts import TEST_DOMAIN, Upstream, build_image, enter_private_namespaces, push_image
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWNET = 0x40000000
 TEST_REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "unmapped.io")
 UPSTREAM_PORT = 6000
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if os.geteuid() != 0:
-        pytest.exit("the tests need root: they run in private network and mount namespaces (unshare)", returncode=4)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.unshare(CLONE_NEWNS | CLONE_NEWNET) != 0:
-        pytest.exit(f"unshare failed: {os.strerror(ctypes.get_errno())}", returncode=4)
-    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    hosts = Path(tempfile.mkdtemp(prefix="regcache-hosts-")) / "hosts"
-    names = " ".join(f"{r}.{TEST_DOMAIN}" for r in TEST_REGISTRIES)
-    hosts.write_text(f"127.0.0.1 localhost {names}\n::1 localhost\n")
-    subprocess.run(["mount", "--bind", str(hosts), "/etc/hosts"], check=True)
-    for proxy_variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        os.environ.pop(proxy_variable, None)
+    try:
+        enter_private_namespaces([f"{r}.{TEST_DOMAIN}" for r in TEST_REGISTRIES])
+    except OSError as e:  # not root, or no unshare
+        pytest.exit(str(e), returncode=4)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ loopback inside the private network namespace that tests/conftest.py (or the ben
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -27,6 +29,30 @@ REGISTRY_PROGRAM = next(
     (p for p in ("registry", "docker-registry") if subprocess.run(["which", p], capture_output=True).returncode == 0),
     "docker-registry",
 )
+
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+
+
+def enter_private_namespaces(hostnames: list[str]) -> None:
+    """Move this process into new network and mount namespaces, with `hostnames` on 127.0.0.1.
+
+    Every server started afterwards listens on a loopback of its own (no port can collide with
+    anything on the machine), and /etc/hosts is private. Needs root.
+    """
+    if os.geteuid() != 0:
+        raise PermissionError("this needs root: it runs in private network and mount namespaces (unshare)")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNS | CLONE_NEWNET) != 0:
+        raise OSError(f"unshare failed: {os.strerror(ctypes.get_errno())}")
+    subprocess.run(["mount", "--make-rprivate", "/"], check=True)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    hosts = Path(tempfile.mkdtemp(prefix="regcache-hosts-")) / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost {' '.join(hostnames)}\n::1 localhost\n")
+    subprocess.run(["mount", "--bind", str(hosts), "/etc/hosts"], check=True)
+    for proxy_variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        os.environ.pop(proxy_variable, None)
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
@@ -197,9 +223,10 @@ class Stack:
         }
 
     def child(self, program: str) -> int:
-        """The pid of the child of `regcache up` whose command line names `program`."""
+        """The pid of the child of `regcache up` running `program` (itself, or as a Python script)."""
         for pid in child_pids(self.process.pid):
-            if program in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            if program in (Path(arg).name for arg in argv[:2]):
                 return pid
         raise LookupError(f"regcache up has no child running {program}")
 

@@ -215,7 +215,7 @@ class WebView:
     def configure(self, updated: set[str]) -> None:
         if "regcache_web_max_flows" in updated and ctx.options.regcache_web_max_flows < 1:
             raise exceptions.OptionsError("regcache_web_max_flows: must be at least 1")
-        if "web_host" in updated and not hasattr(ctx.options, "web_password") and not is_loopback_host(ctx.options.web_host):
+        if "web_host" in updated and "web_password" not in ctx.options.keys() and not is_loopback_host(ctx.options.web_host):
             # mitmproxy before 11.1 has no web_password: its UI would be open to the network.
             raise exceptions.OptionsError(
                 "regcache: this mitmweb has no web_password option, so its UI must stay on 127.0.0.1 (web_host)"
@@ -243,10 +243,10 @@ class WebView:
 
 
 class CredentialRedactor:
-    """Blanks Authorization headers on the flow once the request went out, before any view stores it.
+    """Blanks Authorization headers on the flow once the request went out.
 
-    Runs last of regcache's addons, and mitmweb's flow list (an addon added after the scripts)
-    updates only after it. `responseheaders` comes first for answered requests, so a streamed
+    Runs last of regcache's addons; mitmweb's flow list (an addon added after the scripts)
+    sends each flow update to the UI after it. `responseheaders` comes first for answered requests, so a streamed
     blob's flow is clean for all of its transfer; `error` covers requests that got no answer.
     """
 
