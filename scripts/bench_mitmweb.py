@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from parts import TEST_DOMAIN, Stack, Upstream, build_image, enter_private_namespaces, http_get, push_image  # noqa: E402
+from parts import TEST_DOMAIN, Upstream, build_image, docker_io_stack, enter_private_namespaces, http_get, push_image  # noqa: E402
 
-PORT, ADMIN_PORT, CACHE_PORT, UPSTREAM_PORT = 5000, 5080, 5001, 6000
+PORT, UPSTREAM_PORT = 5000, 6000
 HOST = f"docker.io.{TEST_DOMAIN}:{PORT}"
 WEB_UI = "http://127.0.0.1:8081"
 MANIFEST_TYPES = "application/vnd.oci.image.manifest.v1+json"
@@ -70,11 +70,8 @@ def main() -> int:
     try:
         image = build_image(workdir, "library/bench", [("layer.bin", 4 << 20)])  # above stream_large_bodies
         push_image(image, f"127.0.0.1:{UPSTREAM_PORT}")
-        stack = Stack(workdir / "stack", {
-            "REGCACHE_PORT": str(PORT), "REGCACHE_ADMIN_PORT": str(ADMIN_PORT),
-            "REGCACHE_WEB_MAX_FLOWS": str(args.max_flows), "REGCACHE_REGISTRIES": "DOCKERHUB",
-            "DOCKERHUB_UPSTREAM": upstream.url, "DOCKERHUB_CACHE": f"http://127.0.0.1:{CACHE_PORT}",
-        }, args=("--web",)).start()
+        stack = docker_io_stack(workdir / "stack", upstream, PORT, {"REGCACHE_WEB_MAX_FLOWS": str(args.max_flows)},
+                                ("--web",)).start()
         mitmweb = stack.child("mitmweb")
         done = [0]
         driver = threading.Thread(target=drive, args=(image, args.requests, args.blob_every, done))

@@ -236,6 +236,19 @@ class Stack:
         return [json.loads(line) for line in self.pull_log.read_text().splitlines() if line.strip()]
 
 
+def docker_io_stack(workdir: Path, upstream: Upstream, port: int, settings: dict | None = None,
+                    args: tuple[str, ...] = ()) -> Stack:
+    """`regcache up` caching docker.io only, from `upstream`: its cache on port+1, admin on port+80."""
+    return Stack(workdir, {
+        "REGCACHE_PORT": str(port),
+        "REGCACHE_ADMIN_PORT": str(port + 80),
+        "REGCACHE_REGISTRIES": "DOCKERHUB",
+        "DOCKERHUB_UPSTREAM": upstream.url,
+        "DOCKERHUB_CACHE": f"http://127.0.0.1:{port + 1}",
+        **(settings or {}),
+    }, args)
+
+
 def child_pids(pid: int) -> list[int]:
     return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 

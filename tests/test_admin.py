@@ -77,7 +77,8 @@ def test_admin_server_routes_get_requests_only():
 
 
 BASE = {"REGISTRY_DOMAIN": "registry.example.test", "REGCACHE_PORT": "5000", "REGCACHE_REGISTRIES": "HUB",
-        "HUB_REGISTRY": "docker.io", "HUB_UPSTREAM": "https://registry-1.docker.io", "HUB_CACHE": "none"}
+        "HUB_REGISTRY": "docker.io", "HUB_UPSTREAM": "https://registry-1.docker.io", "HUB_CACHE": "none",
+        "REGCACHE_WEB_MAX_FLOWS": "2000"}
 
 
 def test_admin_settings_default_to_loopback_5080():
@@ -89,6 +90,7 @@ def test_admin_settings_default_to_loopback_5080():
     ({"REGCACHE_ADMIN_PORT": "5000"}, "REGCACHE_ADMIN_PORT: 5000 is REGCACHE_PORT too"),
     ({"REGCACHE_ADMIN_PORT": "70000"}, "REGCACHE_ADMIN_PORT: '70000' is not a port"),
     ({"REGCACHE_ADMIN_HOST": "admin.example"}, "REGCACHE_ADMIN_HOST: 'admin.example' is not an IP address"),
+    ({"REGCACHE_WEB_MAX_FLOWS": "0"}, "REGCACHE_WEB_MAX_FLOWS: '0' is not a whole number of at least 1"),
 ])
 def test_bad_admin_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from parts import REGISTRY_PROGRAM, TEST_DOMAIN, Stack, http_get
+from parts import REGISTRY_PROGRAM, TEST_DOMAIN, Stack, docker_io_stack, http_get
 
 PORT = 5200
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
@@ -19,13 +19,7 @@ MANIFEST_TYPES = "application/vnd.oci.image.manifest.v1+json, application/vnd.do
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, upstream) -> Stack:
-    stack = Stack(tmp_path_factory.mktemp("stack"), {
-        "REGCACHE_PORT": str(PORT),
-        "REGCACHE_ADMIN_PORT": "5280",
-        "REGCACHE_REGISTRIES": "DOCKERHUB",
-        "DOCKERHUB_UPSTREAM": upstream.url,
-        "DOCKERHUB_CACHE": "http://127.0.0.1:5201",
-    }).start()
+    stack = docker_io_stack(tmp_path_factory.mktemp("stack"), upstream, PORT).start()
     yield stack
     assert stack.stop() == 0
 

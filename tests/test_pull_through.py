@@ -153,6 +153,7 @@ def test_cached_image_is_served_with_upstream_stopped(tmp_path, images):
     push_image(image, f"127.0.0.1:{upstream.port}")
     stack = Stack(tmp_path / "stack", {
         "REGCACHE_PORT": "5100",
+        "REGCACHE_ADMIN_PORT": "5180",  # the module's stack holds 5080
         "REGCACHE_REGISTRIES": "DOCKERHUB",
         "DOCKERHUB_UPSTREAM": upstream.url,
         "DOCKERHUB_CACHE": "http://127.0.0.1:5101",

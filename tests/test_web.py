@@ -16,7 +16,7 @@ from regcache_core.pull_log import PullRecord
 from regcache_core.routing import route
 from regcache_core.web import REDACTED, flow_label
 
-from parts import TEST_DOMAIN, Stack, http_get, skopeo
+from parts import TEST_DOMAIN, Stack, docker_io_stack, http_get, skopeo
 
 CONFIG = parse_config({
     "REGISTRY_DOMAIN": "registry.example.test", "REGCACHE_PORT": "5000", "REGCACHE_ADMIN_HOST": "127.0.0.1",
@@ -97,14 +97,7 @@ WEB_UI = "http://127.0.0.1:8081"
 
 @pytest.fixture(scope="module")
 def web_stack(tmp_path_factory, upstream) -> Stack:
-    stack = Stack(tmp_path_factory.mktemp("web"), {
-        "REGCACHE_PORT": str(PORT),
-        "REGCACHE_ADMIN_PORT": "5380",
-        "REGCACHE_WEB_MAX_FLOWS": "25",
-        "REGCACHE_REGISTRIES": "DOCKERHUB",
-        "DOCKERHUB_UPSTREAM": upstream.url,
-        "DOCKERHUB_CACHE": "http://127.0.0.1:5301",
-    }, args=("--web",)).start()
+    stack = docker_io_stack(tmp_path_factory.mktemp("web"), upstream, PORT, {"REGCACHE_WEB_MAX_FLOWS": "25"}, ("--web",)).start()
     yield stack
     assert stack.stop() == 0
 
