@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from prometheus_client.parser import text_string_to_metric_families
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_DOMAIN = "regcache.test"
 REGCACHE = [sys.executable, "-m", "regcache_core.cli"]  # the `regcache` command of this checkout
@@ -273,13 +275,16 @@ def memory_mib(pid: int) -> dict[str, float]:
 class Stack:
     """`regcache up`, run the way a user runs it, with settings passed as environment."""
 
-    def __init__(self, workdir: Path, settings: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, settings: dict[str, str], args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         port = int(settings.get("REGCACHE_PORT", "5000"))
+        self.args = args  # extra arguments of `regcache up`, e.g. --web
         self.settings = {
             "REGISTRY_DOMAIN": TEST_DOMAIN,
             "REGCACHE_DATA_DIR": str(workdir / "data"),
-            "REGCACHE_EGRESS_PORT": str(port + 80),  # stacks on different ports never share one
+            # Stacks on different ports never share an egress or admin port.
+            "REGCACHE_EGRESS_PORT": str(port + 80),
+            "REGCACHE_ADMIN_PORT": str(port + 70),
             **settings,
         }
         self.port = port
@@ -298,7 +303,7 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.settings}
         self.process = subprocess.Popen(
-            [*REGCACHE, "up"],
+            [*REGCACHE, "up", *self.args],
             cwd=self.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         ready = threading.Event()
@@ -329,6 +334,30 @@ class Stack:
         while not done(records := self.pull_records()) and time.monotonic() < deadline:
             time.sleep(0.05)
         return records
+    @property
+    def admin_port(self) -> int:
+        return int(self.settings["REGCACHE_ADMIN_PORT"])
+
+    def admin(self, path: str) -> tuple[int, dict, bytes]:
+        return http_get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=10)
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        """/metrics as {(sample name, sorted label items): value}."""
+        status, _, body = self.admin("/metrics")
+        assert status == 200
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+        }
+
+    def child(self, program: str) -> int:
+        """The pid of the child of `regcache up` running `program` (itself, or as a Python script)."""
+        for pid in child_pids(self.process.pid):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            if program in (Path(arg).name for arg in argv[:2]):
+                return pid
+        raise LookupError(f"regcache up has no child running {program}")
 
     def pull_records(self) -> list[dict]:
         if not self.pull_log.exists():
@@ -358,6 +387,20 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
         except ConnectionResetError:
             pass  # a server dropping a bad client may reset rather than close
     return received
+def docker_io_stack(workdir: Path, upstream: Upstream, port: int, settings: dict | None = None,
+                    args: tuple[str, ...] = ()) -> Stack:
+    """`regcache up` caching docker.io only, from `upstream`, its cache on port+1."""
+    return Stack(workdir, {
+        "REGCACHE_PORT": str(port),
+        "REGCACHE_REGISTRIES": "DOCKERHUB",
+        "DOCKERHUB_UPSTREAM": upstream.url,
+        "DOCKERHUB_CACHE": f"http://127.0.0.1:{port + 1}",
+        **(settings or {}),
+    }, args)
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -8,6 +8,7 @@ from mitmproxy.test import tflow, tutils
 
 from regcache_core.addon import INJECTED, REDACTED, UPSTREAM, UpstreamCredentials
 from regcache_core.config import Registry
+from regcache_core.metrics import Metrics
 from regcache_core.redirects import RedirectSigner
 from regcache_core.routing import Target
 
@@ -31,7 +32,7 @@ class FixedAuth:
 
 def upstream_flow(status: int, headers: dict) -> tuple:
     signer = RedirectSigner()
-    addon = UpstreamCredentials(settings=None, signer=signer)
+    addon = UpstreamCredentials(settings=None, signer=signer, metrics=Metrics())
     addon.auth = FixedAuth()
     flow = tflow.tflow()
     flow.request.headers["Authorization"] = "Basic client-credentials"
@@ -57,7 +58,7 @@ def test_redirect_is_rewritten_to_a_signed_path_on_the_proxy():
 
 
 def test_redacted_also_when_the_upstream_connection_fails():
-    addon = UpstreamCredentials(settings=None, signer=RedirectSigner())
+    addon = UpstreamCredentials(settings=None, signer=RedirectSigner(), metrics=Metrics())
     addon.auth = FixedAuth()
     flow = tflow.tflow()
     flow.metadata[UPSTREAM] = Target(HUB, "manifest", "library/small", "1.0", "/v2/library/small/manifests/1.0")

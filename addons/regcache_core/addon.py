@@ -1,5 +1,5 @@
 """The mitmproxy addons. Each hook is short: it reads the flow, calls a plain function
-(routing, upstream auth, pull log, ...) and applies the answer. Wiring is explicit, in `make_addons()`.
+(routing, upstream auth, pull log, metrics, mitmweb labels) and applies the answer. Wiring is explicit, in `make_addons()`.
 
 Two kinds of listener: the client listener on REGCACHE_PORT, and one egress listener per
 cached registry, which that registry's cache uses as its upstream. Flows to an upstream (egress
@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.flow import Error
 
+from .admin import AdminServer, Answer, readiness
 from .cache_watch import InFlight
-from .config import Config, ConfigError, Registry, load_config
+from .config import DEFAULTS, Config, ConfigError, Registry, is_loopback_host, load_config
+from .metrics import EXPOSITION_CONTENT_TYPE, Metrics
 from .pull_log import PullLog, PullRecord, utc_iso
 from .redirects import RedirectSigner, is_redirect_path
 from .routing import Refusal, Target, route, route_egress
 from .upstream_auth import TokenStore, UpstreamAuth, UpstreamAuthError
 from .upstream_signals import UpstreamSignals
+from .web import finished_flows_beyond, label_flow
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,8 @@ REDIRECT = "regcache.redirect"  # flow.metadata key: the URL of an upstream redi
 INJECTED = "regcache.injected"  # flow.metadata key: the Authorization header is ours
 REDACTED = "<redacted by regcache>"
 TOKEN_STORE = "upstream-tokens"  # folder in the data dir
+IN_FLIGHT = "regcache.in_flight"  # flow.metadata key: counted in the in-flight gauge, not yet finished
+RECORD = "regcache.record"  # flow.metadata key: the flow's PullRecord, once it ended
 
 
 class Settings:
@@ -64,7 +70,8 @@ class Settings:
 class MirrorDefaults:
     """Turns a plain `mitmdump -s addons/regcache.py` into a registry mirror on REGCACHE_PORT.
 
-    Only options still at mitmproxy's defaults are changed, so explicit flags win.
+    Only options still at mitmproxy's defaults are changed, so explicit flags win. It also
+    brings REGCACHE_WEB_MAX_FLOWS to the regcache_web_max_flows option (used by mitmweb).
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -84,7 +91,10 @@ class MirrorDefaults:
             "keep_host_header": True,  # routing reads the client's Host header
             "connection_strategy": "lazy",
             "stream_large_bodies": "1m",  # layers are streamed, never held in memory
+            "regcache_web_max_flows": config.web_max_flows,
         }
+        if "web_columns" in ctx.options.keys():  # mitmweb: show each flow's regcache label
+            wanted["web_columns"] = [*ctx.options.web_columns, "comment"]
         changes = {name: value for name, value in wanted.items() if not ctx.options.has_changed(name)}
         if changes:
             ctx.options.update(**changes)
@@ -174,17 +184,18 @@ class UpstreamCredentials:
     no challenge reaches a client or cache, redirects are followed through us, and the header we
     added is redacted once the request is sent (mitmweb keeps flows)."""
 
-    def __init__(self, settings: Settings, signer: RedirectSigner) -> None:
+    def __init__(self, settings: Settings, signer: RedirectSigner, metrics: Metrics) -> None:
         self.settings = settings
         self.signer = signer
+        self.metrics = metrics
         self.auth: UpstreamAuth | None = None
-        self.signals = UpstreamSignals()
+        self.signals = UpstreamSignals(metrics)
 
     def configure(self, updated: set[str]) -> None:
         config = self.settings.config
         if "regcache_env_file" in updated and config is not None:
             self.done()
-            self.auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE))
+            self.auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), on_token_fetch=self.metrics.token_fetch)
 
     def done(self) -> None:
         if self.auth:
@@ -277,8 +288,68 @@ class ByteCounter:
         return chunk
 
 
+class Recorder:
+    """Builds one PullRecord per client request, when it ends or fails, and hands it to every sink.
+
+    Also keeps the in-flight gauge: up when a routed request arrives, down exactly once when
+    its flow ends (response or error, whichever comes first; mitmproxy ends every flow with one).
+    """
+
+    def __init__(self, metrics: Metrics, sinks: list[Callable[[PullRecord], None]]) -> None:
+        self.metrics = metrics
+        self.sinks = sinks
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if TARGET in flow.metadata:
+            flow.metadata[IN_FLIGHT] = True
+            self.metrics.request_started()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        target = flow.metadata.get(TARGET) or flow.metadata.get(EGRESS)
+        # Blobs always stream; smaller bodies stream once stream_large_bodies says so.
+        if flow.response.stream is True or (target and target.kind == "blob"):
+            flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.pop(IN_FLIGHT, False):
+            self.metrics.request_finished()
+        if RECORD in flow.metadata:
+            return
+        record = flow.metadata[RECORD] = pull_record(flow, time.time())
+        if (upstream := upstream_registry(flow)) is not None:
+            self.metrics.upstream_result(upstream, record.status if flow.response else None)
+        if EGRESS_FOR in flow.metadata:
+            # A cache's upstream fetch, not a client's pull: the log keeps one line per client request.
+            log_upstream_fetch(flow, record)
+            return
+        for sink in self.sinks:
+            sink(record)
+
+
+def upstream_registry(flow: http.HTTPFlow) -> str | None:
+    """The registry whose upstream this flow went to with our credentials, if it did."""
+    if (target := flow.metadata.get(UPSTREAM)) is not None:
+        return target.registry.name
+    if REDIRECT in flow.metadata and (registry := flow.metadata.get(EGRESS_FOR)) is not None:
+        return registry.name
+    return None
+
+
+def log_upstream_fetch(flow: http.HTTPFlow, record: PullRecord) -> None:
+    # No query: a redirect's target URL may carry a CDN's signature.
+    what = f"redirect to {flow.request.host}" if REDIRECT in flow.metadata else flow.request.path.partition("?")[0]
+    logger.info("upstream fetch for %s: %s %s -> %s, %d bytes%s", flow.metadata[EGRESS_FOR].name,
+                record.method, what, record.status, record.bytes, f", error: {record.error}" if record.error else "")
+
+
 class PullLogger:
-    """Writes one pull log record per client request, when it ends or fails."""
+    """The pull log file, (re)opened with the settings; `write` is a Recorder sink."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -295,29 +366,87 @@ class PullLogger:
         if self.log:
             self.log.close()
 
-    def responseheaders(self, flow: http.HTTPFlow) -> None:
-        target = flow.metadata.get(TARGET) or flow.metadata.get(EGRESS)
-        # Blobs always stream; smaller bodies stream once stream_large_bodies says so.
-        if flow.response.stream is True or (target and target.kind == "blob"):
-            flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter()
+    def write(self, record: PullRecord) -> None:
+        if self.log is not None:
+            self.log.write(record)
+
+
+class Admin:
+    """Serves /metrics, /ready and /live on REGCACHE_ADMIN_HOST:REGCACHE_ADMIN_PORT (see admin.py)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.server = AdminServer({"/metrics": self._metrics, "/ready": self._ready, "/live": self._live})
+
+    async def running(self) -> None:
+        config = self.settings.config
+        try:
+            await self.server.start(config.admin_host, config.admin_port)
+        except OSError as e:
+            logger.error(f"regcache: admin endpoint (metrics, health) cannot listen on {config.admin_host}:{config.admin_port}: {e}")
+
+    def done(self) -> None:
+        self.server.close()
+
+    async def _metrics(self) -> Answer:
+        return Answer(200, EXPOSITION_CONTENT_TYPE, self.metrics.exposition())
+
+    async def _ready(self) -> Answer:
+        servers = list(ctx.master.addons.get("proxyserver").servers)
+        proxy_serves = bool(servers) and all(server.is_running for server in servers)
+        backends = {r.name: r.cache for r in self.settings.config.registries if r.cache}
+        return await readiness(proxy_serves, backends)
+
+    async def _live(self) -> Answer:
+        return Answer.json(200, {"live": True})
+
+
+class WebView:
+    """In mitmweb (or any tool with a flow view): label flows and keep the list bounded."""
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "regcache_web_max_flows", int, int(DEFAULTS["REGCACHE_WEB_MAX_FLOWS"]),
+            "Finished flows mitmweb keeps; older ones are dropped so memory stays bounded.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "regcache_web_max_flows" in updated and ctx.options.regcache_web_max_flows < 1:
+            raise exceptions.OptionsError("regcache_web_max_flows: must be at least 1")
+        if "web_host" in updated and "web_password" not in ctx.options.keys() and not is_loopback_host(ctx.options.web_host):
+            # mitmproxy before 11.1 has no web_password: its UI would be open to the network.
+            raise exceptions.OptionsError(
+                "regcache: this mitmweb has no web_password option, so its UI must stay on 127.0.0.1 (web_host)"
+            )
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self._view() is not None:
+            label_flow(flow, *_labelled(flow))
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self._write(flow)
+        self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._write(flow)
+        self._finish(flow)
 
-    def _write(self, flow: http.HTTPFlow) -> None:
-        record = pull_record(flow, time.time())
-        if EGRESS_FOR in flow.metadata:
-            # A cache's upstream fetch, not a client's pull: the log keeps one line per client request.
-            # No query: a redirect's target URL may carry a CDN's signature.
-            what = f"redirect to {flow.request.host}" if REDIRECT in flow.metadata else flow.request.path.partition("?")[0]
-            logger.info("upstream fetch for %s: %s %s -> %s, %d bytes%s", flow.metadata[EGRESS_FOR].name,
-                        record.method, what, record.status, record.bytes,
-                        f", error: {record.error}" if record.error else "")
-        elif self.log is not None:
-            self.log.write(record)
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        if (view := self._view()) is not None:  # not `if view`: an empty view is falsy
+            label_flow(flow, *_labelled(flow), flow.metadata.get(RECORD))
+            if drop := finished_flows_beyond(view.resolve("@all"), view.store_count(), ctx.options.regcache_web_max_flows):
+                view.remove(drop)
+
+    @staticmethod
+    def _view():
+        return ctx.master.addons.get("view")
+
+
+def _labelled(flow: http.HTTPFlow) -> tuple[Target | None, bool]:
+    """What a flow's label names: its client request, or the upstream fetch of a cache."""
+    if (egress := flow.metadata.get(EGRESS)) is not None:
+        return egress, True
+    return flow.metadata.get(TARGET), False
+
 
 
 def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
@@ -352,12 +481,19 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
 def make_addons() -> list:
     settings = Settings()
     signer = RedirectSigner()
-    # Order matters: hooks run in this order, and CacheWatch sets what PullLogger writes.
+    metrics = Metrics()
+    pull_logger = PullLogger(settings)
+    # Order matters: hooks run in this order. UpstreamCredentials redacts what it injected
+    # before mitmweb's view (added after the scripts) sends a flow update; CacheWatch sets the
+    # hit/miss that Recorder hands to the pull log and metrics.
     return [
         settings,
         MirrorDefaults(settings),
         Router(settings, signer),
-        UpstreamCredentials(settings, signer),
+        UpstreamCredentials(settings, signer, metrics),
         CacheWatch(),
-        PullLogger(settings),
+        pull_logger,
+        Recorder(metrics, [pull_logger.write, metrics.observe]),
+        Admin(settings, metrics),
+        WebView(),
     ]

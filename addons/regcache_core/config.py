@@ -29,6 +29,9 @@ from dotenv import dotenv_values
 DEFAULTS: Mapping[str, str] = {
     "REGISTRY_DOMAIN": "registry.localhost",
     "REGCACHE_PORT": "5000",
+    "REGCACHE_ADMIN_HOST": "127.0.0.1",
+    "REGCACHE_ADMIN_PORT": "5070",
+    "REGCACHE_WEB_MAX_FLOWS": "2000",
     "REGCACHE_DATA_DIR": "./data",
     "REGCACHE_PULL_LOG": "",  # empty: <data dir>/pull.log
     "REGCACHE_PULL_LOG_STDOUT": "false",
@@ -80,6 +83,9 @@ class Registry:
 class Config:
     domain: str
     port: int
+    admin_host: str  # where /metrics, /ready and /live listen: never on the mirror's port
+    admin_port: int
+    web_max_flows: int  # flows mitmweb keeps (regcache up --web)
     data_dir: Path
     pull_log: Path
     pull_log_stdout: bool
@@ -124,9 +130,17 @@ def parse_config(values: Mapping[str, str]) -> Config:
             f"REGCACHE_EGRESS_PORT: ports {egress_base}-{egress_ports[-1]} (one per registry) must be"
             f" valid and must not include REGCACHE_PORT ({port})"
         )
+    admin_port = _port("REGCACHE_ADMIN_PORT", get("REGCACHE_ADMIN_PORT"))
+    if admin_port == port or admin_port in egress_ports:
+        raise ConfigError(
+            f"REGCACHE_ADMIN_PORT: {admin_port} is taken by REGCACHE_PORT or an egress port; the admin endpoint needs its own"
+        )
     return Config(
         domain=_hostname("REGISTRY_DOMAIN", get("REGISTRY_DOMAIN").lower()),
         port=port,
+        admin_host=_ip_address("REGCACHE_ADMIN_HOST", get("REGCACHE_ADMIN_HOST")),
+        admin_port=admin_port,
+        web_max_flows=_positive("REGCACHE_WEB_MAX_FLOWS", get("REGCACHE_WEB_MAX_FLOWS")),
         data_dir=data_dir,
         pull_log=Path(get("REGCACHE_PULL_LOG")).absolute() if get("REGCACHE_PULL_LOG") else data_dir / "pull.log",
         pull_log_stdout=_bool("REGCACHE_PULL_LOG_STDOUT", get("REGCACHE_PULL_LOG_STDOUT")),
@@ -189,17 +203,23 @@ def _hostname(var: str, value: str) -> str:
     return value
 
 
-def _ip_address(var: str, value: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise ConfigError(f"{var}: {value!r} is not an IP address such as 127.0.0.1 or 0.0.0.0") from None
-
-
 def _port(var: str, value: str) -> int:
     if not _PORT.fullmatch(value) or not 0 < int(value) < 65536:
         raise ConfigError(f"{var}: {value!r} is not a port number (1-65535)")
     return int(value)
+
+
+def _positive(var: str, value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{var}: {value!r} is not a whole number of at least 1")
+    return int(value)
+
+
+def _ip_address(var: str, value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ConfigError(f"{var}: {value!r} is not an IP address to listen on, such as 127.0.0.1 or 0.0.0.0") from None
 
 
 def _bool(var: str, value: str) -> bool:
@@ -221,7 +241,10 @@ def _check_names_differ(registries: tuple[Registry, ...]) -> None:
 
 def is_local(url: str) -> bool:
     """True when the URL's host is this machine's loopback, so `regcache up` runs it."""
-    host = urlsplit(url).hostname or ""
+    return is_loopback_host(urlsplit(url).hostname or "")
+
+
+def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
     try:

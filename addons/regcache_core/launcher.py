@@ -26,11 +26,13 @@ STOP_TIMEOUT = 10.0
 class Child:
     name: str
     process: subprocess.Popen
-    ready_url: str  # answers with any HTTP status once the child serves
+    ready_urls: tuple[str, ...]  # each answers with some HTTP status once the child serves
 
 
-def up(config: Config, env_file: str) -> int:
+def up(config: Config, env_file: str, web: bool = False) -> int:
     """Start everything, wait until it serves, print where to point clients, then supervise.
+
+    `web` runs mitmweb (a UI of live pulls on 127.0.0.1:8081) instead of mitmdump.
 
     Returns the exit status: 0 after Ctrl-C or SIGTERM, 1 if a child failed.
     """
@@ -39,9 +41,10 @@ def up(config: Config, env_file: str) -> int:
     if backends and program is None:
         print(f"regcache: the registry program is not on PATH; {INSTALL_HINT}", file=sys.stderr)
         return 1
-    mitmdump = _mitmdump_program()
-    if mitmdump is None:
-        print("regcache: mitmdump is not installed; install regcache with pip (it brings mitmproxy)", file=sys.stderr)
+    proxy_name = "mitmweb" if web else "mitmdump"
+    proxy_program = _mitmproxy_program(proxy_name)
+    if proxy_program is None:
+        print(f"regcache: {proxy_name} is not installed; install regcache with pip (it brings mitmproxy)", file=sys.stderr)
         return 1
 
     stop = threading.Event()
@@ -52,14 +55,14 @@ def up(config: Config, env_file: str) -> int:
     try:
         # The proxy first: each cache's upstream is the proxy's egress listener, and a cache
         # checks its upstream as it starts.
-        children.append(_start_proxy(mitmdump, config, env_file))
+        children.append(_start_proxy(proxy_program, config, env_file, web))
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
         for backend in backends:
             children.append(_start_cache(program, backend))
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
-        print(ready_message(config, backends), flush=True)
+        print(ready_message(config, backends, web), flush=True)
         while not stop.wait(0.5):
             if failed := _exited(children):
                 print(f"regcache: {failed.name} exited with status {failed.process.returncode}; stopping", file=sys.stderr)
@@ -69,9 +72,9 @@ def up(config: Config, env_file: str) -> int:
         _stop_all(children)
 
 
-def _mitmdump_program() -> str | None:
-    beside_python = Path(sys.executable).with_name("mitmdump")
-    return str(beside_python) if beside_python.exists() else shutil.which("mitmdump")
+def _mitmproxy_program(name: str) -> str | None:
+    beside_python = Path(sys.executable).with_name(name)
+    return str(beside_python) if beside_python.exists() else shutil.which(name)
 
 
 def _start_cache(program: str, backend: CacheBackend) -> Child:
@@ -86,19 +89,26 @@ def _start_cache(program: str, backend: CacheBackend) -> Child:
             # Not our environment: it may hold upstream passwords, which caches never need.
             env={"PATH": os.environ.get("PATH", os.defpath)},
         )
-    return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process, f"{backend.registry.cache}/v2/")
+    return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process, (f"{backend.registry.cache}/v2/",))
 
 
-def _start_proxy(mitmdump: str, config: Config, env_file: str) -> Child:
+def _start_proxy(program: str, config: Config, env_file: str, web: bool) -> Child:
     command = [
-        mitmdump,
+        program,
         "--scripts", str(ADDON_SCRIPT),
         "--set", f"regcache_env_file={env_file}",
-        "--set", "flow_detail=0",  # the pull log is the record of requests
         "--set", "termlog_verbosity=warn",  # no line per connection
     ]
+    # mitmdump: the pull log is the record of requests. mitmweb: nobody to open a browser for.
+    command += ["--set", "web_open_browser=false"] if web else ["--set", "flow_detail=0"]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
-    return Child("proxy (mitmdump)", process, f"http://127.0.0.1:{config.port}/v2/")
+    return Child(f"proxy ({Path(program).name})", process, (f"http://127.0.0.1:{config.port}/v2/", admin_url(config, "/live")))
+
+
+def admin_url(config: Config, path: str) -> str:
+    """The admin endpoint's URL as seen from this machine (a wildcard address means loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.admin_host, config.admin_host)
+    return f"http://{f'[{host}]' if ':' in host else host}:{config.admin_port}{path}"
 
 
 def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
@@ -112,7 +122,7 @@ def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
             names = ", ".join(c.name for c in waiting)
             print(f"regcache: not ready after {READY_TIMEOUT:.0f}s: {names}", file=sys.stderr)
             return False
-        waiting = [c for c in waiting if not answers_http(c.ready_url)]
+        waiting = [c for c in waiting if not all(map(answers_http, c.ready_urls))]
         if waiting and stop.wait(0.2):
             return False
     return True
@@ -144,13 +154,18 @@ def _stop_all(children: list[Child]) -> None:
             child.process.wait()
 
 
-def ready_message(config: Config, backends: list[CacheBackend]) -> str:
+def ready_message(config: Config, backends: list[CacheBackend], web: bool = False) -> str:
     local = {b.registry.key for b in backends}
-    lines = [f"regcache is ready on port {config.port}; pull log: {config.pull_log}"]
+    lines = [
+        f"regcache is ready on port {config.port}; pull log: {config.pull_log}",
+        f"metrics and health: {admin_url(config, '/metrics')}, /ready, /live",
+    ]
     width = max(len(r.name) for r in config.registries)
     for r in config.registries:
         where = f"cache {r.cache}" + (" (run here)" if r.key in local else "") if r.cache else "uncached, passes through"
         lines.append(f"  {r.name:<{width}}  http://{r.name}.{config.domain}:{config.port}  <- {r.upstream}, {where}")
     lines.append(f"containerd may also use http://<this host>:{config.port} for every registry (it adds ?ns=<registry>).")
+    if web:
+        lines.append("mitmweb shows live pulls at http://127.0.0.1:8081 (its web_host and web_port options).")
     lines.append("Ctrl-C stops everything.")
     return "\n".join(lines)

@@ -144,3 +144,11 @@ def strip_port(host: str) -> str:
     name, _, port = host.rpartition(":")
     # Only a numeric port: "a:5000, b" (two Host headers, joined) must not pass for host "a".
     return name if port.isascii() and port.isdigit() and ":" not in name else host
+
+
+def short_reference(reference: str | None) -> str | None:
+    """Digests shortened to the 12 hex digits people recognise; tags unchanged."""
+    if reference and ":" in reference:
+        algorithm, _, hex_digits = reference.partition(":")
+        return f"{algorithm}:{hex_digits[:12]}"
+    return reference

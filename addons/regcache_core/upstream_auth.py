@@ -155,13 +155,13 @@ class TokenStore:
 
 
 class UpstreamAuth:
-    def __init__(self, store: TokenStore, fetch=http_get) -> None:
+    def __init__(self, store: TokenStore, fetch=http_get, on_token_fetch=lambda registry, outcome: None) -> None:
         self.store = store
         self._fetch = fetch  # blocking; run in a thread
+        self._on_token_fetch = on_token_fetch  # (registry name, "ok" | "denied" | "error"), for metrics
         self._challenges: dict[str, Challenge] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._refused: set[str] = set()  # registries whose refusal was logged, until they accept again
-        self.token_fetches = 0  # token requests made, for metrics
 
     async def authorization(self, registry: Registry, repository: str | None) -> str | None:
         """The Authorization value for a pull request to `registry`'s upstream, or None."""
@@ -221,12 +221,13 @@ class UpstreamAuth:
             headers["Authorization"] = basic_authorization(registry.username, registry.password)
         url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
         realm = urlsplit(challenge.realm)._replace(query="").geturl()  # for messages
-        self.token_fetches += 1
         try:
             status, _, body = await asyncio.to_thread(self._fetch, url, headers)
         except (OSError, ValueError) as e:
+            self._on_token_fetch(registry.name, "error")
             raise UpstreamAuthError(502, f"token server {realm} of {registry.name} is unreachable: {e}") from None
         if status in (401, 403):
+            self._on_token_fetch(registry.name, "denied")
             self._report_refusal(registry, f"token server {realm} answered {status}")
             raise UpstreamAuthError(401, f"token server {realm} refused regcache's credentials for {registry.name}")
         try:
@@ -234,7 +235,9 @@ class UpstreamAuth:
                 raise ValueError(f"HTTP {status}")
             token = parse_token_response(body)
         except ValueError as e:  # JSONDecodeError is a ValueError
+            self._on_token_fetch(registry.name, "error")
             raise UpstreamAuthError(502, f"token server {realm} of {registry.name} gave no token ({e})") from None
+        self._on_token_fetch(registry.name, "ok")
         self.accepted(registry)
         return token
 

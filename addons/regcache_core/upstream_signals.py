@@ -1,7 +1,7 @@
 """What upstream answers tell about the upstream itself: rate limits and 429s.
 
-`observe()` is the one place they are read, logged (one line, registry named) and kept, so
-metrics can be fed from here.
+`observe()` is the one place they are read, logged (one line, registry named) and handed to
+the metrics.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +35,15 @@ def parse_rate_limit(headers: Mapping[str, str]) -> RateLimit | None:
 
 
 class UpstreamSignals:
-    def __init__(self) -> None:
-        self.rate_limits: dict[str, RateLimit] = {}  # latest per registry name
-        self.throttled: dict[str, int] = {}  # 429 answers per registry name
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
     def observe(self, registry: str, status: int, headers: Mapping[str, str]) -> None:
+        """One upstream answer. Its status is counted with every upstream fetch (metrics.upstream_result)."""
         if (rate_limit := parse_rate_limit(headers)) is not None:
-            self.rate_limits[registry] = rate_limit
+            self.metrics.rate_limit(registry, rate_limit.remaining)
             window = f" per {rate_limit.window_s} s" if rate_limit.window_s else ""
             logger.info("upstream %s: %d of %d pulls left%s", registry, rate_limit.remaining, rate_limit.limit, window)
         if status == 429:
-            self.throttled[registry] = self.throttled.get(registry, 0) + 1
             retry = headers.get("retry-after")
             logger.warning("upstream %s answered 429 Too Many Requests%s", registry, f" (retry after {retry})" if retry else "")

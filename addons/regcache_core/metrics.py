@@ -1,0 +1,90 @@
+"""Prometheus metrics: what clients asked and got, and what regcache asked of upstreams.
+
+Plain methods, no mitmproxy: the addon feeds client requests in (one PullRecord each, the
+same record the pull log gets), the upstream side calls `upstream_result`, `token_fetch` and
+`rate_limit` itself. Metrics live in their own CollectorRegistry, so
+nothing else in the process (mitmproxy's libraries) can add series to /metrics; the proxy
+process's own memory and CPU (process_*) are added on purpose.
+
+Label values come from routing (mapped registry names, a handful of kinds), HTTP status codes
+and exception class names: all bounded, so no client can make the series count grow.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .pull_log import PullRecord
+
+EXPOSITION_CONTENT_TYPE = CONTENT_TYPE_LATEST
+NONE = "none"  # label value for "not known" or "not applicable": refused requests, cache unknown
+TOKEN_OUTCOMES = ("ok", "denied", "error")  # got a token, 401/403 from the realm, no usable answer
+# From a cached manifest (milliseconds) to a big layer over a slow link (minutes).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        client = ("registry", "kind", "status", "cache")
+        self.requests = Counter(
+            "regcache_requests", "Client requests answered, by registry, kind, status code and cache hit/miss/none.",
+            client, registry=self.registry)
+        self.bytes = Counter(
+            "regcache_response_bytes", "Body bytes sent to clients.", client, registry=self.registry)
+        self.duration = Histogram(
+            "regcache_request_duration_seconds", "From request arrival to the last byte sent (or the failure).",
+            ("registry", "kind", "cache"), buckets=DURATION_BUCKETS, registry=self.registry)
+        self.in_flight = Gauge(
+            "regcache_requests_in_flight", "Client requests routed to a backend and not finished yet.",
+            registry=self.registry)
+        self.upstream_fetches = Counter(
+            "regcache_upstream_fetches", "Requests regcache itself sent to an upstream registry, by answer status.",
+            ("registry", "status"), registry=self.registry)
+        self.upstream_errors = Counter(
+            "regcache_upstream_errors", "Upstream requests that got no HTTP answer (refused, reset, timed out, bad TLS).",
+            ("registry",), registry=self.registry)
+        self.token_fetches = Counter(
+            "regcache_token_fetches", "Bearer token requests to an upstream's token realm, by outcome (ok, denied, error).",
+            ("registry", "outcome"), registry=self.registry)
+        self.rate_limit_remaining = Gauge(
+            "regcache_upstream_ratelimit_remaining", "Pulls left in the upstream's window, from its ratelimit-remaining header (Docker Hub).",
+            ("registry",), registry=self.registry)
+
+    def observe(self, record: PullRecord) -> None:
+        """Count one finished or failed client request."""
+        registry, kind, cache = record.registry or NONE, record.kind or NONE, record.cache or NONE
+        labels = (registry, kind, str(record.status), cache)
+        self.requests.labels(*labels).inc()
+        self.bytes.labels(*labels).inc(record.bytes)
+        self.duration.labels(registry, kind, cache).observe(record.duration_ms / 1000)
+
+    def request_started(self) -> None:
+        self.in_flight.inc()
+
+    def request_finished(self) -> None:
+        self.in_flight.dec()
+
+    def upstream_result(self, registry: str, status: int | None) -> None:
+        """A request regcache sent upstream ended: with an HTTP status (401, 429 and 5xx show up by
+        code), or None when it got no answer."""
+        if status is None:
+            self.upstream_errors.labels(registry).inc()
+        else:
+            self.upstream_fetches.labels(registry, str(status)).inc()
+
+    def token_fetch(self, registry: str, outcome: str) -> None:
+        if outcome not in TOKEN_OUTCOMES:
+            raise ValueError(f"token fetch outcome {outcome!r} is not one of {TOKEN_OUTCOMES}")
+        self.token_fetches.labels(registry, outcome).inc()
+
+    def rate_limit(self, registry: str, remaining: int) -> None:
+        """Pulls left, from the upstream's `ratelimit-remaining` header (see upstream_signals)."""
+        self.rate_limit_remaining.labels(registry).set(remaining)
+
+    def exposition(self) -> bytes:
+        """The text format Prometheus scrapes."""
+        return generate_latest(self.registry)
+

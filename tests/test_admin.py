@@ -1,0 +1,97 @@
+"""The admin endpoint's parts: backend probes, the readiness answer, the HTTP server, its settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+
+from regcache_core.admin import AdminServer, Answer, probe_backend, readiness
+from regcache_core.config import DEFAULTS, ConfigError, parse_config
+
+from parts import http_get
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_probe_says_ok_for_a_registry(upstream):
+    assert asyncio.run(probe_backend(upstream.url)) == "ok"
+
+
+def test_probe_says_unreachable_when_nothing_listens():
+    assert asyncio.run(probe_backend(f"http://127.0.0.1:{free_port()}")).startswith("unreachable")
+
+
+def test_probe_gives_up_on_a_silent_backend_in_time():
+    async def check():
+        silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+        port = silent.sockets[0].getsockname()[1]
+        async with silent:
+            return await asyncio.wait_for(probe_backend(f"http://127.0.0.1:{port}", timeout=0.3), 5)
+
+    assert asyncio.run(check()) == "no answer within 0.3s"
+
+
+def test_readiness_needs_the_proxy_and_every_backend(upstream):
+    dead = f"http://127.0.0.1:{free_port()}"
+    ready = asyncio.run(readiness(True, {"docker.io": upstream.url}))
+    assert (ready.status, json.loads(ready.body)["ready"]) == (200, True)
+    one_down = asyncio.run(readiness(True, {"docker.io": upstream.url, "ghcr.io": dead}))
+    assert one_down.status == 503 and json.loads(one_down.body)["backends"]["docker.io"] == "ok"
+    proxy_down = asyncio.run(readiness(False, {"docker.io": upstream.url}))
+    assert proxy_down.status == 503 and json.loads(proxy_down.body)["proxy"] == "not serving"
+
+
+def test_admin_server_routes_get_requests_only():
+    port = free_port()
+
+    async def hello() -> Answer:
+        return Answer(200, "text/plain", b"hello")
+
+    async def check():
+        server = AdminServer({"/hello": hello})
+        await server.start("127.0.0.1", port)
+        try:
+            results = []
+            for path, method in (("/hello", "GET"), ("/hello?x=1", "GET"), ("/nope", "GET"), ("/hello", "POST")):
+                status, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{port}{path}", method=method, timeout=5)
+                results.append((status, body))
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"garbage\r\n\r\n")
+            results.append(await reader.read())
+            writer.close()
+            return results
+        finally:
+            server.close()
+
+    ok, query, missing, post, garbage = asyncio.run(check())
+    assert ok == (200, b"hello") and query == (200, b"hello")
+    assert missing[0] == 404 and post[0] == 405
+    assert garbage.startswith(b"HTTP/1.1 400")
+
+
+BASE = {**DEFAULTS, "REGISTRY_DOMAIN": "registry.example.test", "REGCACHE_PORT": "5000", "REGCACHE_REGISTRIES": "HUB",
+        "HUB_REGISTRY": "docker.io", "HUB_UPSTREAM": "https://registry-1.docker.io", "HUB_CACHE": "none",
+        "REGCACHE_WEB_MAX_FLOWS": "2000"}
+
+
+def test_admin_settings_default_to_loopback_5070():
+    config = parse_config(BASE | {"REGCACHE_ADMIN_HOST": "127.0.0.1", "REGCACHE_ADMIN_PORT": "5070"})
+    assert (config.admin_host, config.admin_port) == ("127.0.0.1", 5070)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"REGCACHE_ADMIN_PORT": "5000"}, "REGCACHE_ADMIN_PORT: 5000 is taken by REGCACHE_PORT"),
+    ({"REGCACHE_ADMIN_PORT": "70000"}, "REGCACHE_ADMIN_PORT: '70000' is not a port"),
+    ({"REGCACHE_ADMIN_HOST": "admin.example"}, "REGCACHE_ADMIN_HOST: 'admin.example' is not an IP address"),
+    ({"REGCACHE_WEB_MAX_FLOWS": "0"}, "REGCACHE_WEB_MAX_FLOWS: '0' is not a whole number of at least 1"),
+])
+def test_bad_admin_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(BASE | {"REGCACHE_ADMIN_HOST": "127.0.0.1", "REGCACHE_ADMIN_PORT": "5070"} | settings)

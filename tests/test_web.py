@@ -1,0 +1,122 @@
+"""mitmweb: labelled flows, a bounded flow list, no credentials; unit tests with mitmproxy's own
+View addon (what mitmweb stores flows in), then `regcache up --web` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mitmproxy import exceptions
+from mitmproxy.addons.view import View
+from mitmproxy.test import taddons, tflow
+
+from regcache_core.addon import RECORD, TARGET, WebView
+from regcache_core.config import DEFAULTS, parse_config
+from regcache_core.pull_log import PullRecord
+from regcache_core.routing import route
+from regcache_core.web import flow_label
+
+from parts import TEST_DOMAIN, Stack, docker_io_stack, http_get, skopeo
+
+CONFIG = parse_config({**DEFAULTS,
+    "REGISTRY_DOMAIN": "registry.example.test", "REGCACHE_PORT": "5000", "REGCACHE_ADMIN_HOST": "127.0.0.1",
+    "REGCACHE_ADMIN_PORT": "5070", "REGCACHE_WEB_MAX_FLOWS": "10", "REGCACHE_REGISTRIES": "HUB",
+    "HUB_REGISTRY": "docker.io", "HUB_UPSTREAM": "https://registry-1.docker.io", "HUB_CACHE": "http://127.0.0.1:5001",
+})
+LAYER = "sha256:" + "ab" * 32
+
+
+def finished_flow():
+    flow = tflow.tflow(resp=True)
+    flow.live = False
+    return flow
+
+
+def test_trimming_keeps_the_flow_count_at_the_limit_and_never_drops_live_flows():
+    view, web = View(), WebView()
+    with taddons.context(view, web) as tctx:
+        tctx.configure(web, regcache_web_max_flows=10)
+        live = tflow.tflow()  # a transfer still running, oldest of all
+        view.add([live])
+        for _ in range(50):
+            flow = finished_flow()
+            view.add([flow])
+            web.response(flow)
+            assert view.store_count() <= 10
+        assert view.store_count() == 10
+        assert live in view.resolve("@all") and not live.error  # kept, and not killed
+
+
+def test_the_max_flows_option_is_checked():
+    web = WebView()
+    with taddons.context(web) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="at least 1"):
+            tctx.configure(web, regcache_web_max_flows=0)
+
+
+def test_flows_are_labelled_with_registry_image_kind_and_outcome():
+    target = route(CONFIG, "GET", "docker.io.registry.example.test:5000", f"/v2/library/small/blobs/{LAYER}")
+    assert flow_label(target) == "docker.io library/small blob sha256:abababababab"
+    record = PullRecord("t", "c", "docker.io", "library/small", "blob", LAYER, "GET", 200, 5, 1, "b", cache="miss")
+    assert flow_label(target, record=record) == "docker.io library/small blob sha256:abababababab · 200 miss"
+    failed = PullRecord("t", "c", "docker.io", "library/small", "blob", LAYER, "GET", 502, 0, 1, "b", error="refused")
+    assert flow_label(target, record=failed).endswith("· error: refused")
+    assert flow_label(target, upstream_fetch=True).startswith("upstream fetch: docker.io library/small blob")
+    assert flow_label(None) == "answered by regcache"
+
+    view, web = View(), WebView()
+    with taddons.context(view, web):
+        flow = finished_flow()
+        flow.metadata[TARGET], flow.metadata[RECORD] = target, failed
+        web.response(flow)
+        assert flow.comment.endswith("· error: refused") and flow.marked
+
+
+def test_mitmweb_on_11_0_refuses_a_non_loopback_ui_without_a_password():
+    web = WebView()
+    with taddons.context(web) as tctx:
+        tctx.options.add_option("web_host", str, "127.0.0.1", "as mitmweb declares it")
+        tctx.configure(web, web_host="::1")
+        with pytest.raises(exceptions.OptionsError, match="web_password"):
+            tctx.configure(web, web_host="0.0.0.0")
+
+
+PORT = 5300
+WEB_UI = "http://127.0.0.1:8081"
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory, upstream) -> Stack:
+    stack = docker_io_stack(tmp_path_factory.mktemp("web"), upstream, PORT, {"REGCACHE_WEB_MAX_FLOWS": "60"}, ("--web",)).start()
+    yield stack
+    assert stack.stop() == 0
+
+
+def web_flows() -> list[dict]:
+    status, _, body = http_get(f"{WEB_UI}/flows")
+    assert status == 200
+    return json.loads(body)
+
+
+def test_regcache_up_web_shows_labelled_bounded_flows_without_credentials(web_stack, images, tmp_path):
+    image, host = images["small"], f"docker.io.{TEST_DOMAIN}:{PORT}"
+    result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{tmp_path / 'pulled'}:1.0")
+    assert result.returncode == 0, result.stderr
+    comments = {flow["comment"] for flow in web_flows()}
+    assert "docker.io library/small manifest 1.0 · 200 miss" in comments
+    layer = image.blob_digests[-1]
+    assert f"docker.io library/small blob {layer[:19]} · 200 miss" in comments
+    assert f"upstream fetch: docker.io library/small blob {layer[:19]} · 200" in comments
+    blob = next(f for f in web_flows() if f["comment"].startswith(f"docker.io library/small blob {layer[:19]}"))
+    assert blob["response"]["contentLength"] is None  # streamed: the body was never kept
+
+    status, _, _ = http_get(f"http://127.0.0.1:{PORT}/v2/", host=host, headers={"Authorization": "Bearer client-secret"})
+    assert status == 200
+    flows = web_flows()
+    assert "client-secret" not in json.dumps(flows)
+    # A client's own credentials are dropped before mitmweb ever stores the flow.
+    assert [] == [v for f in flows for k, v in f["request"]["headers"] if k.lower() == "authorization"]
+
+    for _ in range(100):
+        http_get(f"http://127.0.0.1:{PORT}/v2/", host=host)
+    assert len(web_flows()) == 60
