@@ -300,6 +300,15 @@ class Stack:
             return []
         return [json.loads(line) for line in self.pull_log.read_text().splitlines() if line.strip()]
 
+    def records_since(self, before: int, done=lambda records: True, timeout: float = 10) -> list[dict]:
+        """The pull log records after the first `before`, once `done(records)` holds or `timeout`
+        passed: the proxy writes a record after the response's last byte, maybe after the client
+        finished."""
+        deadline = time.monotonic() + timeout
+        while not done(records := self.pull_records()[before:]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return records
+
 
 def cache_holds(storage: Path, digest: str, timeout: float = 15) -> bool:
     """registry:2 commits a proxied blob to its storage just after it finished serving it."""

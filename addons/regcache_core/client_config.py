@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import Config, Registry, base_url
+from .config import Config, ConfigError, Registry, base_url
 
 DOCKER_HUB = "docker.io"  # the only registry Docker's registry-mirrors applies to
 HEADER = "Written by `regcache client-config`; run it again after changing regcache's settings."
@@ -30,7 +30,17 @@ def parse_endpoint(value: str) -> str:
     return base_url("--endpoint", value)
 
 
+def has_virtual_host(registry: Registry) -> bool:
+    """A registry named with a port (`host:5443`) has no virtual host: the name would hold a colon."""
+    return ":" not in registry.name
+
+
 def virtual_host_url(config: Config, registry: Registry) -> str:
+    if not has_virtual_host(registry):
+        raise ConfigError(
+            f"{registry.key}_REGISTRY: {registry.name!r} has a port, so it has no virtual host name; "
+            "use --endpoint (containerd names it in ?ns=)"
+        )
     return f"http://{registry.name}.{config.domain}:{config.port}"
 
 
@@ -98,9 +108,10 @@ def registries_conf(config: Config) -> str:
     """containers-registries.conf (v2) for skopeo, podman and buildah: one mirror per registry.
 
     The primary location stays the registry itself, so they fall back to it when the mirror fails.
+    They send no `ns`, so a registry without a virtual host is left out.
     """
     blocks = [f"# {HEADER}\n"]
-    for registry in config.registries:
+    for registry in filter(has_virtual_host, config.registries):
         blocks.append(
             "[[registry]]\n"
             f"prefix = {_quoted(registry.name)}\n"
