@@ -35,12 +35,18 @@ class Daemon:
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
-        while not self.ready():
+        while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"{self.command()[0]} did not start:\n{self.log_file.read_text()[-3000:]}")
+                raise RuntimeError(f"{type(self).__name__} did not start:\n{self.log_file.read_text()[-3000:]}")
             time.sleep(0.2)
         return self
+
+    def _answers(self) -> bool:
+        try:
+            return self.ready()
+        except subprocess.TimeoutExpired:  # its socket is there, its API not yet
+            return False
 
     def stop(self) -> None:
         if self.process:
@@ -122,10 +128,7 @@ class Dockerd(Daemon):
         ]
 
     def ready(self) -> bool:
-        try:
-            return self.socket.exists() and self.docker("version", timeout=10).returncode == 0
-        except subprocess.TimeoutExpired:
-            return False
+        return self.socket.exists() and self.docker("version", timeout=10).returncode == 0
 
     def docker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(["docker", "-H", f"unix://{self.socket}", *args], capture_output=True, text=True, timeout=timeout)
