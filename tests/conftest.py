@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from parts import REMOTE_CACHE_HOST, TEST_DOMAIN, Stack, Upstream, build_image, enter_private_namespaces, push_image
+from parts import REMOTE_CACHE_HOST, TEST_DOMAIN, Stack, Upstream, build_image, enter_private_namespaces
 
 TEST_REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "unmapped.io")
 UPSTREAM_PORT = 6000
@@ -42,7 +42,7 @@ def upstream(tmp_path_factory, images) -> Upstream:
     """One upstream registry for the session, seeded with both images (as docker.io would be)."""
     registry = Upstream(tmp_path_factory.mktemp("upstream"), UPSTREAM_PORT).start()
     for image in images.values():
-        push_image(image, f"127.0.0.1:{UPSTREAM_PORT}")
+        registry.push(image)
     yield registry
     registry.stop()
 

@@ -93,12 +93,21 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
 
 
 class Upstream:
-    """A plain `registry` (registry:2's program) on loopback: what Docker Hub is to a user."""
+    """A plain `registry` (registry:2's program) on loopback: what Docker Hub is to a user.
 
-    def __init__(self, root: Path, port: int) -> None:
+    `extra` adds configuration sections, e.g. `auth` (see htpasswd_auth, fakes.TokenServer)
+    or `middleware` (fakes.Cdn); `creds` ("user:password") is what pushes to it use.
+    """
+
+    def __init__(self, root: Path, port: int, extra: dict | None = None, creds: str | None = None) -> None:
         self.root, self.port = root, port
         self.url = f"http://127.0.0.1:{port}"
+        self.extra, self.creds = extra or {}, creds
         self.process: subprocess.Popen | None = None
+
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
 
     def start(self) -> "Upstream":
         self.root.mkdir(parents=True, exist_ok=True)
@@ -106,8 +115,9 @@ class Upstream:
         config.write_text(json.dumps({
             "version": 0.1,
             "log": {"level": "warn"},
-            "storage": {"filesystem": {"rootdirectory": str(self.root / "storage")}},
+            "storage": {"filesystem": {"rootdirectory": str(self.storage)}},
             "http": {"addr": f"127.0.0.1:{self.port}"},
+            **self.extra,
         }))
         log = open(self.root / "registry.log", "ab")
         self.process = subprocess.Popen([REGISTRY_PROGRAM, "serve", str(config)], stdout=log, stderr=log)
@@ -118,6 +128,18 @@ class Upstream:
         if self.process:
             stop_process(self.process)
             self.process = None
+
+    def push(self, image: "TestImage") -> None:
+        push_image(image, f"127.0.0.1:{self.port}", self.creds)
+
+
+def htpasswd_auth(root: Path, user: str, password: str) -> dict:
+    """The `auth` section of a registry configuration asking for Basic credentials (bcrypt htpasswd)."""
+    line = subprocess.run(["htpasswd", "-Bbn", user, password], check=True, capture_output=True, text=True).stdout
+    path = root / "htpasswd"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(line.strip() + "\n")
+    return {"htpasswd": {"realm": "regcache-test", "path": str(path)}}
 
 
 @dataclass
@@ -162,15 +184,25 @@ def skopeo(*args: str, hosts_env: dict | None = None, timeout: float = 300) -> s
     )
 
 
-def push_image(image: TestImage, registry: str) -> None:
+def push_image(image: TestImage, registry: str, creds: str | None = None) -> None:
     """Copy an OCI layout into a registry, keeping digests, and record them on the image."""
-    result = skopeo("copy", "--dest-tls-verify=false", f"oci:{image.layout}:{image.tag}",
-                    f"docker://{registry}/{image.reference}")
+    result = skopeo("copy", "--dest-tls-verify=false", *(["--dest-creds", creds] if creds else []),
+                    f"oci:{image.layout}:{image.tag}", f"docker://{registry}/{image.reference}")
     assert result.returncode == 0, result.stderr
-    raw = skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{registry}/{image.reference}").stdout
+    raw = skopeo("inspect", "--tls-verify=false", *(["--creds", creds] if creds else []), "--raw",
+                 f"docker://{registry}/{image.reference}").stdout
     image.manifest_digest = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
     manifest = json.loads(raw)
     image.blob_digests = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+
+
+def pull(registry_host: str, image: TestImage, destination: Path) -> str:
+    """skopeo copy through the proxy into an OCI layout; returns the pulled manifest's digest."""
+    result = skopeo("copy", "--src-tls-verify=false", f"docker://{registry_host}/{image.reference}",
+                    f"oci:{destination}:{image.tag}")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((destination / "index.json").read_text())
+    return index["manifests"][0]["digest"]
 
 
 def random_chunks(size: int, chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -246,8 +278,14 @@ class Stack:
 
     def __init__(self, workdir: Path, settings: dict[str, str]) -> None:
         self.workdir = workdir
-        self.settings = {"REGISTRY_DOMAIN": TEST_DOMAIN, "REGCACHE_DATA_DIR": str(workdir / "data"), **settings}
-        self.port = int(self.settings.get("REGCACHE_PORT", "5000"))
+        port = int(settings.get("REGCACHE_PORT", "5000"))
+        self.settings = {
+            "REGISTRY_DOMAIN": TEST_DOMAIN,
+            "REGCACHE_DATA_DIR": str(workdir / "data"),
+            "REGCACHE_EGRESS_PORT": str(port + 80),  # stacks on different ports never share one
+            **settings,
+        }
+        self.port = port
         self.output: list[str] = []
         self.process: subprocess.Popen | None = None
 
@@ -295,19 +333,17 @@ class Stack:
         assert result.returncode == 0, result.stderr
         return out
 
+    def pull_records_until(self, done, timeout: float = 10.0) -> list[dict]:
+        """The pull log once `done(records)` holds: a record is written just after its response ended."""
+        deadline = time.monotonic() + timeout
+        while not done(records := self.pull_records()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return records
+
     def pull_records(self) -> list[dict]:
         if not self.pull_log.exists():
             return []
         return [json.loads(line) for line in self.pull_log.read_text().splitlines() if line.strip()]
-
-    def records_since(self, before: int, done=lambda records: True, timeout: float = 10) -> list[dict]:
-        """The pull log records after the first `before`, once `done(records)` holds or `timeout`
-        passed: the proxy writes a record after the response's last byte, maybe after the client
-        finished."""
-        deadline = time.monotonic() + timeout
-        while not done(records := self.pull_records()[before:]) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        return records
 
 
 def cache_holds(storage: Path, digest: str, timeout: float = 15) -> bool:

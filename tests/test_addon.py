@@ -13,6 +13,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from parts import REPO
 from regcache_core.addon import BYTE_COUNTER, TARGET, ByteCounter, Router, Settings, pull_record
 from regcache_core.config import DEFAULTS, parse_config
+from regcache_core.redirects import RedirectSigner
 
 ADDON_SCRIPT = REPO / "addons" / "regcache.py"
 CONFIG = parse_config({**DEFAULTS, "REGISTRY_DOMAIN": "regcache.test", "GHCR_CACHE": "none"})
@@ -40,7 +41,10 @@ def test_mirror_defaults_turn_a_plain_mitmdump_into_a_mirror_on_regcache_port(en
     with taddons.context(Proxyserver()) as tctx:
         load_script(tctx, env_file)
         options = tctx.options
-        assert options.mode == ["reverse:http://127.0.0.1:1@5999"]
+        # The client listener, and one egress listener per cached registry (the three defaults).
+        assert options.mode == ["reverse:http://127.0.0.1:1@5999"] + [
+            f"reverse:http://127.0.0.1:1@127.0.0.1:{port}" for port in (5080, 5081, 5082)
+        ]
         assert (options.keep_host_header, options.connection_strategy, options.stream_large_bodies) == (
             True, "lazy", "1m"
         )
@@ -76,7 +80,7 @@ def client_flow(path: str, host: str = HUB, method: str = "GET", authority: str 
 
 
 def routed(flow: http.HTTPFlow) -> http.HTTPFlow:
-    router = Router(Settings())
+    router = Router(Settings(), RedirectSigner())
     router.settings.config = CONFIG
     router.requestheaders(flow)
     return flow

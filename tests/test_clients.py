@@ -62,8 +62,9 @@ def blob_gets(image) -> set[tuple]:
     return {("GET", "blob", digest) for digest in image.blob_digests}
 
 
-def has_all_blobs(image):
-    return lambda records: blob_gets(image) <= served(records)
+def records_with_all_blobs(stack: Stack, before: int, image) -> list[dict]:
+    """The pull log records after the first `before`, once they show every blob of `image` served."""
+    return stack.pull_records_until(lambda records: blob_gets(image) <= served(records[before:]))[before:]
 
 
 @pytest.mark.parametrize("style, mirror", [
@@ -97,7 +98,7 @@ def test_containerd_pulls_through_regcache(client_stack, generated, containerd, 
     assert containerd.image_digest(reference) == image.manifest_digest
     assert containerd.unpacked(reference)
 
-    records = client_stack.records_since(before, has_all_blobs(image))
+    records = records_with_all_blobs(client_stack, before, image)
     assert {r["registry"] for r in records} == {"docker.io"}  # by ?ns= alone, in the endpoint style
     # containerd resolves the tag with HEAD, then GETs by digest.
     assert {("HEAD", "manifest", image.tag), ("GET", "manifest", image.manifest_digest)} | blob_gets(image) <= served(records)
@@ -118,7 +119,7 @@ def test_containerd_falls_back_to_upstream_for_unmapped_registry(client_stack, c
     result = containerd.pull(f"unmapped.io/{image.reference}", hosts_dir)
     assert result.returncode == 0, result.stderr
     assert containerd.image_digest(f"unmapped.io/{image.reference}") == image.manifest_digest
-    refused = client_stack.records_since(before)
+    refused = client_stack.pull_records()[before:]
     assert bool(refused) == answered and {(r["status"], r["backend"]) for r in refused} <= {(404, None)}
 
 
@@ -130,7 +131,7 @@ def test_containerd_falls_back_to_upstream_when_cache_is_down(client_stack, gene
     result = containerd.pull(reference, generated["virtual-hosts"] / "certs.d")
     assert result.returncode == 0, result.stderr
     assert containerd.image_digest(reference) == image.manifest_digest
-    failed = client_stack.records_since(before)
+    failed = client_stack.pull_records()[before:]
     assert failed and {(r["registry"], r["status"]) for r in failed} == {("quay.io", 502)}
 
 
@@ -147,7 +148,7 @@ def test_docker_pulls_through_registry_mirror(client_stack, generated, container
         dockerd.stop()
     assert inspected["Id"] == image.blob_digests[0]  # the image ID is its config's digest
     assert f"{image.name.removeprefix('library/')}@{image.manifest_digest}" in inspected["RepoDigests"]
-    records = client_stack.records_since(before, has_all_blobs(image))
+    records = records_with_all_blobs(client_stack, before, image)
     assert (records[0]["method"], records[0]["kind"], records[0]["status"]) == ("GET", "ping", 200)
     assert {r["registry"] for r in records} == {"docker.io"}
     assert {("HEAD", "manifest", image.tag), ("GET", "manifest", image.manifest_digest)} | blob_gets(image) <= served(records)
@@ -161,5 +162,5 @@ def test_skopeo_pulls_through_registries_conf_mirror(client_stack, generated, im
     assert result.returncode == 0, result.stderr
     index = json.loads((tmp_path / "pulled/index.json").read_text())
     assert index["manifests"][0]["digest"] == image.manifest_digest
-    records = client_stack.records_since(before, has_all_blobs(image))
+    records = records_with_all_blobs(client_stack, before, image)
     assert {r["registry"] for r in records} == {"docker.io"} and blob_gets(image) <= served(records)

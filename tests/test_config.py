@@ -49,6 +49,15 @@ def test_a_registry_is_added_by_environment_alone():
     assert (k8s.key, k8s.upstream, k8s.backend) == ("K8S", "https://registry.k8s.io", "http://127.0.0.1:5004")
 
 
+@pytest.mark.parametrize("host, url", [
+    ("127.0.0.1", "http://127.0.0.1:5080"), ("0.0.0.0", "http://127.0.0.1:5080"), ("::1", "http://[::1]:5080")])
+def test_each_cached_registry_has_an_egress_port_by_its_position(host, url):
+    config = parse(GHCR_CACHE="none", REGCACHE_EGRESS_HOST=host)
+    assert [r.egress_port for r in config.registries] == [5080, None, 5082]
+    assert config.egress_registry(5082).name == "quay.io" and config.egress_registry(5081) is None
+    assert config.egress_url(config.registry("docker.io")) == url
+
+
 def test_cache_none_passes_through_to_the_upstream():
     ghcr = parse(GHCR_CACHE="NONE").registry("ghcr.io")
     assert ghcr.cache is None and ghcr.backend == "https://ghcr.io"
@@ -103,6 +112,9 @@ def test_credentials_come_in_pairs_and_stay_out_of_repr():
     ({**K8S, "K8S_CACHE": ""}, "K8S_CACHE", "not set"),
     ({"GHCR_USERNAME": "alice"}, "GHCR_PASSWORD", "not set, but GHCR_USERNAME is"),
     ({"GHCR_PASSWORD": "s3cret-pw"}, "GHCR_USERNAME", "not set, but GHCR_PASSWORD is"),
+    ({"REGCACHE_EGRESS_PORT": "4999"}, "REGCACHE_EGRESS_PORT", "must not include REGCACHE_PORT (5000)"),
+    ({"REGCACHE_EGRESS_PORT": "65534"}, "REGCACHE_EGRESS_PORT", "must be valid"),
+    ({"REGCACHE_EGRESS_HOST": "cache.local"}, "REGCACHE_EGRESS_HOST", "not an IP address"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(changes, variable, says):
     with pytest.raises(ConfigError) as raised:

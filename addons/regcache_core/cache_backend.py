@@ -21,6 +21,7 @@ INSTALL_HINT = "install it with `apt-get install docker-registry` (Debian/Ubuntu
 class CacheBackend:
     registry: Registry
     root: Path  # holds config.yml, registry.log and storage/
+    remoteurl: str  # the proxy's egress listener for this registry, never the upstream itself
 
     @property
     def config_file(self) -> Path:
@@ -41,7 +42,7 @@ def local_backends(config: Config) -> list[CacheBackend]:
     A cache URL naming another host is somebody else's to run (a compose service, say).
     """
     return [
-        CacheBackend(r, config.data_dir / r.key.lower())
+        CacheBackend(r, config.data_dir / r.key.lower(), config.egress_url(r))
         for r in config.registries
         if r.cache and is_local(r.cache)
     ]
@@ -52,12 +53,11 @@ def find_registry_program() -> str | None:
 
 
 def registry_config(backend: CacheBackend) -> dict:
-    """distribution's configuration for one pull-through cache."""
-    registry = backend.registry
-    cache = urlsplit(registry.cache)
-    proxy = {"remoteurl": registry.upstream}
-    if registry.username:
-        proxy |= {"username": registry.username, "password": registry.password}
+    """distribution's configuration for one pull-through cache.
+
+    It holds no credentials: the cache's upstream is the proxy's egress listener, which adds them.
+    """
+    cache = urlsplit(backend.registry.cache)
     return {
         "version": 0.1,
         "log": {"level": "info", "formatter": "text"},
@@ -71,12 +71,12 @@ def registry_config(backend: CacheBackend) -> dict:
             # A fixed secret per start; one instance per cache, so nothing else must share it.
             "secret": secrets.token_hex(16),
         },
-        "proxy": proxy,
+        "proxy": {"remoteurl": backend.remoteurl},
     }
 
 
 def write_registry_config(backend: CacheBackend) -> Path:
-    """Write config.yml (JSON is valid YAML), readable by its owner only: it may hold credentials."""
+    """Write config.yml (JSON is valid YAML), readable by its owner only (it holds the HTTP secret)."""
     backend.storage.mkdir(parents=True, exist_ok=True)
     fd = os.open(backend.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

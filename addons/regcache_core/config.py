@@ -8,6 +8,10 @@ and both win over `DEFAULTS`. A registry is a few variables sharing a prefix (it
     K8S_UPSTREAM=https://registry.k8s.io  # where its images come from
     K8S_CACHE=http://127.0.0.1:5004       # its registry:2 cache, or "none" to pass through
     K8S_USERNAME= / K8S_PASSWORD=         # optional upstream credentials
+
+Caches never talk to an upstream themselves: each cached registry's cache uses an egress
+listener of the proxy as its upstream, on port REGCACHE_EGRESS_PORT + the registry's position
+in REGCACHE_REGISTRIES (0-based), bound to REGCACHE_EGRESS_HOST. The proxy adds credentials there.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_DATA_DIR": "./data",
     "REGCACHE_PULL_LOG": "",  # empty: <data dir>/pull.log
     "REGCACHE_PULL_LOG_STDOUT": "false",
+    "REGCACHE_EGRESS_HOST": "127.0.0.1",  # where caches reach the proxy; 0.0.0.0 in a container
+    "REGCACHE_EGRESS_PORT": "5080",  # first egress port; registry N (0-based) gets this + N
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "DOCKERHUB_REGISTRY": "docker.io",
     "DOCKERHUB_UPSTREAM": "https://registry-1.docker.io",
@@ -62,6 +68,7 @@ class Registry:
     cache: str | None  # base URL of its registry:2 cache; None passes through to upstream
     username: str = ""
     password: str = field(default="", repr=False)
+    egress_port: int | None = None  # the proxy's egress listener for its cache; None when uncached
 
     @property
     def backend(self) -> str:
@@ -77,9 +84,20 @@ class Config:
     pull_log: Path
     pull_log_stdout: bool
     registries: tuple[Registry, ...]
+    egress_host: str = "127.0.0.1"
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
+
+    def egress_registry(self, port: int) -> Registry | None:
+        """The cached registry whose egress listener is on `port`."""
+        return next((r for r in self.registries if r.egress_port == port), None)
+
+    def egress_url(self, registry: Registry) -> str:
+        """The base URL a cache on this machine uses as its upstream (registry:2's remoteurl)."""
+        address = ipaddress.ip_address(self.egress_host)
+        host = "127.0.0.1" if address.is_unspecified else f"[{address}]" if address.version == 6 else str(address)
+        return f"http://{host}:{registry.egress_port}"
 
 
 def load_config(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike = ".env") -> Config:
@@ -96,15 +114,24 @@ def parse_config(values: Mapping[str, str]) -> Config:
     get = lambda name: values.get(name, "").strip()  # noqa: E731
     data_dir = Path(get("REGCACHE_DATA_DIR") or "./data").absolute()
     keys = _registry_keys(get("REGCACHE_REGISTRIES"))
-    registries = tuple(_registry(key, get) for key in keys)
+    egress_base = _port("REGCACHE_EGRESS_PORT", get("REGCACHE_EGRESS_PORT"))
+    registries = tuple(_registry(key, get, egress_base + index) for index, key in enumerate(keys))
     _check_names_differ(registries)
+    port = _port("REGCACHE_PORT", get("REGCACHE_PORT"))
+    egress_ports = [r.egress_port for r in registries if r.egress_port is not None]
+    if egress_ports and (egress_ports[-1] > 65535 or egress_base <= port <= egress_ports[-1]):
+        raise ConfigError(
+            f"REGCACHE_EGRESS_PORT: ports {egress_base}-{egress_ports[-1]} (one per registry) must be"
+            f" valid and must not include REGCACHE_PORT ({port})"
+        )
     return Config(
         domain=_hostname("REGISTRY_DOMAIN", get("REGISTRY_DOMAIN").lower()),
-        port=_port("REGCACHE_PORT", get("REGCACHE_PORT")),
+        port=port,
         data_dir=data_dir,
         pull_log=Path(get("REGCACHE_PULL_LOG")).absolute() if get("REGCACHE_PULL_LOG") else data_dir / "pull.log",
         pull_log_stdout=_bool("REGCACHE_PULL_LOG_STDOUT", get("REGCACHE_PULL_LOG_STDOUT")),
         registries=registries,
+        egress_host=_ip_address("REGCACHE_EGRESS_HOST", get("REGCACHE_EGRESS_HOST")),
     )
 
 
@@ -120,7 +147,7 @@ def _registry_keys(value: str) -> list[str]:
     return keys
 
 
-def _registry(key: str, get) -> Registry:
+def _registry(key: str, get, egress_port: int) -> Registry:
     name_var, upstream_var, cache_var = f"{key}_REGISTRY", f"{key}_UPSTREAM", f"{key}_CACHE"
     for var in (name_var, upstream_var, cache_var):
         if not get(var):
@@ -133,7 +160,9 @@ def _registry(key: str, get) -> Registry:
     if bool(username) != bool(password):
         missing, given = (f"{key}_PASSWORD", f"{key}_USERNAME") if username else (f"{key}_USERNAME", f"{key}_PASSWORD")
         raise ConfigError(f"{missing}: not set, but {given} is; set both or neither")
-    return Registry(key, name, base_url(upstream_var, get(upstream_var)), cache, username, password)
+    return Registry(
+        key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None
+    )
 
 
 def base_url(var: str, value: str) -> str:
@@ -159,6 +188,13 @@ def _hostname(var: str, value: str) -> str:
     if not _HOSTNAME.fullmatch(value):
         raise ConfigError(f"{var}: {value!r} is not a DNS name such as registry.example.com")
     return value
+
+
+def _ip_address(var: str, value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ConfigError(f"{var}: {value!r} is not an IP address such as 127.0.0.1 or 0.0.0.0") from None
 
 
 def _port(var: str, value: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -49,9 +50,13 @@ def up(config: Config, env_file: str) -> int:
 
     children: list[Child] = []
     try:
+        # The proxy first: each cache's upstream is the proxy's egress listener, and a cache
+        # checks its upstream as it starts.
+        children.append(_start_proxy(mitmdump, config, env_file))
+        if not _wait_ready(children, stop):
+            return 0 if stop.is_set() else 1
         for backend in backends:
             children.append(_start_cache(program, backend))
-        children.append(_start_proxy(mitmdump, config, env_file))
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
         print(ready_message(config, backends), flush=True)
@@ -78,6 +83,8 @@ def _start_cache(program: str, backend: CacheBackend) -> Child:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # we forward Ctrl-C ourselves, in order
+            # Not our environment: it may hold upstream passwords, which caches never need.
+            env={"PATH": os.environ.get("PATH", os.defpath)},
         )
     return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process, f"{backend.registry.cache}/v2/")
 
@@ -127,7 +134,7 @@ def _exited(children: list[Child]) -> Child | None:
 
 def _stop_all(children: list[Child]) -> None:
     """Stop the proxy first (no new pulls), then the caches; kill what does not stop in time."""
-    for child in reversed(children):
+    for child in children:
         if child.process.poll() is None:
             child.process.terminate()
         try:

@@ -61,10 +61,8 @@ def route(config: Config, method: str, host: str, path: str, proxy_form: bool = 
     if proxy_form or method == "CONNECT":
         return Refusal(400, "UNSUPPORTED", "regcache is a registry mirror, not a forward proxy")
     path_only, _, query = path.partition("?")
-    if not (path_only == "/v2" or path_only.startswith("/v2/")):
-        return Refusal(404, "UNSUPPORTED", f"{_quote(path_only)} is not a registry API path (/v2/...)")
-    if method not in PULL_METHODS:
-        return Refusal(405, "UNSUPPORTED", f"{method} is not allowed: regcache serves pulls only (GET, HEAD)")
+    if refusal := refuse_non_pull(method, path_only):
+        return refusal
     params = parse_qsl(query, keep_blank_values=True)
     registry = select_registry(config, host, dict(params).get("ns", ""))
     if isinstance(registry, Refusal):
@@ -72,6 +70,23 @@ def route(config: Config, method: str, host: str, path: str, proxy_form: bool = 
     forward_query = urlencode([(k, v) for k, v in params if k != "ns"])
     forward_path = path_only + (f"?{forward_query}" if forward_query else "")
     return parse_api_path(registry, path_only, forward_path)
+
+
+def route_egress(registry: Registry, method: str, path: str) -> Target | Refusal:
+    """Decide what to do with a request a cache sends to `registry`'s upstream, through us.
+
+    Only what a pull-through cache needs passes; the caller answers a ping (`GET /v2/`) itself.
+    """
+    path_only = path.partition("?")[0]
+    return refuse_non_pull(method, path_only) or parse_api_path(registry, path_only, path)
+
+
+def refuse_non_pull(method: str, path_only: str) -> Refusal | None:
+    if not (path_only == "/v2" or path_only.startswith("/v2/")):
+        return Refusal(404, "UNSUPPORTED", f"{_quote(path_only)} is not a registry API path (/v2/...)")
+    if method not in PULL_METHODS:
+        return Refusal(405, "UNSUPPORTED", f"{method} is not allowed: regcache serves pulls only (GET, HEAD)")
+    return None
 
 
 def select_registry(config: Config, host: str, ns: str) -> Registry | Refusal:

@@ -1,0 +1,256 @@
+"""Upstream credentials: the Authorization header regcache sends to each upstream registry.
+
+An upstream says how it wants to be asked in the `WWW-Authenticate` challenge of its
+`GET /v2/` answer: Basic (send the configured user and password) or Bearer (fetch a token for
+`repository:<name>:pull` from the challenge's realm, with the credentials if set, anonymously
+otherwise). Tokens are kept in a diskcache store under the data folder, keyed by registry,
+user and scope, until shortly before they expire; every request shares them and they survive a
+restart. Concurrent requests for the same token wait for one fetch.
+
+No mitmproxy here: the addon calls `authorization()` and `refused()`. Errors and log lines name
+the registry and the variables to fix, never a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode, urlsplit
+
+import diskcache
+
+from .config import Registry
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT = 15.0  # seconds for one challenge or token request
+DEFAULT_TOKEN_LIFETIME = 60  # what the token protocol says when expires_in is missing
+MAX_TOKEN_RESPONSE = 1 << 20
+# auth-param = token "=" ( token / quoted-string ), RFC 9110 section 11.2
+_AUTH_PARAM = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)\s*(?:,|$)')
+# Like mitmproxy's own upstream connections, ignore *_proxy variables.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class UpstreamAuthError(Exception):
+    """No Authorization header could be made. `status` is what the requester should get."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str  # "basic", "bearer", or "" when the upstream asks for nothing
+    params: dict[str, str]
+
+    @property
+    def realm(self) -> str:
+        return self.params.get("realm", "")
+
+    @property
+    def service(self) -> str:
+        return self.params.get("service", "")
+
+
+NO_CHALLENGE = Challenge("", {})
+
+
+def parse_challenge(value: str) -> Challenge | None:
+    """One `WWW-Authenticate` value, e.g. `Bearer realm="https://x/token",service="x"`.
+
+    Returns None for a value that is not a Basic or Bearer challenge.
+    """
+    scheme, _, rest = value.strip().partition(" ")
+    if scheme.lower() not in ("basic", "bearer"):
+        return None
+    params, position = {}, 0
+    while position < len(rest):
+        match = _AUTH_PARAM.match(rest, position)
+        if not match or match.end() == position:
+            break  # a malformed tail; keep what parsed
+        name, raw = match.groups()
+        params[name.lower()] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
+        position = match.end()
+    challenge = Challenge(scheme.lower(), params)
+    if challenge.scheme == "bearer" and not challenge.realm.startswith(("https://", "http://")):
+        return None  # nowhere to get a token from
+    return challenge
+
+
+def pick_challenge(values: list[str]) -> Challenge | None:
+    """Bearer over Basic when an upstream offers both."""
+    challenges = [c for c in map(parse_challenge, values) if c is not None]
+    return next((c for c in challenges if c.scheme == "bearer"), challenges[0] if challenges else None)
+
+
+def basic_authorization(username: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
+def pull_scope(repository: str | None) -> str | None:
+    return f"repository:{repository}:pull" if repository else None
+
+
+def cache_lifetime(expires_in: int) -> int:
+    """How long a token stays in the store: until shortly before the upstream stops taking it."""
+    return max(expires_in - min(30, expires_in // 5), 0)
+
+
+def parse_token_response(body: bytes) -> tuple[str, int]:
+    """(token, expires_in) from a token server's JSON answer; ValueError if it has no token."""
+    answer = json.loads(body)
+    token = answer.get("token") or answer.get("access_token") if isinstance(answer, dict) else None
+    if not isinstance(token, str) or not token:
+        raise ValueError("the answer has no token")
+    expires_in = answer.get("expires_in")
+    if not isinstance(expires_in, int) or isinstance(expires_in, bool) or expires_in <= 0:
+        expires_in = DEFAULT_TOKEN_LIFETIME
+    return token, expires_in
+
+
+def http_get(url: str, headers: dict[str, str]) -> tuple[int, list[str], bytes]:
+    """Blocking GET (run it in a thread): status, WWW-Authenticate values, body (capped)."""
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with _NO_PROXY.open(request, timeout=TIMEOUT) as response:
+            return response.status, response.headers.get_all("WWW-Authenticate") or [], response.read(MAX_TOKEN_RESPONSE)
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.headers.get_all("WWW-Authenticate") or [], e.read(MAX_TOKEN_RESPONSE)
+
+
+class TokenStore:
+    """Tokens on disk: a diskcache in a folder only our user can enter, its database mode 0600."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        database = directory / "cache.db"  # diskcache's file; SQLite gives its -wal/-shm files the same mode
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT, 0o600))
+        database.chmod(0o600)
+        # Tokens stay inside the database: no value is big enough to get a file of its own.
+        self._cache = diskcache.Cache(str(directory), disk_min_file_size=MAX_TOKEN_RESPONSE)
+
+    def get(self, key: str) -> str | None:
+        return self._cache.get(key)
+
+    def put(self, key: str, token: str, lifetime: int) -> None:
+        self._cache.set(key, token, expire=lifetime)
+
+    def drop(self, key: str) -> None:
+        self._cache.delete(key)
+
+    def close(self) -> None:
+        self._cache.close()
+
+
+class UpstreamAuth:
+    def __init__(self, store: TokenStore, fetch=http_get) -> None:
+        self.store = store
+        self._fetch = fetch  # blocking; run in a thread
+        self._challenges: dict[str, Challenge] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._refused: set[str] = set()  # registries whose refusal was logged, until they accept again
+        self.token_fetches = 0  # token requests made, for metrics
+
+    async def authorization(self, registry: Registry, repository: str | None) -> str | None:
+        """The Authorization value for a pull request to `registry`'s upstream, or None."""
+        challenge = await self._challenge(registry)
+        if challenge.scheme == "basic":
+            return basic_authorization(registry.username, registry.password) if registry.username else None
+        if challenge.scheme == "bearer":
+            return "Bearer " + await self._token(registry, challenge, pull_scope(repository))
+        return None
+
+    def refused(self, registry: Registry, repository: str | None) -> None:
+        """The upstream answered 401 to what we sent: forget what we sent, so the next request asks afresh."""
+        self._challenges.pop(registry.name, None)
+        self.store.drop(_token_key(registry, pull_scope(repository)))
+        self._report_refusal(registry, f"{registry.upstream} answered 401 Unauthorized")
+
+    def accepted(self, registry: Registry) -> None:
+        self._refused.discard(registry.name)
+
+    async def _challenge(self, registry: Registry) -> Challenge:
+        if (known := self._challenges.get(registry.name)) is not None:
+            return known
+        async with self._lock("challenge " + registry.name):
+            if (known := self._challenges.get(registry.name)) is None:
+                known = await self._learn_challenge(registry)
+                self._challenges[registry.name] = known
+            return known
+
+    async def _learn_challenge(self, registry: Registry) -> Challenge:
+        try:
+            status, challenges, _ = await asyncio.to_thread(self._fetch, registry.upstream + "/v2/", {})
+        except (OSError, ValueError) as e:
+            raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} is unreachable: {e}") from None
+        if status != 401:
+            return NO_CHALLENGE
+        challenge = pick_challenge(challenges)
+        if challenge is None:
+            raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} asks for an unsupported kind of authentication")
+        return challenge
+
+    async def _token(self, registry: Registry, challenge: Challenge, scope: str | None) -> str:
+        key = _token_key(registry, scope)
+        async with self._lock(key):
+            if token := await asyncio.to_thread(self.store.get, key):
+                return token
+            token, expires_in = await self._fetch_token(registry, challenge, scope)
+            await asyncio.to_thread(self.store.put, key, token, cache_lifetime(expires_in))
+            return token
+
+    async def _fetch_token(self, registry: Registry, challenge: Challenge, scope: str | None) -> tuple[str, int]:
+        query = {"service": challenge.service} if challenge.service else {}
+        if scope:
+            query["scope"] = scope
+        headers = {}
+        if registry.username:
+            query["account"] = registry.username
+            headers["Authorization"] = basic_authorization(registry.username, registry.password)
+        url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
+        realm = urlsplit(challenge.realm)._replace(query="").geturl()  # for messages
+        self.token_fetches += 1
+        try:
+            status, _, body = await asyncio.to_thread(self._fetch, url, headers)
+        except (OSError, ValueError) as e:
+            raise UpstreamAuthError(502, f"token server {realm} of {registry.name} is unreachable: {e}") from None
+        if status in (401, 403):
+            self._report_refusal(registry, f"token server {realm} answered {status}")
+            raise UpstreamAuthError(401, f"token server {realm} refused regcache's credentials for {registry.name}")
+        try:
+            if status != 200:
+                raise ValueError(f"HTTP {status}")
+            token = parse_token_response(body)
+        except ValueError as e:  # JSONDecodeError is a ValueError
+            raise UpstreamAuthError(502, f"token server {realm} of {registry.name} gave no token ({e})") from None
+        self.accepted(registry)
+        return token
+
+    def _report_refusal(self, registry: Registry, what: str) -> None:
+        if registry.name in self._refused:
+            return  # one line per registry until it accepts again
+        self._refused.add(registry.name)
+        if registry.username:
+            hint = f"check {registry.key}_USERNAME and {registry.key}_PASSWORD"
+        else:
+            hint = f"no credentials are set; set {registry.key}_USERNAME and {registry.key}_PASSWORD if it needs them"
+        logger.warning("upstream %s refused regcache: %s; %s", registry.name, what, hint)
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        return self._locks.setdefault(key, asyncio.Lock())
+
+
+def _token_key(registry: Registry, scope: str | None) -> str:
+    return f"{registry.name} {registry.username} {scope or ''}"

@@ -1,0 +1,173 @@
+"""Servers no real part can stand in for here: a registry token server and a CDN.
+
+Both speak the real protocols: the token server issues JWTs that a real `registry` with
+`auth: token` accepts (RS256, an x5c chain ending in the rootcertbundle certificate, see the
+field notes §8); the CDN serves a registry's storage files the way its `redirect` storage
+middleware points clients at them. Both run in a thread of the test process and record what
+they were asked, so tests can count token requests and check headers.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _certificate(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+class _Server:
+    """A ThreadingHTTPServer on loopback, in a daemon thread."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._server: ThreadingHTTPServer | None = None
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        raise NotImplementedError
+
+    def start(self):
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.handle(self)
+
+            do_HEAD = do_GET
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def _reply(handler: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str = "application/json") -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    if handler.command != "HEAD":
+        handler.wfile.write(body)
+
+
+class TokenServer(_Server):
+    """Docker Hub's token protocol: GET /token?service=..&scope=.. with Basic credentials.
+
+    Users with the right password get every action they ask for; anyone else gets 401.
+    """
+
+    SERVICE = "regcache-test-upstream"
+    ISSUER = "regcache-test-token-server"
+
+    def __init__(self, root: Path, port: int, users: dict[str, str], expires_in: int = 600) -> None:
+        super().__init__(port)
+        self.users, self.expires_in = users, expires_in
+        self.requests: list[tuple[str | None, tuple[str, ...]]] = []  # (user or None if refused, scopes)
+        self.issued: list[str] = []
+        root.mkdir(parents=True, exist_ok=True)
+        root_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        root_cert = _certificate("regcache test token root", root_key, "regcache test token root", root_key, ca=True)
+        self._leaf = _certificate("regcache test token signer", self._key, "regcache test token root", root_key, ca=False)
+        self.root_bundle = root / "token-root.pem"
+        self.root_bundle.write_bytes(root_cert.public_bytes(serialization.Encoding.PEM))
+
+    def registry_auth(self) -> dict:
+        """The `auth` section of a registry configuration that trusts this server's tokens."""
+        return {"token": {"realm": f"{self.url}/token", "service": self.SERVICE, "issuer": self.ISSUER,
+                          "rootcertbundle": str(self.root_bundle)}}
+
+    def granted_requests_for(self, scope: str) -> int:
+        return sum(scope in scopes for user, scopes in self.requests if user is not None)
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        query = parse_qs(urlsplit(handler.path).query)
+        scopes = tuple(query.get("scope", []))
+        user = self._user(handler.headers.get("Authorization", ""))
+        self.requests.append((user, scopes))
+        if user is None:
+            _reply(handler, 401, b'{"details":"incorrect username or password"}')
+            return
+        token = self._token(user, scopes)
+        self.issued.append(token)
+        _reply(handler, 200, json.dumps({"token": token, "expires_in": self.expires_in}).encode())
+
+    def _user(self, authorization: str) -> str | None:
+        scheme, _, encoded = authorization.partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        user, _, password = base64.b64decode(encoded).decode().partition(":")
+        return user if self.users.get(user) == password else None
+
+    def _token(self, user: str, scopes: tuple[str, ...]) -> str:
+        access = []
+        for scope in scopes:
+            kind, name, actions = scope.split(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256",
+                  "x5c": [base64.b64encode(self._leaf.public_bytes(serialization.Encoding.DER)).decode()]}
+        claims = {"iss": self.ISSUER, "sub": user, "aud": self.SERVICE, "iat": now, "nbf": now - 1,
+                  "exp": now + self.expires_in, "jti": uuid.uuid4().hex, "access": access}
+        signed = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        signature = self._key.sign(signed.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signed}.{_b64url(signature)}"
+
+
+class Cdn(_Server):
+    """Serves a registry's storage folder, as its `redirect` middleware's baseurl; records headers."""
+
+    def __init__(self, storage: Path, port: int) -> None:
+        super().__init__(port)
+        self.storage = storage
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Authorization)
+
+    def registry_middleware(self) -> dict:
+        """The `middleware` section of a registry configuration that redirects blob requests here."""
+        return {"storage": [{"name": "redirect", "options": {"baseurl": self.url}}]}
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        path = urlsplit(handler.path).path
+        self.requests.append((handler.command, path, handler.headers.get("Authorization")))
+        file = (self.storage / path.lstrip("/")).resolve()
+        if self.storage.resolve() not in file.parents or not file.is_file():
+            _reply(handler, 404, b"not found", "text/plain")
+            return
+        _reply(handler, 200, file.read_bytes(), "application/octet-stream")

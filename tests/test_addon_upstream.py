@@ -1,0 +1,66 @@
+"""The addon's upstream side on mitmproxy test flows: injection, redaction, clean answers."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mitmproxy.test import tflow, tutils
+
+from regcache_core.addon import INJECTED, REDACTED, UPSTREAM, UpstreamCredentials
+from regcache_core.config import Registry
+from regcache_core.redirects import RedirectSigner
+from regcache_core.routing import Target
+
+HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001", "me", "pw")
+BLOB = "sha256:" + "a" * 64
+
+
+class FixedAuth:
+    def __init__(self):
+        self.refusals = []
+
+    async def authorization(self, registry, repository):
+        return "Bearer secret-token"
+
+    def refused(self, registry, repository):
+        self.refusals.append((registry.name, repository))
+
+    def accepted(self, registry):
+        pass
+
+
+def upstream_flow(status: int, headers: dict) -> tuple:
+    signer = RedirectSigner()
+    addon = UpstreamCredentials(settings=None, signer=signer)
+    addon.auth = FixedAuth()
+    flow = tflow.tflow()
+    flow.request.headers["Authorization"] = "Basic client-credentials"
+    flow.metadata[UPSTREAM] = Target(HUB, "blob", "library/small", BLOB, f"/v2/library/small/blobs/{BLOB}")
+    asyncio.run(addon.request(flow))
+    assert flow.request.headers.get_all("Authorization") == ["Bearer secret-token"] and flow.metadata[INJECTED]
+    flow.response = tutils.tresp(status_code=status, headers=tuple((k.encode(), v.encode()) for k, v in headers.items()))
+    addon.responseheaders(flow)
+    return addon, signer, flow
+
+
+def test_injected_header_is_redacted_once_sent_and_challenges_never_pass():
+    addon, _, flow = upstream_flow(401, {"WWW-Authenticate": 'Bearer realm="https://auth.example/token"'})
+    assert flow.request.headers["Authorization"] == REDACTED
+    assert "WWW-Authenticate" not in flow.response.headers
+    assert addon.auth.refusals == [("docker.io", "library/small")]
+
+
+def test_redirect_is_rewritten_to_a_signed_path_on_the_proxy():
+    _, signer, flow = upstream_flow(307, {"Location": "https://cdn.example/blob?sig=1"})
+    location = flow.response.headers["Location"]
+    assert location.startswith("/_regcache/redirect?") and signer.target(location) == "https://cdn.example/blob?sig=1"
+
+
+def test_redacted_also_when_the_upstream_connection_fails():
+    addon = UpstreamCredentials(settings=None, signer=RedirectSigner())
+    addon.auth = FixedAuth()
+    flow = tflow.tflow()
+    flow.metadata[UPSTREAM] = Target(HUB, "manifest", "library/small", "1.0", "/v2/library/small/manifests/1.0")
+    asyncio.run(addon.request(flow))
+    addon.error(flow)
+    assert flow.request.headers["Authorization"] == REDACTED

@@ -1,0 +1,169 @@
+"""upstream_auth without mitmproxy or a network: challenges, the token dance, the token store."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+
+import pytest
+
+from regcache_core.config import Registry
+from regcache_core.upstream_auth import (
+    Challenge,
+    TokenStore,
+    UpstreamAuth,
+    UpstreamAuthError,
+    cache_lifetime,
+    parse_challenge,
+    parse_token_response,
+    pick_challenge,
+)
+
+HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001", "me", "secret-pw")
+ANONYMOUS = Registry("GHCR", "ghcr.io", "https://ghcr.io", None)
+BEARER = 'Bearer realm="https://auth.docker.io/token",service="registry.docker.io"'
+
+
+@pytest.mark.parametrize("value, expected", [
+    (BEARER, Challenge("bearer", {"realm": "https://auth.docker.io/token", "service": "registry.docker.io"})),
+    ('bearer  realm="https://quay.io/v2/auth" , service=quay.io', Challenge("bearer", {"realm": "https://quay.io/v2/auth", "service": "quay.io"})),
+    ('Bearer realm="https://x/token",scope="repository:a/b:pull,push",error="insufficient_scope"',
+     Challenge("bearer", {"realm": "https://x/token", "scope": "repository:a/b:pull,push", "error": "insufficient_scope"})),
+    ('Basic realm="say \\"hi\\""', Challenge("basic", {"realm": 'say "hi"'})),
+    ("Basic", Challenge("basic", {})),
+    ('Bearer service="x"', None),  # no realm: nowhere to get a token
+    ('Bearer realm="file:///etc/passwd"', None),
+    ('Negotiate abc', None),
+    ("", None),
+])
+def test_parse_challenge(value, expected):
+    assert parse_challenge(value) == expected
+
+
+def test_bearer_is_preferred_over_basic():
+    assert pick_challenge(['Basic realm="x"', BEARER]).scheme == "bearer"
+    assert pick_challenge(["Negotiate"]) is None
+
+
+@pytest.mark.parametrize("body, expected", [
+    (b'{"token":"t","expires_in":300}', ("t", 300)),
+    (b'{"access_token":"a"}', ("a", 60)),
+    (b'{"token":"t","access_token":"a","expires_in":"soon"}', ("t", 60)),
+])
+def test_parse_token_response(body, expected):
+    assert parse_token_response(body) == expected
+
+
+@pytest.mark.parametrize("body", [b"{}", b"[]", b"not json", b'{"token":""}'])
+def test_token_response_without_a_token_is_refused(body):
+    with pytest.raises(ValueError):
+        parse_token_response(body)
+
+
+def test_tokens_are_kept_until_shortly_before_they_expire():
+    assert cache_lifetime(60) == 48 and cache_lifetime(300) == 270 and cache_lifetime(1) == 1
+
+
+class FakeUpstream:
+    """Answers like Docker Hub: /v2/ challenges, the realm issues tokens to `password`."""
+
+    def __init__(self, challenge=BEARER, password="secret-pw", delay=0.0):
+        self.challenge, self.password, self.delay = challenge, password, delay
+        self.calls: list[tuple[str, dict]] = []
+
+    def __call__(self, url, headers):
+        self.calls.append((url, headers))
+        time.sleep(self.delay)
+        if url.endswith("/v2/"):
+            return (401, [self.challenge], b"") if self.challenge else (200, [], b"{}")
+        expected = "Basic " + base64.b64encode(f"me:{self.password}".encode()).decode()
+        if headers.get("Authorization") not in (None, expected):
+            return 401, [], b'{"details":"incorrect username or password"}'
+        return 200, [], json.dumps({"token": f"token-{len(self.calls)}", "expires_in": 300}).encode()
+
+    def token_requests(self):
+        return [url for url, _ in self.calls if not url.endswith("/v2/")]
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = TokenStore(tmp_path / "tokens")
+    yield store
+    store.close()
+
+
+def test_concurrent_requests_share_one_token_fetch(store):
+    upstream = FakeUpstream(delay=0.2)
+    auth = UpstreamAuth(store, upstream)
+
+    async def many():
+        return await asyncio.gather(*(auth.authorization(HUB, "library/small") for _ in range(10)))
+
+    assert set(asyncio.run(many())) == {"Bearer token-2"}
+    assert upstream.token_requests() == [
+        "https://auth.docker.io/token?service=registry.docker.io&scope=repository%3Alibrary%2Fsmall%3Apull&account=me"
+    ]
+    assert upstream.calls[1][1]["Authorization"].startswith("Basic ")
+
+
+def test_tokens_survive_a_restart_and_a_401_drops_them(tmp_path):
+    upstream = FakeUpstream()
+    first = TokenStore(tmp_path / "tokens")
+    assert asyncio.run(UpstreamAuth(first, upstream).authorization(HUB, "a/b")) == "Bearer token-2"
+    first.close()
+    again = TokenStore(tmp_path / "tokens")
+    auth = UpstreamAuth(again, upstream)
+    assert asyncio.run(auth.authorization(HUB, "a/b")) == "Bearer token-2"
+    assert len(upstream.token_requests()) == 1
+    auth.refused(HUB, "a/b")
+    assert asyncio.run(auth.authorization(HUB, "a/b")) == "Bearer token-5"  # challenge and token asked afresh
+    assert len(upstream.token_requests()) == 2
+    again.close()
+
+
+def test_token_store_is_private_and_expires(store, tmp_path):
+    store.put("k", "v", 1)
+    assert store.get("k") == "v"
+    assert (tmp_path / "tokens").stat().st_mode & 0o777 == 0o700
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "tokens").iterdir()} == {0o600}
+    time.sleep(1.1)
+    assert store.get("k") is None
+
+
+def test_anonymous_token_and_scopeless_ping(store):
+    upstream = FakeUpstream()
+    auth = UpstreamAuth(store, upstream)
+    assert asyncio.run(auth.authorization(ANONYMOUS, None)) == "Bearer token-2"
+    assert upstream.calls[1] == ("https://auth.docker.io/token?service=registry.docker.io", {})
+
+
+@pytest.mark.parametrize("challenge, expected", [
+    ('Basic realm="r"', "Basic bWU6c2VjcmV0LXB3"),
+    (None, None),
+])
+def test_basic_or_nothing(store, challenge, expected):
+    assert asyncio.run(UpstreamAuth(store, FakeUpstream(challenge)).authorization(HUB, "a/b")) == expected
+
+
+def test_wrong_credentials_give_401_and_one_log_line_without_the_secret(store, caplog):
+    auth = UpstreamAuth(store, FakeUpstream(password="other"))
+    caplog.set_level(logging.WARNING)
+    for _ in range(3):
+        with pytest.raises(UpstreamAuthError) as refused:
+            asyncio.run(auth.authorization(HUB, "a/b"))
+        assert refused.value.status == 401 and "secret-pw" not in str(refused.value)
+    assert len(caplog.records) == 1
+    line = caplog.records[0].getMessage()
+    assert "docker.io" in line and "DOCKERHUB_PASSWORD" in line and "secret-pw" not in line
+
+
+def test_unreachable_upstream_is_a_502(store):
+    def unreachable(url, headers):
+        raise ConnectionRefusedError("connection refused")
+
+    with pytest.raises(UpstreamAuthError) as error:
+        asyncio.run(UpstreamAuth(store, unreachable).authorization(HUB, "a/b"))
+    assert error.value.status == 502 and "docker.io" in str(error.value)
