@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from parts import TEST_DOMAIN, Stack, Upstream, build_image, enter_private_namespaces
+from parts import REMOTE_CACHE_HOST, TEST_DOMAIN, Stack, Upstream, build_image, enter_private_namespaces
 
 TEST_REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "unmapped.io")
 UPSTREAM_PORT = 6000
@@ -19,7 +19,7 @@ UPSTREAM_PORT = 6000
 
 def pytest_configure(config: pytest.Config) -> None:
     try:
-        enter_private_namespaces([f"{r}.{TEST_DOMAIN}" for r in TEST_REGISTRIES])
+        enter_private_namespaces([*(f"{r}.{TEST_DOMAIN}" for r in TEST_REGISTRIES), REMOTE_CACHE_HOST])
     except OSError as e:
         pytest.exit(f"the tests run in private namespaces: {e}", returncode=4)
 

@@ -29,6 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_DOMAIN = "regcache.test"
+# A cache on another host, as compose runs them: `regcache up` leaves it alone, and in tests
+# nothing listens there, which is what a stopped cache looks like to the proxy.
+REMOTE_CACHE_HOST = f"cache.{TEST_DOMAIN}"
 REGCACHE = [sys.executable, "-m", "regcache_core.cli"]  # the `regcache` command of this checkout
 REGISTRY_PROGRAM = next(
     (p for p in ("registry", "docker-registry") if subprocess.run(["which", p], capture_output=True).returncode == 0),
@@ -327,6 +330,13 @@ class Stack:
             stop_process(self.process, timeout=20)
             return self.process.returncode
         return None
+
+    def client_config(self, out: Path, *args: str) -> Path:
+        """`regcache client-config --out OUT [ARGS]` with this stack's settings; returns OUT."""
+        result = subprocess.run([*REGCACHE, "client-config", "--out", str(out), *args], cwd=self.workdir,
+                                env={**os.environ, **self.settings}, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return out
 
     def pull_records_until(self, done, timeout: float = 10.0) -> list[dict]:
         """The pull log once `done(records)` holds: a record is written just after its response ended."""

@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .client_config import client_files, parse_endpoint, write_client_files
+from .config import Config, ConfigError, load_config
 from .launcher import up
 from .stats import format_table, summarize
 
@@ -22,6 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     stats_command.add_argument("pull_log", nargs="?", type=Path, help="pull log to read (default: the configured one)")
     stats_command.add_argument("--json", action="store_true", help="print JSON for machines instead of tables")
     stats_command.add_argument("--top", type=int, default=10, help="images, clients and slow transfers to list (default: 10)")
+    client_config = commands.add_parser(
+        "client-config", help="write the client files: registries.yaml, certs.d/*/hosts.toml, daemon.json, registries.conf"
+    )
+    client_config.add_argument("--out", required=True, type=Path, help="directory to write them into")
+    client_config.add_argument(
+        "--endpoint",
+        help="one URL for containerd/k3s, e.g. http://10.0.0.5:5000 (it names the registry in ?ns=); "
+        "default: a virtual host per registry, http://<registry>.<REGISTRY_DOMAIN>:<port>",
+    )
     args = parser.parse_args(argv)
     if args.env_file and not Path(args.env_file).is_file():
         print(f"regcache: --env-file: {args.env_file} is not a file", file=sys.stderr)
@@ -32,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         return stats(args.pull_log, args.json, args.top)
     try:
         config = load_config(env_file=env_file)
+        if args.command == "client-config":
+            endpoint = parse_endpoint(args.endpoint) if args.endpoint else None
+            return write_client_config(config, args.out, endpoint)
     except ConfigError as e:
         print(f"regcache: {e}", file=sys.stderr)
         return 2
@@ -51,6 +64,15 @@ def stats(pull_log: Path, as_json: bool, top: int) -> int:
         print(f"regcache stats: cannot read the pull log {pull_log}: {e.strerror}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2) if as_json else format_table(summary, top))
+    return 0
+
+
+def write_client_config(config: Config, out: Path, endpoint: str | None) -> int:
+    for path in write_client_files(out, client_files(config, endpoint)):
+        print(f"wrote {path}")
+    if endpoint:
+        print(f"Docker and skopeo/podman send no ?ns=: daemon.json and registries.conf name "
+              f"<registry>.{config.domain}, which must resolve to regcache.")
     return 0
 
 

@@ -169,17 +169,18 @@ def _registry(key: str, get, egress_port: int) -> Registry:
     name = get(name_var).lower()
     if not _REGISTRY_NAME.fullmatch(name):
         raise ConfigError(f"{name_var}: {name!r} is not a registry host name such as docker.io")
-    cache = None if get(cache_var).lower() == "none" else _url(cache_var, get(cache_var))
+    cache = None if get(cache_var).lower() == "none" else base_url(cache_var, get(cache_var))
     username, password = get(f"{key}_USERNAME"), get(f"{key}_PASSWORD")
     if bool(username) != bool(password):
         missing, given = (f"{key}_PASSWORD", f"{key}_USERNAME") if username else (f"{key}_USERNAME", f"{key}_PASSWORD")
         raise ConfigError(f"{missing}: not set, but {given} is; set both or neither")
     return Registry(
-        key, name, _url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None
+        key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None
     )
 
 
-def _url(var: str, value: str) -> str:
+def base_url(var: str, value: str) -> str:
+    """A checked bare http(s)://host[:port] URL, lower-cased; `var` names the setting in errors."""
     if "@" in value:
         # Checked before parsing, and the value is never echoed: it may hold user:password@.
         raise ConfigError(f"{var}: has '@' in it; credentials go in the _USERNAME/_PASSWORD variables, not in a URL")

@@ -1,0 +1,166 @@
+"""Real clients pull through regcache with the files `regcache client-config` wrote for them:
+containerd (what k3s/k3d nodes run) by virtual host and by one ?ns= endpoint, Docker Engine
+through registry-mirrors, and skopeo through registries.conf; containerd also falls back to the
+upstream for a registry regcache does not map and for one whose cache is down.
+
+One stack for the module: docker.io is cached (its upstream is the session's local registry);
+quay.io is mapped to a cache on another host that is not running.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+from ruamel.yaml import YAML
+
+from clients import Containerd, Dockerd
+from parts import REMOTE_CACHE_HOST, TEST_DOMAIN, Stack, skopeo
+from regcache_core.client_config import hosts_toml
+
+PORT = 5200
+ENDPOINT = f"http://127.0.0.1:{PORT}"
+
+
+@pytest.fixture(scope="module")
+def client_stack(tmp_path_factory, upstream) -> Stack:
+    stack = Stack(tmp_path_factory.mktemp("client-stack"), {
+        "REGCACHE_PORT": str(PORT),
+        "REGCACHE_REGISTRIES": "DOCKERHUB,QUAY",
+        "DOCKERHUB_UPSTREAM": upstream.url,
+        "DOCKERHUB_CACHE": "http://127.0.0.1:5201",
+        "QUAY_UPSTREAM": upstream.url,
+        "QUAY_CACHE": f"http://{REMOTE_CACHE_HOST}:5203",
+    }).start()
+    yield stack
+    assert stack.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def generated(client_stack, tmp_path_factory) -> dict:
+    """The client files for both ways of addressing regcache."""
+    return {
+        "virtual-hosts": client_stack.client_config(tmp_path_factory.mktemp("virtual-hosts")),
+        "endpoint": client_stack.client_config(tmp_path_factory.mktemp("endpoint"), "--endpoint", ENDPOINT),
+    }
+
+
+@pytest.fixture
+def containerd(tmp_path):
+    daemon = Containerd(tmp_path / "containerd").start()
+    yield daemon
+    daemon.stop()
+
+
+def served(records: list[dict]) -> set[tuple]:
+    """(method, kind, reference) of the requests answered with 200."""
+    return {(r["method"], r["kind"], r["reference"]) for r in records if r["status"] == 200}
+
+
+def blob_gets(image) -> set[tuple]:
+    return {("GET", "blob", digest) for digest in image.blob_digests}
+
+
+def records_with_all_blobs(stack: Stack, before: int, image) -> list[dict]:
+    """The pull log records after the first `before`, once they show every blob of `image` served."""
+    return stack.pull_records_until(lambda records: blob_gets(image) <= served(records[before:]))[before:]
+
+
+@pytest.mark.parametrize("style, mirror", [
+    ("virtual-hosts", f"http://docker.io.{TEST_DOMAIN}:{PORT}"),
+    ("endpoint", ENDPOINT),
+])
+def test_generated_files_parse(generated, style, mirror):
+    out = generated[style]
+    hosts = tomllib.loads((out / "certs.d/docker.io/hosts.toml").read_text())
+    assert hosts["server"] == "http://127.0.0.1:6000"
+    assert hosts["host"] == {mirror: {"capabilities": ["pull", "resolve"]}}
+    assert set(p.parent.name for p in out.glob("certs.d/*/hosts.toml")) == {"docker.io", "quay.io"}
+    k3s = YAML(typ="safe").load(out / "registries.yaml")
+    assert k3s["mirrors"]["docker.io"] == {"endpoint": [mirror]}
+    # Docker and skopeo send no ?ns=, so they always get virtual host names.
+    daemon = json.loads((out / "daemon.json").read_text())
+    assert daemon == {"registry-mirrors": [f"http://docker.io.{TEST_DOMAIN}:{PORT}"],
+                      "insecure-registries": [f"docker.io.{TEST_DOMAIN}:{PORT}"]}
+    conf = tomllib.loads((out / "registries.conf").read_text())
+    assert conf["registry"][0] == {"prefix": "docker.io", "location": "docker.io",
+                                   "mirror": [{"location": f"docker.io.{TEST_DOMAIN}:{PORT}", "insecure": True}]}
+
+
+@pytest.mark.parametrize("style", ["virtual-hosts", "endpoint"])
+def test_containerd_pulls_through_regcache(client_stack, generated, containerd, images, style):
+    image = images["small"]
+    reference = f"docker.io/{image.reference}"
+    before = len(client_stack.pull_records())
+    result = containerd.pull(reference, generated[style] / "certs.d")
+    assert result.returncode == 0, result.stderr
+    assert containerd.image_digest(reference) == image.manifest_digest
+    assert containerd.unpacked(reference)
+
+    records = records_with_all_blobs(client_stack, before, image)
+    assert {r["registry"] for r in records} == {"docker.io"}  # by ?ns= alone, in the endpoint style
+    # containerd resolves the tag with HEAD, then GETs by digest.
+    assert {("HEAD", "manifest", image.tag), ("GET", "manifest", image.manifest_digest)} | blob_gets(image) <= served(records)
+
+
+@pytest.mark.parametrize("mirror, answered", [
+    (f"http://unmapped.io.{TEST_DOMAIN}:{PORT}", True),  # regcache answers 404 NAME_UNKNOWN
+    ("http://127.0.0.1:5299", False),  # regcache is not running: the connection is refused
+])
+def test_containerd_falls_back_to_upstream_for_unmapped_registry(client_stack, containerd, upstream, images,
+                                                                  tmp_path, mirror, answered):
+    """A hand-written hosts.toml for a registry regcache does not map: containerd asks its server."""
+    image = images["small"]
+    hosts_dir = tmp_path / "certs.d"
+    (hosts_dir / "unmapped.io").mkdir(parents=True)
+    (hosts_dir / "unmapped.io/hosts.toml").write_text(hosts_toml(upstream.url, mirror))
+    before = len(client_stack.pull_records())
+    result = containerd.pull(f"unmapped.io/{image.reference}", hosts_dir)
+    assert result.returncode == 0, result.stderr
+    assert containerd.image_digest(f"unmapped.io/{image.reference}") == image.manifest_digest
+    refused = client_stack.pull_records()[before:]
+    assert bool(refused) == answered and {(r["status"], r["backend"]) for r in refused} <= {(404, None)}
+
+
+def test_containerd_falls_back_to_upstream_when_cache_is_down(client_stack, generated, containerd, images):
+    """quay.io's cache does not answer: regcache says 502 at once and containerd asks the server."""
+    image = images["small"]
+    reference = f"quay.io/{image.reference}"
+    before = len(client_stack.pull_records())
+    result = containerd.pull(reference, generated["virtual-hosts"] / "certs.d")
+    assert result.returncode == 0, result.stderr
+    assert containerd.image_digest(reference) == image.manifest_digest
+    failed = client_stack.pull_records()[before:]
+    assert failed and {(r["registry"], r["status"]) for r in failed} == {("quay.io", 502)}
+
+
+def test_docker_pulls_through_registry_mirror(client_stack, generated, containerd, images, tmp_path):
+    image = images["small"]
+    dockerd = Dockerd(tmp_path / "docker", generated["virtual-hosts"] / "daemon.json", containerd).start()
+    try:
+        before = len(client_stack.pull_records())
+        # Docker Hub is out of reach here: the pull can only succeed through the mirror.
+        result = dockerd.docker("pull", f"docker.io/{image.reference}")
+        assert result.returncode == 0, result.stderr
+        inspected = dockerd.inspect(f"docker.io/{image.reference}")
+    finally:
+        dockerd.stop()
+    assert inspected["Id"] == image.blob_digests[0]  # the image ID is its config's digest
+    assert f"{image.name.removeprefix('library/')}@{image.manifest_digest}" in inspected["RepoDigests"]
+    records = records_with_all_blobs(client_stack, before, image)
+    assert (records[0]["method"], records[0]["kind"], records[0]["status"]) == ("GET", "ping", 200)
+    assert {r["registry"] for r in records} == {"docker.io"}
+    assert {("HEAD", "manifest", image.tag), ("GET", "manifest", image.manifest_digest)} | blob_gets(image) <= served(records)
+
+
+def test_skopeo_pulls_through_registries_conf_mirror(client_stack, generated, images, tmp_path):
+    image = images["small"]
+    before = len(client_stack.pull_records())
+    result = skopeo("--registries-conf", str(generated["virtual-hosts"] / "registries.conf"), "copy",
+                    f"docker://docker.io/{image.reference}", f"oci:{tmp_path / 'pulled'}:{image.tag}")
+    assert result.returncode == 0, result.stderr
+    index = json.loads((tmp_path / "pulled/index.json").read_text())
+    assert index["manifests"][0]["digest"] == image.manifest_digest
+    records = records_with_all_blobs(client_stack, before, image)
+    assert {r["registry"] for r in records} == {"docker.io"} and blob_gets(image) <= served(records)
