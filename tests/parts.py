@@ -409,10 +409,6 @@ def docker_io_stack(workdir: Path, upstream: Upstream, port: int, settings: dict
     }, args)
 
 
-def child_pids(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 

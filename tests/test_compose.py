@@ -8,13 +8,16 @@ is run for real against `regcache up`.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
 
-from parts import REPO, Stack
+from parts import REGISTRY_PROGRAM, REPO, Stack
 from regcache_core.cache_backend import local_backends
 from regcache_core.config import DEFAULTS, parse_config
 
@@ -67,10 +70,12 @@ def test_services_and_the_one_published_port(resolved):
     assert [name for name, service in services.items() if service.get("ports")] == [PROXY]
 
 
-def test_every_service_is_on_the_network_named_registry_cache(resolved):
+def test_clients_reach_only_the_proxy_on_the_network_named_registry_cache(resolved):
     assert resolved["networks"]["registry-cache"]["name"] == "registry-cache"
-    for service in resolved["services"].values():
-        assert list(service["networks"]) == ["registry-cache"]
+    assert resolved["networks"]["regcache-internal"]["internal"] is True
+    assert sorted(resolved["services"][PROXY]["networks"]) == ["regcache-internal", "registry-cache"]
+    for name in CACHES.values():
+        assert list(resolved["services"][name]["networks"]) == ["regcache-internal"]
 
 
 def test_every_service_has_a_named_volume_and_a_healthcheck(resolved):
@@ -84,19 +89,18 @@ def test_every_service_has_a_named_volume_and_a_healthcheck(resolved):
     assert len(set(sources)) == len(sources), "each service has a volume of its own"
 
 
-def test_caches_are_registry2_pull_through_caches_with_credentials(resolved):
-    for key, name in CACHES.items():
-        service = resolved["services"][name]
-        username, password = credentials(key)
+def test_caches_are_registry2_pull_through_caches_of_the_proxys_egress_without_credentials(resolved):
+    config = parse_config({**DEFAULTS, **resolved["services"][PROXY]["environment"]})
+    assert config.egress_host == "0.0.0.0"
+    for registry in config.registries:
+        service = resolved["services"][CACHES[registry.key]]
         assert service["image"] == "registry:2"
         assert service["environment"] == {
-            "REGISTRY_PROXY_REMOTEURL": DEFAULTS[f"{key}_UPSTREAM"],
-            "REGISTRY_PROXY_USERNAME": username,
-            "REGISTRY_PROXY_PASSWORD": password,
+            "REGISTRY_PROXY_REMOTEURL": f"http://{PROXY}:{registry.egress_port}",
             "REGISTRY_STORAGE_DELETE_ENABLED": "true",
         }
         assert "/var/lib/registry" in service["volumes"][0]
-        assert resolved["services"][PROXY]["depends_on"][name] == {"condition": "service_healthy"}
+        assert service["depends_on"] == {PROXY: {"condition": "service_started"}}
 
 
 def test_proxy_runs_regcache_up_with_the_compose_caches_and_starts_none_itself(resolved):
@@ -128,7 +132,7 @@ def test_image_runs_regcache_up_and_never_gets_the_env_file():
     assert patterns[0] == "*" and not [p for p in patterns if p.startswith("!.env")]
 
 
-def test_proxy_healthcheck_passes_only_when_the_proxy_reaches_the_docker_io_cache(resolved, upstream, tmp_path):
+def test_proxy_healthcheck_is_readiness_and_passes_only_when_the_docker_io_cache_answers(resolved, upstream, tmp_path):
     check = resolved["services"][PROXY]["healthcheck"]["test"][1:]
     run_check = lambda: subprocess.run([sys.executable, *check[1:]], capture_output=True, timeout=30)  # noqa: E731
     assert check[0] == "python"
@@ -141,5 +145,11 @@ def test_proxy_healthcheck_passes_only_when_the_proxy_reaches_the_docker_io_cach
     try:
         result = run_check()
         assert result.returncode == 0, result.stderr
+        cache = stack.child(Path(REGISTRY_PROGRAM).name)
+        os.kill(cache, signal.SIGSTOP)  # the cache stops answering
+        try:
+            assert run_check().returncode != 0, "healthy while the cache does not answer"
+        finally:
+            os.kill(cache, signal.SIGCONT)
     finally:
         stack.stop()
