@@ -1,0 +1,50 @@
+"""Only a registry's own cache may use its egress listener."""
+
+from __future__ import annotations
+
+import asyncio
+
+from regcache_core.config import Registry
+from regcache_core.egress_guard import EgressGuard, normalize
+
+NATIVE = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001")
+BY_NAME = Registry("GHCR", "ghcr.io", "https://ghcr.io", "http://localhost:5002")
+UNRESOLVABLE = Registry("QUAY", "quay.io", "https://quay.io", "http://cache.invalid:5000")
+UNCACHED = Registry("K8S", "registry.k8s.io", "https://registry.k8s.io", None)
+
+
+def allows(guard: EgressGuard, registry: Registry, client: str) -> bool:
+    return asyncio.run(guard.allows(registry, client))
+
+
+def test_the_cache_address_is_allowed_and_others_are_not():
+    guard = EgressGuard()
+    assert allows(guard, NATIVE, "127.0.0.1")
+    assert allows(guard, NATIVE, "::ffff:127.0.0.1")  # a dual-stack listener's spelling
+    assert not allows(guard, NATIVE, "127.0.0.2")
+    assert not allows(guard, NATIVE, "10.0.0.7")
+
+
+def test_a_cache_named_by_host_name_is_looked_up():
+    assert allows(EgressGuard(), BY_NAME, "127.0.0.1")
+
+
+def test_an_unresolvable_cache_or_an_uncached_registry_allows_nobody():
+    guard = EgressGuard()
+    assert not allows(guard, UNRESOLVABLE, "127.0.0.1")
+    assert not allows(guard, UNCACHED, "127.0.0.1")
+
+
+def test_answers_are_looked_up_again_after_the_ttl():
+    now = [0.0]
+    guard = EgressGuard(ttl=30, clock=lambda: now[0])
+    guard._known["127.0.0.1"] = (0.0, frozenset({"10.0.0.9"}))  # what an earlier lookup said
+    assert allows(guard, NATIVE, "10.0.0.9")
+    now[0] = 31.0
+    assert not allows(guard, NATIVE, "10.0.0.9") and allows(guard, NATIVE, "127.0.0.1")
+
+
+def test_normalize():
+    assert normalize("::ffff:10.0.0.5") == "10.0.0.5"
+    assert normalize("fe80::1%eth0") == "fe80::1"
+    assert normalize("not an address") == "not an address"
