@@ -11,7 +11,10 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
 from parts import REPO
-from regcache_core.addon import BYTE_COUNTER, TARGET, ByteCounter, Router, Settings, pull_record
+from regcache_core.mitm.keys import BYTE_COUNTER, TARGET
+from regcache_core.mitm.recorder import ByteCounter, pull_record
+from regcache_core.mitm.router import Router
+from regcache_core.mitm.settings import Settings
 from regcache_core.config import DEFAULTS, parse_config
 from regcache_core.redirects import RedirectSigner
 

@@ -6,7 +6,8 @@ import asyncio
 
 from mitmproxy.test import tflow, tutils
 
-from regcache_core.addon import INJECTED, REDACTED, UPSTREAM, UpstreamCredentials
+from regcache_core.mitm.keys import INJECTED, UPSTREAM
+from regcache_core.mitm.upstream import REDACTED, UpstreamCredentials
 from regcache_core.config import Registry
 from regcache_core.metrics import Metrics
 from regcache_core.redirects import RedirectSigner

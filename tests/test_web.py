@@ -10,7 +10,8 @@ from mitmproxy import exceptions
 from mitmproxy.addons.view import View
 from mitmproxy.test import taddons, tflow
 
-from regcache_core.addon import RECORD, TARGET, WebView
+from regcache_core.mitm.keys import RECORD, TARGET
+from regcache_core.mitm.web import WebView
 from regcache_core.config import DEFAULTS, parse_config
 from regcache_core.pull_log import PullRecord
 from regcache_core.routing import route

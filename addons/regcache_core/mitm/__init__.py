@@ -1,0 +1,42 @@
+"""The mitmproxy addons, one module per concern. Each hook is short: it reads the flow, calls a
+plain function (routing, upstream auth, pull log, metrics, mitmweb labels) and applies the
+answer. Wiring is explicit, in `make_addons()`.
+
+Two kinds of listener: the client listener on REGCACHE_PORT, and one egress listener per
+cached registry, which that registry's cache uses as its upstream. Flows to an upstream (egress
+flows, and client flows of uncached registries) get regcache's credentials; the client's own
+Authorization header is never passed on.
+"""
+
+from __future__ import annotations
+
+from ..metrics import Metrics
+from ..redirects import RedirectSigner
+from .admin import Admin
+from .cache_hits import CacheWatch
+from .recorder import PullLogger, Recorder
+from .router import Router
+from .settings import MirrorDefaults, Settings
+from .upstream import UpstreamCredentials
+from .web import WebView
+
+
+def make_addons() -> list:
+    settings = Settings()
+    signer = RedirectSigner()
+    metrics = Metrics()
+    pull_logger = PullLogger(settings)
+    # Order matters: hooks run in this order. UpstreamCredentials redacts what it injected
+    # before mitmweb's view (added after the scripts) sends a flow update; CacheWatch sets the
+    # hit/miss that Recorder hands to the pull log and metrics.
+    return [
+        settings,
+        MirrorDefaults(settings),
+        Router(settings, signer),
+        UpstreamCredentials(settings, signer, metrics),
+        CacheWatch(),
+        pull_logger,
+        Recorder(metrics, [pull_logger.write, metrics.observe]),
+        Admin(settings, metrics),
+        WebView(),
+    ]

@@ -1,0 +1,45 @@
+"""Admin: the addon that runs the admin endpoint (/metrics, /ready, /live) beside the proxy; the
+server itself and the readiness check are plain code in regcache_core/admin.py."""
+
+from __future__ import annotations
+
+import logging
+
+from mitmproxy import ctx
+
+from ..admin import AdminServer, Answer, readiness
+from ..metrics import EXPOSITION_CONTENT_TYPE, Metrics
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Admin:
+    """Serves /metrics, /ready and /live on REGCACHE_ADMIN_HOST:REGCACHE_ADMIN_PORT (see admin.py)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.server = AdminServer({"/metrics": self._metrics, "/ready": self._ready, "/live": self._live})
+
+    async def running(self) -> None:
+        config = self.settings.config
+        try:
+            await self.server.start(config.admin_host, config.admin_port)
+        except OSError as e:
+            logger.error(f"regcache: admin endpoint (metrics, health) cannot listen on {config.admin_host}:{config.admin_port}: {e}")
+
+    def done(self) -> None:
+        self.server.close()
+
+    async def _metrics(self) -> Answer:
+        return Answer(200, EXPOSITION_CONTENT_TYPE, self.metrics.exposition())
+
+    async def _ready(self) -> Answer:
+        servers = list(ctx.master.addons.get("proxyserver").servers)
+        proxy_serves = bool(servers) and all(server.is_running for server in servers)
+        backends = {r.name: r.cache for r in self.settings.config.registries if r.cache}
+        return await readiness(proxy_serves, backends)
+
+    async def _live(self) -> Answer:
+        return Answer.json(200, {"live": True})

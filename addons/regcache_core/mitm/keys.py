@@ -1,0 +1,12 @@
+"""The flow.metadata keys by which regcache's addons hand each other what they learnt about a flow."""
+
+TARGET = "regcache.target"  # the routing decision
+BYTE_COUNTER = "regcache.bytes"  # counts a streamed body
+CACHE_RESULT = "regcache.cache"  # "hit" or "miss", set once the cache's upstream use is known
+EGRESS_FOR = "regcache.egress_for"  # the Registry whose egress listener the flow came in on
+EGRESS = "regcache.egress"  # the Target a cache asked its upstream for
+UPSTREAM = "regcache.upstream"  # the Target of a flow sent upstream with our credentials
+REDIRECT = "regcache.redirect"  # the URL of an upstream redirect we follow
+INJECTED = "regcache.injected"  # the Authorization header is ours
+IN_FLIGHT = "regcache.in_flight"  # counted in the in-flight gauge, not yet finished
+RECORD = "regcache.record"  # the flow's PullRecord, once it ended

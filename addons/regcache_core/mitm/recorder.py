@@ -1,0 +1,142 @@
+"""Recorder: one PullRecord per client request, handed to the pull log (PullLogger) and the
+metrics; a cache's upstream fetches get a log line instead. Also counts streamed bytes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from mitmproxy import http
+from mitmproxy.flow import Error
+
+from ..metrics import Metrics
+from ..pull_log import PullLog, PullRecord, utc_iso
+from ..routing import Target
+from .keys import BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, IN_FLIGHT, RECORD, REDIRECT, TARGET, UPSTREAM
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class ByteCounter:
+    """A response stream that passes chunks through unchanged and counts them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.count += len(chunk)
+        return chunk
+
+
+class Recorder:
+    """Builds one PullRecord per client request, when it ends or fails, and hands it to every sink.
+
+    Also keeps the in-flight gauge: up when a routed request arrives, down exactly once when
+    its flow ends (response or error, whichever comes first; mitmproxy ends every flow with one).
+    """
+
+    def __init__(self, metrics: Metrics, sinks: list[Callable[[PullRecord], None]]) -> None:
+        self.metrics = metrics
+        self.sinks = sinks
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if TARGET in flow.metadata:
+            flow.metadata[IN_FLIGHT] = True
+            self.metrics.request_started()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        target = flow.metadata.get(TARGET) or flow.metadata.get(EGRESS)
+        # Blobs always stream; smaller bodies stream once stream_large_bodies says so.
+        if flow.response.stream is True or (target and target.kind == "blob"):
+            flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter()
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.pop(IN_FLIGHT, False):
+            self.metrics.request_finished()
+        if RECORD in flow.metadata:
+            return
+        record = flow.metadata[RECORD] = pull_record(flow, time.time())
+        if (upstream := upstream_registry(flow)) is not None:
+            self.metrics.upstream_result(upstream, record.status if flow.response else None)
+        if EGRESS_FOR in flow.metadata:
+            # A cache's upstream fetch, not a client's pull: the log keeps one line per client request.
+            log_upstream_fetch(flow, record)
+            return
+        for sink in self.sinks:
+            sink(record)
+
+
+def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
+    target: Target | None = flow.metadata.get(TARGET)
+    response = flow.response
+    counter = flow.metadata.get(BYTE_COUNTER)
+    if counter is not None:
+        sent = counter.count
+    else:
+        sent = len(response.raw_content or b"") if response and flow.request.method != "HEAD" else 0
+    if response:
+        status = response.status_code
+    else:  # mitmproxy answers a failed exchange with 502, and a killed one with nothing
+        status = 502 if flow.error and flow.error.msg != Error.KILLED_MESSAGE else 0
+    return PullRecord(
+        time=utc_iso(flow.request.timestamp_start),
+        client=flow.client_conn.peername[0] if flow.client_conn.peername else "",
+        registry=target.registry.name if target else None,
+        repository=target.repository if target else None,
+        kind=target.kind if target else None,
+        reference=target.reference if target else None,
+        method=flow.request.method,
+        status=status,
+        bytes=sent,
+        duration_ms=round((now - flow.request.timestamp_start) * 1000),
+        backend=target.backend if target else None,
+        cache=flow.metadata.get(CACHE_RESULT),
+        error=flow.error.msg if flow.error else None,
+    )
+
+
+def upstream_registry(flow: http.HTTPFlow) -> str | None:
+    """The registry whose upstream this flow went to with our credentials, if it did."""
+    if (target := flow.metadata.get(UPSTREAM)) is not None:
+        return target.registry.name
+    if REDIRECT in flow.metadata and (registry := flow.metadata.get(EGRESS_FOR)) is not None:
+        return registry.name
+    return None
+
+
+def log_upstream_fetch(flow: http.HTTPFlow, record: PullRecord) -> None:
+    # No query: a redirect's target URL may carry a CDN's signature.
+    what = f"redirect to {flow.request.host}" if REDIRECT in flow.metadata else flow.request.path.partition("?")[0]
+    logger.info("upstream fetch for %s: %s %s -> %s, %d bytes%s", flow.metadata[EGRESS_FOR].name,
+                record.method, what, record.status, record.bytes, f", error: {record.error}" if record.error else "")
+
+
+class PullLogger:
+    """The pull log file, (re)opened with the settings; `write` is a Recorder sink."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.log: PullLog | None = None
+
+    def configure(self, updated: set[str]) -> None:
+        config = self.settings.config
+        if "regcache_env_file" in updated and config is not None:
+            if self.log:
+                self.log.close()
+            self.log = PullLog(config.pull_log, config.pull_log_stdout)
+
+    def done(self) -> None:
+        if self.log:
+            self.log.close()
+
+    def write(self, record: PullRecord) -> None:
+        if self.log is not None:
+            self.log.write(record)

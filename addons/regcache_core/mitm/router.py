@@ -1,0 +1,93 @@
+"""Router: sends each request to its registry's cache or upstream, or refuses it (see routing.py);
+`answer` and `send_to` apply such a decision to a flow."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from mitmproxy import http
+
+from ..config import Registry
+from ..redirects import RedirectSigner, is_redirect_path
+from ..routing import Refusal, route, route_egress
+from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
+from .settings import Settings
+
+
+class Router:
+    """Sends each request to its registry's cache or upstream (or a redirect's target), or refuses it."""
+
+    def __init__(self, settings: Settings, signer: RedirectSigner) -> None:
+        self.settings = settings
+        self.signer = signer
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        # A client's credentials are never ours to pass on; upstreams get ours.
+        request.headers.pop("Authorization", None)
+        egress_for = self.settings.config.egress_registry(flow.client_conn.proxy_mode.listen_port())
+        if egress_for is not None:
+            flow.metadata[EGRESS_FOR] = egress_for
+        if is_redirect_path(request.path):
+            self._follow_redirect(flow)
+        elif egress_for is not None:
+            self._route_egress(flow, egress_for)
+        else:
+            self._route_client(flow)
+
+    def _route_client(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        decision = route(
+            self.settings.config,
+            request.method,
+            request.host_header or "",
+            request.path,
+            proxy_form=request.first_line_format != "relative" and not request.is_http2,
+        )
+        if isinstance(decision, Refusal):
+            answer(flow, decision)
+            return
+        flow.metadata[TARGET] = decision
+        if decision.registry.cache is None:
+            flow.metadata[UPSTREAM] = decision
+        send_to(request, decision.backend, decision.path)
+
+    def _route_egress(self, flow: http.HTTPFlow, registry: Registry) -> None:
+        """A cache asks its upstream: answer its ping ourselves (so it starts while the upstream is
+        down, and never sees an upstream's challenge), pass pulls on, refuse the rest."""
+        decision = route_egress(registry, flow.request.method, flow.request.path)
+        if isinstance(decision, Refusal):
+            answer(flow, decision)
+        elif decision.kind == "ping":
+            flow.response = http.Response.make(200, b"{}", {
+                "Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0"})
+        else:
+            flow.metadata[EGRESS] = flow.metadata[UPSTREAM] = decision
+            send_to(flow.request, registry.upstream, decision.path)
+
+    def _follow_redirect(self, flow: http.HTTPFlow) -> None:
+        target = self.signer.target(flow.request.path)
+        if target is None:
+            answer(flow, Refusal(403, "DENIED", "not a redirect issued by this regcache"))
+            return
+        flow.metadata[REDIRECT] = target
+        parts = urlsplit(target)
+        send_to(flow.request, f"{parts.scheme}://{parts.netloc}", parts._replace(scheme="", netloc="").geturl())
+
+
+def answer(flow: http.HTTPFlow, refusal: Refusal) -> None:
+    if flow.request.stream or "transfer-encoding" in flow.request.headers:
+        # mitmproxy answers only after reading the whole request body, and crashes the
+        # connection if a body it streams (over stream_large_bodies, or chunked and
+        # growing past it) meets a response: drop such a request instead.
+        flow.kill()
+        return
+    flow.response = http.Response.make(refusal.status, refusal.body(), {"Content-Type": "application/json"})
+
+
+def send_to(request: http.Request, base_url: str, path: str) -> None:
+    backend = urlsplit(base_url)
+    request.scheme = backend.scheme
+    request.host = backend.hostname
+    request.port = backend.port or (443 if backend.scheme == "https" else 80)
+    request.path = path

@@ -1,0 +1,85 @@
+"""UpstreamCredentials: our Authorization on flows sent upstream (see upstream_auth.py), and
+upstreams' answers cleaned up before a client or cache sees them."""
+
+from __future__ import annotations
+
+from mitmproxy import http
+
+from ..metrics import Metrics
+from ..redirects import RedirectSigner
+from ..routing import Refusal, Target
+from ..upstream_auth import TokenStore, UpstreamAuth, UpstreamAuthError
+from ..upstream_signals import UpstreamSignals
+from .keys import INJECTED, REDIRECT, UPSTREAM
+from .router import answer
+from .settings import Settings
+
+REDACTED = "<redacted by regcache>"
+TOKEN_STORE = "upstream-tokens"  # folder in the data dir
+
+
+class UpstreamCredentials:
+    """Adds our Authorization to flows sent upstream, and cleans up what upstreams answer:
+    no challenge reaches a client or cache, redirects are followed through us, and the header we
+    added is redacted once the request is sent (mitmweb keeps flows)."""
+
+    def __init__(self, settings: Settings, signer: RedirectSigner, metrics: Metrics) -> None:
+        self.settings = settings
+        self.signer = signer
+        self.metrics = metrics
+        self.auth: UpstreamAuth | None = None
+        self.signals = UpstreamSignals(metrics)
+
+    def configure(self, updated: set[str]) -> None:
+        config = self.settings.config
+        if "regcache_env_file" in updated and config is not None:
+            self.done()
+            self.auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), on_token_fetch=self.metrics.token_fetch)
+
+    def done(self) -> None:
+        if self.auth:
+            self.auth.store.close()
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        # In `request`, after mitmweb's view took its copy at `requestheaders`.
+        target: Target | None = flow.metadata.get(UPSTREAM)
+        if target is None or flow.response is not None:
+            return
+        try:
+            authorization = await self.auth.authorization(target.registry, target.repository)
+        except UpstreamAuthError as e:
+            code = "UNAUTHORIZED" if e.status == 401 else "UNAVAILABLE"
+            answer(flow, Refusal(e.status, code, str(e)))
+            return
+        if authorization:
+            flow.request.headers["Authorization"] = authorization
+            flow.metadata[INJECTED] = True
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self._redact(flow)
+        target: Target | None = flow.metadata.get(UPSTREAM)
+        if target is None and REDIRECT not in flow.metadata:
+            return
+        response = flow.response
+        if target is not None:
+            self.signals.observe(target.registry.name, response.status_code, response.headers)
+            if response.status_code == 401:
+                self.auth.refused(target.registry, target.repository)
+            elif response.status_code < 400:
+                self.auth.accepted(target.registry)
+        # Clients and caches must not start a token dance of their own around us.
+        response.headers.pop("WWW-Authenticate", None)
+        if response.status_code in (301, 302, 303, 307, 308) and "Location" in response.headers:
+            location = self.signer.location(flow.request.url, response.headers["Location"])
+            if location is None:
+                del response.headers["Location"]
+            else:
+                response.headers["Location"] = location
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._redact(flow)
+
+    @staticmethod
+    def _redact(flow: http.HTTPFlow) -> None:
+        if flow.metadata.pop(INJECTED, False):
+            flow.request.headers["Authorization"] = REDACTED

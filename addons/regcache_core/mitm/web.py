@@ -1,0 +1,57 @@
+"""WebView: in mitmweb, labels each flow and keeps the flow list bounded; the labels and the
+choice of flows to drop are plain functions in regcache_core/web.py."""
+
+from __future__ import annotations
+
+from mitmproxy import ctx, exceptions, http
+
+from ..config import DEFAULTS, is_loopback_host
+from ..routing import Target
+from ..web import finished_flows_beyond, label_flow
+from .keys import EGRESS, RECORD, TARGET
+
+
+class WebView:
+    """In mitmweb (or any tool with a flow view): label flows and keep the list bounded."""
+
+    def load(self, loader) -> None:
+        loader.add_option(
+            "regcache_web_max_flows", int, int(DEFAULTS["REGCACHE_WEB_MAX_FLOWS"]),
+            "Finished flows mitmweb keeps; older ones are dropped so memory stays bounded.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "regcache_web_max_flows" in updated and ctx.options.regcache_web_max_flows < 1:
+            raise exceptions.OptionsError("regcache_web_max_flows: must be at least 1")
+        if "web_host" in updated and "web_password" not in ctx.options.keys() and not is_loopback_host(ctx.options.web_host):
+            # mitmproxy before 11.1 has no web_password: its UI would be open to the network.
+            raise exceptions.OptionsError(
+                "regcache: this mitmweb has no web_password option, so its UI must stay on 127.0.0.1 (web_host)"
+            )
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if self._view() is not None:
+            label_flow(flow, *_labelled(flow))
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        if (view := self._view()) is not None:  # not `if view`: an empty view is falsy
+            label_flow(flow, *_labelled(flow), flow.metadata.get(RECORD))
+            if drop := finished_flows_beyond(view.resolve("@all"), view.store_count(), ctx.options.regcache_web_max_flows):
+                view.remove(drop)
+
+    @staticmethod
+    def _view():
+        return ctx.master.addons.get("view")
+
+
+def _labelled(flow: http.HTTPFlow) -> tuple[Target | None, bool]:
+    """What a flow's label names: its client request, or the upstream fetch of a cache."""
+    if (egress := flow.metadata.get(EGRESS)) is not None:
+        return egress, True
+    return flow.metadata.get(TARGET), False
