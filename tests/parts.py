@@ -385,11 +385,12 @@ def cache_holds(storage: Path, digest: str, timeout: float = 15) -> bool:
     return path.is_file()
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send bytes as they are (no HTTP library to tidy them) and return all that comes back
-    until the server closes the connection."""
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0, source: str | None = None) -> bytes:
+    """Send bytes as they are (no HTTP library to tidy them), from address `source` if given,
+    and return all that comes back until the server closes the connection."""
     received = b""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+    source_address = (source, 0) if source else None
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=source_address) as conn:
         conn.sendall(data)
         try:
             while chunk := conn.recv(65536):
@@ -397,6 +398,8 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
         except ConnectionResetError:
             pass  # a server dropping a bad client may reset rather than close
     return received
+
+
 def docker_io_stack(workdir: Path, upstream: Upstream, port: int, settings: dict | None = None,
                     args: tuple[str, ...] = ()) -> Stack:
     """`regcache up` caching docker.io only, from `upstream`, its cache on port+1."""

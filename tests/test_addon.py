@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -85,7 +86,7 @@ def client_flow(path: str, host: str = HUB, method: str = "GET", authority: str 
 def routed(flow: http.HTTPFlow) -> http.HTTPFlow:
     router = Router(Settings(), RedirectSigner())
     router.settings.config = CONFIG
-    router.requestheaders(flow)
+    asyncio.run(router.requestheaders(flow))
     return flow
 
 

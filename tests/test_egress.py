@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from fakes import Cdn, TokenServer
-from parts import TEST_DOMAIN, Stack, Upstream, cache_holds, htpasswd_auth, http_get, pull, skopeo
+from parts import TEST_DOMAIN, Stack, Upstream, cache_holds, htpasswd_auth, http_get, pull, raw_exchange, skopeo
 
 USER = "regcache-user"
 PASSWORD = "pw-" + secrets.token_urlsafe(16)  # unique, so finding it anywhere is a leak
@@ -151,6 +151,19 @@ def test_egress_serves_only_what_a_cache_needs(world, method, path, status):
     got, _, body = http_get(f"http://127.0.0.1:{world.stack.port + 80}{path}", method=method)
     assert got == status
     assert got != 200 or json.loads(body) == {}
+
+
+@pytest.mark.parametrize("world", ["basic"], indirect=True)
+def test_egress_refuses_anyone_but_the_cache(world, images):
+    """Another address than the cache's (127.0.0.1) gets 403 and nothing goes upstream."""
+    def upstream_fetches():
+        return sum(v for (name, _), v in world.stack.metrics().items() if name == "regcache_upstream_fetches_total")
+
+    before = upstream_fetches()
+    request = f"GET /v2/{images['small'].name}/manifests/1.0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = raw_exchange(world.stack.port + 80, request.encode(), source="127.0.0.2")
+    assert answer.startswith(b"HTTP/1.1 403") and b"DENIED" in answer
+    assert upstream_fetches() == before
 
 
 @pytest.mark.parametrize("world", ["basic", "token"], indirect=True)

@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import logging
 from urllib.parse import urlsplit
 
 from mitmproxy import http
 
 from ..config import Registry
+from ..egress_guard import EgressGuard
 from ..redirects import RedirectSigner, is_redirect_path
 from ..routing import Refusal, route, route_egress
 from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 class Router:
@@ -20,14 +24,21 @@ class Router:
     def __init__(self, settings: Settings, signer: RedirectSigner) -> None:
         self.settings = settings
         self.signer = signer
+        self.guard = EgressGuard()
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         # A client's credentials are never ours to pass on; upstreams get ours.
         request.headers.pop("Authorization", None)
         egress_for = self.settings.config.egress_registry(flow.client_conn.proxy_mode.listen_port())
         if egress_for is not None:
             flow.metadata[EGRESS_FOR] = egress_for
+            client = flow.client_conn.peername[0]
+            if not await self.guard.allows(egress_for, client):
+                logger.warning("refused %s on the egress listener of %s: it serves that registry's cache only",
+                               client, egress_for.name)
+                answer(flow, Refusal(403, "DENIED", f"this listener serves the cache of {egress_for.name} only"))
+                return
         if is_redirect_path(request.path):
             self._follow_redirect(flow)
         elif egress_for is not None:
