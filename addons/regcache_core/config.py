@@ -101,9 +101,11 @@ class Config:
 
     def egress_url(self, registry: Registry) -> str:
         """The base URL a cache on this machine uses as its upstream (registry:2's remoteurl)."""
-        address = ipaddress.ip_address(self.egress_host)
-        host = "127.0.0.1" if address.is_unspecified else f"[{address}]" if address.version == 6 else str(address)
-        return f"http://{host}:{registry.egress_port}"
+        return local_url(self.egress_host, registry.egress_port)
+
+    def admin_url(self, path: str) -> str:
+        """The admin endpoint's URL as seen from this machine."""
+        return local_url(self.admin_host, self.admin_port) + path
 
 
 def load_config(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike = ".env") -> Config:
@@ -238,6 +240,15 @@ def _check_names_differ(registries: tuple[Registry, ...]) -> None:
         if r.name in key_of:
             raise ConfigError(f"{r.key}_REGISTRY: {r.name!r} is also {key_of[r.name]}_REGISTRY; each registry needs its own name")
         key_of[r.name] = r.key
+
+
+def local_url(address: str, port: int) -> str:
+    """How this machine reaches a listener bound to `address`: a wildcard address means loopback."""
+    parsed = ipaddress.ip_address(address)
+    if parsed.is_unspecified:
+        parsed = ipaddress.ip_address("::1" if parsed.version == 6 else "127.0.0.1")
+    host = f"[{parsed}]" if parsed.version == 6 else str(parsed)
+    return f"http://{host}:{port}"
 
 
 def is_local(url: str) -> bool:

@@ -102,13 +102,7 @@ def _start_proxy(program: str, config: Config, env_file: str, web: bool) -> Chil
     # mitmdump: the pull log is the record of requests. mitmweb: nobody to open a browser for.
     command += ["--set", "web_open_browser=false"] if web else ["--set", "flow_detail=0"]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
-    return Child(f"proxy ({Path(program).name})", process, (f"http://127.0.0.1:{config.port}/v2/", admin_url(config, "/live")))
-
-
-def admin_url(config: Config, path: str) -> str:
-    """The admin endpoint's URL as seen from this machine (a wildcard address means loopback)."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.admin_host, config.admin_host)
-    return f"http://{f'[{host}]' if ':' in host else host}:{config.admin_port}{path}"
+    return Child(f"proxy ({Path(program).name})", process, (f"http://127.0.0.1:{config.port}/v2/", config.admin_url("/live")))
 
 
 def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
@@ -158,7 +152,7 @@ def ready_message(config: Config, backends: list[CacheBackend], web: bool = Fals
     local = {b.registry.key for b in backends}
     lines = [
         f"regcache is ready on port {config.port}; pull log: {config.pull_log}",
-        f"metrics and health: {admin_url(config, '/metrics')}, /ready, /live",
+        f"metrics and health: {config.admin_url('/metrics')}, /ready, /live",
     ]
     width = max(len(r.name) for r in config.registries)
     for r in config.registries:
