@@ -66,3 +66,9 @@ def test_redacted_also_when_the_upstream_connection_fails():
     asyncio.run(addon.request(flow))
     addon.error(flow)
     assert flow.request.headers["Authorization"] == REDACTED
+
+
+def test_upstream_rate_limit_headers_reach_the_metrics():
+    addon, _, _ = upstream_flow(200, {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "42;w=21600"})
+    assert addon.metrics.registry.get_sample_value(
+        "regcache_upstream_ratelimit_remaining", {"registry": "docker.io"}) == 42
