@@ -54,7 +54,7 @@ _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 # A registry name as containerd writes it in ?ns=: a host name, optionally with a port.
 _REGISTRY_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?")
-_PORT = re.compile(r"[0-9]{1,5}")  # ASCII only: str.isdigit() accepts "²", which int() rejects
+_NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() accepts "²", which int() rejects
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -207,13 +207,13 @@ def _hostname(var: str, value: str) -> str:
 
 
 def _port(var: str, value: str) -> int:
-    if not _PORT.fullmatch(value) or not 0 < int(value) < 65536:
+    if not _NUMBER.fullmatch(value) or not 0 < int(value) < 65536:
         raise ConfigError(f"{var}: {value!r} is not a port number (1-65535)")
     return int(value)
 
 
 def _positive(var: str, value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
+    if not _NUMBER.fullmatch(value) or int(value) < 1:
         raise ConfigError(f"{var}: {value!r} is not a whole number of at least 1")
     return int(value)
 
