@@ -11,10 +11,12 @@ import os
 
 import pytest
 
-from parts import REMOTE_CACHE_HOST, TEST_DOMAIN, Stack, Upstream, build_image, enter_private_namespaces
+from parts import (
+    PORT_BASES, REMOTE_CACHE_HOST, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, build_image, docker_io_stack,
+    enter_private_namespaces,
+)
 
 TEST_REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "unmapped.io")
-UPSTREAM_PORT = 6000
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,7 +42,7 @@ def images(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def upstream(tmp_path_factory, images) -> Upstream:
     """One upstream registry for the session, seeded with both images (as docker.io would be)."""
-    registry = Upstream(tmp_path_factory.mktemp("upstream"), UPSTREAM_PORT).start()
+    registry = Upstream(tmp_path_factory.mktemp("upstream"), PORT_BASES["session"] + UPSTREAM_OFFSET).start()
     for image in images.values():
         registry.push(image)
     yield registry
@@ -49,11 +51,9 @@ def upstream(tmp_path_factory, images) -> Upstream:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, upstream) -> Stack:
-    """`regcache up` on port 5000 for the session: docker.io cached, ghcr.io passed through uncached."""
-    stack = Stack(tmp_path_factory.mktemp("stack"), {
+    """`regcache up` for the session: docker.io cached, ghcr.io passed through uncached."""
+    stack = docker_io_stack(tmp_path_factory.mktemp("stack"), upstream, PORT_BASES["session"], {
         "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR",
-        "DOCKERHUB_UPSTREAM": upstream.url,
-        "DOCKERHUB_CACHE": "http://127.0.0.1:5001",
         "GHCR_UPSTREAM": upstream.url,
         "GHCR_CACHE": "none",
     }).start()

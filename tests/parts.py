@@ -27,17 +27,32 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from regcache_core.cache_backend import find_registry_program
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_DOMAIN = "regcache.test"
 # A cache on another host, as compose runs them: `regcache up` leaves it alone, and in tests
 # nothing listens there, which is what a stopped cache looks like to the proxy.
 REMOTE_CACHE_HOST = f"cache.{TEST_DOMAIN}"
 REGCACHE = [sys.executable, "-m", "regcache_core.cli"]  # the `regcache` command of this checkout
-REGISTRY_PROGRAM = next(
-    (p for p in ("registry", "docker-registry") if subprocess.run(["which", p], capture_output=True).returncode == 0),
-    "docker-registry",
-)
+REGISTRY_PROGRAM = find_registry_program() or "docker-registry"  # what `regcache up` runs its caches with
+MANIFEST_TYPES = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
 
+# Where each test module's servers listen: no two that can be alive at the same time share a
+# port. A stack on base B serves on B, runs its caches on B+1.., its admin endpoint on B+70 and
+# its egress listeners on B+80..; the module's own upstreams and fake servers use B+1000..
+PORT_BASES = {
+    "test_compose": 5000,  # regcache's defaults: the compose file's healthcheck asks 127.0.0.1:5070
+    "test_egress[anonymous]": 5100,
+    "test_egress[basic]": 5200,
+    "test_egress[token]": 5300,
+    "test_clients": 5400,
+    "session": 5500,  # conftest's `upstream` and `stack`, alive the whole session
+    "test_observability": 5600,
+    "test_startup": 5700,
+    "test_web": 5800,  # and mitmweb's UI on its fixed 8081: the only `regcache up --web` of the suite
+}
+UPSTREAM_OFFSET = 1000
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWNET = 0x40000000
@@ -73,6 +88,15 @@ def accepts_connections(port: int, host: str = "127.0.0.1") -> bool:
         return True
     except OSError:
         return False
+
+
+def poll(read, done, timeout: float = 10.0, every: float = 0.05):
+    """read() until done(value) holds or `timeout` passes; returns the last value, for the
+    caller's assertions to show what was there when waiting ended."""
+    deadline = time.monotonic() + timeout
+    while not done(value := read()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return value
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
@@ -121,8 +145,8 @@ class Upstream:
             "http": {"addr": f"127.0.0.1:{self.port}"},
             **self.extra,
         }))
-        log = open(self.root / "registry.log", "ab")
-        self.process = subprocess.Popen([REGISTRY_PROGRAM, "serve", str(config)], stdout=log, stderr=log)
+        with open(self.root / "registry.log", "ab") as log:  # the child keeps its own copy
+            self.process = subprocess.Popen([REGISTRY_PROGRAM, "serve", str(config)], stdout=log, stderr=log)
         wait_for_port(self.port)
         return self
 
@@ -265,6 +289,29 @@ def command_line(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
 
 
+def kill_if_still_running(pid: int, argv: list[str], timeout: float = 10.0) -> None:
+    """SIGKILL `pid` if it still runs `argv` (not a new process given a reused pid), and wait
+    until it has exited, its sockets closed (it is not our child: its parent or init reaps it)."""
+    try:
+        if command_line(pid) != argv:
+            return
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        return  # gone already
+    if not poll(lambda: has_exited(pid), bool, timeout):
+        raise TimeoutError(f"process {pid} ({argv[0]}) still runs {timeout}s after SIGKILL")
+
+
+def has_exited(pid: int) -> bool:
+    """Gone, or a zombie in every thread. A killed process loses its memory (and command line)
+    first, and its files (sockets) only when its last thread has exited."""
+    try:
+        tasks = [task.read_text().rsplit(")", 1)[1].split()[0] for task in Path(f"/proc/{pid}/task").glob("*/stat")]
+    except OSError:
+        return True
+    return all(state in ("Z", "X") for state in tasks)
+
+
 def memory_mib(pid: int) -> dict[str, float]:
     """VmRSS (resident now) and VmHWM (peak resident) of a process, in MiB."""
     values = {}
@@ -326,10 +373,17 @@ class Stack:
         return self
 
     def stop(self) -> int | None:
-        if self.process:
-            stop_process(self.process, timeout=20)
-            return self.process.returncode
-        return None
+        """SIGTERM, as a user stops it. Its children run in sessions of their own, so any left
+        when it has gone (it was killed after the timeout, or did not stop one) are killed too:
+        none may keep a port of the next stack busy."""
+        if not self.process:
+            return None
+        running = self.process.poll() is None
+        children = {pid: command_line(pid) for pid in child_pids(self.process.pid)} if running else {}
+        stop_process(self.process, timeout=20)
+        for pid, argv in children.items():
+            kill_if_still_running(pid, argv)
+        return self.process.returncode
 
     def client_config(self, out: Path, *args: str) -> Path:
         """`regcache client-config --out OUT [ARGS]` with this stack's settings; returns OUT."""
@@ -340,10 +394,23 @@ class Stack:
 
     def pull_records_until(self, done, timeout: float = 10.0) -> list[dict]:
         """The pull log once `done(records)` holds: a record is written just after its response ended."""
-        deadline = time.monotonic() + timeout
-        while not done(records := self.pull_records()) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return records
+        return poll(self.pull_records, done, timeout)
+
+    def records_after(self, before: int) -> list[dict]:
+        """The records after the first `before`, once there is at least one."""
+        return self.pull_records_until(lambda records: len(records) > before)[before:]
+
+    def records_of_pull(self, image: "TestImage", before: int = 0, registry: str | None = None) -> list[dict]:
+        """The records after the first `before` (of `registry`, if given), once they show every
+        blob of `image` served with 200: what one pull of it left in the log."""
+        def mine(records: list[dict]) -> list[dict]:
+            return [r for r in records[before:] if registry in (None, r["registry"])]
+
+        def served_blobs(records: list[dict]) -> set[str]:
+            return {r["reference"] for r in mine(records) if (r["method"], r["kind"], r["status"]) == ("GET", "blob", 200)}
+
+        return mine(self.pull_records_until(lambda records: set(image.blob_digests) <= served_blobs(records)))
+
     @property
     def admin_port(self) -> int:
         return int(self.settings["REGCACHE_ADMIN_PORT"])
@@ -364,8 +431,7 @@ class Stack:
     def child(self, program: str) -> int:
         """The pid of the child of `regcache up` running `program` (itself, or as a Python script)."""
         for pid in child_pids(self.process.pid):
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            if program in (Path(arg).name for arg in argv[:2]):
+            if Path(program).name in (Path(arg).name for arg in command_line(pid)[:2]):
                 return pid
         raise LookupError(f"regcache up has no child running {program}")
 

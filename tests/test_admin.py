@@ -82,7 +82,7 @@ BASE = {**DEFAULTS, "REGISTRY_DOMAIN": "registry.example.test", "REGCACHE_PORT":
 
 
 def test_admin_settings_default_to_loopback_5070():
-    config = parse_config(BASE | {"REGCACHE_ADMIN_HOST": "127.0.0.1", "REGCACHE_ADMIN_PORT": "5070"})
+    config = parse_config(DEFAULTS)
     assert (config.admin_host, config.admin_port) == ("127.0.0.1", 5070)
 
 

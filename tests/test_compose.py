@@ -12,12 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
 
-from parts import REGISTRY_PROGRAM, REPO, Stack
+from parts import PORT_BASES, REGISTRY_PROGRAM, REPO, docker_io_stack
 from regcache_core.cache_backend import local_backends
 from regcache_core.config import DEFAULTS, parse_config
 
@@ -137,15 +136,13 @@ def test_proxy_healthcheck_is_readiness_and_passes_only_when_the_docker_io_cache
     run_check = lambda: subprocess.run([sys.executable, *check[1:]], capture_output=True, timeout=30)  # noqa: E731
     assert check[0] == "python"
     assert run_check().returncode != 0, "healthy with nothing listening"
-    stack = Stack(tmp_path, {
-        "REGCACHE_REGISTRIES": "DOCKERHUB",
-        "DOCKERHUB_UPSTREAM": upstream.url,
-        "DOCKERHUB_CACHE": "http://127.0.0.1:5001",
-    }).start()
+    # On regcache's default ports, which the check asks; the suite keeps them free for this.
+    stack = docker_io_stack(tmp_path, upstream, PORT_BASES["test_compose"]).start()
     try:
+        assert stack.admin_port == int(DEFAULTS["REGCACHE_ADMIN_PORT"])
         result = run_check()
         assert result.returncode == 0, result.stderr
-        cache = stack.child(Path(REGISTRY_PROGRAM).name)
+        cache = stack.child(REGISTRY_PROGRAM)
         os.kill(cache, signal.SIGSTOP)  # the cache stops answering
         try:
             assert run_check().returncode != 0, "healthy while the cache does not answer"

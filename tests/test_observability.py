@@ -10,11 +10,10 @@ import time
 
 import pytest
 
-from parts import REGISTRY_PROGRAM, TEST_DOMAIN, Stack, docker_io_stack, http_get
+from parts import MANIFEST_TYPES, PORT_BASES, REGISTRY_PROGRAM, TEST_DOMAIN, Stack, docker_io_stack, http_get
 
-PORT = 5200
+PORT = PORT_BASES["test_observability"]
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
-MANIFEST_TYPES = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
 
 
 @pytest.fixture(scope="module")

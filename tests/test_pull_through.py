@@ -12,13 +12,10 @@ import socket
 
 import pytest
 
-from parts import TEST_DOMAIN, Stack, cache_holds, http_get, pull, skopeo
+from parts import MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, cache_holds, http_get, pull
 
-PORT = 5000
+PORT = PORT_BASES["session"]
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
-MANIFEST_TYPES = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
-
-
 
 
 @pytest.mark.parametrize("name", ["small", "big"])
@@ -32,7 +29,7 @@ def test_pull_by_virtual_host_matches_upstream_and_fills_cache(stack, images, tm
 
 
 def test_pull_by_ns_query_as_containerd_sends_it(stack, images):
-    """containerd talks to http://<host>:5000 and names the registry in ?ns=; so do we here."""
+    """containerd talks to http://<host>:<port> and names the registry in ?ns=; so do we here."""
     image = images["small"]
     base = f"http://127.0.0.1:{PORT}/v2/{image.name}"
     status, headers, body = http_get(f"{base}/manifests/{image.tag}?ns=docker.io", headers={"Accept": MANIFEST_TYPES})
@@ -45,8 +42,9 @@ def test_pull_by_ns_query_as_containerd_sends_it(stack, images):
 
 def test_uncached_registry_passes_through_to_upstream(stack, images, tmp_path):
     image = images["small"]
+    before = len(stack.pull_records())
     assert pull(f"ghcr.io.{TEST_DOMAIN}:{PORT}", image, tmp_path / "pulled") == image.manifest_digest
-    records = [r for r in stack.pull_records() if r["registry"] == "ghcr.io"]
+    records = stack.records_of_pull(image, before, "ghcr.io")
     assert records and {r["backend"] for r in records} == {stack.settings["GHCR_UPSTREAM"]}
 
 
@@ -86,31 +84,29 @@ def test_malformed_requests_are_refused_before_any_backend(stack, path, status, 
     before = len(stack.pull_records())
     got, _, body = http_get(f"http://127.0.0.1:{PORT}{path}", host=DOCKER_IO)
     assert (got, json.loads(body)["errors"][0]["code"]) == (status, code)
-    assert stack.pull_records()[before]["backend"] is None
+    assert stack.records_after(before)[0]["backend"] is None
 
 
 def test_proxy_requests_are_refused(stack):
     """Absolute-form (forward proxy) requests never reach any host: no open proxy."""
     with socket.create_connection(("127.0.0.1", PORT)) as conn:
-        conn.sendall(b"GET http://127.0.0.1:5001/v2/ HTTP/1.1\r\nHost: 127.0.0.1:5001\r\n\r\n")
+        cache = stack.settings["DOCKERHUB_CACHE"].removeprefix("http://")
+        conn.sendall(f"GET http://{cache}/v2/ HTTP/1.1\r\nHost: {cache}\r\n\r\n".encode())
         assert conn.recv(4096).startswith(b"HTTP/1.1 400")
 
 
-def test_pull_log_records_every_request(stack, images):
-    image = images["small"]
-    records = [r for r in stack.pull_records() if r["registry"] == "docker.io" and r["repository"] == image.name]
-    manifests = [r for r in records if r["kind"] == "manifest" and r["method"] == "GET" and r["status"] == 200]
+@pytest.mark.parametrize("name", ["small", "big"])
+def test_pull_log_records_every_request(stack, images, tmp_path, name):
+    image = images[name]
+    before = len(stack.pull_records())
+    assert pull(DOCKER_IO, image, tmp_path / "pulled") == image.manifest_digest
+    records = [r for r in stack.records_of_pull(image, before, "docker.io") if r["repository"] == image.name]
+    manifests = [r for r in records if (r["kind"], r["method"], r["status"]) == ("manifest", "GET", 200)]
     assert {r["reference"] for r in manifests} >= {image.tag}
-    blobs = {r["reference"]: r for r in records if r["kind"] == "blob" and r["status"] == 200}
-    assert set(image.blob_digests) <= set(blobs)
-    layer = image.blob_digests[-1]
-    assert blobs[layer]["bytes"] == len(http_get(
-        f"http://127.0.0.1:{PORT}/v2/{image.name}/blobs/{layer}", host=DOCKER_IO)[2])
+    blobs = {r["reference"]: r for r in records if (r["kind"], r["method"], r["status"]) == ("blob", "GET", 200)}
+    for digest in image.blob_digests:
+        assert blobs[digest]["bytes"] == (tmp_path / "pulled/blobs/sha256" / digest.split(":")[1]).stat().st_size
     for record in records:
         assert record["client"] == "127.0.0.1"
-        assert record["backend"] == "http://127.0.0.1:5001"
+        assert record["backend"] == stack.settings["DOCKERHUB_CACHE"]
         assert record["duration_ms"] >= 0 and record["time"].endswith("+00:00")
-    big_layer = images["big"].blob_digests[-1]
-    big = [r for r in stack.pull_records()
-           if r["reference"] == big_layer and r["method"] == "GET" and r["registry"] == "docker.io"]
-    assert big and big[0]["bytes"] > 100 << 20

@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from parts import REGCACHE, REPO, Stack, accepts_connections
+from parts import PORT_BASES, REGCACHE, REGISTRY_PROGRAM, REPO, accepts_connections, child_pids, docker_io_stack
 
 MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
+PORT = PORT_BASES["test_startup"]
+CACHE_PORT = PORT + 1
 
 
 def run(command: list[str], workdir: Path, env_file_text: str, path: str | None = None, timeout: float = 60):
@@ -24,7 +26,7 @@ def run(command: list[str], workdir: Path, env_file_text: str, path: str | None 
 
 
 def test_regcache_up_with_a_bad_setting_says_which_in_one_line_and_starts_nothing(tmp_path):
-    result = run([*REGCACHE, "up"], tmp_path, "REGCACHE_PORT=5000\nDOCKERHUB_CACHE=http://127.0.0.1:70000\n")
+    result = run([*REGCACHE, "up"], tmp_path, f"REGCACHE_PORT={PORT}\nDOCKERHUB_CACHE=http://127.0.0.1:70000\n")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "regcache: DOCKERHUB_CACHE: 'http://127.0.0.1:70000' is not a URL (Port out of range 0-65535)"
@@ -51,35 +53,21 @@ def test_plain_mitmdump_with_a_bad_setting_exits_naming_it(tmp_path):
     assert "Traceback" not in output
 
 
-def one_cache_stack(workdir: Path, upstream) -> Stack:
-    return Stack(workdir, {
-        "REGCACHE_PORT": "5200",
-        "REGCACHE_REGISTRIES": "DOCKERHUB",
-        "DOCKERHUB_UPSTREAM": upstream.url,
-        "DOCKERHUB_CACHE": "http://127.0.0.1:5201",
-    }).start()
-
-
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def test_sigterm_stops_every_child_and_exits_0(tmp_path, upstream):
-    stack = one_cache_stack(tmp_path, upstream)
-    started = children(stack.process.pid)
-    assert len(started) == 2 and accepts_connections(5200) and accepts_connections(5201)
+    stack = docker_io_stack(tmp_path, upstream, PORT).start()
+    started = child_pids(stack.process.pid)
+    assert len(started) == 2 and accepts_connections(PORT) and accepts_connections(CACHE_PORT)
     assert stack.stop() == 0
-    assert not accepts_connections(5200) and not accepts_connections(5201)
+    assert not accepts_connections(PORT) and not accepts_connections(CACHE_PORT)
     assert not any(Path(f"/proc/{pid}").exists() for pid in started)
 
 
 def test_a_cache_that_dies_stops_the_rest_and_exits_1(tmp_path, upstream):
-    stack = one_cache_stack(tmp_path, upstream)
+    stack = docker_io_stack(tmp_path, upstream, PORT).start()
     try:
-        [cache] = [pid for pid in children(stack.process.pid) if b"serve" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        os.kill(cache, signal.SIGKILL)
+        os.kill(stack.child(REGISTRY_PROGRAM), signal.SIGKILL)
         assert stack.process.wait(30) == 1
-        assert not accepts_connections(5200)
+        assert not accepts_connections(PORT)
         assert any("exited with status" in line and "stopping" in line for line in stack.output)
     finally:
         stack.stop()

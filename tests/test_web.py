@@ -17,7 +17,7 @@ from regcache_core.pull_log import PullRecord
 from regcache_core.routing import route
 from regcache_core.web import flow_label
 
-from parts import TEST_DOMAIN, Stack, docker_io_stack, http_get, skopeo
+from parts import PORT_BASES, TEST_DOMAIN, Stack, docker_io_stack, http_get, poll, skopeo
 
 CONFIG = parse_config({**DEFAULTS,
     "REGISTRY_DOMAIN": "registry.example.test", "REGCACHE_PORT": "5000", "REGCACHE_ADMIN_HOST": "127.0.0.1",
@@ -82,7 +82,7 @@ def test_mitmweb_on_11_0_refuses_a_non_loopback_ui_without_a_password():
             tctx.configure(web, web_host="0.0.0.0")
 
 
-PORT = 5300
+PORT = PORT_BASES["test_web"]
 WEB_UI = "http://127.0.0.1:8081"
 
 
@@ -103,12 +103,16 @@ def test_regcache_up_web_shows_labelled_bounded_flows_without_credentials(web_st
     image, host = images["small"], f"docker.io.{TEST_DOMAIN}:{PORT}"
     result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{tmp_path / 'pulled'}:1.0")
     assert result.returncode == 0, result.stderr
-    comments = {flow["comment"] for flow in web_flows()}
-    assert "docker.io library/small manifest 1.0 · 200 miss" in comments
     layer = image.blob_digests[-1]
-    assert f"docker.io library/small blob {layer[:19]} · 200 miss" in comments
-    assert f"upstream fetch: docker.io library/small blob {layer[:19]} · 200" in comments
-    blob = next(f for f in web_flows() if f["comment"].startswith(f"docker.io library/small blob {layer[:19]}"))
+    labels = {
+        "docker.io library/small manifest 1.0 · 200 miss",
+        f"docker.io library/small blob {layer[:19]} · 200 miss",
+        f"upstream fetch: docker.io library/small blob {layer[:19]} · 200",
+    }
+    # A flow gets its outcome in its label just after the client got its answer.
+    flows = poll(web_flows, lambda flows: labels <= {flow["comment"] for flow in flows})
+    assert labels <= {flow["comment"] for flow in flows}
+    blob = next(f for f in flows if f["comment"].startswith(f"docker.io library/small blob {layer[:19]}"))
     assert blob["response"]["contentLength"] is None  # streamed: the body was never kept
 
     status, _, _ = http_get(f"http://127.0.0.1:{PORT}/v2/", host=host, headers={"Authorization": "Bearer client-secret"})
