@@ -22,10 +22,12 @@ from urllib.parse import urlsplit
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from parts import (  # noqa: E402  (tests/ is put on the path just above)
-    TEST_DOMAIN, Stack, Upstream, cache_holds, child_pids, command_line, enter_private_namespaces, push_blob, random_chunks,
+    REGISTRY_PROGRAM, TEST_DOMAIN, Stack, Upstream, cache_holds, docker_io_stack, enter_private_namespaces, push_blob,
+    random_chunks,
 )
 
-PROXY_PORT, CACHE_PORT, UPSTREAM_PORT = 5000, 5001, 6000
+PROXY_PORT, UPSTREAM_PORT = 5000, 6000  # regcache's defaults: the benchmark has a network of its own
+CACHE_PORT = PROXY_PORT + 1  # where docker_io_stack runs the cache
 REPOSITORY = "library/bench"
 READ_CHUNK = 1 << 20
 
@@ -35,13 +37,16 @@ class TimeLimit(SystemExit):
 
 
 class BenchStack:
-    """Upstream registry holding one random blob of `blob_size` bytes, and `regcache up` caching it.
+    """Upstream registry holding one random blob of `blob_size` bytes (none if 0), and `regcache up`
+    caching it, with `settings` and `args` added (e.g. --web).
 
     A context manager: entering builds everything, leaving stops it and deletes its files.
     """
 
-    def __init__(self, blob_size: int, time_limit: float) -> None:
+    def __init__(self, blob_size: int, time_limit: float, settings: dict | None = None,
+                 args: tuple[str, ...] = ()) -> None:
         self.blob_size, self.time_limit = blob_size, time_limit
+        self.settings, self.args = settings, args
         self.workdir: Path | None = None
         self.upstream: Upstream | None = None
         self.stack: Stack | None = None
@@ -55,16 +60,13 @@ class BenchStack:
         try:
             self.workdir = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
             self.upstream = Upstream(self.workdir / "upstream", UPSTREAM_PORT).start()
-            started = time.monotonic()
-            self.digest = push_blob(self.upstream.url, REPOSITORY, random_chunks(self.blob_size))
-            print(f"pushed a {self.blob_size / 2**20:.0f} MiB random blob to the upstream "
-                  f"in {time.monotonic() - started:.1f}s", flush=True)
-            self.stack = Stack(self.workdir / "stack", {
-                "REGCACHE_REGISTRIES": "DOCKERHUB",
-                "REGCACHE_PORT": str(PROXY_PORT),
-                "DOCKERHUB_UPSTREAM": self.upstream.url,
-                "DOCKERHUB_CACHE": f"http://127.0.0.1:{CACHE_PORT}",
-            }).start()
+            if self.blob_size:
+                started = time.monotonic()
+                self.digest = push_blob(self.upstream.url, REPOSITORY, random_chunks(self.blob_size))
+                print(f"pushed a {self.blob_size / 2**20:.0f} MiB random blob to the upstream "
+                      f"in {time.monotonic() - started:.1f}s", flush=True)
+            self.stack = docker_io_stack(self.workdir / "stack", self.upstream, PROXY_PORT, self.settings,
+                                         self.args).start()
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -92,20 +94,13 @@ class BenchStack:
         """The blob straight from the registry:2 cache, bypassing the proxy."""
         return f"http://127.0.0.1:{CACHE_PORT}/v2/{REPOSITORY}/blobs/{self.digest}"
 
-    def child_pid(self, marker: str) -> int:
-        """The pid of the child of `regcache up` whose command line has `marker` in it."""
-        for pid in child_pids(self.stack.process.pid):
-            if any(marker in part for part in command_line(pid)):
-                return pid
-        raise LookupError(f"regcache up has no child running {marker}")
-
     @property
     def proxy_pid(self) -> int:
-        return self.child_pid("mitmdump")
+        return self.stack.child("mitmweb" if "--web" in self.args else "mitmdump")
 
     @property
     def cache_pid(self) -> int:
-        return self.child_pid("serve")
+        return self.stack.child(REGISTRY_PROGRAM)
 
     def wait_cached(self, timeout: float = 60) -> None:
         if not cache_holds(self.stack.data_dir / "dockerhub" / "storage", self.digest, timeout):
