@@ -6,11 +6,10 @@ import json
 import os
 import signal
 import socket
-import time
 
 import pytest
 
-from parts import MANIFEST_TYPES, PORT_BASES, REGISTRY_PROGRAM, TEST_DOMAIN, Stack, docker_io_stack, http_get
+from parts import MANIFEST_TYPES, PORT_BASES, REGISTRY_PROGRAM, TEST_DOMAIN, Stack, docker_io_stack, http_get, poll
 
 PORT = PORT_BASES["test_observability"]
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
@@ -73,12 +72,10 @@ def test_in_flight_returns_to_zero_when_a_client_drops_a_blob_midway(stack, imag
         conn.sendall(f"GET /v2/{image.name}/blobs/{layer} HTTP/1.1\r\nHost: {DOCKER_IO}\r\n\r\n".encode())
         assert conn.recv(65536).startswith(b"HTTP/1.1 200")
         assert stack.metrics()[("regcache_requests_in_flight", ())] == 1
-    deadline = time.monotonic() + 15
-    while stack.metrics()[("regcache_requests_in_flight", ())] != 0:
-        assert time.monotonic() < deadline, "the in-flight gauge leaked a dropped request"
-        time.sleep(0.2)
-    dropped = [r for r in stack.pull_records() if r["reference"] == layer]
-    assert dropped and dropped[-1]["error"]
+    in_flight = poll(lambda: stack.metrics()[("regcache_requests_in_flight", ())], lambda count: count == 0, 15)
+    assert in_flight == 0, "the in-flight gauge leaked a dropped request"
+    dropped = stack.pull_records_until(lambda records: any(r["reference"] == layer for r in records))
+    assert [r for r in dropped if r["reference"] == layer][-1]["error"]
 
 
 def test_live_answers(stack):
