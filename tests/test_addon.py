@@ -180,3 +180,23 @@ def test_pull_record_holds_no_header_value():
     flow.request.headers["Authorization"] = "Bearer s3cret-token"
     record = finished(flow, http.Response.make(200, b"{}", {"Set-Cookie": "session=s3cret-cookie"}))
     assert "s3cret" not in json.dumps(record)
+
+
+@pytest.mark.parametrize("signature", ["%C3%A9", "00", ""])
+def test_a_redirect_path_with_a_bad_signature_is_refused(signature):
+    flow = routed(client_flow(f"/_regcache/redirect?url=https://cdn.example/x&sig={signature}"))
+    assert flow.response.status_code == 403
+    assert json.loads(flow.response.content)["errors"][0]["code"] == "DENIED"
+
+
+def test_an_unexpected_error_while_routing_is_answered_not_sent_to_the_placeholder(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("regcache_core.mitm.router.route", broken)
+    with caplog.at_level(logging.ERROR):
+        flow = routed(client_flow("/v2/library/small/manifests/1.0"))
+    assert flow.response.status_code == 500
+    assert json.loads(flow.response.content)["errors"][0]["code"] == "UNKNOWN"
+    assert (flow.request.host, flow.request.port) == ("127.0.0.1", 5000)
+    assert "could not route" in caplog.text

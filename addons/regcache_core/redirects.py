@@ -36,7 +36,8 @@ class RedirectSigner:
         """The URL a redirect path of ours leads to; None when the path was not signed by us."""
         params = dict(parse_qsl(path.partition("?")[2]))
         target, signature = params.get("url", ""), params.get("sig", "")
-        if target and hmac.compare_digest(signature, self._sign(target)):
+        # Bytes: compare_digest refuses str with non-ASCII characters, which clients choose.
+        if target and hmac.compare_digest(signature.encode(), self._sign(target).encode()):
             return target
         return None
 

@@ -27,6 +27,14 @@ class Router:
         self.guard = EgressGuard()
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._route(flow)
+        except Exception:
+            # Never let a request fall through to the placeholder destination: answer it.
+            logger.exception("regcache could not route %s %s", flow.request.method, flow.request.path.partition("?")[0])
+            answer(flow, Refusal(500, "UNKNOWN", "regcache could not route this request; see its log"))
+
+    async def _route(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         # A client's credentials are never ours to pass on; upstreams get ours.
         request.headers.pop("Authorization", None)
