@@ -83,8 +83,8 @@ def client_flow(path: str, host: str = HUB, method: str = "GET", authority: str 
     return tflow.tflow(req=request)
 
 
-def routed(flow: http.HTTPFlow) -> http.HTTPFlow:
-    router = Router(Settings(), RedirectSigner())
+def routed(flow: http.HTTPFlow, signer: RedirectSigner | None = None) -> http.HTTPFlow:
+    router = Router(Settings(), signer or RedirectSigner())
     router.settings.config = CONFIG
     asyncio.run(router.requestheaders(flow))
     return flow
@@ -200,3 +200,12 @@ def test_an_unexpected_error_while_routing_is_answered_not_sent_to_the_placehold
     assert json.loads(flow.response.content)["errors"][0]["code"] == "UNKNOWN"
     assert (flow.request.host, flow.request.port) == ("127.0.0.1", 5000)
     assert "could not route" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_a_signed_redirect_is_followed_for_pulls_only(method):
+    signer = RedirectSigner()
+    path = signer.location("https://registry-1.docker.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob")
+    flow = routed(client_flow(path, method=method), signer)
+    assert flow.response.status_code == 405
+    assert (flow.request.host, flow.request.port) == ("127.0.0.1", 5000)

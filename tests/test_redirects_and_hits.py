@@ -46,3 +46,14 @@ def test_tag_freshness_check_is_a_hit_but_a_fetch_by_the_resolved_digest_is_a_mi
     table.upstream_request("docker.io", "library/small", TAG_DIGEST, "GET")
     assert table.finished("cold") == "miss"
     assert len(table) == 0
+
+
+def test_a_redirect_path_expires_and_its_expiry_is_signed():
+    now = [1_000_000.0]
+    signer = RedirectSigner(clock=lambda: now[0])
+    path = signer.location(BLOB, CDN)
+    now[0] += 299
+    assert signer.target(path) == CDN
+    assert signer.target(path.replace("exp=1000300", "exp=9999999")) is None  # a later expiry is not ours
+    now[0] += 2
+    assert signer.target(path) is None

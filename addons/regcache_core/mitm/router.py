@@ -11,7 +11,7 @@ from mitmproxy import http
 from ..config import Registry
 from ..egress_guard import EgressGuard
 from ..redirects import RedirectSigner, is_redirect_path
-from ..routing import Refusal, route, route_egress
+from ..routing import Refusal, refuse_method, route, route_egress
 from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
 
@@ -85,9 +85,12 @@ class Router:
             send_to(flow.request, registry.upstream, decision.path)
 
     def _follow_redirect(self, flow: http.HTTPFlow) -> None:
+        if refusal := refuse_method(flow.request.method):
+            answer(flow, refusal)
+            return
         target = self.signer.target(flow.request.path)
         if target is None:
-            answer(flow, Refusal(403, "DENIED", "not a redirect issued by this regcache"))
+            answer(flow, Refusal(403, "DENIED", "not a redirect issued by this regcache, or it expired"))
             return
         flow.metadata[REDIRECT] = target
         parts = urlsplit(target)
