@@ -205,7 +205,7 @@ def test_an_unexpected_error_while_routing_is_answered_not_sent_to_the_placehold
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
 def test_a_signed_redirect_is_followed_for_pulls_only(method):
     signer = RedirectSigner()
-    path = signer.location("https://registry-1.docker.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob")
+    path = signer.location("https://registry-1.docker.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob", CONFIG.registry("docker.io"))
     flow = routed(client_flow(path, method=method), signer)
     assert flow.response.status_code == 405
     assert (flow.request.host, flow.request.port) == ("127.0.0.1", 5000)

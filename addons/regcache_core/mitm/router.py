@@ -8,9 +8,9 @@ from urllib.parse import urlsplit
 
 from mitmproxy import http
 
-from ..config import Registry
+from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
-from ..redirects import RedirectSigner, is_redirect_path
+from ..redirects import RedirectSigner, is_redirect_path, resolves_internal
 from ..routing import Refusal, refuse_method, route, route_egress
 from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
@@ -48,7 +48,7 @@ class Router:
                 answer(flow, Refusal(403, "DENIED", f"this listener serves the cache of {egress_for.name} only"))
                 return
         if is_redirect_path(request.path):
-            self._follow_redirect(flow)
+            await self._follow_redirect(flow)
         elif egress_for is not None:
             self._route_egress(flow, egress_for)
         else:
@@ -84,16 +84,22 @@ class Router:
             flow.metadata[EGRESS] = flow.metadata[UPSTREAM] = decision
             send_to(flow.request, registry.upstream, decision.path)
 
-    def _follow_redirect(self, flow: http.HTTPFlow) -> None:
+    async def _follow_redirect(self, flow: http.HTTPFlow) -> None:
         if refusal := refuse_method(flow.request.method):
             answer(flow, refusal)
             return
-        target = self.signer.target(flow.request.path)
-        if target is None:
+        redirect = self.signer.target(flow.request.path)
+        registry = redirect and self.settings.config.registry(redirect.registry)
+        if registry is None:
             answer(flow, Refusal(403, "DENIED", "not a redirect issued by this regcache, or it expired"))
             return
-        flow.metadata[REDIRECT] = target
-        parts = urlsplit(target)
+        parts = urlsplit(redirect.url)
+        # Signing checked the URL; a name may resolve to this machine though.
+        if not is_local(registry.upstream) and await resolves_internal(parts.hostname):
+            logger.warning("refused a redirect of %s's upstream to %s: it is this machine or its link", registry.name, parts.hostname)
+            answer(flow, Refusal(403, "DENIED", f"redirect target {parts.hostname} is an internal address"))
+            return
+        flow.metadata[REDIRECT] = registry
         send_to(flow.request, f"{parts.scheme}://{parts.netloc}", parts._replace(scheme="", netloc="").geturl())
 
 
