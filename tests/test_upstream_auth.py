@@ -167,3 +167,14 @@ def test_unreachable_upstream_is_a_502(store):
     with pytest.raises(UpstreamAuthError) as error:
         asyncio.run(UpstreamAuth(store, unreachable).authorization(HUB, "a/b"))
     assert error.value.status == 502 and "docker.io" in str(error.value)
+
+
+def test_credentials_go_to_an_https_realm_only_unless_the_upstream_is_http(store):
+    plain_realm = 'Bearer realm="http://auth.example/token?x=1",service="s"'
+    upstream = FakeUpstream(plain_realm)
+    with pytest.raises(UpstreamAuthError) as refused:
+        asyncio.run(UpstreamAuth(store, upstream).authorization(HUB, "a/b"))
+    assert refused.value.status == 502 and "(http://auth.example/token)" in str(refused.value)
+    assert upstream.token_requests() == []
+    on_http = Registry("LOCAL", "local.test", "http://127.0.0.1:6000", None, "me", "secret-pw")
+    assert asyncio.run(UpstreamAuth(store, upstream).authorization(on_http, "a/b")) == "Bearer token-3"

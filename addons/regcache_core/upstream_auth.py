@@ -200,6 +200,10 @@ class UpstreamAuth:
         challenge = pick_challenge(challenges)
         if challenge is None:
             raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} asks for an unsupported kind of authentication")
+        if challenge.scheme == "bearer" and registry.upstream.startswith("https:") and not challenge.realm.startswith("https:"):
+            # Credentials (and the token) would cross the network in the clear.
+            raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} names a token realm"
+                                         f" over plain http ({_without_query(challenge.realm)}); regcache asks https realms only")
         return challenge
 
     async def _token(self, registry: Registry, challenge: Challenge, scope: str | None) -> str:
@@ -220,7 +224,7 @@ class UpstreamAuth:
             query["account"] = registry.username
             headers["Authorization"] = basic_authorization(registry.username, registry.password)
         url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
-        realm = urlsplit(challenge.realm)._replace(query="").geturl()  # for messages
+        realm = _without_query(challenge.realm)
         try:
             status, _, body = await asyncio.to_thread(self._fetch, url, headers)
         except (OSError, ValueError) as e:
@@ -253,6 +257,11 @@ class UpstreamAuth:
 
     def _lock(self, key: str) -> asyncio.Lock:
         return self._locks.setdefault(key, asyncio.Lock())
+
+
+def _without_query(url: str) -> str:
+    """A URL for messages: its query may carry anything."""
+    return urlsplit(url)._replace(query="").geturl()
 
 
 def _token_key(registry: Registry, scope: str | None) -> str:
