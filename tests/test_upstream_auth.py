@@ -178,3 +178,19 @@ def test_credentials_go_to_an_https_realm_only_unless_the_upstream_is_http(store
     assert upstream.token_requests() == []
     on_http = Registry("LOCAL", "local.test", "http://127.0.0.1:6000", None, "me", "secret-pw")
     assert asyncio.run(UpstreamAuth(store, upstream).authorization(on_http, "a/b")) == "Bearer token-3"
+
+
+def test_no_lock_is_kept_once_its_fetch_ended(store):
+    upstream = FakeUpstream(delay=0.05)
+    auth = UpstreamAuth(store, upstream)
+
+    async def many(repositories):
+        pulls = [auth.authorization(HUB, repositories[i % len(repositories)]) for i in range(20)]
+        await asyncio.gather(*pulls, return_exceptions=True)
+
+    asyncio.run(many([f"repo/n{i}" for i in range(5)]))
+    assert len(upstream.token_requests()) == 5  # one per scope: the locks did share fetches
+    assert auth._locks == {}
+    upstream.password = "changed"  # failing fetches release their locks too
+    asyncio.run(many(["repo/refused"]))
+    assert auth._locks == {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -160,7 +161,7 @@ class UpstreamAuth:
         self._fetch = fetch  # blocking; run in a thread
         self._on_token_fetch = on_token_fetch  # (registry name, "ok" | "denied" | "error"), for metrics
         self._challenges: dict[str, Challenge] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> (its lock, tasks holding or awaiting it)
         self._refused: set[str] = set()  # registries whose refusal was logged, until they accept again
 
     async def authorization(self, registry: Registry, repository: str | None) -> str | None:
@@ -184,7 +185,7 @@ class UpstreamAuth:
     async def _challenge(self, registry: Registry) -> Challenge:
         if (known := self._challenges.get(registry.name)) is not None:
             return known
-        async with self._lock("challenge " + registry.name):
+        async with self._exclusive("challenge " + registry.name):
             if (known := self._challenges.get(registry.name)) is None:
                 known = await self._learn_challenge(registry)
                 self._challenges[registry.name] = known
@@ -208,7 +209,7 @@ class UpstreamAuth:
 
     async def _token(self, registry: Registry, challenge: Challenge, scope: str | None) -> str:
         key = _token_key(registry, scope)
-        async with self._lock(key):
+        async with self._exclusive(key):
             if token := await asyncio.to_thread(self.store.get, key):
                 return token
             token, expires_in = await self._fetch_token(registry, challenge, scope)
@@ -255,8 +256,21 @@ class UpstreamAuth:
             hint = f"no credentials are set; set {registry.key}_USERNAME and {registry.key}_PASSWORD if it needs them"
         logger.warning("upstream %s refused regcache: %s; %s", registry.name, what, hint)
 
-    def _lock(self, key: str) -> asyncio.Lock:
-        return self._locks.setdefault(key, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, key: str):
+        """One fetch per key at a time. A key's lock goes when nobody holds or awaits it, so
+        clients naming ever new repositories cannot grow the table."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
 
 def _without_query(url: str) -> str:
