@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import socket
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from regcache_core.upstream_auth import (
     UpstreamAuth,
     UpstreamAuthError,
     cache_lifetime,
+    http_get,
     parse_challenge,
     parse_token_response,
     pick_challenge,
@@ -74,7 +76,7 @@ class FakeUpstream:
         self.challenge, self.password, self.delay = challenge, password, delay
         self.calls: list[tuple[str, dict]] = []
 
-    def __call__(self, url, headers):
+    def __call__(self, url, headers, timeout):
         self.calls.append((url, headers))
         time.sleep(self.delay)
         if url.endswith("/v2/"):
@@ -161,7 +163,7 @@ def test_wrong_credentials_give_401_and_one_log_line_without_the_secret(store, c
 
 
 def test_unreachable_upstream_is_a_502(store):
-    def unreachable(url, headers):
+    def unreachable(url, headers, timeout):
         raise ConnectionRefusedError("connection refused")
 
     with pytest.raises(UpstreamAuthError) as error:
@@ -194,3 +196,34 @@ def test_no_lock_is_kept_once_its_fetch_ended(store):
     upstream.password = "changed"  # failing fetches release their locks too
     asyncio.run(many(["repo/refused"]))
     assert auth._locks == {}
+
+
+def test_a_blackholed_upstream_fails_fast_and_is_not_asked_again_for_a_few_seconds(store):
+    """An upstream that accepts connections but never answers (a listening socket nobody reads)."""
+    now = [0.0]
+    asked = []
+
+    def fetch(url, headers, timeout):
+        asked.append(url)
+        return http_get(url, headers, timeout)
+
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen()
+        upstream = Registry("DOCKERHUB", "docker.io", f"http://127.0.0.1:{blackhole.getsockname()[1]}", None)
+        auth = UpstreamAuth(store, fetch, challenge_timeout=0.3, clock=lambda: now[0])
+
+        async def pulls(count):
+            return await asyncio.gather(*(auth.authorization(upstream, "a/b") for _ in range(count)), return_exceptions=True)
+
+        started = time.monotonic()
+        errors = asyncio.run(pulls(5))
+        assert time.monotonic() - started < 2  # one timeout, not five in turn
+        assert {(e.status, "unreachable" in str(e)) for e in errors} == {(502, True)}
+        assert len(asked) == 1
+        now[0] += 4
+        asyncio.run(pulls(3))
+        assert len(asked) == 1  # still remembered
+        now[0] += 2
+        asyncio.run(pulls(1))
+        assert len(asked) == 2  # asked again

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -32,7 +33,12 @@ from .config import Registry
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT = 15.0  # seconds for one challenge or token request
+TIMEOUT = 15.0  # seconds for one token request
+# GET /v2/ is tiny: a registry that does not answer it quickly is down. A failed lookup is
+# remembered for a few seconds, so during an outage requests fail at once instead of each
+# waiting out the timeout in turn (cached content is still served by the caches).
+CHALLENGE_TIMEOUT = 5.0
+CHALLENGE_RETRY_AFTER = 5.0
 DEFAULT_TOKEN_LIFETIME = 60  # what the token protocol says when expires_in is missing
 MAX_TOKEN_RESPONSE = 1 << 20
 # auth-param = token "=" ( token / quoted-string ), RFC 9110 section 11.2
@@ -119,11 +125,13 @@ def parse_token_response(body: bytes) -> tuple[str, int]:
     return token, expires_in
 
 
-def http_get(url: str, headers: dict[str, str]) -> tuple[int, list[str], bytes]:
-    """Blocking GET (run it in a thread): status, WWW-Authenticate values, body (capped)."""
+def http_get(url: str, headers: dict[str, str], timeout: float = TIMEOUT) -> tuple[int, list[str], bytes]:
+    """Blocking GET (run it in a thread): status, WWW-Authenticate values, body (capped).
+
+    `timeout` bounds the connection and each read."""
     request = urllib.request.Request(url, headers=headers)
     try:
-        with _NO_PROXY.open(request, timeout=TIMEOUT) as response:
+        with _NO_PROXY.open(request, timeout=timeout) as response:
             return response.status, response.headers.get_all("WWW-Authenticate") or [], response.read(MAX_TOKEN_RESPONSE)
     except urllib.error.HTTPError as e:
         with e:
@@ -156,11 +164,15 @@ class TokenStore:
 
 
 class UpstreamAuth:
-    def __init__(self, store: TokenStore, fetch=http_get, on_token_fetch=lambda registry, outcome: None) -> None:
+    def __init__(self, store: TokenStore, fetch=http_get, on_token_fetch=lambda registry, outcome: None,
+                 challenge_timeout: float = CHALLENGE_TIMEOUT, clock=time.monotonic) -> None:
         self.store = store
-        self._fetch = fetch  # blocking; run in a thread
+        self._fetch = fetch  # blocking, (url, headers, timeout); run in a thread
+        self._challenge_timeout = challenge_timeout
+        self._clock = clock
         self._on_token_fetch = on_token_fetch  # (registry name, "ok" | "denied" | "error"), for metrics
         self._challenges: dict[str, Challenge] = {}
+        self._challenge_failures: dict[str, tuple[float, UpstreamAuthError]] = {}  # registry -> (retry time, error)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> (its lock, tasks holding or awaiting it)
         self._refused: set[str] = set()  # registries whose refusal was logged, until they accept again
 
@@ -186,14 +198,22 @@ class UpstreamAuth:
         if (known := self._challenges.get(registry.name)) is not None:
             return known
         async with self._exclusive("challenge " + registry.name):
-            if (known := self._challenges.get(registry.name)) is None:
-                known = await self._learn_challenge(registry)
-                self._challenges[registry.name] = known
+            if (known := self._challenges.get(registry.name)) is not None:
+                return known
+            failure = self._challenge_failures.get(registry.name)
+            if failure and self._clock() < failure[0]:
+                raise UpstreamAuthError(failure[1].status, str(failure[1]))
+            try:
+                known = self._challenges[registry.name] = await self._learn_challenge(registry)
+            except UpstreamAuthError as e:
+                self._challenge_failures[registry.name] = (self._clock() + CHALLENGE_RETRY_AFTER, e)
+                raise
+            self._challenge_failures.pop(registry.name, None)
             return known
 
     async def _learn_challenge(self, registry: Registry) -> Challenge:
         try:
-            status, challenges, _ = await asyncio.to_thread(self._fetch, registry.upstream + "/v2/", {})
+            status, challenges, _ = await asyncio.to_thread(self._fetch, registry.upstream + "/v2/", {}, self._challenge_timeout)
         except (OSError, ValueError) as e:
             raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} is unreachable: {e}") from None
         if status != 401:
@@ -227,7 +247,7 @@ class UpstreamAuth:
         url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
         realm = _without_query(challenge.realm)
         try:
-            status, _, body = await asyncio.to_thread(self._fetch, url, headers)
+            status, _, body = await asyncio.to_thread(self._fetch, url, headers, TIMEOUT)
         except (OSError, ValueError) as e:
             self._on_token_fetch(registry.name, "error")
             raise UpstreamAuthError(502, f"token server {realm} of {registry.name} is unreachable: {e}") from None
