@@ -27,7 +27,7 @@ class FixedAuth:
     def refused(self, registry, repository):
         self.refusals.append((registry.name, repository))
 
-    def accepted(self, registry):
+    def accepted(self, registry, repository):
         pass
 
 

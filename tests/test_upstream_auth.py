@@ -120,8 +120,8 @@ def test_tokens_survive_a_restart_and_a_401_drops_them(tmp_path):
     auth = UpstreamAuth(again, upstream)
     assert asyncio.run(auth.authorization(HUB, "a/b")) == "Bearer token-2"
     assert len(upstream.token_requests()) == 1
-    auth.refused(HUB, "a/b")
-    assert asyncio.run(auth.authorization(HUB, "a/b")) == "Bearer token-5"  # challenge and token asked afresh
+    auth.refused(HUB, "a/b")  # to a stored token: not blamed on the credentials
+    assert asyncio.run(auth.authorization(HUB, "a/b")) == "Bearer token-4"  # a new token, the challenge kept
     assert len(upstream.token_requests()) == 2
     again.close()
 
@@ -227,3 +227,28 @@ def test_a_blackholed_upstream_fails_fast_and_is_not_asked_again_for_a_few_secon
         now[0] += 2
         asyncio.run(pulls(1))
         assert len(asked) == 2  # asked again
+
+
+def refusals_logged(auth: UpstreamAuth, registry: Registry, caplog) -> list[str]:
+    """What one authorization, answered 401 by the upstream, logs."""
+    caplog.clear()
+    asyncio.run(auth.authorization(registry, "a/b"))
+    with caplog.at_level(logging.WARNING):
+        auth.refused(registry, "a/b")
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_a_401_blames_the_credentials_only_when_it_answers_them(store, caplog):
+    anonymous = UpstreamAuth(store, FakeUpstream())
+    assert refusals_logged(anonymous, ANONYMOUS, caplog) == []  # a missing or private repository, say
+    assert "ghcr.io" in anonymous._challenges  # the challenge is kept
+    credentialed = UpstreamAuth(store, FakeUpstream())
+    line, = refusals_logged(credentialed, HUB, caplog)  # a token just fetched with the credentials
+    assert "DOCKERHUB_PASSWORD" in line and "secret-pw" not in line
+    assert "docker.io" not in credentialed._challenges
+    credentialed.accepted(HUB, "a/b")
+    store.put("docker.io me repository:a/b:pull", "stored", 60)
+    assert refusals_logged(credentialed, HUB, caplog) == []  # a stored token: it may have been revoked
+    basic = UpstreamAuth(store, FakeUpstream('Basic realm="r"'))
+    line, = refusals_logged(basic, HUB, caplog)
+    assert "Basic" in line and "DOCKERHUB_PASSWORD" in line

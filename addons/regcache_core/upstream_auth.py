@@ -175,6 +175,9 @@ class UpstreamAuth:
         self._challenge_failures: dict[str, tuple[float, UpstreamAuthError]] = {}  # registry -> (retry time, error)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> (its lock, tasks holding or awaiting it)
         self._refused: set[str] = set()  # registries whose refusal was logged, until they accept again
+        # registry -> key of the last token fetched with its credentials, until an answer to it
+        # arrives (one per registry, so it stays small even when answers never come)
+        self._fresh_tokens: dict[str, str] = {}
 
     async def authorization(self, registry: Registry, repository: str | None) -> str | None:
         """The Authorization value for a pull request to `registry`'s upstream, or None."""
@@ -186,13 +189,29 @@ class UpstreamAuth:
         return None
 
     def refused(self, registry: Registry, repository: str | None) -> None:
-        """The upstream answered 401 to what we sent: forget what we sent, so the next request asks afresh."""
-        self._challenges.pop(registry.name, None)
-        self.store.drop(_token_key(registry, pull_scope(repository)))
-        self._report_refusal(registry, f"{registry.upstream} answered 401 Unauthorized")
+        """The upstream answered 401 to what we sent: forget the scope's token, so the next
+        request asks afresh.
 
-    def accepted(self, registry: Registry) -> None:
+        Docker Hub also answers 401 for a repository that does not exist or is private, so the
+        credentials are blamed (one log line, and the challenge is learnt again) only when
+        nothing else can be meant: the 401 answers Basic authentication, or a token fetched
+        with the credentials for this scope and not yet used successfully.
+        """
+        key = _token_key(registry, pull_scope(repository))
+        self.store.drop(key)
+        fresh = self._fresh_tokens.get(registry.name) == key
+        if fresh:
+            del self._fresh_tokens[registry.name]
+        challenge = self._challenges.get(registry.name)
+        if fresh or (challenge is not None and challenge.scheme == "basic"):
+            self._challenges.pop(registry.name, None)
+            what = f"a token fetched with regcache's credentials for {repository}" if fresh else "Basic authentication"
+            self._report_refusal(registry, f"{registry.upstream} answered 401 Unauthorized to {what}")
+
+    def accepted(self, registry: Registry, repository: str | None) -> None:
         self._refused.discard(registry.name)
+        if self._fresh_tokens.get(registry.name) == _token_key(registry, pull_scope(repository)):
+            del self._fresh_tokens[registry.name]
 
     async def _challenge(self, registry: Registry) -> Challenge:
         if (known := self._challenges.get(registry.name)) is not None:
@@ -234,6 +253,8 @@ class UpstreamAuth:
                 return token
             token, expires_in = await self._fetch_token(registry, challenge, scope)
             await asyncio.to_thread(self.store.put, key, token, cache_lifetime(expires_in))
+            if registry.username:
+                self._fresh_tokens[registry.name] = key
             return token
 
     async def _fetch_token(self, registry: Registry, challenge: Challenge, scope: str | None) -> tuple[str, int]:
@@ -263,7 +284,7 @@ class UpstreamAuth:
             self._on_token_fetch(registry.name, "error")
             raise UpstreamAuthError(502, f"token server {realm} of {registry.name} gave no token ({e})") from None
         self._on_token_fetch(registry.name, "ok")
-        self.accepted(registry)
+        self._refused.discard(registry.name)
         return token
 
     def _report_refusal(self, registry: Registry, what: str) -> None:

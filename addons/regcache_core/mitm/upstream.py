@@ -68,7 +68,7 @@ class UpstreamCredentials:
             if response.status_code == 401:
                 self.auth.refused(target.registry, target.repository)
             elif response.status_code < 400:
-                self.auth.accepted(target.registry)
+                self.auth.accepted(target.registry, target.repository)
         # Clients and caches must not start a token dance of their own around us.
         response.headers.pop("WWW-Authenticate", None)
         if response.status_code in (301, 302, 303, 307, 308) and "Location" in response.headers:
