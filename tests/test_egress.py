@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import secrets
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,13 +156,16 @@ def test_egress_serves_only_what_a_cache_needs(world, method, path, status):
 
 @pytest.mark.parametrize("world", ["basic"], indirect=True)
 def test_egress_refuses_anyone_but_the_cache(world, images):
-    """Another address than the cache's (127.0.0.1) gets 403 and nothing goes upstream."""
+    """Another host than the cache's (loopback) gets 403 and nothing goes upstream."""
+    other_host = "192.0.2.10"  # an address of this test's own network namespace, not loopback
+    subprocess.run(["ip", "address", "replace", f"{other_host}/32", "dev", "lo"], check=True)
+
     def upstream_fetches():
         return sum(v for (name, _), v in world.stack.metrics().items() if name == "regcache_upstream_fetches_total")
 
     before = upstream_fetches()
     request = f"GET /v2/{images['small'].name}/manifests/1.0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    answer = raw_exchange(world.stack.port + 80, request.encode(), source="127.0.0.2")
+    answer = raw_exchange(world.stack.port + 80, request.encode(), source=other_host)
     assert answer.startswith(b"HTTP/1.1 403") and b"DENIED" in answer
     assert upstream_fetches() == before
 
