@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from parts import REGCACHE, REPO, Stack, accepts_connections
+from parts import PROXY_VARIABLES, REGCACHE, REPO, Stack, accepts_connections, docker_io_stack
 
 MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
 
@@ -81,5 +81,15 @@ def test_a_cache_that_dies_stops_the_rest_and_exits_1(tmp_path, upstream):
         assert stack.process.wait(30) == 1
         assert not accepts_connections(5200)
         assert any("exited with status" in line and "stopping" in line for line in stack.output)
+    finally:
+        stack.stop()
+
+
+def test_regcache_up_gets_ready_with_a_proxy_variable_set_and_logs_no_probe(tmp_path, upstream):
+    """Readiness probes never go through a proxy, and never to the client port (the pull log's)."""
+    nowhere = {variable: "http://127.0.0.1:9" for variable in PROXY_VARIABLES}
+    stack = docker_io_stack(tmp_path, upstream, 5200, nowhere).start(timeout=20)
+    try:
+        assert stack.pull_records() == []
     finally:
         stack.stop()
