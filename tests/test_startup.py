@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from parts import PROXY_VARIABLES, REGCACHE, REPO, Stack, accepts_connections, docker_io_stack
+from parts import PROXY_VARIABLES, REGCACHE, REPO, TEST_DOMAIN, Stack, accepts_connections, docker_io_stack, pull
 
 MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
 
@@ -91,5 +91,15 @@ def test_regcache_up_gets_ready_with_a_proxy_variable_set_and_logs_no_probe(tmp_
     stack = docker_io_stack(tmp_path, upstream, 5200, nowhere).start(timeout=20)
     try:
         assert stack.pull_records() == []
+    finally:
+        stack.stop()
+
+
+def test_a_cache_on_ipv6_loopback_runs_and_serves(tmp_path, upstream, images):
+    image = images["small"]
+    stack = docker_io_stack(tmp_path, upstream, 5200, {"DOCKERHUB_CACHE": "http://[::1]:5201"}).start(timeout=30)
+    try:
+        assert pull(f"docker.io.{TEST_DOMAIN}:5200", image, tmp_path / "pulled") == image.manifest_digest
+        assert accepts_connections(5201, "::1")
     finally:
         stack.stop()

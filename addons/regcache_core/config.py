@@ -172,6 +172,8 @@ def _registry(key: str, get, egress_port: int) -> Registry:
     if not _REGISTRY_NAME.fullmatch(name):
         raise ConfigError(f"{name_var}: {name!r} is not a registry host name such as docker.io")
     cache = None if get(cache_var).lower() == "none" else base_url(cache_var, get(cache_var))
+    if cache and cache.startswith("https:") and is_local(cache):
+        raise ConfigError(f"{cache_var}: {cache!r} is on this machine, so `regcache up` runs it, without TLS: use http://")
     username, password = get(f"{key}_USERNAME"), get(f"{key}_PASSWORD")
     if bool(username) != bool(password):
         missing, given = (f"{key}_PASSWORD", f"{key}_USERNAME") if username else (f"{key}_USERNAME", f"{key}_PASSWORD")
