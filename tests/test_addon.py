@@ -13,10 +13,11 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from parts import REPO
 from regcache_core.mitm.keys import BYTE_COUNTER, TARGET
-from regcache_core.mitm.recorder import ByteCounter, pull_record
+from regcache_core.mitm.recorder import ByteCounter, Recorder, pull_record
 from regcache_core.mitm.router import Router
 from regcache_core.mitm.settings import Settings
 from regcache_core.config import DEFAULTS, parse_config
+from regcache_core.metrics import Metrics
 from regcache_core.redirects import RedirectSigner
 
 ADDON_SCRIPT = REPO / "addons" / "regcache.py"
@@ -209,3 +210,13 @@ def test_a_signed_redirect_is_followed_for_pulls_only(method):
     flow = routed(client_flow(path, method=method), signer)
     assert flow.response.status_code == 405
     assert (flow.request.host, flow.request.port) == ("127.0.0.1", 5000)
+
+
+def test_a_followed_redirect_streams_like_a_blob():
+    signer = RedirectSigner()
+    path = signer.location("https://registry-1.docker.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob",
+                           CONFIG.registry("docker.io"))
+    flow = routed(client_flow(path), signer)
+    flow.response = http.Response.make(200, b"")  # its headers; mitmproxy has not read the body
+    Recorder(Metrics(), []).responseheaders(flow)
+    assert isinstance(flow.response.stream, ByteCounter) and flow.metadata[BYTE_COUNTER] is flow.response.stream

@@ -48,8 +48,9 @@ class Recorder:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         target = flow.metadata.get(TARGET) or flow.metadata.get(EGRESS)
-        # Blobs always stream; smaller bodies stream once stream_large_bodies says so.
-        if flow.response.stream is True or (target and target.kind == "blob"):
+        # Blobs always stream (a redirect we follow leads to a blob on a CDN); smaller bodies
+        # stream once stream_large_bodies says so.
+        if flow.response.stream is True or REDIRECT in flow.metadata or (target and target.kind == "blob"):
             flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter()
 
     def response(self, flow: http.HTTPFlow) -> None:
