@@ -19,11 +19,13 @@ from regcache_core.mitm.settings import Settings
 from regcache_core.config import DEFAULTS, parse_config
 from regcache_core.metrics import Metrics
 from regcache_core.redirects import RedirectSigner
+from regcache_core.routing import Target
 
 ADDON_SCRIPT = REPO / "addons" / "regcache.py"
 CONFIG = parse_config({**DEFAULTS, "REGISTRY_DOMAIN": "regcache.test", "GHCR_CACHE": "none"})
 HUB = "docker.io.regcache.test:5000"
 DIGEST = "sha256:" + "ab" * 32
+GHCR_BLOB = Target(CONFIG.registry("ghcr.io"), "blob", "x", DIGEST, f"/v2/x/blobs/{DIGEST}")  # ghcr.io is uncached
 
 
 def load_script(tctx: taddons.context, env_file, **flags):
@@ -206,7 +208,7 @@ def test_an_unexpected_error_while_routing_is_answered_not_sent_to_the_placehold
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
 def test_a_signed_redirect_is_followed_for_pulls_only(method):
     signer = RedirectSigner()
-    path = signer.location("https://registry-1.docker.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob", CONFIG.registry("docker.io"))
+    path = signer.location("https://registry-1.docker.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob", GHCR_BLOB)
     flow = routed(client_flow(path, method=method), signer)
     assert flow.response.status_code == 405
     assert (flow.request.host, flow.request.port) == ("127.0.0.1", 5000)
@@ -214,9 +216,19 @@ def test_a_signed_redirect_is_followed_for_pulls_only(method):
 
 def test_a_followed_redirect_streams_like_a_blob():
     signer = RedirectSigner()
-    path = signer.location("https://registry-1.docker.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob",
-                           CONFIG.registry("docker.io"))
+    path = signer.location("https://ghcr.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob", GHCR_BLOB)
     flow = routed(client_flow(path), signer)
     flow.response = http.Response.make(200, b"")  # its headers; mitmproxy has not read the body
     Recorder(Metrics(), []).responseheaders(flow)
     assert isinstance(flow.response.stream, ByteCounter) and flow.metadata[BYTE_COUNTER] is flow.response.stream
+
+
+def test_a_client_following_a_redirect_is_logged_as_the_registrys_blob_with_its_bytes():
+    signer = RedirectSigner()
+    flow = routed(client_flow(signer.location("https://ghcr.io/v2/x/blobs/" + DIGEST, "https://cdn.example/b?s=1", GHCR_BLOB)), signer)
+    assert (flow.request.host, flow.request.path) == ("cdn.example", "/b?s=1")
+    counter = flow.metadata[BYTE_COUNTER] = ByteCounter()
+    counter(b"x" * 2048)
+    record = finished(flow, http.Response.make(200, b""))
+    assert (record["registry"], record["kind"], record["repository"], record["reference"], record["bytes"]) == (
+        "ghcr.io", "blob", "x", DIGEST, 2048)

@@ -139,6 +139,14 @@ def test_uncached_registry_gets_our_credentials(world, images):
     assert pull(world.host("ghcr.io"), image, world.tmp / "passthrough") == image.manifest_digest
     records = pull_records(world.stack, before, image, "ghcr.io")
     assert records and {r["cache"] for r in records} == {None}
+    if world.cdn:
+        # The client followed the CDN redirects through regcache: logged as ghcr.io's blobs, with their bytes.
+        def downloaded(records):
+            return {r["reference"] for r in records[before:]
+                    if (r["registry"], r["kind"], r["status"]) == ("ghcr.io", "blob", 200) and r["bytes"] > 0}
+
+        layers = set(image.blob_digests[1:])
+        assert downloaded(world.stack.pull_records_until(lambda records: downloaded(records) >= layers)) >= layers
 
 
 @pytest.mark.parametrize("world", ["basic"], indirect=True)

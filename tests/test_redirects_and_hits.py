@@ -9,24 +9,27 @@ import pytest
 from regcache_core.cache_watch import InFlight
 from regcache_core.config import Registry
 from regcache_core.redirects import RedirectSigner, SignedRedirect, is_redirect_path, resolves_internal
+from regcache_core.routing import Target
 
 BLOB = "https://registry-1.docker.io/v2/library/small/blobs/sha256:" + "a" * 64
 CDN = "https://cdn.example/blobs/x?sig=abc&expires=1"
 TAG_DIGEST = "sha256:" + "b" * 64
-HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001")
-ON_LOOPBACK = Registry("LOCAL", "local.test", "http://127.0.0.1:6000", None)
+HUB = Target(Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001"),
+             "blob", "library/small", "sha256:" + "a" * 64, "/v2/library/small/blobs/sha256:" + "a" * 64)
+ON_LOOPBACK = Target(Registry("LOCAL", "local.test", "http://127.0.0.1:6000", None), "blob", "a/b", TAG_DIGEST, "")
 
 
-def followed(signer: RedirectSigner, location: str, registry: Registry = HUB, request_url: str = BLOB) -> str | None:
+def followed(signer: RedirectSigner, location: str, answers: Target = HUB, request_url: str = BLOB) -> str | None:
     """The URL our redirect path for `location` leads to; None when it was refused."""
-    path = signer.location(request_url, location, registry)
+    path = signer.location(request_url, location, answers)
     return path and signer.target(path).url
 
 
 def test_only_redirects_we_signed_are_followed():
     signer = RedirectSigner()
     path = signer.location(BLOB, CDN, HUB)
-    assert is_redirect_path(path) and signer.target(path) == SignedRedirect(CDN, "docker.io")
+    assert is_redirect_path(path)
+    assert signer.target(path) == SignedRedirect(CDN, "docker.io", "blob", "library/small", "sha256:" + "a" * 64)
     assert signer.target(path.replace("cdn.example", "evil.example")) is None
     assert RedirectSigner().target(path) is None  # another process's key
     assert signer.target("/_regcache/redirect?url=https://evil.example/") is None

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
 from .config import Registry, is_local
+from .routing import Target
 
 REDIRECT_PATH = "/_regcache/redirect"
 REDIRECT_LIFETIME = 300  # seconds a signed redirect path can be followed; clients follow at once
@@ -44,8 +45,14 @@ def is_redirect_path(path: str) -> bool:
 
 @dataclass(frozen=True)
 class SignedRedirect:
+    """What a redirect path carries: where it leads, and the request of a client (or cache) it
+    answers, so that the follow-up is logged as that registry's blob."""
+
     url: str
     registry: str  # the name of the registry whose upstream redirected
+    kind: str
+    repository: str | None
+    reference: str | None
 
 
 class RedirectSigner:
@@ -53,13 +60,18 @@ class RedirectSigner:
         self._key = key or secrets.token_bytes(32)
         self._clock = clock
 
-    def location(self, request_url: str, location: str, registry: Registry) -> str | None:
-        """Our Location for `location`, which `registry`'s upstream (or a CDN it sent us to)
-        gave in answer to `request_url`; None where it may not lead (see the module's docstring)."""
-        target = urljoin(request_url, location)
-        if not may_lead_to(registry, target):
+    def location(self, request_url: str, location: str, answers: Target) -> str | None:
+        """Our Location for `location`, which the upstream of `answers.registry` (or a CDN it
+        sent us to) gave in answer to `request_url`; None where it may not lead (see the
+        module's docstring)."""
+        url = urljoin(request_url, location)
+        if not may_lead_to(answers.registry, url):
             return None
-        fields = {"url": target, "registry": registry.name, "exp": str(int(self._clock()) + REDIRECT_LIFETIME)}
+        fields = {
+            "url": url, "registry": answers.registry.name, "kind": answers.kind,
+            "repository": answers.repository or "", "reference": answers.reference or "",
+            "exp": str(int(self._clock()) + REDIRECT_LIFETIME),
+        }
         return REDIRECT_PATH + "?" + urlencode({**fields, "sig": self._sign(fields)})
 
     def target(self, path: str) -> SignedRedirect | None:
@@ -72,7 +84,8 @@ class RedirectSigner:
         expires = fields.get("exp", "")
         if not _TIME.fullmatch(expires) or int(expires) < self._clock():
             return None
-        return SignedRedirect(fields.get("url", ""), fields.get("registry", ""))
+        return SignedRedirect(fields.get("url", ""), fields.get("registry", ""), fields.get("kind", ""),
+                              fields.get("repository") or None, fields.get("reference") or None)
 
     def _sign(self, fields: dict[str, str]) -> str:
         return hmac.new(self._key, urlencode(sorted(fields.items())).encode(), hashlib.sha256).hexdigest()

@@ -106,11 +106,8 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
 
 def upstream_registry(flow: http.HTTPFlow) -> str | None:
     """The registry whose upstream this flow went to with our credentials, if it did."""
-    if (target := flow.metadata.get(UPSTREAM)) is not None:
-        return target.registry.name
-    if REDIRECT in flow.metadata and (registry := flow.metadata.get(EGRESS_FOR)) is not None:
-        return registry.name
-    return None
+    target: Target | None = flow.metadata.get(UPSTREAM) or flow.metadata.get(REDIRECT)
+    return target.registry.name if target else None
 
 
 def log_upstream_fetch(flow: http.HTTPFlow, record: PullRecord) -> None:

@@ -11,7 +11,7 @@ from mitmproxy import http
 from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
 from ..redirects import RedirectSigner, is_redirect_path, resolves_internal
-from ..routing import Refusal, refuse_method, route, route_egress
+from ..routing import Refusal, Target, refuse_method, route, route_egress
 from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
 
@@ -99,7 +99,11 @@ class Router:
             logger.warning("refused a redirect of %s's upstream to %s: it is this machine or its link", registry.name, parts.hostname)
             answer(flow, Refusal(403, "DENIED", f"redirect target {parts.hostname} is an internal address"))
             return
-        flow.metadata[REDIRECT] = registry
+        target = Target(registry, redirect.kind, redirect.repository, redirect.reference, redirect.url)
+        flow.metadata[REDIRECT] = target
+        if EGRESS_FOR not in flow.metadata:
+            # A client follows it (an uncached registry): its pull log line names that blob.
+            flow.metadata[TARGET] = target
         send_to(flow.request, f"{parts.scheme}://{parts.netloc}", parts._replace(scheme="", netloc="").geturl())
 
 

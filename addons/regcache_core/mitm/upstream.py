@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from ..config import Registry
 from ..metrics import Metrics
 from ..redirects import RedirectSigner
 from ..routing import Refusal, Target
@@ -59,8 +58,8 @@ class UpstreamCredentials:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
         target: Target | None = flow.metadata.get(UPSTREAM)
-        registry: Registry | None = target.registry if target else flow.metadata.get(REDIRECT)
-        if registry is None:
+        answers: Target | None = target or flow.metadata.get(REDIRECT)  # what a redirect of this answers
+        if answers is None:
             return
         response = flow.response
         if target is not None:
@@ -72,7 +71,7 @@ class UpstreamCredentials:
         # Clients and caches must not start a token dance of their own around us.
         response.headers.pop("WWW-Authenticate", None)
         if response.status_code in (301, 302, 303, 307, 308) and "Location" in response.headers:
-            location = self.signer.location(flow.request.url, response.headers["Location"], registry)
+            location = self.signer.location(flow.request.url, response.headers["Location"], answers)
             if location is None:
                 del response.headers["Location"]
             else:
