@@ -16,12 +16,11 @@ process of this machine can reach a loopback listener anyway; the guard keeps ot
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import time
 from urllib.parse import urlsplit
 
-from .config import Registry
+from .config import Registry, parse_ip
 
 LOOKUP_TTL = 30.0  # seconds an answer is trusted
 
@@ -55,18 +54,10 @@ class EgressGuard:
 
 
 def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+    return (parsed := parse_ip(address)) is not None and parsed.is_loopback
 
 
 def normalize(address: str) -> str:
     """One spelling per address: IPv4-mapped IPv6 (::ffff:10.0.0.5) as IPv4, scope ids dropped."""
-    try:
-        parsed = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped:
-        parsed = parsed.ipv4_mapped
-    return str(parsed)
+    parsed = parse_ip(address)
+    return address if parsed is None else str(parsed)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import ipaddress
 import re
 import secrets
 import socket
@@ -31,7 +30,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
-from .config import Registry, is_local
+from .config import Registry, is_local, parse_ip
 from .routing import Target
 
 REDIRECT_PATH = "/_regcache/redirect"
@@ -116,10 +115,5 @@ def is_internal_host(host: str) -> bool:
     host = host.rstrip(".").lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.is_loopback or address.is_link_local or address.is_unspecified
+    address = parse_ip(host)
+    return address is not None and (address.is_loopback or address.is_link_local or address.is_unspecified)
