@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from regcache_core.cache_watch import InFlight
+from regcache_core.hit_tracking import InFlight
 from regcache_core.config import Registry
 from regcache_core.redirects import RedirectSigner, SignedRedirect, is_redirect_path, resolves_internal
 from regcache_core.routing import Target

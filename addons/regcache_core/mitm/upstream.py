@@ -11,7 +11,7 @@ from ..routing import Refusal, Target
 from ..upstream_auth import TokenStore, UpstreamAuth, UpstreamAuthError
 from ..upstream_signals import UpstreamSignals
 from .keys import INJECTED, REDIRECT, UPSTREAM
-from .router import answer
+from .router import refuse
 from .settings import Settings
 
 REDACTED = "<redacted by regcache>"
@@ -49,7 +49,7 @@ class UpstreamCredentials:
             authorization = await self.auth.authorization(target.registry, target.repository)
         except UpstreamAuthError as e:
             code = "UNAUTHORIZED" if e.status == 401 else "UNAVAILABLE"
-            answer(flow, Refusal(e.status, code, str(e)))
+            refuse(flow, Refusal(e.status, code, str(e)))
             return
         if authorization:
             flow.request.headers["Authorization"] = authorization
