@@ -13,16 +13,19 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from parts import REPO
 from regcache_core.mitm.keys import BYTE_COUNTER, TARGET
-from regcache_core.mitm.recorder import ByteCounter, pull_record
+from regcache_core.mitm.recorder import ByteCounter, Recorder, pull_record
 from regcache_core.mitm.router import Router
 from regcache_core.mitm.settings import Settings
 from regcache_core.config import DEFAULTS, parse_config
+from regcache_core.metrics import Metrics
 from regcache_core.redirects import RedirectSigner
+from regcache_core.routing import Target
 
 ADDON_SCRIPT = REPO / "addons" / "regcache.py"
 CONFIG = parse_config({**DEFAULTS, "REGISTRY_DOMAIN": "regcache.test", "GHCR_CACHE": "none"})
 HUB = "docker.io.regcache.test:5000"
 DIGEST = "sha256:" + "ab" * 32
+GHCR_BLOB = Target(CONFIG.registry("ghcr.io"), "blob", "x", DIGEST, f"/v2/x/blobs/{DIGEST}")  # ghcr.io is uncached
 
 
 def load_script(tctx: taddons.context, env_file, **flags):
@@ -83,8 +86,8 @@ def client_flow(path: str, host: str = HUB, method: str = "GET", authority: str 
     return tflow.tflow(req=request)
 
 
-def routed(flow: http.HTTPFlow) -> http.HTTPFlow:
-    router = Router(Settings(), RedirectSigner())
+def routed(flow: http.HTTPFlow, signer: RedirectSigner | None = None) -> http.HTTPFlow:
+    router = Router(Settings(), signer or RedirectSigner())
     router.settings.config = CONFIG
     asyncio.run(router.requestheaders(flow))
     return flow
@@ -180,3 +183,52 @@ def test_pull_record_holds_no_header_value():
     flow.request.headers["Authorization"] = "Bearer s3cret-token"
     record = finished(flow, http.Response.make(200, b"{}", {"Set-Cookie": "session=s3cret-cookie"}))
     assert "s3cret" not in json.dumps(record)
+
+
+@pytest.mark.parametrize("signature", ["%C3%A9", "00", ""])
+def test_a_redirect_path_with_a_bad_signature_is_refused(signature):
+    flow = routed(client_flow(f"/_regcache/redirect?url=https://cdn.example/x&sig={signature}"))
+    assert flow.response.status_code == 403
+    assert json.loads(flow.response.content)["errors"][0]["code"] == "DENIED"
+
+
+def test_an_unexpected_error_while_routing_is_answered_not_sent_to_the_placeholder(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("regcache_core.mitm.router.route", broken)
+    with caplog.at_level(logging.ERROR):
+        flow = routed(client_flow("/v2/library/small/manifests/1.0"))
+    assert flow.response.status_code == 500
+    assert json.loads(flow.response.content)["errors"][0]["code"] == "UNKNOWN"
+    assert (flow.request.host, flow.request.port) == ("127.0.0.1", 5000)
+    assert "could not route" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE"])
+def test_a_signed_redirect_is_followed_for_pulls_only(method):
+    signer = RedirectSigner()
+    path = signer.location("https://registry-1.docker.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob", GHCR_BLOB)
+    flow = routed(client_flow(path, method=method), signer)
+    assert flow.response.status_code == 405
+    assert (flow.request.host, flow.request.port) == ("127.0.0.1", 5000)
+
+
+def test_a_followed_redirect_streams_like_a_blob():
+    signer = RedirectSigner()
+    path = signer.location("https://ghcr.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob", GHCR_BLOB)
+    flow = routed(client_flow(path), signer)
+    flow.response = http.Response.make(200, b"")  # its headers; mitmproxy has not read the body
+    Recorder(Metrics(), []).responseheaders(flow)
+    assert isinstance(flow.response.stream, ByteCounter) and flow.metadata[BYTE_COUNTER] is flow.response.stream
+
+
+def test_a_client_following_a_redirect_is_logged_as_the_registrys_blob_with_its_bytes():
+    signer = RedirectSigner()
+    flow = routed(client_flow(signer.location("https://ghcr.io/v2/x/blobs/" + DIGEST, "https://cdn.example/b?s=1", GHCR_BLOB)), signer)
+    assert (flow.request.host, flow.request.path) == ("cdn.example", "/b?s=1")
+    counter = flow.metadata[BYTE_COUNTER] = ByteCounter()
+    counter(b"x" * 2048)
+    record = finished(flow, http.Response.make(200, b""))
+    assert (record["registry"], record["kind"], record["repository"], record["reference"], record["bytes"]) == (
+        "ghcr.io", "blob", "x", DIGEST, 2048)

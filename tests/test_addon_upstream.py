@@ -27,7 +27,7 @@ class FixedAuth:
     def refused(self, registry, repository):
         self.refusals.append((registry.name, repository))
 
-    def accepted(self, registry):
+    def accepted(self, registry, repository):
         pass
 
 
@@ -55,7 +55,12 @@ def test_injected_header_is_redacted_once_sent_and_challenges_never_pass():
 def test_redirect_is_rewritten_to_a_signed_path_on_the_proxy():
     _, signer, flow = upstream_flow(307, {"Location": "https://cdn.example/blob?sig=1"})
     location = flow.response.headers["Location"]
-    assert location.startswith("/_regcache/redirect?") and signer.target(location) == "https://cdn.example/blob?sig=1"
+    assert location.startswith("/_regcache/redirect?") and signer.target(location).url == "https://cdn.example/blob?sig=1"
+
+
+def test_a_redirect_to_this_machine_loses_its_location():
+    _, _, flow = upstream_flow(307, {"Location": "https://127.0.0.1:5070/metrics"})
+    assert "Location" not in flow.response.headers
 
 
 def test_redacted_also_when_the_upstream_connection_fails():

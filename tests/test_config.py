@@ -115,6 +115,7 @@ def test_credentials_come_in_pairs_and_stay_out_of_repr():
     ({"REGCACHE_EGRESS_PORT": "4999"}, "REGCACHE_EGRESS_PORT", "must not include REGCACHE_PORT (5000)"),
     ({"REGCACHE_EGRESS_PORT": "65534"}, "REGCACHE_EGRESS_PORT", "must be valid"),
     ({"REGCACHE_EGRESS_HOST": "cache.local"}, "REGCACHE_EGRESS_HOST", "not an IP address"),
+    ({"DOCKERHUB_CACHE": "https://127.0.0.1:5001"}, "DOCKERHUB_CACHE", "without TLS: use http://"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(changes, variable, says):
     with pytest.raises(ConfigError) as raised:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,14 @@ def test_uncached_registry_gets_our_credentials(world, images):
     assert pull(world.host("ghcr.io"), image, world.tmp / "passthrough") == image.manifest_digest
     records = pull_records(world.stack, before, image, "ghcr.io")
     assert records and {r["cache"] for r in records} == {None}
+    if world.cdn:
+        # The client followed the CDN redirects through regcache: logged as ghcr.io's blobs, with their bytes.
+        def downloaded(records):
+            return {r["reference"] for r in records[before:]
+                    if (r["registry"], r["kind"], r["status"]) == ("ghcr.io", "blob", 200) and r["bytes"] > 0}
+
+        layers = set(image.blob_digests[1:])
+        assert downloaded(world.stack.pull_records_until(lambda records: downloaded(records) >= layers)) >= layers
 
 
 @pytest.mark.parametrize("world", ["basic"], indirect=True)
@@ -151,13 +160,16 @@ def test_egress_serves_only_what_a_cache_needs(world, method, path, status):
 
 @pytest.mark.parametrize("world", ["basic"], indirect=True)
 def test_egress_refuses_anyone_but_the_cache(world, images):
-    """Another address than the cache's (127.0.0.1) gets 403 and nothing goes upstream."""
+    """Another host than the cache's (loopback) gets 403 and nothing goes upstream."""
+    other_host = "192.0.2.10"  # an address of this test's own network namespace, not loopback
+    subprocess.run(["ip", "address", "replace", f"{other_host}/32", "dev", "lo"], check=True)
+
     def upstream_fetches():
         return sum(v for (name, _), v in world.stack.metrics().items() if name == "regcache_upstream_fetches_total")
 
     before = upstream_fetches()
     request = f"GET /v2/{images['small'].name}/manifests/1.0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    answer = raw_exchange(world.stack.port + 80, request.encode(), source="127.0.0.2")
+    answer = raw_exchange(world.stack.port + 80, request.encode(), source=other_host)
     assert answer.startswith(b"HTTP/1.1 403") and b"DENIED" in answer
     assert upstream_fetches() == before
 

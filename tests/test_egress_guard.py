@@ -21,8 +21,16 @@ def test_the_cache_address_is_allowed_and_others_are_not():
     guard = EgressGuard()
     assert allows(guard, NATIVE, "127.0.0.1")
     assert allows(guard, NATIVE, "::ffff:127.0.0.1")  # a dual-stack listener's spelling
-    assert not allows(guard, NATIVE, "127.0.0.2")
     assert not allows(guard, NATIVE, "10.0.0.7")
+
+
+def test_loopback_addresses_are_one_when_the_cache_is_on_loopback():
+    """REGCACHE_EGRESS_HOST=:: makes a cache at 127.0.0.1 connect from ::1."""
+    guard = EgressGuard()
+    assert allows(guard, NATIVE, "::1") and allows(guard, NATIVE, "127.0.0.2")
+    guard._known["cache.example"] = (0.0, frozenset({"10.0.0.9"}))
+    in_compose = Registry("K8S", "registry.k8s.io", "https://registry.k8s.io", "http://cache.example:5000")
+    assert not allows(guard, in_compose, "::1") and not allows(guard, in_compose, "127.0.0.1")
 
 
 def test_a_cache_named_by_host_name_is_looked_up():

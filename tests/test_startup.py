@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from parts import PORT_BASES, REGCACHE, REGISTRY_PROGRAM, REPO, accepts_connections, child_pids, docker_io_stack
+from parts import (
+    PORT_BASES, PROXY_VARIABLES, REGCACHE, REGISTRY_PROGRAM, REPO, TEST_DOMAIN, accepts_connections, child_pids,
+    docker_io_stack, pull,
+)
 
 MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
 PORT = PORT_BASES["test_startup"]
@@ -69,5 +72,25 @@ def test_a_cache_that_dies_stops_the_rest_and_exits_1(tmp_path, upstream):
         assert stack.process.wait(30) == 1
         assert not accepts_connections(PORT)
         assert any("exited with status" in line and "stopping" in line for line in stack.output)
+    finally:
+        stack.stop()
+
+
+def test_regcache_up_gets_ready_with_a_proxy_variable_set_and_logs_no_probe(tmp_path, upstream):
+    """Readiness probes never go through a proxy, and never to the client port (the pull log's)."""
+    nowhere = {variable: "http://127.0.0.1:9" for variable in PROXY_VARIABLES}
+    stack = docker_io_stack(tmp_path, upstream, PORT, nowhere).start(timeout=20)
+    try:
+        assert stack.pull_records() == []
+    finally:
+        stack.stop()
+
+
+def test_a_cache_on_ipv6_loopback_runs_and_serves(tmp_path, upstream, images):
+    image = images["small"]
+    stack = docker_io_stack(tmp_path, upstream, PORT, {"DOCKERHUB_CACHE": f"http://[::1]:{CACHE_PORT}"}).start(timeout=30)
+    try:
+        assert pull(f"docker.io.{TEST_DOMAIN}:{PORT}", image, tmp_path / "pulled") == image.manifest_digest
+        assert accepts_connections(CACHE_PORT, "::1")
     finally:
         stack.stop()

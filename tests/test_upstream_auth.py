@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import logging
+import socket
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from regcache_core.upstream_auth import (
     UpstreamAuth,
     UpstreamAuthError,
     cache_lifetime,
+    http_get,
     parse_challenge,
     parse_token_response,
     pick_challenge,
@@ -74,7 +76,7 @@ class FakeUpstream:
         self.challenge, self.password, self.delay = challenge, password, delay
         self.calls: list[tuple[str, dict]] = []
 
-    def __call__(self, url, headers):
+    def __call__(self, url, headers, timeout):
         self.calls.append((url, headers))
         time.sleep(self.delay)
         if url.endswith("/v2/"):
@@ -118,8 +120,8 @@ def test_tokens_survive_a_restart_and_a_401_drops_them(tmp_path):
     auth = UpstreamAuth(again, upstream)
     assert asyncio.run(auth.authorization(HUB, "a/b")) == "Bearer token-2"
     assert len(upstream.token_requests()) == 1
-    auth.refused(HUB, "a/b")
-    assert asyncio.run(auth.authorization(HUB, "a/b")) == "Bearer token-5"  # challenge and token asked afresh
+    auth.refused(HUB, "a/b")  # to a stored token: not blamed on the credentials
+    assert asyncio.run(auth.authorization(HUB, "a/b")) == "Bearer token-4"  # a new token, the challenge kept
     assert len(upstream.token_requests()) == 2
     again.close()
 
@@ -161,9 +163,92 @@ def test_wrong_credentials_give_401_and_one_log_line_without_the_secret(store, c
 
 
 def test_unreachable_upstream_is_a_502(store):
-    def unreachable(url, headers):
+    def unreachable(url, headers, timeout):
         raise ConnectionRefusedError("connection refused")
 
     with pytest.raises(UpstreamAuthError) as error:
         asyncio.run(UpstreamAuth(store, unreachable).authorization(HUB, "a/b"))
     assert error.value.status == 502 and "docker.io" in str(error.value)
+
+
+def test_credentials_go_to_an_https_realm_only_unless_the_upstream_is_http(store):
+    plain_realm = 'Bearer realm="http://auth.example/token?x=1",service="s"'
+    upstream = FakeUpstream(plain_realm)
+    with pytest.raises(UpstreamAuthError) as refused:
+        asyncio.run(UpstreamAuth(store, upstream).authorization(HUB, "a/b"))
+    assert refused.value.status == 502 and "(http://auth.example/token)" in str(refused.value)
+    assert upstream.token_requests() == []
+    on_http = Registry("LOCAL", "local.test", "http://127.0.0.1:6000", None, "me", "secret-pw")
+    assert asyncio.run(UpstreamAuth(store, upstream).authorization(on_http, "a/b")) == "Bearer token-3"
+
+
+def test_no_lock_is_kept_once_its_fetch_ended(store):
+    upstream = FakeUpstream(delay=0.05)
+    auth = UpstreamAuth(store, upstream)
+
+    async def many(repositories):
+        pulls = [auth.authorization(HUB, repositories[i % len(repositories)]) for i in range(20)]
+        await asyncio.gather(*pulls, return_exceptions=True)
+
+    asyncio.run(many([f"repo/n{i}" for i in range(5)]))
+    assert len(upstream.token_requests()) == 5  # one per scope: the locks did share fetches
+    assert auth._locks == {}
+    upstream.password = "changed"  # failing fetches release their locks too
+    asyncio.run(many(["repo/refused"]))
+    assert auth._locks == {}
+
+
+def test_a_blackholed_upstream_fails_fast_and_is_not_asked_again_for_a_few_seconds(store):
+    """An upstream that accepts connections but never answers (a listening socket nobody reads)."""
+    now = [0.0]
+    asked = []
+
+    def fetch(url, headers, timeout):
+        asked.append(url)
+        return http_get(url, headers, timeout)
+
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen()
+        upstream = Registry("DOCKERHUB", "docker.io", f"http://127.0.0.1:{blackhole.getsockname()[1]}", None)
+        auth = UpstreamAuth(store, fetch, challenge_timeout=0.3, clock=lambda: now[0])
+
+        async def pulls(count):
+            return await asyncio.gather(*(auth.authorization(upstream, "a/b") for _ in range(count)), return_exceptions=True)
+
+        started = time.monotonic()
+        errors = asyncio.run(pulls(5))
+        assert time.monotonic() - started < 2  # one timeout, not five in turn
+        assert {(e.status, "unreachable" in str(e)) for e in errors} == {(502, True)}
+        assert len(asked) == 1
+        now[0] += 4
+        asyncio.run(pulls(3))
+        assert len(asked) == 1  # still remembered
+        now[0] += 2
+        asyncio.run(pulls(1))
+        assert len(asked) == 2  # asked again
+
+
+def refusals_logged(auth: UpstreamAuth, registry: Registry, caplog) -> list[str]:
+    """What one authorization, answered 401 by the upstream, logs."""
+    caplog.clear()
+    asyncio.run(auth.authorization(registry, "a/b"))
+    with caplog.at_level(logging.WARNING):
+        auth.refused(registry, "a/b")
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_a_401_blames_the_credentials_only_when_it_answers_them(store, caplog):
+    anonymous = UpstreamAuth(store, FakeUpstream())
+    assert refusals_logged(anonymous, ANONYMOUS, caplog) == []  # a missing or private repository, say
+    assert "ghcr.io" in anonymous._challenges  # the challenge is kept
+    credentialed = UpstreamAuth(store, FakeUpstream())
+    line, = refusals_logged(credentialed, HUB, caplog)  # a token just fetched with the credentials
+    assert "DOCKERHUB_PASSWORD" in line and "secret-pw" not in line
+    assert "docker.io" not in credentialed._challenges
+    credentialed.accepted(HUB, "a/b")
+    store.put("docker.io me repository:a/b:pull", "stored", 60)
+    assert refusals_logged(credentialed, HUB, caplog) == []  # a stored token: it may have been revoked
+    basic = UpstreamAuth(store, FakeUpstream('Basic realm="r"'))
+    line, = refusals_logged(basic, HUB, caplog)
+    assert "Basic" in line and "DOCKERHUB_PASSWORD" in line

@@ -31,3 +31,10 @@ def test_rate_limit_goes_to_the_metrics_and_429_is_logged_with_the_registry(capl
     assert [r.getMessage() for r in caplog.records] == [
         "upstream docker.io answered 429 Too Many Requests (retry after 60)"
     ]
+
+
+@pytest.mark.parametrize("remaining, level", [(99, logging.INFO), (10, logging.INFO), (9, logging.WARNING), (0, logging.WARNING)])
+def test_a_rate_limit_running_low_is_a_warning(caplog, remaining, level):
+    with caplog.at_level(logging.INFO):
+        UpstreamSignals(Metrics()).observe("docker.io", 200, {"ratelimit-limit": "100", "ratelimit-remaining": str(remaining)})
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(level, f"upstream docker.io: {remaining} of 100 pulls left")]

@@ -67,7 +67,7 @@ def registry_config(backend: CacheBackend) -> dict:
             "delete": {"enabled": True},
         },
         "http": {
-            "addr": f"{cache.hostname}:{cache.port or 80}",
+            "addr": f"[{cache.hostname}]:{cache.port or 80}" if ":" in cache.hostname else f"{cache.hostname}:{cache.port or 80}",
             # A fixed secret per start; one instance per cache, so nothing else must share it.
             "secret": secrets.token_hex(16),
         },

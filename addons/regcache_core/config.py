@@ -172,6 +172,8 @@ def _registry(key: str, get, egress_port: int) -> Registry:
     if not _REGISTRY_NAME.fullmatch(name):
         raise ConfigError(f"{name_var}: {name!r} is not a registry host name such as docker.io")
     cache = None if get(cache_var).lower() == "none" else base_url(cache_var, get(cache_var))
+    if cache and cache.startswith("https:") and is_local(cache):
+        raise ConfigError(f"{cache_var}: {cache!r} is on this machine, so `regcache up` runs it, without TLS: use http://")
     username, password = get(f"{key}_USERNAME"), get(f"{key}_PASSWORD")
     if bool(username) != bool(password):
         missing, given = (f"{key}_PASSWORD", f"{key}_USERNAME") if username else (f"{key}_USERNAME", f"{key}_PASSWORD")
@@ -263,3 +265,15 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`text` as an IP address in one form per address (IPv4-mapped IPv6 such as ::ffff:10.0.0.5
+    as IPv4, scope ids dropped); None when it is no IP address."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address

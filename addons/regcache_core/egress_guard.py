@@ -6,17 +6,21 @@ the internal network, where only the caches are, but it is bound to every interf
 proxy's container. So each egress request is also checked against the addresses that the
 registry's cache URL resolves to (127.0.0.1 natively, the cache container's address in
 compose). Addresses are looked up again after a short while: containers restart with new ones.
+
+Loopback addresses count as one: when the cache is on this machine's loopback, a client on any
+loopback address (127.0.0.0/8 or ::1) is this machine too, and may be the cache: with
+REGCACHE_EGRESS_HOST=:: the cache connects from ::1 although its URL names 127.0.0.1. (Any
+process of this machine can reach a loopback listener anyway; the guard keeps other hosts out.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
 import time
 from urllib.parse import urlsplit
 
-from .config import Registry
+from .config import Registry, parse_ip
 
 LOOKUP_TTL = 30.0  # seconds an answer is trusted
 
@@ -31,7 +35,9 @@ class EgressGuard:
         """True when `client_ip` is an address of `registry`'s cache."""
         if registry.cache is None:
             return False
-        return normalize(client_ip) in await self._addresses(urlsplit(registry.cache).hostname)
+        client = normalize(client_ip)
+        addresses = await self._addresses(urlsplit(registry.cache).hostname)
+        return client in addresses or (is_loopback(client) and any(map(is_loopback, addresses)))
 
     async def _addresses(self, host: str) -> frozenset[str]:
         now = self._clock()
@@ -47,12 +53,11 @@ class EgressGuard:
         return addresses
 
 
+def is_loopback(address: str) -> bool:
+    return (parsed := parse_ip(address)) is not None and parsed.is_loopback
+
+
 def normalize(address: str) -> str:
     """One spelling per address: IPv4-mapped IPv6 (::ffff:10.0.0.5) as IPv4, scope ids dropped."""
-    try:
-        parsed = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped:
-        parsed = parsed.ipv4_mapped
-    return str(parsed)
+    parsed = parse_ip(address)
+    return address if parsed is None else str(parsed)

@@ -20,6 +20,8 @@ from .config import Config
 ADDON_SCRIPT = Path(__file__).resolve().parent.parent / "regcache.py"
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+# Readiness probes go to our own children on this machine, never through an http_proxy.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass
@@ -102,7 +104,9 @@ def _start_proxy(program: str, config: Config, env_file: str, web: bool) -> Chil
     # mitmdump: the pull log is the record of requests. mitmweb: nobody to open a browser for.
     command += ["--set", "web_open_browser=false"] if web else ["--set", "flow_detail=0"]
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
-    return Child(f"proxy ({Path(program).name})", process, (f"http://127.0.0.1:{config.port}/v2/", config.admin_url("/live")))
+    # The admin endpoint only: a probe of the client port would be a request in the pull log
+    # and the metrics. The admin endpoint starts once mitmproxy's listeners are open.
+    return Child(f"proxy ({Path(program).name})", process, (config.admin_url("/live"),))
 
 
 def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
@@ -124,7 +128,7 @@ def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
 
 def answers_http(url: str) -> bool:
     try:
-        urllib.request.urlopen(url, timeout=1).close()
+        _NO_PROXY.open(url, timeout=1).close()
     except urllib.error.HTTPError:
         pass  # an HTTP error status still means the server is up
     except (OSError, ValueError):

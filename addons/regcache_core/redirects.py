@@ -1,44 +1,119 @@
 """Upstream redirects (a blob GET answered with 307 to a CDN), followed through regcache.
 
 The Location an upstream gives is replaced by a path on the listener the request came in on,
-carrying the target URL and an HMAC of it under a key that lives only in this process. A
-request for that path goes to the target, without our Authorization header, so the bytes pass
-through (and are seen by) the proxy. Only targets we signed are followed: the path cannot be
-used to make regcache fetch any other URL.
+carrying the target URL, an expiry time and an HMAC of both under a key that lives only in
+this process. A GET or HEAD of that path goes to the target, without our Authorization header,
+so the bytes pass through (and are seen by) the proxy. Only targets we signed, and only for a
+few minutes, are followed: the path cannot be used to make regcache fetch any other URL, or a
+URL it signed long ago.
+
+Where a redirect may lead (checked when we sign it, and again when it is followed):
+- an https upstream's redirects must stay on https;
+- never to this machine or its link: a target whose host is, or resolves to, a loopback,
+  link-local or unspecified address (or is `localhost`) is refused, so an upstream cannot point
+  regcache at its own admin or egress listeners or at a cloud metadata service. Only an
+  upstream that is itself on loopback (a registry on this machine, as in the tests) may
+  redirect to loopback. Private (RFC 1918) addresses are allowed: registries inside a company
+  network keep their blobs there.
+A refused Location is removed from the answer; a refused follow-up is answered 403.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import re
 import secrets
+import socket
+import time
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
+from .config import Registry, is_local, parse_ip
+from .routing import Target
+
 REDIRECT_PATH = "/_regcache/redirect"
+REDIRECT_LIFETIME = 300  # seconds a signed redirect path can be followed; clients follow at once
+_TIME = re.compile(r"[0-9]{1,12}")
 
 
 def is_redirect_path(path: str) -> bool:
     return path.partition("?")[0] == REDIRECT_PATH
 
 
+@dataclass(frozen=True)
+class SignedRedirect:
+    """What a redirect path carries: where it leads, and the request of a client (or cache) it
+    answers, so that the follow-up is logged as that registry's blob."""
+
+    url: str
+    registry: str  # the name of the registry whose upstream redirected
+    kind: str
+    repository: str | None
+    reference: str | None
+
+
 class RedirectSigner:
-    def __init__(self, key: bytes | None = None) -> None:
+    def __init__(self, key: bytes | None = None, clock=time.time) -> None:
         self._key = key or secrets.token_bytes(32)
+        self._clock = clock
 
-    def location(self, request_url: str, location: str) -> str | None:
-        """Our Location for an upstream's `location` answering `request_url`; None if it is no http(s) URL."""
-        target = urljoin(request_url, location)
-        if urlsplit(target).scheme not in ("http", "https"):
+    def location(self, request_url: str, location: str, answers: Target) -> str | None:
+        """Our Location for `location`, which the upstream of `answers.registry` (or a CDN it
+        sent us to) gave in answer to `request_url`; None where it may not lead (see the
+        module's docstring)."""
+        url = urljoin(request_url, location)
+        if not may_lead_to(answers.registry, url):
             return None
-        return REDIRECT_PATH + "?" + urlencode({"url": target, "sig": self._sign(target)})
+        fields = {
+            "url": url, "registry": answers.registry.name, "kind": answers.kind,
+            "repository": answers.repository or "", "reference": answers.reference or "",
+            "exp": str(int(self._clock()) + REDIRECT_LIFETIME),
+        }
+        return REDIRECT_PATH + "?" + urlencode({**fields, "sig": self._sign(fields)})
 
-    def target(self, path: str) -> str | None:
-        """The URL a redirect path of ours leads to; None when the path was not signed by us."""
-        params = dict(parse_qsl(path.partition("?")[2]))
-        target, signature = params.get("url", ""), params.get("sig", "")
-        if target and hmac.compare_digest(signature, self._sign(target)):
-            return target
-        return None
+    def target(self, path: str) -> SignedRedirect | None:
+        """Where a redirect path of ours leads; None when we did not sign it or it expired."""
+        fields = dict(parse_qsl(path.partition("?")[2], keep_blank_values=True))
+        signature = fields.pop("sig", "")
+        # Bytes: compare_digest refuses str with non-ASCII characters, which clients choose.
+        if not hmac.compare_digest(signature.encode(), self._sign(fields).encode()):
+            return None
+        expires = fields.get("exp", "")
+        if not _TIME.fullmatch(expires) or int(expires) < self._clock():
+            return None
+        return SignedRedirect(fields.get("url", ""), fields.get("registry", ""), fields.get("kind", ""),
+                              fields.get("repository") or None, fields.get("reference") or None)
 
-    def _sign(self, target: str) -> str:
-        return hmac.new(self._key, target.encode(), hashlib.sha256).hexdigest()
+    def _sign(self, fields: dict[str, str]) -> str:
+        return hmac.new(self._key, urlencode(sorted(fields.items())).encode(), hashlib.sha256).hexdigest()
+
+
+def may_lead_to(registry: Registry, url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    if parts.scheme == "http" and registry.upstream.startswith("https:"):
+        return False
+    return is_local(registry.upstream) or not is_internal_host(parts.hostname)
+
+
+async def resolves_internal(host: str) -> bool:
+    """True when `host` is, or resolves to, an internal address (see is_internal_host)."""
+    if is_internal_host(host):
+        return True
+    try:
+        answers = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False  # unresolvable: mitmproxy fails to connect and answers 502
+    return any(is_internal_host(answer[4][0]) for answer in answers)
+
+
+def is_internal_host(host: str) -> bool:
+    """`localhost`, or a loopback, link-local or unspecified address (IPv4-mapped too)."""
+    host = host.rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    address = parse_ip(host)
+    return address is not None and (address.is_loopback or address.is_link_local or address.is_unspecified)

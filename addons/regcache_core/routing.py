@@ -84,6 +84,10 @@ def route_egress(registry: Registry, method: str, path: str) -> Target | Refusal
 def refuse_non_pull(method: str, path_only: str) -> Refusal | None:
     if not (path_only == "/v2" or path_only.startswith("/v2/")):
         return Refusal(404, "UNSUPPORTED", f"{_quote(path_only)} is not a registry API path (/v2/...)")
+    return refuse_method(method)
+
+
+def refuse_method(method: str) -> Refusal | None:
     if method not in PULL_METHODS:
         return Refusal(405, "UNSUPPORTED", f"{method} is not allowed: regcache serves pulls only (GET, HEAD)")
     return None

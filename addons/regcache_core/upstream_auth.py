@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -31,7 +33,12 @@ from .config import Registry
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT = 15.0  # seconds for one challenge or token request
+TIMEOUT = 15.0  # seconds for one token request
+# GET /v2/ is tiny: a registry that does not answer it quickly is down. A failed lookup is
+# remembered for a few seconds, so during an outage requests fail at once instead of each
+# waiting out the timeout in turn (cached content is still served by the caches).
+CHALLENGE_TIMEOUT = 5.0
+CHALLENGE_RETRY_AFTER = 5.0
 DEFAULT_TOKEN_LIFETIME = 60  # what the token protocol says when expires_in is missing
 MAX_TOKEN_RESPONSE = 1 << 20
 # auth-param = token "=" ( token / quoted-string ), RFC 9110 section 11.2
@@ -118,11 +125,13 @@ def parse_token_response(body: bytes) -> tuple[str, int]:
     return token, expires_in
 
 
-def http_get(url: str, headers: dict[str, str]) -> tuple[int, list[str], bytes]:
-    """Blocking GET (run it in a thread): status, WWW-Authenticate values, body (capped)."""
+def http_get(url: str, headers: dict[str, str], timeout: float = TIMEOUT) -> tuple[int, list[str], bytes]:
+    """Blocking GET (run it in a thread): status, WWW-Authenticate values, body (capped).
+
+    `timeout` bounds the connection and each read."""
     request = urllib.request.Request(url, headers=headers)
     try:
-        with _NO_PROXY.open(request, timeout=TIMEOUT) as response:
+        with _NO_PROXY.open(request, timeout=timeout) as response:
             return response.status, response.headers.get_all("WWW-Authenticate") or [], response.read(MAX_TOKEN_RESPONSE)
     except urllib.error.HTTPError as e:
         with e:
@@ -155,13 +164,20 @@ class TokenStore:
 
 
 class UpstreamAuth:
-    def __init__(self, store: TokenStore, fetch=http_get, on_token_fetch=lambda registry, outcome: None) -> None:
+    def __init__(self, store: TokenStore, fetch=http_get, on_token_fetch=lambda registry, outcome: None,
+                 challenge_timeout: float = CHALLENGE_TIMEOUT, clock=time.monotonic) -> None:
         self.store = store
-        self._fetch = fetch  # blocking; run in a thread
+        self._fetch = fetch  # blocking, (url, headers, timeout); run in a thread
+        self._challenge_timeout = challenge_timeout
+        self._clock = clock
         self._on_token_fetch = on_token_fetch  # (registry name, "ok" | "denied" | "error"), for metrics
         self._challenges: dict[str, Challenge] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._challenge_failures: dict[str, tuple[float, UpstreamAuthError]] = {}  # registry -> (retry time, error)
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> (its lock, tasks holding or awaiting it)
         self._refused: set[str] = set()  # registries whose refusal was logged, until they accept again
+        # registry -> key of the last token fetched with its credentials, until an answer to it
+        # arrives (one per registry, so it stays small even when answers never come)
+        self._fresh_tokens: dict[str, str] = {}
 
     async def authorization(self, registry: Registry, repository: str | None) -> str | None:
         """The Authorization value for a pull request to `registry`'s upstream, or None."""
@@ -173,26 +189,50 @@ class UpstreamAuth:
         return None
 
     def refused(self, registry: Registry, repository: str | None) -> None:
-        """The upstream answered 401 to what we sent: forget what we sent, so the next request asks afresh."""
-        self._challenges.pop(registry.name, None)
-        self.store.drop(_token_key(registry, pull_scope(repository)))
-        self._report_refusal(registry, f"{registry.upstream} answered 401 Unauthorized")
+        """The upstream answered 401 to what we sent: forget the scope's token, so the next
+        request asks afresh.
 
-    def accepted(self, registry: Registry) -> None:
+        Docker Hub also answers 401 for a repository that does not exist or is private, so the
+        credentials are blamed (one log line, and the challenge is learnt again) only when
+        nothing else can be meant: the 401 answers Basic authentication, or a token fetched
+        with the credentials for this scope and not yet used successfully.
+        """
+        key = _token_key(registry, pull_scope(repository))
+        self.store.drop(key)
+        fresh = self._fresh_tokens.get(registry.name) == key
+        if fresh:
+            del self._fresh_tokens[registry.name]
+        challenge = self._challenges.get(registry.name)
+        if fresh or (challenge is not None and challenge.scheme == "basic"):
+            self._challenges.pop(registry.name, None)
+            what = f"a token fetched with regcache's credentials for {repository}" if fresh else "Basic authentication"
+            self._report_refusal(registry, f"{registry.upstream} answered 401 Unauthorized to {what}")
+
+    def accepted(self, registry: Registry, repository: str | None) -> None:
         self._refused.discard(registry.name)
+        if self._fresh_tokens.get(registry.name) == _token_key(registry, pull_scope(repository)):
+            del self._fresh_tokens[registry.name]
 
     async def _challenge(self, registry: Registry) -> Challenge:
         if (known := self._challenges.get(registry.name)) is not None:
             return known
-        async with self._lock("challenge " + registry.name):
-            if (known := self._challenges.get(registry.name)) is None:
-                known = await self._learn_challenge(registry)
-                self._challenges[registry.name] = known
+        async with self._exclusive("challenge " + registry.name):
+            if (known := self._challenges.get(registry.name)) is not None:
+                return known
+            failure = self._challenge_failures.get(registry.name)
+            if failure and self._clock() < failure[0]:
+                raise UpstreamAuthError(failure[1].status, str(failure[1]))
+            try:
+                known = self._challenges[registry.name] = await self._learn_challenge(registry)
+            except UpstreamAuthError as e:
+                self._challenge_failures[registry.name] = (self._clock() + CHALLENGE_RETRY_AFTER, e)
+                raise
+            self._challenge_failures.pop(registry.name, None)
             return known
 
     async def _learn_challenge(self, registry: Registry) -> Challenge:
         try:
-            status, challenges, _ = await asyncio.to_thread(self._fetch, registry.upstream + "/v2/", {})
+            status, challenges, _ = await asyncio.to_thread(self._fetch, registry.upstream + "/v2/", {}, self._challenge_timeout)
         except (OSError, ValueError) as e:
             raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} is unreachable: {e}") from None
         if status != 401:
@@ -200,15 +240,21 @@ class UpstreamAuth:
         challenge = pick_challenge(challenges)
         if challenge is None:
             raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} asks for an unsupported kind of authentication")
+        if challenge.scheme == "bearer" and registry.upstream.startswith("https:") and not challenge.realm.startswith("https:"):
+            # Credentials (and the token) would cross the network in the clear.
+            raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} names a token realm"
+                                         f" over plain http ({_without_query(challenge.realm)}); regcache asks https realms only")
         return challenge
 
     async def _token(self, registry: Registry, challenge: Challenge, scope: str | None) -> str:
         key = _token_key(registry, scope)
-        async with self._lock(key):
+        async with self._exclusive(key):
             if token := await asyncio.to_thread(self.store.get, key):
                 return token
             token, expires_in = await self._fetch_token(registry, challenge, scope)
             await asyncio.to_thread(self.store.put, key, token, cache_lifetime(expires_in))
+            if registry.username:
+                self._fresh_tokens[registry.name] = key
             return token
 
     async def _fetch_token(self, registry: Registry, challenge: Challenge, scope: str | None) -> tuple[str, int]:
@@ -220,9 +266,9 @@ class UpstreamAuth:
             query["account"] = registry.username
             headers["Authorization"] = basic_authorization(registry.username, registry.password)
         url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
-        realm = urlsplit(challenge.realm)._replace(query="").geturl()  # for messages
+        realm = _without_query(challenge.realm)
         try:
-            status, _, body = await asyncio.to_thread(self._fetch, url, headers)
+            status, _, body = await asyncio.to_thread(self._fetch, url, headers, TIMEOUT)
         except (OSError, ValueError) as e:
             self._on_token_fetch(registry.name, "error")
             raise UpstreamAuthError(502, f"token server {realm} of {registry.name} is unreachable: {e}") from None
@@ -238,7 +284,7 @@ class UpstreamAuth:
             self._on_token_fetch(registry.name, "error")
             raise UpstreamAuthError(502, f"token server {realm} of {registry.name} gave no token ({e})") from None
         self._on_token_fetch(registry.name, "ok")
-        self.accepted(registry)
+        self._refused.discard(registry.name)
         return token
 
     def _report_refusal(self, registry: Registry, what: str) -> None:
@@ -251,8 +297,26 @@ class UpstreamAuth:
             hint = f"no credentials are set; set {registry.key}_USERNAME and {registry.key}_PASSWORD if it needs them"
         logger.warning("upstream %s refused regcache: %s; %s", registry.name, what, hint)
 
-    def _lock(self, key: str) -> asyncio.Lock:
-        return self._locks.setdefault(key, asyncio.Lock())
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, key: str):
+        """One fetch per key at a time. A key's lock goes when nobody holds or awaits it, so
+        clients naming ever new repositories cannot grow the table."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def _without_query(url: str) -> str:
+    """A URL for messages: its query may carry anything."""
+    return urlsplit(url)._replace(query="").geturl()
 
 
 def _token_key(registry: Registry, scope: str | None) -> str:

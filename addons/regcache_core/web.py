@@ -2,22 +2,21 @@
 
 (Credentials: the addon's UpstreamCredentials redacts what it injected; clients' own are dropped.)
 
-Plain functions; the addon calls them from its hooks. mitmweb keeps every flow it has seen
-(with its buffered bodies) until told otherwise, so `trim_flows` removes the oldest finished
-ones. Blob bodies are never among them: blobs are streamed, and a streamed body is not kept.
+Plain functions, no mitmproxy here; the addon (mitm/web.py) applies them in its hooks. mitmweb
+keeps every flow it has seen (with its buffered bodies) until told otherwise, so
+`finished_flows_beyond` picks the oldest finished ones to remove. Blob bodies are never among them: blobs are streamed, and a streamed body is not kept.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-
-from mitmproxy import http
+from typing import TypeVar
 
 from .pull_log import PullRecord
 from .routing import Target, short_reference
 
-FAILURE_MARK = ":warning:"  # mitmweb's flow marker (an emoji short code) for failed requests
+Flow = TypeVar("Flow")  # mitmproxy's flows: anything with `live`
 
 
 def flow_label(target: Target | None, upstream_fetch: bool = False, record: PullRecord | None = None) -> str:
@@ -36,13 +35,7 @@ def flow_label(target: Target | None, upstream_fetch: bool = False, record: Pull
     return f"{what} · {outcome}" + (f" {record.cache}" if record.cache else "")
 
 
-def label_flow(flow: http.HTTPFlow, target: Target | None, upstream_fetch: bool, record: PullRecord | None = None) -> None:
-    flow.comment = flow_label(target, upstream_fetch, record)
-    if record is not None and (record.error or record.status >= 400):
-        flow.marked = FAILURE_MARK
-
-
-def finished_flows_beyond(flows: Iterable[http.HTTPFlow], count: int, max_flows: int) -> list[http.HTTPFlow]:
+def finished_flows_beyond(flows: Iterable[Flow], count: int, max_flows: int) -> list[Flow]:
     """The oldest finished flows to drop so that at most `max_flows` of `count` stay.
 
     `flows` is oldest first. Live flows are never dropped: removing one would kill it.

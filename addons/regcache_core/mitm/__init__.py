@@ -13,8 +13,9 @@ from __future__ import annotations
 from ..metrics import Metrics
 from ..redirects import RedirectSigner
 from .admin import Admin
-from .cache_hits import CacheWatch
-from .recorder import PullLogger, Recorder
+from .hits import HitMarker
+from .pull_log import PullLogger
+from .recorder import Recorder
 from .router import Router
 from .settings import MirrorDefaults, Settings
 from .upstream import UpstreamCredentials
@@ -27,14 +28,14 @@ def make_addons() -> list:
     metrics = Metrics()
     pull_logger = PullLogger(settings)
     # Order matters: hooks run in this order. UpstreamCredentials redacts what it injected
-    # before mitmweb's view (added after the scripts) sends a flow update; CacheWatch sets the
+    # before mitmweb's view (added after the scripts) sends a flow update; HitMarker sets the
     # hit/miss that Recorder hands to the pull log and metrics.
     return [
         settings,
         MirrorDefaults(settings),
         Router(settings, signer),
         UpstreamCredentials(settings, signer, metrics),
-        CacheWatch(),
+        HitMarker(),
         pull_logger,
         Recorder(metrics, [pull_logger.write, metrics.observe]),
         Admin(settings, metrics),

@@ -1,5 +1,5 @@
-"""Recorder: one PullRecord per client request, handed to the pull log (PullLogger) and the
-metrics; a cache's upstream fetches get a log line instead. Also counts streamed bytes."""
+"""Recorder: one PullRecord per client request, handed to the pull log (pull_log.py's PullLogger)
+and the metrics; a cache's upstream fetches get a log line instead. Also counts streamed bytes."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from mitmproxy import http
 from mitmproxy.flow import Error
 
 from ..metrics import Metrics
-from ..pull_log import PullLog, PullRecord, utc_iso
+from ..pull_log import PullRecord, utc_iso
 from ..routing import Target
 from .keys import BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, IN_FLIGHT, RECORD, REDIRECT, TARGET, UPSTREAM
-from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +47,9 @@ class Recorder:
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         target = flow.metadata.get(TARGET) or flow.metadata.get(EGRESS)
-        # Blobs always stream; smaller bodies stream once stream_large_bodies says so.
-        if flow.response.stream is True or (target and target.kind == "blob"):
+        # Blobs always stream (a redirect we follow leads to a blob on a CDN); smaller bodies
+        # stream once stream_large_bodies says so.
+        if flow.response.stream is True or REDIRECT in flow.metadata or (target and target.kind == "blob"):
             flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter()
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -105,11 +105,8 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
 
 def upstream_registry(flow: http.HTTPFlow) -> str | None:
     """The registry whose upstream this flow went to with our credentials, if it did."""
-    if (target := flow.metadata.get(UPSTREAM)) is not None:
-        return target.registry.name
-    if REDIRECT in flow.metadata and (registry := flow.metadata.get(EGRESS_FOR)) is not None:
-        return registry.name
-    return None
+    target: Target | None = flow.metadata.get(UPSTREAM) or flow.metadata.get(REDIRECT)
+    return target.registry.name if target else None
 
 
 def log_upstream_fetch(flow: http.HTTPFlow, record: PullRecord) -> None:
@@ -117,26 +114,3 @@ def log_upstream_fetch(flow: http.HTTPFlow, record: PullRecord) -> None:
     what = f"redirect to {flow.request.host}" if REDIRECT in flow.metadata else flow.request.path.partition("?")[0]
     logger.info("upstream fetch for %s: %s %s -> %s, %d bytes%s", flow.metadata[EGRESS_FOR].name,
                 record.method, what, record.status, record.bytes, f", error: {record.error}" if record.error else "")
-
-
-class PullLogger:
-    """The pull log file, (re)opened with the settings; `write` is a Recorder sink."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.log: PullLog | None = None
-
-    def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" in updated and config is not None:
-            if self.log:
-                self.log.close()
-            self.log = PullLog(config.pull_log, config.pull_log_stdout)
-
-    def done(self) -> None:
-        if self.log:
-            self.log.close()
-
-    def write(self, record: PullRecord) -> None:
-        if self.log is not None:
-            self.log.write(record)

@@ -1,5 +1,5 @@
 """Router: sends each request to its registry's cache or upstream, or refuses it (see routing.py);
-`answer` and `send_to` apply such a decision to a flow."""
+`refuse` and `send_to` apply such a decision to a flow."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from urllib.parse import urlsplit
 
 from mitmproxy import http
 
-from ..config import Registry
+from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
-from ..redirects import RedirectSigner, is_redirect_path
-from ..routing import Refusal, route, route_egress
+from ..redirects import RedirectSigner, is_redirect_path, resolves_internal
+from ..routing import Refusal, Target, refuse_method, route, route_egress
 from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
 
@@ -27,6 +27,14 @@ class Router:
         self.guard = EgressGuard()
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._route(flow)
+        except Exception:
+            # Never let a request fall through to the placeholder destination: answer it.
+            logger.exception("regcache could not route %s %s", flow.request.method, flow.request.path.partition("?")[0])
+            refuse(flow, Refusal(500, "UNKNOWN", "regcache could not route this request; see its log"))
+
+    async def _route(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         # A client's credentials are never ours to pass on; upstreams get ours.
         request.headers.pop("Authorization", None)
@@ -37,10 +45,10 @@ class Router:
             if not await self.guard.allows(egress_for, client):
                 logger.warning("refused %s on the egress listener of %s: it serves that registry's cache only",
                                client, egress_for.name)
-                answer(flow, Refusal(403, "DENIED", f"this listener serves the cache of {egress_for.name} only"))
+                refuse(flow, Refusal(403, "DENIED", f"this listener serves the cache of {egress_for.name} only"))
                 return
         if is_redirect_path(request.path):
-            self._follow_redirect(flow)
+            await self._follow_redirect(flow)
         elif egress_for is not None:
             self._route_egress(flow, egress_for)
         else:
@@ -56,7 +64,7 @@ class Router:
             proxy_form=request.first_line_format != "relative" and not request.is_http2,
         )
         if isinstance(decision, Refusal):
-            answer(flow, decision)
+            refuse(flow, decision)
             return
         flow.metadata[TARGET] = decision
         if decision.registry.cache is None:
@@ -68,7 +76,7 @@ class Router:
         down, and never sees an upstream's challenge), pass pulls on, refuse the rest."""
         decision = route_egress(registry, flow.request.method, flow.request.path)
         if isinstance(decision, Refusal):
-            answer(flow, decision)
+            refuse(flow, decision)
         elif decision.kind == "ping":
             flow.response = http.Response.make(200, b"{}", {
                 "Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0"})
@@ -76,17 +84,30 @@ class Router:
             flow.metadata[EGRESS] = flow.metadata[UPSTREAM] = decision
             send_to(flow.request, registry.upstream, decision.path)
 
-    def _follow_redirect(self, flow: http.HTTPFlow) -> None:
-        target = self.signer.target(flow.request.path)
-        if target is None:
-            answer(flow, Refusal(403, "DENIED", "not a redirect issued by this regcache"))
+    async def _follow_redirect(self, flow: http.HTTPFlow) -> None:
+        if refusal := refuse_method(flow.request.method):
+            refuse(flow, refusal)
             return
+        redirect = self.signer.target(flow.request.path)
+        registry = redirect and self.settings.config.registry(redirect.registry)
+        if registry is None:
+            refuse(flow, Refusal(403, "DENIED", "not a redirect issued by this regcache, or it expired"))
+            return
+        parts = urlsplit(redirect.url)
+        # Signing checked the URL; a name may resolve to this machine though.
+        if not is_local(registry.upstream) and await resolves_internal(parts.hostname):
+            logger.warning("refused a redirect of %s's upstream to %s: it is this machine or its link", registry.name, parts.hostname)
+            refuse(flow, Refusal(403, "DENIED", f"redirect target {parts.hostname} is an internal address"))
+            return
+        target = Target(registry, redirect.kind, redirect.repository, redirect.reference, redirect.url)
         flow.metadata[REDIRECT] = target
-        parts = urlsplit(target)
+        if EGRESS_FOR not in flow.metadata:
+            # A client follows it (an uncached registry): its pull log line names that blob.
+            flow.metadata[TARGET] = target
         send_to(flow.request, f"{parts.scheme}://{parts.netloc}", parts._replace(scheme="", netloc="").geturl())
 
 
-def answer(flow: http.HTTPFlow, refusal: Refusal) -> None:
+def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
     if flow.request.stream or "transfer-encoding" in flow.request.headers:
         # mitmproxy answers only after reading the whole request body, and crashes the
         # connection if a body it streams (over stream_large_bodies, or chunked and

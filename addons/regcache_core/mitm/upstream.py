@@ -11,7 +11,7 @@ from ..routing import Refusal, Target
 from ..upstream_auth import TokenStore, UpstreamAuth, UpstreamAuthError
 from ..upstream_signals import UpstreamSignals
 from .keys import INJECTED, REDIRECT, UPSTREAM
-from .router import answer
+from .router import refuse
 from .settings import Settings
 
 REDACTED = "<redacted by regcache>"
@@ -49,7 +49,7 @@ class UpstreamCredentials:
             authorization = await self.auth.authorization(target.registry, target.repository)
         except UpstreamAuthError as e:
             code = "UNAUTHORIZED" if e.status == 401 else "UNAVAILABLE"
-            answer(flow, Refusal(e.status, code, str(e)))
+            refuse(flow, Refusal(e.status, code, str(e)))
             return
         if authorization:
             flow.request.headers["Authorization"] = authorization
@@ -58,7 +58,8 @@ class UpstreamCredentials:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
         target: Target | None = flow.metadata.get(UPSTREAM)
-        if target is None and REDIRECT not in flow.metadata:
+        answers: Target | None = target or flow.metadata.get(REDIRECT)  # what a redirect of this answers
+        if answers is None:
             return
         response = flow.response
         if target is not None:
@@ -66,11 +67,11 @@ class UpstreamCredentials:
             if response.status_code == 401:
                 self.auth.refused(target.registry, target.repository)
             elif response.status_code < 400:
-                self.auth.accepted(target.registry)
+                self.auth.accepted(target.registry, target.repository)
         # Clients and caches must not start a token dance of their own around us.
         response.headers.pop("WWW-Authenticate", None)
         if response.status_code in (301, 302, 303, 307, 308) and "Location" in response.headers:
-            location = self.signer.location(flow.request.url, response.headers["Location"])
+            location = self.signer.location(flow.request.url, response.headers["Location"], answers)
             if location is None:
                 del response.headers["Location"]
             else:

@@ -1,14 +1,17 @@
-"""WebView: in mitmweb, labels each flow and keeps the flow list bounded; the labels and the
-choice of flows to drop are plain functions in regcache_core/web.py."""
+"""WebView: in mitmweb, labels each flow (`label_flow`) and keeps the flow list bounded; the
+label's text and the choice of flows to drop are plain functions in regcache_core/web.py."""
 
 from __future__ import annotations
 
 from mitmproxy import ctx, exceptions, http
 
 from ..config import DEFAULTS, is_loopback_host
+from ..pull_log import PullRecord
 from ..routing import Target
-from ..web import finished_flows_beyond, label_flow
+from ..web import finished_flows_beyond, flow_label
 from .keys import EGRESS, RECORD, TARGET
+
+FAILURE_MARK = ":warning:"  # mitmweb's flow marker (an emoji short code) for failed requests
 
 
 class WebView:
@@ -48,6 +51,12 @@ class WebView:
     @staticmethod
     def _view():
         return ctx.master.addons.get("view")
+
+
+def label_flow(flow: http.HTTPFlow, target: Target | None, upstream_fetch: bool, record: PullRecord | None = None) -> None:
+    flow.comment = flow_label(target, upstream_fetch, record)
+    if record is not None and (record.error or record.status >= 400):
+        flow.marked = FAILURE_MARK
 
 
 def _labelled(flow: http.HTTPFlow) -> tuple[Target | None, bool]:

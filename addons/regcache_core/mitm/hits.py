@@ -1,16 +1,16 @@
-"""CacheWatch: tells from a cache's upstream fetches whether each client request was a cache hit
-or a miss (the bookkeeping is cache_watch.py's InFlight)."""
+"""HitMarker: tells from a cache's upstream fetches whether each client request was a cache hit
+or a miss (the bookkeeping is hit_tracking.py's InFlight)."""
 
 from __future__ import annotations
 
 from mitmproxy import http
 
-from ..cache_watch import InFlight
+from ..hit_tracking import InFlight
 from ..routing import Target
 from .keys import CACHE_RESULT, EGRESS, TARGET
 
 
-class CacheWatch:
+class HitMarker:
     """Marks each client manifest or blob request of a cached registry as a hit or a miss."""
 
     def __init__(self) -> None:
