@@ -12,8 +12,8 @@ import os
 import pytest
 
 from parts import (
-    PORT_BASES, REMOTE_CACHE_HOST, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, build_image, docker_io_stack,
-    enter_private_namespaces,
+    PORT_BASES, REMOTE_CACHE_HOST, TEST_DOMAIN, UPSTREAM_OFFSET, MultiArchImage, Stack, Upstream, build_image,
+    build_multiarch_image, docker_io_stack, enter_private_namespaces,
 )
 
 TEST_REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "unmapped.io")
@@ -47,6 +47,14 @@ def upstream(tmp_path_factory, images) -> Upstream:
         registry.push(image)
     yield registry
     registry.stop()
+
+
+@pytest.fixture(scope="session")
+def multiarch_image(tmp_path_factory, upstream) -> MultiArchImage:
+    """library/multi:1.0 on the session upstream: an OCI index of a linux/amd64 and a linux/arm64 image."""
+    image = build_multiarch_image(tmp_path_factory.mktemp("multiarch"), "library/multi", "1.0", ["amd64", "arm64"])
+    upstream.push_multiarch(image)
+    return image
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ conftest.py and the benchmarks call it first).
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import hashlib
 import http.client
@@ -36,7 +37,9 @@ TEST_DOMAIN = "regcache.test"
 REMOTE_CACHE_HOST = f"cache.{TEST_DOMAIN}"
 REGCACHE = [sys.executable, "-m", "regcache_core.cli"]  # the `regcache` command of this checkout
 REGISTRY_PROGRAM = find_registry_program() or "docker-registry"  # what `regcache up` runs its caches with
-MANIFEST_TYPES = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MANIFEST_TYPES = f"{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"
 
 # Where each test module's servers listen: no two that can be alive at the same time share a
 # port. A stack on base B serves on B, runs its caches on B+1.., its admin endpoint on B+70 and
@@ -158,6 +161,11 @@ class Upstream:
     def push(self, image: "TestImage") -> None:
         push_image(image, f"127.0.0.1:{self.port}", self.creds)
 
+    def push_multiarch(self, image: "MultiArchImage") -> None:
+        for platform in image.platforms.values():
+            self.push(platform)
+        push_index(image, self.url, self.creds)
+
 
 def htpasswd_auth(root: Path, user: str, password: str) -> dict:
     """The `auth` section of a registry configuration asking for Basic credentials (bcrypt htpasswd)."""
@@ -174,6 +182,8 @@ class TestImage:
     tag: str
     layout: Path  # OCI layout holding it
     manifest_digest: str = ""
+    manifest_size: int = 0
+    manifest_type: str = ""  # the manifest's media type, as the registry stored it
     blob_digests: list[str] = field(default_factory=list)  # config and layers
 
     @property
@@ -181,11 +191,43 @@ class TestImage:
         return f"{self.name}:{self.tag}"
 
 
-def build_image(workdir: Path, name: str, layer_files: list[tuple[str, bytes | int]]) -> TestImage:
+@dataclass
+class MultiArchImage:
+    """An OCI image index with one image per architecture, as almost every docker.io image is.
+
+    Each platform's image is pushed under a tag of its own (`<tag>-<architecture>`), the index
+    under `tag`.
+    """
+
+    name: str
+    tag: str
+    platforms: dict[str, TestImage]  # architecture -> its image
+    index_digest: str = ""
+
+    @property
+    def reference(self) -> str:
+        return f"{self.name}:{self.tag}"
+
+    @property
+    def blob_digests(self) -> list[str]:
+        return [digest for image in self.platforms.values() for digest in image.blob_digests]
+
+
+def build_multiarch_image(workdir: Path, name: str, tag: str, architectures: list[str]) -> MultiArchImage:
+    """One small image per architecture, each with content of its own (no blob is shared)."""
+    return MultiArchImage(name, tag, {
+        architecture: build_image(workdir, name, [(f"etc/{architecture}", os.urandom(1000))],
+                                  tag=f"{tag}-{architecture}", architecture=architecture)
+        for architecture in architectures
+    })
+
+
+def build_image(workdir: Path, name: str, layer_files: list[tuple[str, bytes | int]], tag: str = "1.0",
+                architecture: str = "amd64") -> TestImage:
     """Build an OCI image offline with umoci: one layer per (path, content or random size)."""
-    layout = workdir / name.replace("/", "_")
+    layout = workdir / f"{name.replace('/', '_')}-{tag}"
     subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
-    subprocess.run(["umoci", "new", "--image", f"{layout}:1.0"], check=True)
+    subprocess.run(["umoci", "new", "--image", f"{layout}:{tag}"], check=True)
     for index, (path, content) in enumerate(layer_files):
         source = workdir / f"{layout.name}-layer{index}"
         (source / path).parent.mkdir(parents=True, exist_ok=True)
@@ -195,13 +237,13 @@ def build_image(workdir: Path, name: str, layer_files: list[tuple[str, bytes | i
                     f.write(os.urandom(1 << 20))
         else:
             (source / path).write_bytes(content)
-        subprocess.run(["umoci", "insert", "--image", f"{layout}:1.0", str(source / path), f"/{path}"], check=True)
+        subprocess.run(["umoci", "insert", "--image", f"{layout}:{tag}", str(source / path), f"/{path}"], check=True)
     subprocess.run(
-        ["umoci", "config", "--image", f"{layout}:1.0", "--architecture", "amd64", "--os", "linux",
+        ["umoci", "config", "--image", f"{layout}:{tag}", "--architecture", architecture, "--os", "linux",
          "--config.cmd", "/bin/true"],
         check=True,
     )
-    return TestImage(name, "1.0", layout)
+    return TestImage(name, tag, layout)
 
 
 def skopeo(*args: str, hosts_env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -218,14 +260,36 @@ def push_image(image: TestImage, registry: str, creds: str | None = None) -> Non
     raw = skopeo("inspect", "--tls-verify=false", *(["--creds", creds] if creds else []), "--raw",
                  f"docker://{registry}/{image.reference}").stdout
     image.manifest_digest = "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+    image.manifest_size = len(raw.encode())
     manifest = json.loads(raw)
+    image.manifest_type = manifest.get("mediaType", OCI_MANIFEST)  # optional in OCI manifests
     image.blob_digests = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
 
 
-def pull(registry_host: str, image: TestImage, destination: Path) -> str:
-    """skopeo copy through the proxy into an OCI layout; returns the pulled manifest's digest."""
-    result = skopeo("copy", "--src-tls-verify=false", f"docker://{registry_host}/{image.reference}",
-                    f"oci:{destination}:{image.tag}")
+def push_index(image: MultiArchImage, registry_url: str, creds: str | None = None) -> None:
+    """PUT an OCI image index of `image`'s pushed platform images under its tag, as
+    `docker buildx` does; records its digest on the image."""
+    index = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {"mediaType": platform.manifest_type, "digest": platform.manifest_digest, "size": platform.manifest_size,
+             "platform": {"architecture": architecture, "os": "linux"}}
+            for architecture, platform in image.platforms.items()
+        ],
+    }).encode()
+    auth = {"Authorization": "Basic " + base64.b64encode(creds.encode()).decode()} if creds else {}
+    status, _, body = http_get(f"{registry_url}/v2/{image.name}/manifests/{image.tag}", method="PUT", data=index,
+                               headers={"Content-Type": OCI_INDEX, **auth})
+    assert status == 201, body
+    image.index_digest = "sha256:" + hashlib.sha256(index).hexdigest()
+
+
+def pull(registry_host: str, reference: str, destination: Path, *options: str) -> str:
+    """skopeo copy (with `options`, e.g. --all) of `reference` through the proxy into an OCI
+    layout; returns the digest it stored: the image's manifest (or, with --all, its index)."""
+    result = skopeo("copy", "--src-tls-verify=false", *options, f"docker://{registry_host}/{reference}",
+                    f"oci:{destination}")
     assert result.returncode == 0, result.stderr
     index = json.loads((destination / "index.json").read_text())
     return index["manifests"][0]["digest"]

@@ -1,7 +1,8 @@
 """Real clients pull through regcache with the files `regcache client-config` wrote for them:
 containerd (what k3s/k3d nodes run) by virtual host and by one ?ns= endpoint, Docker Engine
 through registry-mirrors, and skopeo through registries.conf; containerd also falls back to the
-upstream for a registry regcache does not map and for one whose cache is down.
+upstream for a registry regcache does not map and for one whose cache is down. Multi-arch images
+(an OCI image index, as almost every docker.io image is) go through whole, or one platform of them.
 
 One stack for the module: docker.io is cached (its upstream is the session's local registry);
 quay.io is mapped to a cache on another host that is not running.
@@ -16,11 +17,12 @@ import pytest
 from ruamel.yaml import YAML
 
 from clients import Containerd, Dockerd
-from parts import PORT_BASES, REMOTE_CACHE_HOST, TEST_DOMAIN, Stack, docker_io_stack, skopeo
+from parts import PORT_BASES, REMOTE_CACHE_HOST, TEST_DOMAIN, Stack, docker_io_stack, http_get, pull, skopeo
 from regcache_core.client_config import hosts_toml
 
 PORT = PORT_BASES["test_clients"]
 ENDPOINT = f"http://127.0.0.1:{PORT}"
+DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def blob_gets(image) -> set[tuple]:
 
 
 @pytest.mark.parametrize("style, mirror", [
-    ("virtual-hosts", f"http://docker.io.{TEST_DOMAIN}:{PORT}"),
+    ("virtual-hosts", f"http://{DOCKER_IO}"),
     ("endpoint", ENDPOINT),
 ])
 def test_generated_files_parse(generated, upstream, style, mirror):
@@ -73,11 +75,10 @@ def test_generated_files_parse(generated, upstream, style, mirror):
     assert k3s["mirrors"]["docker.io"] == {"endpoint": [mirror]}
     # Docker and skopeo send no ?ns=, so they always get virtual host names.
     daemon = json.loads((out / "daemon.json").read_text())
-    assert daemon == {"registry-mirrors": [f"http://docker.io.{TEST_DOMAIN}:{PORT}"],
-                      "insecure-registries": [f"docker.io.{TEST_DOMAIN}:{PORT}"]}
+    assert daemon == {"registry-mirrors": [f"http://{DOCKER_IO}"], "insecure-registries": [DOCKER_IO]}
     conf = tomllib.loads((out / "registries.conf").read_text())
     assert conf["registry"][0] == {"prefix": "docker.io", "location": "docker.io",
-                                   "mirror": [{"location": f"docker.io.{TEST_DOMAIN}:{PORT}", "insecure": True}]}
+                                   "mirror": [{"location": DOCKER_IO, "insecure": True}]}
 
 
 @pytest.mark.parametrize("style", ["virtual-hosts", "endpoint"])
@@ -157,3 +158,54 @@ def test_skopeo_pulls_through_registries_conf_mirror(client_stack, generated, im
     assert index["manifests"][0]["digest"] == image.manifest_digest
     records = client_stack.records_of_pull(image, before)
     assert {r["registry"] for r in records} == {"docker.io"} and blob_gets(image) <= served(records)
+
+
+def test_skopeo_copies_every_platform_of_an_index(client_stack, multiarch_image, tmp_path):
+    image = multiarch_image
+    before = len(client_stack.pull_records())
+    layout = tmp_path / "pulled"
+    assert pull(DOCKER_IO, image.reference, layout, "--all", "--preserve-digests") == image.index_digest
+    index = json.loads((layout / "blobs" / image.index_digest.replace(":", "/")).read_bytes())
+    assert [m["digest"] for m in index["manifests"]] == [p.manifest_digest for p in image.platforms.values()]
+    for platform in image.platforms.values():
+        assert (layout / "blobs" / platform.manifest_digest.replace(":", "/")).is_file()
+    records = client_stack.records_of_pull(image, before)
+    # The tag resolves to the index; each platform's manifest is then asked for by digest.
+    manifests = {("GET", "manifest", image.tag)} | {("GET", "manifest", p.manifest_digest) for p in image.platforms.values()}
+    assert manifests | blob_gets(image) <= served(records)
+
+
+def test_containerd_pulls_its_platform_of_an_index(client_stack, generated, containerd, multiarch_image):
+    image, amd64, arm64 = multiarch_image, multiarch_image.platforms["amd64"], multiarch_image.platforms["arm64"]
+    reference = f"docker.io/{image.reference}"
+    before = len(client_stack.pull_records())
+    result = containerd.pull(reference, generated["virtual-hosts"] / "certs.d")  # linux/amd64: ctr's default
+    assert result.returncode == 0, result.stderr
+    assert containerd.image_digest(reference) == image.index_digest
+    assert containerd.unpacked(reference)
+
+    records = client_stack.records_of_pull(amd64, before)
+    expected = {("HEAD", "manifest", image.tag), ("GET", "manifest", image.index_digest),
+                ("GET", "manifest", amd64.manifest_digest)} | blob_gets(amd64)
+    assert expected <= served(records)
+    assert not {r["reference"] for r in records} & {arm64.manifest_digest, *arm64.blob_digests}
+
+
+def test_skopeo_lists_tags_of_the_upstream(client_stack, upstream, multiarch_image):
+    result = skopeo("list-tags", "--tls-verify=false", f"docker://{DOCKER_IO}/{multiarch_image.name}")
+    assert result.returncode == 0, result.stderr
+    status, _, body = http_get(f"{upstream.url}/v2/{multiarch_image.name}/tags/list")
+    assert status == 200
+    upstream_tags = json.loads(body)["tags"]
+    assert sorted(json.loads(result.stdout)["Tags"]) == sorted(upstream_tags)
+    assert {multiarch_image.tag, *(p.tag for p in multiarch_image.platforms.values())} <= set(upstream_tags)
+
+
+def test_skopeo_pulls_an_index_by_digest(client_stack, multiarch_image, tmp_path):
+    """Without --all skopeo picks its own platform (linux/amd64) out of the index it asked for by digest."""
+    image = multiarch_image
+    amd64 = image.platforms["amd64"]
+    before = len(client_stack.pull_records())
+    assert pull(DOCKER_IO, f"{image.name}@{image.index_digest}", tmp_path / "pulled") == amd64.manifest_digest
+    records = client_stack.records_of_pull(amd64, before)
+    assert {("GET", "manifest", image.index_digest), ("GET", "manifest", amd64.manifest_digest)} <= served(records)

@@ -103,7 +103,7 @@ def pull_records(stack: Stack, before: int, image, registry: str = "docker.io") 
 
 def test_cold_pull_goes_through_the_egress_and_is_a_miss(world, images):
     image = images["small"]
-    assert pull(world.cached, image, world.tmp / "cold") == image.manifest_digest
+    assert pull(world.cached, image.reference, world.tmp / "cold") == image.manifest_digest
     records = pull_records(world.stack, 0, image)
     blobs = {r["reference"]: r["cache"] for r in records if r["kind"] == "blob" and r["method"] == "GET"}
     assert blobs == {digest: "miss" for digest in image.blob_digests}
@@ -124,7 +124,7 @@ def test_cache_config_holds_no_secret(world):
 def test_second_pull_is_a_hit(world, images):
     image = images["small"]
     before = len(world.stack.pull_records())
-    assert pull(world.cached, image, world.tmp / "warm") == image.manifest_digest
+    assert pull(world.cached, image.reference, world.tmp / "warm") == image.manifest_digest
     records = pull_records(world.stack, before, image)
     assert records and {r["cache"] for r in records} == {"hit"}
 
@@ -132,7 +132,7 @@ def test_second_pull_is_a_hit(world, images):
 def test_uncached_registry_gets_our_credentials(world, images):
     image = images["small"]
     before = len(world.stack.pull_records())
-    assert pull(world.host("ghcr.io"), image, world.tmp / "passthrough") == image.manifest_digest
+    assert pull(world.host("ghcr.io"), image.reference, world.tmp / "passthrough") == image.manifest_digest
     records = pull_records(world.stack, before, image, "ghcr.io")
     assert records and {r["cache"] for r in records} == {None}
     if world.cdn:
@@ -190,10 +190,10 @@ def test_one_token_request_per_scope_shared_by_pulls_and_restarts(world, images)
     image = images["small"]
     scope = f"repository:{image.name}:pull"
     for n in range(3):
-        assert pull(world.cached, image, world.tmp / f"reuse{n}") == image.manifest_digest
+        assert pull(world.cached, image.reference, world.tmp / f"reuse{n}") == image.manifest_digest
     world.stack.stop()
     world.stack.start()  # a fresh `regcache up` reads the token from its store
-    assert pull(world.cached, image, world.tmp / "after-restart") == image.manifest_digest
+    assert pull(world.cached, image.reference, world.tmp / "after-restart") == image.manifest_digest
     # One for the cache's egress (docker.io), one for the pass-through registry (ghcr.io);
     # quay.io's wrong password was refused.
     assert world.token_server.granted_requests_for(scope) == 2
@@ -207,10 +207,10 @@ def test_cached_image_is_served_with_the_upstream_stopped_also_after_a_restart(w
     storage = world.stack.data_dir / "dockerhub" / "storage"
     assert all(cache_holds(storage, digest) for digest in image.blob_digests)
     world.stop_upstream()
-    assert pull(world.cached, image, world.tmp / "upstream-down") == image.manifest_digest
+    assert pull(world.cached, image.reference, world.tmp / "upstream-down") == image.manifest_digest
     world.stack.stop()
     world.stack.start()  # the cache starts although its upstream is down
-    assert pull(world.cached, image, world.tmp / "fresh-stack") == image.manifest_digest
+    assert pull(world.cached, image.reference, world.tmp / "fresh-stack") == image.manifest_digest
     never_pulled = skopeo("inspect", "--tls-verify=false", "--raw", f"docker://{world.cached}/library/never:1.0")
     assert never_pulled.returncode != 0
 

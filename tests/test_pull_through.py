@@ -21,7 +21,7 @@ DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
 @pytest.mark.parametrize("name", ["small", "big"])
 def test_pull_by_virtual_host_matches_upstream_and_fills_cache(stack, images, tmp_path, name):
     image = images[name]
-    assert pull(DOCKER_IO, image, tmp_path / "pulled") == image.manifest_digest
+    assert pull(DOCKER_IO, image.reference, tmp_path / "pulled") == image.manifest_digest
     storage = stack.data_dir / "dockerhub" / "storage"
     for digest in image.blob_digests:
         assert cache_holds(storage, digest), f"cache holds no {digest}"
@@ -43,7 +43,7 @@ def test_pull_by_ns_query_as_containerd_sends_it(stack, images):
 def test_uncached_registry_passes_through_to_upstream(stack, images, tmp_path):
     image = images["small"]
     before = len(stack.pull_records())
-    assert pull(f"ghcr.io.{TEST_DOMAIN}:{PORT}", image, tmp_path / "pulled") == image.manifest_digest
+    assert pull(f"ghcr.io.{TEST_DOMAIN}:{PORT}", image.reference, tmp_path / "pulled") == image.manifest_digest
     records = stack.records_of_pull(image, before, "ghcr.io")
     assert records and {r["backend"] for r in records} == {stack.settings["GHCR_UPSTREAM"]}
 
@@ -103,7 +103,7 @@ def test_proxy_requests_are_refused(stack):
 def test_pull_log_records_every_request(stack, images, tmp_path, name):
     image = images[name]
     before = len(stack.pull_records())
-    assert pull(DOCKER_IO, image, tmp_path / "pulled") == image.manifest_digest
+    assert pull(DOCKER_IO, image.reference, tmp_path / "pulled") == image.manifest_digest
     records = [r for r in stack.records_of_pull(image, before, "docker.io") if r["repository"] == image.name]
     manifests = [r for r in records if (r["kind"], r["method"], r["status"]) == ("manifest", "GET", 200)]
     assert {r["reference"] for r in manifests} >= {image.tag}

@@ -90,7 +90,7 @@ def test_a_cache_on_ipv6_loopback_runs_and_serves(tmp_path, upstream, images):
     image = images["small"]
     stack = docker_io_stack(tmp_path, upstream, PORT, {"DOCKERHUB_CACHE": f"http://[::1]:{CACHE_PORT}"}).start(timeout=30)
     try:
-        assert pull(f"docker.io.{TEST_DOMAIN}:{PORT}", image, tmp_path / "pulled") == image.manifest_digest
+        assert pull(f"docker.io.{TEST_DOMAIN}:{PORT}", image.reference, tmp_path / "pulled") == image.manifest_digest
         assert accepts_connections(CACHE_PORT, "::1")
     finally:
         stack.stop()
