@@ -89,7 +89,9 @@ def test_every_service_has_a_named_volume_and_a_healthcheck(resolved):
 
 
 def test_caches_are_registry2_pull_through_caches_of_the_proxys_egress_without_credentials(resolved):
-    config = parse_config({**DEFAULTS, **resolved["services"][PROXY]["environment"]})
+    environment = resolved["services"][PROXY]["environment"]
+    # The egress ports are pinned: a user's REGCACHE_REGISTRIES order can't move them.
+    config = parse_config({**DEFAULTS, **environment, "REGCACHE_REGISTRIES": "QUAY,GHCR,DOCKERHUB"})
     assert config.egress_host == "0.0.0.0"
     for registry in config.registries:
         service = resolved["services"][CACHES[registry.key]]

@@ -58,6 +58,13 @@ def test_each_cached_registry_has_an_egress_port_by_its_position(host, url):
     assert config.egress_url(config.registry("docker.io")) == url
 
 
+def test_an_egress_port_of_its_own_wins_over_the_position():
+    """As docker-compose.yml pins them: the order of REGCACHE_REGISTRIES then changes nothing."""
+    config = parse(**{**K8S, "REGCACHE_REGISTRIES": "K8S,DOCKERHUB,GHCR,QUAY", "K8S_EGRESS_PORT": "5083",
+                      "DOCKERHUB_EGRESS_PORT": "5080", "GHCR_EGRESS_PORT": "5081", "QUAY_EGRESS_PORT": "5082"})
+    assert {r.key: r.egress_port for r in config.registries} == {"K8S": 5083, "DOCKERHUB": 5080, "GHCR": 5081, "QUAY": 5082}
+
+
 def test_cache_none_passes_through_to_the_upstream():
     ghcr = parse(GHCR_CACHE="NONE").registry("ghcr.io")
     assert ghcr.cache is None and ghcr.backend == "https://ghcr.io"
@@ -112,8 +119,11 @@ def test_credentials_come_in_pairs_and_stay_out_of_repr():
     ({**K8S, "K8S_CACHE": ""}, "K8S_CACHE", "not set"),
     ({"GHCR_USERNAME": "alice"}, "GHCR_PASSWORD", "not set, but GHCR_USERNAME is"),
     ({"GHCR_PASSWORD": "s3cret-pw"}, "GHCR_USERNAME", "not set, but GHCR_PASSWORD is"),
-    ({"REGCACHE_EGRESS_PORT": "4999"}, "REGCACHE_EGRESS_PORT", "must not include REGCACHE_PORT (5000)"),
-    ({"REGCACHE_EGRESS_PORT": "65534"}, "REGCACHE_EGRESS_PORT", "must be valid"),
+    ({"REGCACHE_EGRESS_PORT": "4999"}, "REGCACHE_EGRESS_PORT", "port 5000, which REGCACHE_PORT uses too"),
+    ({"REGCACHE_EGRESS_PORT": "65534"}, "REGCACHE_EGRESS_PORT", "past 65535"),
+    ({"REGCACHE_EGRESS_PORT": "5069"}, "REGCACHE_EGRESS_PORT", "which REGCACHE_ADMIN_PORT uses too"),
+    ({"QUAY_EGRESS_PORT": "5080"}, "QUAY_EGRESS_PORT", "which DOCKERHUB_EGRESS_PORT uses too"),
+    ({"GHCR_EGRESS_PORT": "http"}, "GHCR_EGRESS_PORT", "not a port number"),
     ({"REGCACHE_EGRESS_HOST": "cache.local"}, "REGCACHE_EGRESS_HOST", "not an IP address"),
     ({"DOCKERHUB_CACHE": "https://127.0.0.1:5001"}, "DOCKERHUB_CACHE", "without TLS: use http://"),
 ])

@@ -10,8 +10,9 @@ and both win over `DEFAULTS`. A registry is a few variables sharing a prefix (it
     K8S_USERNAME= / K8S_PASSWORD=         # optional upstream credentials
 
 Caches never talk to an upstream themselves: each cached registry's cache uses an egress
-listener of the proxy as its upstream, on port REGCACHE_EGRESS_PORT + the registry's position
-in REGCACHE_REGISTRIES (0-based), bound to REGCACHE_EGRESS_HOST. The proxy adds credentials there.
+listener of the proxy as its upstream, bound to REGCACHE_EGRESS_HOST, on port K_EGRESS_PORT if
+set, else REGCACHE_EGRESS_PORT + the registry's position in REGCACHE_REGISTRIES (0-based). The
+proxy adds credentials there.
 """
 
 from __future__ import annotations
@@ -126,17 +127,8 @@ def parse_config(values: Mapping[str, str]) -> Config:
     registries = tuple(_registry(key, get, egress_base + index) for index, key in enumerate(keys))
     _check_names_differ(registries)
     port = _port("REGCACHE_PORT", get("REGCACHE_PORT"))
-    egress_ports = [r.egress_port for r in registries if r.egress_port is not None]
-    if egress_ports and (egress_ports[-1] > 65535 or egress_base <= port <= egress_ports[-1]):
-        raise ConfigError(
-            f"REGCACHE_EGRESS_PORT: ports {egress_base}-{egress_ports[-1]} (one per registry) must be"
-            f" valid and must not include REGCACHE_PORT ({port})"
-        )
     admin_port = _port("REGCACHE_ADMIN_PORT", get("REGCACHE_ADMIN_PORT"))
-    if admin_port == port or admin_port in egress_ports:
-        raise ConfigError(
-            f"REGCACHE_ADMIN_PORT: {admin_port} is taken by REGCACHE_PORT or an egress port; the admin endpoint needs its own"
-        )
+    _check_ports_differ(port, admin_port, registries, get)
     return Config(
         domain=_hostname("REGISTRY_DOMAIN", get("REGISTRY_DOMAIN").lower()),
         port=port,
@@ -163,7 +155,7 @@ def _registry_keys(value: str) -> list[str]:
     return keys
 
 
-def _registry(key: str, get, egress_port: int) -> Registry:
+def _registry(key: str, get, default_egress_port: int) -> Registry:
     name_var, upstream_var, cache_var = f"{key}_REGISTRY", f"{key}_UPSTREAM", f"{key}_CACHE"
     for var in (name_var, upstream_var, cache_var):
         if not get(var):
@@ -178,6 +170,8 @@ def _registry(key: str, get, egress_port: int) -> Registry:
     if bool(username) != bool(password):
         missing, given = (f"{key}_PASSWORD", f"{key}_USERNAME") if username else (f"{key}_USERNAME", f"{key}_PASSWORD")
         raise ConfigError(f"{missing}: not set, but {given} is; set both or neither")
+    egress_var = f"{key}_EGRESS_PORT"
+    egress_port = _port(egress_var, get(egress_var)) if get(egress_var) else default_egress_port
     return Registry(
         key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None
     )
@@ -233,6 +227,23 @@ def _bool(var: str, value: str) -> bool:
     if value.lower() in _FALSE:
         return False
     raise ConfigError(f"{var}: {value!r} is not true or false")
+
+
+def _check_ports_differ(port: int, admin_port: int, registries: tuple[Registry, ...], get) -> None:
+    """Every listener needs a port of its own. Errors name the variable that gave the port."""
+    if admin_port == port:
+        raise ConfigError(f"REGCACHE_ADMIN_PORT: {admin_port} is taken by REGCACHE_PORT; the admin endpoint needs its own")
+    taken = {port: "REGCACHE_PORT", admin_port: "REGCACHE_ADMIN_PORT"}
+    for r in registries:
+        if r.egress_port is None:
+            continue
+        own = f"{r.key}_EGRESS_PORT"
+        var = own if get(own) else "REGCACHE_EGRESS_PORT"
+        if r.egress_port > 65535:
+            raise ConfigError(f"{var}: gives {r.key} egress port {r.egress_port}, past 65535")
+        if r.egress_port in taken:
+            raise ConfigError(f"{var}: gives {r.key} egress port {r.egress_port}, which {taken[r.egress_port]} uses too")
+        taken[r.egress_port] = own
 
 
 def _check_names_differ(registries: tuple[Registry, ...]) -> None:
