@@ -1,10 +1,10 @@
 """What mitmweb shows of regcache's flows: a readable label and a bounded list.
 
-(Credentials: the addon's UpstreamCredentials redacts what it injected; clients' own are dropped.)
-
 Plain functions, no mitmproxy here; the addon (mitm/web.py) applies them in its hooks. mitmweb
 keeps every flow it has seen (with its buffered bodies) until told otherwise, so
-`finished_flows_beyond` picks the oldest finished ones to remove. Blob bodies are never among them: blobs are streamed, and a streamed body is not kept.
+`finished_flows_beyond` picks the oldest finished ones to remove. Blob bodies are never among
+them: blobs are streamed, and a streamed body is not kept. (Credentials never show either:
+mitm/upstream.py redacts what it injected, and clients' own are dropped on arrival.)
 """
 
 from __future__ import annotations
