@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from regcache_core.config import DEFAULTS, ConfigError, load_config, parse_config
+from regcache_core.config import DEFAULTS, ConfigError, load_config, parse_config, parse_size
 
 K8S = {
     "REGCACHE_REGISTRIES": "DOCKERHUB,K8S",
@@ -156,3 +156,15 @@ def test_a_bad_value_in_the_env_file_is_reported_like_one_in_the_environment(tmp
     with pytest.raises(ConfigError, match=r"^REGCACHE_PULL_LOG_STDOUT: 'sometimes'"):
         load_config(environ={}, env_file=env_file)
     assert load_config(environ={"REGCACHE_PULL_LOG_STDOUT": "off"}, env_file=env_file).pull_log_stdout is False
+
+
+@pytest.mark.parametrize("value, size", [("0", 0), ("4096", 4096), ("4k", 4096), ("512M", 512 << 20),
+                                         ("50G", 50 << 30), ("2TiB", 2 << 40), ("1 MB", 1 << 20), ("3g", 3 << 30)])
+def test_sizes_take_binary_units(value, size):
+    assert parse_size("X", value) == size
+
+
+@pytest.mark.parametrize("value", ["", "G", "-1", "1.5G", "12Q", "١٢"])
+def test_a_bad_size_names_the_variable(value):
+    with pytest.raises(ConfigError, match="^X: .* is not a size"):
+        parse_size("X", value)

@@ -56,6 +56,9 @@ _HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 # A registry name as containerd writes it in ?ns=: a host name, optionally with a port.
 _REGISTRY_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*(?::[0-9]{{1,5}})?")
 _NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() accepts "²", which int() rejects
+# A size: bytes, or a number with a binary unit (k, M, G, T; "Mi", "MiB", "MB" all mean MiB).
+_SIZE = re.compile(r"([0-9]{1,15})\s*(?:([kmgt])i?b?)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -212,6 +215,14 @@ def _positive(var: str, value: str) -> int:
     if not _NUMBER.fullmatch(value) or int(value) < 1:
         raise ConfigError(f"{var}: {value!r} is not a whole number of at least 1")
     return int(value)
+
+
+def parse_size(var: str, value: str) -> int:
+    """`50G`, `512M`, `4k` or plain bytes -> bytes (units are binary: 1k = 1024)."""
+    match = _SIZE.fullmatch(value.strip())
+    if not match:
+        raise ConfigError(f"{var}: {value!r} is not a size such as 512M, 50G or a number of bytes")
+    return int(match[1]) * _SIZE_UNITS[(match[2] or "").lower()]
 
 
 def _ip_address(var: str, value: str) -> str:
