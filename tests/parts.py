@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -121,6 +122,16 @@ def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
             process.wait()
 
 
+@dataclass(frozen=True)
+class AccessLine:
+    method: str
+    path: str  # with its query
+    status: int
+
+
+_ACCESS_LINE = re.compile(r'\] "(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>[0-9]{3}) ')
+
+
 class Upstream:
     """A plain `registry` (registry:2's program) on loopback: what Docker Hub is to a user.
 
@@ -160,6 +171,16 @@ class Upstream:
 
     def push(self, image: "TestImage") -> None:
         push_image(image, f"127.0.0.1:{self.port}", self.creds)
+
+    def access_log(self) -> list[AccessLine]:
+        """Every request the registry answered, in order, from its access log (registry:2 writes
+        one combined-log-format line per request whatever its log level)."""
+        lines = (self.root / "registry.log").read_text(errors="replace").splitlines()
+        return [AccessLine(m["method"], m["path"], int(m["status"])) for m in map(_ACCESS_LINE.search, lines) if m]
+
+    def requests_for(self, path_part: str, method: str | None = None) -> list[AccessLine]:
+        """The access log's requests whose path contains `path_part` (and of `method`, if given)."""
+        return [line for line in self.access_log() if path_part in line.path and method in (None, line.method)]
 
     def push_multiarch(self, image: "MultiArchImage") -> None:
         for platform in image.platforms.values():

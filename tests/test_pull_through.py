@@ -114,3 +114,13 @@ def test_pull_log_records_every_request(stack, images, tmp_path, name):
         assert record["client"] == "127.0.0.1"
         assert record["backend"] == stack.settings["DOCKERHUB_CACHE"]
         assert record["duration_ms"] >= 0 and record["time"].endswith("+00:00")
+
+
+def test_upstream_access_log_shows_what_the_cache_fetched(stack, upstream, images, tmp_path):
+    """The upstream's access log is how tests count what went upstream: the cached docker.io
+    pulls of the small image went there through the egress listener."""
+    image = images["small"]
+    pull(DOCKER_IO, image.reference, tmp_path / "pulled")
+    fetched = upstream.requests_for(f"/v2/{image.name}/blobs/", "GET")
+    assert {line.path.rsplit("/", 1)[1] for line in fetched} >= set(image.blob_digests)
+    assert all(line.status == 200 for line in fetched)
