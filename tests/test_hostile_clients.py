@@ -28,7 +28,7 @@ def serving(stack):
     status, _, body = http_get(f"http://127.0.0.1:{stack.port}/v2/library/small/tags/list", host=HUB)
     assert (status, json.loads(body)["name"]) == (200, "library/small")
     stack.records_after(before)  # reading the log parses every line of it as JSON
-    assert not [line for line in stack.output if "has crashed" in line or "Traceback" in line]
+    assert not [line for line in stack.output if "has crashed" in line or "Traceback" in line], "\n".join(stack.output)
 
 
 @pytest.mark.parametrize("data, answer", [

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .client_config import client_files, parse_endpoint, write_client_files
+from .client_config import Credentials, client_files, parse_endpoint, write_client_files
 from .config import Config, ConfigError, load_config
 from .launcher import up
 from .stats import format_table, summarize
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         help="one URL for containerd/k3s, e.g. http://10.0.0.5:5000 (it names the registry in ?ns=); "
         "default: a virtual host per registry, http://<registry>.<REGISTRY_DOMAIN>:<port>",
     )
+    client_config.add_argument("--username", help="an account of REGCACHE_HTPASSWD: the files then carry its credentials")
+    client_config.add_argument("--password-stdin", action="store_true", help="read that account's password from standard input")
     args = parser.parse_args(argv)
     if args.env_file and not Path(args.env_file).is_file():
         print(f"regcache: --env-file: {args.env_file} is not a file", file=sys.stderr)
@@ -44,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(env_file=env_file)
         if args.command == "client-config":
             endpoint = parse_endpoint(args.endpoint) if args.endpoint else None
-            return write_client_config(config, args.out, endpoint)
+            if bool(args.username) != args.password_stdin:
+                print("regcache client-config: --username and --password-stdin go together", file=sys.stderr)
+                return 2
+            credentials = Credentials(args.username, sys.stdin.readline().rstrip("\r\n")) if args.username else None
+            return write_client_config(config, args.out, endpoint, credentials)
     except ConfigError as e:
         print(f"regcache: {e}", file=sys.stderr)
         return 2
@@ -67,9 +73,13 @@ def stats(pull_log: Path, as_json: bool, top: int) -> int:
     return 0
 
 
-def write_client_config(config: Config, out: Path, endpoint: str | None) -> int:
-    for path in write_client_files(out, client_files(config, endpoint)):
+def write_client_config(config: Config, out: Path, endpoint: str | None, credentials: Credentials | None) -> int:
+    for path in write_client_files(out, client_files(config, endpoint, credentials), private=credentials is not None):
         print(f"wrote {path}")
+    if config.htpasswd and not credentials:
+        print("REGCACHE_HTPASSWD is set: give --username and --password-stdin so that the files carry credentials.")
+    if credentials and config.registry("docker.io"):
+        print("dockerd has no setting for a mirror's credentials: admit Docker hosts by REGCACHE_CLIENTS instead.")
     if endpoint:
         print(f"Docker and skopeo/podman send no ?ns=: daemon.json and registries.conf name "
               f"<registry>.{config.domain}, which must resolve to regcache.")

@@ -8,6 +8,11 @@ Two ways to address regcache:
   in `?ns=R` on every request, so no DNS is needed. Docker and skopeo/podman send no `ns`, so
   their files always use virtual hosts.
 
+With client accounts (REGCACHE_HTPASSWD), `--username` and a password make every file carry
+credentials where its client reads them: containerd a static Authorization header in hosts.toml,
+k3s `configs.<host>.auth` in registries.yaml, skopeo/podman an auth.json. Those files are
+written readable by their owner only.
+
 The renderers are pure (Config in, text out); `write_client_files` is the only part that writes.
 The outputs are small and regular, so they are written as text; every string goes through
 `_quoted`, whose JSON string syntax is also a valid TOML basic string and YAML double-quoted scalar.
@@ -15,7 +20,10 @@ The outputs are small and regular, so they are written as text; every string goe
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -23,6 +31,17 @@ from .config import Config, ConfigError, Registry, base_url
 
 DOCKER_HUB = "docker.io"  # the only registry Docker's registry-mirrors applies to
 HEADER = "Written by `regcache client-config`; run it again after changing regcache's settings."
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A client account of regcache's (REGCACHE_HTPASSWD), for the clients' files."""
+
+    username: str
+    password: str
+
+    def basic(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
 
 
 def parse_endpoint(value: str) -> str:
@@ -49,44 +68,51 @@ def containerd_mirror_url(config: Config, registry: Registry, endpoint: str | No
     return endpoint or virtual_host_url(config, registry)
 
 
-def hosts_toml(server: str, mirror: str) -> str:
+def hosts_toml(server: str, mirror: str, credentials: Credentials | None = None) -> str:
     """containerd's certs.d/<registry>/hosts.toml: regcache first, then `server` (the upstream).
 
     containerd tries the hosts in order and moves on after a connection error or any status
     above 399, so a pull still works while regcache is down or does not map the registry.
+    Credentials go in a header containerd sends to regcache only (never to `server`).
     """
-    return (
+    text = (
         f"# {HEADER}\n"
         f"server = {_quoted(server)}\n"
         "\n"
         f"[host.{_quoted(mirror)}]\n"
         '  capabilities = ["pull", "resolve"]\n'
     )
+    if credentials:
+        text += f"[host.{_quoted(mirror)}.header]\n  Authorization = {_quoted(credentials.basic())}\n"
+    return text
 
 
-def containerd_hosts(config: Config, endpoint: str | None = None) -> dict[str, str]:
+def containerd_hosts(config: Config, endpoint: str | None = None, credentials: Credentials | None = None) -> dict[str, str]:
     """certs.d/<registry>/hosts.toml for every registry regcache serves."""
     return {
         f"certs.d/{registry.name}/hosts.toml": hosts_toml(
-            registry.upstream, containerd_mirror_url(config, registry, endpoint)
+            registry.upstream, containerd_mirror_url(config, registry, endpoint), credentials
         )
         for registry in config.registries
     }
 
 
-def registries_yaml(config: Config, endpoint: str | None = None) -> str:
+def registries_yaml(config: Config, endpoint: str | None = None, credentials: Credentials | None = None) -> str:
     """k3s's /etc/rancher/k3s/registries.yaml (k3d: --registry-config).
 
     k3s adds the registry's default endpoint after these by itself, so that is the fallback.
-    Plain http endpoints need no `configs` entry: that section only holds TLS and credentials.
+    Plain http endpoints need a `configs` entry only for credentials (keyed by the endpoint's
+    host:port, as k3s looks them up).
     """
     lines = [f"# {HEADER}", "mirrors:"]
-    for registry in config.registries:
-        lines += [
-            f"  {_quoted(registry.name)}:",
-            "    endpoint:",
-            f"      - {_quoted(containerd_mirror_url(config, registry, endpoint))}",
-        ]
+    mirrors = [containerd_mirror_url(config, registry, endpoint) for registry in config.registries]
+    for registry, mirror in zip(config.registries, mirrors):
+        lines += [f"  {_quoted(registry.name)}:", "    endpoint:", f"      - {_quoted(mirror)}"]
+    if credentials:
+        lines.append("configs:")
+        for host in dict.fromkeys(urlsplit(mirror).netloc for mirror in mirrors):
+            lines += [f"  {_quoted(host)}:", "    auth:", f"      username: {_quoted(credentials.username)}",
+                      f"      password: {_quoted(credentials.password)}"]
     return "\n".join(lines) + "\n"
 
 
@@ -124,24 +150,39 @@ def registries_conf(config: Config) -> str:
     return "\n".join(blocks)
 
 
-def client_files(config: Config, endpoint: str | None = None) -> dict[str, str]:
+def auth_json(config: Config, credentials: Credentials) -> str:
+    """containers-auth.json for skopeo, podman and buildah (`--authfile`, or
+    $XDG_RUNTIME_DIR/containers/auth.json): they look credentials up by the mirror's host:port."""
+    auth = base64.b64encode(f"{credentials.username}:{credentials.password}".encode()).decode()
+    hosts = [urlsplit(virtual_host_url(config, r)).netloc for r in filter(has_virtual_host, config.registries)]
+    return json.dumps({"auths": {host: {"auth": auth} for host in hosts}}, indent=2) + "\n"
+
+
+def client_files(config: Config, endpoint: str | None = None, credentials: Credentials | None = None) -> dict[str, str]:
     """Every client file, by path relative to the output directory."""
     files = {
-        "registries.yaml": registries_yaml(config, endpoint),
-        **containerd_hosts(config, endpoint),
+        "registries.yaml": registries_yaml(config, endpoint, credentials),
+        **containerd_hosts(config, endpoint, credentials),
         "registries.conf": registries_conf(config),
     }
+    if credentials:
+        files["auth.json"] = auth_json(config, credentials)
     if (daemon := daemon_json(config)) is not None:
         files["daemon.json"] = daemon
     return files
 
 
-def write_client_files(out_dir: Path, files: dict[str, str]) -> list[Path]:
+def write_client_files(out_dir: Path, files: dict[str, str], private: bool = False) -> list[Path]:
+    """Write the files; `private` (they hold credentials) makes them readable by their owner only."""
     written = []
     for relative, text in files.items():
         path = out_dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        if private:
+            os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
         written.append(path)
     return written
 

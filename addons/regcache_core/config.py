@@ -17,6 +17,7 @@ proxy adds credentials there.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import re
@@ -39,6 +40,8 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_EGRESS_HOST": "127.0.0.1",  # where caches reach the proxy; 0.0.0.0 in a container
     "REGCACHE_EGRESS_PORT": "5080",  # first egress port; registry N (0-based) gets this + N
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
+    "REGCACHE_CLIENTS": "",  # empty: any address
+    "REGCACHE_HTPASSWD": "",  # empty: no accounts needed
     "DOCKERHUB_REGISTRY": "docker.io",
     "DOCKERHUB_UPSTREAM": "https://registry-1.docker.io",
     "DOCKERHUB_CACHE": "http://127.0.0.1:5001",
@@ -59,6 +62,8 @@ _NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() accepts "²", w
 # A size: bytes, or a number with a binary unit (k, M, G, T; "Mi", "MiB", "MB" all mean MiB).
 _SIZE = re.compile(r"([0-9]{1,15})\s*(?:([kmgt])i?b?)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# Repository names (lower case, digits, separators) with fnmatch's wildcards; `*` also matches "/".
+_REPOSITORY_PATTERN = re.compile(r"[a-z0-9._/*?\[\]-]{1,255}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -76,11 +81,15 @@ class Registry:
     username: str = ""
     password: str = field(default="", repr=False)
     egress_port: int | None = None  # the proxy's egress listener for its cache; None when uncached
+    repositories: tuple[str, ...] = ()  # glob patterns of the repositories served; empty: all
 
     @property
     def backend(self) -> str:
         """Where client requests for this registry go."""
         return self.cache or self.upstream
+
+    def serves(self, repository: str) -> bool:
+        return not self.repositories or any(fnmatch.fnmatchcase(repository, p) for p in self.repositories)
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ class Config:
     pull_log_stdout: bool
     registries: tuple[Registry, ...]
     egress_host: str = "127.0.0.1"
+    client_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: any client
+    htpasswd: Path | None = None  # client accounts; None: no credentials asked
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -143,6 +154,8 @@ def parse_config(values: Mapping[str, str]) -> Config:
         pull_log_stdout=_bool("REGCACHE_PULL_LOG_STDOUT", get("REGCACHE_PULL_LOG_STDOUT")),
         registries=registries,
         egress_host=_ip_address("REGCACHE_EGRESS_HOST", get("REGCACHE_EGRESS_HOST")),
+        client_networks=_networks("REGCACHE_CLIENTS", get("REGCACHE_CLIENTS")),
+        htpasswd=_readable_file("REGCACHE_HTPASSWD", get("REGCACHE_HTPASSWD")),
     )
 
 
@@ -176,8 +189,36 @@ def _registry(key: str, get, default_egress_port: int) -> Registry:
     egress_var = f"{key}_EGRESS_PORT"
     egress_port = _port(egress_var, get(egress_var)) if get(egress_var) else default_egress_port
     return Registry(
-        key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None
+        key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None,
+        _repository_patterns(f"{key}_REPOSITORIES", get(f"{key}_REPOSITORIES")),
     )
+
+
+def _repository_patterns(var: str, value: str) -> tuple[str, ...]:
+    patterns = tuple(p.strip() for p in value.split(",") if p.strip())
+    for pattern in patterns:
+        if not _REPOSITORY_PATTERN.fullmatch(pattern):
+            raise ConfigError(f"{var}: {pattern!r} is not a repository pattern such as library/* or myteam/app-?")
+    return patterns
+
+
+def _networks(var: str, value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for item in filter(None, (v.strip() for v in value.split(","))):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"{var}: {item!r} is not a network such as 10.0.0.0/8, 192.168.1.7 or fd00::/8") from None
+    return tuple(networks)
+
+
+def _readable_file(var: str, value: str) -> Path | None:
+    if not value:
+        return None
+    path = Path(value).absolute()
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(f"{var}: {value!r} is not a file regcache can read")
+    return path
 
 
 def base_url(var: str, value: str) -> str:

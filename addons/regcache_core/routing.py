@@ -46,6 +46,7 @@ class Refusal:
     status: int
     code: str
     message: str
+    challenge: str | None = None  # WWW-Authenticate of a 401: how to ask again
 
     def body(self) -> bytes:
         return json.dumps({"errors": [{"code": self.code, "message": self.message}]}).encode()
@@ -124,6 +125,9 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
         return Refusal(400, "NAME_INVALID", f"{_quote(repository)} is longer than 255 characters")
     if not _REPOSITORY.fullmatch(repository):
         return Refusal(400, "NAME_INVALID", f"{_quote(repository)} is not a valid repository name")
+    if not registry.serves(repository):
+        # As if it did not exist: which repositories a private account can read is not for clients to probe.
+        return Refusal(404, "NAME_UNKNOWN", f"repository {_quote(repository)} is not served for {registry.name} by this regcache")
     if kind == "tags":
         if reference != "list":
             return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..metrics import Metrics
 from ..redirects import RedirectSigner
 from .admin import Admin
+from .client_access import ClientAccess
 from .hits import HitMarker
 from .pull_log import PullLogger
 from .recorder import Recorder
@@ -33,6 +34,7 @@ def make_addons() -> list:
     return [
         settings,
         MirrorDefaults(settings),
+        ClientAccess(settings),
         Router(settings, signer),
         UpstreamCredentials(settings, signer, metrics),
         HitMarker(),

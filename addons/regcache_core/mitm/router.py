@@ -27,6 +27,8 @@ class Router:
         self.guard = EgressGuard()
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return  # answered already (ClientAccess refused it)
         try:
             await self._route(flow)
         except Exception:
@@ -114,7 +116,10 @@ def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
         # growing past it) meets a response: drop such a request instead.
         flow.kill()
         return
-    flow.response = http.Response.make(refusal.status, refusal.body(), {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if refusal.challenge:
+        headers["WWW-Authenticate"] = refusal.challenge
+    flow.response = http.Response.make(refusal.status, refusal.body(), headers)
 
 
 def send_to(request: http.Request, base_url: str, path: str) -> None:
