@@ -1,7 +1,8 @@
 """Real clients pull through regcache with the files `regcache client-config` wrote for them:
 containerd (what k3s/k3d nodes run) by virtual host and by one ?ns= endpoint, Docker Engine
 through registry-mirrors, and skopeo through registries.conf; containerd also falls back to the
-upstream for a registry regcache does not map and for one whose cache is down. Multi-arch images
+upstream for a registry regcache does not map and for one whose cache is down; podman reads
+the same registries.conf as skopeo. Multi-arch images
 (an OCI image index, as almost every docker.io image is) go through whole, or one platform of them.
 
 One stack for the module: docker.io is cached (its upstream is the session's local registry);
@@ -11,6 +12,9 @@ quay.io is mapped to a cache on another host that is not running.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import tempfile
 import tomllib
 
 import pytest
@@ -209,3 +213,24 @@ def test_skopeo_pulls_an_index_by_digest(client_stack, multiarch_image, tmp_path
     assert pull(DOCKER_IO, f"{image.name}@{image.index_digest}", tmp_path / "pulled") == amd64.manifest_digest
     records = client_stack.records_of_pull(amd64, before)
     assert {("GET", "manifest", image.index_digest), ("GET", "manifest", amd64.manifest_digest)} <= served(records)
+
+
+def test_podman_pulls_through_registries_conf_mirror(client_stack, generated, images, tmp_path):
+    """podman (Debian's) reads the same registries.conf as skopeo; its storage, run state and
+    events stay under tmp_path (vfs driver, no systemd)."""
+    image = images["small"]
+    before = len(client_stack.pull_records())
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path),
+           "CONTAINERS_REGISTRIES_CONF": str(generated["virtual-hosts"] / "registries.conf")}
+    # podman refuses a run root path over 50 characters; pytest's tmp_path is longer.
+    with tempfile.TemporaryDirectory(prefix="podman-") as run_root:
+        podman = ["podman", "--root", str(tmp_path / "root"), "--runroot", run_root, "--storage-driver", "vfs",
+                  "--cgroup-manager", "cgroupfs", "--events-backend", "file", "--tmpdir", str(tmp_path / "tmp")]
+        result = subprocess.run([*podman, "pull", "-q", f"docker.io/{image.reference}"], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        digest = subprocess.run([*podman, "image", "inspect", "--format", "{{.Digest}}", f"docker.io/{image.reference}"],
+                                env=env, capture_output=True, text=True, timeout=60).stdout.strip()
+        assert digest == image.manifest_digest
+    records = client_stack.records_of_pull(image, before)
+    assert {r["registry"] for r in records} == {"docker.io"} and blob_gets(image) <= served(records)
