@@ -36,7 +36,7 @@ def serving(stack):
     (request("GET /v2/ HTTP/1.1", host=""), b"NAME_UNKNOWN"),
     (request("GET /v2/ HTTP/1.1", f"Host: ghcr.io.{TEST_DOMAIN}"), b"NAME_UNKNOWN"),  # two Host headers
     (request("GET /v2/" + "a" * 200_000 + "/manifests/1.0 HTTP/1.1"), b"NAME_INVALID"),
-    (request("GET /v2/library/small/manifests/1.0%00 HTTP/1.1"), b"TAG_INVALID"),
+    (request("GET /v2/library/small/manifests/1.0%00 HTTP/1.1"), b"MANIFEST_UNKNOWN"),
     (b"HELLO THERE\r\n\r\n", b"400 Bad Request"),
     (bytes(range(1, 256)) + b"\r\n\r\n", b"400 Bad Request"),
     (b"GET /v2/ SPDY/9\r\n\r\n", b"400 Bad Request"),

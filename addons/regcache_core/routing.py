@@ -132,7 +132,8 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
         if not _DIGEST.fullmatch(reference):
             return Refusal(400, "DIGEST_INVALID", f"{_quote(reference)} is not a sha256 or sha512 digest")
     elif not _TAG.fullmatch(reference):
-        return Refusal(400, "TAG_INVALID", f"{_quote(reference)} is not a valid tag")
+        # No manifest can have such a tag: the spec (and its conformance tests) want 404 for it.
+        return Refusal(404, "MANIFEST_UNKNOWN", f"{_quote(reference)} is not a valid tag, so no manifest has it")
     return Target(registry, kind, repository, reference, forward_path)
 
 

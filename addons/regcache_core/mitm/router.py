@@ -78,8 +78,7 @@ class Router:
         if isinstance(decision, Refusal):
             refuse(flow, decision)
         elif decision.kind == "ping":
-            flow.response = http.Response.make(200, b"{}", {
-                "Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0"})
+            answer(flow, 200, b"{}", {"Docker-Distribution-API-Version": "registry/2.0"})
         else:
             flow.metadata[EGRESS] = flow.metadata[UPSTREAM] = decision
             send_to(flow.request, registry.upstream, decision.path)
@@ -114,7 +113,16 @@ def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
         # growing past it) meets a response: drop such a request instead.
         flow.kill()
         return
-    flow.response = http.Response.make(refusal.status, refusal.body(), {"Content-Type": "application/json"})
+    answer(flow, refusal.status, refusal.body())
+
+
+def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    """Answer a flow ourselves with a JSON body; a HEAD gets its headers only. mitmproxy would
+    send the body after a HEAD's answer too, and the client would read it as the next answer on
+    that connection."""
+    head = flow.request.method == "HEAD"
+    flow.response = http.Response.make(status, b"" if head else body, {"Content-Type": "application/json", **(headers or {})})
+    flow.response.headers["Content-Length"] = str(len(body))
 
 
 def send_to(request: http.Request, base_url: str, path: str) -> None:
