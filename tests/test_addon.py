@@ -122,14 +122,17 @@ def test_router_answers_refusals_itself_with_registry_error_json(method, path, h
 
 
 @pytest.mark.parametrize("body_headers", [{"Content-Length": str(50 << 20)}, {"Transfer-Encoding": "chunked"}])
-def test_router_drops_a_refused_request_whose_body_would_stream(body_headers):
-    """mitmproxy cannot answer a request whose body it streams: the connection would crash."""
+def test_router_answers_a_refused_request_with_a_body_before_the_body_and_ends_the_flow(body_headers):
+    """mitmproxy answers only after reading a body (and crashes on a streamed one): the answer
+    is written at once (see test_protocol.py) and the flow killed, which closes the connection."""
     flow = client_flow("/v2/library/small/blobs/uploads/", method="POST")
     flow.request.headers.update(body_headers)
+    flow.request.data.content = None  # as in requestheaders: the body has not been read
     flow.request.stream = "content-length" in flow.request.headers  # as stream_large_bodies decided
     routed(flow)
-    assert flow.response is None and flow.error.msg == flow.error.KILLED_MESSAGE
-    assert finished(flow)["status"] == 0  # nothing was sent
+    assert flow.error.msg == flow.error.KILLED_MESSAGE
+    assert (flow.response.status_code, flow.response.headers["Connection"]) == (405, "close")
+    assert finished(flow)["status"] == 405
 
 
 def finished(flow: http.HTTPFlow, response: http.Response | None = None, error: str | None = None) -> dict:

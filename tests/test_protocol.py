@@ -71,3 +71,63 @@ def test_a_missing_manifest_by_digest_is_404_manifest_unknown_not_the_caches_500
     (head_status, _, _), (get_status, _, body) = responses(reply, ["HEAD", "GET"])
     assert (head_status, get_status, error_code(body)) == (404, 404, "MANIFEST_UNKNOWN")
     assert upstream.requests_for(MISSING)  # the cache did ask its upstream: it was a real miss
+
+
+def test_only_canonical_get_and_head_leave_the_proxy(stack, upstream):
+    for method in ("get", "hEaD", "Get"):
+        path = f"/v2/library/small/manifests/1.0?case={method}"
+        [(status, _, body)] = responses(raw_exchange(PORT, request(f"{method} {path} HTTP/1.1")), [method.upper()])
+        assert status == 405 and (method.upper() == "HEAD" or error_code(body) == "UNSUPPORTED")
+        egress_path = f"/v2/library/small/manifests/1.0?egress={method}"
+        [(status, _, _)] = responses(raw_exchange(EGRESS, request(f"{method} {egress_path} HTTP/1.1", host=f"127.0.0.1:{EGRESS}")),
+                                     [method.upper()])
+        assert status == 405
+    assert not upstream.requests_for("case=") and not upstream.requests_for("egress=")
+
+
+@pytest.mark.parametrize("data", [
+    b"GET /v2/ HTTP/0.9\r\nHost: " + HUB.encode() + b"\r\n\r\n",
+    b"GET /v2/ HTTP/9.9\r\nHost: " + HUB.encode() + b"\r\n\r\n",
+    request("GET /v2/ HTTP/1.1", "Transfer-Encoding: chunked", "Trailer: X-Checksum", close=False)
+    + b"5\r\nhello\r\n0\r\nX-Checksum: 1234\r\n\r\n" + request("GET /v2/ HTTP/1.1"),
+    request("GET /v2/ HTTP/1.1", "Content-Length: 5", close=False) + b"hello" + request("GET /v2/ HTTP/1.1"),
+], ids=["http-0.9", "http-9.9", "chunked-with-trailers", "get-with-body"])
+def test_a_bad_protocol_or_a_pull_with_a_body_is_400_and_the_connection_closes(stack, data):
+    reply = raw_exchange(PORT, data, timeout=5)
+    [(status, headers, body)] = responses(reply, ["GET"])  # one answer: nothing after it was read
+    assert (status, headers["connection"], error_code(body)) == (400, "close", "UNSUPPORTED")
+    assert not [line for line in stack.output if "has crashed" in line or "Traceback" in line]
+
+
+@pytest.mark.parametrize("path", [
+    "/v2/library/small/tags/list?n=\xff",
+    "/v2/library/small/manifests/1.0\xff",
+    "/_regcache/redirect?url=x&sig=\xff",
+])
+def test_raw_bytes_that_are_not_ascii_are_400_without_a_traceback(stack, path):
+    [(status, _, body)] = responses(raw_exchange(PORT, request(f"GET {path} HTTP/1.1")), ["GET"])
+    assert (status, error_code(body)) == (400, "UNSUPPORTED")
+    assert not [line for line in stack.output if "Traceback" in line or "could not route" in line]
+
+
+def test_a_huge_query_is_414_and_too_many_fields_400_before_any_parsing(stack):
+    fields = "&".join(["a=1"] * 2_000_000)  # 7.6 MiB, as in the issue
+    [(status, _, _)] = responses(raw_exchange(PORT, request(f"GET /v2/?{fields} HTTP/1.1")), ["GET"])
+    [(many_status, _, body)] = responses(raw_exchange(PORT, request(f"GET /v2/?{'&'.join(['a=1'] * 100)} HTTP/1.1")), ["GET"])
+    assert (status, many_status, error_code(body)) == (414, 400, "UNSUPPORTED")
+
+
+@pytest.mark.parametrize("head, body", [
+    (request("PUT /v2/library/small/manifests/2.0 HTTP/1.1", "Content-Length: 4"), b"{}{}"),
+    (request("PATCH /v2/library/small/blobs/uploads/x HTTP/1.1", "Transfer-Encoding: chunked"),
+     b"10000\r\n" + b"x" * 0x10000 + b"\r\n"),  # the body goes on: the client waits for our answer first
+    (request("PUT /v2/library/small/blobs/uploads/x HTTP/1.1", f"Content-Length: {50 << 20}"), b"x" * (1 << 20)),
+], ids=["small-put", "chunked-patch", "large-put"])
+def test_a_push_is_405_unsupported_at_once_and_the_connection_closes(stack, upstream, head, body):
+    """The answer comes while the client still holds most of its body: regcache neither waits
+    for nor buffers it."""
+    before = len(upstream.access_log())
+    [(status, headers, answer)] = responses(raw_exchange(PORT, head + body), ["PUT"])
+    assert (status, error_code(answer), headers["connection"]) == (405, "UNSUPPORTED", "close")
+    assert len(upstream.access_log()) == before
+    assert not [line for line in stack.output if "has crashed" in line or "Traceback" in line]

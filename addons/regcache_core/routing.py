@@ -21,7 +21,13 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 _API_PATH = re.compile(r"/v2/(?P<repository>.+)/(?P<kind>manifests|blobs|tags)/(?P<reference>[^/]+)")
 _KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags"}
-PULL_METHODS = ("GET", "HEAD")
+PULL_METHODS = ("GET", "HEAD")  # as sent: "get" is another method, which a backend may take for GET
+HTTP_VERSIONS = ("HTTP/1.0", "HTTP/1.1", "HTTP/2.0", "HTTP/3")
+# Bounds checked before a request target is parsed: parsing a 7 MiB query of 2M fields took the
+# event loop (every client) 4 s. Our own redirect paths, the longest targets clients send us,
+# carry a CDN's signed URL of a few KiB.
+MAX_TARGET = 16384  # characters of path and query
+MAX_QUERY_FIELDS = 32
 
 
 @dataclass(frozen=True)
@@ -46,9 +52,28 @@ class Refusal:
     status: int
     code: str
     message: str
+    close: bool = False  # end the connection after the answer: what follows on it can't be trusted
 
     def body(self) -> bytes:
         return json.dumps({"errors": [{"code": self.code, "message": self.message}]}).encode()
+
+
+def refuse_malformed(method: str, http_version: str, target: str, has_body: bool) -> Refusal | None:
+    """What is wrong with a request whatever its path: checked first, on every listener, so that
+    nothing after it meets an unknown protocol, an unbounded or non-ASCII target, or a pull with
+    a body (a chunked body's trailers crash mitmproxy's connection handler)."""
+    if http_version not in HTTP_VERSIONS:
+        return Refusal(400, "UNSUPPORTED", f"{_quote(http_version)} is not HTTP/1.0, 1.1, 2 or 3", close=True)
+    if len(target) > MAX_TARGET:
+        return Refusal(414, "UNSUPPORTED", f"the request target is longer than {MAX_TARGET} characters")
+    if not target.isascii():
+        # RFC 3986: anything else is percent-encoded; mitmproxy hands raw bytes on as surrogates.
+        return Refusal(400, "UNSUPPORTED", "the request target has bytes that are not ASCII; percent-encode them")
+    if target.count("&") >= MAX_QUERY_FIELDS:
+        return Refusal(400, "UNSUPPORTED", f"the query has more than {MAX_QUERY_FIELDS} fields")
+    if has_body and method in PULL_METHODS:
+        return Refusal(400, "UNSUPPORTED", f"a {method} has no body in the registry API", close=True)
+    return None
 
 
 def route(config: Config, method: str, host: str, path: str, proxy_form: bool = False) -> Target | Refusal:
@@ -89,7 +114,7 @@ def refuse_non_pull(method: str, path_only: str) -> Refusal | None:
 
 def refuse_method(method: str) -> Refusal | None:
     if method not in PULL_METHODS:
-        return Refusal(405, "UNSUPPORTED", f"{method} is not allowed: regcache serves pulls only (GET, HEAD)")
+        return Refusal(405, "UNSUPPORTED", f"{_quote(method)} is not allowed: regcache serves pulls only (GET, HEAD)")
     return None
 
 
