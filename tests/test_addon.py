@@ -222,7 +222,7 @@ def test_a_followed_redirect_streams_like_a_blob():
     path = signer.location("https://ghcr.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob", GHCR_BLOB)
     flow = routed(client_flow(path), signer)
     flow.response = http.Response.make(200, b"")  # its headers; mitmproxy has not read the body
-    Recorder(Metrics(), []).responseheaders(flow)
+    Recorder(Metrics(), {}).responseheaders(flow)
     assert isinstance(flow.response.stream, ByteCounter) and flow.metadata[BYTE_COUNTER] is flow.response.stream
 
 
@@ -235,3 +235,23 @@ def test_a_client_following_a_redirect_is_logged_as_the_registrys_blob_with_its_
     record = finished(flow, http.Response.make(200, b""))
     assert (record["registry"], record["kind"], record["repository"], record["reference"], record["bytes"]) == (
         "ghcr.io", "blob", "x", DIGEST, 2048)
+
+
+def test_a_failing_sink_warns_once_a_minute_and_the_others_still_get_every_record(caplog):
+    now = [1000.0]
+    received = []
+
+    def full_disk(record):
+        raise OSError(28, "No space left on device")
+
+    recorder = Recorder(Metrics(), {"pull log": full_disk, "metrics": received.append}, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING):
+        for seconds in (0, 1, 30, 61):
+            now[0] = 1000.0 + seconds
+            flow = routed(client_flow("/v2/library/small/manifests/1.0"))
+            flow.response = http.Response.make(200, b"{}")
+            recorder.response(flow)
+    assert len(received) == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "No space left on device" in warnings[0]
+    assert "2 more failures" in warnings[1]

@@ -40,7 +40,7 @@ def make_addons() -> list:
         HitMarker(),
         SpecAnswers(),
         pull_logger,
-        Recorder(metrics, [pull_logger.write, metrics.observe]),
+        Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe}),
         Admin(settings, metrics),
         WebView(),
     ]
