@@ -5,10 +5,11 @@ registry:2's answers."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
-from parts import PORT_BASES, TEST_DOMAIN, raw_exchange
+from parts import PORT_BASES, TEST_DOMAIN, http_get, raw_exchange, skopeo
 
 PORT = PORT_BASES["session"]
 HUB = f"docker.io.{TEST_DOMAIN}:{PORT}"
@@ -131,3 +132,41 @@ def test_a_push_is_405_unsupported_at_once_and_the_connection_closes(stack, upst
     assert (status, error_code(answer), headers["connection"]) == (405, "UNSUPPORTED", "close")
     assert len(upstream.access_log()) == before
     assert not [line for line in stack.output if "has crashed" in line or "Traceback" in line]
+
+
+PAGED_TAGS = ["1.0", "1.1", "2.0", "Beta", "latest"]  # lexical order: digits, upper case, lower case
+
+
+@pytest.fixture(scope="module")
+def paged_repository(upstream, images):
+    """library/paged on the session upstream, one image under five tags."""
+    for tag in PAGED_TAGS:
+        result = skopeo("copy", "--dest-tls-verify=false", f"oci:{images['small'].layout}:1.0",
+                        f"docker://127.0.0.1:{upstream.port}/library/paged:{tag}")
+        assert result.returncode == 0, result.stderr
+    return "library/paged"
+
+
+def tags_list(path: str, host: str = HUB) -> tuple[list[str], str | None]:
+    status, headers, body = http_get(f"http://127.0.0.1:{PORT}{path}", host=host)
+    assert status == 200, body
+    return json.loads(body)["tags"], headers.get("Link")
+
+
+def test_tags_list_pages_with_n_last_and_link_over_what_the_cache_answers(stack, paged_repository):
+    base = f"/v2/{paged_repository}/tags/list"
+    assert tags_list(base)[0] == PAGED_TAGS
+    pages, path = [], f"{base}?n=2"
+    while path:
+        tags, link = tags_list(path)
+        pages.append(tags)
+        path = link and re.fullmatch(r'<(.+)>; rel="next"', link)[1]
+    assert pages == [["1.0", "1.1"], ["2.0", "Beta"], ["latest"]]
+    assert tags_list(f"{base}?n=0") == ([], None)
+    assert tags_list(f"{base}?last=2.0") == (["Beta", "latest"], None)
+    assert tags_list(f"{base}?n=10&last=Beta") == (["latest"], None)
+    # containerd's ?ns= stays in the Link, so the next page reaches the same registry
+    assert tags_list(f"{base}?ns=docker.io&n=4", host=f"127.0.0.1:{PORT}") == (
+        PAGED_TAGS[:4], f'<{base}?ns=docker.io&n=4&last=Beta>; rel="next"')
+    status, _, body = http_get(f"http://127.0.0.1:{PORT}{base}?n=many", host=HUB)
+    assert (status, error_code(body)) == (400, "PAGINATION_NUMBER_INVALID")

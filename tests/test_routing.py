@@ -7,7 +7,7 @@ import json
 import pytest
 
 from regcache_core.config import DEFAULTS, parse_config
-from regcache_core.routing import Refusal, Target, route
+from regcache_core.routing import Refusal, TagsPage, Target, route
 
 CONFIG = parse_config({**DEFAULTS, "REGISTRY_DOMAIN": "regcache.test", "GHCR_CACHE": "none"})
 HUB = "docker.io.regcache.test:5000"
@@ -92,10 +92,17 @@ def test_blob_by_digest(reference):
     assert decision.path == f"/v2/library/small/blobs/{reference}"
 
 
-def test_tags_list_keeps_its_query_but_not_ns():
-    decision = target("/v2/library/small/tags/list?n=10&ns=docker.io&last=1.0", host="127.0.0.1:5000")
+def test_tags_list_keeps_its_query_but_not_ns_for_an_upstream_which_pages_itself():
+    decision = target("/v2/library/small/tags/list?n=10&ns=ghcr.io&last=1.0", host="127.0.0.1:5000")
     assert (decision.kind, decision.repository, decision.reference) == ("tags", "library/small", None)
-    assert decision.path == "/v2/library/small/tags/list?n=10&last=1.0"
+    assert decision.path == "/v2/library/small/tags/list?n=10&last=1.0" and decision.page is None
+
+
+def test_a_caches_tags_list_is_asked_whole_and_paged_by_regcache():
+    decision = target("/v2/library/small/tags/list?n=10&ns=docker.io&last=1.0", host="127.0.0.1:5000")
+    assert decision.path == "/v2/library/small/tags/list"
+    assert decision.page == TagsPage(10, "1.0", "/v2/library/small/tags/list?ns=docker.io")
+    assert target("/v2/library/small/tags/list").page == TagsPage(None, None, "/v2/library/small/tags/list")
 
 
 @pytest.mark.parametrize("repository", [

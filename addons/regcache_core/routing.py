@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, urlencode
 
 from .config import Config, Registry
@@ -31,6 +31,16 @@ MAX_QUERY_FIELDS = 32
 
 
 @dataclass(frozen=True)
+class TagsPage:
+    """The page of a tags list a client asked for with `?n=&last=` (the whole list without
+    them): regcache cuts it from the list a cache answers (registry:2 2.8 ignores both)."""
+
+    n: int | None  # at most this many tags
+    last: str | None  # only tags after this one
+    link_path: str  # the client's path and query without n and last, for the next page's Link
+
+
+@dataclass(frozen=True)
 class Target:
     """A request we serve: the registry it is for, and what it asks for."""
 
@@ -39,6 +49,7 @@ class Target:
     repository: str | None
     reference: str | None  # tag or digest; None for ping and tags
     path: str  # what the backend is asked for: the client's path and query, without ns
+    page: TagsPage | None = None  # for a cache's tags/list
 
     @property
     def backend(self) -> str:
@@ -92,9 +103,27 @@ def route(config: Config, method: str, host: str, path: str, proxy_form: bool = 
     registry = select_registry(config, host, dict(params).get("ns", ""))
     if isinstance(registry, Refusal):
         return registry
-    forward_query = urlencode([(k, v) for k, v in params if k != "ns"])
-    forward_path = path_only + (f"?{forward_query}" if forward_query else "")
-    return parse_api_path(registry, path_only, forward_path)
+    forward_path = with_query(path_only, [(k, v) for k, v in params if k != "ns"])
+    target = parse_api_path(registry, path_only, forward_path)
+    if isinstance(target, Target) and target.kind == "tags" and registry.cache is not None:
+        return page_of_tags(target, path_only, params)
+    return target
+
+
+def page_of_tags(target: Target, path_only: str, params: list[tuple[str, str]]) -> Target | Refusal:
+    """A cache's tags/list: the cache is asked for the whole list, which the answer is sorted
+    (registry:2 2.8 does not sort it) and cut from (an upstream, asked directly, does both)."""
+    fields = dict(params)
+    n = fields.get("n")
+    if n is not None and not (n.isascii() and n.isdigit() and len(n) <= 9):
+        return Refusal(400, "PAGINATION_NUMBER_INVALID", f"n={_quote(n)} is not a number of tags")
+    rest = [(k, v) for k, v in params if k not in ("n", "last")]
+    page = TagsPage(int(n) if n is not None else None, fields.get("last"), with_query(path_only, rest))
+    return replace(target, path=with_query(path_only, [(k, v) for k, v in rest if k != "ns"]), page=page)
+
+
+def with_query(path: str, params: list[tuple[str, str]]) -> str:
+    return path + (f"?{urlencode(params)}" if params else "")
 
 
 def route_egress(registry: Registry, method: str, path: str) -> Target | Refusal:

@@ -5,13 +5,17 @@ applies them.
 
 - A cache answers a missing manifest by digest with 500 `UNKNOWN`, the real code hidden in its
   detail (`MANIFEST_UNKNOWN`); clients and conformance tools want 404 `MANIFEST_UNKNOWN`.
+- A cache's tags list is not sorted, and it ignores `tags/list?n=&last=`: the answer is sorted
+  and the page cut from it, with a `Link` header to the next page (RFC 5988, `rel="next"`)
+  when there is one.
 """
 
 from __future__ import annotations
 
 import json
+from urllib.parse import urlencode
 
-from .routing import Refusal, Target
+from .routing import Refusal, TagsPage, Target
 
 
 def missing_manifest(target: Target, status: int, body: bytes | None, content_length: str | None) -> Refusal | None:
@@ -44,3 +48,23 @@ def inner_error_codes(body: bytes) -> set[str]:
         return {inner.get("code") for error in errors for inner in error.get("detail", {}).get("errors", [])}
     except (ValueError, AttributeError, TypeError):
         return set()
+
+
+def tags_page(page: TagsPage, body: bytes) -> tuple[bytes, str | None] | None:
+    """The page's body and its Link header value (None on the last page), cut from a cache's
+    whole tags list; None when `body` is not a tags list. Tags are in lexical order, as the spec
+    wants, and `last` itself is not on the page."""
+    try:
+        answer = json.loads(body)
+        tags = sorted(tag for tag in answer.get("tags") or [] if isinstance(tag, str))
+    except (ValueError, AttributeError, TypeError):
+        return None
+    if page.last is not None:
+        tags = [tag for tag in tags if tag > page.last]
+    link = None
+    if page.n is not None:
+        if 0 < page.n < len(tags):
+            separator = "&" if "?" in page.link_path else "?"
+            link = f'<{page.link_path}{separator}{urlencode({"n": page.n, "last": tags[page.n - 1]})}>; rel="next"'
+        tags = tags[: page.n]
+    return json.dumps({"name": answer.get("name"), "tags": tags}).encode(), link
