@@ -1,5 +1,6 @@
-"""Servers no real part can stand in for here: a registry token server, a CDN, and faults
-(a server that does not speak HTTP, an upstream that only challenges).
+"""Servers no real part can stand in for here: a registry token server, a CDN, an upstream
+with the referrers API, and faults (a server that does not speak HTTP, an upstream that only
+challenges).
 
 They speak the real protocols: the token server issues JWTs that a real `registry` with
 `auth: token` accepts (RS256, an x5c chain ending in the rootcertbundle certificate, see the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import re
 import socketserver
 import threading
 import time
@@ -25,6 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+
+from parts import OCI_INDEX
 
 
 def _b64url(data: bytes) -> str:
@@ -223,6 +227,48 @@ class Challenger(_Server):
         handler.send_header("WWW-Authenticate", f'Bearer realm="{self.realm}",service="registry.test"')
         handler.send_header("Content-Type", "application/json")
         body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
+
+
+class ReferrersRegistry(_Server):
+    """An upstream with the OCI 1.1 referrers API (which no registry on these machines has), behind
+    Bearer tokens from a TokenServer: `GET /v2/<name>/referrers/<digest>[?artifactType=]` answers
+    an image index of the manifests whose subject is that digest (an empty one when there are
+    none), filtered by artifactType with `OCI-Filters-Applied`. Records (path, Authorization)."""
+
+    def __init__(self, port: int, tokens: TokenServer) -> None:
+        super().__init__(port)
+        self.tokens = tokens
+        self.referrers: dict[tuple[str, str], list[dict]] = {}  # (repository, subject digest) -> descriptors
+        self.requests: list[tuple[str, str | None]] = []
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(handler.path)
+        authorization = handler.headers.get("Authorization")
+        self.requests.append((handler.path, authorization))
+        match = re.fullmatch(r"/v2/(.+)/referrers/(sha256:[a-f0-9]{64})", parts.path)
+        scope = f",scope=\"repository:{match[1]}:pull\"" if match else ""
+        if authorization is None or authorization.removeprefix("Bearer ") not in self.tokens.issued:
+            handler.send_response(401)
+            handler.send_header("WWW-Authenticate", f'Bearer realm="{self.tokens.url}/token",service="{TokenServer.SERVICE}"{scope}')
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        if not match:
+            _reply(handler, 200 if parts.path == "/v2/" else 404, b"{}")
+            return
+        manifests = self.referrers.get((match[1], match[2]), [])
+        wanted = parse_qs(parts.query).get("artifactType")
+        if wanted:
+            manifests = [m for m in manifests if m.get("artifactType") in wanted]
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", OCI_INDEX)
+        if wanted:
+            handler.send_header("OCI-Filters-Applied", "artifactType")
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
         if handler.command != "HEAD":

@@ -163,7 +163,6 @@ def test_impossible_tags_are_404_manifest_unknown(reference):
     "/v2/library/small/blobs/uploads/1234",
     "/v2/library/small/tags/other",
     "/v2/library/small/tags/list/",
-    "/v2/library/small/referrers/" + DIGEST,
 ])
 def test_other_registry_api_paths_are_404(path):
     decision = refusal(path)
@@ -194,3 +193,11 @@ def test_refusal_body_is_registry_error_json():
     assert json.loads(Refusal(404, "NAME_UNKNOWN", 'no "registry"').body()) == {
         "errors": [{"code": "NAME_UNKNOWN", "message": 'no "registry"'}]
     }
+
+
+def test_referrers_go_to_the_upstream_even_of_a_cached_registry():
+    decision = target(f"/v2/library/small/referrers/{DIGEST}?artifactType=application%2Fvnd.example")
+    assert (decision.kind, decision.reference, decision.goes_upstream) == ("referrers", DIGEST, True)
+    assert decision.backend == CONFIG.registry("docker.io").upstream
+    assert decision.path == f"/v2/library/small/referrers/{DIGEST}?artifactType=application%2Fvnd.example"
+    assert (refusal("/v2/library/small/referrers/latest").code) == "DIGEST_INVALID"

@@ -19,8 +19,8 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
-_API_PATH = re.compile(r"/v2/(?P<repository>.+)/(?P<kind>manifests|blobs|tags)/(?P<reference>[^/]+)")
-_KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags"}
+_API_PATH = re.compile(r"/v2/(?P<repository>.+)/(?P<kind>manifests|blobs|tags|referrers)/(?P<reference>[^/]+)")
+_KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
 PULL_METHODS = ("GET", "HEAD")  # as sent: "get" is another method, which a backend may take for GET
 HTTP_VERSIONS = ("HTTP/1.0", "HTTP/1.1", "HTTP/2.0", "HTTP/3")
 # Bounds checked before a request target is parsed: parsing a 7 MiB query of 2M fields took the
@@ -45,15 +45,21 @@ class Target:
     """A request we serve: the registry it is for, and what it asks for."""
 
     registry: Registry
-    kind: str  # ping | manifest | blob | tags
+    kind: str  # ping | manifest | blob | tags | referrers
     repository: str | None
     reference: str | None  # tag or digest; None for ping and tags
     path: str  # what the backend is asked for: the client's path and query, without ns
     page: TagsPage | None = None  # for a cache's tags/list
 
     @property
+    def goes_upstream(self) -> bool:
+        """Sent to the upstream itself, with our credentials: an uncached registry's requests, and
+        referrers (OCI 1.1), which registry:2 2.8 as a cache does not know."""
+        return self.registry.cache is None or self.kind == "referrers"
+
+    @property
     def backend(self) -> str:
-        return self.registry.backend
+        return self.registry.upstream if self.goes_upstream else self.registry.backend
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,7 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
         return Target(registry, "ping", None, None, forward_path)
     match = _API_PATH.fullmatch(path)
     if not match:
-        return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list)")
+        return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list, referrers)")
     repository, kind, reference = match["repository"], _KINDS[match["kind"]], match["reference"]
     if len(repository) > 255:
         return Refusal(400, "NAME_INVALID", f"{_quote(repository)} is longer than 255 characters")
@@ -180,9 +186,9 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
         return Refusal(400, "NAME_INVALID", f"{_quote(repository)} is not a valid repository name")
     if kind == "tags":
         if reference != "list":
-            return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list)")
+            return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list, referrers)")
         return Target(registry, kind, repository, None, forward_path)
-    if ":" in reference or kind == "blob":
+    if ":" in reference or kind in ("blob", "referrers"):
         if not _DIGEST.fullmatch(reference):
             return Refusal(400, "DIGEST_INVALID", f"{_quote(reference)} is not a sha256 or sha512 digest")
     elif not _TAG.fullmatch(reference):

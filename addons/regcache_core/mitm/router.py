@@ -78,7 +78,7 @@ class Router:
             refuse(flow, decision)
             return
         flow.metadata[TARGET] = decision
-        if decision.registry.cache is None:
+        if decision.goes_upstream:
             flow.metadata[UPSTREAM] = decision
         send_to(request, decision.backend, decision.path)
 
