@@ -131,7 +131,15 @@ class AccessLine:
     status: int
 
 
-_ACCESS_LINE = re.compile(r'\] "(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>[0-9]{3}) ')
+# Any method token: a backend must never see one that is not GET or HEAD, "get" included.
+_ACCESS_LINE = re.compile(r'\] "(?P<method>[^ "]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>[0-9]{3}) ')
+
+
+def read_access_log(log_file: Path) -> list[AccessLine]:
+    """Every request a registry answered, in order, from its log (registry:2 writes one
+    combined-log-format line per request whatever its log level)."""
+    lines = log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
+    return [AccessLine(m["method"], m["path"], int(m["status"])) for m in map(_ACCESS_LINE.search, lines) if m]
 
 
 class Upstream:
@@ -175,10 +183,7 @@ class Upstream:
         push_image(image, f"127.0.0.1:{self.port}", self.creds)
 
     def access_log(self) -> list[AccessLine]:
-        """Every request the registry answered, in order, from its access log (registry:2 writes
-        one combined-log-format line per request whatever its log level)."""
-        lines = (self.root / "registry.log").read_text(errors="replace").splitlines()
-        return [AccessLine(m["method"], m["path"], int(m["status"])) for m in map(_ACCESS_LINE.search, lines) if m]
+        return read_access_log(self.root / "registry.log")
 
     def requests_for(self, path_part: str, method: str | None = None) -> list[AccessLine]:
         """The access log's requests whose path contains `path_part` (and of `method`, if given)."""
@@ -521,6 +526,10 @@ class Stack:
             if Path(program).name in (Path(arg).name for arg in command_line(pid)[:2]):
                 return pid
         raise LookupError(f"regcache up has no child running {program}")
+
+    def cache_access_log(self, registry_key: str = "dockerhub") -> list[AccessLine]:
+        """What the cache `regcache up` runs for a registry (its K, lower case) was asked."""
+        return read_access_log(self.data_dir / registry_key / "registry.log")
 
     def pull_records(self) -> list[dict]:
         if not self.pull_log.exists():
