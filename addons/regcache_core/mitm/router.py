@@ -13,7 +13,7 @@ from mitmproxy.net.http.http1 import assemble_response, expected_http_body_size
 from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
 from ..redirects import RedirectSigner, is_redirect_path, resolves_internal
-from ..routing import Refusal, Target, refuse_malformed, refuse_method, route, route_egress
+from ..routing import PULL_METHODS, Refusal, Target, refuse_malformed, refuse_method, route, route_egress
 from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
 
@@ -133,7 +133,9 @@ def body_follows(request: http.Request) -> bool:
 
 
 def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
-    answer(flow, refusal.status, refusal.body(), close=refusal.close)
+    # RFC 9110: a 405 says which methods are allowed.
+    headers = {"Allow": ", ".join(PULL_METHODS)} if refusal.status == 405 else None
+    answer(flow, refusal.status, refusal.body(), headers, close=refusal.close)
 
 
 def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str] | None = None,
