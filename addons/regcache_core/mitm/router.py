@@ -124,10 +124,10 @@ def method_as_sent(request: http.Request) -> str:
 
 def body_follows(request: http.Request) -> bool:
     """True when the request announced a body that mitmproxy has not read yet."""
-    if request.raw_content is not None or request.is_http2 or request.is_http3:
+    if request.raw_content is not None:
         return False
     try:
-        return expected_http_body_size(request) != 0
+        return bool(request.stream) or expected_http_body_size(request) != 0
     except ValueError:
         return True  # malformed framing: mitmproxy refuses it before any hook
 
@@ -147,8 +147,8 @@ def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str
     flow.response = http.Response.make(status, b"" if head else body, {"Content-Type": "application/json", **(headers or {})})
     flow.response.headers["Content-Length"] = str(len(body))
     unread_body = body_follows(flow.request)
-    if close or unread_body:
-        flow.response.headers["Connection"] = "close"
+    if (close or unread_body) and not (flow.request.is_http2 or flow.request.is_http3):
+        flow.response.headers["Connection"] = "close"  # HTTP/2 has no such header
     if unread_body:
         send_before_the_body(flow)
 
@@ -160,7 +160,8 @@ def send_before_the_body(flow: http.HTTPFlow) -> None:
     crashes the connection when a body it streams meets an answer, and when a chunked body ends
     in trailers. So the answer is written on the client's connection here (HTTP/1 only, where
     nothing else is being written while a request is read) and the flow is killed, which makes
-    mitmproxy close the connection. `flow.response` stays set, for the pull log.
+    mitmproxy close the connection (HTTP/2: reset the stream). `flow.response` stays set, for
+    the pull log.
     """
     writer = client_writer(flow)
     if writer is not None:
@@ -185,6 +186,8 @@ def client_writer(flow: http.HTTPFlow) -> asyncio.StreamWriter | None:
     """The client connection's stream writer (`Proxyserver.connections` and the handler's
     `transports`: the same in mitmproxy 11 and 12); None where there is none (HTTP/2, tests)."""
     master = getattr(ctx, "master", None)
+    if flow.request.is_http2 or flow.request.is_http3:
+        return None  # the connection carries other streams: mitmproxy resets this one when killed
     proxyserver = master.addons.get("proxyserver") if master else None
     handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
     transport = handler.transports.get(flow.client_conn) if handler else None

@@ -3,6 +3,8 @@ see the answer."""
 
 from __future__ import annotations
 
+import asyncio
+
 from mitmproxy import http
 
 from ..routing import Target
@@ -24,7 +26,7 @@ class SpecAnswers:
             if not length.isdigit() or int(length) <= MAX_TAGS_LIST:
                 flow.response.stream = False  # the page is cut from the whole body
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    async def response(self, flow: http.HTTPFlow) -> None:
         target: Target | None = flow.metadata.get(TARGET)
         if target is None or UPSTREAM in flow.metadata or flow.response.stream:
             return
@@ -34,7 +36,8 @@ class SpecAnswers:
         if refusal := missing_manifest(target, response.status_code, body, response.headers.get("Content-Length")):
             refuse(flow, refusal)
         elif target.page is not None and response.status_code == 200 and not head:
-            if (page := tags_page(target.page, body)) is not None:
+            # A long list takes a while to parse: not on the event loop.
+            if (page := await asyncio.to_thread(tags_page, target.page, body)) is not None:
                 response.headers.pop("Content-Encoding", None)
                 response.content, link = page
                 if link:
