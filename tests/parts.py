@@ -562,6 +562,29 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0, source: str | No
     return received
 
 
+def raw_request(first_line: str, *headers: str, host: str, close: bool = True) -> bytes:
+    """An HTTP/1 request head as bytes, for raw_exchange; `close=False` to send another after it."""
+    lines = [first_line, f"Host: {host}", *headers, *(["Connection: close"] if close else []), "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def split_responses(reply: bytes, methods: list[str]) -> list[tuple[int, dict[str, str], bytes]]:
+    """Split what came back on one connection into (status, headers, body) per request, the way
+    a client does: a HEAD's answer has no body, any other's is Content-Length bytes long."""
+    answers = []
+    for method in methods:
+        head, separator, reply = reply.partition(b"\r\n\r\n")
+        assert separator, f"no complete answer for {method}: {head[:200]!r}"
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        assert status_line.startswith("HTTP/1.1 "), f"not an answer: {status_line[:200]!r}"
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+        length = 0 if method == "HEAD" else int(headers.get("content-length", "0"))
+        answers.append((int(status_line.split()[1]), headers, reply[:length]))
+        reply = reply[length:]
+    assert reply == b"", f"bytes after the last answer: {reply[:200]!r}"
+    return answers
+
+
 def docker_io_stack(workdir: Path, upstream: Upstream, port: int, settings: dict | None = None,
                     args: tuple[str, ...] = ()) -> Stack:
     """`regcache up` caching docker.io only, from `upstream`, its cache on port+1."""

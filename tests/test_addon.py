@@ -255,3 +255,11 @@ def test_a_failing_sink_warns_once_a_minute_and_the_others_still_get_every_recor
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and "No space left on device" in warnings[0]
     assert "2 more failures" in warnings[1]
+
+
+def test_a_head_that_regcache_answers_itself_gets_the_headers_of_the_get_and_no_body():
+    get = routed(client_flow("/v2/", host="unmapped.io.regcache.test"))
+    head = routed(client_flow("/v2/", host="unmapped.io.regcache.test", method="HEAD"))
+    assert head.response.status_code == get.response.status_code == 404
+    assert head.response.raw_content == b""
+    assert head.response.headers["Content-Length"] == get.response.headers["Content-Length"] == str(len(get.response.raw_content))

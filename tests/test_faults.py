@@ -9,7 +9,7 @@ import json
 import pytest
 
 from fakes import Challenger, NotHttp
-from parts import PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, http_get
+from parts import PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, http_get, raw_exchange, raw_request, split_responses
 
 PORT = PORT_BASES["test_faults"]
 GHCR = f"ghcr.io.{TEST_DOMAIN}:{PORT}"
@@ -22,8 +22,10 @@ def faults(tmp_path_factory):
     challenger = Challenger(PORT + UPSTREAM_OFFSET + 1, realm=f"{not_http.url}/token").start()
     stack = Stack(tmp_path_factory.mktemp("faults"), {
         "REGCACHE_PORT": str(PORT),
-        "REGCACHE_REGISTRIES": "GHCR,QUAY",
+        "REGCACHE_REGISTRIES": "GHCR,QUAY,DOCKERHUB",
         "GHCR_UPSTREAM": not_http.url, "GHCR_CACHE": "none",  # its /v2/ is not HTTP
+        "DOCKERHUB_UPSTREAM": not_http.url, "DOCKERHUB_CACHE": f"http://127.0.0.1:{PORT + 1}",  # cached, the same
+        "DOCKERHUB_EGRESS_PORT": str(PORT + 80),
         "QUAY_UPSTREAM": challenger.url, "QUAY_CACHE": "none",  # its token realm is not HTTP
         "REGCACHE_PULL_LOG": "/dev/full",  # every write fails with ENOSPC, as on a full disk
     }).start()
@@ -55,4 +57,17 @@ def test_a_pull_log_that_cannot_be_written_stops_neither_answers_nor_metrics(fau
     assert stack.metrics().get(key, 0) >= 5
     warnings = [line for line in stack.output if "the pull log failed" in line]
     assert len(warnings) == 1 and "No space left on device" in warnings[0]
+    assert not [line for line in stack.output if "Traceback" in line]
+
+
+def test_a_head_answered_502_by_the_egress_listener_has_no_body_so_the_cache_can_go_on(faults):
+    """What docker.io's cache sees when its upstream does not speak HTTP (listed after the tests
+    above, which count what the fake upstream was asked)."""
+    stack = faults[0]
+    egress = f"127.0.0.1:{PORT + 80}"  # docker.io's
+    reply = raw_exchange(PORT + 80, raw_request("HEAD /v2/library/small/manifests/1.0 HTTP/1.1", host=egress, close=False)
+                         + raw_request("GET /v2/library/small/manifests/1.0 HTTP/1.1", host=egress))
+    (head_status, head_headers, _), (get_status, get_headers, body) = split_responses(reply, ["HEAD", "GET"])
+    assert head_status == get_status == 502 and b"BadStatusLine" in body
+    assert head_headers["content-length"] == get_headers["content-length"]
     assert not [line for line in stack.output if "Traceback" in line]

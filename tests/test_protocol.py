@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from parts import PORT_BASES, TEST_DOMAIN, http_get, raw_exchange, skopeo
+from parts import PORT_BASES, TEST_DOMAIN, http_get, raw_exchange, raw_request, split_responses, skopeo
 
 PORT = PORT_BASES["session"]
 HUB = f"docker.io.{TEST_DOMAIN}:{PORT}"
@@ -18,25 +18,7 @@ MISSING = "sha256:" + "ab" * 32
 
 
 def request(first_line: str, *headers: str, host: str = HUB, close: bool = True) -> bytes:
-    lines = [first_line, f"Host: {host}", *headers, *(["Connection: close"] if close else []), "", ""]
-    return "\r\n".join(lines).encode("latin-1")
-
-
-def responses(reply: bytes, methods: list[str]) -> list[tuple[int, dict[str, str], bytes]]:
-    """Split what came back on one connection into (status, headers, body) per request, the way
-    a client does: a HEAD's answer has no body, any other's is Content-Length bytes long."""
-    answers = []
-    for method in methods:
-        head, separator, reply = reply.partition(b"\r\n\r\n")
-        assert separator, f"no complete answer for {method}: {head[:200]!r}"
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        assert status_line.startswith("HTTP/1.1 "), f"not an answer: {status_line[:200]!r}"
-        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
-        length = 0 if method == "HEAD" else int(headers.get("content-length", "0"))
-        answers.append((int(status_line.split()[1]), headers, reply[:length]))
-        reply = reply[length:]
-    assert reply == b"", f"bytes after the last answer: {reply[:200]!r}"
-    return answers
+    return raw_request(first_line, *headers, host=host, close=close)
 
 
 def error_code(body: bytes) -> str:
@@ -52,24 +34,24 @@ def error_code(body: bytes) -> str:
 def test_a_head_answered_by_regcache_has_no_body_so_the_next_request_on_the_connection_works(stack, port, path, host, status):
     reply = raw_exchange(port, request(f"HEAD {path} HTTP/1.1", host=host, close=False)
                          + request(f"GET {path} HTTP/1.1", host=host))
-    (head_status, head_headers, _), (get_status, get_headers, get_body) = responses(reply, ["HEAD", "GET"])
+    (head_status, head_headers, _), (get_status, get_headers, get_body) = split_responses(reply, ["HEAD", "GET"])
     assert head_status == get_status == status
     assert head_headers["content-length"] == get_headers["content-length"] == str(len(get_body))
 
 
 def test_an_impossible_tag_is_404_manifest_unknown_and_a_malformed_digest_still_400(stack):
     for method in ("GET", "HEAD"):
-        [(status, _, body)] = responses(raw_exchange(PORT, request(
+        [(status, _, body)] = split_responses(raw_exchange(PORT, request(
             f"{method} /v2/library/small/manifests/.INVALID_NAME HTTP/1.1")), [method])
         assert status == 404 and (method == "HEAD" or error_code(body) == "MANIFEST_UNKNOWN")
-    [(status, _, body)] = responses(raw_exchange(PORT, request("GET /v2/library/small/manifests/sha256:bad HTTP/1.1")), ["GET"])
+    [(status, _, body)] = split_responses(raw_exchange(PORT, request("GET /v2/library/small/manifests/sha256:bad HTTP/1.1")), ["GET"])
     assert (status, error_code(body)) == (400, "DIGEST_INVALID")
 
 
 def test_a_missing_manifest_by_digest_is_404_manifest_unknown_not_the_caches_500(stack, upstream):
     reply = raw_exchange(PORT, request(f"HEAD /v2/library/small/manifests/{MISSING} HTTP/1.1", close=False)
                          + request(f"GET /v2/library/small/manifests/{MISSING} HTTP/1.1"))
-    (head_status, _, _), (get_status, _, body) = responses(reply, ["HEAD", "GET"])
+    (head_status, _, _), (get_status, _, body) = split_responses(reply, ["HEAD", "GET"])
     assert (head_status, get_status, error_code(body)) == (404, 404, "MANIFEST_UNKNOWN")
     assert upstream.requests_for(MISSING)  # the cache did ask its upstream: it was a real miss
 
@@ -77,10 +59,10 @@ def test_a_missing_manifest_by_digest_is_404_manifest_unknown_not_the_caches_500
 def test_only_canonical_get_and_head_leave_the_proxy(stack, upstream):
     for method in ("get", "hEaD", "Get"):
         path = f"/v2/library/small/manifests/1.0?case={method}"
-        [(status, _, body)] = responses(raw_exchange(PORT, request(f"{method} {path} HTTP/1.1")), [method.upper()])
+        [(status, _, body)] = split_responses(raw_exchange(PORT, request(f"{method} {path} HTTP/1.1")), [method.upper()])
         assert status == 405 and (method.upper() == "HEAD" or error_code(body) == "UNSUPPORTED")
         egress_path = f"/v2/library/small/manifests/1.0?egress={method}"
-        [(status, _, _)] = responses(raw_exchange(EGRESS, request(f"{method} {egress_path} HTTP/1.1", host=f"127.0.0.1:{EGRESS}")),
+        [(status, _, _)] = split_responses(raw_exchange(EGRESS, request(f"{method} {egress_path} HTTP/1.1", host=f"127.0.0.1:{EGRESS}")),
                                      [method.upper()])
         assert status == 405
     assert not [line for line in upstream.access_log() + stack.cache_access_log() if "case=" in line.path or "egress=" in line.path]
@@ -95,7 +77,7 @@ def test_only_canonical_get_and_head_leave_the_proxy(stack, upstream):
 ], ids=["http-0.9", "http-9.9", "chunked-with-trailers", "get-with-body"])
 def test_a_bad_protocol_or_a_pull_with_a_body_is_400_and_the_connection_closes(stack, data):
     reply = raw_exchange(PORT, data, timeout=5)
-    [(status, headers, body)] = responses(reply, ["GET"])  # one answer: nothing after it was read
+    [(status, headers, body)] = split_responses(reply, ["GET"])  # one answer: nothing after it was read
     assert (status, headers["connection"], error_code(body)) == (400, "close", "UNSUPPORTED")
     assert not [line for line in stack.output if "has crashed" in line or "Traceback" in line]
 
@@ -106,15 +88,15 @@ def test_a_bad_protocol_or_a_pull_with_a_body_is_400_and_the_connection_closes(s
     "/_regcache/redirect?url=x&sig=\xff",
 ])
 def test_raw_bytes_that_are_not_ascii_are_400_without_a_traceback(stack, path):
-    [(status, _, body)] = responses(raw_exchange(PORT, request(f"GET {path} HTTP/1.1")), ["GET"])
+    [(status, _, body)] = split_responses(raw_exchange(PORT, request(f"GET {path} HTTP/1.1")), ["GET"])
     assert (status, error_code(body)) == (400, "UNSUPPORTED")
     assert not [line for line in stack.output if "Traceback" in line or "could not route" in line]
 
 
 def test_a_huge_query_is_414_and_too_many_fields_400_before_any_parsing(stack):
     fields = "&".join(["a=1"] * 2_000_000)  # 7.6 MiB, as in the issue
-    [(status, _, _)] = responses(raw_exchange(PORT, request(f"GET /v2/?{fields} HTTP/1.1")), ["GET"])
-    [(many_status, _, body)] = responses(raw_exchange(PORT, request(f"GET /v2/?{'&'.join(['a=1'] * 100)} HTTP/1.1")), ["GET"])
+    [(status, _, _)] = split_responses(raw_exchange(PORT, request(f"GET /v2/?{fields} HTTP/1.1")), ["GET"])
+    [(many_status, _, body)] = split_responses(raw_exchange(PORT, request(f"GET /v2/?{'&'.join(['a=1'] * 100)} HTTP/1.1")), ["GET"])
     assert (status, many_status, error_code(body)) == (414, 400, "UNSUPPORTED")
 
 
@@ -128,7 +110,7 @@ def test_a_push_is_405_unsupported_at_once_and_the_connection_closes(stack, upst
     """The answer comes while the client still holds most of its body: regcache neither waits
     for nor buffers it."""
     before = len(upstream.access_log())
-    [(status, headers, answer)] = responses(raw_exchange(PORT, head + body), ["PUT"])
+    [(status, headers, answer)] = split_responses(raw_exchange(PORT, head + body), ["PUT"])
     assert (status, error_code(answer), headers["connection"], headers["allow"]) == (405, "UNSUPPORTED", "close", "GET, HEAD")
     assert len(upstream.access_log()) == before
     assert not [line for line in stack.output if "has crashed" in line or "Traceback" in line]
