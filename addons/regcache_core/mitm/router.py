@@ -185,9 +185,9 @@ def trailers_crash_as_one_line(record: logging.LogRecord) -> bool:
 def client_writer(flow: http.HTTPFlow) -> asyncio.StreamWriter | None:
     """The client connection's stream writer (`Proxyserver.connections` and the handler's
     `transports`: the same in mitmproxy 11 and 12); None where there is none (HTTP/2, tests)."""
-    master = getattr(ctx, "master", None)
     if flow.request.is_http2 or flow.request.is_http3:
         return None  # the connection carries other streams: mitmproxy resets this one when killed
+    master = getattr(ctx, "master", None)
     proxyserver = master.addons.get("proxyserver") if master else None
     handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
     transport = handler.transports.get(flow.client_conn) if handler else None
