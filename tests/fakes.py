@@ -1,9 +1,11 @@
-"""Servers no real part can stand in for here: a registry token server and a CDN.
+"""Servers no real part can stand in for here: a registry token server, a CDN, an upstream
+with the referrers API, and faults (a server that does not speak HTTP, an upstream that only
+challenges).
 
-Both speak the real protocols: the token server issues JWTs that a real `registry` with
+They speak the real protocols: the token server issues JWTs that a real `registry` with
 `auth: token` accepts (RS256, an x5c chain ending in the rootcertbundle certificate, see the
 field notes §8); the CDN serves a registry's storage files the way its `redirect` storage
-middleware points clients at them. Both run in a thread of the test process and record what
+middleware points clients at them. Each runs in a thread of the test process and record what
 they were asked, so tests can count token requests and check headers.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import re
+import socketserver
 import threading
 import time
 import uuid
@@ -23,6 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
+
+from parts import OCI_INDEX
 
 
 def _b64url(data: bytes) -> str:
@@ -171,3 +177,99 @@ class Cdn(_Server):
             _reply(handler, 404, b"not found", "text/plain")
             return
         _reply(handler, 200, file.read_bytes(), "application/octet-stream")
+
+
+class NotHttp:
+    """A server that answers every connection with a line that is not HTTP (an SSH banner, as a
+    wrong port gives) and records the first line it was sent."""
+
+    BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.requests: list[str] = []  # request lines, e.g. "GET /v2/ HTTP/1.1"
+        self._server: socketserver.ThreadingTCPServer | None = None
+
+    def start(self) -> "NotHttp":
+        owner = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                self.connection.settimeout(5)
+                owner.requests.append(self.rfile.readline(8192).decode("latin-1").strip())
+                self.wfile.write(owner.BANNER)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class Challenger(_Server):
+    """A registry's `GET /v2/` as Docker Hub answers it: 401 with a Bearer challenge naming a
+    token realm (any server: see NotHttp). Records the paths it was asked."""
+
+    def __init__(self, port: int, realm: str) -> None:
+        super().__init__(port)
+        self.realm = realm
+        self.paths: list[str] = []
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        self.paths.append(handler.path)
+        handler.send_response(401)
+        handler.send_header("WWW-Authenticate", f'Bearer realm="{self.realm}",service="registry.test"')
+        handler.send_header("Content-Type", "application/json")
+        body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)
+
+
+class ReferrersRegistry(_Server):
+    """An upstream with the OCI 1.1 referrers API (which no registry on these machines has), behind
+    Bearer tokens from a TokenServer: `GET /v2/<name>/referrers/<digest>[?artifactType=]` answers
+    an image index of the manifests whose subject is that digest (an empty one when there are
+    none), filtered by artifactType with `OCI-Filters-Applied`. Records (path, Authorization)."""
+
+    def __init__(self, port: int, tokens: TokenServer) -> None:
+        super().__init__(port)
+        self.tokens = tokens
+        self.referrers: dict[tuple[str, str], list[dict]] = {}  # (repository, subject digest) -> descriptors
+        self.requests: list[tuple[str, str | None]] = []
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(handler.path)
+        authorization = handler.headers.get("Authorization")
+        self.requests.append((handler.path, authorization))
+        match = re.fullmatch(r"/v2/(.+)/referrers/(sha256:[a-f0-9]{64})", parts.path)
+        scope = f",scope=\"repository:{match[1]}:pull\"" if match else ""
+        if authorization is None or authorization.removeprefix("Bearer ") not in self.tokens.issued:
+            handler.send_response(401)
+            handler.send_header("WWW-Authenticate", f'Bearer realm="{self.tokens.url}/token",service="{TokenServer.SERVICE}"{scope}')
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        if not match:
+            _reply(handler, 200 if parts.path == "/v2/" else 404, b"{}")
+            return
+        manifests = self.referrers.get((match[1], match[2]), [])
+        wanted = parse_qs(parts.query).get("artifactType")
+        if wanted:
+            manifests = [m for m in manifests if m.get("artifactType") in wanted]
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", OCI_INDEX)
+        if wanted:
+            handler.send_header("OCI-Filters-Applied", "artifactType")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        if handler.command != "HEAD":
+            handler.wfile.write(body)

@@ -56,6 +56,8 @@ PORT_BASES = {
     "test_startup": 5700,
     "test_web": 5800,  # and mitmweb's UI on its fixed 8081: the only `regcache up --web` of the suite
     "test_client_access": 7400,
+    "test_faults": 6900,
+    "test_referrers": 7000,
 }
 UPSTREAM_OFFSET = 1000
 
@@ -130,7 +132,15 @@ class AccessLine:
     status: int
 
 
-_ACCESS_LINE = re.compile(r'\] "(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>[0-9]{3}) ')
+# Any method token: a backend must never see one that is not GET or HEAD, "get" included.
+_ACCESS_LINE = re.compile(r'\] "(?P<method>[^ "]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>[0-9]{3}) ')
+
+
+def read_access_log(log_file: Path) -> list[AccessLine]:
+    """Every request a registry answered, in order, from its log (registry:2 writes one
+    combined-log-format line per request whatever its log level)."""
+    lines = log_file.read_text(errors="replace").splitlines() if log_file.exists() else []
+    return [AccessLine(m["method"], m["path"], int(m["status"])) for m in map(_ACCESS_LINE.search, lines) if m]
 
 
 class Upstream:
@@ -174,10 +184,7 @@ class Upstream:
         push_image(image, f"127.0.0.1:{self.port}", self.creds)
 
     def access_log(self) -> list[AccessLine]:
-        """Every request the registry answered, in order, from its access log (registry:2 writes
-        one combined-log-format line per request whatever its log level)."""
-        lines = (self.root / "registry.log").read_text(errors="replace").splitlines()
-        return [AccessLine(m["method"], m["path"], int(m["status"])) for m in map(_ACCESS_LINE.search, lines) if m]
+        return read_access_log(self.root / "registry.log")
 
     def requests_for(self, path_part: str, method: str | None = None) -> list[AccessLine]:
         """The access log's requests whose path contains `path_part` (and of `method`, if given)."""
@@ -521,6 +528,10 @@ class Stack:
                 return pid
         raise LookupError(f"regcache up has no child running {program}")
 
+    def cache_access_log(self, registry_key: str = "dockerhub") -> list[AccessLine]:
+        """What the cache `regcache up` runs for a registry (its K, lower case) was asked."""
+        return read_access_log(self.data_dir / registry_key / "registry.log")
+
     def pull_records(self) -> list[dict]:
         if not self.pull_log.exists():
             return []
@@ -550,6 +561,29 @@ def raw_exchange(port: int, data: bytes, timeout: float = 10.0, source: str | No
         except ConnectionResetError:
             pass  # a server dropping a bad client may reset rather than close
     return received
+
+
+def raw_request(first_line: str, *headers: str, host: str, close: bool = True) -> bytes:
+    """An HTTP/1 request head as bytes, for raw_exchange; `close=False` to send another after it."""
+    lines = [first_line, f"Host: {host}", *headers, *(["Connection: close"] if close else []), "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def split_responses(reply: bytes, methods: list[str]) -> list[tuple[int, dict[str, str], bytes]]:
+    """Split what came back on one connection into (status, headers, body) per request, the way
+    a client does: a HEAD's answer has no body, any other's is Content-Length bytes long."""
+    answers = []
+    for method in methods:
+        head, separator, reply = reply.partition(b"\r\n\r\n")
+        assert separator, f"no complete answer for {method}: {head[:200]!r}"
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        assert status_line.startswith("HTTP/1.1 "), f"not an answer: {status_line[:200]!r}"
+        headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+        length = 0 if method == "HEAD" else int(headers.get("content-length", "0"))
+        answers.append((int(status_line.split()[1]), headers, reply[:length]))
+        reply = reply[length:]
+    assert reply == b"", f"bytes after the last answer: {reply[:200]!r}"
+    return answers
 
 
 def docker_io_stack(workdir: Path, upstream: Upstream, port: int, settings: dict | None = None,

@@ -122,14 +122,17 @@ def test_router_answers_refusals_itself_with_registry_error_json(method, path, h
 
 
 @pytest.mark.parametrize("body_headers", [{"Content-Length": str(50 << 20)}, {"Transfer-Encoding": "chunked"}])
-def test_router_drops_a_refused_request_whose_body_would_stream(body_headers):
-    """mitmproxy cannot answer a request whose body it streams: the connection would crash."""
+def test_router_answers_a_refused_request_with_a_body_before_the_body_and_ends_the_flow(body_headers):
+    """mitmproxy answers only after reading a body (and crashes on a streamed one): the answer
+    is written at once (see test_protocol.py) and the flow killed, which closes the connection."""
     flow = client_flow("/v2/library/small/blobs/uploads/", method="POST")
     flow.request.headers.update(body_headers)
+    flow.request.data.content = None  # as in requestheaders: the body has not been read
     flow.request.stream = "content-length" in flow.request.headers  # as stream_large_bodies decided
     routed(flow)
-    assert flow.response is None and flow.error.msg == flow.error.KILLED_MESSAGE
-    assert finished(flow)["status"] == 0  # nothing was sent
+    assert flow.error.msg == flow.error.KILLED_MESSAGE
+    assert (flow.response.status_code, flow.response.headers["Connection"]) == (405, "close")
+    assert finished(flow)["status"] == 405
 
 
 def finished(flow: http.HTTPFlow, response: http.Response | None = None, error: str | None = None) -> dict:
@@ -219,7 +222,7 @@ def test_a_followed_redirect_streams_like_a_blob():
     path = signer.location("https://ghcr.io/v2/x/blobs/" + DIGEST, "https://cdn.example/blob", GHCR_BLOB)
     flow = routed(client_flow(path), signer)
     flow.response = http.Response.make(200, b"")  # its headers; mitmproxy has not read the body
-    Recorder(Metrics(), []).responseheaders(flow)
+    Recorder(Metrics(), {}).responseheaders(flow)
     assert isinstance(flow.response.stream, ByteCounter) and flow.metadata[BYTE_COUNTER] is flow.response.stream
 
 
@@ -232,3 +235,31 @@ def test_a_client_following_a_redirect_is_logged_as_the_registrys_blob_with_its_
     record = finished(flow, http.Response.make(200, b""))
     assert (record["registry"], record["kind"], record["repository"], record["reference"], record["bytes"]) == (
         "ghcr.io", "blob", "x", DIGEST, 2048)
+
+
+def test_a_failing_sink_warns_once_a_minute_and_the_others_still_get_every_record(caplog):
+    now = [1000.0]
+    received = []
+
+    def full_disk(record):
+        raise OSError(28, "No space left on device")
+
+    recorder = Recorder(Metrics(), {"pull log": full_disk, "metrics": received.append}, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING):
+        for seconds in (0, 1, 30, 61):
+            now[0] = 1000.0 + seconds
+            flow = routed(client_flow("/v2/library/small/manifests/1.0"))
+            flow.response = http.Response.make(200, b"{}")
+            recorder.response(flow)
+    assert len(received) == 4
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "No space left on device" in warnings[0]
+    assert "2 more failures" in warnings[1]
+
+
+def test_a_head_that_regcache_answers_itself_gets_the_headers_of_the_get_and_no_body():
+    get = routed(client_flow("/v2/", host="unmapped.io.regcache.test"))
+    head = routed(client_flow("/v2/", host="unmapped.io.regcache.test", method="HEAD"))
+    assert head.response.status_code == get.response.status_code == 404
+    assert head.response.raw_content == b""
+    assert head.response.headers["Content-Length"] == get.response.headers["Content-Length"] == str(len(get.response.raw_content))

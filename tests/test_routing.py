@@ -7,7 +7,7 @@ import json
 import pytest
 
 from regcache_core.config import DEFAULTS, parse_config
-from regcache_core.routing import Refusal, Target, route
+from regcache_core.routing import Refusal, TagsPage, Target, route
 
 CONFIG = parse_config({**DEFAULTS, "REGISTRY_DOMAIN": "regcache.test", "GHCR_CACHE": "none"})
 HUB = "docker.io.regcache.test:5000"
@@ -92,10 +92,17 @@ def test_blob_by_digest(reference):
     assert decision.path == f"/v2/library/small/blobs/{reference}"
 
 
-def test_tags_list_keeps_its_query_but_not_ns():
-    decision = target("/v2/library/small/tags/list?n=10&ns=docker.io&last=1.0", host="127.0.0.1:5000")
+def test_tags_list_keeps_its_query_but_not_ns_for_an_upstream_which_pages_itself():
+    decision = target("/v2/library/small/tags/list?n=10&ns=ghcr.io&last=1.0", host="127.0.0.1:5000")
     assert (decision.kind, decision.repository, decision.reference) == ("tags", "library/small", None)
-    assert decision.path == "/v2/library/small/tags/list?n=10&last=1.0"
+    assert decision.path == "/v2/library/small/tags/list?n=10&last=1.0" and decision.page is None
+
+
+def test_a_caches_tags_list_is_asked_whole_and_paged_by_regcache():
+    decision = target("/v2/library/small/tags/list?n=10&ns=docker.io&last=1.0", host="127.0.0.1:5000")
+    assert decision.path == "/v2/library/small/tags/list"
+    assert decision.page == TagsPage(10, "1.0", "/v2/library/small/tags/list?ns=docker.io")
+    assert target("/v2/library/small/tags/list").page == TagsPage(None, None, "/v2/library/small/tags/list")
 
 
 @pytest.mark.parametrize("repository", [
@@ -144,10 +151,10 @@ def test_bad_digests_are_400_digest_invalid(kind, reference):
     assert (decision.status, decision.code) == (400, "DIGEST_INVALID")
 
 
-@pytest.mark.parametrize("reference", ["..", ".hidden", "-dash", "A" * 129, "1%2E0", "tag;rm", "t@g"])
-def test_bad_tags_are_400_tag_invalid(reference):
+@pytest.mark.parametrize("reference", [".INVALID_NAME", "..", ".hidden", "-dash", "A" * 129, "1%2E0", "tag;rm", "t@g"])
+def test_impossible_tags_are_404_manifest_unknown(reference):
     decision = refusal(f"/v2/library/small/manifests/{reference}")
-    assert (decision.status, decision.code) == (400, "TAG_INVALID")
+    assert (decision.status, decision.code) == (404, "MANIFEST_UNKNOWN")
 
 
 @pytest.mark.parametrize("path", [
@@ -156,7 +163,6 @@ def test_bad_tags_are_400_tag_invalid(reference):
     "/v2/library/small/blobs/uploads/1234",
     "/v2/library/small/tags/other",
     "/v2/library/small/tags/list/",
-    "/v2/library/small/referrers/" + DIGEST,
 ])
 def test_other_registry_api_paths_are_404(path):
     decision = refusal(path)
@@ -187,3 +193,11 @@ def test_refusal_body_is_registry_error_json():
     assert json.loads(Refusal(404, "NAME_UNKNOWN", 'no "registry"').body()) == {
         "errors": [{"code": "NAME_UNKNOWN", "message": 'no "registry"'}]
     }
+
+
+def test_referrers_go_to_the_upstream_even_of_a_cached_registry():
+    decision = target(f"/v2/library/small/referrers/{DIGEST}?artifactType=application%2Fvnd.example")
+    assert (decision.kind, decision.reference, decision.goes_upstream) == ("referrers", DIGEST, True)
+    assert decision.backend == CONFIG.registry("docker.io").upstream
+    assert decision.path == f"/v2/library/small/referrers/{DIGEST}?artifactType=application%2Fvnd.example"
+    assert (refusal("/v2/library/small/referrers/latest").code) == "DIGEST_INVALID"

@@ -20,7 +20,7 @@ class PullRecord:
     client: str  # client IP address
     registry: str | None  # None when the request named no registry we map
     repository: str | None
-    kind: str | None  # ping | manifest | blob | tags; None for refused requests
+    kind: str | None  # ping | manifest | blob | tags | referrers; None for refused requests
     reference: str | None  # tag or digest
     method: str
     status: int  # status sent to the client; 0 if none was sent

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import parse_qsl, urlencode
 
 from .config import Config, Registry
@@ -19,9 +19,25 @@ _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
-_API_PATH = re.compile(r"/v2/(?P<repository>.+)/(?P<kind>manifests|blobs|tags)/(?P<reference>[^/]+)")
-_KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags"}
-PULL_METHODS = ("GET", "HEAD")
+_API_PATH = re.compile(r"/v2/(?P<repository>.+)/(?P<kind>manifests|blobs|tags|referrers)/(?P<reference>[^/]+)")
+_KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
+PULL_METHODS = ("GET", "HEAD")  # as sent: "get" is another method, which a backend may take for GET
+HTTP_VERSIONS = ("HTTP/1.0", "HTTP/1.1", "HTTP/2.0", "HTTP/3")
+# Bounds checked before a request target is parsed: parsing a 7 MiB query of 2M fields took the
+# event loop (every client) 4 s. Our own redirect paths, the longest targets clients send us,
+# carry a CDN's signed URL of a few KiB.
+MAX_TARGET = 16384  # characters of path and query
+MAX_QUERY_FIELDS = 32
+
+
+@dataclass(frozen=True)
+class TagsPage:
+    """The page of a tags list a client asked for with `?n=&last=` (the whole list without
+    them): regcache cuts it from the list a cache answers (registry:2 2.8 ignores both)."""
+
+    n: int | None  # at most this many tags
+    last: str | None  # only tags after this one
+    link_path: str  # the client's path and query without n and last, for the next page's Link
 
 
 @dataclass(frozen=True)
@@ -29,14 +45,21 @@ class Target:
     """A request we serve: the registry it is for, and what it asks for."""
 
     registry: Registry
-    kind: str  # ping | manifest | blob | tags
+    kind: str  # ping | manifest | blob | tags | referrers
     repository: str | None
     reference: str | None  # tag or digest; None for ping and tags
     path: str  # what the backend is asked for: the client's path and query, without ns
+    page: TagsPage | None = None  # for a cache's tags/list
+
+    @property
+    def goes_upstream(self) -> bool:
+        """Sent to the upstream itself, with our credentials: an uncached registry's requests, and
+        referrers (OCI 1.1), which registry:2 2.8 as a cache does not know."""
+        return self.registry.cache is None or self.kind == "referrers"
 
     @property
     def backend(self) -> str:
-        return self.registry.backend
+        return self.registry.upstream if self.goes_upstream else self.registry.backend
 
 
 @dataclass(frozen=True)
@@ -47,9 +70,28 @@ class Refusal:
     code: str
     message: str
     challenge: str | None = None  # WWW-Authenticate of a 401: how to ask again
+    close: bool = False  # end the connection after the answer: what follows on it can't be trusted
 
     def body(self) -> bytes:
         return json.dumps({"errors": [{"code": self.code, "message": self.message}]}).encode()
+
+
+def refuse_malformed(method: str, http_version: str, target: str, has_body: bool) -> Refusal | None:
+    """What is wrong with a request whatever its path: checked first, on every listener, so that
+    nothing after it meets an unknown protocol, an unbounded or non-ASCII target, or a pull with
+    a body (a chunked body's trailers crash mitmproxy's connection handler)."""
+    if http_version not in HTTP_VERSIONS:
+        return Refusal(400, "UNSUPPORTED", f"{_quote(http_version)} is not HTTP/1.0, 1.1, 2 or 3", close=True)
+    if len(target) > MAX_TARGET:
+        return Refusal(414, "UNSUPPORTED", f"the request target is longer than {MAX_TARGET} characters")
+    if not target.isascii():
+        # RFC 3986: anything else is percent-encoded; mitmproxy hands raw bytes on as surrogates.
+        return Refusal(400, "UNSUPPORTED", "the request target has bytes that are not ASCII; percent-encode them")
+    if target.count("&") >= MAX_QUERY_FIELDS:
+        return Refusal(400, "UNSUPPORTED", f"the query has more than {MAX_QUERY_FIELDS} fields")
+    if has_body and method in PULL_METHODS:
+        return Refusal(400, "UNSUPPORTED", f"a {method} has no body in the registry API", close=True)
+    return None
 
 
 def route(config: Config, method: str, host: str, path: str, proxy_form: bool = False) -> Target | Refusal:
@@ -68,9 +110,27 @@ def route(config: Config, method: str, host: str, path: str, proxy_form: bool = 
     registry = select_registry(config, host, dict(params).get("ns", ""))
     if isinstance(registry, Refusal):
         return registry
-    forward_query = urlencode([(k, v) for k, v in params if k != "ns"])
-    forward_path = path_only + (f"?{forward_query}" if forward_query else "")
-    return parse_api_path(registry, path_only, forward_path)
+    forward_path = with_query(path_only, [(k, v) for k, v in params if k != "ns"])
+    target = parse_api_path(registry, path_only, forward_path)
+    if isinstance(target, Target) and target.kind == "tags" and registry.cache is not None:
+        return page_of_tags(target, path_only, params)
+    return target
+
+
+def page_of_tags(target: Target, path_only: str, params: list[tuple[str, str]]) -> Target | Refusal:
+    """A cache's tags/list: the cache is asked for the whole list, which the answer is sorted
+    (registry:2 2.8 does not sort it) and cut from (an upstream, asked directly, does both)."""
+    fields = dict(params)
+    n = fields.get("n")
+    if n is not None and not (n.isascii() and n.isdigit() and len(n) <= 9):
+        return Refusal(400, "PAGINATION_NUMBER_INVALID", f"n={_quote(n)} is not a number of tags")
+    rest = [(k, v) for k, v in params if k not in ("n", "last")]
+    page = TagsPage(int(n) if n is not None else None, fields.get("last"), with_query(path_only, rest))
+    return replace(target, path=with_query(path_only, [(k, v) for k, v in rest if k != "ns"]), page=page)
+
+
+def with_query(path: str, params: list[tuple[str, str]]) -> str:
+    return path + (f"?{urlencode(params)}" if params else "")
 
 
 def route_egress(registry: Registry, method: str, path: str) -> Target | Refusal:
@@ -90,7 +150,7 @@ def refuse_non_pull(method: str, path_only: str) -> Refusal | None:
 
 def refuse_method(method: str) -> Refusal | None:
     if method not in PULL_METHODS:
-        return Refusal(405, "UNSUPPORTED", f"{method} is not allowed: regcache serves pulls only (GET, HEAD)")
+        return Refusal(405, "UNSUPPORTED", f"{_quote(method)} is not allowed: regcache serves pulls only (GET, HEAD)")
     return None
 
 
@@ -119,7 +179,7 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
         return Target(registry, "ping", None, None, forward_path)
     match = _API_PATH.fullmatch(path)
     if not match:
-        return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list)")
+        return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list, referrers)")
     repository, kind, reference = match["repository"], _KINDS[match["kind"]], match["reference"]
     if len(repository) > 255:
         return Refusal(400, "NAME_INVALID", f"{_quote(repository)} is longer than 255 characters")
@@ -130,13 +190,14 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
         return Refusal(404, "NAME_UNKNOWN", f"repository {_quote(repository)} is not served for {registry.name} by this regcache")
     if kind == "tags":
         if reference != "list":
-            return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list)")
+            return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list, referrers)")
         return Target(registry, kind, repository, None, forward_path)
-    if ":" in reference or kind == "blob":
+    if ":" in reference or kind in ("blob", "referrers"):
         if not _DIGEST.fullmatch(reference):
             return Refusal(400, "DIGEST_INVALID", f"{_quote(reference)} is not a sha256 or sha512 digest")
     elif not _TAG.fullmatch(reference):
-        return Refusal(400, "TAG_INVALID", f"{_quote(reference)} is not a valid tag")
+        # No manifest can have such a tag: the spec (and its conformance tests) want 404 for it.
+        return Refusal(404, "MANIFEST_UNKNOWN", f"{_quote(reference)} is not a valid tag, so no manifest has it")
     return Target(registry, kind, repository, reference, forward_path)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -43,6 +44,9 @@ DEFAULT_TOKEN_LIFETIME = 60  # what the token protocol says when expires_in is m
 MAX_TOKEN_RESPONSE = 1 << 20
 # auth-param = token "=" ( token / quoted-string ), RFC 9110 section 11.2
 _AUTH_PARAM = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)\s*(?:,|$)')
+# What a fetch raises when it gets no usable HTTP answer: no connection, a timeout, or something
+# that is not HTTP (http.client's BadStatusLine and the like).
+FETCH_ERRORS = (OSError, ValueError, http.client.HTTPException)
 # Like mitmproxy's own upstream connections, ignore *_proxy variables.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -233,8 +237,8 @@ class UpstreamAuth:
     async def _learn_challenge(self, registry: Registry) -> Challenge:
         try:
             status, challenges, _ = await asyncio.to_thread(self._fetch, registry.upstream + "/v2/", {}, self._challenge_timeout)
-        except (OSError, ValueError) as e:
-            raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} is unreachable: {e}") from None
+        except FETCH_ERRORS as e:
+            raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} is unreachable: {fetch_error(e)}") from None
         if status != 401:
             return NO_CHALLENGE
         challenge = pick_challenge(challenges)
@@ -269,9 +273,9 @@ class UpstreamAuth:
         realm = _without_query(challenge.realm)
         try:
             status, _, body = await asyncio.to_thread(self._fetch, url, headers, TIMEOUT)
-        except (OSError, ValueError) as e:
+        except FETCH_ERRORS as e:
             self._on_token_fetch(registry.name, "error")
-            raise UpstreamAuthError(502, f"token server {realm} of {registry.name} is unreachable: {e}") from None
+            raise UpstreamAuthError(502, f"token server {realm} of {registry.name} is unreachable: {fetch_error(e)}") from None
         if status in (401, 403):
             self._on_token_fetch(registry.name, "denied")
             self._report_refusal(registry, f"token server {realm} answered {status}")
@@ -312,6 +316,12 @@ class UpstreamAuth:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
+
+
+def fetch_error(error: Exception) -> str:
+    """A fetch error for messages, cut short: a BadStatusLine carries whatever the server sent."""
+    text = str(error)
+    return f"{type(error).__name__}: {text if len(text) <= 100 else text[:100] + '...'}"
 
 
 def _without_query(url: str) -> str:

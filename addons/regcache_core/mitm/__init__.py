@@ -19,6 +19,7 @@ from .pull_log import PullLogger
 from .recorder import Recorder
 from .router import Router
 from .settings import MirrorDefaults, Settings
+from .spec_answers import SpecAnswers
 from .upstream import UpstreamCredentials
 from .web import WebView
 
@@ -30,7 +31,8 @@ def make_addons() -> list:
     pull_logger = PullLogger(settings)
     # Order matters: hooks run in this order. UpstreamCredentials redacts what it injected
     # before mitmweb's view (added after the scripts) sends a flow update; HitMarker sets the
-    # hit/miss that Recorder hands to the pull log and metrics.
+    # hit/miss that Recorder hands to the pull log and metrics; SpecAnswers fixes an answer
+    # before Recorder records it.
     return [
         settings,
         MirrorDefaults(settings),
@@ -38,8 +40,9 @@ def make_addons() -> list:
         Router(settings, signer),
         UpstreamCredentials(settings, signer, metrics),
         HitMarker(),
+        SpecAnswers(),
         pull_logger,
-        Recorder(metrics, [pull_logger.write, metrics.observe]),
+        Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe}),
         Admin(settings, metrics),
         WebView(),
     ]

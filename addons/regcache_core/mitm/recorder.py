@@ -1,5 +1,8 @@
 """Recorder: one PullRecord per client request, handed to the pull log (pull_log.py's PullLogger)
-and the metrics; a cache's upstream fetches get a log line instead. Also counts streamed bytes."""
+and the metrics; a cache's upstream fetches get a log line instead. Also counts streamed bytes.
+
+Each sink gets every record whatever another does: a pull log on a full disk must not stop the
+metrics (or the answer), and says so once a minute, not with a traceback per request."""
 
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from ..routing import Target
 from .keys import BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, IN_FLIGHT, RECORD, REDIRECT, TARGET, UPSTREAM
 
 logger = logging.getLogger(__name__)
+
+SINK_WARNING_INTERVAL = 60.0  # seconds between two warnings about one failing sink
 
 
 class ByteCounter:
@@ -36,9 +41,11 @@ class Recorder:
     its flow ends (response or error, whichever comes first; mitmproxy ends every flow with one).
     """
 
-    def __init__(self, metrics: Metrics, sinks: list[Callable[[PullRecord], None]]) -> None:
+    def __init__(self, metrics: Metrics, sinks: dict[str, Callable[[PullRecord], None]], clock=time.monotonic) -> None:
         self.metrics = metrics
-        self.sinks = sinks
+        self.sinks = sinks  # what each is, for its warnings -> the sink
+        self._clock = clock
+        self._failing: dict[str, tuple[float, int]] = {}  # sink -> (when last warned, failures since)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if TARGET in flow.metadata:
@@ -70,8 +77,22 @@ class Recorder:
             # A cache's upstream fetch, not a client's pull: the log keeps one line per client request.
             log_upstream_fetch(flow, record)
             return
-        for sink in self.sinks:
-            sink(record)
+        for name, sink in self.sinks.items():
+            try:
+                sink(record)
+            except Exception as e:
+                self._sink_failed(name, e)
+
+    def _sink_failed(self, name: str, error: Exception) -> None:
+        warned, failures = self._failing.get(name, (float("-inf"), 0))
+        now = self._clock()
+        if now - warned < SINK_WARNING_INTERVAL:
+            self._failing[name] = (warned, failures + 1)
+            return
+        self._failing[name] = (now, 0)
+        also = f" ({failures} more failures since the last warning)" if failures else ""
+        logger.warning("regcache: the %s failed to take a request's record: %s: %s%s; the other sinks still get it",
+                       name, type(error).__name__, error, also)
 
 
 def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:

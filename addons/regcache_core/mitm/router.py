@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from urllib.parse import urlsplit
 
-from mitmproxy import http
+from mitmproxy import ctx, http
+from mitmproxy.net.http.http1 import assemble_response, expected_http_body_size
 
 from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
 from ..redirects import RedirectSigner, is_redirect_path, resolves_internal
-from ..routing import Refusal, Target, refuse_method, route, route_egress
+from ..routing import PULL_METHODS, Refusal, Target, refuse_malformed, refuse_method, route, route_egress
 from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
 
@@ -25,6 +27,12 @@ class Router:
         self.settings = settings
         self.signer = signer
         self.guard = EgressGuard()
+
+    def running(self) -> None:
+        logging.getLogger("mitmproxy.proxy.server").addFilter(trailers_crash_as_one_line)
+
+    def done(self) -> None:
+        logging.getLogger("mitmproxy.proxy.server").removeFilter(trailers_crash_as_one_line)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -40,6 +48,9 @@ class Router:
         request = flow.request
         # A client's credentials are never ours to pass on; upstreams get ours.
         request.headers.pop("Authorization", None)
+        if refusal := refuse_malformed(method_as_sent(request), request.http_version, request.path, body_follows(request)):
+            refuse(flow, refusal)
+            return
         egress_for = self.settings.config.egress_registry(flow.client_conn.proxy_mode.listen_port())
         if egress_for is not None:
             flow.metadata[EGRESS_FOR] = egress_for
@@ -60,7 +71,7 @@ class Router:
         request = flow.request
         decision = route(
             self.settings.config,
-            request.method,
+            method_as_sent(request),
             request.host_header or "",
             request.path,
             proxy_form=request.first_line_format != "relative" and not request.is_http2,
@@ -69,25 +80,24 @@ class Router:
             refuse(flow, decision)
             return
         flow.metadata[TARGET] = decision
-        if decision.registry.cache is None:
+        if decision.goes_upstream:
             flow.metadata[UPSTREAM] = decision
         send_to(request, decision.backend, decision.path)
 
     def _route_egress(self, flow: http.HTTPFlow, registry: Registry) -> None:
         """A cache asks its upstream: answer its ping ourselves (so it starts while the upstream is
         down, and never sees an upstream's challenge), pass pulls on, refuse the rest."""
-        decision = route_egress(registry, flow.request.method, flow.request.path)
+        decision = route_egress(registry, method_as_sent(flow.request), flow.request.path)
         if isinstance(decision, Refusal):
             refuse(flow, decision)
         elif decision.kind == "ping":
-            flow.response = http.Response.make(200, b"{}", {
-                "Content-Type": "application/json", "Docker-Distribution-API-Version": "registry/2.0"})
+            answer(flow, 200, b"{}", {"Docker-Distribution-API-Version": "registry/2.0"})
         else:
             flow.metadata[EGRESS] = flow.metadata[UPSTREAM] = decision
             send_to(flow.request, registry.upstream, decision.path)
 
     async def _follow_redirect(self, flow: http.HTTPFlow) -> None:
-        if refusal := refuse_method(flow.request.method):
+        if refusal := refuse_method(method_as_sent(flow.request)):
             refuse(flow, refusal)
             return
         redirect = self.signer.target(flow.request.path)
@@ -109,17 +119,85 @@ class Router:
         send_to(flow.request, f"{parts.scheme}://{parts.netloc}", parts._replace(scheme="", netloc="").geturl())
 
 
+def method_as_sent(request: http.Request) -> str:
+    """The method's own bytes: `Request.method` is an upper-cased copy, but a backend gets these."""
+    return request.data.method.decode("ascii", "backslashreplace")
+
+
+def body_follows(request: http.Request) -> bool:
+    """True when the request announced a body that mitmproxy has not read yet."""
+    if request.raw_content is not None:
+        return False
+    try:
+        return bool(request.stream) or expected_http_body_size(request) != 0
+    except ValueError:
+        return True  # malformed framing: mitmproxy refuses it before any hook
+
+
 def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
-    if flow.request.stream or "transfer-encoding" in flow.request.headers:
-        # mitmproxy answers only after reading the whole request body, and crashes the
-        # connection if a body it streams (over stream_large_bodies, or chunked and
-        # growing past it) meets a response: drop such a request instead.
-        flow.kill()
-        return
-    headers = {"Content-Type": "application/json"}
+    headers = {}
+    if refusal.status == 405:
+        headers["Allow"] = ", ".join(PULL_METHODS)  # RFC 9110: a 405 says which methods are allowed
     if refusal.challenge:
         headers["WWW-Authenticate"] = refusal.challenge
-    flow.response = http.Response.make(refusal.status, refusal.body(), headers)
+    answer(flow, refusal.status, refusal.body(), headers, close=refusal.close)
+
+
+def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str] | None = None,
+           close: bool = False) -> None:
+    """Answer a flow ourselves with a JSON body; a HEAD gets its headers only. mitmproxy would
+    send the body after a HEAD's answer too, and the client would read it as the next answer on
+    that connection."""
+    head = flow.request.method == "HEAD"
+    flow.response = http.Response.make(status, b"" if head else body, {"Content-Type": "application/json", **(headers or {})})
+    flow.response.headers["Content-Length"] = str(len(body))
+    unread_body = body_follows(flow.request)
+    if (close or unread_body) and not (flow.request.is_http2 or flow.request.is_http3):
+        flow.response.headers["Connection"] = "close"  # HTTP/2 has no such header
+    if unread_body:
+        send_before_the_body(flow)
+
+
+def send_before_the_body(flow: http.HTTPFlow) -> None:
+    """Send the flow's answer now and close the connection, leaving the request body unread.
+
+    mitmproxy answers only after reading a whole body, buffered (up to stream_large_bodies),
+    crashes the connection when a body it streams meets an answer, and when a chunked body ends
+    in trailers. So the answer is written on the client's connection here (HTTP/1 only, where
+    nothing else is being written while a request is read) and the flow is killed, which makes
+    mitmproxy close the connection (HTTP/2: reset the stream). `flow.response` stays set, for
+    the pull log.
+    """
+    writer = client_writer(flow)
+    if writer is not None:
+        writer.write(assemble_response(flow.response))
+        writer.close()
+    flow.kill()
+
+
+def trailers_crash_as_one_line(record: logging.LogRecord) -> bool:
+    """A log filter for mitmproxy's connection handler. A chunked body whose trailers came in
+    the same read as the request head is parsed by mitmproxy right after `requestheaders`, even
+    when the flow was answered and killed there, and mitmproxy 11 and 12 raise on trailers: by
+    then the client has its 400 and its connection is closed, so a line says it all."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, NotImplementedError) and "trailers" in str(error):
+        record.msg, record.args, record.exc_info = "a request with trailers was refused (400) and its connection closed", (), None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
+
+
+def client_writer(flow: http.HTTPFlow) -> asyncio.StreamWriter | None:
+    """The client connection's stream writer (`Proxyserver.connections` and the handler's
+    `transports`: the same in mitmproxy 11 and 12); None where there is none (HTTP/2, tests)."""
+    if flow.request.is_http2 or flow.request.is_http3:
+        return None  # the connection carries other streams: mitmproxy resets this one when killed
+    master = getattr(ctx, "master", None)
+    proxyserver = master.addons.get("proxyserver") if master else None
+    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
+    transport = handler.transports.get(flow.client_conn) if handler else None
+    writer = transport.writer if transport else None
+    return writer if isinstance(writer, asyncio.StreamWriter) else None
 
 
 def send_to(request: http.Request, base_url: str, path: str) -> None:

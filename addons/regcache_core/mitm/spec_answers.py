@@ -1,0 +1,44 @@
+"""SpecAnswers: applies spec_answers.py to what caches answer, before the pull log and metrics
+see the answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+from mitmproxy import http
+
+from ..routing import Target
+from ..spec_answers import missing_manifest, tags_page
+from .keys import TARGET, UPSTREAM
+from .router import refuse
+
+
+MAX_TAGS_LIST = 16 << 20  # bytes of a cache's tags list held whole to cut a page from; larger ones pass unpaged
+
+
+class SpecAnswers:
+    """Replaces answers of a client request's backend where registry:2 differs from the spec."""
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        target: Target | None = flow.metadata.get(TARGET)
+        if target is not None and target.page is not None and flow.response.status_code == 200:
+            length = flow.response.headers.get("Content-Length", "")
+            if not length.isdigit() or int(length) <= MAX_TAGS_LIST:
+                flow.response.stream = False  # the page is cut from the whole body
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        target: Target | None = flow.metadata.get(TARGET)
+        if target is None or UPSTREAM in flow.metadata or flow.response.stream:
+            return
+        response = flow.response
+        head = flow.request.method == "HEAD"
+        body = None if head else response.get_content(strict=False)
+        if refusal := missing_manifest(target, response.status_code, body, response.headers.get("Content-Length")):
+            refuse(flow, refusal)
+        elif target.page is not None and response.status_code == 200 and not head:
+            # A long list takes a while to parse: not on the event loop.
+            if (page := await asyncio.to_thread(tags_page, target.page, body)) is not None:
+                response.headers.pop("Content-Encoding", None)
+                response.content, link = page
+                if link:
+                    response.headers["Link"] = link
