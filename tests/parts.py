@@ -55,6 +55,9 @@ PORT_BASES = {
     "test_observability": 5600,
     "test_startup": 5700,
     "test_web": 5800,  # and mitmweb's UI on its fixed 8081: the only `regcache up --web` of the suite
+    "test_budget": 7100,
+    "test_supervision": 7200,
+    "test_disk_full": 7300,
 }
 UPSTREAM_OFFSET = 1000
 
@@ -534,6 +537,11 @@ def cache_holds(storage: Path, digest: str, timeout: float = 15) -> bool:
     while not path.is_file() and time.monotonic() < deadline:
         time.sleep(0.1)
     return path.is_file()
+
+
+def storage_bytes(root: Path) -> int:
+    """Bytes of every file under a cache's storage: what its disk budget counts."""
+    return sum(path.lstat().st_size for path in root.rglob("*") if path.is_file())
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 10.0, source: str | None = None) -> bytes:

@@ -8,6 +8,7 @@ and both win over `DEFAULTS`. A registry is a few variables sharing a prefix (it
     K8S_UPSTREAM=https://registry.k8s.io  # where its images come from
     K8S_CACHE=http://127.0.0.1:5004       # its registry:2 cache, or "none" to pass through
     K8S_USERNAME= / K8S_PASSWORD=         # optional upstream credentials
+    K8S_MAX_DISK=20G                      # optional: its cache's own disk budget
 
 Caches never talk to an upstream themselves: each cached registry's cache uses an egress
 listener of the proxy as its upstream, bound to REGCACHE_EGRESS_HOST, on port K_EGRESS_PORT if
@@ -38,6 +39,9 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_PULL_LOG_STDOUT": "false",
     "REGCACHE_EGRESS_HOST": "127.0.0.1",  # where caches reach the proxy; 0.0.0.0 in a container
     "REGCACHE_EGRESS_PORT": "5080",  # first egress port; registry N (0-based) gets this + N
+    "REGCACHE_MAX_DISK": "",  # empty: no budget over all caches
+    "REGCACHE_MIN_FREE_DISK": "1G",  # a cache's disk with less free is reported not ready
+    "REGCACHE_STOP_GRACE": "30",  # seconds pulls in flight get to finish after SIGTERM
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "DOCKERHUB_REGISTRY": "docker.io",
     "DOCKERHUB_UPSTREAM": "https://registry-1.docker.io",
@@ -76,6 +80,7 @@ class Registry:
     username: str = ""
     password: str = field(default="", repr=False)
     egress_port: int | None = None  # the proxy's egress listener for its cache; None when uncached
+    max_disk: int | None = None  # bytes its cache's storage may hold (K_MAX_DISK); None: no budget of its own
 
     @property
     def backend(self) -> str:
@@ -95,6 +100,9 @@ class Config:
     pull_log_stdout: bool
     registries: tuple[Registry, ...]
     egress_host: str = "127.0.0.1"
+    max_disk: int | None = None  # bytes all caches' storage may hold together (REGCACHE_MAX_DISK)
+    min_free_disk: int = 1 << 30  # a cache's disk with less free space is not ready
+    stop_grace: float = 30.0  # seconds `regcache up` lets pulls in flight finish after SIGTERM
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -143,6 +151,9 @@ def parse_config(values: Mapping[str, str]) -> Config:
         pull_log_stdout=_bool("REGCACHE_PULL_LOG_STDOUT", get("REGCACHE_PULL_LOG_STDOUT")),
         registries=registries,
         egress_host=_ip_address("REGCACHE_EGRESS_HOST", get("REGCACHE_EGRESS_HOST")),
+        max_disk=_optional_size("REGCACHE_MAX_DISK", get("REGCACHE_MAX_DISK")),
+        min_free_disk=parse_size("REGCACHE_MIN_FREE_DISK", get("REGCACHE_MIN_FREE_DISK") or "0"),
+        stop_grace=_positive("REGCACHE_STOP_GRACE", get("REGCACHE_STOP_GRACE")),
     )
 
 
@@ -176,7 +187,8 @@ def _registry(key: str, get, default_egress_port: int) -> Registry:
     egress_var = f"{key}_EGRESS_PORT"
     egress_port = _port(egress_var, get(egress_var)) if get(egress_var) else default_egress_port
     return Registry(
-        key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None
+        key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None,
+        _optional_size(f"{key}_MAX_DISK", get(f"{key}_MAX_DISK")) if cache else None,
     )
 
 
@@ -223,6 +235,16 @@ def parse_size(var: str, value: str) -> int:
     if not match:
         raise ConfigError(f"{var}: {value!r} is not a size such as 512M, 50G or a number of bytes")
     return int(match[1]) * _SIZE_UNITS[(match[2] or "").lower()]
+
+
+def _optional_size(var: str, value: str) -> int | None:
+    """A size of at least 1 byte, or None when the value is empty."""
+    if not value:
+        return None
+    size = parse_size(var, value)
+    if size < 1:
+        raise ConfigError(f"{var}: {value!r} is no room at all; leave it empty for no budget")
+    return size
 
 
 def _ip_address(var: str, value: str) -> str:

@@ -1,5 +1,5 @@
 """The mitmproxy addons, one module per concern. Each hook is short: it reads the flow, calls a
-plain function (routing, upstream auth, pull log, metrics, mitmweb labels) and applies the
+plain function (routing, upstream auth, pull log, metrics, disk budget, mitmweb labels) and applies the
 answer. Wiring is explicit, in `make_addons()`.
 
 Two kinds of listener: the client listener on REGCACHE_PORT, and one egress listener per
@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..metrics import Metrics
 from ..redirects import RedirectSigner
 from .admin import Admin
+from .budget import DiskBudget
 from .hits import HitMarker
 from .pull_log import PullLogger
 from .recorder import Recorder
@@ -27,6 +28,7 @@ def make_addons() -> list:
     signer = RedirectSigner()
     metrics = Metrics()
     pull_logger = PullLogger(settings)
+    budget = DiskBudget(settings, metrics)
     # Order matters: hooks run in this order. UpstreamCredentials redacts what it injected
     # before mitmweb's view (added after the scripts) sends a flow update; HitMarker sets the
     # hit/miss that Recorder hands to the pull log and metrics.
@@ -37,7 +39,8 @@ def make_addons() -> list:
         UpstreamCredentials(settings, signer, metrics),
         HitMarker(),
         pull_logger,
-        Recorder(metrics, [pull_logger.write, metrics.observe]),
-        Admin(settings, metrics),
+        budget,
+        Recorder(metrics, [pull_logger.write, metrics.observe, budget.record]),
+        Admin(settings, metrics, budget),
         WebView(),
     ]
