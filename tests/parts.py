@@ -473,10 +473,14 @@ class Stack:
             kill_if_still_running(pid, argv)
         return self.process.returncode
 
+    def command(self, *args: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+        """`regcache ARGS` with this stack's settings."""
+        return subprocess.run([*REGCACHE, *args], cwd=self.workdir, env={**os.environ, **self.settings},
+                              stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60)
+
     def client_config(self, out: Path, *args: str) -> Path:
         """`regcache client-config --out OUT [ARGS]` with this stack's settings; returns OUT."""
-        result = subprocess.run([*REGCACHE, "client-config", "--out", str(out), *args], cwd=self.workdir,
-                                env={**os.environ, **self.settings}, capture_output=True, text=True, timeout=60)
+        result = self.command("client-config", "--out", str(out), *args)
         assert result.returncode == 0, result.stderr
         return out
 

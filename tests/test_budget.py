@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
+import os
 
 import pytest
 
@@ -98,3 +100,33 @@ def test_a_pull_in_flight_while_eviction_runs_completes(budget_stack, images, mo
     finally:
         connection.close()
     assert f"sha256:{digest.hexdigest()}" == layer(first)
+
+
+def test_cache_du_and_ls_show_what_the_cache_holds(budget_stack, images, tmp_path):
+    image = images["small"]
+    pull(DOCKER_IO, image.reference, tmp_path / "small")
+    assert poll(lambda: all(cache_holds(storage(budget_stack), d, timeout=0) for d in image.blob_digests), bool)
+    du = json.loads(budget_stack.command("cache", "du", "--json").stdout)
+    [cache] = du["caches"]
+    assert cache["registry"] == "docker.io" and du["budget"] == BUDGET and cache["free_disk"] > 0
+    assert cache["bytes"] == storage_bytes(storage(budget_stack))
+    assert {r["repository"] for r in cache["repositories"]} >= {"library/small"}
+    ls = json.loads(budget_stack.command("cache", "ls", "--json").stdout)
+    [small] = [r for r in ls["caches"][0]["repositories"] if r["repository"] == "library/small"]
+    assert [(t["tag"], t["digest"]) for t in small["tags"]] == [("1.0", image.manifest_digest)]
+    assert poll(lambda: json.loads(budget_stack.command("cache", "ls", "--json").stdout),
+                lambda doc: all(t["last_pulled"] for r in doc["caches"][0]["repositories"]
+                                if r["repository"] == "library/small" for t in r["tags"]))
+    table = budget_stack.command("cache", "ls").stdout
+    assert "docker.io/library/small" in table and "last pulled" in table.splitlines()[0]
+    assert "all caches" in budget_stack.command("cache", "du").stdout
+
+
+def test_cache_ls_into_a_closed_pipe_prints_no_traceback(budget_stack):
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = budget_stack.command("cache", "ls", stdout=writer)
+    finally:
+        os.close(writer)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr

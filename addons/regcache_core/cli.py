@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
+from .budget.inventory import disk_usage, format_du, format_ls, holdings
 from .client_config import client_files, parse_endpoint, write_client_files
 from .config import Config, ConfigError, load_config
 from .launcher import up
@@ -23,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     stats_command.add_argument("pull_log", nargs="?", type=Path, help="pull log to read (default: the configured one)")
     stats_command.add_argument("--json", action="store_true", help="print JSON for machines instead of tables")
     stats_command.add_argument("--top", type=int, default=10, help="images, clients and slow transfers to list (default: 10)")
+    cache_command = commands.add_parser("cache", help="what the caches run here hold: du (bytes, budget, free disk), ls (tags)")
+    cache_command.add_argument("what", choices=("du", "ls"),
+                               help="du: bytes per registry and repository, budget, free disk; ls: repositories and tags held, last pulled")
+    cache_command.add_argument("--json", action="store_true", help="print JSON for machines instead of a table")
     client_config = commands.add_parser(
         "client-config", help="write the client files: registries.yaml, certs.d/*/hosts.toml, daemon.json, registries.conf"
     )
@@ -50,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "stats":
         return stats(config.pull_log, args.json, args.top)
+    if args.command == "cache":
+        return cache(config, args.what, args.json)
     return up(config, env_file, web=args.web)
 
 
@@ -63,7 +71,23 @@ def stats(pull_log: Path, as_json: bool, top: int) -> int:
     except OSError as e:
         print(f"regcache stats: cannot read the pull log {pull_log}: {e.strerror}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2) if as_json else format_table(summary, top))
+    return output(json.dumps(summary, indent=2) if as_json else format_table(summary, top))
+
+
+def cache(config: Config, what: str, as_json: bool) -> int:
+    document = disk_usage(config) if what == "du" else holdings(config)
+    if as_json:
+        return output(json.dumps(document, indent=2))
+    return output(format_du(document) if what == "du" else format_ls(document))
+
+
+def output(text: str) -> int:
+    """Print a command's answer; a reader that went away (`| head`) ends it quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python would report the failed flush of stdout at exit; point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

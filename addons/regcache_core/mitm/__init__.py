@@ -14,6 +14,7 @@ from ..metrics import Metrics
 from ..redirects import RedirectSigner
 from .admin import Admin
 from .budget import DiskBudget
+from .drain import Drain
 from .hits import HitMarker
 from .pull_log import PullLogger
 from .recorder import Recorder
@@ -42,5 +43,6 @@ def make_addons() -> list:
         budget,
         Recorder(metrics, [pull_logger.write, metrics.observe, budget.record]),
         Admin(settings, metrics, budget),
+        Drain(settings),
         WebView(),
     ]
