@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from parts import (
-    PORT_BASES, PROXY_VARIABLES, REGCACHE, REGISTRY_PROGRAM, REPO, TEST_DOMAIN, accepts_connections, child_pids,
+    PORT_BASES, PROXY_VARIABLES, REGCACHE, REPO, TEST_DOMAIN, accepts_connections, child_pids,
     docker_io_stack, pull,
 )
 
