@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from .settings import Settings
 logger = logging.getLogger(__name__)
 RUN_DELAY = 2.0  # seconds after a blob pull: registry:2 commits a fetched blob just after serving it
 RUN_EVERY = 30.0  # seconds between runs without pulls: the free-space warning needs no request
+TICK = 0.5  # seconds between looks at whether a run is due
 
 
 class DiskBudget:
@@ -40,6 +42,7 @@ class DiskBudget:
         self._sending: dict[str, tuple[str, str]] = {}  # flow id -> (registry, blob digest) in flight
         self._sending_lock = threading.Lock()  # the worker reads it while the event loop changes it
         self._run_queued = False
+        self._blob_pulled: float | None = None  # monotonic time of a blob pull no run has followed yet
         self._timer: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
@@ -80,8 +83,8 @@ class DiskBudget:
                 or (record.method, record.status) != ("GET", 200)):
             return
         self.worker.submit(self._record, record, time.time())
-        if record.kind == "blob":
-            asyncio.get_running_loop().call_later(RUN_DELAY, self._queue_run)
+        if record.kind == "blob":  # any thread may call this (the data plane's records)
+            self._blob_pulled = time.monotonic()
 
     def disk_states(self) -> dict[str, str]:
         """Registry name -> "ok" or what is wrong with its cache's disk. Blocking: call in a thread."""
@@ -96,29 +99,37 @@ class DiskBudget:
             return (registry, digest) in self._sending.values()
 
     async def _every(self) -> None:
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(RUN_EVERY)
-            self._queue_run()
-
-    def _queue_run(self) -> None:
-        if not self._run_queued:  # pulls in a burst share one run
-            self._run_queued = True
-            self.worker.submit(self._run)
+            await asyncio.sleep(TICK)
+            now, pulled = time.monotonic(), self._blob_pulled
+            if (pulled is not None and now - pulled >= RUN_DELAY) or now - last >= RUN_EVERY:
+                self._blob_pulled, last = None, now
+                if not self._run_queued:  # a slow run is not queued again behind itself
+                    self._run_queued = True
+                    self.worker.submit(self._run)
 
     # In the worker thread:
 
     def _open_usage(self, config) -> None:
-        self.usage = UsageStore(usage_file(config.data_dir))
+        try:
+            self.usage = UsageStore(usage_file(config.data_dir))
+        except (OSError, sqlite3.Error) as e:
+            logger.error(f"regcache: cannot open {usage_file(config.data_dir)}: {e}; the disk budget cannot run")
 
     def _record(self, record: PullRecord, ended: float) -> None:
-        self.usage.record(record.registry, record.repository, record.reference, record.kind, ended)
+        try:
+            if self.usage:
+                self.usage.record(record.registry, record.repository, record.reference, record.kind, ended)
+        except sqlite3.Error as e:
+            logger.error(f"regcache: cannot record a pull in {usage_file(self.settings.config.data_dir)}: {e}")
 
     def _run(self) -> None:
         self._run_queued = False
         try:
             self.disk_states()
             config = self.settings.config
-            if config.max_disk is None and all(c.budget is None for c in self.caches):
+            if self.usage is None or (config.max_disk is None and all(c.budget is None for c in self.caches)):
                 return
             results = enforce(self.caches, config.max_disk, self.usage, self._is_sending)
             for r in results:

@@ -3,8 +3,9 @@
 mitmproxy's own SIGTERM handler shuts down at once, cutting every transfer. This one closes the
 client listener (no new connections; the egress listeners stay, so caches can finish fetching
 what those pulls need), then shuts down once no client request has been in flight for QUIET
-seconds, or after REGCACHE_STOP_GRACE seconds at the latest. A pull is several requests in a
-row on a kept-alive connection, hence a quiet spell rather than the first idle moment.
+seconds (counted from the last one's end, so an idle proxy stops at once), or after
+REGCACHE_STOP_GRACE seconds at the latest. A pull is several requests in a row on a kept-alive
+connection, hence a quiet spell rather than the first idle moment.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Drain:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.in_flight: set[str] = set()  # ids of client flows not finished yet
+        self.last_finished = 0.0  # event loop time the last client flow ended
         self.task: asyncio.Task | None = None
 
     async def running(self) -> None:
@@ -39,10 +41,15 @@ class Drain:
             self.in_flight.add(flow.id)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self.in_flight.discard(flow.id)
+        self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.in_flight.discard(flow.id)
+        self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        if flow.id in self.in_flight:
+            self.in_flight.discard(flow.id)
+            self.last_finished = asyncio.get_running_loop().time()
 
     def _begin(self) -> None:
         if self.task is None:
@@ -61,12 +68,7 @@ class Drain:
         report(f"regcache: stopping; {len(self.in_flight)} requests in flight get up to {config.stop_grace}s to finish")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.stop_grace
-        quiet_since = loop.time()
-        while loop.time() < deadline:
-            if self.in_flight:
-                quiet_since = loop.time()
-            elif loop.time() - quiet_since >= QUIET:
-                break
+        while loop.time() < deadline and (self.in_flight or loop.time() - self.last_finished < QUIET):
             await asyncio.sleep(0.1)
         if self.in_flight:
             report(f"regcache: stop grace of {config.stop_grace}s over; cutting {len(self.in_flight)} requests")
