@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from regcache_core.prefetch import ImageReference, PrefetchError, parse_platforms, parse_reference
+
 from parts import PORT_BASES, TEST_DOMAIN, build_image, build_multiarch_image, cache_holds, pull
 
 PORT = PORT_BASES["session"]
@@ -48,3 +50,27 @@ def test_prefetch_names_what_failed_and_exits_1(stack, images):
     assert result.returncode == 1
     assert "1 failed: docker.io/library/never-pushed:1.0: manifest 1.0: 404" in result.stderr.replace("\n", " ")
     assert stack.command("prefetch", "not a reference").returncode == 2
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("nginx", ImageReference("docker.io", "library/nginx", "latest")),
+    ("docker.io/library/nginx:1.27", ImageReference("docker.io", "library/nginx", "1.27")),
+    ("bitnami/redis:7", ImageReference("docker.io", "bitnami/redis", "7")),
+    ("ghcr.io/org/app@sha256:" + "a" * 64, ImageReference("ghcr.io", "org/app", "sha256:" + "a" * 64)),
+    ("registry.local:5000/team/app:v1", ImageReference("registry.local:5000", "team/app", "v1")),
+])
+def test_image_references(text, expected):
+    assert parse_reference(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "Nginx", "docker.io//x", "ghcr.io/org/app@sha256:short", "x:bad tag"])
+def test_bad_image_references_are_refused(text):
+    with pytest.raises(PrefetchError, match="is not an image reference"):
+        parse_reference(text)
+
+
+def test_platforms():
+    assert parse_platforms(None) is None
+    assert parse_platforms("linux/amd64, linux/arm64/v8") == {"linux/amd64", "linux/arm64/v8"}
+    with pytest.raises(PrefetchError, match="'amd64' is not os/architecture"):
+        parse_platforms("amd64")
