@@ -58,6 +58,9 @@ PORT_BASES = {
     "test_client_access": 7400,
     "test_faults": 6900,
     "test_referrers": 7000,
+    "test_budget": 7100,
+    "test_supervision": 7200,
+    "test_disk_full": 7300,
 }
 UPSTREAM_OFFSET = 1000
 
@@ -478,10 +481,14 @@ class Stack:
             kill_if_still_running(pid, argv)
         return self.process.returncode
 
+    def command(self, *args: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
+        """`regcache ARGS` with this stack's settings."""
+        return subprocess.run([*REGCACHE, *args], cwd=self.workdir, env={**os.environ, **self.settings},
+                              stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60)
+
     def client_config(self, out: Path, *args: str) -> Path:
         """`regcache client-config --out OUT [ARGS]` with this stack's settings; returns OUT."""
-        result = subprocess.run([*REGCACHE, "client-config", "--out", str(out), *args], cwd=self.workdir,
-                                env={**os.environ, **self.settings}, capture_output=True, text=True, timeout=60)
+        result = self.command("client-config", "--out", str(out), *args)
         assert result.returncode == 0, result.stderr
         return out
 
@@ -546,6 +553,11 @@ def cache_holds(storage: Path, digest: str, timeout: float = 15) -> bool:
     while not path.is_file() and time.monotonic() < deadline:
         time.sleep(0.1)
     return path.is_file()
+
+
+def storage_bytes(root: Path) -> int:
+    """Bytes of every file under a cache's storage: what its disk budget counts."""
+    return sum(path.lstat().st_size for path in root.rglob("*") if path.is_file())
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 10.0, source: str | None = None) -> bytes:

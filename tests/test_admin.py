@@ -95,3 +95,9 @@ def test_admin_settings_default_to_loopback_5070():
 def test_bad_admin_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(BASE | {"REGCACHE_ADMIN_HOST": "127.0.0.1", "REGCACHE_ADMIN_PORT": "5070"} | settings)
+
+
+def test_readiness_reports_a_cache_whose_disk_cannot_take_more(upstream):
+    answer = asyncio.run(readiness(True, {"docker.io": upstream.url}, disks={"docker.io": "disk full (/data)"}))
+    assert answer.status == 503 and json.loads(answer.body)["backends"] == {"docker.io": "disk full (/data)"}
+    assert asyncio.run(readiness(True, {"docker.io": upstream.url}, disks={"docker.io": "ok"})).status == 200

@@ -99,6 +99,10 @@ def test_caches_are_registry2_pull_through_caches_of_the_proxys_egress_without_c
         assert service["environment"] == {
             "REGISTRY_PROXY_REMOTEURL": f"http://{PROXY}:{registry.egress_port}",
             "REGISTRY_STORAGE_DELETE_ENABLED": "true",
+            "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_ENABLED": "true",
+            "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_AGE": "1h",
+            "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_INTERVAL": "10m",
+            "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_DRYRUN": "false",
         }
         assert "/var/lib/registry" in service["volumes"][0]
         assert service["depends_on"] == {PROXY: {"condition": "service_started"}}

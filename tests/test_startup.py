@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from parts import (
-    PORT_BASES, PROXY_VARIABLES, REGCACHE, REGISTRY_PROGRAM, REPO, TEST_DOMAIN, accepts_connections, child_pids,
+    PORT_BASES, PROXY_VARIABLES, REGCACHE, REPO, TEST_DOMAIN, accepts_connections, child_pids,
     docker_io_stack, pull,
 )
 
@@ -65,12 +65,13 @@ def test_sigterm_stops_every_child_and_exits_0(tmp_path, upstream):
     assert not any(Path(f"/proc/{pid}").exists() for pid in started)
 
 
-def test_a_cache_that_dies_stops_the_rest_and_exits_1(tmp_path, upstream):
+def test_the_proxy_dying_stops_the_rest_and_exits_1(tmp_path, upstream):
+    """A cache that dies is started again (test_supervision.py); without the proxy nothing is served."""
     stack = docker_io_stack(tmp_path, upstream, PORT).start()
     try:
-        os.kill(stack.child(REGISTRY_PROGRAM), signal.SIGKILL)
+        os.kill(stack.child("mitmdump"), signal.SIGKILL)
         assert stack.process.wait(30) == 1
-        assert not accepts_connections(PORT)
+        assert not accepts_connections(PORT + 1), "the cache is stopped too"
         assert any("exited with status" in line and "stopping" in line for line in stack.output)
     finally:
         stack.stop()

@@ -65,6 +65,8 @@ def registry_config(backend: CacheBackend) -> dict:
             "filesystem": {"rootdirectory": str(backend.storage)},
             # Lets the proxy's TTL scheduler delete expired content.
             "delete": {"enabled": True},
+            # A pull cut short leaves a partial upload under _uploads: gone after an hour.
+            "maintenance": {"uploadpurging": {"enabled": True, "age": "1h", "interval": "10m", "dryrun": False}},
         },
         "http": {
             "addr": f"[{cache.hostname}]:{cache.port or 80}" if ":" in cache.hostname else f"{cache.hostname}:{cache.port or 80}",

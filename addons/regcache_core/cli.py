@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedColumn
+from rich.progress import Progress as Bars
+from rich.table import Table
+
+from .budget.inventory import disk_usage, format_du, format_ls, holdings
 from .client_config import Credentials, client_files, parse_endpoint, write_client_files
 from .config import Config, ConfigError, load_config
 from .launcher import up
-from .stats import format_table, summarize
+from .prefetch import PrefetchError, Progress, parse_platforms, parse_reference, prefetch_all
+from .stats import format_table, human_bytes, summarize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     stats_command.add_argument("pull_log", nargs="?", type=Path, help="pull log to read (default: the configured one)")
     stats_command.add_argument("--json", action="store_true", help="print JSON for machines instead of tables")
     stats_command.add_argument("--top", type=int, default=10, help="images, clients and slow transfers to list (default: 10)")
+    cache_command = commands.add_parser("cache", help="what the caches run here hold: du (bytes, budget, free disk), ls (tags)")
+    cache_command.add_argument("what", choices=("du", "ls"),
+                               help="du: bytes per registry and repository, budget, free disk; ls: repositories and tags held, last pulled")
+    cache_command.add_argument("--json", action="store_true", help="print JSON for machines instead of a table")
+    prefetch_command = commands.add_parser("prefetch", help="warm the caches with images, through the running stack")
+    prefetch_command.add_argument("images", nargs="*", help="image references, e.g. docker.io/library/nginx:1.27 or ghcr.io/org/app@sha256:...")
+    prefetch_command.add_argument("--file", type=Path, help="a file of image references, one per line (# starts a comment)")
+    prefetch_command.add_argument("--platform", help="only these platforms of multi-platform images, e.g. linux/amd64,linux/arm64 (default: all)")
+    prefetch_command.add_argument("--jobs", type=int, default=4, help="images fetched at once (default: 4)")
     client_config = commands.add_parser(
         "client-config", help="write the client files: registries.yaml, certs.d/*/hosts.toml, daemon.json, registries.conf"
     )
@@ -56,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "stats":
         return stats(config.pull_log, args.json, args.top)
+    if args.command == "cache":
+        return cache(config, args.what, args.json)
+    if args.command == "prefetch":
+        return prefetch(config, args.images, args.file, args.platform, args.jobs)
     return up(config, env_file, web=args.web)
 
 
@@ -69,7 +91,67 @@ def stats(pull_log: Path, as_json: bool, top: int) -> int:
     except OSError as e:
         print(f"regcache stats: cannot read the pull log {pull_log}: {e.strerror}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2) if as_json else format_table(summary, top))
+    return output(json.dumps(summary, indent=2) if as_json else format_table(summary, top))
+
+
+def cache(config: Config, what: str, as_json: bool) -> int:
+    document = disk_usage(config) if what == "du" else holdings(config)
+    if as_json:
+        return output(json.dumps(document, indent=2))
+    return output(format_du(document) if what == "du" else format_ls(document))
+
+
+def prefetch(config: Config, references: list[str], file: Path | None, platform: str | None, jobs: int) -> int:
+    if jobs < 1:
+        print("regcache prefetch: --jobs must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        if file is not None:
+            lines = file.read_text(encoding="utf-8").splitlines()
+            references = [*references, *(line.split("#", 1)[0].strip() for line in lines)]
+        images = list(dict.fromkeys(parse_reference(r) for r in references if r.strip()))
+        platforms = parse_platforms(platform)
+    except OSError as e:
+        print(f"regcache prefetch: cannot read {file}: {e.strerror}", file=sys.stderr)
+        return 2
+    except PrefetchError as e:
+        print(f"regcache prefetch: {e}", file=sys.stderr)
+        return 2
+    if not images:
+        print("regcache prefetch: no images given (arguments or --file)", file=sys.stderr)
+        return 2
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Bars(*columns, console=Console(stderr=True)) as bars:
+        overall = bars.add_task("all images", total=0)
+        bar = {image: bars.add_task(str(image), total=None) for image in images}
+
+        def sized(image, total: int) -> None:
+            bars.update(bar[image], total=total)
+            bars.update(overall, total=bars.tasks[overall].total + total)
+
+        def advanced(image, count: int) -> None:
+            bars.advance(bar[image], count)
+            bars.advance(overall, count)
+
+        results = asyncio.run(prefetch_all(config, images, platforms, jobs, Progress(sized, advanced)))
+    table = Table("image", "platforms", "blobs", "bytes", "result")
+    for r in results:
+        table.add_row(str(r.image), ", ".join(r.platforms) or "-", str(r.blobs), human_bytes(r.bytes),
+                      f"failed: {r.error}" if r.error else "ok")
+    Console().print(table)
+    if failed := [r for r in results if r.error]:
+        print(f"regcache prefetch: {len(failed)} failed: " + "; ".join(f"{r.image}: {r.error}" for r in failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+def output(text: str) -> int:
+    """Print a command's answer; a reader that went away (`| head`) ends it quietly."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Python would report the failed flush of stdout at exit; point it at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -8,6 +8,7 @@ and both win over `DEFAULTS`. A registry is a few variables sharing a prefix (it
     K8S_UPSTREAM=https://registry.k8s.io  # where its images come from
     K8S_CACHE=http://127.0.0.1:5004       # its registry:2 cache, or "none" to pass through
     K8S_USERNAME= / K8S_PASSWORD=         # optional upstream credentials
+    K8S_MAX_DISK=20G                      # optional: its cache's own disk budget
 
 Caches never talk to an upstream themselves: each cached registry's cache uses an egress
 listener of the proxy as its upstream, bound to REGCACHE_EGRESS_HOST, on port K_EGRESS_PORT if
@@ -39,6 +40,9 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_PULL_LOG_STDOUT": "false",
     "REGCACHE_EGRESS_HOST": "127.0.0.1",  # where caches reach the proxy; 0.0.0.0 in a container
     "REGCACHE_EGRESS_PORT": "5080",  # first egress port; registry N (0-based) gets this + N
+    "REGCACHE_MAX_DISK": "",  # empty: no budget over all caches
+    "REGCACHE_MIN_FREE_DISK": "1G",  # a cache's disk with less free is reported not ready
+    "REGCACHE_STOP_GRACE": "30",  # seconds pulls in flight get to finish after SIGTERM
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "REGCACHE_CLIENTS": "",  # empty: any address
     "REGCACHE_HTPASSWD": "",  # empty: no accounts needed
@@ -82,6 +86,7 @@ class Registry:
     password: str = field(default="", repr=False)
     egress_port: int | None = None  # the proxy's egress listener for its cache; None when uncached
     repositories: tuple[str, ...] = ()  # glob patterns of the repositories served; empty: all
+    max_disk: int | None = None  # bytes its cache's storage may hold (K_MAX_DISK); None: no budget of its own
 
     @property
     def backend(self) -> str:
@@ -106,6 +111,9 @@ class Config:
     egress_host: str = "127.0.0.1"
     client_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: any client
     htpasswd: Path | None = None  # client accounts; None: no credentials asked
+    max_disk: int | None = None  # bytes all caches' storage may hold together (REGCACHE_MAX_DISK)
+    min_free_disk: int = 1 << 30  # a cache's disk with less free space is not ready
+    stop_grace: float = 30.0  # seconds `regcache up` lets pulls in flight finish after SIGTERM
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -156,6 +164,9 @@ def parse_config(values: Mapping[str, str]) -> Config:
         egress_host=_ip_address("REGCACHE_EGRESS_HOST", get("REGCACHE_EGRESS_HOST")),
         client_networks=_networks("REGCACHE_CLIENTS", get("REGCACHE_CLIENTS")),
         htpasswd=_readable_file("REGCACHE_HTPASSWD", get("REGCACHE_HTPASSWD")),
+        max_disk=_optional_size("REGCACHE_MAX_DISK", get("REGCACHE_MAX_DISK")),
+        min_free_disk=parse_size("REGCACHE_MIN_FREE_DISK", get("REGCACHE_MIN_FREE_DISK") or "0"),
+        stop_grace=_positive("REGCACHE_STOP_GRACE", get("REGCACHE_STOP_GRACE")),
     )
 
 
@@ -190,7 +201,8 @@ def _registry(key: str, get, default_egress_port: int) -> Registry:
     egress_port = _port(egress_var, get(egress_var)) if get(egress_var) else default_egress_port
     return Registry(
         key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None,
-        _repository_patterns(f"{key}_REPOSITORIES", get(f"{key}_REPOSITORIES")),
+        repositories=_repository_patterns(f"{key}_REPOSITORIES", get(f"{key}_REPOSITORIES")),
+        max_disk=_optional_size(f"{key}_MAX_DISK", get(f"{key}_MAX_DISK")) if cache else None,
     )
 
 
@@ -264,6 +276,16 @@ def parse_size(var: str, value: str) -> int:
     if not match:
         raise ConfigError(f"{var}: {value!r} is not a size such as 512M, 50G or a number of bytes")
     return int(match[1]) * _SIZE_UNITS[(match[2] or "").lower()]
+
+
+def _optional_size(var: str, value: str) -> int | None:
+    """A size of at least 1 byte, or None when the value is empty."""
+    if not value:
+        return None
+    size = parse_size(var, value)
+    if size < 1:
+        raise ConfigError(f"{var}: {value!r} is no room at all; leave it empty for no budget")
+    return size
 
 
 def _ip_address(var: str, value: str) -> str:

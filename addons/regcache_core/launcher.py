@@ -1,4 +1,10 @@
-"""`regcache up`: run the registry:2 caches and the proxy as children, until told to stop."""
+"""`regcache up`: run the registry:2 caches and the proxy as children, until told to stop.
+
+A cache that exits is started again after a back-off (1 s, doubling to 60 s; back to 1 s once
+it has run for a minute): pulls of its registry fail meanwhile, the others go on. The proxy
+exiting ends the stack: nothing is served without it. SIGTERM or Ctrl-C goes to the proxy
+first, which lets pulls in flight finish (mitm/drain.py), then to the caches.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +26,9 @@ from .config import Config
 ADDON_SCRIPT = Path(__file__).resolve().parent.parent / "regcache.py"
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+FIRST_BACKOFF = 1.0  # seconds before a cache that exited is started again; doubles per exit
+MAX_BACKOFF = 60.0
+STEADY = 60.0  # seconds a cache must run for its next exit to count as the first again
 # Readiness probes go to our own children on this machine, never through an http_proxy.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -31,12 +40,41 @@ class Child:
     ready_urls: tuple[str, ...]  # each answers with some HTTP status once the child serves
 
 
+@dataclass
+class SupervisedCache:
+    """A cache and when to start it again after it exited."""
+
+    program: str
+    backend: CacheBackend
+    child: Child
+    started: float
+    backoff: float = FIRST_BACKOFF
+    restart_at: float | None = None  # set while it is down
+
+    def check(self, now: float) -> None:
+        """Notice an exit (and plan the restart), or restart once its back-off has passed."""
+        if self.restart_at is None:
+            if self.child.process.poll() is None:
+                return
+            if now - self.started >= STEADY:
+                self.backoff = FIRST_BACKOFF
+            self.restart_at = now + self.backoff
+            print(f"regcache: {self.child.name} exited with status {self.child.process.returncode}; "
+                  f"starting it again in {self.backoff:g}s", file=sys.stderr, flush=True)
+            self.backoff = min(self.backoff * 2, MAX_BACKOFF)
+        elif now >= self.restart_at:
+            self.child = _start_cache(self.program, self.backend)
+            self.started, self.restart_at = now, None
+            print(f"regcache: {self.child.name} started again", file=sys.stderr, flush=True)
+
+
 def up(config: Config, env_file: str, web: bool = False) -> int:
     """Start everything, wait until it serves, print where to point clients, then supervise.
 
     `web` runs mitmweb (a UI of live pulls on 127.0.0.1:8081) instead of mitmdump.
 
-    Returns the exit status: 0 after Ctrl-C or SIGTERM, 1 if a child failed.
+    Returns the exit status: 0 after Ctrl-C or SIGTERM, 1 if the proxy failed, or anything failed
+    while starting.
     """
     backends = local_backends(config)
     program = find_registry_program()
@@ -65,13 +103,19 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
         print(ready_message(config, backends, web), flush=True)
+        proxy = children[0]
+        caches = [SupervisedCache(program, backend, child, time.monotonic())
+                  for backend, child in zip(backends, children[1:])]
         while not stop.wait(0.5):
-            if failed := _exited(children):
-                print(f"regcache: {failed.name} exited with status {failed.process.returncode}; stopping", file=sys.stderr)
+            if proxy.process.poll() is not None:
+                print(f"regcache: {proxy.name} exited with status {proxy.process.returncode}; stopping", file=sys.stderr)
                 return 1
+            for cache in caches:
+                cache.check(time.monotonic())
+            children[1:] = [cache.child for cache in caches]
         return 0
     finally:
-        _stop_all(children)
+        _stop_all(children, config.stop_grace)
 
 
 def _mitmproxy_program(name: str) -> str | None:
@@ -140,13 +184,14 @@ def _exited(children: list[Child]) -> Child | None:
     return next((c for c in children if c.process.poll() is not None), None)
 
 
-def _stop_all(children: list[Child]) -> None:
-    """Stop the proxy first (no new pulls), then the caches; kill what does not stop in time."""
-    for child in children:
+def _stop_all(children: list[Child], grace: float) -> None:
+    """Stop the proxy first (it takes no new pulls and lets those in flight finish for up to
+    `grace` seconds), then the caches; kill what does not stop in time."""
+    for index, child in enumerate(children):
         if child.process.poll() is None:
             child.process.terminate()
         try:
-            child.process.wait(STOP_TIMEOUT)
+            child.process.wait(STOP_TIMEOUT + (grace if index == 0 else 0))
         except subprocess.TimeoutExpired:
             child.process.kill()
             child.process.wait()

@@ -52,6 +52,19 @@ class Metrics:
         self.rate_limit_remaining = Gauge(
             "regcache_upstream_ratelimit_remaining", "Pulls left in the upstream's window, from its ratelimit-remaining header (Docker Hub).",
             ("registry",), registry=self.registry)
+        self.evicted_blobs = Counter(
+            "regcache_evicted_blobs", "Blobs and manifests the disk budget removed from a cache.",
+            ("registry",), registry=self.registry)
+        self.evicted_bytes = Counter(
+            "regcache_evicted_bytes", "Bytes the disk budget removed from a cache.", ("registry",), registry=self.registry)
+        self.disk_used = Gauge(
+            "regcache_cache_disk_used_bytes", "Bytes a cache run here holds in its storage, as of the last budget run.",
+            ("registry",), registry=self.registry)
+        self.disk_budget = Gauge(
+            "regcache_cache_disk_budget_bytes", "A cache's own disk budget (K_MAX_DISK).", ("registry",), registry=self.registry)
+        self.total_disk_budget = Gauge(
+            "regcache_disk_budget_bytes", "The disk budget over all caches run here (REGCACHE_MAX_DISK).",
+            registry=self.registry)
 
     def observe(self, record: PullRecord) -> None:
         """Count one finished or failed client request."""
@@ -83,6 +96,14 @@ class Metrics:
     def rate_limit(self, registry: str, remaining: int) -> None:
         """Pulls left, from the upstream's `ratelimit-remaining` header (see upstream_signals)."""
         self.rate_limit_remaining.labels(registry).set(remaining)
+
+    def budget_run(self, registry: str, used: int, budget: int | None, evicted_blobs: int, evicted_bytes: int) -> None:
+        """One cache's part of a disk budget run."""
+        self.disk_used.labels(registry).set(used)
+        if budget is not None:
+            self.disk_budget.labels(registry).set(budget)
+        self.evicted_blobs.labels(registry).inc(evicted_blobs)
+        self.evicted_bytes.labels(registry).inc(evicted_bytes)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

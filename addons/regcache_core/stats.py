@@ -140,17 +140,17 @@ def format_table(summary: dict, top: int = 10) -> str:
         (f"top {top} clients", "client", summary["clients"][:top]),
     ):
         cells = [(r[key], str(r["pulls"]), str(r["requests"]), human_bytes(r["bytes"]), ratio(r["hit_ratio"])) for r in rows]
-        lines += _table((title, *columns), cells) + [""]
+        lines += table((title, *columns), cells) + [""]
     cells = [
         (f"{r['image']} {r['kind']} {short_reference(r['reference']) or ''}".rstrip(), f"{r['duration_ms'] / 1000:.3f}s", human_bytes(r["bytes"]),
          r["client"], r["cache"] or "n/a", r["time"])
         for r in summary["slowest"][:top]
     ]
-    lines += _table((f"slowest {len(cells)} transfers", "duration", "bytes", "client", "cache", "time"), cells)
+    lines += table((f"slowest {len(cells)} transfers", "duration", "bytes", "client", "cache", "time"), cells)
     return "\n".join(lines)
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     if not rows:
         return [header[0], "  (none)"]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]

@@ -1,5 +1,5 @@
 """The mitmproxy addons, one module per concern. Each hook is short: it reads the flow, calls a
-plain function (routing, upstream auth, pull log, metrics, mitmweb labels) and applies the
+plain function (routing, upstream auth, pull log, metrics, disk budget, mitmweb labels) and applies the
 answer. Wiring is explicit, in `make_addons()`.
 
 Two kinds of listener: the client listener on REGCACHE_PORT, and one egress listener per
@@ -14,6 +14,8 @@ from ..metrics import Metrics
 from ..redirects import RedirectSigner
 from .admin import Admin
 from .client_access import ClientAccess
+from .budget import DiskBudget
+from .drain import Drain
 from .hits import HitMarker
 from .pull_log import PullLogger
 from .recorder import Recorder
@@ -29,6 +31,7 @@ def make_addons() -> list:
     signer = RedirectSigner()
     metrics = Metrics()
     pull_logger = PullLogger(settings)
+    budget = DiskBudget(settings, metrics)
     # Order matters: hooks run in this order. UpstreamCredentials redacts what it injected
     # before mitmweb's view (added after the scripts) sends a flow update; HitMarker sets the
     # hit/miss that Recorder hands to the pull log and metrics; SpecAnswers fixes an answer
@@ -42,7 +45,9 @@ def make_addons() -> list:
         HitMarker(),
         SpecAnswers(),
         pull_logger,
-        Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe}),
-        Admin(settings, metrics),
+        budget,
+        Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe, "disk budget": budget.record}),
+        Admin(settings, metrics, budget),
+        Drain(settings),
         WebView(),
     ]

@@ -3,12 +3,14 @@ server itself and the readiness check are plain code in regcache_core/admin.py."
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from mitmproxy import ctx
 
 from ..admin import AdminServer, Answer, readiness
 from ..metrics import EXPOSITION_CONTENT_TYPE, Metrics
+from .budget import DiskBudget
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -17,9 +19,10 @@ logger = logging.getLogger(__name__)
 class Admin:
     """Serves /metrics, /ready and /live on REGCACHE_ADMIN_HOST:REGCACHE_ADMIN_PORT (see admin.py)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, budget: DiskBudget) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.budget = budget
         self.server = AdminServer({"/metrics": self._metrics, "/ready": self._ready, "/live": self._live})
 
     async def running(self) -> None:
@@ -39,7 +42,8 @@ class Admin:
         servers = list(ctx.master.addons.get("proxyserver").servers)
         proxy_serves = bool(servers) and all(server.is_running for server in servers)
         backends = {r.name: r.cache for r in self.settings.config.registries if r.cache}
-        return await readiness(proxy_serves, backends)
+        disks = await asyncio.to_thread(self.budget.disk_states)
+        return await readiness(proxy_serves, backends, disks=disks)
 
     async def _live(self) -> Answer:
         return Answer.json(200, {"live": True})

@@ -1,0 +1,141 @@
+"""DiskBudget: records each client pull of cached content (a Recorder sink) and runs the disk
+budget and the caches' free-space checks (regcache_core/budget/) in a thread of its own, never
+on mitmproxy's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from mitmproxy import http
+
+from ..budget import report
+from ..budget.disk import DiskWatch
+from ..budget.enforce import CacheBudget, enforce, summary
+from ..budget.usage import UsageStore, usage_file
+from ..cache_backend import local_backends
+from ..metrics import Metrics
+from ..pull_log import PullRecord
+from ..routing import Target
+from .keys import TARGET
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+RUN_DELAY = 2.0  # seconds after a blob pull: registry:2 commits a fetched blob just after serving it
+RUN_EVERY = 30.0  # seconds between runs without pulls: the free-space warning needs no request
+TICK = 0.5  # seconds between looks at whether a run is due
+
+
+class DiskBudget:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        # One thread: the usage store's SQLite connection belongs to it, and runs never overlap.
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="regcache-budget")
+        self.usage: UsageStore | None = None
+        self.caches: list[CacheBudget] = []
+        self.disk_watch = DiskWatch(0)
+        self._sending: dict[str, tuple[str, str]] = {}  # flow id -> (registry, blob digest) in flight
+        self._sending_lock = threading.Lock()  # the worker reads it while the event loop changes it
+        self._run_queued = False
+        self._blob_pulled: float | None = None  # monotonic time of a blob pull no run has followed yet
+        self._timer: asyncio.Task | None = None
+
+    def configure(self, updated: set[str]) -> None:
+        config = self.settings.config
+        if "regcache_env_file" not in updated or config is None:
+            return
+        self.caches = [CacheBudget(b.registry.name, b.storage, b.registry.max_disk) for b in local_backends(config)]
+        self.disk_watch = DiskWatch(config.min_free_disk)
+        if config.max_disk is not None:
+            self.metrics.total_disk_budget.set(config.max_disk)
+        if self.usage is None:  # the first configuration's data dir holds it for the process's life
+            self.worker.submit(self._open_usage, config)
+
+    async def running(self) -> None:
+        self._timer = asyncio.create_task(self._every())
+
+    def done(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        self.worker.shutdown(wait=False, cancel_futures=True)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        target: Target | None = flow.metadata.get(TARGET)
+        if target and target.registry.cache and target.kind == "blob":
+            with self._sending_lock:
+                self._sending[flow.id] = (target.registry.name, target.reference)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._finish(flow)
+
+    def record(self, record: PullRecord) -> None:
+        """Recorder sink: a client's successful GET of a cached manifest or blob is a use of it."""
+        registry = self.settings.config.registry(record.registry) if record.registry and self.settings.config else None
+        if (registry is None or not registry.cache or record.kind not in ("blob", "manifest")
+                or (record.method, record.status) != ("GET", 200)):
+            return
+        self.worker.submit(self._record, record, time.time())
+        if record.kind == "blob":  # any thread may call this (the data plane's records)
+            self._blob_pulled = time.monotonic()
+
+    def disk_states(self) -> dict[str, str]:
+        """Registry name -> "ok" or what is wrong with its cache's disk. Blocking: call in a thread."""
+        return {c.registry: self.disk_watch.check(c.registry, c.storage) for c in self.caches}
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        with self._sending_lock:
+            self._sending.pop(flow.id, None)
+
+    def _is_sending(self, registry: str, digest: str) -> bool:
+        with self._sending_lock:
+            return (registry, digest) in self._sending.values()
+
+    async def _every(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(TICK)
+            now, pulled = time.monotonic(), self._blob_pulled
+            if (pulled is not None and now - pulled >= RUN_DELAY) or now - last >= RUN_EVERY:
+                self._blob_pulled, last = None, now
+                if not self._run_queued:  # a slow run is not queued again behind itself
+                    self._run_queued = True
+                    self.worker.submit(self._run)
+
+    # In the worker thread:
+
+    def _open_usage(self, config) -> None:
+        try:
+            self.usage = UsageStore(usage_file(config.data_dir))
+        except (OSError, sqlite3.Error) as e:
+            logger.error(f"regcache: cannot open {usage_file(config.data_dir)}: {e}; the disk budget cannot run")
+
+    def _record(self, record: PullRecord, ended: float) -> None:
+        try:
+            if self.usage:
+                self.usage.record(record.registry, record.repository, record.reference, record.kind, ended)
+        except sqlite3.Error as e:
+            logger.error(f"regcache: cannot record a pull in {usage_file(self.settings.config.data_dir)}: {e}")
+
+    def _run(self) -> None:
+        self._run_queued = False
+        try:
+            self.disk_states()
+            config = self.settings.config
+            if self.usage is None or (config.max_disk is None and all(c.budget is None for c in self.caches)):
+                return
+            results = enforce(self.caches, config.max_disk, self.usage, self._is_sending)
+            for r in results:
+                self.metrics.budget_run(r.registry, r.used, r.budget, r.evicted.blobs, r.evicted.bytes)
+            if line := summary(results, config.max_disk):
+                report(line)
+        except Exception:
+            logger.exception("regcache: disk budget run failed")
+
