@@ -33,6 +33,7 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_ADMIN_HOST": "127.0.0.1",
     "REGCACHE_ADMIN_PORT": "5070",
     "REGCACHE_WEB_MAX_FLOWS": "2000",
+    "REGCACHE_WEB_PASSWORD": "",  # mitmweb's UI password (mitmproxy 11.1.2+); empty: a token per run
     "REGCACHE_DATA_DIR": "./data",
     "REGCACHE_PULL_LOG": "",  # empty: <data dir>/pull.log
     "REGCACHE_PULL_LOG_STDOUT": "false",
@@ -95,6 +96,7 @@ class Config:
     pull_log_stdout: bool
     registries: tuple[Registry, ...]
     egress_host: str = "127.0.0.1"
+    web_password: str = field(default="", repr=False)
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -143,6 +145,7 @@ def parse_config(values: Mapping[str, str]) -> Config:
         pull_log_stdout=_bool("REGCACHE_PULL_LOG_STDOUT", get("REGCACHE_PULL_LOG_STDOUT")),
         registries=registries,
         egress_host=_ip_address("REGCACHE_EGRESS_HOST", get("REGCACHE_EGRESS_HOST")),
+        web_password=values.get("REGCACHE_WEB_PASSWORD", ""),
     )
 
 

@@ -18,6 +18,7 @@ from .pull_log import PullLogger
 from .recorder import Recorder
 from .router import Router
 from .settings import MirrorDefaults, Settings
+from .tasks import ScheduledTasks
 from .upstream import UpstreamCredentials
 from .web import WebView
 
@@ -31,6 +32,7 @@ def make_addons() -> list:
     # before mitmweb's view (added after the scripts) sends a flow update; HitMarker sets the
     # hit/miss that Recorder hands to the pull log and metrics.
     return [
+        ScheduledTasks(),
         settings,
         MirrorDefaults(settings),
         Router(settings, signer),
@@ -39,5 +41,5 @@ def make_addons() -> list:
         pull_logger,
         Recorder(metrics, [pull_logger.write, metrics.observe]),
         Admin(settings, metrics),
-        WebView(),
+        WebView(settings),
     ]
