@@ -17,6 +17,7 @@ proxy adds credentials there.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -50,6 +51,9 @@ DEFAULTS: Mapping[str, str] = {
     "QUAY_UPSTREAM": "https://quay.io",
     "QUAY_CACHE": "http://127.0.0.1:5003",
 }
+
+# A registry's own variables: <KEY>_REGISTRY and so on.
+REGISTRY_SETTINGS = ("REGISTRY", "UPSTREAM", "CACHE", "USERNAME", "PASSWORD", "EGRESS_PORT")
 
 _KEY = re.compile(r"[A-Z][A-Z0-9_]*")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -97,6 +101,7 @@ class Config:
     registries: tuple[Registry, ...]
     egress_host: str = "127.0.0.1"
     web_password: str = field(default="", repr=False)
+    warnings: tuple[str, ...] = ()  # variables that look like a misspelt setting
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -146,7 +151,19 @@ def parse_config(values: Mapping[str, str]) -> Config:
         registries=registries,
         egress_host=_ip_address("REGCACHE_EGRESS_HOST", get("REGCACHE_EGRESS_HOST")),
         web_password=values.get("REGCACHE_WEB_PASSWORD", ""),
+        warnings=tuple(misspelt_settings(values, keys)),
     )
+
+
+def misspelt_settings(names, keys: list[str]) -> list[str]:
+    """One warning per name that is not a setting but nearly is one (DOCKERHUB_UPSTRAEM): such
+    a name is otherwise silently ignored."""
+    known = {*DEFAULTS, *(f"{key}_{setting}" for key in keys for setting in REGISTRY_SETTINGS)}
+    warnings = []
+    for name in sorted(set(names) - known):
+        if close := difflib.get_close_matches(name, known, n=1, cutoff=0.85):
+            warnings.append(f"{name} is not a regcache setting; did you mean {close[0]}?")
+    return warnings
 
 
 def _registry_keys(value: str) -> list[str]:

@@ -25,6 +25,8 @@ class Settings:
         if "regcache_env_file" in updated:
             try:
                 self.config = load_config(env_file=ctx.options.regcache_env_file)
+                for warning in self.config.warnings:
+                    logger.warning(f"regcache: {warning}")
             except ConfigError as e:
                 # Logged, not raised as OptionsError: mitmproxy would print a traceback for a
                 # script's OptionsError, where one line says it all. An error logged during
