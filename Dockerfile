@@ -20,5 +20,7 @@ RUN pip install --no-cache-dir --disable-pip-version-check -e .
 USER regcache
 # Settings come from the environment (compose passes .env); the image holds no .env.
 ENV REGCACHE_DATA_DIR=/data
+# Log lines reach `docker logs` at once (regcache up sets this for mitmdump too).
+ENV PYTHONUNBUFFERED=1
 EXPOSE 5000
 CMD ["regcache", "up"]

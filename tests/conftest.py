@@ -8,8 +8,10 @@ and /etc/hosts is ours to point test names at 127.0.0.1. This needs root, as CI 
 from __future__ import annotations
 
 import os
+import platform
 
 import pytest
+from mitmproxy import version as mitmproxy_version
 
 from parts import (
     PORT_BASES, REMOTE_CACHE_HOST, TEST_DOMAIN, UPSTREAM_OFFSET, MultiArchImage, Stack, Upstream, build_image,
@@ -17,6 +19,11 @@ from parts import (
 )
 
 TEST_REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "unmapped.io")
+
+
+def pytest_report_header() -> str:
+    """CI runs the suite on two legs: the header says which this is."""
+    return f"mitmproxy {mitmproxy_version.VERSION} on Python {platform.python_version()}"
 
 
 def pytest_configure(config: pytest.Config) -> None:

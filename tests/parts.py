@@ -90,6 +90,8 @@ def enter_private_namespaces(hostnames: list[str]) -> None:
         subprocess.run(["mount", "--bind", str(hosts), "/etc/hosts"], check=True)
     for variable in PROXY_VARIABLES:  # nothing here may go through a proxy of the machine's
         os.environ.pop(variable, None)
+    # The product flushes its own log lines; a machine's PYTHONUNBUFFERED=1 must not hide it when not.
+    os.environ.pop("PYTHONUNBUFFERED", None)
 
 
 def accepts_connections(port: int, host: str = "127.0.0.1") -> bool:

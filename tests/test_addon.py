@@ -77,6 +77,15 @@ def test_a_bad_setting_is_one_logged_error_naming_the_variable(env_file, caplog)
     assert errors == ["regcache: REGCACHE_PULL_LOG_STDOUT: 'perhaps' is not true or false"]
 
 
+def test_a_misspelt_variable_is_one_logged_warning(env_file, caplog):
+    """`regcache up` leaves this warning to the proxy, so it is printed once."""
+    env_file.write_text(env_file.read_text() + "DOCKERHUB_UPSTRAEM=https://mirror.example\n")
+    with taddons.context(Proxyserver()) as tctx, caplog.at_level(logging.WARNING):
+        load_script(tctx, env_file)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "regcache" in r.getMessage()]
+    assert warnings == ["regcache: DOCKERHUB_UPSTRAEM is not a regcache setting; did you mean DOCKERHUB_UPSTREAM?"]
+
+
 def client_flow(path: str, host: str = HUB, method: str = "GET", authority: str = "") -> http.HTTPFlow:
     """A flow as mitmproxy hands it to requestheaders: the client's request line and Host header."""
     request = tutils.treq(

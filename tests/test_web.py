@@ -4,6 +4,7 @@ View addon (what mitmweb stores flows in), then `regcache up --web` end to end."
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from mitmproxy import exceptions
@@ -11,13 +12,15 @@ from mitmproxy.addons.view import View
 from mitmproxy.test import taddons, tflow
 
 from regcache_core.mitm.keys import RECORD, TARGET
+from regcache_core.mitm.settings import Settings
 from regcache_core.mitm.web import WebView
 from regcache_core.config import DEFAULTS, parse_config
+from regcache_core.launcher import mitmweb_has_password
 from regcache_core.pull_log import PullRecord
 from regcache_core.routing import route
 from regcache_core.web import flow_label
 
-from parts import PORT_BASES, TEST_DOMAIN, Stack, docker_io_stack, http_get, poll, skopeo
+from parts import PORT_BASES, TEST_DOMAIN, Stack, child_pids, command_line, docker_io_stack, http_get, poll, skopeo
 
 CONFIG = parse_config({**DEFAULTS,
     "REGISTRY_DOMAIN": "registry.example.test", "REGCACHE_PORT": "5000", "REGCACHE_ADMIN_HOST": "127.0.0.1",
@@ -34,7 +37,7 @@ def finished_flow():
 
 
 def test_trimming_keeps_the_flow_count_at_the_limit_and_never_drops_live_flows():
-    view, web = View(), WebView()
+    view, web = View(), WebView(Settings())
     with taddons.context(view, web) as tctx:
         tctx.configure(web, regcache_web_max_flows=10)
         live = tflow.tflow()  # a transfer still running, oldest of all
@@ -49,7 +52,7 @@ def test_trimming_keeps_the_flow_count_at_the_limit_and_never_drops_live_flows()
 
 
 def test_the_max_flows_option_is_checked():
-    web = WebView()
+    web = WebView(Settings())
     with taddons.context(web) as tctx:
         with pytest.raises(exceptions.OptionsError, match="at least 1"):
             tctx.configure(web, regcache_web_max_flows=0)
@@ -65,7 +68,7 @@ def test_flows_are_labelled_with_registry_image_kind_and_outcome():
     assert flow_label(target, upstream_fetch=True).startswith("upstream fetch: docker.io library/small blob")
     assert flow_label(None) == "answered by regcache"
 
-    view, web = View(), WebView()
+    view, web = View(), WebView(Settings())
     with taddons.context(view, web):
         flow = finished_flow()
         flow.metadata[TARGET], flow.metadata[RECORD] = target, failed
@@ -74,12 +77,47 @@ def test_flows_are_labelled_with_registry_image_kind_and_outcome():
 
 
 def test_mitmweb_on_11_0_refuses_a_non_loopback_ui_without_a_password():
-    web = WebView()
+    web = WebView(Settings())
     with taddons.context(web) as tctx:
         tctx.options.add_option("web_host", str, "127.0.0.1", "as mitmweb declares it")
         tctx.configure(web, web_host="::1")
         with pytest.raises(exceptions.OptionsError, match="web_password"):
             tctx.configure(web, web_host="0.0.0.0")
+
+
+# An argon2 hash of "ui-secret" (what mitmweb's web_password takes as it is).
+UI_SECRET_HASH = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHRzYWx0$bW9ja2hhc2htb2NraGFzaG1vY2toYXNo"
+
+
+def mitmweb_context(web: WebView, with_password: bool) -> taddons.context:
+    """mitmproxy's test context with mitmweb's options (11.1.2 and later also have web_password)."""
+    tctx = taddons.context(web)
+    tctx.options.add_option("web_host", str, "127.0.0.1", "as mitmweb declares it")
+    if with_password:
+        tctx.options.add_option("web_password", str, "", "as mitmweb declares it")
+    return tctx
+
+
+def test_mitmweb_with_a_password_option_binds_elsewhere_only_with_a_password():
+    web = WebView(Settings())
+    with mitmweb_context(web, with_password=True) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="needs a password: set REGCACHE_WEB_PASSWORD"):
+            tctx.configure(web, web_host="0.0.0.0")
+        tctx.configure(web, web_host="0.0.0.0", web_password=UI_SECRET_HASH)
+
+
+def test_regcache_web_password_becomes_mitmwebs_and_is_refused_where_mitmweb_has_none():
+    settings = Settings()
+    settings.config = parse_config({**DEFAULTS, "REGCACHE_WEB_PASSWORD": UI_SECRET_HASH})
+    web = WebView(settings)
+    with mitmweb_context(web, with_password=True) as tctx:
+        tctx.options.add_option("regcache_env_file", str, "", "as Settings declares it")
+        tctx.configure(web, regcache_env_file=".env")
+        assert tctx.options.web_password == UI_SECRET_HASH  # a hash is passed on as it is
+        tctx.configure(web, web_host="0.0.0.0")
+    with mitmweb_context(web, with_password=False) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="REGCACHE_WEB_PASSWORD is set, but this mitmweb"):
+            tctx.options.add_option("regcache_env_file", str, ".env", "as Settings declares it")
 
 
 PORT = PORT_BASES["test_web"]
@@ -93,13 +131,29 @@ def web_stack(tmp_path_factory, upstream) -> Stack:
     assert stack.stop() == 0
 
 
-def web_flows() -> list[dict]:
-    status, _, body = http_get(f"{WEB_UI}/flows")
+def web_login(stack: Stack) -> str:
+    """The query of the UI's URL that `regcache up --web` printed: `?token=...` where mitmweb asks for one."""
+    [url] = [m[0] for line in stack.output if (m := re.search(rf"{WEB_UI}/?(\?token=\S+)?", line))]
+    return re.search(r"\?token=\S+", url)[0] if "?token=" in url else ""
+
+
+def web_flows(login: str) -> list[dict]:
+    status, _, body = http_get(f"{WEB_UI}/flows{login}")
     assert status == 200
     return json.loads(body)
 
 
+def test_regcache_up_web_prints_a_login_that_mitmweb_asks_for(web_stack):
+    login = web_login(web_stack)
+    assert bool(login) == mitmweb_has_password()
+    if login:
+        assert http_get(f"{WEB_UI}/flows")[0] == 403
+        assert http_get(f"{WEB_UI}/flows?token=wrong")[0] == 403
+        assert login.removeprefix("?token=") not in repr([command_line(pid) for pid in child_pids(web_stack.process.pid)])
+
+
 def test_regcache_up_web_shows_labelled_bounded_flows_without_credentials(web_stack, images, tmp_path):
+    login = web_login(web_stack)
     image, host = images["small"], f"docker.io.{TEST_DOMAIN}:{PORT}"
     result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{tmp_path / 'pulled'}:1.0")
     assert result.returncode == 0, result.stderr
@@ -110,18 +164,18 @@ def test_regcache_up_web_shows_labelled_bounded_flows_without_credentials(web_st
         f"upstream fetch: docker.io library/small blob {layer[:19]} · 200",
     }
     # A flow gets its outcome in its label just after the client got its answer.
-    flows = poll(web_flows, lambda flows: labels <= {flow["comment"] for flow in flows})
+    flows = poll(lambda: web_flows(login), lambda flows: labels <= {flow["comment"] for flow in flows})
     assert labels <= {flow["comment"] for flow in flows}
     blob = next(f for f in flows if f["comment"].startswith(f"docker.io library/small blob {layer[:19]}"))
     assert blob["response"]["contentLength"] is None  # streamed: the body was never kept
 
     status, _, _ = http_get(f"http://127.0.0.1:{PORT}/v2/", host=host, headers={"Authorization": "Bearer client-secret"})
     assert status == 200
-    flows = web_flows()
+    flows = web_flows(login)
     assert "client-secret" not in json.dumps(flows)
     # A client's own credentials are dropped before mitmweb ever stores the flow.
     assert [] == [v for f in flows for k, v in f["request"]["headers"] if k.lower() == "authorization"]
 
     for _ in range(100):
         http_get(f"http://127.0.0.1:{PORT}/v2/", host=host)
-    assert len(web_flows()) == 60
+    assert len(web_flows(login)) == 60

@@ -22,13 +22,33 @@ from .prefetch import PrefetchError, Progress, parse_platforms, parse_reference,
 from .stats import format_table, human_bytes, summarize
 
 
+ENV_FILE_HELP = "settings file (default: ./.env, if there); the environment wins over it"
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        status = run(argv)
+        sys.stdout.flush()  # here, so that a closed pipe is seen here rather than at exit
+        return status
+    except BrokenPipeError:
+        # The reader stopped early (`regcache stats --json | head`): nothing left to say. Point
+        # stdout at /dev/null so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # what a shell reports for a program ended by SIGPIPE
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C before `regcache up` took over the signal, or in another command
+
+
+def run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="regcache", description="A pull-through cache for container registries.")
-    parser.add_argument("--env-file", help="settings file (default: ./.env, if there); the environment wins over it")
+    parser.add_argument("--env-file", help=ENV_FILE_HELP)
+    # Also after the command (`regcache up --env-file X`); given there, it wins.
+    env_file_option = argparse.ArgumentParser(add_help=False)
+    env_file_option.add_argument("--env-file", default=argparse.SUPPRESS, help=ENV_FILE_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
-    up_command = commands.add_parser("up", help="run the registry:2 caches and the proxy until Ctrl-C")
+    up_command = commands.add_parser("up", parents=[env_file_option], help="run the registry:2 caches and the proxy until Ctrl-C")
     up_command.add_argument("--web", action="store_true", help="run mitmweb (live pulls on http://127.0.0.1:8081) instead of mitmdump")
-    stats_command = commands.add_parser("stats", help="pulls, bytes and hit ratios per registry and image, from the pull log")
+    stats_command = commands.add_parser("stats", parents=[env_file_option], help="pulls, bytes and hit ratios per registry and image, from the pull log")
     stats_command.add_argument("pull_log", nargs="?", type=Path, help="pull log to read (default: the configured one)")
     stats_command.add_argument("--json", action="store_true", help="print JSON for machines instead of tables")
     stats_command.add_argument("--top", type=int, default=10, help="images, clients and slow transfers to list (default: 10)")
@@ -42,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     prefetch_command.add_argument("--platform", help="only these platforms of multi-platform images, e.g. linux/amd64,linux/arm64 (default: all)")
     prefetch_command.add_argument("--jobs", type=int, default=4, help="images fetched at once (default: 4)")
     client_config = commands.add_parser(
-        "client-config", help="write the client files: registries.yaml, certs.d/*/hosts.toml, daemon.json, registries.conf"
+        "client-config", parents=[env_file_option], help="write the client files: registries.yaml, certs.d/*/hosts.toml, daemon.json, registries.conf"
     )
     client_config.add_argument("--out", required=True, type=Path, help="directory to write them into")
     client_config.add_argument(
@@ -62,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         return stats(args.pull_log, args.json, args.top)
     try:
         config = load_config(env_file=env_file)
+        if args.command != "up":  # under `regcache up` the proxy logs them, once
+            for warning in config.warnings:
+                print(f"regcache: {warning}", file=sys.stderr)
         if args.command == "client-config":
             endpoint = parse_endpoint(args.endpoint) if args.endpoint else None
             if bool(args.username) != args.password_stdin:
@@ -91,14 +114,17 @@ def stats(pull_log: Path, as_json: bool, top: int) -> int:
     except OSError as e:
         print(f"regcache stats: cannot read the pull log {pull_log}: {e.strerror}", file=sys.stderr)
         return 2
-    return output(json.dumps(summary, indent=2) if as_json else format_table(summary, top))
+    print(json.dumps(summary, indent=2) if as_json else format_table(summary, top))
+    return 0
 
 
 def cache(config: Config, what: str, as_json: bool) -> int:
     document = disk_usage(config) if what == "du" else holdings(config)
     if as_json:
-        return output(json.dumps(document, indent=2))
-    return output(format_du(document) if what == "du" else format_ls(document))
+        print(json.dumps(document, indent=2))
+    else:
+        print(format_du(document) if what == "du" else format_ls(document))
+    return 0
 
 
 def prefetch(config: Config, references: list[str], file: Path | None, platform: str | None, jobs: int) -> int:
@@ -142,16 +168,6 @@ def prefetch(config: Config, references: list[str], file: Path | None, platform:
     if failed := [r for r in results if r.error]:
         print(f"regcache prefetch: {len(failed)} failed: " + "; ".join(f"{r.image}: {r.error}" for r in failed), file=sys.stderr)
         return 1
-    return 0
-
-
-def output(text: str) -> int:
-    """Print a command's answer; a reader that went away (`| head`) ends it quietly."""
-    try:
-        print(text, flush=True)
-    except BrokenPipeError:
-        # Python would report the failed flush of stdout at exit; point it at /dev/null first.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

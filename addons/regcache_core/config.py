@@ -18,6 +18,7 @@ proxy adds credentials there.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import ipaddress
 import os
@@ -35,6 +36,7 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_ADMIN_HOST": "127.0.0.1",
     "REGCACHE_ADMIN_PORT": "5070",
     "REGCACHE_WEB_MAX_FLOWS": "2000",
+    "REGCACHE_WEB_PASSWORD": "",  # mitmweb's UI password (mitmproxy 11.1.2+); empty: a token per run
     "REGCACHE_DATA_DIR": "./data",
     "REGCACHE_PULL_LOG": "",  # empty: <data dir>/pull.log
     "REGCACHE_PULL_LOG_STDOUT": "false",
@@ -56,6 +58,9 @@ DEFAULTS: Mapping[str, str] = {
     "QUAY_UPSTREAM": "https://quay.io",
     "QUAY_CACHE": "http://127.0.0.1:5003",
 }
+
+# A registry's own variables: <KEY>_REGISTRY and so on.
+REGISTRY_SETTINGS = ("REGISTRY", "UPSTREAM", "CACHE", "USERNAME", "PASSWORD", "EGRESS_PORT", "REPOSITORIES", "MAX_DISK")
 
 _KEY = re.compile(r"[A-Z][A-Z0-9_]*")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -114,6 +119,8 @@ class Config:
     max_disk: int | None = None  # bytes all caches' storage may hold together (REGCACHE_MAX_DISK)
     min_free_disk: int = 1 << 30  # a cache's disk with less free space is not ready
     stop_grace: float = 30.0  # seconds `regcache up` lets pulls in flight finish after SIGTERM
+    web_password: str = field(default="", repr=False)
+    warnings: tuple[str, ...] = ()  # variables that look like a misspelt setting
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -167,7 +174,20 @@ def parse_config(values: Mapping[str, str]) -> Config:
         max_disk=_optional_size("REGCACHE_MAX_DISK", get("REGCACHE_MAX_DISK")),
         min_free_disk=parse_size("REGCACHE_MIN_FREE_DISK", get("REGCACHE_MIN_FREE_DISK") or "0"),
         stop_grace=_positive("REGCACHE_STOP_GRACE", get("REGCACHE_STOP_GRACE")),
+        web_password=values.get("REGCACHE_WEB_PASSWORD", ""),
+        warnings=tuple(misspelt_settings(values, keys)),
     )
+
+
+def misspelt_settings(names, keys: list[str]) -> list[str]:
+    """One warning per name that is not a setting but nearly is one (DOCKERHUB_UPSTRAEM): such
+    a name is otherwise silently ignored."""
+    known = {*DEFAULTS, *(f"{key}_{setting}" for key in keys for setting in REGISTRY_SETTINGS)}
+    warnings = []
+    for name in sorted(set(names) - known):
+        if close := difflib.get_close_matches(name, known, n=1, cutoff=0.85):
+            warnings.append(f"{name} is not a regcache setting; did you mean {close[0]}?")
+    return warnings
 
 
 def _registry_keys(value: str) -> list[str]:

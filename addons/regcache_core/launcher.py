@@ -8,7 +8,10 @@ first, which lets pulls in flight finish (mitm/drain.py), then to the caches.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from .cache_backend import INSTALL_HINT, CacheBackend, find_registry_program, local_backends, write_registry_config
 from .config import Config
+from .proxy_modes import proxy_modes
 
 ADDON_SCRIPT = Path(__file__).resolve().parent.parent / "regcache.py"
 READY_TIMEOUT = 60.0
@@ -71,7 +75,8 @@ class SupervisedCache:
 def up(config: Config, env_file: str, web: bool = False) -> int:
     """Start everything, wait until it serves, print where to point clients, then supervise.
 
-    `web` runs mitmweb (a UI of live pulls on 127.0.0.1:8081) instead of mitmdump.
+    `web` runs mitmweb (a UI of live pulls on 127.0.0.1:8081) instead of mitmdump. Where mitmweb
+    asks for a password and REGCACHE_WEB_PASSWORD is empty, this run makes a token for it.
 
     Returns the exit status: 0 after Ctrl-C or SIGTERM, 1 if the proxy failed, or anything failed
     while starting.
@@ -87,6 +92,8 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
         print(f"regcache: {proxy_name} is not installed; install regcache with pip (it brings mitmproxy)", file=sys.stderr)
         return 1
 
+    web_token = secrets.token_urlsafe(16) if web and mitmweb_has_password() and not config.web_password else None
+
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -95,14 +102,14 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
     try:
         # The proxy first: each cache's upstream is the proxy's egress listener, and a cache
         # checks its upstream as it starts.
-        children.append(_start_proxy(proxy_program, config, env_file, web))
+        children.append(_start_proxy(proxy_program, config, env_file, web, web_token))
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
         for backend in backends:
             children.append(_start_cache(program, backend))
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
-        print(ready_message(config, backends, web), flush=True)
+        print(ready_message(config, backends, web, web_token), flush=True)
         proxy = children[0]
         caches = [SupervisedCache(program, backend, child, time.monotonic())
                   for backend, child in zip(backends, children[1:])]
@@ -116,6 +123,12 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
         return 0
     finally:
         _stop_all(children, config.stop_grace)
+
+
+def mitmweb_has_password() -> bool:
+    """mitmweb asks for a password (its web_password option) from mitmproxy 11.1.2 on."""
+    version = tuple(int(n) for n in re.findall(r"[0-9]+", importlib.metadata.version("mitmproxy"))[:3])
+    return version >= (11, 1, 2)
 
 
 def _mitmproxy_program(name: str) -> str | None:
@@ -138,16 +151,26 @@ def _start_cache(program: str, backend: CacheBackend) -> Child:
     return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process, (f"{backend.registry.cache}/v2/",))
 
 
-def _start_proxy(program: str, config: Config, env_file: str, web: bool) -> Child:
+def _start_proxy(program: str, config: Config, env_file: str, web: bool, web_token: str | None) -> Child:
     command = [
         program,
         "--scripts", str(ADDON_SCRIPT),
         "--set", f"regcache_env_file={env_file}",
         "--set", "termlog_verbosity=warn",  # no line per connection
     ]
+    # The listeners as flags, not left to the addon's defaults: mitmproxy may open its
+    # listeners before it loads the script (see MirrorDefaults.running), and its default one
+    # (a regular proxy on *:8080) must never open, not even for a moment.
+    for mode in proxy_modes(config):
+        command += ["--mode", mode]
     # mitmdump: the pull log is the record of requests. mitmweb: nobody to open a browser for.
     command += ["--set", "web_open_browser=false"] if web else ["--set", "flow_detail=0"]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+    # Unbuffered: Python buffers a pipe or file (docker logs, a service manager) in blocks, and
+    # a warning would sit there until the buffer fills.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if web_token:  # in the environment, not the arguments: those are visible to every user
+        env["REGCACHE_WEB_PASSWORD"] = web_token
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     # The admin endpoint only: a probe of the client port would be a request in the pull log
     # and the metrics. The admin endpoint starts once mitmproxy's listeners are open.
     return Child(f"proxy ({Path(program).name})", process, (config.admin_url("/live"),))
@@ -197,7 +220,7 @@ def _stop_all(children: list[Child], grace: float) -> None:
             child.process.wait()
 
 
-def ready_message(config: Config, backends: list[CacheBackend], web: bool = False) -> str:
+def ready_message(config: Config, backends: list[CacheBackend], web: bool = False, web_token: str | None = None) -> str:
     local = {b.registry.key for b in backends}
     lines = [
         f"regcache is ready on port {config.port}; pull log: {config.pull_log}",
@@ -208,7 +231,12 @@ def ready_message(config: Config, backends: list[CacheBackend], web: bool = Fals
         where = f"cache {r.cache}" + (" (run here)" if r.key in local else "") if r.cache else "uncached, passes through"
         lines.append(f"  {r.name:<{width}}  http://{r.name}.{config.domain}:{config.port}  <- {r.upstream}, {where}")
     lines.append(f"containerd may also use http://<this host>:{config.port} for every registry (it adds ?ns=<registry>).")
-    if web:
+    if web_token:
+        lines.append(f"mitmweb shows live pulls at http://127.0.0.1:8081/?token={web_token} (a token for this run; "
+                     "REGCACHE_WEB_PASSWORD sets a password instead).")
+    elif web and config.web_password:
+        lines.append("mitmweb shows live pulls at http://127.0.0.1:8081 (its password: REGCACHE_WEB_PASSWORD).")
+    elif web:
         lines.append("mitmweb shows live pulls at http://127.0.0.1:8081 (its web_host and web_port options).")
     lines.append("Ctrl-C stops everything.")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from .recorder import Recorder
 from .router import Router
 from .settings import MirrorDefaults, Settings
 from .spec_answers import SpecAnswers
+from .tasks import ScheduledTasks
 from .upstream import UpstreamCredentials
 from .web import WebView
 
@@ -37,6 +38,7 @@ def make_addons() -> list:
     # hit/miss that Recorder hands to the pull log and metrics; SpecAnswers fixes an answer
     # before Recorder records it.
     return [
+        ScheduledTasks(),
         settings,
         MirrorDefaults(settings),
         ClientAccess(settings),
@@ -49,5 +51,5 @@ def make_addons() -> list:
         Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe, "disk budget": budget.record}),
         Admin(settings, metrics, budget),
         Drain(settings),
-        WebView(),
+        WebView(settings),
     ]

@@ -8,12 +8,9 @@ import logging
 from mitmproxy import ctx
 
 from ..config import Config, ConfigError, load_config
+from ..proxy_modes import proxy_modes
 
 logger = logging.getLogger(__name__)
-
-# Reverse mode needs a destination, but every request gets its own from routing, so this
-# placeholder is never contacted (connection_strategy=lazy keeps mitmproxy from dialling it).
-PLACEHOLDER_DESTINATION = "http://127.0.0.1:1"
 
 
 class Settings:
@@ -28,6 +25,8 @@ class Settings:
         if "regcache_env_file" in updated:
             try:
                 self.config = load_config(env_file=ctx.options.regcache_env_file)
+                for warning in self.config.warnings:
+                    logger.warning(f"regcache: {warning}")
             except ConfigError as e:
                 # Logged, not raised as OptionsError: mitmproxy would print a traceback for a
                 # script's OptionsError, where one line says it all. An error logged during
@@ -45,18 +44,14 @@ class MirrorDefaults:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.switched_mode = False
 
     def configure(self, updated: set[str]) -> None:
         if "mode" not in updated or self.settings.config is None:
             return
         config = self.settings.config
-        egress = [
-            f"reverse:{PLACEHOLDER_DESTINATION}@{config.egress_host}:{r.egress_port}"
-            for r in config.registries
-            if r.egress_port is not None
-        ]
         wanted = {
-            "mode": [f"reverse:{PLACEHOLDER_DESTINATION}@{config.port}", *egress],
+            "mode": proxy_modes(config),
             "keep_host_header": True,  # routing reads the client's Host header
             "connection_strategy": "lazy",
             "stream_large_bodies": "1m",  # layers are streamed, never held in memory
@@ -66,4 +61,14 @@ class MirrorDefaults:
             wanted["web_columns"] = [*ctx.options.web_columns, "comment"]
         changes = {name: value for name, value in wanted.items() if not ctx.options.has_changed(name)}
         if changes:
+            self.switched_mode = self.switched_mode or "mode" in changes
             ctx.options.update(**changes)
+
+    def running(self) -> None:
+        # mitmproxy loads scripts in a task of its event loop, and on Python 3.12+ (eager tasks)
+        # it opens its listeners before that task runs; a mode changed before `running` is then
+        # not applied. Announcing the mode again now makes it apply; where the listeners
+        # already match (mitmproxy 11 on Python 3.11), nothing changes. `regcache up` passes
+        # the modes as flags, so it never gets here.
+        if self.switched_mode:
+            ctx.options.update(mode=ctx.options.mode)

@@ -10,12 +10,17 @@ from ..pull_log import PullRecord
 from ..routing import Target
 from ..web import finished_flows_beyond, flow_label
 from .keys import EGRESS, RECORD, TARGET
+from .settings import Settings
 
 FAILURE_MARK = ":warning:"  # mitmweb's flow marker (an emoji short code) for failed requests
 
 
 class WebView:
-    """In mitmweb (or any tool with a flow view): label flows and keep the list bounded."""
+    """In mitmweb (or any tool with a flow view): label flows and keep the list bounded; guard
+    the UI with REGCACHE_WEB_PASSWORD."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -26,11 +31,29 @@ class WebView:
     def configure(self, updated: set[str]) -> None:
         if "regcache_web_max_flows" in updated and ctx.options.regcache_web_max_flows < 1:
             raise exceptions.OptionsError("regcache_web_max_flows: must be at least 1")
-        if "web_host" in updated and "web_password" not in ctx.options.keys() and not is_loopback_host(ctx.options.web_host):
-            # mitmproxy before 11.1 has no web_password: its UI would be open to the network.
-            raise exceptions.OptionsError(
-                "regcache: this mitmweb has no web_password option, so its UI must stay on 127.0.0.1 (web_host)"
-            )
+        if "web_host" not in ctx.options.keys():
+            return  # not mitmweb
+        has_password = "web_password" in ctx.options.keys()  # mitmproxy 11.1.2 and later
+        config = self.settings.config
+        if "regcache_env_file" in updated and config is not None and config.web_password:
+            if not has_password:
+                raise exceptions.OptionsError(
+                    "regcache: REGCACHE_WEB_PASSWORD is set, but this mitmweb (mitmproxy 11.0) has no "
+                    "password: leave it empty, its UI stays on 127.0.0.1"
+                )
+            if not ctx.options.has_changed("web_password"):
+                # A hash: mitmweb shows its options in the UI, and warns about a plain-text one.
+                ctx.options.update(web_password=password_hash(config.web_password))
+        if {"web_host", "web_password"} & updated and not is_loopback_host(ctx.options.web_host):
+            if not has_password:
+                # Its UI would be open to the network.
+                raise exceptions.OptionsError(
+                    "regcache: this mitmweb has no web_password option, so its UI must stay on 127.0.0.1 (web_host)"
+                )
+            if not ctx.options.web_password:
+                raise exceptions.OptionsError(
+                    f"regcache: mitmweb's UI on {ctx.options.web_host} needs a password: set REGCACHE_WEB_PASSWORD"
+                )
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self._view() is not None:
@@ -51,6 +74,15 @@ class WebView:
     @staticmethod
     def _view():
         return ctx.master.addons.get("view")
+
+
+def password_hash(password: str) -> str:
+    """An argon2 hash for mitmweb's web_password; one given already hashed (`$...`) is kept."""
+    if password.startswith("$"):
+        return password
+    import argon2  # mitmproxy's own dependency wherever mitmweb has web_password
+
+    return argon2.PasswordHasher().hash(password)
 
 
 def label_flow(flow: http.HTTPFlow, target: Target | None, upstream_fetch: bool, record: PullRecord | None = None) -> None:
