@@ -8,7 +8,9 @@ reach them.
 
 - /live answers from the proxy's event loop, so an answer proves the loop is not stuck.
 - /ready checks that the proxy's listeners run and that every cache backend answers
-  `GET /v2/`, all backends at once, each within BACKEND_TIMEOUT.
+  `GET /v2/`, all backends at once, each within BACKEND_TIMEOUT. Its body also shows each
+  upstream's state (upstream_state.py), which does not change the answer: with an upstream
+  down, the caches still serve what they hold.
 """
 
 from __future__ import annotations
@@ -72,12 +74,15 @@ async def probe_backend(url: str, timeout: float = BACKEND_TIMEOUT) -> str:
     return "ok" if status < 500 else f"answered {status}"
 
 
-async def readiness(proxy_serves: bool, backends: dict[str, str], timeout: float = BACKEND_TIMEOUT) -> Answer:
-    """200 when the proxy serves and every backend (name -> base URL) answers, else 503."""
+async def readiness(proxy_serves: bool, backends: dict[str, str], upstreams: dict[str, str],
+                    timeout: float = BACKEND_TIMEOUT) -> Answer:
+    """200 when the proxy serves and every backend (name -> base URL) answers, else 503.
+    `upstreams` (name -> "up" or "down: <reason>") is shown, not judged."""
     results = await asyncio.gather(*(probe_backend(url, timeout) for url in backends.values()))
     checks = dict(zip(backends, results))
     ready = proxy_serves and all(result == "ok" for result in results)
-    document = {"ready": ready, "proxy": "ok" if proxy_serves else "not serving", "backends": checks}
+    document = {"ready": ready, "proxy": "ok" if proxy_serves else "not serving", "backends": checks,
+                "upstreams": upstreams}
     return Answer.json(200 if ready else 503, document)
 
 

@@ -38,6 +38,9 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_PULL_LOG_STDOUT": "false",
     "REGCACHE_EGRESS_HOST": "127.0.0.1",  # where caches reach the proxy; 0.0.0.0 in a container
     "REGCACHE_EGRESS_PORT": "5080",  # first egress port; registry N (0-based) gets this + N
+    "REGCACHE_TAG_TTL": "60",  # seconds a tag's digest is served without asking upstream
+    "REGCACHE_MANIFEST_CACHE": "8M",  # manifest bodies kept in memory
+    "REGCACHE_UPSTREAM_TIMEOUT": "5",  # seconds to an upstream's first byte, name lookup included
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "DOCKERHUB_REGISTRY": "docker.io",
     "DOCKERHUB_UPSTREAM": "https://registry-1.docker.io",
@@ -59,6 +62,7 @@ _NUMBER = re.compile(r"[0-9]{1,9}")  # ASCII only: str.isdigit() accepts "²", w
 # A size: bytes, or a number with a binary unit (k, M, G, T; "Mi", "MiB", "MB" all mean MiB).
 _SIZE = re.compile(r"([0-9]{1,15})\s*(?:([kmgt])i?b?)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -95,6 +99,9 @@ class Config:
     pull_log_stdout: bool
     registries: tuple[Registry, ...]
     egress_host: str = "127.0.0.1"
+    tag_ttl: float = 60.0  # seconds
+    manifest_cache_bytes: int = 8 << 20
+    upstream_timeout: float = 5.0  # seconds
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -143,6 +150,9 @@ def parse_config(values: Mapping[str, str]) -> Config:
         pull_log_stdout=_bool("REGCACHE_PULL_LOG_STDOUT", get("REGCACHE_PULL_LOG_STDOUT")),
         registries=registries,
         egress_host=_ip_address("REGCACHE_EGRESS_HOST", get("REGCACHE_EGRESS_HOST")),
+        tag_ttl=_seconds("REGCACHE_TAG_TTL", get("REGCACHE_TAG_TTL")),
+        manifest_cache_bytes=parse_size("REGCACHE_MANIFEST_CACHE", get("REGCACHE_MANIFEST_CACHE")),
+        upstream_timeout=_seconds("REGCACHE_UPSTREAM_TIMEOUT", get("REGCACHE_UPSTREAM_TIMEOUT")),
     )
 
 
@@ -215,6 +225,12 @@ def _positive(var: str, value: str) -> int:
     if not _NUMBER.fullmatch(value) or int(value) < 1:
         raise ConfigError(f"{var}: {value!r} is not a whole number of at least 1")
     return int(value)
+
+
+def _seconds(var: str, value: str) -> float:
+    if not _SECONDS.fullmatch(value) or float(value) <= 0:
+        raise ConfigError(f"{var}: {value!r} is not a number of seconds above 0, such as 60 or 2.5")
+    return float(value)
 
 
 def parse_size(var: str, value: str) -> int:

@@ -52,6 +52,9 @@ class Metrics:
         self.rate_limit_remaining = Gauge(
             "regcache_upstream_ratelimit_remaining", "Pulls left in the upstream's window, from its ratelimit-remaining header (Docker Hub).",
             ("registry",), registry=self.registry)
+        self.upstream_reachable = Gauge(
+            "regcache_upstream_up", "1 while the registry's upstream answers, 0 while it cannot be reached (see /ready's body for why).",
+            ("registry",), registry=self.registry)
 
     def observe(self, record: PullRecord) -> None:
         """Count one finished or failed client request."""
@@ -74,6 +77,9 @@ class Metrics:
             self.upstream_errors.labels(registry).inc()
         else:
             self.upstream_fetches.labels(registry, str(status)).inc()
+
+    def upstream_up(self, registry: str, up: bool) -> None:
+        self.upstream_reachable.labels(registry).set(1 if up else 0)
 
     def token_fetch(self, registry: str, outcome: str) -> None:
         if outcome not in TOKEN_OUTCOMES:

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from ..metrics import Metrics
 from ..redirects import RedirectSigner
+from ..upstream_client import UpstreamClient
+from ..upstream_state import UpstreamState
 from .admin import Admin
 from .hits import HitMarker
+from .manifest_responder import ManifestResponder
 from .pull_log import PullLogger
 from .recorder import Recorder
 from .router import Router
 from .settings import MirrorDefaults, Settings
 from .upstream import UpstreamCredentials
+from .upstream_deadlines import UpstreamDeadlines
 from .web import WebView
 
 
@@ -27,17 +31,25 @@ def make_addons() -> list:
     signer = RedirectSigner()
     metrics = Metrics()
     pull_logger = PullLogger(settings)
-    # Order matters: hooks run in this order. UpstreamCredentials redacts what it injected
-    # before mitmweb's view (added after the scripts) sends a flow update; HitMarker sets the
-    # hit/miss that Recorder hands to the pull log and metrics.
+    upstream_client = UpstreamClient()
+    upstream_state = UpstreamState(metrics, upstream_client.ping)
+    credentials = UpstreamCredentials(settings, signer, metrics, upstream_state)
+    # Order matters: hooks run in this order. UpstreamDeadlines answers for a down upstream
+    # before UpstreamCredentials asks it for a token; UpstreamCredentials redacts what it
+    # injected before mitmweb's view (added after the scripts) sends a flow update;
+    # ManifestResponder answers before HitMarker watches, and replaces a cache's answer before
+    # Recorder reads it; HitMarker sets the hit/miss/stale that Recorder hands to the pull log
+    # and metrics.
     return [
         settings,
         MirrorDefaults(settings),
         Router(settings, signer),
-        UpstreamCredentials(settings, signer, metrics),
+        UpstreamDeadlines(settings, upstream_state),
+        credentials,
+        ManifestResponder(settings, credentials, upstream_client, upstream_state, metrics),
         HitMarker(),
         pull_logger,
         Recorder(metrics, [pull_logger.write, metrics.observe]),
-        Admin(settings, metrics),
+        Admin(settings, metrics, upstream_state),
         WebView(),
     ]
