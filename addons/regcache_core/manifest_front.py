@@ -141,6 +141,8 @@ class ManifestFront:
                 headers = {"Accept": accept, **({"Authorization": authorization} if authorization else {})}
                 status, answer = await self.upstream.head(f"{registry.upstream}/v2/{repository}/manifests/{tag}", headers)
         except UpstreamAuthError as e:
+            if e.unreachable:
+                self.state.went_down(registry.name, registry.upstream, e.unreachable)
             raise RevalidationFailed(str(e)) from None
         except (NoAnswer, TimeoutError) as e:
             reason = e.reason if isinstance(e, NoAnswer) else "timeout"

@@ -86,6 +86,9 @@ class UpstreamDeadlines:
         if self._end(flow) and (target := flow.metadata.get(UPSTREAM)) is not None:
             self.state.answered(target.registry.name, target.registry.upstream)
 
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._end(flow)  # answered without one (a hook refused it): forget the deadline
+
     def error(self, flow: http.HTTPFlow) -> None:
         if not self._end(flow) or flow.response is not None:
             return
