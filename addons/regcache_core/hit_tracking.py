@@ -4,7 +4,8 @@ The proxy sees both sides: the client's request to a cache, and each request tha
 to its upstream through the egress listener. While a client request is in flight, an upstream
 answer for the same content (registry, repository, reference) decides what it was:
 
-- a miss when the upstream sent content: a GET answered 2xx. A HEAD is no fetch (registry:2
+- a miss when the upstream sent content: a GET answered 2xx, or redirected (to a CDN, which
+  the cache then fetches from through us; a 304 is not a redirect). A HEAD is no fetch (registry:2
   sends one for every tag request to learn the tag's current digest, a freshness check that
   Docker Hub does not count as a pull), nor is an answer that brought nothing (404, 304, ...);
 - stale when the upstream failed (no answer, 429, 5xx) and the cache answered from its own copy;
@@ -17,6 +18,7 @@ digest, because registry:2 then fetches the manifest by digest if it does not ho
 from __future__ import annotations
 
 Key = tuple[str, str, str]  # registry name, repository, reference (tag or digest)
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def upstream_failed(status: int | None) -> bool:
@@ -39,7 +41,7 @@ class InFlight:
     def upstream_answer(self, registry: str, repository: str, reference: str, method: str, status: int | None) -> None:
         """The cache's upstream request for this content ended with `status` (None: no answer)."""
         flows = self._waiting.get((registry, repository, reference), ())
-        if method == "GET" and status is not None and 200 <= status < 300:
+        if method == "GET" and status is not None and (200 <= status < 300 or status in REDIRECTS):
             self._missed.update(flows)
         elif upstream_failed(status):
             self._failed.update(flows)
