@@ -10,6 +10,7 @@ containerd fallback server is a second registry holding the image regcache never
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +28,7 @@ from regcache_core.client_config import hosts_toml
 
 PORT = PORT_BASES["test_outages"]
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
+GHCR = f"ghcr.io.{TEST_DOMAIN}:{PORT}"
 TTL, BOUND = 1.0, 1.5
 SLACK = 1.5  # seconds: process start-up and scheduling on a busy 2-core machine
 
@@ -52,8 +54,10 @@ def cached(tmp_path_factory, outage_upstream):
 @pytest.fixture(scope="module")
 def outage_stack(tmp_path_factory, outage_upstream, cached) -> Stack:
     stack = docker_io_stack(tmp_path_factory.mktemp("outage-stack"), outage_upstream, PORT, {
-        "REGCACHE_TAG_TTL": str(TTL), "REGCACHE_UPSTREAM_TIMEOUT": str(BOUND)}).start()
+        "REGCACHE_TAG_TTL": str(TTL), "REGCACHE_UPSTREAM_TIMEOUT": str(BOUND),
+        "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR", "GHCR_UPSTREAM": outage_upstream.url, "GHCR_CACHE": "none"}).start()
     seen, _ = cached
+    assert manifest(seen.name, seen.tag, host=GHCR)[0] == 200  # ghcr.io passes through, uncached
     for digest in seen.blob_digests:  # the whole image in the cache, as a pull leaves it
         assert http_get(f"http://127.0.0.1:{PORT}/v2/{seen.name}/blobs/{digest}", host=DOCKER_IO)[0] == 200
     assert manifest(seen.name, seen.tag)[0] == 200
@@ -71,19 +75,19 @@ def upstream_down(outage_stack, outage_upstream):
     poll(lambda: outage_stack.admin("/ready")[2], lambda body: b'"down' not in body, timeout=15)
 
 
-@pytest.fixture
-def upstream_blackholed(outage_stack, outage_upstream):
-    os.kill(outage_upstream.process.pid, signal.SIGSTOP)
-    time.sleep(TTL)
+@contextlib.contextmanager
+def blackholed(stack: Stack, upstream: Upstream):
+    """The upstream stopped by SIGSTOP: the kernel still accepts its connections, nothing answers."""
+    os.kill(upstream.process.pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        os.kill(outage_upstream.process.pid, signal.SIGCONT)
-    poll(lambda: outage_stack.admin("/ready")[2], lambda body: b'"down' not in body, timeout=15)
+        os.kill(upstream.process.pid, signal.SIGCONT)
+    poll(lambda: stack.admin("/ready")[2], lambda body: b'"down' not in body, timeout=15)
 
 
-def manifest(name: str, reference: str, method: str = "GET") -> tuple[int, dict, bytes]:
-    return http_get(f"http://127.0.0.1:{PORT}/v2/{name}/manifests/{reference}", host=DOCKER_IO, method=method,
+def manifest(name: str, reference: str, method: str = "GET", host: str = DOCKER_IO) -> tuple[int, dict, bytes]:
+    return http_get(f"http://127.0.0.1:{PORT}/v2/{name}/manifests/{reference}", host=host, method=method,
                     headers={"Accept": MANIFEST_TYPES})
 
 
@@ -138,10 +142,28 @@ def test_a_restart_during_the_outage_still_serves_cached_tags(outage_stack, cach
     assert (status, headers["Docker-Content-Digest"]) == (200, seen.manifest_digest)
 
 
-def test_upstream_blackholed_costs_the_bound_once(outage_stack, cached, upstream_blackholed):
+def test_upstream_blackholed_costs_the_bound_once(outage_stack, outage_upstream, cached):
     seen, unseen = cached
-    check_outage_answers(outage_stack, seen, unseen, "timeout")
-    assert len(warnings(outage_stack, "is unreachable (timeout)")) == 1
+    with blackholed(outage_stack, outage_upstream):
+        time.sleep(TTL)  # every tag the stack learnt is stale now
+        check_outage_answers(outage_stack, seen, unseen, "timeout")
+    assert len(warnings(outage_stack, "of docker.io is unreachable (timeout)")) == 1
+
+
+def test_an_uncached_registrys_blackholed_upstream_costs_the_bound_once(outage_stack, outage_upstream, cached):
+    seen, _ = cached
+    assert manifest(seen.name, seen.tag, host=GHCR)[0] == 200  # its challenge is known: the next goes straight on
+    with blackholed(outage_stack, outage_upstream):
+        check_uncached_outage(outage_stack, seen)
+
+
+def check_uncached_outage(stack: Stack, seen) -> None:
+    (status, _, _), took = timed(lambda: manifest(seen.name, seen.tag, host=GHCR))
+    assert status == 502 and took < BOUND + SLACK  # the exchange was under way: mitmproxy's 502
+    (status, _, body), took = timed(lambda: manifest(seen.name, seen.tag, host=GHCR))
+    assert status == 503 and took < SLACK
+    assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE" and "(timeout)" in body.decode()
+    assert len(warnings(stack, "of ghcr.io is unreachable (timeout)")) == 1
 
 
 def test_the_upstream_back_is_said_once(outage_stack):

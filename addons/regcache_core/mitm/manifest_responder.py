@@ -41,6 +41,7 @@ class ManifestResponder:
                                        self.credentials.auth, self.state, self.metrics)
 
     async def done(self) -> None:
+        self.state.close()
         if self.front is not None:
             await self.front.close()
 
@@ -66,9 +67,9 @@ class ManifestResponder:
             return
         response = flow.response
         if response.status_code == 200:
+            # The raw bytes: learn() keeps them only if they hash to the digest.
             body = None if flow.request.method == "HEAD" else response.raw_content
-            if body is None or response.headers.get("Content-Encoding", "identity") == "identity":
-                self.front.learn(target.registry, target.repository, target.reference, response.headers, body)
+            self.front.learn(target.registry, target.repository, target.reference, response.headers, body)
         elif refusal := self.front.outage_answer(target.registry, target.reference, response.status_code):
             refuse(flow, refusal)
 
