@@ -21,8 +21,8 @@ import pytest
 
 from clients import Containerd
 from parts import (
-    MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, build_image, docker_io_stack, http_get,
-    poll,
+    MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, build_image, docker_io_stack,
+    http_get, poll,
 )
 from regcache_core.client_config import hosts_toml
 
@@ -34,28 +34,23 @@ SLACK = 1.5  # seconds: process start-up and scheduling on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
-def outage_upstream(tmp_path_factory) -> Upstream:
-    registry = Upstream(tmp_path_factory.mktemp("outage-upstream"), PORT + UPSTREAM_OFFSET).start()
-    yield registry
-    registry.stop()
-
-
-@pytest.fixture(scope="module")
-def cached(tmp_path_factory, outage_upstream):
+def cached(tmp_path_factory, module_upstream):
     """An image pulled once through the stack, and one the stack never saw."""
     workdir = tmp_path_factory.mktemp("outage-images")
     seen = build_image(workdir, "library/seen", [("etc/seen", os.urandom(2000))])
     unseen = build_image(workdir, "library/unseen", [("etc/unseen", os.urandom(2000))])
-    outage_upstream.push(seen)
-    outage_upstream.push(unseen)
+    module_upstream.push(seen)
+    module_upstream.push(unseen)
     return seen, unseen
 
 
 @pytest.fixture(scope="module")
-def outage_stack(tmp_path_factory, outage_upstream, cached) -> Stack:
-    stack = docker_io_stack(tmp_path_factory.mktemp("outage-stack"), outage_upstream, PORT, {
+def outage_stack(tmp_path_factory, module_upstream, cached) -> Stack:
+    stack = docker_io_stack(tmp_path_factory.mktemp("outage-stack"), module_upstream, PORT, {
         "REGCACHE_TAG_TTL": str(TTL), "REGCACHE_UPSTREAM_TIMEOUT": str(BOUND),
-        "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR", "GHCR_UPSTREAM": outage_upstream.url, "GHCR_CACHE": "none"}).start()
+        "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY", "GHCR_UPSTREAM": module_upstream.url, "GHCR_CACHE": "none",
+        # A name no resolver knows (the tests' network has no DNS server).
+        "QUAY_UPSTREAM": f"http://nowhere.{TEST_DOMAIN}:{PORT + 2}", "QUAY_CACHE": "none"}).start()
     seen, _ = cached
     assert manifest(seen.name, seen.tag, host=GHCR)[0] == 200  # ghcr.io passes through, uncached
     for digest in seen.blob_digests:  # the whole image in the cache, as a pull leaves it
@@ -66,13 +61,13 @@ def outage_stack(tmp_path_factory, outage_upstream, cached) -> Stack:
 
 
 @pytest.fixture
-def upstream_down(outage_stack, outage_upstream):
+def upstream_down(outage_stack, module_upstream):
     """The upstream stopped for one test, started again after it (and seen to be back)."""
-    outage_upstream.stop()
+    module_upstream.stop()
     time.sleep(TTL)  # every tag the stack learnt is stale now
     yield
-    outage_upstream.start()
-    poll(lambda: outage_stack.admin("/ready")[2], lambda body: b'"down' not in body, timeout=15)
+    module_upstream.start()
+    wait_until_back(outage_stack)
 
 
 @contextlib.contextmanager
@@ -83,7 +78,14 @@ def blackholed(stack: Stack, upstream: Upstream):
         yield
     finally:
         os.kill(upstream.process.pid, signal.SIGCONT)
-    poll(lambda: stack.admin("/ready")[2], lambda body: b'"down' not in body, timeout=15)
+    wait_until_back(stack)
+
+
+def wait_until_back(stack: Stack) -> None:
+    """Until the background probe has seen the module's upstream answer (docker.io and ghcr.io)."""
+    upstreams = poll(lambda: json.loads(stack.admin("/ready")[2])["upstreams"],
+                     lambda states: states["docker.io"] == states["ghcr.io"] == "up", timeout=15)
+    assert upstreams["docker.io"] == upstreams["ghcr.io"] == "up", upstreams
 
 
 def manifest(name: str, reference: str, method: str = "GET", host: str = DOCKER_IO) -> tuple[int, dict, bytes]:
@@ -142,18 +144,18 @@ def test_a_restart_during_the_outage_still_serves_cached_tags(outage_stack, cach
     assert (status, headers["Docker-Content-Digest"]) == (200, seen.manifest_digest)
 
 
-def test_upstream_blackholed_costs_the_bound_once(outage_stack, outage_upstream, cached):
+def test_upstream_blackholed_costs_the_bound_once(outage_stack, module_upstream, cached):
     seen, unseen = cached
-    with blackholed(outage_stack, outage_upstream):
+    with blackholed(outage_stack, module_upstream):
         time.sleep(TTL)  # every tag the stack learnt is stale now
         check_outage_answers(outage_stack, seen, unseen, "timeout")
     assert len(warnings(outage_stack, "of docker.io is unreachable (timeout)")) == 1
 
 
-def test_an_uncached_registrys_blackholed_upstream_costs_the_bound_once(outage_stack, outage_upstream, cached):
+def test_an_uncached_registrys_blackholed_upstream_costs_the_bound_once(outage_stack, module_upstream, cached):
     seen, _ = cached
     assert manifest(seen.name, seen.tag, host=GHCR)[0] == 200  # its challenge is known: the next goes straight on
-    with blackholed(outage_stack, outage_upstream):
+    with blackholed(outage_stack, module_upstream):
         check_uncached_outage(outage_stack, seen)
 
 
@@ -164,6 +166,13 @@ def check_uncached_outage(stack: Stack, seen) -> None:
     assert status == 503 and took < SLACK
     assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE" and "(timeout)" in body.decode()
     assert len(warnings(stack, "of ghcr.io is unreachable (timeout)")) == 1
+
+
+def test_an_upstream_whose_name_does_not_resolve_is_said_so_at_once(outage_stack):
+    (status, _, body), took = timed(lambda: manifest("library/x", "1.0", host=f"quay.io.{TEST_DOMAIN}:{PORT}"))
+    assert status == 503 and took < SLACK
+    assert "(name lookup failed)" in json.loads(body)["errors"][0]["message"]
+    assert json.loads(outage_stack.admin("/ready")[2])["upstreams"]["quay.io"] == "down: name lookup failed"
 
 
 def test_the_upstream_back_is_said_once(outage_stack):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from parts import (
-    MANIFEST_TYPES, OCI_INDEX, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, build_image,
+    MANIFEST_TYPES, OCI_INDEX, PORT_BASES, TEST_DOMAIN, Stack, Upstream, build_image,
     build_multiarch_image, docker_io_stack, http_get, pull, raw_exchange,
 )
 
@@ -24,15 +24,8 @@ TTL = 3.0
 
 
 @pytest.fixture(scope="module")
-def tag_upstream(tmp_path_factory) -> Upstream:
-    registry = Upstream(tmp_path_factory.mktemp("tag-upstream"), PORT + UPSTREAM_OFFSET).start()
-    yield registry
-    registry.stop()
-
-
-@pytest.fixture(scope="module")
-def tag_stack(tmp_path_factory, tag_upstream) -> Stack:
-    stack = docker_io_stack(tmp_path_factory.mktemp("tag-stack"), tag_upstream, PORT, {"REGCACHE_TAG_TTL": str(TTL)}).start()
+def tag_stack(tmp_path_factory, module_upstream) -> Stack:
+    stack = docker_io_stack(tmp_path_factory.mktemp("tag-stack"), module_upstream, PORT, {"REGCACHE_TAG_TTL": str(TTL)}).start()
     yield stack
     assert stack.stop() == 0
 
@@ -54,30 +47,30 @@ def digest_of(body: bytes) -> str:
 
 
 def test_a_fresh_tag_is_answered_without_upstream_requests_and_a_stale_one_with_one_head(
-        tag_stack, tag_upstream, tmp_path):
-    small = image(tmp_path, tag_upstream, "library/fresh")
+        tag_stack, module_upstream, tmp_path):
+    small = image(tmp_path, module_upstream, "library/fresh")
     assert pull(DOCKER_IO, small.reference, tmp_path / "pulled") == small.manifest_digest
-    seen = len(tag_upstream.access_log())
+    seen = len(module_upstream.access_log())
     for method in ("GET", "HEAD") * 25:
         status, headers, body = manifest(small.reference, method)
         assert status == 200 and headers["Docker-Content-Digest"] == small.manifest_digest
         assert headers["Content-Type"] == small.manifest_type
         assert int(headers["Content-Length"]) == small.manifest_size
         assert body == b"" if method == "HEAD" else digest_of(body) == small.manifest_digest
-    assert tag_upstream.access_log()[seen:] == []
+    assert module_upstream.access_log()[seen:] == []
     time.sleep(TTL + 0.5)
     status, headers, _ = manifest(small.reference)
     assert status == 200 and headers["Docker-Content-Digest"] == small.manifest_digest
-    asked = tag_upstream.access_log()[seen:]
+    asked = module_upstream.access_log()[seen:]
     assert [(line.method, line.path) for line in asked] == [("HEAD", f"/v2/{small.name}/manifests/{small.tag}")]
     records = tag_stack.records_after(len(tag_stack.pull_records()) - 1)
     assert (records[-1]["cache"], records[-1]["reference"]) == ("hit", small.tag)
 
 
-def test_a_moved_tag_is_seen_after_its_ttl_not_before(tag_stack, tag_upstream, tmp_path):
-    first = image(tmp_path / "a", tag_upstream, "library/moving", content=b"first")
+def test_a_moved_tag_is_seen_after_its_ttl_not_before(tag_stack, module_upstream, tmp_path):
+    first = image(tmp_path / "a", module_upstream, "library/moving", content=b"first")
     assert digest_of(manifest(first.reference)[2]) == first.manifest_digest
-    second = image(tmp_path / "b", tag_upstream, "library/moving", content=b"second")
+    second = image(tmp_path / "b", module_upstream, "library/moving", content=b"second")
     assert second.manifest_digest != first.manifest_digest
     assert digest_of(manifest(first.reference)[2]) == first.manifest_digest  # still fresh
     time.sleep(TTL + 0.5)
@@ -86,11 +79,11 @@ def test_a_moved_tag_is_seen_after_its_ttl_not_before(tag_stack, tag_upstream, t
     assert digest_of(manifest(first.reference)[2]) == second.manifest_digest  # and learnt
 
 
-def test_a_head_from_memory_has_no_body_and_the_headers_of_a_get(tag_stack, tag_upstream, tmp_path):
-    small = image(tmp_path, tag_upstream, "library/head")
+def test_a_head_from_memory_has_no_body_and_the_headers_of_a_get(tag_stack, module_upstream, tmp_path):
+    small = image(tmp_path, module_upstream, "library/head")
     get_status, get_headers, _ = manifest(small.reference)
     assert get_status == 200
-    seen = len(tag_upstream.access_log())
+    seen = len(module_upstream.access_log())
     answer = raw_exchange(PORT, (f"HEAD /v2/{small.name}/manifests/{small.tag} HTTP/1.1\r\nHost: {DOCKER_IO}\r\n"
                                  f"Accept: {MANIFEST_TYPES}\r\nConnection: close\r\n\r\n").encode())
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -99,19 +92,19 @@ def test_a_head_from_memory_has_no_body_and_the_headers_of_a_get(tag_stack, tag_
     fields = {name.lower(): value for name, value in fields.items()}
     for name in ("Content-Type", "Docker-Content-Digest", "Content-Length", "Etag"):
         assert fields[name.lower()] == get_headers[name], name
-    assert tag_upstream.access_log()[seen:] == []
+    assert module_upstream.access_log()[seen:] == []
 
 
-def test_a_multiarch_index_by_tag_and_a_client_that_does_not_accept_it(tag_stack, tag_upstream, tmp_path):
+def test_a_multiarch_index_by_tag_and_a_client_that_does_not_accept_it(tag_stack, module_upstream, tmp_path):
     multi = build_multiarch_image(tmp_path, "library/multi", "1.0", ["amd64", "arm64"])
-    tag_upstream.push_multiarch(multi)
+    module_upstream.push_multiarch(multi)
     everything = f"{OCI_INDEX}, {MANIFEST_TYPES}"
     status, headers, body = manifest(multi.reference, accept=everything)
     assert (status, digest_of(body), headers["Content-Type"]) == (200, multi.index_digest, OCI_INDEX)
-    seen, before = len(tag_upstream.access_log()), len(tag_stack.pull_records())
+    seen, before = len(module_upstream.access_log()), len(tag_stack.pull_records())
     status, _, body = manifest(multi.reference, accept=everything)
     assert (status, digest_of(body)) == (200, multi.index_digest)
-    assert tag_upstream.access_log()[seen:] == []
+    assert module_upstream.access_log()[seen:] == []
     assert tag_stack.records_after(before)[0]["backend"] is None  # answered from memory
     # Without the index type in Accept, the request goes to the cache as it came, and gets what
     # the cache gives such a client.

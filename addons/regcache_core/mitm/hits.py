@@ -32,9 +32,6 @@ class HitMarker:
         self._upstream_answer(flow, flow.response.status_code)
 
     def response(self, flow: http.HTTPFlow) -> None:
-        # An egress request answered by regcache itself (its upstream is down) had no
-        # responseheaders hook: this is its answer.
-        self._upstream_answer(flow, flow.response.status_code)
         self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:

@@ -11,6 +11,6 @@ INJECTED = "regcache.injected"  # the Authorization header is ours
 IN_FLIGHT = "regcache.in_flight"  # counted in the in-flight gauge, not yet finished
 RECORD = "regcache.record"  # the flow's PullRecord, once it ended
 PLANNED = "regcache.planned"  # a manifest request answered from what regcache learnt (manifest_front.py)
-ANSWERED_HERE = "regcache.answered_here"  # the response was made by regcache, not a backend
+ANSWERED_HERE = "regcache.answered_here"  # the response was made by regcache (from memory, a refusal), not a backend
 DEADLINE = "regcache.deadline"  # monotonic time by which an upstream must answer; None once passed
 UPSTREAM_ANSWER_SEEN = "regcache.upstream_answer_seen"  # HitMarker has counted this egress flow's answer

@@ -12,7 +12,7 @@ from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
 from ..redirects import RedirectSigner, is_redirect_path, resolves_internal
 from ..routing import Refusal, Target, refuse_method, route, route_egress
-from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
+from .keys import ANSWERED_HERE, EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
         flow.kill()
         return
     flow.response = http.Response.make(refusal.status, refusal.body(), {"Content-Type": "application/json"})
+    flow.metadata[ANSWERED_HERE] = True
 
 
 def send_to(request: http.Request, base_url: str, path: str) -> None:

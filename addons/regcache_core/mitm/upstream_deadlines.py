@@ -26,7 +26,7 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from ..routing import Refusal, Target
 from ..upstream_state import UpstreamState, failure_reason
-from .keys import DEADLINE, REDIRECT, UPSTREAM
+from .keys import ANSWERED_HERE, DEADLINE, REDIRECT, UPSTREAM
 from .router import refuse
 from .settings import Settings
 
@@ -83,11 +83,8 @@ class UpstreamDeadlines:
         self._lookup_failures.pop(data.server.id, None)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if self._end(flow) and (target := flow.metadata.get(UPSTREAM)) is not None:
+        if self._end(flow) and (target := flow.metadata.get(UPSTREAM)) is not None and ANSWERED_HERE not in flow.metadata:
             self.state.answered(target.registry.name, target.registry.upstream)
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._end(flow)  # answered without one (a hook refused it): forget the deadline
 
     def error(self, flow: http.HTTPFlow) -> None:
         if not self._end(flow) or flow.response is not None:
