@@ -37,7 +37,7 @@ def failure_reason(error: BaseException | str) -> str:
     lowered = text.lower()
     if "refused" in lowered or "errno 111" in lowered:
         return "refused"
-    if "name or service not known" in lowered or "name resolution" in lowered or "nodename" in lowered:
+    if any(words in lowered for words in ("name lookup failed", "name or service not known", "name resolution", "nodename")):
         return "name lookup failed"
     return text or type(error).__name__
 

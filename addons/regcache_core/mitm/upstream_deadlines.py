@@ -38,7 +38,6 @@ class UpstreamDeadlines:
         self._waiting: dict[str, http.HTTPFlow] = {}  # client connection id -> its flow waiting for an upstream
         self._connections: dict[str, asyncio.Task] = {}  # client connection id -> task serving its server connection
         self._timers: dict[str, asyncio.TimerHandle] = {}  # flow id -> its deadline's timer
-        self._lookup_failures: dict[str, str] = {}  # server connection id -> why its name lookup failed
 
     def request(self, flow: http.HTTPFlow) -> None:
         target: Target | None = flow.metadata.get(UPSTREAM)
@@ -70,17 +69,14 @@ class UpstreamDeadlines:
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
                 addresses = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (OSError, TimeoutError) as e:
-            reason = "name lookup failed" if isinstance(e, socket.gaierror) else f"name lookup: {failure_reason(e)}"
-            self._lookup_failures[data.server.id] = reason
-            data.server.error = f"{reason} for {host}"
+        except (OSError, TimeoutError) as e:  # the flow's error says so; failure_reason() reads it back
+            data.server.error = f"name lookup failed for {host} ({failure_reason(e)})"
             return
         data.server.address = addresses[0][4][:2]  # connect to what we found; SNI stays `host`
 
     def server_disconnected(self, data: ServerConnectionHookData) -> None:
         if self._connections.get(data.client.id) is asyncio.current_task():
             del self._connections[data.client.id]
-        self._lookup_failures.pop(data.server.id, None)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if self._end(flow) and (target := flow.metadata.get(UPSTREAM)) is not None and ANSWERED_HERE not in flow.metadata:
@@ -97,7 +93,7 @@ class UpstreamDeadlines:
         if flow.metadata.get(DEADLINE) is None:  # cleared by _expire: the deadline passed
             reason = "timeout"
         else:
-            reason = self._lookup_failures.pop(flow.server_conn.id, None) or failure_reason(flow.error.msg)
+            reason = failure_reason(flow.error.msg)
         self.state.went_down(target.registry.name, target.registry.upstream, reason)
 
     def _end(self, flow: http.HTTPFlow) -> bool:
