@@ -157,6 +157,9 @@ def main() -> None:
             "regcache": (PROXY_PORT, f"{HOST}:{PROXY_PORT}"),
         }
         paths = {"tag": f"/v2/{image.name}/manifests/{image.tag}", "digest": f"/v2/{image.name}/manifests/{image.manifest_digest}"}
+        for port, host in targets.values():  # a process just started answers its first requests slower
+            for path in paths.values():
+                latencies(port, host, path, 1, 100)
         print(f"manifest GETs, {args.requests} per client, keep-alive; milliseconds")
         print(f"{'by':<7} {'clients':>7} {'target':<11} {'p50':>7} {'p99':>7}")
         p50 = {}
