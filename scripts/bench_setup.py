@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from parts import (  # noqa: E402  (tests/ is put on the path just above)
     REGISTRY_PROGRAM, TEST_DOMAIN, Stack, Upstream, cache_holds, docker_io_stack, enter_private_namespaces, push_blob,
-    random_chunks,
+    random_chunks, wait_for_port,
 )
 
 PROXY_PORT, UPSTREAM_PORT = 5000, 6000  # regcache's defaults: the benchmark has a network of its own
@@ -158,3 +159,27 @@ def fetch_in_parallel(url: str, clients: int, expected_size: int) -> float:
 
 def mb_per_s(size: int, seconds: float) -> float:
     return size / seconds / 1e6
+
+
+def nginx_front_door(workdir: Path, port: int, backends: dict[str, str]) -> subprocess.Popen:
+    """The seed's front door: Debian's nginx on `port`, sending each virtual host
+    `<registry>.<TEST_DOMAIN>` to its cache (registry name -> base URL), with keep-alive to it.
+    Runs until the caller stops the process it returns; its files live in `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = {name: f"cache{index}" for index, name in enumerate(backends)}
+    upstreams = "".join(f"  upstream {names[name]} {{ server {urlsplit(url).netloc}; keepalive 64; }}\n"
+                        for name, url in backends.items())
+    vhosts = "".join(f"    {name}.{TEST_DOMAIN} {names[name]};\n" for name in backends)
+    (workdir / "nginx.conf").write_text(
+        f"daemon off;\nworker_processes 1;\npid {workdir}/nginx.pid;\nerror_log {workdir}/error.log;\n"
+        "events { worker_connections 1024; }\n"
+        f"http {{\n  access_log off;\n  client_body_temp_path {workdir}/body;\n  proxy_temp_path {workdir}/proxy;\n"
+        f"{upstreams}"
+        f"  map $host $cache {{\n{vhosts}  }}\n"
+        f"  server {{\n    listen 127.0.0.1:{port};\n"
+        "    location /v2/ { proxy_pass http://$cache; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+        " proxy_set_header Host $http_host; proxy_buffering off; }\n  }\n}\n")
+    process = subprocess.Popen(["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_for_port(port)
+    return process

@@ -56,6 +56,15 @@ def upstream(tmp_path_factory, images) -> Upstream:
     registry.stop()
 
 
+@pytest.fixture(scope="module")
+def module_upstream(tmp_path_factory, request) -> Upstream:
+    """An upstream registry of the test module's own, on its PORT + UPSTREAM_OFFSET: its access
+    log holds that module's requests only, and the module may stop it."""
+    registry = Upstream(tmp_path_factory.mktemp("module-upstream"), request.module.PORT + UPSTREAM_OFFSET).start()
+    yield registry
+    registry.stop()
+
+
 @pytest.fixture(scope="session")
 def multiarch_image(tmp_path_factory, upstream) -> MultiArchImage:
     """library/multi:1.0 on the session upstream: an OCI index of a linux/amd64 and a linux/arm64 image."""

@@ -61,6 +61,9 @@ PORT_BASES = {
     "test_budget": 7100,
     "test_supervision": 7200,
     "test_disk_full": 7300,
+    # Not 6500: that is the session upstream's (5500 + UPSTREAM_OFFSET).
+    "test_tag_cache": 6700,
+    "test_outages": 6600,
 }
 UPSTREAM_OFFSET = 1000
 

@@ -12,6 +12,7 @@ from regcache_core.config import Registry
 from regcache_core.metrics import Metrics
 from regcache_core.redirects import RedirectSigner
 from regcache_core.routing import Target
+from regcache_core.upstream_state import UpstreamState
 
 HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001", "me", "pw")
 BLOB = "sha256:" + "a" * 64
@@ -31,9 +32,14 @@ class FixedAuth:
         pass
 
 
+def credentials(signer: RedirectSigner) -> UpstreamCredentials:
+    metrics = Metrics()
+    return UpstreamCredentials(settings=None, signer=signer, metrics=metrics, state=UpstreamState(metrics, probe=None))
+
+
 def upstream_flow(status: int, headers: dict) -> tuple:
     signer = RedirectSigner()
-    addon = UpstreamCredentials(settings=None, signer=signer, metrics=Metrics())
+    addon = credentials(signer)
     addon.auth = FixedAuth()
     flow = tflow.tflow()
     flow.request.headers["Authorization"] = "Basic client-credentials"
@@ -64,7 +70,7 @@ def test_a_redirect_to_this_machine_loses_its_location():
 
 
 def test_redacted_also_when_the_upstream_connection_fails():
-    addon = UpstreamCredentials(settings=None, signer=RedirectSigner(), metrics=Metrics())
+    addon = credentials(RedirectSigner())
     addon.auth = FixedAuth()
     flow = tflow.tflow()
     flow.metadata[UPSTREAM] = Target(HUB, "manifest", "library/small", "1.0", "/v2/library/small/manifests/1.0")

@@ -43,13 +43,14 @@ def test_probe_gives_up_on_a_silent_backend_in_time():
     assert asyncio.run(check()) == "no answer within 0.3s"
 
 
-def test_readiness_needs_the_proxy_and_every_backend(upstream):
+def test_readiness_needs_the_proxy_and_every_backend_and_shows_upstreams_without_judging_them(upstream):
     dead = f"http://127.0.0.1:{free_port()}"
-    ready = asyncio.run(readiness(True, {"docker.io": upstream.url}))
-    assert (ready.status, json.loads(ready.body)["ready"]) == (200, True)
-    one_down = asyncio.run(readiness(True, {"docker.io": upstream.url, "ghcr.io": dead}))
+    upstreams = {"docker.io": "down: timeout"}
+    ready = asyncio.run(readiness(True, {"docker.io": upstream.url}, upstreams))
+    assert (ready.status, json.loads(ready.body)["ready"], json.loads(ready.body)["upstreams"]) == (200, True, upstreams)
+    one_down = asyncio.run(readiness(True, {"docker.io": upstream.url, "ghcr.io": dead}, {}))
     assert one_down.status == 503 and json.loads(one_down.body)["backends"]["docker.io"] == "ok"
-    proxy_down = asyncio.run(readiness(False, {"docker.io": upstream.url}))
+    proxy_down = asyncio.run(readiness(False, {"docker.io": upstream.url}, {}))
     assert proxy_down.status == 503 and json.loads(proxy_down.body)["proxy"] == "not serving"
 
 
@@ -103,6 +104,6 @@ def test_bad_admin_settings_are_refused(settings, message):
 
 
 def test_readiness_reports_a_cache_whose_disk_cannot_take_more(upstream):
-    answer = asyncio.run(readiness(True, {"docker.io": upstream.url}, disks={"docker.io": "disk full (/data)"}))
+    answer = asyncio.run(readiness(True, {"docker.io": upstream.url}, {}, disks={"docker.io": "disk full (/data)"}))
     assert answer.status == 503 and json.loads(answer.body)["backends"] == {"docker.io": "disk full (/data)"}
-    assert asyncio.run(readiness(True, {"docker.io": upstream.url}, disks={"docker.io": "ok"})).status == 200
+    assert asyncio.run(readiness(True, {"docker.io": upstream.url}, {}, disks={"docker.io": "ok"})).status == 200

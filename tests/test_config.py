@@ -31,6 +31,7 @@ def test_defaults_cache_the_three_big_registries():
     assert config.data_dir == Path("data").absolute()
     assert config.pull_log == config.data_dir / "pull.log"
     assert all(r.backend == r.cache for r in config.registries)
+    assert (config.tag_ttl, config.manifest_cache_bytes, config.upstream_timeout) == (60, 8 << 20, 5)
 
 
 def test_env_file_is_read_and_the_real_environment_wins(tmp_path):
@@ -126,6 +127,10 @@ def test_credentials_come_in_pairs_and_stay_out_of_repr():
     ({"GHCR_EGRESS_PORT": "http"}, "GHCR_EGRESS_PORT", "not a port number"),
     ({"REGCACHE_EGRESS_HOST": "cache.local"}, "REGCACHE_EGRESS_HOST", "not an IP address"),
     ({"DOCKERHUB_CACHE": "https://127.0.0.1:5001"}, "DOCKERHUB_CACHE", "without TLS: use http://"),
+    ({"REGCACHE_TAG_TTL": "0"}, "REGCACHE_TAG_TTL", "not a number of seconds above 0"),
+    ({"REGCACHE_TAG_TTL": "1m"}, "REGCACHE_TAG_TTL", "not a number of seconds"),
+    ({"REGCACHE_UPSTREAM_TIMEOUT": "-1"}, "REGCACHE_UPSTREAM_TIMEOUT", "not a number of seconds"),
+    ({"REGCACHE_MANIFEST_CACHE": "lots"}, "REGCACHE_MANIFEST_CACHE", "not a size"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(changes, variable, says):
     with pytest.raises(ConfigError) as raised:

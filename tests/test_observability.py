@@ -91,7 +91,7 @@ def test_admin_paths_are_not_reachable_on_the_mirror_port(stack):
 def test_readiness_follows_the_cache_backend(stack):
     status, _, body = stack.admin("/ready")
     assert status == 200, body
-    assert json.loads(body) == {"ready": True, "proxy": "ok", "backends": {"docker.io": "ok"}}
+    assert json.loads(body) == {"ready": True, "proxy": "ok", "backends": {"docker.io": "ok"}, "upstreams": {"docker.io": "up"}}
     cache = stack.child(REGISTRY_PROGRAM)
     os.kill(cache, signal.SIGSTOP)  # stopped: it accepts connections (the kernel does) but never answers
     try:

@@ -45,23 +45,38 @@ def test_upstream_fetch_during_a_client_request_makes_it_a_miss():
     table = InFlight()
     table.started("client-1", "docker.io", "library/small", TAG_DIGEST)
     table.started("client-2", "docker.io", "library/other", TAG_DIGEST)
-    table.upstream_request("docker.io", "library/small", TAG_DIGEST, "GET")
-    assert (table.finished("client-1"), table.finished("client-2")) == ("miss", "hit")
-    assert len(table) == 0 and table.finished("client-1") is None
+    table.upstream_answer("docker.io", "library/small", TAG_DIGEST, "GET", 200)
+    assert (table.finished("client-1", True), table.finished("client-2", True)) == ("miss", "hit")
+    assert len(table) == 0 and table.finished("client-1", True) is None
 
 
 def test_tag_freshness_check_is_a_hit_but_a_fetch_by_the_resolved_digest_is_a_miss():
     table = InFlight()
     table.started("warm", "docker.io", "library/small", "1.0")
-    table.upstream_request("docker.io", "library/small", "1.0", "HEAD")
+    table.upstream_answer("docker.io", "library/small", "1.0", "HEAD", 200)
     table.tag_resolved("docker.io", "library/small", "1.0", TAG_DIGEST)
-    assert table.finished("warm") == "hit"
+    assert table.finished("warm", True) == "hit"
     table.started("cold", "docker.io", "library/small", "1.0")
-    table.upstream_request("docker.io", "library/small", "1.0", "HEAD")
+    table.upstream_answer("docker.io", "library/small", "1.0", "HEAD", 200)
     table.tag_resolved("docker.io", "library/small", "1.0", TAG_DIGEST)
-    table.upstream_request("docker.io", "library/small", TAG_DIGEST, "GET")
-    assert table.finished("cold") == "miss"
+    table.upstream_answer("docker.io", "library/small", TAG_DIGEST, "GET", 200)
+    assert table.finished("cold", True) == "miss"
     assert len(table) == 0
+
+
+@pytest.mark.parametrize("status, served, result", [
+    (404, False, "hit"),  # the upstream brought nothing: no miss
+    (304, True, "hit"),
+    (None, True, "stale"),  # no answer, the cache served its own copy
+    (503, True, "stale"),
+    (429, True, "stale"),
+    (None, False, "hit"),  # nothing served: not stale either
+])
+def test_an_upstream_answer_without_content_is_no_miss_and_a_failed_one_makes_a_served_copy_stale(status, served, result):
+    table = InFlight()
+    table.started("client", "docker.io", "library/small", TAG_DIGEST)
+    table.upstream_answer("docker.io", "library/small", TAG_DIGEST, "GET", status)
+    assert table.finished("client", served) == result
 
 
 def test_a_redirect_path_expires_and_its_expiry_is_signed():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from regcache_core.cli import main
+from regcache_core.pull_log import PullRecord
 from regcache_core.stats import human_bytes, parse_record, summarize
 
 LOG = Path(__file__).parent / "data" / "pull-with-broken-lines.log"
@@ -76,3 +78,10 @@ def test_parse_record_rejects_wrong_types():
 def test_human_bytes():
     assert [human_bytes(n) for n in (0, 1023, 1024, 5 << 20, 3 << 40, 5000 << 40)] == [
         "0 B", "1023 B", "1.0 KiB", "5.0 MiB", "3.0 TiB", "5000.0 TiB"]
+
+
+def test_stale_counts_as_a_hit_it_was_served_from_the_cache():
+    lines = [json.dumps(asdict(PullRecord("2026-12-01T00:00:00.000+00:00", "10.0.0.1", "docker.io", "library/small",
+                                          "manifest", "1.0", "GET", 200, 500, 1, "http://127.0.0.1:5001", cache)))
+             for cache in ("stale", "miss")]
+    assert summarize(lines, slowest=1)["total"]["hit_ratio"] == 0.5

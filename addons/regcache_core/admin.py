@@ -9,7 +9,9 @@ reach them.
 - /live answers from the proxy's event loop, so an answer proves the loop is not stuck.
 - /ready checks that the proxy's listeners run, that every cache backend answers
   `GET /v2/`, all backends at once, each within BACKEND_TIMEOUT, and that the caches run here
-  have disk to store new content on (budget/disk.py).
+  have disk to store new content on (budget/disk.py). Its body also shows each upstream's
+  state (upstream_state.py), which does not change the answer: with an upstream down, the
+  caches still serve what they hold.
 """
 
 from __future__ import annotations
@@ -73,12 +75,13 @@ async def probe_backend(url: str, timeout: float = BACKEND_TIMEOUT) -> str:
     return "ok" if status < 500 else f"answered {status}"
 
 
-async def readiness(proxy_serves: bool, backends: dict[str, str], timeout: float = BACKEND_TIMEOUT,
-                    disks: dict[str, str] | None = None) -> Answer:
+async def readiness(proxy_serves: bool, backends: dict[str, str], upstreams: dict[str, str],
+                    timeout: float = BACKEND_TIMEOUT, disks: dict[str, str] | None = None) -> Answer:
     """200 when the proxy serves and every backend (name -> base URL) answers, else 503.
 
-    `disks` (name -> "ok" or what is wrong) says whether a cache run here can store more; an
-    answering cache whose disk cannot is reported with that reason.
+    `upstreams` (name -> "up" or "down: <reason>") is shown, not judged. `disks` (name -> "ok"
+    or what is wrong) says whether a cache run here can store more; an answering cache whose
+    disk cannot is reported with that reason.
     """
     results = await asyncio.gather(*(probe_backend(url, timeout) for url in backends.values()))
     checks = dict(zip(backends, results))
@@ -86,7 +89,8 @@ async def readiness(proxy_serves: bool, backends: dict[str, str], timeout: float
         if checks.get(name) == "ok":
             checks[name] = state
     ready = proxy_serves and all(result == "ok" for result in checks.values())
-    document = {"ready": ready, "proxy": "ok" if proxy_serves else "not serving", "backends": checks}
+    document = {"ready": ready, "proxy": "ok" if proxy_serves else "not serving", "backends": checks,
+                "upstreams": upstreams}
     return Answer.json(200 if ready else 503, document)
 
 

@@ -45,6 +45,9 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_MAX_DISK": "",  # empty: no budget over all caches
     "REGCACHE_MIN_FREE_DISK": "1G",  # a cache's disk with less free is reported not ready
     "REGCACHE_STOP_GRACE": "30",  # seconds pulls in flight get to finish after SIGTERM
+    "REGCACHE_TAG_TTL": "60",  # seconds a tag's digest is served without asking upstream
+    "REGCACHE_MANIFEST_CACHE": "8M",  # manifest bodies kept in memory
+    "REGCACHE_UPSTREAM_TIMEOUT": "5",  # seconds to an upstream's first byte, name lookup included
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "REGCACHE_CLIENTS": "",  # empty: any address
     "REGCACHE_HTPASSWD": "",  # empty: no accounts needed
@@ -73,6 +76,7 @@ _SIZE = re.compile(r"([0-9]{1,15})\s*(?:([kmgt])i?b?)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # Repository names (lower case, digits, separators) with fnmatch's wildcards; `*` also matches "/".
 _REPOSITORY_PATTERN = re.compile(r"[a-z0-9._/*?\[\]-]{1,255}")
+_SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -121,6 +125,9 @@ class Config:
     stop_grace: float = 30.0  # seconds `regcache up` lets pulls in flight finish after SIGTERM
     web_password: str = field(default="", repr=False)
     warnings: tuple[str, ...] = ()  # variables that look like a misspelt setting
+    tag_ttl: float = 60.0  # seconds
+    manifest_cache_bytes: int = 8 << 20
+    upstream_timeout: float = 5.0  # seconds
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -176,6 +183,9 @@ def parse_config(values: Mapping[str, str]) -> Config:
         stop_grace=_positive("REGCACHE_STOP_GRACE", get("REGCACHE_STOP_GRACE")),
         web_password=values.get("REGCACHE_WEB_PASSWORD", ""),
         warnings=tuple(misspelt_settings(values, keys)),
+        tag_ttl=_seconds("REGCACHE_TAG_TTL", get("REGCACHE_TAG_TTL")),
+        manifest_cache_bytes=parse_size("REGCACHE_MANIFEST_CACHE", get("REGCACHE_MANIFEST_CACHE")),
+        upstream_timeout=_seconds("REGCACHE_UPSTREAM_TIMEOUT", get("REGCACHE_UPSTREAM_TIMEOUT")),
     )
 
 
@@ -288,6 +298,12 @@ def _positive(var: str, value: str) -> int:
     if not _NUMBER.fullmatch(value) or int(value) < 1:
         raise ConfigError(f"{var}: {value!r} is not a whole number of at least 1")
     return int(value)
+
+
+def _seconds(var: str, value: str) -> float:
+    if not _SECONDS.fullmatch(value) or float(value) <= 0:
+        raise ConfigError(f"{var}: {value!r} is not a number of seconds above 0, such as 60 or 2.5")
+    return float(value)
 
 
 def parse_size(var: str, value: str) -> int:

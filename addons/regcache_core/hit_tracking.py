@@ -1,23 +1,29 @@
-"""Hit or miss: did a cache go upstream to answer a client's manifest or blob request?
+"""Hit, miss or stale: what did a cache's upstream do for a client's manifest or blob request?
 
 The proxy sees both sides: the client's request to a cache, and each request that cache makes
-to its upstream through the egress listener. A client request is a miss when, while it is in
-flight, its cache fetches the same content (registry, repository, reference) upstream; else a hit.
+to its upstream through the egress listener. While a client request is in flight, an upstream
+answer for the same content (registry, repository, reference) decides what it was:
 
-What counts as fetching: any upstream request for a digest, and a GET of a tag. A HEAD of a
-tag does not: registry:2 sends one for every tag request to learn the tag's current digest (a
-freshness check, which Docker Hub does not count as a pull). When that HEAD answers with a
-digest, the client's request is also watched under that digest, because registry:2 then
-fetches the manifest by digest if it does not hold it.
+- a miss when the upstream sent content: a GET answered 2xx, or redirected (to a CDN, which
+  the cache then fetches from through us; a 304 is not a redirect). A HEAD is no fetch (registry:2
+  sends one for every tag request to learn the tag's current digest, a freshness check that
+  Docker Hub does not count as a pull), nor is an answer that brought nothing (404, 304, ...);
+- stale when the upstream failed (no answer, 429, 5xx) and the cache answered from its own copy;
+- else a hit.
+
+When a tag's HEAD answers with a digest, the client's request is also watched under that
+digest, because registry:2 then fetches the manifest by digest if it does not hold it.
 """
 
 from __future__ import annotations
 
 Key = tuple[str, str, str]  # registry name, repository, reference (tag or digest)
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
-def is_fetch(method: str, reference: str) -> bool:
-    return method != "HEAD" or ":" in reference
+def upstream_failed(status: int | None) -> bool:
+    """No answer (None), rate limited or a server error: the cache falls back on its own copy."""
+    return status is None or status == 429 or status >= 500
 
 
 class InFlight:
@@ -27,20 +33,26 @@ class InFlight:
         self._waiting: dict[Key, set[str]] = {}  # key -> ids of client flows
         self._keys: dict[str, set[Key]] = {}  # client flow id -> its keys
         self._missed: set[str] = set()
+        self._failed: set[str] = set()
 
     def started(self, flow_id: str, registry: str, repository: str, reference: str) -> None:
         self._watch(flow_id, (registry, repository, reference))
 
-    def upstream_request(self, registry: str, repository: str, reference: str, method: str) -> None:
-        if is_fetch(method, reference):
-            self._missed.update(self._waiting.get((registry, repository, reference), ()))
+    def upstream_answer(self, registry: str, repository: str, reference: str, method: str, status: int | None) -> None:
+        """The cache's upstream request for this content ended with `status` (None: no answer)."""
+        flows = self._waiting.get((registry, repository, reference), ())
+        if method == "GET" and status is not None and (200 <= status < 300 or status in REDIRECTS):
+            self._missed.update(flows)
+        elif upstream_failed(status):
+            self._failed.update(flows)
 
     def tag_resolved(self, registry: str, repository: str, tag: str, digest: str) -> None:
         for flow_id in list(self._waiting.get((registry, repository, tag), ())):
             self._watch(flow_id, (registry, repository, digest))
 
-    def finished(self, flow_id: str) -> str | None:
-        """"hit" or "miss" for a watched client request (and forget it); None if it was not watched."""
+    def finished(self, flow_id: str, served: bool) -> str | None:
+        """"hit", "miss" or "stale" for a watched client request (and forget it); None if it was
+        not watched. `served`: the client got the content (a 2xx), so a failed upstream made it stale."""
         keys = self._keys.pop(flow_id, None)
         if keys is None:
             return None
@@ -49,10 +61,12 @@ class InFlight:
             flows.discard(flow_id)
             if not flows:
                 del self._waiting[key]
-        if flow_id in self._missed:
-            self._missed.discard(flow_id)
+        missed, failed = flow_id in self._missed, flow_id in self._failed
+        self._missed.discard(flow_id)
+        self._failed.discard(flow_id)
+        if missed:
             return "miss"
-        return "hit"
+        return "stale" if failed and served else "hit"
 
     def __len__(self) -> int:
         return len(self._keys)

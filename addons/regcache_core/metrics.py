@@ -65,6 +65,9 @@ class Metrics:
         self.total_disk_budget = Gauge(
             "regcache_disk_budget_bytes", "The disk budget over all caches run here (REGCACHE_MAX_DISK).",
             registry=self.registry)
+        self.upstream_reachable = Gauge(
+            "regcache_upstream_up", "1 while the registry's upstream answers, 0 while it cannot be reached (see /ready's body for why).",
+            ("registry",), registry=self.registry)
 
     def observe(self, record: PullRecord) -> None:
         """Count one finished or failed client request."""
@@ -87,6 +90,9 @@ class Metrics:
             self.upstream_errors.labels(registry).inc()
         else:
             self.upstream_fetches.labels(registry, str(status)).inc()
+
+    def upstream_up(self, registry: str, up: bool) -> None:
+        self.upstream_reachable.labels(registry).set(1 if up else 0)
 
     def token_fetch(self, registry: str, outcome: str) -> None:
         if outcome not in TOKEN_OUTCOMES:

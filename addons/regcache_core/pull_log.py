@@ -27,7 +27,10 @@ class PullRecord:
     bytes: int  # body bytes sent to the client
     duration_ms: int
     backend: str | None  # base URL the request went to; None if we answered it ourselves
-    cache: str | None = None  # "hit" or "miss" for cached registries' manifests and blobs, else None
+    # For cached registries' manifests and blobs: "hit" (served from the cache), "miss" (content
+    # fetched upstream for this request) or "stale" (served from the cache because the upstream
+    # failed); else None
+    cache: str | None = None
     error: str | None = None  # why the exchange failed, when it did
 
 

@@ -6,8 +6,8 @@ multi-platform image two (the index, then the platform's manifest). HEADs, blobs
 requests are not pulls, but their bytes count. The slowest transfers are successful GETs
 of manifests and blobs; a transfer the client dropped is not slow, so it is left out.
 
-The hit ratio is hits / (hits + misses) over records whose `cache` says which; "n/a" when no
-record of that group says. Lines that are not whole, well-typed records (a line cut short by
+The hit ratio is hits / (hits + misses) over records whose `cache` says which (`stale` counts
+as a hit: it was served from the cache); "n/a" when no record of that group says. Lines that are not whole, well-typed records (a line cut short by
 a crash, garbage) are counted and skipped. One pass, constant memory apart from the groups.
 """
 
@@ -41,7 +41,7 @@ class Totals:
         self.requests += 1
         self.pulls += is_pull(record)
         self.bytes += record["bytes"]
-        self.hits += record["cache"] == "hit"
+        self.hits += record["cache"] in ("hit", "stale")
         self.misses += record["cache"] == "miss"
 
     @property

@@ -31,6 +31,7 @@ from urllib.parse import urlencode, urlsplit
 import diskcache
 
 from .config import Registry
+from .upstream_state import failure_reason
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +53,13 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class UpstreamAuthError(Exception):
-    """No Authorization header could be made. `status` is what the requester should get."""
+    """No Authorization header could be made. `status` is what the requester should get;
+    `unreachable` says why the upstream gave no answer, when that is the cause."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, unreachable: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,7 @@ class UpstreamAuth:
                 return known
             failure = self._challenge_failures.get(registry.name)
             if failure and self._clock() < failure[0]:
-                raise UpstreamAuthError(failure[1].status, str(failure[1]))
+                raise UpstreamAuthError(failure[1].status, str(failure[1]), failure[1].unreachable)
             try:
                 known = self._challenges[registry.name] = await self._learn_challenge(registry)
             except UpstreamAuthError as e:
@@ -236,9 +239,16 @@ class UpstreamAuth:
 
     async def _learn_challenge(self, registry: Registry) -> Challenge:
         try:
-            status, challenges, _ = await asyncio.to_thread(self._fetch, registry.upstream + "/v2/", {}, self._challenge_timeout)
-        except FETCH_ERRORS as e:
+            # urllib's timeout does not cover the name lookup: bound the whole.
+            async with asyncio.timeout(self._challenge_timeout):
+                status, challenges, _ = await asyncio.to_thread(
+                    self._fetch, registry.upstream + "/v2/", {}, self._challenge_timeout)
+        except http.client.HTTPException as e:  # it answered, but not in HTTP
             raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} is unreachable: {fetch_error(e)}") from None
+        except (OSError, ValueError) as e:  # TimeoutError is an OSError
+            reason = failure_reason(e)
+            raise UpstreamAuthError(503, f"upstream {registry.upstream} of {registry.name} cannot be reached ({reason})",
+                                    reason) from None
         if status != 401:
             return NO_CHALLENGE
         challenge = pick_challenge(challenges)

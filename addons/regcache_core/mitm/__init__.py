@@ -12,11 +12,14 @@ from __future__ import annotations
 
 from ..metrics import Metrics
 from ..redirects import RedirectSigner
+from ..upstream_client import UpstreamClient
+from ..upstream_state import UpstreamState
 from .admin import Admin
 from .client_access import ClientAccess
 from .budget import DiskBudget
 from .drain import Drain
 from .hits import HitMarker
+from .manifest_responder import ManifestResponder
 from .pull_log import PullLogger
 from .recorder import Recorder
 from .router import Router
@@ -24,6 +27,7 @@ from .settings import MirrorDefaults, Settings
 from .spec_answers import SpecAnswers
 from .tasks import ScheduledTasks
 from .upstream import UpstreamCredentials
+from .upstream_deadlines import UpstreamDeadlines
 from .web import WebView
 
 
@@ -33,23 +37,30 @@ def make_addons() -> list:
     metrics = Metrics()
     pull_logger = PullLogger(settings)
     budget = DiskBudget(settings, metrics)
-    # Order matters: hooks run in this order. UpstreamCredentials redacts what it injected
-    # before mitmweb's view (added after the scripts) sends a flow update; HitMarker sets the
-    # hit/miss that Recorder hands to the pull log and metrics; SpecAnswers fixes an answer
-    # before Recorder records it.
+    upstream_client = UpstreamClient()
+    upstream_state = UpstreamState(metrics, upstream_client.ping)
+    credentials = UpstreamCredentials(settings, signer, metrics, upstream_state)
+    # Order matters: hooks run in this order. UpstreamDeadlines answers for a down upstream
+    # before UpstreamCredentials asks it for a token; UpstreamCredentials redacts what it
+    # injected before mitmweb's view (added after the scripts) sends a flow update;
+    # ManifestResponder answers before HitMarker watches, and replaces a cache's answer before
+    # Recorder reads it; HitMarker sets the hit/miss/stale that Recorder hands to the pull log
+    # and metrics.
     return [
         ScheduledTasks(),
         settings,
         MirrorDefaults(settings),
         ClientAccess(settings),
         Router(settings, signer),
-        UpstreamCredentials(settings, signer, metrics),
+        UpstreamDeadlines(settings, upstream_state),
+        credentials,
+        ManifestResponder(settings, credentials, upstream_client, upstream_state, metrics),
         HitMarker(),
         SpecAnswers(),
         pull_logger,
         budget,
         Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe, "disk budget": budget.record}),
-        Admin(settings, metrics, budget),
+        Admin(settings, metrics, budget, upstream_state),
         Drain(settings),
         WebView(settings),
     ]

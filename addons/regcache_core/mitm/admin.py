@@ -11,6 +11,7 @@ from mitmproxy import ctx
 from ..admin import AdminServer, Answer, readiness
 from ..metrics import EXPOSITION_CONTENT_TYPE, Metrics
 from .budget import DiskBudget
+from ..upstream_state import UpstreamState
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -19,10 +20,11 @@ logger = logging.getLogger(__name__)
 class Admin:
     """Serves /metrics, /ready and /live on REGCACHE_ADMIN_HOST:REGCACHE_ADMIN_PORT (see admin.py)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, budget: DiskBudget) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, budget: DiskBudget, upstream_state: UpstreamState) -> None:
         self.settings = settings
         self.metrics = metrics
         self.budget = budget
+        self.upstream_state = upstream_state
         self.server = AdminServer({"/metrics": self._metrics, "/ready": self._ready, "/live": self._live})
 
     async def running(self) -> None:
@@ -41,9 +43,10 @@ class Admin:
     async def _ready(self) -> Answer:
         servers = list(ctx.master.addons.get("proxyserver").servers)
         proxy_serves = bool(servers) and all(server.is_running for server in servers)
-        backends = {r.name: r.cache for r in self.settings.config.registries if r.cache}
+        registries = self.settings.config.registries
+        backends = {r.name: r.cache for r in registries if r.cache}
         disks = await asyncio.to_thread(self.budget.disk_states)
-        return await readiness(proxy_serves, backends, disks=disks)
+        return await readiness(proxy_serves, backends, self.upstream_state.states([r.name for r in registries]), disks=disks)
 
     async def _live(self) -> Answer:
         return Answer.json(200, {"live": True})

@@ -1,5 +1,5 @@
-"""HitMarker: tells from a cache's upstream fetches whether each client request was a cache hit
-or a miss (the bookkeeping is hit_tracking.py's InFlight)."""
+"""HitMarker: tells from a cache's upstream fetches whether each client request was a cache hit,
+a miss or served stale (the bookkeeping is hit_tracking.py's InFlight)."""
 
 from __future__ import annotations
 
@@ -7,35 +7,46 @@ from mitmproxy import http
 
 from ..hit_tracking import InFlight
 from ..routing import Target
-from .keys import CACHE_RESULT, EGRESS, TARGET
+from .keys import CACHE_RESULT, EGRESS, TARGET, UPSTREAM_ANSWER_SEEN
 
 
 class HitMarker:
-    """Marks each client manifest or blob request of a cached registry as a hit or a miss."""
+    """Marks each client manifest or blob request of a cached registry as a hit, miss or stale;
+    requests already marked (answered from what regcache learnt) keep their mark."""
 
     def __init__(self) -> None:
         self.in_flight = InFlight()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         target: Target | None = flow.metadata.get(TARGET)
-        if target and target.registry.cache and target.kind in ("manifest", "blob"):
+        if target and target.registry.cache and target.kind in ("manifest", "blob") and CACHE_RESULT not in flow.metadata:
             self.in_flight.started(flow.id, target.registry.name, target.repository, target.reference)
-        egress: Target | None = flow.metadata.get(EGRESS)
-        if egress and egress.kind in ("manifest", "blob"):
-            self.in_flight.upstream_request(egress.registry.name, egress.repository, egress.reference, flow.request.method)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         egress: Target | None = flow.metadata.get(EGRESS)
+        if egress is None or egress.kind not in ("manifest", "blob"):
+            return
         digest = flow.response.headers.get("Docker-Content-Digest")
-        if egress and egress.kind == "manifest" and ":" not in egress.reference and digest:
+        if egress.kind == "manifest" and ":" not in egress.reference and digest:
             self.in_flight.tag_resolved(egress.registry.name, egress.repository, egress.reference, digest)
+        self._upstream_answer(flow, flow.response.status_code)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._upstream_answer(flow, flow.response.status_code if flow.response else None)
         self._finish(flow)
 
+    def _upstream_answer(self, flow: http.HTTPFlow, status: int | None) -> None:
+        """Hand an egress flow's answer (None: it got none) to the table, once."""
+        egress: Target | None = flow.metadata.get(EGRESS)
+        if egress is None or egress.kind not in ("manifest", "blob") or flow.metadata.get(UPSTREAM_ANSWER_SEEN):
+            return
+        flow.metadata[UPSTREAM_ANSWER_SEEN] = True
+        self.in_flight.upstream_answer(egress.registry.name, egress.repository, egress.reference, flow.request.method, status)
+
     def _finish(self, flow: http.HTTPFlow) -> None:
-        if result := self.in_flight.finished(flow.id):
+        served = flow.response is not None and 200 <= flow.response.status_code < 300
+        if result := self.in_flight.finished(flow.id, served):
             flow.metadata[CACHE_RESULT] = result

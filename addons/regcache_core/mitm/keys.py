@@ -2,7 +2,7 @@
 
 TARGET = "regcache.target"  # the routing decision
 BYTE_COUNTER = "regcache.bytes"  # counts a streamed body
-CACHE_RESULT = "regcache.cache"  # "hit" or "miss", set once the cache's upstream use is known
+CACHE_RESULT = "regcache.cache"  # "hit", "miss" or "stale", set once the cache's upstream use is known
 EGRESS_FOR = "regcache.egress_for"  # the Registry whose egress listener the flow came in on
 EGRESS = "regcache.egress"  # the Target a cache asked its upstream for
 UPSTREAM = "regcache.upstream"  # the Target of a flow sent upstream with our credentials
@@ -10,3 +10,7 @@ REDIRECT = "regcache.redirect"  # the Target whose upstream answer redirected th
 INJECTED = "regcache.injected"  # the Authorization header is ours
 IN_FLIGHT = "regcache.in_flight"  # counted in the in-flight gauge, not yet finished
 RECORD = "regcache.record"  # the flow's PullRecord, once it ended
+PLANNED = "regcache.planned"  # a manifest request answered from what regcache learnt (manifest_front.py)
+ANSWERED_HERE = "regcache.answered_here"  # the response was made by regcache (from memory, a refusal), not a backend
+DEADLINE = "regcache.deadline"  # monotonic time by which an upstream must answer; None once passed
+UPSTREAM_ANSWER_SEEN = "regcache.upstream_answer_seen"  # HitMarker has counted this egress flow's answer

@@ -16,7 +16,7 @@ from mitmproxy.flow import Error
 from ..metrics import Metrics
 from ..pull_log import PullRecord, utc_iso
 from ..routing import Target
-from .keys import BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, IN_FLIGHT, RECORD, REDIRECT, TARGET, UPSTREAM
+from .keys import ANSWERED_HERE, BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, IN_FLIGHT, RECORD, REDIRECT, TARGET, UPSTREAM
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         status=status,
         bytes=sent,
         duration_ms=round((now - flow.request.timestamp_start) * 1000),
-        backend=target.backend if target else None,
+        backend=target.backend if target and ANSWERED_HERE not in flow.metadata else None,
         cache=flow.metadata.get(CACHE_RESULT),
         error=flow.error.msg if flow.error else None,
     )

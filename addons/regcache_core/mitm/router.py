@@ -14,7 +14,7 @@ from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
 from ..redirects import RedirectSigner, is_redirect_path, resolves_internal
 from ..routing import PULL_METHODS, Refusal, Target, refuse_malformed, refuse_method, route, route_egress
-from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
+from .keys import ANSWERED_HERE, EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str
     head = flow.request.method == "HEAD"
     flow.response = http.Response.make(status, b"" if head else body, {"Content-Type": "application/json", **(headers or {})})
     flow.response.headers["Content-Length"] = str(len(body))
+    flow.metadata[ANSWERED_HERE] = True
     unread_body = body_follows(flow.request)
     if (close or unread_body) and not (flow.request.is_http2 or flow.request.is_http3):
         flow.response.headers["Connection"] = "close"  # HTTP/2 has no such header

@@ -10,6 +10,7 @@ from ..redirects import RedirectSigner
 from ..routing import Refusal, Target
 from ..upstream_auth import TokenStore, UpstreamAuth, UpstreamAuthError
 from ..upstream_signals import UpstreamSignals
+from ..upstream_state import UpstreamState
 from .keys import INJECTED, REDIRECT, UPSTREAM
 from .router import refuse
 from .settings import Settings
@@ -23,10 +24,11 @@ class UpstreamCredentials:
     no challenge reaches a client or cache, redirects are followed through us, and the header we
     added is redacted once the request is sent (mitmweb keeps flows)."""
 
-    def __init__(self, settings: Settings, signer: RedirectSigner, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, signer: RedirectSigner, metrics: Metrics, state: UpstreamState) -> None:
         self.settings = settings
         self.signer = signer
         self.metrics = metrics
+        self.state = state
         self.auth: UpstreamAuth | None = None
         self.signals = UpstreamSignals(metrics)
 
@@ -34,7 +36,8 @@ class UpstreamCredentials:
         config = self.settings.config
         if "regcache_env_file" in updated and config is not None:
             self.done()
-            self.auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), on_token_fetch=self.metrics.token_fetch)
+            self.auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), on_token_fetch=self.metrics.token_fetch,
+                                     challenge_timeout=config.upstream_timeout)
 
     def done(self) -> None:
         if self.auth:
@@ -48,6 +51,8 @@ class UpstreamCredentials:
         try:
             authorization = await self.auth.authorization(target.registry, target.repository)
         except UpstreamAuthError as e:
+            if e.unreachable:
+                self.state.went_down(target.registry.name, target.registry.upstream, e.unreachable)
             code = "UNAUTHORIZED" if e.status == 401 else "UNAVAILABLE"
             refuse(flow, Refusal(e.status, code, str(e)))
             return

@@ -1,0 +1,163 @@
+"""Manifest requests of cached registries answered in front of the cache, from what regcache
+has learnt: the tag cache (tags.py) and the manifests in memory (manifests.py).
+
+- A manifest by digest held in memory is answered from memory.
+- A fresh tag is answered from memory, or, when its body is not held, sent to the cache by
+  digest (registry:2 answers a digest it holds without asking upstream).
+- A stale tag is revalidated with one HEAD upstream (Docker Hub does not count a HEAD as a
+  pull; concurrent requests for one tag share it): the same digest makes it fresh again and it
+  is served as above; another digest, or none, sends the request to the cache as it came, which
+  fetches the new manifest. No answer in time (or an upstream known to be down, or an error
+  status) serves the last known digest at once, marked `stale`.
+- Only a client whose Accept names the media type held is answered this way; others, and
+  anything not known, go to the cache as they came.
+
+What is learnt comes from the answers the cache gives clients (`learn`). No mitmproxy here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .config import Registry
+from .manifests import Manifest, ManifestCache, matches, media_type
+from .metrics import Metrics
+from .routing import Refusal
+from .tags import TagCache, TagEntry
+from .upstream_auth import UpstreamAuth, UpstreamAuthError
+from .upstream_client import NoAnswer, UpstreamClient
+from .upstream_state import UpstreamState
+
+_DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How to answer a manifest request: from `manifest` when set, else by asking the cache for
+    `digest`. `cache` is what the pull log says: "hit" or "stale"."""
+
+    digest: str
+    manifest: Manifest | None
+    cache: str
+
+
+class RevalidationFailed(Exception):
+    pass
+
+
+def accepted_types(accept_lines: list[str]) -> set[str]:
+    """Media types named in every Accept line (skopeo and dockerd send several, containerd one
+    comma-joined line), parameters such as q= dropped."""
+    return {part.split(";", 1)[0].strip().lower() for line in accept_lines for part in line.split(",")} - {""}
+
+
+class ManifestFront:
+    def __init__(self, tags: TagCache, manifests: ManifestCache, upstream: UpstreamClient, auth: UpstreamAuth,
+                 state: UpstreamState, metrics: Metrics) -> None:
+        self.tags = tags
+        self.manifests = manifests
+        self.upstream = upstream
+        self.auth = auth
+        self.state = state
+        self.metrics = metrics
+        self._revalidations: dict[tuple[str, str, str, str], asyncio.Task] = {}
+
+    async def plan(self, registry: Registry, repository: str, reference: str, accept_lines: list[str]) -> Plan | None:
+        """How to answer a GET or HEAD of a manifest ourselves; None sends it to the cache as it came."""
+        accepted = accepted_types(accept_lines)
+        if ":" in reference:
+            manifest = self.manifests.get(registry.name, reference)
+            if manifest is not None and manifest.media_type in accepted:
+                return Plan(reference, manifest, "hit")
+            return None
+        entry = await self.tags.get(registry.name, repository, reference)
+        if entry is None or entry.media_type not in accepted:
+            return None
+        if self.tags.is_fresh(entry):
+            return self._serve(registry, entry, "hit")
+        if self.state.reason_down(registry.name):
+            return self._serve(registry, entry, "stale")
+        try:
+            digest = await self._current_digest(registry, repository, reference, entry.media_type)
+        except RevalidationFailed:
+            return self._serve(registry, entry, "stale")
+        if digest != entry.digest:
+            return None  # moved (or gone): the cache fetches what the tag names now
+        return self._serve(registry, self.tags.refresh(registry.name, repository, reference, entry), "hit")
+
+    def learn(self, registry: Registry, repository: str, reference: str, headers: Mapping[str, str],
+              body: bytes | None) -> None:
+        """The cache answered a client's manifest request 200 with `headers` (and `body`, for a
+        GET): remember the tag's digest and the manifest."""
+        digest = headers.get("Docker-Content-Digest", "")
+        if not _DIGEST.fullmatch(digest) or (":" in reference and reference != digest):
+            return
+        if body is not None:
+            if not matches(digest, body):
+                return
+            self.manifests.put(registry.name, digest, body, headers)
+        if ":" not in reference and not self.state.reason_down(registry.name):
+            # With its upstream down the cache answers from its own copy: not a fresh answer.
+            size = int(headers.get("Content-Length", "0") or 0) if body is None else len(body)
+            self.tags.learn(registry.name, repository, reference, digest, media_type(headers), size)
+
+    def outage_answer(self, registry: Registry, reference: str, status: int) -> Refusal | None:
+        """The cache had no answer (404, or registry:2's 500 for a digest) while the upstream is
+        down: say so, rather than let a user look for a typo."""
+        reason = self.state.reason_down(registry.name)
+        if reason is None or status not in (404, 500):
+            return None
+        return Refusal(503, "UNAVAILABLE", f"upstream {registry.upstream} of {registry.name} cannot be reached ({reason}),"
+                                           f" and the cache does not hold {reference}")
+
+    async def close(self) -> None:
+        for task in self._revalidations.values():
+            task.cancel()
+        await self.upstream.close()
+        self.tags.close()
+
+    def _serve(self, registry: Registry, entry: TagEntry, cache: str) -> Plan:
+        return Plan(entry.digest, self.manifests.get(registry.name, entry.digest), cache)
+
+    async def _current_digest(self, registry: Registry, repository: str, tag: str, accept: str) -> str | None:
+        key = (registry.name, repository, tag, accept)
+        task = self._revalidations.get(key)
+        if task is None:
+            task = self._revalidations[key] = asyncio.get_running_loop().create_task(
+                self._head(registry, repository, tag, accept))
+            task.add_done_callback(lambda _: self._revalidations.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _head(self, registry: Registry, repository: str, tag: str, accept: str) -> str | None:
+        """The digest the upstream's tag names now (None: no such tag); RevalidationFailed when
+        the upstream cannot say."""
+        try:
+            # One bound for it all: a token may have to be fetched first.
+            async with asyncio.timeout(self.upstream.timeout):
+                authorization = await self.auth.authorization(registry, repository)
+                headers = {"Accept": accept, **({"Authorization": authorization} if authorization else {})}
+                status, answer = await self.upstream.head(f"{registry.upstream}/v2/{repository}/manifests/{tag}", headers)
+        except UpstreamAuthError as e:
+            if e.unreachable:
+                self.state.went_down(registry.name, registry.upstream, e.unreachable)
+            raise RevalidationFailed(str(e)) from None
+        except (NoAnswer, TimeoutError) as e:
+            reason = e.reason if isinstance(e, NoAnswer) else "timeout"
+            self.metrics.upstream_result(registry.name, None)
+            self.state.went_down(registry.name, registry.upstream, reason)
+            raise RevalidationFailed(reason) from None
+        self.metrics.upstream_result(registry.name, status)
+        self.state.answered(registry.name, registry.upstream)
+        if status == 401:
+            self.auth.refused(registry, repository)
+        elif status < 400:
+            self.auth.accepted(registry, repository)
+        if status == 404:
+            return None
+        if status != 200:
+            raise RevalidationFailed(f"upstream answered {status}")
+        return answer.get("Docker-Content-Digest")
+
