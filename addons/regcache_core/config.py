@@ -47,7 +47,7 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_DATAPLANE_HOST": "",  # empty: all interfaces, like the client listener
     "REGCACHE_DATAPLANE_PORT": "5050",
     "REGCACHE_DATAPLANE_URL": "",  # empty: the host name the client used, on REGCACHE_DATAPLANE_PORT
-    "REGCACHE_DATAPLANE_MIN_SIZE": "1M",
+    "REGCACHE_DATAPLANE_MIN_SIZE": "256k",  # see bench_handoff.py
     "REGCACHE_DATAPLANE_WORKERS": "",  # empty: one per core
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "DOCKERHUB_REGISTRY": "docker.io",
