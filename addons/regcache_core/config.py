@@ -105,11 +105,6 @@ class DataPlane:
     min_size: int  # smaller blobs keep streaming through the proxy: a redirect costs a round trip
     workers: int
 
-    @property
-    def local_url(self) -> str:
-        """How this machine reaches it."""
-        return local_url(self.host or "0.0.0.0", self.port)
-
 
 @dataclass(frozen=True)
 class Config:
