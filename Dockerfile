@@ -22,5 +22,5 @@ USER regcache
 ENV REGCACHE_DATA_DIR=/data
 # Log lines reach `docker logs` at once (regcache up sets this for mitmdump too).
 ENV PYTHONUNBUFFERED=1
-EXPOSE 5000
+EXPOSE 5000 5050
 CMD ["regcache", "up"]

@@ -18,17 +18,18 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from parts import (  # noqa: E402  (tests/ is put on the path just above)
-    REGISTRY_PROGRAM, TEST_DOMAIN, Stack, Upstream, cache_holds, docker_io_stack, enter_private_namespaces, push_blob,
-    random_chunks, wait_for_port,
+    REGISTRY_PROGRAM, TEST_DOMAIN, Stack, Upstream, cache_holds, child_pids, command_line, docker_io_stack,
+    enter_private_namespaces, push_blob, random_chunks, wait_for_port,
 )
 
 PROXY_PORT, UPSTREAM_PORT = 5000, 6000  # regcache's defaults: the benchmark has a network of its own
 CACHE_PORT = PROXY_PORT + 1  # where docker_io_stack runs the cache
+DATAPLANE_PORT = PROXY_PORT + 50  # where Stack puts the data plane
 REPOSITORY = "library/bench"
 READ_CHUNK = 1 << 20
 
@@ -103,21 +104,31 @@ class BenchStack:
     def cache_pid(self) -> int:
         return self.stack.child(REGISTRY_PROGRAM)
 
+    @property
+    def dataplane_pids(self) -> list[int]:
+        """The data plane's parent process, then its workers."""
+        parent = next(pid for pid in child_pids(self.stack.process.pid) if "regcache_core.dataplane" in command_line(pid))
+        return [parent, *child_pids(parent)]
+
     def wait_cached(self, timeout: float = 60) -> None:
         if not cache_holds(self.stack.data_dir / "dockerhub" / "storage", self.digest, timeout):
             raise TimeoutError(f"the cache did not store the blob within {timeout:.0f}s")
 
 
-def fetch(url: str, digest: str | None = None, timeout: float = 60) -> int:
+def fetch(url: str, digest: str | None = None, timeout: float = 60, follow: bool = True) -> int:
     """GET url, reading in 1 MiB chunks into one buffer; returns the byte count.
 
-    With `digest`, hashes what arrives and raises if it differs.
+    With `digest`, hashes what arrives and raises if it differs. A redirect (regcache's 307 to
+    its data plane) is followed once, as registry clients do, unless `follow` is false.
     """
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.netloc, timeout=timeout)
     try:
-        connection.request("GET", parts.path)
+        connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
         response = connection.getresponse()
+        if follow and response.status in (301, 302, 303, 307, 308):
+            response.read()
+            return fetch(urljoin(url, response.getheader("Location", "")), digest, timeout, follow=False)
         if response.status != 200:
             raise RuntimeError(f"GET {url}: {response.status} {response.read(200)!r}")
         hasher = hashlib.sha256() if digest else None

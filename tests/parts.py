@@ -64,6 +64,8 @@ PORT_BASES = {
     # Not 6500: that is the session upstream's (5500 + UPSTREAM_OFFSET).
     "test_tag_cache": 6700,
     "test_outages": 6600,
+    "test_dataplane": 6100,
+    "test_dataplane[off]": 6200,  # REGCACHE_DATAPLANE=false
 }
 UPSTREAM_OFFSET = 1000
 
@@ -433,9 +435,10 @@ class Stack:
         self.settings = {
             "REGISTRY_DOMAIN": TEST_DOMAIN,
             "REGCACHE_DATA_DIR": str(workdir / "data"),
-            # Stacks on different ports never share an egress or admin port.
+            # Stacks on different ports never share an egress, admin or data-plane port.
             "REGCACHE_EGRESS_PORT": str(port + 80),
             "REGCACHE_ADMIN_PORT": str(port + 70),
+            "REGCACHE_DATAPLANE_PORT": str(port + 50),
             **settings,
         }
         self.port = port

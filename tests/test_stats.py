@@ -85,3 +85,17 @@ def test_stale_counts_as_a_hit_it_was_served_from_the_cache():
                                           "manifest", "1.0", "GET", 200, 500, 1, "http://127.0.0.1:5001", cache)))
              for cache in ("stale", "miss")]
     assert summarize(lines, slowest=1)["total"]["hit_ratio"] == 0.5
+
+
+def test_a_blob_handed_to_the_data_plane_counts_once():
+    """The proxy's 307 and the data plane's transfer are one hit, and their bytes are the transfer's."""
+    def record(status, size, backend):
+        return json.dumps({
+            "time": "2026-12-01T10:00:00.000+00:00", "client": "10.0.0.9", "registry": "docker.io",
+            "repository": "library/big", "kind": "blob", "reference": "sha256:" + "a" * 64, "method": "GET",
+            "status": status, "bytes": size, "duration_ms": 50, "backend": backend, "cache": "hit", "error": None,
+        })
+
+    summary = summarize([record(307, 0, None), record(200, 1000, "dataplane"),
+                         record(200, 10, "http://127.0.0.1:5001").replace('"hit"', '"miss"')])
+    assert summary["total"] == {"requests": 3, "pulls": 0, "bytes": 1010, "hit_ratio": 0.5}

@@ -9,11 +9,16 @@ and both win over `DEFAULTS`. A registry is a few variables sharing a prefix (it
     K8S_CACHE=http://127.0.0.1:5004       # its registry:2 cache, or "none" to pass through
     K8S_USERNAME= / K8S_PASSWORD=         # optional upstream credentials
     K8S_MAX_DISK=20G                      # optional: its cache's own disk budget
+    K8S_STORAGE=/caches/k8s               # optional: its cache's storage, as this machine sees it
 
 Caches never talk to an upstream themselves: each cached registry's cache uses an egress
 listener of the proxy as its upstream, bound to REGCACHE_EGRESS_HOST, on port K_EGRESS_PORT if
 set, else REGCACHE_EGRESS_PORT + the registry's position in REGCACHE_REGISTRIES (0-based). The
 proxy adds credentials there.
+
+The data plane (REGCACHE_DATAPLANE_*) sends warm blobs straight from a cache's storage: the
+proxy answers a warm blob GET with a 307 to it. It needs the storage root of each cache
+(K_STORAGE); for the caches `regcache up` runs that is <data dir>/<key lower>/storage.
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_TAG_TTL": "60",  # seconds a tag's digest is served without asking upstream
     "REGCACHE_MANIFEST_CACHE": "8M",  # manifest bodies kept in memory
     "REGCACHE_UPSTREAM_TIMEOUT": "5",  # seconds to an upstream's first byte, name lookup included
+    "REGCACHE_DATAPLANE": "true",
+    "REGCACHE_DATAPLANE_HOST": "",  # empty: all interfaces, like the client listener
+    "REGCACHE_DATAPLANE_PORT": "5050",
+    "REGCACHE_DATAPLANE_URL": "",  # empty: the host name the client used, on REGCACHE_DATAPLANE_PORT
+    "REGCACHE_DATAPLANE_MIN_SIZE": "256k",  # see bench_handoff.py
+    "REGCACHE_DATAPLANE_WORKERS": "",  # empty: one per core
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "REGCACHE_CLIENTS": "",  # empty: any address
     "REGCACHE_HTPASSWD": "",  # empty: no accounts needed
@@ -63,7 +74,7 @@ DEFAULTS: Mapping[str, str] = {
 }
 
 # A registry's own variables: <KEY>_REGISTRY and so on.
-REGISTRY_SETTINGS = ("REGISTRY", "UPSTREAM", "CACHE", "USERNAME", "PASSWORD", "EGRESS_PORT", "REPOSITORIES", "MAX_DISK")
+REGISTRY_SETTINGS = ("REGISTRY", "UPSTREAM", "CACHE", "USERNAME", "PASSWORD", "EGRESS_PORT", "REPOSITORIES", "MAX_DISK", "STORAGE")
 
 _KEY = re.compile(r"[A-Z][A-Z0-9_]*")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -96,6 +107,7 @@ class Registry:
     egress_port: int | None = None  # the proxy's egress listener for its cache; None when uncached
     repositories: tuple[str, ...] = ()  # glob patterns of the repositories served; empty: all
     max_disk: int | None = None  # bytes its cache's storage may hold (K_MAX_DISK); None: no budget of its own
+    storage: Path | None = None  # its cache's storage root (registry:2's filesystem); None: no data plane
 
     @property
     def backend(self) -> str:
@@ -104,6 +116,17 @@ class Registry:
 
     def serves(self, repository: str) -> bool:
         return not self.repositories or any(fnmatch.fnmatchcase(repository, p) for p in self.repositories)
+
+
+@dataclass(frozen=True)
+class DataPlane:
+    """Where the data plane listens, and which blobs the proxy sends there."""
+
+    host: str  # bind address; "" for all interfaces
+    port: int
+    url: str | None  # public base URL for its 307s; None: the client's host name on `port`
+    min_size: int  # smaller blobs keep streaming through the proxy: a redirect costs a round trip
+    workers: int
 
 
 @dataclass(frozen=True)
@@ -128,6 +151,7 @@ class Config:
     tag_ttl: float = 60.0  # seconds
     manifest_cache_bytes: int = 8 << 20
     upstream_timeout: float = 5.0  # seconds
+    dataplane: DataPlane | None = None  # None: REGCACHE_DATAPLANE=false, every blob streams through the proxy
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -160,11 +184,12 @@ def parse_config(values: Mapping[str, str]) -> Config:
     data_dir = Path(get("REGCACHE_DATA_DIR") or "./data").absolute()
     keys = _registry_keys(get("REGCACHE_REGISTRIES"))
     egress_base = _port("REGCACHE_EGRESS_PORT", get("REGCACHE_EGRESS_PORT"))
-    registries = tuple(_registry(key, get, egress_base + index) for index, key in enumerate(keys))
+    registries = tuple(_registry(key, get, egress_base + index, data_dir) for index, key in enumerate(keys))
     _check_names_differ(registries)
     port = _port("REGCACHE_PORT", get("REGCACHE_PORT"))
     admin_port = _port("REGCACHE_ADMIN_PORT", get("REGCACHE_ADMIN_PORT"))
-    _check_ports_differ(port, admin_port, registries, get)
+    dataplane = _dataplane(get) if _bool("REGCACHE_DATAPLANE", get("REGCACHE_DATAPLANE")) else None
+    _check_ports_differ(port, admin_port, dataplane, registries, get)
     return Config(
         domain=_hostname("REGISTRY_DOMAIN", get("REGISTRY_DOMAIN").lower()),
         port=port,
@@ -186,6 +211,19 @@ def parse_config(values: Mapping[str, str]) -> Config:
         tag_ttl=_seconds("REGCACHE_TAG_TTL", get("REGCACHE_TAG_TTL")),
         manifest_cache_bytes=parse_size("REGCACHE_MANIFEST_CACHE", get("REGCACHE_MANIFEST_CACHE")),
         upstream_timeout=_seconds("REGCACHE_UPSTREAM_TIMEOUT", get("REGCACHE_UPSTREAM_TIMEOUT")),
+        dataplane=dataplane,
+    )
+
+
+def _dataplane(get) -> DataPlane:
+    host = get("REGCACHE_DATAPLANE_HOST")
+    workers = get("REGCACHE_DATAPLANE_WORKERS")
+    return DataPlane(
+        host=_ip_address("REGCACHE_DATAPLANE_HOST", host) if host else "",
+        port=_port("REGCACHE_DATAPLANE_PORT", get("REGCACHE_DATAPLANE_PORT")),
+        url=base_url("REGCACHE_DATAPLANE_URL", get("REGCACHE_DATAPLANE_URL")) if get("REGCACHE_DATAPLANE_URL") else None,
+        min_size=parse_size("REGCACHE_DATAPLANE_MIN_SIZE", get("REGCACHE_DATAPLANE_MIN_SIZE")),
+        workers=_positive("REGCACHE_DATAPLANE_WORKERS", workers) if workers else os.cpu_count() or 1,
     )
 
 
@@ -212,7 +250,7 @@ def _registry_keys(value: str) -> list[str]:
     return keys
 
 
-def _registry(key: str, get, default_egress_port: int) -> Registry:
+def _registry(key: str, get, default_egress_port: int, data_dir: Path) -> Registry:
     name_var, upstream_var, cache_var = f"{key}_REGISTRY", f"{key}_UPSTREAM", f"{key}_CACHE"
     for var in (name_var, upstream_var, cache_var):
         if not get(var):
@@ -233,6 +271,7 @@ def _registry(key: str, get, default_egress_port: int) -> Registry:
         key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None,
         repositories=_repository_patterns(f"{key}_REPOSITORIES", get(f"{key}_REPOSITORIES")),
         max_disk=_optional_size(f"{key}_MAX_DISK", get(f"{key}_MAX_DISK")) if cache else None,
+        storage=_storage(key, get, cache, data_dir),
     )
 
 
@@ -261,6 +300,16 @@ def _readable_file(var: str, value: str) -> Path | None:
     if not path.is_file() or not os.access(path, os.R_OK):
         raise ConfigError(f"{var}: {value!r} is not a file regcache can read")
     return path
+
+
+def _storage(key: str, get, cache: str | None, data_dir: Path) -> Path | None:
+    """The cache's storage root: K_STORAGE, else where `regcache up` keeps a cache it runs."""
+    var = f"{key}_STORAGE"
+    if get(var):
+        if cache is None:
+            raise ConfigError(f"{var}: set, but {key}_CACHE is none: a registry passed through has no storage")
+        return Path(get(var)).absolute()
+    return data_dir / key.lower() / "storage" if cache and is_local(cache) else None
 
 
 def base_url(var: str, value: str) -> str:
@@ -339,11 +388,17 @@ def _bool(var: str, value: str) -> bool:
     raise ConfigError(f"{var}: {value!r} is not true or false")
 
 
-def _check_ports_differ(port: int, admin_port: int, registries: tuple[Registry, ...], get) -> None:
+def _check_ports_differ(port: int, admin_port: int, dataplane: DataPlane | None, registries: tuple[Registry, ...],
+                        get) -> None:
     """Every listener needs a port of its own. Errors name the variable that gave the port."""
     if admin_port == port:
         raise ConfigError(f"REGCACHE_ADMIN_PORT: {admin_port} is taken by REGCACHE_PORT; the admin endpoint needs its own")
     taken = {port: "REGCACHE_PORT", admin_port: "REGCACHE_ADMIN_PORT"}
+    if dataplane is not None:
+        if dataplane.port in taken:
+            raise ConfigError(f"REGCACHE_DATAPLANE_PORT: {dataplane.port} is taken by {taken[dataplane.port]}; "
+                              "the data plane needs its own")
+        taken[dataplane.port] = "REGCACHE_DATAPLANE_PORT"
     for r in registries:
         if r.egress_port is None:
             continue

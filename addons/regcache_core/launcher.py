@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class Child:
     name: str
     process: subprocess.Popen
-    ready_urls: tuple[str, ...]  # each answers with some HTTP status once the child serves
+    ready: Callable[[], bool]  # true once the child serves
 
 
 @dataclass
@@ -78,8 +79,8 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
     `web` runs mitmweb (a UI of live pulls on 127.0.0.1:8081) instead of mitmdump. Where mitmweb
     asks for a password and REGCACHE_WEB_PASSWORD is empty, this run makes a token for it.
 
-    Returns the exit status: 0 after Ctrl-C or SIGTERM, 1 if the proxy failed, or anything failed
-    while starting.
+    Returns the exit status: 0 after Ctrl-C or SIGTERM, 1 if the proxy or the data plane failed,
+    or anything failed while starting.
     """
     backends = local_backends(config)
     program = find_registry_program()
@@ -105,21 +106,26 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
         children.append(_start_proxy(proxy_program, config, env_file, web, web_token))
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
+        # After the proxy, which receives the data plane's pull records.
+        if config.dataplane is not None:
+            children.append(_start_dataplane(env_file))
         for backend in backends:
             children.append(_start_cache(program, backend))
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
         print(ready_message(config, backends, web, web_token), flush=True)
-        proxy = children[0]
+        # The proxy and the data plane are the stack: either exiting ends it. Caches are
+        # started again (each serves one registry; the others go on meanwhile).
+        essential = len(children) - len(backends)
         caches = [SupervisedCache(program, backend, child, time.monotonic())
-                  for backend, child in zip(backends, children[1:])]
+                  for backend, child in zip(backends, children[essential:])]
         while not stop.wait(0.5):
-            if proxy.process.poll() is not None:
-                print(f"regcache: {proxy.name} exited with status {proxy.process.returncode}; stopping", file=sys.stderr)
+            if failed := _exited(children[:essential]):
+                print(f"regcache: {failed.name} exited with status {failed.process.returncode}; stopping", file=sys.stderr)
                 return 1
             for cache in caches:
                 cache.check(time.monotonic())
-            children[1:] = [cache.child for cache in caches]
+            children[essential:] = [cache.child for cache in caches]
         return 0
     finally:
         _stop_all(children, config.stop_grace)
@@ -148,7 +154,8 @@ def _start_cache(program: str, backend: CacheBackend) -> Child:
             # Not our environment: it may hold upstream passwords, which caches never need.
             env={"PATH": os.environ.get("PATH", os.defpath)},
         )
-    return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process, (f"{backend.registry.cache}/v2/",))
+    return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process,
+                 lambda: answers_http(f"{backend.registry.cache}/v2/"))
 
 
 def _start_proxy(program: str, config: Config, env_file: str, web: bool, web_token: str | None) -> Child:
@@ -173,7 +180,30 @@ def _start_proxy(program: str, config: Config, env_file: str, web: bool, web_tok
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
     # The admin endpoint only: a probe of the client port would be a request in the pull log
     # and the metrics. The admin endpoint starts once mitmproxy's listeners are open.
-    return Child(f"proxy ({Path(program).name})", process, (config.admin_url("/live"),))
+    return Child(f"proxy ({Path(program).name})", process, lambda: answers_http(config.admin_url("/live")))
+
+
+def _start_dataplane(env_file: str) -> Child:
+    # It says when every worker serves on a pipe: a probe of its port would be a request in the
+    # pull log, and a connection alone could be accepted by whatever else holds the port.
+    ready, ready_to_write = os.pipe()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "regcache_core.dataplane", "--env-file", env_file, "--ready-fd", str(ready_to_write)],
+            stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(ready_to_write,))
+    finally:
+        os.close(ready_to_write)
+    os.set_blocking(ready, False)
+    said = bytearray()
+
+    def says_ready() -> bool:
+        try:
+            said.extend(os.read(ready, 64))
+        except BlockingIOError:
+            pass
+        return said.startswith(b"ready")
+
+    return Child("data plane", process, says_ready)
 
 
 def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
@@ -187,7 +217,7 @@ def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
             names = ", ".join(c.name for c in waiting)
             print(f"regcache: not ready after {READY_TIMEOUT:.0f}s: {names}", file=sys.stderr)
             return False
-        waiting = [c for c in waiting if not all(map(answers_http, c.ready_urls))]
+        waiting = [c for c in waiting if not c.ready()]
         if waiting and stop.wait(0.2):
             return False
     return True
@@ -209,7 +239,7 @@ def _exited(children: list[Child]) -> Child | None:
 
 def _stop_all(children: list[Child], grace: float) -> None:
     """Stop the proxy first (it takes no new pulls and lets those in flight finish for up to
-    `grace` seconds), then the caches; kill what does not stop in time."""
+    `grace` seconds), then the data plane and the caches; kill what does not stop in time."""
     for index, child in enumerate(children):
         if child.process.poll() is None:
             child.process.terminate()
@@ -226,6 +256,10 @@ def ready_message(config: Config, backends: list[CacheBackend], web: bool = Fals
         f"regcache is ready on port {config.port}; pull log: {config.pull_log}",
         f"metrics and health: {config.admin_url('/metrics')}, /ready, /live",
     ]
+    if dataplane := config.dataplane:
+        where = dataplane.url or f"port {dataplane.port} of the host name clients use"
+        lines.append(f"data plane (warm layers of {dataplane.min_size} bytes and more, {dataplane.workers} workers) "
+                     f"on {where}: clients must reach it too")
     width = max(len(r.name) for r in config.registries)
     for r in config.registries:
         where = f"cache {r.cache}" + (" (run here)" if r.key in local else "") if r.cache else "uncached, passes through"

@@ -16,9 +16,9 @@ from .config import Config, Registry
 
 # Grammar from the distribution spec: path components joined by "/", at most 255 characters.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
+DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 _API_PATH = re.compile(r"/v2/(?P<repository>.+)/(?P<kind>manifests|blobs|tags|referrers)/(?P<reference>[^/]+)")
 _KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
 PULL_METHODS = ("GET", "HEAD")  # as sent: "get" is another method, which a backend may take for GET
@@ -183,7 +183,7 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
     repository, kind, reference = match["repository"], _KINDS[match["kind"]], match["reference"]
     if len(repository) > 255:
         return Refusal(400, "NAME_INVALID", f"{_quote(repository)} is longer than 255 characters")
-    if not _REPOSITORY.fullmatch(repository):
+    if not REPOSITORY.fullmatch(repository):
         return Refusal(400, "NAME_INVALID", f"{_quote(repository)} is not a valid repository name")
     if not registry.serves(repository):
         # As if it did not exist: which repositories a private account can read is not for clients to probe.
@@ -193,7 +193,7 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
             return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list, referrers)")
         return Target(registry, kind, repository, None, forward_path)
     if ":" in reference or kind in ("blob", "referrers"):
-        if not _DIGEST.fullmatch(reference):
+        if not DIGEST.fullmatch(reference):
             return Refusal(400, "DIGEST_INVALID", f"{_quote(reference)} is not a sha256 or sha512 digest")
     elif not _TAG.fullmatch(reference):
         # No manifest can have such a tag: the spec (and its conformance tests) want 404 for it.

@@ -18,6 +18,7 @@ from .admin import Admin
 from .client_access import ClientAccess
 from .budget import DiskBudget
 from .drain import Drain
+from .dataplane import DataPlaneHandoff, DataPlaneRecords
 from .hits import HitMarker
 from .manifest_responder import ManifestResponder
 from .pull_log import PullLogger
@@ -40,18 +41,20 @@ def make_addons() -> list:
     upstream_client = UpstreamClient()
     upstream_state = UpstreamState(metrics, upstream_client.ping)
     credentials = UpstreamCredentials(settings, signer, metrics, upstream_state)
-    # Order matters: hooks run in this order. UpstreamDeadlines answers for a down upstream
-    # before UpstreamCredentials asks it for a token; UpstreamCredentials redacts what it
-    # injected before mitmweb's view (added after the scripts) sends a flow update;
-    # ManifestResponder answers before HitMarker watches, and replaces a cache's answer before
-    # Recorder reads it; HitMarker sets the hit/miss/stale that Recorder hands to the pull log
-    # and metrics.
+    recorder = Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe, "disk budget": budget.record})
+    # Order matters: hooks run in this order. DataPlaneHandoff answers what Router routed;
+    # UpstreamDeadlines answers for a down upstream before UpstreamCredentials asks it for a
+    # token; UpstreamCredentials redacts what it injected before mitmweb's view (added after
+    # the scripts) sends a flow update; ManifestResponder answers before HitMarker watches, and
+    # replaces a cache's answer before Recorder reads it; HitMarker sets the hit/miss/stale that
+    # Recorder hands to the pull log and metrics. The data plane's records reach the same sinks.
     return [
         ScheduledTasks(),
         settings,
         MirrorDefaults(settings),
         ClientAccess(settings),
         Router(settings, signer),
+        DataPlaneHandoff(settings),
         UpstreamDeadlines(settings, upstream_state),
         credentials,
         ManifestResponder(settings, credentials, upstream_client, upstream_state, metrics),
@@ -59,7 +62,8 @@ def make_addons() -> list:
         SpecAnswers(),
         pull_logger,
         budget,
-        Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe, "disk budget": budget.record}),
+        recorder,
+        DataPlaneRecords(settings, recorder.deliver),
         Admin(settings, metrics, budget, upstream_state),
         Drain(settings),
         WebView(settings),

@@ -14,9 +14,10 @@ from mitmproxy import http
 from mitmproxy.flow import Error
 
 from ..metrics import Metrics
-from ..pull_log import PullRecord, utc_iso
+from .. import pull_log
+from ..pull_log import PullRecord
 from ..routing import Target
-from .keys import ANSWERED_HERE, BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, IN_FLIGHT, RECORD, REDIRECT, TARGET, UPSTREAM
+from .keys import ANSWERED_HERE, BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, HANDED_OFF, IN_FLIGHT, RECORD, REDIRECT, TARGET, UPSTREAM
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ class Recorder:
             # A cache's upstream fetch, not a client's pull: the log keeps one line per client request.
             log_upstream_fetch(flow, record)
             return
+        self.deliver(record)
+
+    def deliver(self, record: PullRecord) -> None:
+        """Hand a record to every sink, whatever another does."""
         for name, sink in self.sinks.items():
             try:
                 sink(record)
@@ -107,8 +112,9 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         status = response.status_code
     else:  # mitmproxy answers a failed exchange with 502, and a killed one with nothing
         status = 502 if flow.error and flow.error.msg != Error.KILLED_MESSAGE else 0
-    return PullRecord(
-        time=utc_iso(flow.request.timestamp_start),
+    return pull_log.pull_record(
+        started=flow.request.timestamp_start,
+        finished=now,
         client=flow.client_conn.peername[0] if flow.client_conn.peername else "",
         registry=target.registry.name if target else None,
         repository=target.repository if target else None,
@@ -116,9 +122,9 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         reference=target.reference if target else None,
         method=flow.request.method,
         status=status,
-        bytes=sent,
-        duration_ms=round((now - flow.request.timestamp_start) * 1000),
-        backend=target.backend if target and ANSWERED_HERE not in flow.metadata else None,
+        sent=sent,
+        # A 307 to the data plane is answered by the proxy itself, like a refusal.
+        backend=target.backend if target and not {ANSWERED_HERE, HANDED_OFF} & flow.metadata.keys() else None,
         cache=flow.metadata.get(CACHE_RESULT),
         error=flow.error.msg if flow.error else None,
     )

@@ -14,7 +14,7 @@ from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
 from ..redirects import RedirectSigner, is_redirect_path, resolves_internal
 from ..routing import PULL_METHODS, Refusal, Target, refuse_malformed, refuse_method, route, route_egress
-from .keys import ANSWERED_HERE, EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
+from .keys import ANSWERED_HERE, CLIENT_HOST, EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class Router:
             refuse(flow, decision)
             return
         flow.metadata[TARGET] = decision
+        flow.metadata[CLIENT_HOST] = request.host_header or ""
         if decision.goes_upstream:
             flow.metadata[UPSTREAM] = decision
         send_to(request, decision.backend, decision.path)
