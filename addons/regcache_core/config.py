@@ -38,6 +38,7 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_PULL_LOG_STDOUT": "false",
     "REGCACHE_EGRESS_HOST": "127.0.0.1",  # where caches reach the proxy; 0.0.0.0 in a container
     "REGCACHE_EGRESS_PORT": "5080",  # first egress port; registry N (0-based) gets this + N
+    "REGCACHE_SPOOL_MAX_DISK": "10G",  # cold blobs being fetched upstream, spooled for concurrent fetches
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "DOCKERHUB_REGISTRY": "docker.io",
     "DOCKERHUB_UPSTREAM": "https://registry-1.docker.io",
@@ -95,6 +96,7 @@ class Config:
     pull_log_stdout: bool
     registries: tuple[Registry, ...]
     egress_host: str = "127.0.0.1"
+    spool_max_disk: int = 10 << 30  # bytes of spools at once (spool.py); past it, fetches go upstream each
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -143,6 +145,7 @@ def parse_config(values: Mapping[str, str]) -> Config:
         pull_log_stdout=_bool("REGCACHE_PULL_LOG_STDOUT", get("REGCACHE_PULL_LOG_STDOUT")),
         registries=registries,
         egress_host=_ip_address("REGCACHE_EGRESS_HOST", get("REGCACHE_EGRESS_HOST")),
+        spool_max_disk=parse_size("REGCACHE_SPOOL_MAX_DISK", get("REGCACHE_SPOOL_MAX_DISK")),
     )
 
 
