@@ -30,6 +30,7 @@ def test_defaults_cache_the_three_big_registries():
     assert (config.domain, config.port, config.pull_log_stdout) == ("registry.localhost", 5000, False)
     assert config.data_dir == Path("data").absolute()
     assert config.pull_log == config.data_dir / "pull.log"
+    assert config.spool_max_disk == 10 << 30
     assert all(r.backend == r.cache for r in config.registries)
 
 
@@ -126,6 +127,7 @@ def test_credentials_come_in_pairs_and_stay_out_of_repr():
     ({"GHCR_EGRESS_PORT": "http"}, "GHCR_EGRESS_PORT", "not a port number"),
     ({"REGCACHE_EGRESS_HOST": "cache.local"}, "REGCACHE_EGRESS_HOST", "not an IP address"),
     ({"DOCKERHUB_CACHE": "https://127.0.0.1:5001"}, "DOCKERHUB_CACHE", "without TLS: use http://"),
+    ({"REGCACHE_SPOOL_MAX_DISK": "lots"}, "REGCACHE_SPOOL_MAX_DISK", "not a size"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(changes, variable, says):
     with pytest.raises(ConfigError) as raised:

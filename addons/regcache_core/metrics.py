@@ -46,6 +46,9 @@ class Metrics:
         self.upstream_errors = Counter(
             "regcache_upstream_errors", "Upstream requests that got no HTTP answer (refused, reset, timed out, bad TLS).",
             ("registry",), registry=self.registry)
+        self.spool_followers = Counter(
+            "regcache_spool_followers", "Caches' upstream fetches of a blob answered from the spool of a concurrent "
+            "fetch (sent to the data plane) instead of going upstream.", ("registry",), registry=self.registry)
         self.token_fetches = Counter(
             "regcache_token_fetches", "Bearer token requests to an upstream's token realm, by outcome (ok, denied, error).",
             ("registry", "outcome"), registry=self.registry)
@@ -74,6 +77,9 @@ class Metrics:
             self.upstream_errors.labels(registry).inc()
         else:
             self.upstream_fetches.labels(registry, str(status)).inc()
+
+    def spool_follower(self, registry: str) -> None:
+        self.spool_followers.labels(registry).inc()
 
     def token_fetch(self, registry: str, outcome: str) -> None:
         if outcome not in TOKEN_OUTCOMES:

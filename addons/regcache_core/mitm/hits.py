@@ -7,7 +7,7 @@ from mitmproxy import http
 
 from ..hit_tracking import InFlight
 from ..routing import Target
-from .keys import CACHE_RESULT, EGRESS, TARGET
+from .keys import CACHE_RESULT, EGRESS, TARGET, UPSTREAM
 
 
 class HitMarker:
@@ -21,7 +21,12 @@ class HitMarker:
         if target and target.registry.cache and target.kind in ("manifest", "blob"):
             self.in_flight.started(flow.id, target.registry.name, target.repository, target.reference)
         egress: Target | None = flow.metadata.get(EGRESS)
-        if egress and egress.kind in ("manifest", "blob"):
+        if egress is None or UPSTREAM not in flow.metadata:  # not an upstream request, or served from a spool
+            return
+        if egress.kind == "blob":
+            if flow.request.method == "GET":
+                self.in_flight.upstream_blob_fetch(egress.registry.name, egress.repository, egress.reference)
+        elif egress.kind == "manifest":
             self.in_flight.upstream_request(egress.registry.name, egress.repository, egress.reference, flow.request.method)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -9,4 +9,6 @@ UPSTREAM = "regcache.upstream"  # the Target of a flow sent upstream with our cr
 REDIRECT = "regcache.redirect"  # the Target whose upstream answer redirected the flow we follow
 INJECTED = "regcache.injected"  # the Authorization header is ours
 IN_FLIGHT = "regcache.in_flight"  # counted in the in-flight gauge, not yet finished
+SPOOL = "regcache.spool"  # the Spool this flow leads (single_flight.py)
+SPOOL_FOLLOWER = "regcache.spool_follower"  # a cache's fetch answered from a concurrent fetch's spool
 RECORD = "regcache.record"  # the flow's PullRecord, once it ended
