@@ -31,6 +31,14 @@ async def read_all(path, size=len(BLOB), digest=DIGEST, **options) -> bytes:
         os.close(fd)
 
 
+async def spooling(table: SpoolTable, written: bytes):
+    """A leader of KEY that got its 200 and passed on `written` so far: (spool, writer)."""
+    _, spool = await table.claim(KEY)
+    writer = await table.start(spool, len(BLOB))
+    writer(written)
+    return spool, writer
+
+
 async def until(condition, timeout=5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -85,9 +93,7 @@ def test_followers_go_upstream_themselves_when_the_leader_has_no_body(tmp_path, 
 def test_a_leader_failing_midway_cuts_its_readers_and_leaves_no_file(tmp_path):
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
-        _, spool = await table.claim(KEY)
-        writer = await table.start(spool, len(BLOB))
-        writer(BLOB[:CHUNK * 3])
+        spool, _ = await spooling(table, BLOB[:CHUNK * 3])
         reader = asyncio.create_task(read_all(spool.path))
         await asyncio.sleep(0.1)
         assert not reader.done(), "a reader waits for a spool that is still growing"
@@ -104,9 +110,7 @@ def test_a_leader_failing_midway_cuts_its_readers_and_leaves_no_file(tmp_path):
 def test_a_leader_ending_short_fails_its_spool(tmp_path):
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
-        _, spool = await table.claim(KEY)
-        writer = await table.start(spool, len(BLOB))
-        writer(BLOB[:CHUNK])
+        spool, _ = await spooling(table, BLOB[:CHUNK])
         await table.finish(spool)
         await until(lambda: len(table) == 0)
         assert not spool.path.exists()

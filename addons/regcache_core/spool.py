@@ -223,7 +223,7 @@ class SpoolTable:
 
     def fail(self, spool: Spool, reason: str) -> None:
         """The leader failed: its file goes (readers of it cut), and followers still to come go upstream."""
-        if spool.state in (State.SPOOLING, State.COMPLETE):
+        if spool.state is State.SPOOLING:
             logger.info("spool of %s failed (%s): its followers are cut", describe(spool.key), reason)
         spool.state = State.DECLINED
         spool.decided.set()
