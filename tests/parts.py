@@ -55,6 +55,8 @@ PORT_BASES = {
     "test_observability": 5600,
     "test_startup": 5700,
     "test_web": 5800,  # and mitmweb's UI on its fixed 8081: the only `regcache up --web` of the suite
+    "test_dataplane": 6100,
+    "test_dataplane_clients": 6200,
 }
 UPSTREAM_OFFSET = 1000
 
@@ -417,9 +419,10 @@ class Stack:
         self.settings = {
             "REGISTRY_DOMAIN": TEST_DOMAIN,
             "REGCACHE_DATA_DIR": str(workdir / "data"),
-            # Stacks on different ports never share an egress or admin port.
+            # Stacks on different ports never share an egress, admin or data-plane port.
             "REGCACHE_EGRESS_PORT": str(port + 80),
             "REGCACHE_ADMIN_PORT": str(port + 70),
+            "REGCACHE_DATAPLANE_PORT": str(port + 50),
             **settings,
         }
         self.port = port

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from regcache_core.config import DEFAULTS, ConfigError, load_config, parse_config, parse_size
+from regcache_core.config import DEFAULTS, ConfigError, DataPlane, load_config, parse_config, parse_size
 
 K8S = {
     "REGCACHE_REGISTRIES": "DOCKERHUB,K8S",
@@ -170,3 +171,32 @@ def test_sizes_take_binary_units(value, size):
 def test_a_bad_size_names_the_variable(value):
     with pytest.raises(ConfigError, match="^X: .* is not a size"):
         parse_size("X", value)
+
+
+def test_the_data_plane_settings():
+    config = parse()
+    assert (config.dataplane.host, config.dataplane.port, config.dataplane.url) == ("", 5050, None)
+    assert config.dataplane.min_size == 1 << 20 and config.dataplane.workers >= 1
+    assert config.registries[0].storage == config.data_dir / "dockerhub" / "storage"
+    config = parse(REGCACHE_DATAPLANE_HOST="::", REGCACHE_DATAPLANE_PORT="6050", REGCACHE_DATAPLANE_URL="http://Cache.example:30050",
+                   REGCACHE_DATAPLANE_MIN_SIZE="4M", REGCACHE_DATAPLANE_WORKERS="3", DOCKERHUB_CACHE="http://registry-dockerhub:5000",
+                   DOCKERHUB_STORAGE="/caches/dockerhub")
+    assert config.dataplane == DataPlane("::", 6050, "http://cache.example:30050", 4 << 20, 3)
+    assert config.registries[0].storage == Path("/caches/dockerhub")
+    assert config.registries[1].storage == config.data_dir / "ghcr" / "storage"  # on loopback: regcache up runs it
+    assert parse(DOCKERHUB_CACHE="http://registry-dockerhub:5000").registries[0].storage is None  # somebody else's
+    assert parse(REGCACHE_DATAPLANE="false").dataplane is None
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"REGCACHE_DATAPLANE_PORT": "5000"}, "REGCACHE_DATAPLANE_PORT: 5000 is taken by REGCACHE_PORT"),
+    ({"REGCACHE_DATAPLANE_PORT": "5080"}, "REGCACHE_EGRESS_PORT: gives DOCKERHUB egress port 5080, which REGCACHE_DATAPLANE_PORT uses too"),
+    ({"REGCACHE_DATAPLANE_URL": "http://x:1/path"}, "REGCACHE_DATAPLANE_URL: 'http://x:1/path' must be a bare"),
+    ({"REGCACHE_DATAPLANE_MIN_SIZE": "big"}, "REGCACHE_DATAPLANE_MIN_SIZE: 'big' is not a size"),
+    ({"REGCACHE_DATAPLANE_WORKERS": "0"}, "REGCACHE_DATAPLANE_WORKERS: '0' is not a whole number"),
+    ({"REGCACHE_DATAPLANE_HOST": "all"}, "REGCACHE_DATAPLANE_HOST: 'all' is not an IP address"),
+    ({"GHCR_CACHE": "none", "GHCR_STORAGE": "/x"}, "GHCR_STORAGE: set, but GHCR_CACHE is none"),
+])
+def test_bad_data_plane_settings_name_the_variable(changes, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse(**changes)

@@ -17,6 +17,7 @@ from parts import (
 MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
 PORT = PORT_BASES["test_startup"]
 CACHE_PORT = PORT + 1
+DATAPLANE_PORT = PORT + 50
 
 
 def run(command: list[str], workdir: Path, env_file_text: str, path: str | None = None, timeout: float = 60):
@@ -58,10 +59,11 @@ def test_plain_mitmdump_with_a_bad_setting_exits_naming_it(tmp_path):
 
 def test_sigterm_stops_every_child_and_exits_0(tmp_path, upstream):
     stack = docker_io_stack(tmp_path, upstream, PORT).start()
-    started = child_pids(stack.process.pid)
-    assert len(started) == 2 and accepts_connections(PORT) and accepts_connections(CACHE_PORT)
+    started = child_pids(stack.process.pid)  # the proxy, the data plane's parent, the cache
+    ports = (PORT, DATAPLANE_PORT, CACHE_PORT)
+    assert len(started) == 3 and all(map(accepts_connections, ports))
     assert stack.stop() == 0
-    assert not accepts_connections(PORT) and not accepts_connections(CACHE_PORT)
+    assert not any(map(accepts_connections, ports))
     assert not any(Path(f"/proc/{pid}").exists() for pid in started)
 
 

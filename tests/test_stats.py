@@ -76,3 +76,17 @@ def test_parse_record_rejects_wrong_types():
 def test_human_bytes():
     assert [human_bytes(n) for n in (0, 1023, 1024, 5 << 20, 3 << 40, 5000 << 40)] == [
         "0 B", "1023 B", "1.0 KiB", "5.0 MiB", "3.0 TiB", "5000.0 TiB"]
+
+
+def test_a_blob_handed_to_the_data_plane_counts_once():
+    """The proxy's 307 and the data plane's transfer are one hit, and their bytes are the transfer's."""
+    def record(status, size, backend):
+        return json.dumps({
+            "time": "2026-12-01T10:00:00.000+00:00", "client": "10.0.0.9", "registry": "docker.io",
+            "repository": "library/big", "kind": "blob", "reference": "sha256:" + "a" * 64, "method": "GET",
+            "status": status, "bytes": size, "duration_ms": 50, "backend": backend, "cache": "hit", "error": None,
+        })
+
+    summary = summarize([record(307, 0, None), record(200, 1000, "dataplane"),
+                         record(200, 10, "http://127.0.0.1:5001").replace('"hit"', '"miss"')])
+    assert summary["total"] == {"requests": 3, "pulls": 0, "bytes": 1010, "hit_ratio": 0.5}

@@ -20,7 +20,7 @@ INSTALL_HINT = "install it with `apt-get install docker-registry` (Debian/Ubuntu
 @dataclass(frozen=True)
 class CacheBackend:
     registry: Registry
-    root: Path  # holds config.yml, registry.log and storage/
+    root: Path  # holds config.yml and registry.log (and storage/, unless K_STORAGE says otherwise)
     remoteurl: str  # the proxy's egress listener for this registry, never the upstream itself
 
     @property
@@ -33,7 +33,8 @@ class CacheBackend:
 
     @property
     def storage(self) -> Path:
-        return self.root / "storage"
+        """Where it keeps blobs and manifests: the registry's `storage` (set for every local cache)."""
+        return self.registry.storage
 
 
 def local_backends(config: Config) -> list[CacheBackend]:

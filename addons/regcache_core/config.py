@@ -8,11 +8,16 @@ and both win over `DEFAULTS`. A registry is a few variables sharing a prefix (it
     K8S_UPSTREAM=https://registry.k8s.io  # where its images come from
     K8S_CACHE=http://127.0.0.1:5004       # its registry:2 cache, or "none" to pass through
     K8S_USERNAME= / K8S_PASSWORD=         # optional upstream credentials
+    K8S_STORAGE=/caches/k8s               # optional: its cache's storage, as this machine sees it
 
 Caches never talk to an upstream themselves: each cached registry's cache uses an egress
 listener of the proxy as its upstream, bound to REGCACHE_EGRESS_HOST, on port K_EGRESS_PORT if
 set, else REGCACHE_EGRESS_PORT + the registry's position in REGCACHE_REGISTRIES (0-based). The
 proxy adds credentials there.
+
+The data plane (REGCACHE_DATAPLANE_*) sends warm blobs straight from a cache's storage: the
+proxy answers a warm blob GET with a 307 to it. It needs the storage root of each cache
+(K_STORAGE); for the caches `regcache up` runs that is <data dir>/<key lower>/storage.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_PULL_LOG_STDOUT": "false",
     "REGCACHE_EGRESS_HOST": "127.0.0.1",  # where caches reach the proxy; 0.0.0.0 in a container
     "REGCACHE_EGRESS_PORT": "5080",  # first egress port; registry N (0-based) gets this + N
+    "REGCACHE_DATAPLANE": "true",
+    "REGCACHE_DATAPLANE_HOST": "",  # empty: all interfaces, like the client listener
+    "REGCACHE_DATAPLANE_PORT": "5050",
+    "REGCACHE_DATAPLANE_URL": "",  # empty: the host name the client used, on REGCACHE_DATAPLANE_PORT
+    "REGCACHE_DATAPLANE_MIN_SIZE": "1M",
+    "REGCACHE_DATAPLANE_WORKERS": "",  # empty: one per core
     "REGCACHE_SPOOL_MAX_DISK": "10G",  # cold blobs being fetched upstream, spooled for concurrent fetches
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "DOCKERHUB_REGISTRY": "docker.io",
@@ -77,11 +88,28 @@ class Registry:
     username: str = ""
     password: str = field(default="", repr=False)
     egress_port: int | None = None  # the proxy's egress listener for its cache; None when uncached
+    storage: Path | None = None  # its cache's storage root (registry:2's filesystem); None: no data plane
 
     @property
     def backend(self) -> str:
         """Where client requests for this registry go."""
         return self.cache or self.upstream
+
+
+@dataclass(frozen=True)
+class DataPlane:
+    """Where the data plane listens, and which blobs the proxy sends there."""
+
+    host: str  # bind address; "" for all interfaces
+    port: int
+    url: str | None  # public base URL for its 307s; None: the client's host name on `port`
+    min_size: int  # smaller blobs keep streaming through the proxy: a redirect costs a round trip
+    workers: int
+
+    @property
+    def local_url(self) -> str:
+        """How this machine reaches it."""
+        return local_url(self.host or "0.0.0.0", self.port)
 
 
 @dataclass(frozen=True)
@@ -96,6 +124,7 @@ class Config:
     pull_log_stdout: bool
     registries: tuple[Registry, ...]
     egress_host: str = "127.0.0.1"
+    dataplane: DataPlane | None = None  # None: REGCACHE_DATAPLANE=false, every blob streams through the proxy
     spool_max_disk: int = 10 << 30  # bytes of spools at once (spool.py); past it, fetches go upstream each
 
     def registry(self, name: str) -> Registry | None:
@@ -129,11 +158,12 @@ def parse_config(values: Mapping[str, str]) -> Config:
     data_dir = Path(get("REGCACHE_DATA_DIR") or "./data").absolute()
     keys = _registry_keys(get("REGCACHE_REGISTRIES"))
     egress_base = _port("REGCACHE_EGRESS_PORT", get("REGCACHE_EGRESS_PORT"))
-    registries = tuple(_registry(key, get, egress_base + index) for index, key in enumerate(keys))
+    registries = tuple(_registry(key, get, egress_base + index, data_dir) for index, key in enumerate(keys))
     _check_names_differ(registries)
     port = _port("REGCACHE_PORT", get("REGCACHE_PORT"))
     admin_port = _port("REGCACHE_ADMIN_PORT", get("REGCACHE_ADMIN_PORT"))
-    _check_ports_differ(port, admin_port, registries, get)
+    dataplane = _dataplane(get) if _bool("REGCACHE_DATAPLANE", get("REGCACHE_DATAPLANE")) else None
+    _check_ports_differ(port, admin_port, dataplane, registries, get)
     return Config(
         domain=_hostname("REGISTRY_DOMAIN", get("REGISTRY_DOMAIN").lower()),
         port=port,
@@ -146,6 +176,19 @@ def parse_config(values: Mapping[str, str]) -> Config:
         registries=registries,
         egress_host=_ip_address("REGCACHE_EGRESS_HOST", get("REGCACHE_EGRESS_HOST")),
         spool_max_disk=parse_size("REGCACHE_SPOOL_MAX_DISK", get("REGCACHE_SPOOL_MAX_DISK")),
+        dataplane=dataplane,
+    )
+
+
+def _dataplane(get) -> DataPlane:
+    host = get("REGCACHE_DATAPLANE_HOST")
+    workers = get("REGCACHE_DATAPLANE_WORKERS")
+    return DataPlane(
+        host=_ip_address("REGCACHE_DATAPLANE_HOST", host) if host else "",
+        port=_port("REGCACHE_DATAPLANE_PORT", get("REGCACHE_DATAPLANE_PORT")),
+        url=base_url("REGCACHE_DATAPLANE_URL", get("REGCACHE_DATAPLANE_URL")) if get("REGCACHE_DATAPLANE_URL") else None,
+        min_size=parse_size("REGCACHE_DATAPLANE_MIN_SIZE", get("REGCACHE_DATAPLANE_MIN_SIZE")),
+        workers=_positive("REGCACHE_DATAPLANE_WORKERS", workers) if workers else os.cpu_count() or 1,
     )
 
 
@@ -161,7 +204,7 @@ def _registry_keys(value: str) -> list[str]:
     return keys
 
 
-def _registry(key: str, get, default_egress_port: int) -> Registry:
+def _registry(key: str, get, default_egress_port: int, data_dir: Path) -> Registry:
     name_var, upstream_var, cache_var = f"{key}_REGISTRY", f"{key}_UPSTREAM", f"{key}_CACHE"
     for var in (name_var, upstream_var, cache_var):
         if not get(var):
@@ -179,8 +222,19 @@ def _registry(key: str, get, default_egress_port: int) -> Registry:
     egress_var = f"{key}_EGRESS_PORT"
     egress_port = _port(egress_var, get(egress_var)) if get(egress_var) else default_egress_port
     return Registry(
-        key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None
+        key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None,
+        _storage(key, get, cache, data_dir),
     )
+
+
+def _storage(key: str, get, cache: str | None, data_dir: Path) -> Path | None:
+    """The cache's storage root: K_STORAGE, else where `regcache up` keeps a cache it runs."""
+    var = f"{key}_STORAGE"
+    if get(var):
+        if cache is None:
+            raise ConfigError(f"{var}: set, but {key}_CACHE is none: a registry passed through has no storage")
+        return Path(get(var)).absolute()
+    return data_dir / key.lower() / "storage" if cache and is_local(cache) else None
 
 
 def base_url(var: str, value: str) -> str:
@@ -243,11 +297,17 @@ def _bool(var: str, value: str) -> bool:
     raise ConfigError(f"{var}: {value!r} is not true or false")
 
 
-def _check_ports_differ(port: int, admin_port: int, registries: tuple[Registry, ...], get) -> None:
+def _check_ports_differ(port: int, admin_port: int, dataplane: DataPlane | None, registries: tuple[Registry, ...],
+                        get) -> None:
     """Every listener needs a port of its own. Errors name the variable that gave the port."""
     if admin_port == port:
         raise ConfigError(f"REGCACHE_ADMIN_PORT: {admin_port} is taken by REGCACHE_PORT; the admin endpoint needs its own")
     taken = {port: "REGCACHE_PORT", admin_port: "REGCACHE_ADMIN_PORT"}
+    if dataplane is not None:
+        if dataplane.port in taken:
+            raise ConfigError(f"REGCACHE_DATAPLANE_PORT: {dataplane.port} is taken by {taken[dataplane.port]}; "
+                              "the data plane needs its own")
+        taken[dataplane.port] = "REGCACHE_DATAPLANE_PORT"
     for r in registries:
         if r.egress_port is None:
             continue

@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .cache_backend import INSTALL_HINT, CacheBackend, find_registry_program, local_backends, write_registry_config
 from .config import Config
@@ -28,7 +31,7 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class Child:
     name: str
     process: subprocess.Popen
-    ready_urls: tuple[str, ...]  # each answers with some HTTP status once the child serves
+    ready: Callable[[], bool]  # true once the child serves
 
 
 def up(config: Config, env_file: str, web: bool = False) -> int:
@@ -60,6 +63,9 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
         children.append(_start_proxy(proxy_program, config, env_file, web))
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
+        # After the proxy, which receives the data plane's pull records.
+        if config.dataplane is not None:
+            children.append(_start_dataplane(config, env_file))
         for backend in backends:
             children.append(_start_cache(program, backend))
         if not _wait_ready(children, stop):
@@ -91,7 +97,8 @@ def _start_cache(program: str, backend: CacheBackend) -> Child:
             # Not our environment: it may hold upstream passwords, which caches never need.
             env={"PATH": os.environ.get("PATH", os.defpath)},
         )
-    return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process, (f"{backend.registry.cache}/v2/",))
+    return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process,
+                 lambda: answers_http(f"{backend.registry.cache}/v2/"))
 
 
 def _start_proxy(program: str, config: Config, env_file: str, web: bool) -> Child:
@@ -106,7 +113,15 @@ def _start_proxy(program: str, config: Config, env_file: str, web: bool) -> Chil
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
     # The admin endpoint only: a probe of the client port would be a request in the pull log
     # and the metrics. The admin endpoint starts once mitmproxy's listeners are open.
-    return Child(f"proxy ({Path(program).name})", process, (config.admin_url("/live"),))
+    return Child(f"proxy ({Path(program).name})", process, lambda: answers_http(config.admin_url("/live")))
+
+
+def _start_dataplane(config: Config, env_file: str) -> Child:
+    process = subprocess.Popen([sys.executable, "-m", "regcache_core.dataplane", "--env-file", env_file],
+                               stdin=subprocess.DEVNULL, start_new_session=True)
+    # A connection, no request: every request to the data plane is a record in the pull log.
+    address = urlsplit(config.dataplane.local_url)
+    return Child("data plane", process, lambda: accepts_connections(address.hostname, address.port))
 
 
 def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
@@ -120,7 +135,7 @@ def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
             names = ", ".join(c.name for c in waiting)
             print(f"regcache: not ready after {READY_TIMEOUT:.0f}s: {names}", file=sys.stderr)
             return False
-        waiting = [c for c in waiting if not all(map(answers_http, c.ready_urls))]
+        waiting = [c for c in waiting if not c.ready()]
         if waiting and stop.wait(0.2):
             return False
     return True
@@ -136,12 +151,21 @@ def answers_http(url: str) -> bool:
     return True
 
 
+def accepts_connections(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def _exited(children: list[Child]) -> Child | None:
     return next((c for c in children if c.process.poll() is not None), None)
 
 
 def _stop_all(children: list[Child]) -> None:
-    """Stop the proxy first (no new pulls), then the caches; kill what does not stop in time."""
+    """Stop the proxy first (no new pulls), then the data plane and the caches; kill what does
+    not stop in time."""
     for child in children:
         if child.process.poll() is None:
             child.process.terminate()
@@ -158,6 +182,10 @@ def ready_message(config: Config, backends: list[CacheBackend], web: bool = Fals
         f"regcache is ready on port {config.port}; pull log: {config.pull_log}",
         f"metrics and health: {config.admin_url('/metrics')}, /ready, /live",
     ]
+    if dataplane := config.dataplane:
+        where = dataplane.url or f"port {dataplane.port} of the host name clients use"
+        lines.append(f"data plane (warm layers of {dataplane.min_size} bytes and more, {dataplane.workers} workers) "
+                     f"on {where}: clients must reach it too")
     width = max(len(r.name) for r in config.registries)
     for r in config.registries:
         where = f"cache {r.cache}" + (" (run here)" if r.key in local else "") if r.cache else "uncached, passes through"

@@ -21,21 +21,18 @@ A refused Location is removed from the answer; a refused follow-up is answered 4
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
-import re
 import secrets
 import socket
 import time
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from .config import Registry, is_local, parse_ip
 from .routing import Target
+from .signing import FieldSigner
 
 REDIRECT_PATH = "/_regcache/redirect"
 REDIRECT_LIFETIME = 300  # seconds a signed redirect path can be followed; clients follow at once
-_TIME = re.compile(r"[0-9]{1,12}")
 
 
 def is_redirect_path(path: str) -> bool:
@@ -56,8 +53,7 @@ class SignedRedirect:
 
 class RedirectSigner:
     def __init__(self, key: bytes | None = None, clock=time.time) -> None:
-        self._key = key or secrets.token_bytes(32)
-        self._clock = clock
+        self._fields = FieldSigner(key or secrets.token_bytes(32), clock)
 
     def location(self, request_url: str, location: str, answers: Target) -> str | None:
         """Our Location for `location`, which the upstream of `answers.registry` (or a CDN it
@@ -69,25 +65,16 @@ class RedirectSigner:
         fields = {
             "url": url, "registry": answers.registry.name, "kind": answers.kind,
             "repository": answers.repository or "", "reference": answers.reference or "",
-            "exp": str(int(self._clock()) + REDIRECT_LIFETIME),
         }
-        return REDIRECT_PATH + "?" + urlencode({**fields, "sig": self._sign(fields)})
+        return REDIRECT_PATH + "?" + self._fields.query(fields, self._fields.now() + REDIRECT_LIFETIME)
 
     def target(self, path: str) -> SignedRedirect | None:
         """Where a redirect path of ours leads; None when we did not sign it or it expired."""
-        fields = dict(parse_qsl(path.partition("?")[2], keep_blank_values=True))
-        signature = fields.pop("sig", "")
-        # Bytes: compare_digest refuses str with non-ASCII characters, which clients choose.
-        if not hmac.compare_digest(signature.encode(), self._sign(fields).encode()):
-            return None
-        expires = fields.get("exp", "")
-        if not _TIME.fullmatch(expires) or int(expires) < self._clock():
+        fields = self._fields.verify(path.partition("?")[2])
+        if fields is None:
             return None
         return SignedRedirect(fields.get("url", ""), fields.get("registry", ""), fields.get("kind", ""),
                               fields.get("repository") or None, fields.get("reference") or None)
-
-    def _sign(self, fields: dict[str, str]) -> str:
-        return hmac.new(self._key, urlencode(sorted(fields.items())).encode(), hashlib.sha256).hexdigest()
 
 
 def may_lead_to(registry: Registry, url: str) -> bool:

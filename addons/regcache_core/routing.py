@@ -16,9 +16,9 @@ from .config import Config, Registry
 
 # Grammar from the distribution spec: path components joined by "/", at most 255 characters.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
+DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 _API_PATH = re.compile(r"/v2/(?P<repository>.+)/(?P<kind>manifests|blobs|tags)/(?P<reference>[^/]+)")
 _KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags"}
 PULL_METHODS = ("GET", "HEAD")
@@ -122,14 +122,14 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
     repository, kind, reference = match["repository"], _KINDS[match["kind"]], match["reference"]
     if len(repository) > 255:
         return Refusal(400, "NAME_INVALID", f"{_quote(repository)} is longer than 255 characters")
-    if not _REPOSITORY.fullmatch(repository):
+    if not REPOSITORY.fullmatch(repository):
         return Refusal(400, "NAME_INVALID", f"{_quote(repository)} is not a valid repository name")
     if kind == "tags":
         if reference != "list":
             return Refusal(404, "UNSUPPORTED", f"{_quote(path)} is not a pull API path (manifests, blobs, tags/list)")
         return Target(registry, kind, repository, None, forward_path)
     if ":" in reference or kind == "blob":
-        if not _DIGEST.fullmatch(reference):
+        if not DIGEST.fullmatch(reference):
             return Refusal(400, "DIGEST_INVALID", f"{_quote(reference)} is not a sha256 or sha512 digest")
     elif not _TAG.fullmatch(reference):
         return Refusal(400, "TAG_INVALID", f"{_quote(reference)} is not a valid tag")

@@ -7,7 +7,9 @@ requests are not pulls, but their bytes count. The slowest transfers are success
 of manifests and blobs; a transfer the client dropped is not slow, so it is left out.
 
 The hit ratio is hits / (hits + misses) over records whose `cache` says which; "n/a" when no
-record of that group says. Lines that are not whole, well-typed records (a line cut short by
+record of that group says. A redirect (3xx) is not counted there: the proxy's 307 to the data
+plane and the data plane's transfer are two records of one hit, and only the transfer (which
+carries the bytes) counts. Lines that are not whole, well-typed records (a line cut short by
 a crash, garbage) are counted and skipped. One pass, constant memory apart from the groups.
 """
 
@@ -41,8 +43,9 @@ class Totals:
         self.requests += 1
         self.pulls += is_pull(record)
         self.bytes += record["bytes"]
-        self.hits += record["cache"] == "hit"
-        self.misses += record["cache"] == "miss"
+        if not 300 <= record["status"] < 400:
+            self.hits += record["cache"] == "hit"
+            self.misses += record["cache"] == "miss"
 
     @property
     def hit_ratio(self) -> float | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..metrics import Metrics
 from ..redirects import RedirectSigner
 from .admin import Admin
+from .dataplane import DataPlaneHandoff, DataPlaneRecords
 from .hits import HitMarker
 from .pull_log import PullLogger
 from .recorder import Recorder
@@ -27,17 +28,21 @@ def make_addons() -> list:
     signer = RedirectSigner()
     metrics = Metrics()
     pull_logger = PullLogger(settings)
-    # Order matters: hooks run in this order. UpstreamCredentials redacts what it injected
-    # before mitmweb's view (added after the scripts) sends a flow update; HitMarker sets the
-    # hit/miss that Recorder hands to the pull log and metrics.
+    sinks = [pull_logger.write, metrics.observe]
+    # Order matters: hooks run in this order. DataPlaneHandoff answers what Router routed;
+    # UpstreamCredentials redacts what it injected before mitmweb's view (added after the
+    # scripts) sends a flow update; HitMarker sets the hit/miss that Recorder hands to the pull
+    # log and metrics.
     return [
         settings,
         MirrorDefaults(settings),
         Router(settings, signer),
+        DataPlaneHandoff(settings),
         UpstreamCredentials(settings, signer, metrics),
         HitMarker(),
         pull_logger,
-        Recorder(metrics, [pull_logger.write, metrics.observe]),
+        Recorder(metrics, sinks),
+        DataPlaneRecords(settings, sinks),
         Admin(settings, metrics),
         WebView(),
     ]

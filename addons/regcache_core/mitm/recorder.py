@@ -11,10 +11,12 @@ from mitmproxy import http
 from mitmproxy.flow import Error
 
 from ..metrics import Metrics
-from ..pull_log import PullRecord, utc_iso
+from .. import pull_log
+from ..pull_log import PullRecord
 from ..routing import Target
 from .keys import (
-    BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, IN_FLIGHT, RECORD, REDIRECT, SPOOL_FOLLOWER, TARGET, UPSTREAM,
+    BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, HANDED_OFF, IN_FLIGHT, RECORD, REDIRECT, SPOOL_FOLLOWER, TARGET,
+    UPSTREAM,
 )
 
 logger = logging.getLogger(__name__)
@@ -95,8 +97,9 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         status = response.status_code
     else:  # mitmproxy answers a failed exchange with 502, and a killed one with nothing
         status = 502 if flow.error and flow.error.msg != Error.KILLED_MESSAGE else 0
-    return PullRecord(
-        time=utc_iso(flow.request.timestamp_start),
+    return pull_log.pull_record(
+        started=flow.request.timestamp_start,
+        finished=now,
         client=flow.client_conn.peername[0] if flow.client_conn.peername else "",
         registry=target.registry.name if target else None,
         repository=target.repository if target else None,
@@ -104,9 +107,9 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         reference=target.reference if target else None,
         method=flow.request.method,
         status=status,
-        bytes=sent,
-        duration_ms=round((now - flow.request.timestamp_start) * 1000),
-        backend=target.backend if target else None,
+        sent=sent,
+        # A 307 to the data plane is answered by the proxy itself, like a refusal.
+        backend=target.backend if target and HANDED_OFF not in flow.metadata else None,
         cache=flow.metadata.get(CACHE_RESULT),
         error=flow.error.msg if flow.error else None,
     )

@@ -12,7 +12,7 @@ from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
 from ..redirects import RedirectSigner, is_redirect_path, resolves_internal
 from ..routing import Refusal, Target, refuse_method, route, route_egress
-from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
+from .keys import CLIENT_HOST, EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Router:
             refuse(flow, decision)
             return
         flow.metadata[TARGET] = decision
+        flow.metadata[CLIENT_HOST] = request.host_header or ""
         if decision.registry.cache is None:
             flow.metadata[UPSTREAM] = decision
         send_to(request, decision.backend, decision.path)

@@ -1,0 +1,135 @@
+"""Sending one open file as registry:2 sends a blob: its headers, Range and conditional requests,
+the bytes by sendfile.
+
+The file is opened before anything is sent, and only the open file is read: a blob the cache
+evicts (unlinks) meanwhile is still sent whole. If fewer bytes come than its size said (the
+file was cut short under us) or the client stops reading, the connection is cut, so a client
+never takes a short body for a complete one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from typing import BinaryIO
+
+from aiohttp import web
+
+SEND_CHUNK = 2 << 20  # bytes per sendfile call; each must finish within SEND_TIMEOUT
+SEND_TIMEOUT = 60.0  # seconds: a client reading slower than ~35 KB/s is cut off
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to answer: status, headers, and which bytes of the file (none for 304, 412, 416)."""
+
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    start: int = 0
+    count: int = 0
+
+
+def plan(request: web.BaseRequest, size: int, mtime: float, digest: str) -> Plan:
+    """The answer to a GET or HEAD of a blob of `size` bytes, last modified at `mtime`.
+
+    Conditions are checked in RFC 9110's order (13.2.2): If-Match, If-Unmodified-Since,
+    If-None-Match, If-Modified-Since, then Range (with If-Range). The ETag is the digest, as
+    registry:2 sends it.
+    """
+    etag = f'"{digest}"'
+    modified = int(mtime)  # HTTP dates have whole seconds
+    headers = {
+        "Docker-Content-Digest": digest, "ETag": etag, "Last-Modified": formatdate(modified, usegmt=True),
+        "Accept-Ranges": "bytes", "Cache-Control": "max-age=31536000",
+    }
+    if_match, if_none_match = request.if_match, request.if_none_match
+    if if_match is not None and not _matches(digest, if_match, weak=False):
+        return Plan(412, headers)
+    if if_match is None and (since := request.if_unmodified_since) and modified > since.timestamp():
+        return Plan(412, headers)
+    if if_none_match is not None:
+        if _matches(digest, if_none_match, weak=True):
+            return Plan(304, headers)
+    elif (since := request.if_modified_since) and modified <= since.timestamp():
+        return Plan(304, headers)
+
+    headers["Content-Type"] = "application/octet-stream"
+    asked = request.headers.get("Range")
+    # Several ranges (multipart answers) are ignored, as RFC 9110 allows: no registry client asks for them.
+    if asked is None or "," in asked or not _if_range_holds(request, etag, modified):
+        return Plan(200, {**headers, "Content-Length": str(size)}, 0, size)
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return Plan(416, {**headers, "Content-Range": f"bytes */{size}"})
+    if wanted.stop is None and wanted.start < 0:  # bytes=-N: the last N bytes
+        start = max(size + wanted.start, 0)
+        end = size
+    else:
+        start, end = wanted.start, min(wanted.stop if wanted.stop is not None else size, size)
+    if start >= size:
+        return Plan(416, {**headers, "Content-Range": f"bytes */{size}"})
+    count = end - start
+    return Plan(206, {**headers, "Content-Length": str(count), "Content-Range": f"bytes {start}-{end - 1}/{size}"},
+                start, count)
+
+
+def _matches(digest: str, etags, weak: bool) -> bool:
+    return any(etag.value in ("*", digest) and (weak or not etag.is_weak) for etag in etags)
+
+
+def _if_range_holds(request: web.BaseRequest, etag: str, modified: int) -> bool:
+    """True when there is no If-Range, or it names this blob (its ETag, or a date not before it)."""
+    value = request.headers.get("If-Range")
+    if value is None:
+        return True
+    if value.startswith(('"', "W/")):
+        return value == etag  # a strong comparison: a weak ETag never matches
+    since = request.if_range
+    return since is not None and modified <= since.timestamp()
+
+
+async def send(request: web.BaseRequest, file: BinaryIO, plan: Plan, on_sent) -> web.StreamResponse:
+    """Answer with `plan`, its bytes read from `file` by sendfile; calls `on_sent(n)` as bytes go.
+
+    Raises ConnectionError when the transfer did not complete (the connection is cut then).
+    """
+    response = web.StreamResponse(status=plan.status, headers=plan.headers)
+    await response.prepare(request)  # a StreamResponse sends its headers at once
+    if request.method != "HEAD" and plan.count:
+        transport = request.transport
+        loop = asyncio.get_running_loop()
+        offset, end = plan.start, plan.start + plan.count
+        try:
+            while offset < end:
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError("the client closed the connection")
+                async with asyncio.timeout(SEND_TIMEOUT):
+                    sent = await loop.sendfile(transport, file, offset, min(SEND_CHUNK, end - offset))
+                if sent == 0:
+                    raise ConnectionAbortedError(f"the file ended at byte {offset} of {end}: it was cut short")
+                offset += sent
+                on_sent(sent)
+        except (OSError, TimeoutError) as e:
+            if transport is not None:
+                transport.abort()
+            if isinstance(e, TimeoutError):
+                raise ConnectionAbortedError(f"the client read nothing for {SEND_TIMEOUT:.0f}s") from None
+            raise
+    await response.write_eof()
+    return response
+
+
+def open_file(path: os.PathLike) -> tuple[BinaryIO, os.stat_result] | None:
+    """The file, open, and its status; None if it is gone. Blocking: call it in a thread."""
+    try:
+        file = open(path, "rb")
+    except FileNotFoundError:
+        return None
+    try:
+        return file, os.fstat(file.fileno())
+    except OSError:
+        file.close()
+        raise

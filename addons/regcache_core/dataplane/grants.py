@@ -1,0 +1,84 @@
+"""Grants: what a data-plane URL lets its holder fetch, signed by the proxy.
+
+The data plane is not a second router: it serves exactly what a grant names (one blob, or one
+spool, of one repository of one registry, of one size), until the grant expires. Every access
+rule the proxy applies when it hands out the URL therefore holds for the data plane too.
+
+The proxy and every data-plane worker sign and check with one key, kept in the data dir
+(`load_or_create_key`): whichever process starts first creates it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..signing import FieldSigner
+
+GRANT_PATHS = {"blob": "/_regcache/blob", "spool": "/_regcache/spool"}  # the data plane's path for each kind
+GRANT_LIFETIME = 300  # seconds: clients follow a 307 at once; containerd's resumed Range GETs come soon after
+KEY_FILE = "dataplane.key"
+KEY_BYTES = 32
+_SIZE = re.compile(r"[0-9]{1,15}")
+
+
+@dataclass(frozen=True)
+class Grant:
+    kind: str  # "blob" | "spool"
+    registry: str  # the registry's name, e.g. docker.io
+    repository: str
+    digest: str
+    size: int  # bytes
+    expires: int  # unix seconds
+
+
+class GrantSigner:
+    def __init__(self, key: bytes, clock=time.time) -> None:
+        self._fields = FieldSigner(key, clock)
+
+    def grant(self, kind: str, registry: str, repository: str, digest: str, size: int) -> Grant:
+        """A grant for these, expiring GRANT_LIFETIME seconds from now."""
+        return Grant(kind, registry, repository, digest, size, self._fields.now() + GRANT_LIFETIME)
+
+    def query(self, grant: Grant) -> str:
+        fields = {"kind": grant.kind, "registry": grant.registry, "repository": grant.repository,
+                  "digest": grant.digest, "size": str(grant.size)}
+        return self._fields.query(fields, grant.expires)
+
+    def verify(self, query: str, kind: str) -> Grant | None:
+        """The grant a query carries; None when unsigned, altered, expired or of another kind."""
+        fields = self._fields.verify(query)
+        if fields is None or fields.get("kind") != kind or not _SIZE.fullmatch(fields.get("size", "")):
+            return None
+        return Grant(kind, fields.get("registry", ""), fields.get("repository", ""), fields.get("digest", ""),
+                     int(fields["size"]), int(fields["exp"]))
+
+
+def load_or_create_key(data_dir: Path) -> bytes:
+    """The data plane's signing key: read from the data dir, or made there (mode 0600).
+
+    The key is written whole to a file of its own, then linked into place, which fails if the
+    key is there already (like O_EXCL): of two processes starting at once, one key wins and
+    both read it, and nobody ever reads a key half written.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / KEY_FILE
+    if not path.exists():
+        draft = data_dir / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(KEY_BYTES))
+            os.link(draft, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            draft.unlink(missing_ok=True)
+    key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"{path}: not a data-plane key ({len(key)} bytes, expected {KEY_BYTES}); delete it to make a new one")
+    return key

@@ -1,0 +1,125 @@
+"""The data plane's HTTP server: sends what a grant names, nothing else.
+
+GET and HEAD of `/_regcache/blob?<grant>` send a warm blob from its cache's storage (see
+storage.py) with registry:2's headers. Every request leaves a pull record, handed to `records`
+(the worker sends them to the proxy): a blob sent is a cache hit by the data plane, with the
+bytes actually sent; a refusal names what was wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from .. import pull_log
+from ..config import Config
+from ..pull_log import PullRecord
+from ..routing import Refusal
+from .file_response import open_file, plan, send
+from .grants import GRANT_PATHS, Grant, GrantSigner
+from .storage import warm_blob
+
+BACKEND = "dataplane"  # the pull records' backend for what the data plane sent
+KEEPALIVE_TIMEOUT = 30.0  # seconds an idle connection (or one whose request head is not in yet) stays open
+CONFIG = web.AppKey("config", Config)
+SIGNER = web.AppKey("signer", GrantSigner)
+RECORDS = web.AppKey("records", Callable[[PullRecord], None])
+EXCHANGE = "regcache.exchange"  # request key: the Exchange a handler fills in
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Exchange:
+    """What a handler learnt about its request, for the pull record."""
+
+    started: float
+    grant: Grant | None = None
+    served: bool = False  # the bytes came from the cache (BACKEND, a cache hit)
+    sent: int = 0
+    error: str | None = None
+
+    def count(self, sent: int) -> None:
+        self.sent += sent
+
+
+def refused(refusal: Refusal) -> web.Response:
+    return web.Response(status=refusal.status, body=refusal.body(), content_type="application/json")
+
+
+def denied() -> web.Response:
+    return refused(Refusal(403, "DENIED", "not a data-plane URL issued by this regcache, or it expired"))
+
+
+async def serve_blob(request: web.Request) -> web.StreamResponse:
+    exchange: Exchange = request[EXCHANGE]
+    grant = request.app[SIGNER].verify(request.rel_url.raw_query_string, "blob")
+    if grant is None:
+        return denied()
+    exchange.grant = grant
+    registry = request.app[CONFIG].registry(grant.registry)
+    storage = registry.storage if registry else None
+    path = storage and await asyncio.to_thread(warm_blob, storage, grant.repository, grant.digest)
+    opened = path and await asyncio.to_thread(open_file, path)
+    if not opened or opened[1].st_size != grant.size:
+        if opened:
+            opened[0].close()
+        return refused(Refusal(404, "BLOB_UNKNOWN", f"{grant.digest} is not in the cache of {grant.registry}/{grant.repository}"))
+    file, status = opened
+    exchange.served = True
+    try:
+        return await send(request, file, plan(request, status.st_size, status.st_mtime, grant.digest), exchange.count)
+    finally:
+        file.close()
+
+
+# Path -> handler of GET and HEAD; the spool reader adds its path here.
+ROUTES: dict[str, Handler] = {
+    GRANT_PATHS["blob"]: serve_blob,
+}
+
+
+@web.middleware
+async def recorded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Runs the handler, answers what it refuses (and aiohttp's 404/405) in registry error JSON,
+    and hands one pull record per request to RECORDS."""
+    exchange = request[EXCHANGE] = Exchange(time.time())
+    status = 0
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as e:
+        status = e.status
+        what = f"{request.method} is not allowed: GET and HEAD only" if e.status == 405 else "not a data-plane path"
+        return refused(Refusal(e.status, "UNSUPPORTED", what))
+    except ConnectionError as e:
+        exchange.error = str(e) or type(e).__name__
+        status = 200 if exchange.served else 0
+        raise
+    finally:
+        request.app[RECORDS](record_of(request, exchange, status, time.time()))
+
+
+def record_of(request: web.Request, exchange: Exchange, status: int, now: float) -> PullRecord:
+    grant = exchange.grant
+    return pull_log.pull_record(
+        started=exchange.started, finished=now, client=request.remote or "",
+        registry=grant.registry if grant else None, repository=grant.repository if grant else None,
+        kind=grant.kind if grant else None, reference=grant.digest if grant else None,
+        method=request.method, status=status, sent=exchange.sent,
+        backend=BACKEND if exchange.served else None, cache="hit" if exchange.served else None,
+        error=exchange.error,
+    )
+
+
+def make_app(config: Config, signer: GrantSigner, records: Callable[[PullRecord], None]) -> web.Application:
+    app = web.Application(middlewares=[recorded], handler_args={"keepalive_timeout": KEEPALIVE_TIMEOUT})
+    app[CONFIG], app[SIGNER], app[RECORDS] = config, signer, records
+    for path, handler in ROUTES.items():
+        app.router.add_get(path, handler)  # and HEAD
+    return app

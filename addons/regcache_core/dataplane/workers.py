@@ -1,0 +1,86 @@
+"""The data plane's processes: one worker per core (REGCACHE_DATAPLANE_WORKERS), each an aiohttp
+server on the same port (SO_REUSEPORT: the kernel spreads connections over them), under one
+parent that starts them, stops them on SIGTERM or SIGINT, and stops them all if one dies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import signal
+import sys
+import threading
+
+from aiohttp import web
+
+from ..config import Config
+from .grants import GrantSigner, load_or_create_key
+from .records import RecordSender, records_socket
+from .server import make_app
+
+logger = logging.getLogger(__name__)
+
+STOP_TIMEOUT = 5.0  # seconds a worker's transfers get to finish after SIGTERM
+RECORDS_FLUSH_TIMEOUT = 2.0
+
+
+def run_workers(config: Config) -> int:
+    """Run the workers until SIGTERM or SIGINT (then 0) or until one of them exits (then 1)."""
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter each: nothing inherited by accident
+    workers = [context.Process(target=serve, args=(config,), name=f"regcache-dataplane-{n}")
+               for n in range(config.dataplane.workers)]
+    for worker in workers:
+        worker.start()
+    status = 0
+    while not stop.wait(0.2):
+        if failed := next((w for w in workers if w.exitcode is not None), None):
+            logger.error("worker %s exited with status %s; stopping the data plane", failed.name, failed.exitcode)
+            status = 1
+            break
+    for worker in workers:
+        if worker.exitcode is None:
+            worker.terminate()
+    for worker in workers:
+        worker.join(STOP_TIMEOUT + RECORDS_FLUSH_TIMEOUT + 1)
+        if worker.exitcode is None:
+            worker.kill()
+            worker.join()
+    return status
+
+
+def serve(config: Config) -> None:
+    """One worker: serve until SIGTERM or SIGINT."""
+    configure_logging()
+    try:
+        asyncio.run(_serve(config))
+    except OSError as e:  # the port is taken, the data dir unwritable, ...
+        logger.error("%s", e)
+        sys.exit(1)
+
+
+async def _serve(config: Config) -> None:
+    dataplane = config.dataplane
+    records = RecordSender(records_socket(config.data_dir))
+    sending = asyncio.create_task(records.run())
+    runner = web.AppRunner(make_app(config, GrantSigner(load_or_create_key(config.data_dir)), records),
+                           access_log=None, shutdown_timeout=STOP_TIMEOUT, handle_signals=False)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await web.TCPSite(runner, dataplane.host or None, dataplane.port, reuse_port=True).start()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await records.flush(RECORDS_FLUSH_TIMEOUT)
+        sending.cancel()
+
+
+def configure_logging() -> None:
+    # logging's StreamHandler flushes each line: nothing waits in a buffer when stderr is a pipe.
+    logging.basicConfig(level=logging.WARNING, format="regcache data plane: %(message)s", stream=sys.stderr)

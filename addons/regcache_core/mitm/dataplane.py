@@ -1,0 +1,75 @@
+"""The proxy's side of the data plane (regcache_core/dataplane/): DataPlaneHandoff answers a GET
+of a warm blob with a 307 to it; DataPlaneRecords takes the data plane's pull records and hands
+them to the same sinks as the proxy's own (pull log, metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from mitmproxy import http
+
+from ..dataplane.grants import GrantSigner, load_or_create_key
+from ..dataplane.handoff import handoff_location
+from ..dataplane.records import receive_records, records_socket
+from ..pull_log import PullRecord
+from ..routing import Target
+from .keys import CLIENT_HOST, HANDED_OFF, TARGET
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class DataPlaneHandoff:
+    """A client's GET of a warm blob (big enough) gets a 307 to the data plane, signed for that blob."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.signer: GrantSigner | None = None
+
+    def configure(self, updated: set[str]) -> None:
+        config = self.settings.config
+        if "regcache_env_file" in updated and config is not None:
+            self.signer = GrantSigner(load_or_create_key(config.data_dir)) if config.dataplane else None
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        target: Target | None = flow.metadata.get(TARGET)
+        request = flow.request
+        if (self.signer is None or flow.response is not None or target is None or target.kind != "blob"
+                or request.method != "GET" or target.registry.storage is None):
+            return
+        if request.stream or "transfer-encoding" in request.headers:
+            return  # a request with a body to stream can't be answered here (see router.refuse); it streams
+        location = await asyncio.to_thread(handoff_location, self.settings.config, self.signer, target,
+                                           flow.metadata[CLIENT_HOST])
+        if location is not None:
+            flow.metadata[HANDED_OFF] = True
+            flow.response = http.Response.make(307, b"", {"Location": location, "Docker-Content-Digest": target.reference})
+
+
+class DataPlaneRecords:
+    """Receives the data plane's pull records (see dataplane/records.py) and hands each to `sinks`."""
+
+    def __init__(self, settings: Settings, sinks: list[Callable[[PullRecord], None]]) -> None:
+        self.settings = settings
+        self.sinks = sinks
+        self.transport: asyncio.DatagramTransport | None = None
+
+    async def running(self) -> None:
+        config = self.settings.config
+        if config is None or config.dataplane is None:
+            return
+        path = records_socket(config.data_dir)
+        try:
+            self.transport = await receive_records(path, self._received)
+        except OSError as e:
+            logger.error(f"regcache: cannot receive the data plane's pull records at {path}: {e}")
+
+    def done(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _received(self, record: PullRecord) -> None:
+        for sink in self.sinks:
+            sink(record)

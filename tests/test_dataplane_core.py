@@ -1,0 +1,120 @@
+"""The data plane's plain parts, without servers: grants, the shared key, registry:2's storage
+layout, and which blob GETs the proxy hands off, to which URL."""
+
+from __future__ import annotations
+
+import multiprocessing
+import stat
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from regcache_core.config import DEFAULTS, parse_config
+from regcache_core.dataplane.grants import GRANT_LIFETIME, Grant, GrantSigner, load_or_create_key
+from regcache_core.dataplane.handoff import client_base_url, handoff_location
+from regcache_core.dataplane.storage import warm_blob
+from regcache_core.routing import route
+
+DIGEST = "sha256:" + "ab" * 32
+KEY = b"k" * 32
+
+
+def test_a_grant_verifies_until_it_expires():
+    now = [1_000_000.0]
+    signer = GrantSigner(KEY, clock=lambda: now[0])
+    grant = signer.grant("blob", "docker.io", "library/big", DIGEST, 123)
+    assert grant == Grant("blob", "docker.io", "library/big", DIGEST, 123, 1_000_000 + GRANT_LIFETIME)
+    query = signer.query(grant)
+    assert signer.verify(query, "blob") == grant
+    assert signer.verify(query, "spool") is None  # a grant of one kind opens no other path
+    assert GrantSigner(b"x" * 32, clock=lambda: now[0]).verify(query, "blob") is None
+    for field, value in (("registry=docker.io", "registry=ghcr.io"), ("size=123", "size=124"),
+                         ("library%2Fbig", "library%2Fsmall"), ("sig=", "sig=0")):
+        assert signer.verify(query.replace(field, value), "blob") is None, field
+    now[0] += GRANT_LIFETIME + 1
+    assert signer.verify(query, "blob") is None
+
+
+def test_a_grant_with_non_ascii_garbage_is_refused():
+    assert GrantSigner(KEY).verify("kind=blob&sig=%C3%A9", "blob") is None
+
+
+def test_the_key_is_made_once_and_kept_private(tmp_path):
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        keys = pool.map(load_or_create_key, [tmp_path] * 8)
+    assert len(set(keys)) == 1 and len(keys[0]) == 32
+    assert load_or_create_key(tmp_path) == keys[0]
+    assert stat.S_IMODE((tmp_path / "dataplane.key").stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["dataplane.key"]  # no drafts left
+
+
+def store(root: Path, repository: str, digest: str, data: bytes, link: str | None = None) -> Path:
+    """A blob as registry:2 stores it, linked in `repository` (with `link`'s text, if given)."""
+    algorithm, _, hex_digits = digest.partition(":")
+    v2 = root / "docker/registry/v2"
+    blob = v2 / "blobs" / algorithm / hex_digits[:2] / hex_digits / "data"
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    layer = v2 / "repositories" / repository / "_layers" / algorithm / hex_digits / "link"
+    layer.parent.mkdir(parents=True)
+    layer.write_text(link or digest)
+    return blob
+
+
+def test_warm_blob_follows_registry_layout(tmp_path):
+    blob = store(tmp_path, "library/big", DIGEST, b"bytes")
+    assert warm_blob(tmp_path, "library/big", DIGEST) == blob
+    assert warm_blob(tmp_path, "library/small", DIGEST) is None  # not linked there
+    assert warm_blob(tmp_path, "library/big", "sha256:" + "cd" * 32) is None
+    assert warm_blob(tmp_path, "library/../library/big", DIGEST) is None
+    other = "sha256:" + "ef" * 32
+    store(tmp_path, "library/odd", other, b"x", link=DIGEST)  # a link naming another blob
+    assert warm_blob(tmp_path, "library/odd", other) is None
+    blob.unlink()
+    assert warm_blob(tmp_path, "library/big", DIGEST) is None
+
+
+@pytest.mark.parametrize("host, base", [
+    ("docker.io.registry.example:5000", "http://docker.io.registry.example:5050"),
+    ("Docker.IO.registry.example.", "http://Docker.IO.registry.example.:5050"),
+    ("10.0.0.5:5000", "http://10.0.0.5:5050"),
+    ("[fd00::5]:5000", "http://[fd00::5]:5050"),
+    ("[::1]", "http://[::1]:5050"),
+    ("evil.example/x", None),
+    ("user@host:5000", None),
+    ("[nonsense]:5000", None),
+    ("", None),
+])
+def test_the_data_plane_is_on_the_host_the_client_named(host, base):
+    assert client_base_url(host, 5050) == base
+
+
+def target_of(config, repository="library/big"):
+    return route(config, "GET", "docker.io.registry.localhost:5000", f"/v2/{repository}/blobs/{DIGEST}")
+
+
+@pytest.mark.parametrize("changes, size, handed_off", [
+    ({}, 2 << 20, True),
+    ({}, 1 << 20, True),  # exactly REGCACHE_DATAPLANE_MIN_SIZE
+    ({}, (1 << 20) - 1, False),
+    ({"REGCACHE_DATAPLANE_MIN_SIZE": "0"}, 1, True),
+    ({"REGCACHE_DATAPLANE": "false"}, 2 << 20, False),
+])
+def test_which_blobs_are_handed_off(tmp_path, changes, size, handed_off):
+    config = parse_config({**DEFAULTS, "REGCACHE_DATA_DIR": str(tmp_path), **changes})
+    store(config.registries[0].storage, "library/big", DIGEST, b"x" * size)
+    location = handoff_location(config, GrantSigner(KEY), target_of(config), "docker.io.registry.localhost:5000")
+    assert (location is not None) == handed_off
+    if location:
+        grant = GrantSigner(KEY).verify(urlsplit(location).query, "blob")
+        assert (grant.registry, grant.repository, grant.digest, grant.size) == ("docker.io", "library/big", DIGEST, size)
+    assert handoff_location(config, GrantSigner(KEY), target_of(config, "library/small"), "h:5000") is None
+
+
+def test_a_public_url_replaces_the_client_host(tmp_path):
+    config = parse_config({**DEFAULTS, "REGCACHE_DATA_DIR": str(tmp_path),
+                           "REGCACHE_DATAPLANE_URL": "https://regcache.example.com:30050"})
+    store(config.registries[0].storage, "library/big", DIGEST, b"x" * (2 << 20))
+    location = handoff_location(config, GrantSigner(KEY), target_of(config), "10.0.0.5:5000")
+    assert location.startswith("https://regcache.example.com:30050/_regcache/blob?")
