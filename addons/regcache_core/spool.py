@@ -48,7 +48,6 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 SPOOL_DIR = "spools"  # folder in the data dir
-SPOOL_PATH = "/_regcache/spool"  # the data plane's route for followers, with a signed grant as its query
 LINGER = 30.0  # seconds a completed spool stays after its last use
 FOLLOW_WAIT = 60.0  # seconds a follower waits for the leader's answer headers, then goes upstream itself
 HANDOVER_WAIT = 10.0  # seconds a leader's redirect (to a CDN) has to be followed before followers give up

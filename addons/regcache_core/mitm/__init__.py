@@ -19,6 +19,7 @@ from .pull_log import PullLogger
 from .recorder import Recorder
 from .router import Router
 from .settings import MirrorDefaults, Settings
+from .single_flight import SingleFlight
 from .upstream import UpstreamCredentials
 from .web import WebView
 
@@ -31,14 +32,16 @@ def make_addons() -> list:
     sinks = [pull_logger.write, metrics.observe]
     # Order matters: hooks run in this order. DataPlaneHandoff answers what Router routed;
     # UpstreamCredentials redacts what it injected before mitmweb's view (added after the
-    # scripts) sends a flow update; HitMarker sets the hit/miss that Recorder hands to the pull
-    # log and metrics.
+    # scripts) sends a flow update; SingleFlight tells HitMarker which fetches go upstream, and
+    # sets the spool writer that Recorder's byte counter wraps; HitMarker sets the hit/miss that
+    # Recorder hands to the pull log and metrics.
     return [
         settings,
         MirrorDefaults(settings),
         Router(settings, signer),
         DataPlaneHandoff(settings),
         UpstreamCredentials(settings, signer, metrics),
+        SingleFlight(settings, metrics),
         HitMarker(),
         pull_logger,
         Recorder(metrics, sinks),

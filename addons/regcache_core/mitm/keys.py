@@ -1,7 +1,7 @@
 """The flow.metadata keys by which regcache's addons hand each other what they learnt about a flow."""
 
 TARGET = "regcache.target"  # the routing decision
-CLIENT_HOST = "regcache.client_host"  # the client's Host header, as it sent it (routing rewrites it)
+CLIENT_HOST = "regcache.client_host"  # the Host header, as the client (or a cache) sent it; routing rewrites it
 BYTE_COUNTER = "regcache.bytes"  # counts a streamed body
 CACHE_RESULT = "regcache.cache"  # "hit" or "miss", set once the cache's upstream use is known
 EGRESS_FOR = "regcache.egress_for"  # the Registry whose egress listener the flow came in on

@@ -38,6 +38,9 @@ class Router:
         request = flow.request
         # A client's credentials are never ours to pass on; upstreams get ours.
         request.headers.pop("Authorization", None)
+        # Before routing rewrites it: 307s to the data plane go to the host name the client (or
+        # cache) used.
+        flow.metadata[CLIENT_HOST] = request.host_header or ""
         egress_for = self.settings.config.egress_registry(flow.client_conn.proxy_mode.listen_port())
         if egress_for is not None:
             flow.metadata[EGRESS_FOR] = egress_for
@@ -67,7 +70,6 @@ class Router:
             refuse(flow, decision)
             return
         flow.metadata[TARGET] = decision
-        flow.metadata[CLIENT_HOST] = request.host_header or ""
         if decision.registry.cache is None:
             flow.metadata[UPSTREAM] = decision
         send_to(request, decision.backend, decision.path)
