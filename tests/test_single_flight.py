@@ -47,6 +47,12 @@ def layer_digest_in(layout: Path, digest: str) -> str:
     return f"sha256:{hasher.hexdigest()}"
 
 
+def fetches_of_cache(upstream: Upstream) -> list:
+    """The upstream's access log without the proxy's own `GET /v2/` (how to authenticate, learnt
+    once per registry: no fetch of a cache)."""
+    return [line for line in upstream.access_log() if line.path != "/v2/"]
+
+
 def metric_sum(stack: Stack, name: str) -> float:
     return sum(value for (sample, _), value in stack.metrics().items() if sample == name)
 
@@ -57,6 +63,7 @@ def test_concurrent_cold_pulls_make_one_upstream_fetch_of_the_layer(tmp_path, up
     stack = docker_io_stack(tmp_path / "stack", upstream, PORT).start()
     try:
         before = len(upstream.requests_for(layer, "GET"))
+        asked_before = len(fetches_of_cache(upstream))
         destinations = [tmp_path / f"pulled-{i}" for i in range(PULLS)]
         results = pull_at_once(f"docker.io.{TEST_DOMAIN}:{PORT}", image.reference, destinations)
         assert [r.returncode for r in results] == [0] * PULLS, [r.stderr for r in results if r.returncode]
@@ -67,6 +74,9 @@ def test_concurrent_cold_pulls_make_one_upstream_fetch_of_the_layer(tmp_path, up
         layer_gets = [r for r in records if (r["reference"], r["method"]) == (layer, "GET")]
         assert sorted(r["cache"] for r in layer_gets) == ["hit"] * (PULLS - 1) + ["miss"]
         assert metric_sum(stack, "regcache_spool_followers_total") >= 1  # registry:2's own second fetch, at least
+        # Every fetch that reached the upstream is counted once in the metrics, and no other.
+        counted = metric_sum(stack, "regcache_upstream_fetches_total")
+        assert poll(lambda: len(fetches_of_cache(upstream)) - asked_before, lambda n: n == counted) == counted
     finally:
         stack.stop()
     fetches = upstream.requests_for(layer, "GET")[before:]
