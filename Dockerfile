@@ -20,5 +20,5 @@ RUN pip install --no-cache-dir --disable-pip-version-check -e .
 USER regcache
 # Settings come from the environment (compose passes .env); the image holds no .env.
 ENV REGCACHE_DATA_DIR=/data
-EXPOSE 5000
+EXPOSE 5000 5050
 CMD ["regcache", "up"]

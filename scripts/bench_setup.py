@@ -12,22 +12,24 @@ import hashlib
 import http.client
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from parts import (  # noqa: E402  (tests/ is put on the path just above)
-    REGISTRY_PROGRAM, TEST_DOMAIN, Stack, Upstream, cache_holds, docker_io_stack, enter_private_namespaces, push_blob,
-    random_chunks,
+    REGISTRY_PROGRAM, TEST_DOMAIN, Stack, Upstream, cache_holds, child_pids, command_line, docker_io_stack,
+    enter_private_namespaces, push_blob, random_chunks, wait_for_port,
 )
 
 PROXY_PORT, UPSTREAM_PORT = 5000, 6000  # regcache's defaults: the benchmark has a network of its own
 CACHE_PORT = PROXY_PORT + 1  # where docker_io_stack runs the cache
+DATAPLANE_PORT = PROXY_PORT + 50  # where Stack puts the data plane
 REPOSITORY = "library/bench"
 READ_CHUNK = 1 << 20
 
@@ -102,21 +104,31 @@ class BenchStack:
     def cache_pid(self) -> int:
         return self.stack.child(REGISTRY_PROGRAM)
 
+    @property
+    def dataplane_pids(self) -> list[int]:
+        """The data plane's parent process, then its workers."""
+        parent = next(pid for pid in child_pids(self.stack.process.pid) if "regcache_core.dataplane" in command_line(pid))
+        return [parent, *child_pids(parent)]
+
     def wait_cached(self, timeout: float = 60) -> None:
         if not cache_holds(self.stack.data_dir / "dockerhub" / "storage", self.digest, timeout):
             raise TimeoutError(f"the cache did not store the blob within {timeout:.0f}s")
 
 
-def fetch(url: str, digest: str | None = None, timeout: float = 60) -> int:
+def fetch(url: str, digest: str | None = None, timeout: float = 60, follow: bool = True) -> int:
     """GET url, reading in 1 MiB chunks into one buffer; returns the byte count.
 
-    With `digest`, hashes what arrives and raises if it differs.
+    With `digest`, hashes what arrives and raises if it differs. A redirect (regcache's 307 to
+    its data plane) is followed once, as registry clients do, unless `follow` is false.
     """
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.netloc, timeout=timeout)
     try:
-        connection.request("GET", parts.path)
+        connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""))
         response = connection.getresponse()
+        if follow and response.status in (301, 302, 303, 307, 308):
+            response.read()
+            return fetch(urljoin(url, response.getheader("Location", "")), digest, timeout, follow=False)
         if response.status != 200:
             raise RuntimeError(f"GET {url}: {response.status} {response.read(200)!r}")
         hasher = hashlib.sha256() if digest else None
@@ -158,3 +170,27 @@ def fetch_in_parallel(url: str, clients: int, expected_size: int) -> float:
 
 def mb_per_s(size: int, seconds: float) -> float:
     return size / seconds / 1e6
+
+
+def nginx_front_door(workdir: Path, port: int, backends: dict[str, str]) -> subprocess.Popen:
+    """The seed's front door: Debian's nginx on `port`, sending each virtual host
+    `<registry>.<TEST_DOMAIN>` to its cache (registry name -> base URL), with keep-alive to it.
+    Runs until the caller stops the process it returns; its files live in `workdir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = {name: f"cache{index}" for index, name in enumerate(backends)}
+    upstreams = "".join(f"  upstream {names[name]} {{ server {urlsplit(url).netloc}; keepalive 64; }}\n"
+                        for name, url in backends.items())
+    vhosts = "".join(f"    {name}.{TEST_DOMAIN} {names[name]};\n" for name in backends)
+    (workdir / "nginx.conf").write_text(
+        f"daemon off;\nworker_processes 1;\npid {workdir}/nginx.pid;\nerror_log {workdir}/error.log;\n"
+        "events { worker_connections 1024; }\n"
+        f"http {{\n  access_log off;\n  client_body_temp_path {workdir}/body;\n  proxy_temp_path {workdir}/proxy;\n"
+        f"{upstreams}"
+        f"  map $host $cache {{\n{vhosts}  }}\n"
+        f"  server {{\n    listen 127.0.0.1:{port};\n"
+        "    location /v2/ { proxy_pass http://$cache; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+        " proxy_set_header Host $http_host; proxy_buffering off; }\n  }\n}\n")
+    process = subprocess.Popen(["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_for_port(port)
+    return process

@@ -56,7 +56,7 @@ PORT_BASES = {
     "test_startup": 5700,
     "test_web": 5800,  # and mitmweb's UI on its fixed 8081: the only `regcache up --web` of the suite
     "test_dataplane": 6100,
-    "test_dataplane_clients": 6200,
+    "test_dataplane[off]": 6200,  # REGCACHE_DATAPLANE=false
     "test_single_flight": 6300,
     "test_single_flight[upstream killed]": 6400,
 }

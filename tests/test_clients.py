@@ -3,6 +3,7 @@ containerd (what k3s/k3d nodes run) by virtual host and by one ?ns= endpoint, Do
 through registry-mirrors, and skopeo through registries.conf; containerd also falls back to the
 upstream for a registry regcache does not map and for one whose cache is down. Multi-arch images
 (an OCI image index, as almost every docker.io image is) go through whole, or one platform of them.
+A warm 100 MiB layer comes from the data plane: each client follows the proxy's 307 to it.
 
 One stack for the module: docker.io is cached (its upstream is the session's local registry);
 quay.io is mapped to a cache on another host that is not running.
@@ -17,8 +18,9 @@ import pytest
 from ruamel.yaml import YAML
 
 from clients import Containerd, Dockerd
-from parts import PORT_BASES, REMOTE_CACHE_HOST, TEST_DOMAIN, Stack, docker_io_stack, http_get, pull, skopeo
+from parts import PORT_BASES, REMOTE_CACHE_HOST, TEST_DOMAIN, Stack, cache_holds, docker_io_stack, http_get, pull, skopeo
 from regcache_core.client_config import hosts_toml
+from regcache_core.dataplane.server import BACKEND as DATAPLANE
 
 PORT = PORT_BASES["test_clients"]
 ENDPOINT = f"http://127.0.0.1:{PORT}"
@@ -50,6 +52,33 @@ def containerd(tmp_path):
     daemon = Containerd(tmp_path / "containerd").start()
     yield daemon
     daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def warm_big(client_stack, images):
+    """The big image in the cache, so that its 100 MiB layer goes by the data plane."""
+    image = images["big"]
+    for digest in image.blob_digests:
+        status, _, _ = http_get(f"http://{DOCKER_IO}/v2/{image.name}/blobs/{digest}", timeout=120)
+        assert status == 200 and cache_holds(client_stack.data_dir / "dockerhub/storage", digest)
+    return image
+
+
+def sent_by_the_data_plane(stack: Stack, image, before: int) -> dict:
+    """The data plane's record of the image's big layer, once it is in the pull log."""
+    layer = image.blob_digests[-1]
+
+    def records(all_records):
+        return [r for r in all_records[before:] if r["reference"] == layer and r["backend"] == DATAPLANE]
+
+    found = records(stack.pull_records_until(records))
+    assert found, f"no record of {layer} sent by the data plane"
+    return found[-1]
+
+
+def assert_layer_sent_whole(record: dict, image, upstream) -> None:
+    size = int(http_get(f"{upstream.url}/v2/{image.name}/blobs/{image.blob_digests[-1]}", method="HEAD")[1]["Content-Length"])
+    assert (record["method"], record["status"], record["bytes"], record["cache"]) == ("GET", 200, size, "hit")
 
 
 def served(records: list[dict]) -> set[tuple]:
@@ -209,3 +238,41 @@ def test_skopeo_pulls_an_index_by_digest(client_stack, multiarch_image, tmp_path
     assert pull(DOCKER_IO, f"{image.name}@{image.index_digest}", tmp_path / "pulled") == amd64.manifest_digest
     records = client_stack.records_of_pull(amd64, before)
     assert {("GET", "manifest", image.index_digest), ("GET", "manifest", amd64.manifest_digest)} <= served(records)
+
+
+@pytest.mark.parametrize("style", ["virtual-hosts", "endpoint"])
+def test_containerd_pulls_a_big_layer_from_the_data_plane(client_stack, generated, containerd, warm_big, upstream, style):
+    image = warm_big
+    reference = f"docker.io/{image.reference}"
+    before = len(client_stack.pull_records())
+    result = containerd.pull(reference, generated[style] / "certs.d")
+    assert result.returncode == 0, result.stderr
+    assert containerd.image_digest(reference) == image.manifest_digest
+    assert containerd.unpacked(reference)  # containerd checks every layer's digest as it unpacks
+    assert_layer_sent_whole(sent_by_the_data_plane(client_stack, image, before), image, upstream)
+
+
+def test_docker_pulls_a_big_layer_from_the_data_plane(client_stack, generated, containerd, warm_big, upstream, tmp_path):
+    image = warm_big
+    dockerd = Dockerd(tmp_path / "docker", generated["virtual-hosts"] / "daemon.json", containerd).start()
+    try:
+        before = len(client_stack.pull_records())
+        result = dockerd.docker("pull", f"docker.io/{image.reference}")
+        assert result.returncode == 0, result.stderr
+        inspected = dockerd.inspect(f"docker.io/{image.reference}")
+    finally:
+        dockerd.stop()
+    assert inspected["Id"] == image.blob_digests[0]
+    assert f"{image.name.removeprefix('library/')}@{image.manifest_digest}" in inspected["RepoDigests"]
+    assert_layer_sent_whole(sent_by_the_data_plane(client_stack, image, before), image, upstream)
+
+
+def test_skopeo_pulls_a_big_layer_from_the_data_plane(client_stack, generated, warm_big, upstream, tmp_path):
+    image = warm_big
+    before = len(client_stack.pull_records())
+    result = skopeo("--registries-conf", str(generated["virtual-hosts"] / "registries.conf"), "copy",
+                    f"docker://docker.io/{image.reference}", f"oci:{tmp_path / 'pulled'}:{image.tag}")
+    assert result.returncode == 0, result.stderr  # skopeo checks every blob's digest
+    index = json.loads((tmp_path / "pulled/index.json").read_text())
+    assert index["manifests"][0]["digest"] == image.manifest_digest
+    assert_layer_sent_whole(sent_by_the_data_plane(client_stack, image, before), image, upstream)

@@ -61,12 +61,23 @@ def test_docker_compose_accepts_the_file(project_dir):
     assert result.returncode == 0, result.stderr
 
 
-def test_services_and_the_one_published_port(resolved):
+def test_services_and_the_published_ports_of_the_proxy_and_its_data_plane(resolved):
     services = resolved["services"]
     assert set(services) == {PROXY, *CACHES.values()}
     assert services[PROXY]["container_name"] == PROXY
-    assert [(str(p["published"]), str(p["target"])) for p in services[PROXY]["ports"]] == [("5000", "5000")]
+    config = parse_config({**DEFAULTS, **services[PROXY]["environment"]})
+    published = [(str(p["published"]), str(p["target"])) for p in services[PROXY]["ports"]]
+    assert published == [("5000", str(config.port)), ("5050", str(config.dataplane.port))]
     assert [name for name, service in services.items() if service.get("ports")] == [PROXY]
+
+
+def test_the_proxy_reads_each_cache_volume_read_only_where_its_storage_setting_says(resolved):
+    proxy = resolved["services"][PROXY]
+    config = parse_config({**DEFAULTS, **proxy["environment"]})
+    mounts = {volume.split(":")[1]: volume for volume in proxy["volumes"]}
+    for registry in config.registries:
+        cache_volume = resolved["services"][CACHES[registry.key]]["volumes"][0].split(":")[0]
+        assert mounts[str(registry.storage)] == f"{cache_volume}:{registry.storage}:ro"
 
 
 def test_clients_reach_only_the_proxy_on_the_network_named_registry_cache(resolved):

@@ -19,7 +19,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from parts import PORT_BASES, TEST_DOMAIN, Stack, cache_holds, docker_io_stack, http_get, poll, pull, raw_exchange
+from parts import (
+    PORT_BASES, TEST_DOMAIN, Stack, accepts_connections, cache_holds, docker_io_stack, http_get, poll, pull, raw_exchange,
+)
 from regcache_core.dataplane.grants import Grant, GrantSigner, load_or_create_key
 from regcache_core.dataplane.server import BACKEND
 
@@ -273,3 +275,19 @@ def test_a_blob_cut_short_while_it_is_sent_is_never_passed_off_as_whole(dp_stack
     head, length, _ = read_blob_while(dp_stack, warm, tmp_path, lambda data: os.truncate(data, warm["size"] // 2))
     assert head.startswith(b"HTTP/1.1 200")
     assert length < warm["size"]  # and recv returned b"": the server closed the connection
+
+
+def test_with_the_data_plane_off_every_layer_streams_through_the_proxy(tmp_path, upstream, images):
+    port = PORT_BASES["test_dataplane[off]"]
+    image = images["big"]
+    stack = docker_io_stack(tmp_path, upstream, port, {"REGCACHE_DATAPLANE": "false"}).start()
+    try:
+        assert not accepts_connections(port + 50)
+        for n in range(2):  # cold, then warm
+            before = len(stack.pull_records())
+            assert pull(f"docker.io.{TEST_DOMAIN}:{port}", image.reference, tmp_path / f"pulled-{n}") == image.manifest_digest
+            blobs = [r for r in stack.records_of_pull(image, before) if r["kind"] == "blob"]
+            assert {(r["status"], r["backend"]) for r in blobs} == {(200, stack.settings["DOCKERHUB_CACHE"])}
+            assert cache_holds(stack.data_dir / "dockerhub/storage", image.blob_digests[-1])
+    finally:
+        assert stack.stop() == 0

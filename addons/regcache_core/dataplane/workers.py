@@ -29,7 +29,8 @@ def run_workers(config: Config) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter each: nothing inherited by accident
+    # fork: the parent runs no threads and no event loop yet; spawn would add a resource tracker process
+    context = multiprocessing.get_context("fork")
     workers = [context.Process(target=serve, args=(config,), name=f"regcache-dataplane-{n}")
                for n in range(config.dataplane.workers)]
     for worker in workers:
@@ -53,6 +54,8 @@ def run_workers(config: Config) -> int:
 
 def serve(config: Config) -> None:
     """One worker: serve until SIGTERM or SIGINT."""
+    for signum in (signal.SIGINT, signal.SIGTERM):  # not the parent's handlers: until serving, a signal ends it
+        signal.signal(signum, signal.SIG_DFL)
     configure_logging()
     try:
         asyncio.run(_serve(config))
