@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from fakes import SlowLink
+from fakes import Cdn, SlowLink
 from parts import PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, docker_io_stack, poll, skopeo
 
 PORT = PORT_BASES["test_single_flight"]
-KILLED_PORT = PORT_BASES["test_single_flight[upstream killed]"]
+OWN_UPSTREAM_PORT = PORT_BASES["test_single_flight[own upstream]"]  # its tests run one after the other
 PULLS = 8
 
 
@@ -86,9 +86,9 @@ def test_concurrent_cold_pulls_make_one_upstream_fetch_of_the_layer(tmp_path, up
 @pytest.fixture
 def slow_upstream(tmp_path, images):
     """An upstream of its own (this test kills it) behind a slow link, holding the big image."""
-    registry = Upstream(tmp_path / "upstream", KILLED_PORT + UPSTREAM_OFFSET).start()
+    registry = Upstream(tmp_path / "upstream", OWN_UPSTREAM_PORT + UPSTREAM_OFFSET).start()
     registry.push(images["big"])
-    link = SlowLink(KILLED_PORT + UPSTREAM_OFFSET + 1, registry.port, rate=20e6).start()
+    link = SlowLink(OWN_UPSTREAM_PORT + UPSTREAM_OFFSET + 1, registry.port, rate=20e6).start()
     yield registry, link
     link.stop()
     registry.stop()
@@ -98,8 +98,8 @@ def test_upstream_killed_midway_fails_every_follower_and_leaves_no_spool(tmp_pat
     registry, link = slow_upstream
     image = images["big"]
     layer = image.blob_digests[-1]
-    host = f"docker.io.{TEST_DOMAIN}:{KILLED_PORT}"
-    stack = docker_io_stack(tmp_path / "stack", registry, KILLED_PORT, {"DOCKERHUB_UPSTREAM": link.url}).start()
+    host = f"docker.io.{TEST_DOMAIN}:{OWN_UPSTREAM_PORT}"
+    stack = docker_io_stack(tmp_path / "stack", registry, OWN_UPSTREAM_PORT, {"DOCKERHUB_UPSTREAM": link.url}).start()
     spools = stack.data_dir / "spools"
     try:
         results: list = []
@@ -122,3 +122,28 @@ def test_upstream_killed_midway_fails_every_follower_and_leaves_no_spool(tmp_pat
         assert layer_digest_in(destination, layer) == layer
     finally:
         stack.stop()
+
+
+def test_when_the_upstream_redirects_to_a_cdn_the_cdn_is_asked_once(tmp_path, images):
+    """Docker Hub answers blob GETs with a 307 to its CDN: the follow-up of the leader's redirect
+    is spooled, and concurrent fetches follow that spool."""
+    image = images["small"]
+    cdn = Cdn(tmp_path / "upstream" / "storage", OWN_UPSTREAM_PORT + UPSTREAM_OFFSET + 2).start()
+    registry = Upstream(tmp_path / "upstream", OWN_UPSTREAM_PORT + UPSTREAM_OFFSET,
+                        {"middleware": cdn.registry_middleware()}).start()
+    stack = None
+    try:
+        registry.push(image)
+        stack = docker_io_stack(tmp_path / "stack", registry, OWN_UPSTREAM_PORT).start()
+        destinations = [tmp_path / f"pulled-{i}" for i in range(PULLS)]
+        results = pull_at_once(f"docker.io.{TEST_DOMAIN}:{OWN_UPSTREAM_PORT}", image.reference, destinations)
+        assert [r.returncode for r in results] == [0] * PULLS, [r.stderr for r in results if r.returncode]
+        for digest in image.blob_digests[1:]:  # the layers: registry:2 redirects those
+            cdn_gets = [path for method, path, _ in cdn.requests if method == "GET" and digest.split(":")[1] in path]
+            assert len(cdn_gets) == 1, f"the CDN was asked for {digest} {len(cdn_gets)} times"
+            assert all(layer_digest_in(destination, digest) == digest for destination in destinations)
+    finally:
+        if stack:
+            stack.stop()
+        registry.stop()
+        cdn.stop()
