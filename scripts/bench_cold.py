@@ -25,7 +25,8 @@ ALONE_PORT = 6100  # the plain registry:2 cache; BenchStack's ports are 5000.. a
 TARGET = 1
 
 
-def get_at_once(url: str, digest: str, clients: int) -> None:
+def get_at_once(url: str, digest: str, clients: int) -> float:
+    """`clients` threads GET url at once, checking the bytes; the seconds until the last ended."""
     errors: list[BaseException] = []
 
     def client() -> None:
@@ -35,12 +36,14 @@ def get_at_once(url: str, digest: str, clients: int) -> None:
             errors.append(e)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    started = time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
+    return time.monotonic() - started
 
 
 def upstream_gets(upstream: Upstream, digest: str, settle: float = 1.0) -> int:
@@ -66,24 +69,27 @@ def main() -> None:
         try:
             for clients in (int(n) for n in args.clients.split(",")):
                 digest = push_blob(bench.upstream.url, REPOSITORY, random_chunks(size))
-                counts = {}
+                counts, seconds = {}, {}
                 for name, base, storage in (
                     ("registry:2 alone", alone.url, alone.storage),
                     ("regcache", f"http://docker.io.{TEST_DOMAIN}:{PROXY_PORT}", bench.stack.data_dir / "dockerhub" / "storage"),
                 ):
                     before = upstream_gets(bench.upstream, digest)
-                    get_at_once(f"{base}/v2/{REPOSITORY}/blobs/{digest}", digest, clients)
+                    seconds[name] = get_at_once(f"{base}/v2/{REPOSITORY}/blobs/{digest}", digest, clients)
                     if not cache_holds(storage, digest, timeout=120):
                         raise TimeoutError(f"{name} did not store the blob")
                     counts[name] = upstream_gets(bench.upstream, digest) - before
-                rows.append((clients, counts["registry:2 alone"], counts["regcache"]))
+                rows.append((clients, counts["registry:2 alone"], counts["regcache"],
+                             seconds["registry:2 alone"], seconds["regcache"]))
         finally:
             alone.stop()
 
-    print(f"cold blob: {size / 2**20:.0f} MiB, a new one per row; upstream GETs of it, from its access log")
-    print(f"{'clients at once':>15}  {'registry:2 alone':>16}  {'regcache':>8}")
-    for clients, alone_count, regcache_count in rows:
-        print(f"{clients:>15}  {alone_count:>16}  {regcache_count:>8}  (target: exactly {TARGET})")
+    print(f"cold blob: {size / 2**20:.0f} MiB, a new one per row; upstream GETs of it (from its access log), "
+          "and seconds until every client had it")
+    print(f"{'clients at once':>15}  {'registry:2 alone':>16}  {'regcache':>8}  {'(seconds: alone / regcache)':>28}")
+    for clients, alone_count, regcache_count, alone_seconds, regcache_seconds in rows:
+        print(f"{clients:>15}  {alone_count:>16}  {regcache_count:>8}  {alone_seconds:>13.1f} / {regcache_seconds:<12.1f}"
+              f"  (target: exactly {TARGET} GET)")
 
 
 if __name__ == "__main__":
