@@ -158,11 +158,12 @@ def test_containerd_falls_back_to_upstream_when_cache_is_down(client_stack, gene
     assert failed and {(r["registry"], r["status"]) for r in failed} == {("quay.io", 502)}
 
 
-def test_docker_pulls_through_registry_mirror(client_stack, generated, containerd, images, tmp_path):
-    image = images["small"]
+def docker_pull(stack: Stack, generated, containerd, image, tmp_path) -> int:
+    """`docker pull` of `image` by dockerd with the generated daemon.json, checked as a user
+    would (image ID, repo digest); returns the pull log's length before it."""
     dockerd = Dockerd(tmp_path / "docker", generated["virtual-hosts"] / "daemon.json", containerd).start()
     try:
-        before = len(client_stack.pull_records())
+        before = len(stack.pull_records())
         # Docker Hub is out of reach here: the pull can only succeed through the mirror.
         result = dockerd.docker("pull", f"docker.io/{image.reference}")
         assert result.returncode == 0, result.stderr
@@ -171,6 +172,12 @@ def test_docker_pulls_through_registry_mirror(client_stack, generated, container
         dockerd.stop()
     assert inspected["Id"] == image.blob_digests[0]  # the image ID is its config's digest
     assert f"{image.name.removeprefix('library/')}@{image.manifest_digest}" in inspected["RepoDigests"]
+    return before
+
+
+def test_docker_pulls_through_registry_mirror(client_stack, generated, containerd, images, tmp_path):
+    image = images["small"]
+    before = docker_pull(client_stack, generated, containerd, image, tmp_path)
     records = client_stack.records_of_pull(image, before)
     assert (records[0]["method"], records[0]["kind"], records[0]["status"]) == ("GET", "ping", 200)
     assert {r["registry"] for r in records} == {"docker.io"}
@@ -254,16 +261,7 @@ def test_containerd_pulls_a_big_layer_from_the_data_plane(client_stack, generate
 
 def test_docker_pulls_a_big_layer_from_the_data_plane(client_stack, generated, containerd, warm_big, upstream, tmp_path):
     image = warm_big
-    dockerd = Dockerd(tmp_path / "docker", generated["virtual-hosts"] / "daemon.json", containerd).start()
-    try:
-        before = len(client_stack.pull_records())
-        result = dockerd.docker("pull", f"docker.io/{image.reference}")
-        assert result.returncode == 0, result.stderr
-        inspected = dockerd.inspect(f"docker.io/{image.reference}")
-    finally:
-        dockerd.stop()
-    assert inspected["Id"] == image.blob_digests[0]
-    assert f"{image.name.removeprefix('library/')}@{image.manifest_digest}" in inspected["RepoDigests"]
+    before = docker_pull(client_stack, generated, containerd, image, tmp_path)
     assert_layer_sent_whole(sent_by_the_data_plane(client_stack, image, before), image, upstream)
 
 

@@ -35,6 +35,8 @@ def dp_stack(tmp_path_factory, upstream) -> Stack:
     stack = docker_io_stack(tmp_path_factory.mktemp("dataplane-stack"), upstream, PORT).start()
     yield stack
     assert stack.stop() == 0
+    # Refused, cut and dropped exchanges are answered or logged in a line, never with a traceback.
+    assert not [line for line in stack.output if "Traceback" in line], "\n".join(stack.output)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """The data plane's plain parts, without servers: grants, the shared key, registry:2's storage
-layout, and which blob GETs the proxy hands off, to which URL."""
+layout, which blob GETs the proxy hands off (to which URL), and the records' way to the proxy."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import stat
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 from regcache_core.config import DEFAULTS, parse_config
 from regcache_core.dataplane.grants import GRANT_LIFETIME, Grant, GrantSigner, load_or_create_key
 from regcache_core.dataplane.handoff import client_base_url, handoff_location
+from regcache_core.dataplane.records import RecordSender, receive_records
 from regcache_core.dataplane.storage import warm_blob
+from regcache_core.pull_log import from_json, pull_record, to_json
 from regcache_core.routing import route
 
 DIGEST = "sha256:" + "ab" * 32
@@ -118,3 +121,56 @@ def test_a_public_url_replaces_the_client_host(tmp_path):
     store(config.registries[0].storage, "library/big", DIGEST, b"x" * (2 << 20))
     location = handoff_location(config, GrantSigner(KEY), target_of(config), "10.0.0.5:5000")
     assert location.startswith("https://regcache.example.com:30050/_regcache/blob?")
+
+
+def test_records_the_proxy_does_not_take_are_dropped_with_a_warning_a_minute(tmp_path, caplog):
+    now = [0.0]
+    sender = RecordSender(tmp_path / "nobody-listens.sock", clock=lambda: now[0])
+    record = pull_record(started=0, finished=1, client="10.0.0.1", registry=None, repository=None, kind=None,
+                         reference=None, method="GET", status=403, sent=0, backend=None)
+
+    async def send(count: int) -> None:
+        task = asyncio.create_task(sender.run())
+        for _ in range(count):
+            sender(record)
+        await sender.flush(5)
+        task.cancel()
+
+    asyncio.run(send(3))
+    now[0] = 61
+    asyncio.run(send(2))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and warnings[0].startswith("1 pull record(s) dropped") and warnings[1].startswith("3 pull")
+    assert str(tmp_path / "nobody-listens.sock") in warnings[0]
+
+
+def test_records_reach_the_receiver_in_order(tmp_path):
+    received = []
+
+    async def exchange() -> None:
+        transport = await receive_records(tmp_path / "records.sock", received.append)
+        sender = RecordSender(tmp_path / "records.sock")
+        task = asyncio.create_task(sender.run())
+        for status in range(200, 250):  # more than the kernel queues for an unconnected socket (often 10)
+            sender(pull_record(started=0, finished=0.5, client="::1", registry="docker.io", repository="library/big",
+                               kind="blob", reference=DIGEST, method="GET", status=status, sent=status, backend="dataplane",
+                               cache="hit"))
+        await sender.flush(5)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        transport.close()
+
+    asyncio.run(exchange())
+    assert [r.status for r in received] == list(range(200, 250))
+    assert received[0].duration_ms == 500 and received[0].backend == "dataplane"
+    assert stat.S_IMODE((tmp_path / "records.sock").stat().st_mode) == 0o600
+
+
+def test_a_datagram_that_is_no_record_is_ignored():
+    assert from_json(b"garbage") is None
+    assert from_json(b'{"status": 200}') is None
+    good = pull_record(started=0, finished=0, client="", registry=None, repository=None, kind=None, reference=None,
+                       method="GET", status=404, sent=0, backend=None)
+    assert from_json(to_json(good)) == good
+    assert from_json(to_json(good).replace('"status":404', '"status":"404"')) is None
+    assert from_json(to_json(good).replace('"bytes":0', '"bytes":true')) is None
