@@ -44,9 +44,11 @@ async def serve_blob(request: web.Request) -> web.StreamResponse:
     file, status = opened
     exchange.served = True
     try:
-        return await send(request, file, plan(request, status.st_size, status.st_mtime, grant.digest), exchange.count)
+        response, exchange.error = await send(request, file, plan(request, status.st_size, status.st_mtime, grant.digest),
+                                              exchange.count)
     finally:
         file.close()
+    return response
 
 
 # Path -> handler of GET and HEAD.
@@ -70,10 +72,6 @@ async def recorded(request: web.Request, handler: Handler) -> web.StreamResponse
         status = e.status
         what = f"{request.method} is not allowed: GET and HEAD only" if e.status == 405 else "not a data-plane path"
         return refused(Refusal(e.status, "UNSUPPORTED", what))
-    except ConnectionError as e:
-        exchange.error = str(e) or type(e).__name__
-        status = 200 if exchange.served else 0
-        raise
     finally:
         if exchange.recorded:
             request.app[RECORDS](record_of(request, exchange, status, time.time()))
