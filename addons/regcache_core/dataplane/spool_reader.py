@@ -20,10 +20,11 @@ from aiohttp import web
 
 from ..routing import Refusal
 from ..spool import SPOOL_DIR, SpoolBroken, describe, open_spool, read_spool, spool_path
-from .file_response import SEND_TIMEOUT
 from .exchange import CONFIG, EXCHANGE, SIGNER, denied, refused
 
 logger = logging.getLogger(__name__)
+
+WRITE_TIMEOUT = 60.0  # seconds a cache may take to read one chunk (up to 1 MiB) before it is cut
 
 
 async def serve_spool(request: web.Request) -> web.StreamResponse:
@@ -56,11 +57,11 @@ async def send_spool(request: web.Request, fd: int, size: int, digest: str, what
     sent = 0
     try:
         async for chunk in read_spool(fd, size, digest):
-            async with asyncio.timeout(SEND_TIMEOUT):
+            async with asyncio.timeout(WRITE_TIMEOUT):
                 await response.write(chunk)
             sent += len(chunk)
     except (SpoolBroken, TimeoutError, ConnectionError) as e:
-        reason = f"the client read nothing for {SEND_TIMEOUT:.0f}s" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
+        reason = f"the client read nothing for {WRITE_TIMEOUT:.0f}s" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
         logger.info("spool of %s to %s cut after %d of %d bytes: %s", what, request.remote, sent, size, reason)
         if request.transport is not None:
             request.transport.abort()  # the connection ends short of Content-Length
