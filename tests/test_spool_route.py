@@ -36,8 +36,10 @@ def spool(stack: Stack):
     path.unlink(missing_ok=True)
 
 
-def request(query: str, method: str = "GET") -> bytes:
-    return f"{method} {GRANT_PATHS['spool']}?{query} HTTP/1.1\r\nHost: 127.0.0.1:{DATAPLANE_PORT}\r\n\r\n".encode()
+def request(query: str, method: str = "GET", close: bool = False) -> bytes:
+    """The request head; `close` asks the server to close the connection after its answer."""
+    connection = "Connection: close\r\n" if close else ""
+    return f"{method} {GRANT_PATHS['spool']}?{query} HTTP/1.1\r\nHost: 127.0.0.1:{DATAPLANE_PORT}\r\n{connection}\r\n".encode()
 
 
 def split(answer: bytes) -> tuple[str, dict[str, str], bytes]:
@@ -65,8 +67,7 @@ def test_a_follower_streams_the_spool_while_it_grows(spool):
 
 def test_head_has_the_blob_headers_and_no_body(spool):
     path, query = spool
-    status, headers, body = split(raw_exchange(DATAPLANE_PORT, request(query, "HEAD").replace(
-        b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")))
+    status, headers, body = split(raw_exchange(DATAPLANE_PORT, request(query, "HEAD", close=True)))
     assert (status, headers["content-length"], body) == ("HTTP/1.1 200 OK", str(len(BLOB)), b"")
 
 
@@ -103,8 +104,7 @@ def test_a_query_that_is_no_spool_grant_of_ours_gets_403(spool, stack, change):
     else:
         signer = GrantSigner(load_or_create_key(stack.data_dir))
         query = signer.query(signer.grant("blob", "docker.io", REPOSITORY, DIGEST, len(BLOB)))
-    status, headers, body = split(raw_exchange(DATAPLANE_PORT, request(query).replace(
-        b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")))
+    status, headers, body = split(raw_exchange(DATAPLANE_PORT, request(query, close=True)))
     assert status.startswith("HTTP/1.1 403")
     assert json.loads(body)["errors"][0]["code"] == "DENIED"
 
@@ -112,7 +112,6 @@ def test_a_query_that_is_no_spool_grant_of_ours_gets_403(spool, stack, change):
 def test_a_spool_that_is_gone_gets_404(spool):
     path, query = spool
     path.unlink()
-    status, _, body = split(raw_exchange(DATAPLANE_PORT, request(query).replace(
-        b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")))
+    status, _, body = split(raw_exchange(DATAPLANE_PORT, request(query, close=True)))
     assert status.startswith("HTTP/1.1 404")
     assert json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
