@@ -15,35 +15,13 @@ never asserted.
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
-from bench_setup import PROXY_PORT, REPOSITORY, BenchStack, fetch
+from bench_setup import PROXY_PORT, REPOSITORY, BenchStack, fetch_in_parallel
 from parts import TEST_DOMAIN, Upstream, cache_holds, push_blob, random_chunks
 
 ALONE_PORT = 6100  # the plain registry:2 cache; BenchStack's ports are 5000.. and 6000
 TARGET = 1
-
-
-def get_at_once(url: str, digest: str, clients: int) -> float:
-    """`clients` threads GET url at once, checking the bytes; the seconds until the last ended."""
-    errors: list[BaseException] = []
-
-    def client() -> None:
-        try:
-            fetch(url, digest, timeout=300)
-        except BaseException as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return time.monotonic() - started
 
 
 def upstream_gets(upstream: Upstream, digest: str, settle: float = 1.0) -> int:
@@ -75,7 +53,8 @@ def main() -> None:
                     ("regcache", f"http://docker.io.{TEST_DOMAIN}:{PROXY_PORT}", bench.stack.data_dir / "dockerhub" / "storage"),
                 ):
                     before = upstream_gets(bench.upstream, digest)
-                    seconds[name] = get_at_once(f"{base}/v2/{REPOSITORY}/blobs/{digest}", digest, clients)
+                    seconds[name] = fetch_in_parallel(f"{base}/v2/{REPOSITORY}/blobs/{digest}", clients, size, digest,
+                                                      timeout=300)
                     if not cache_holds(storage, digest, timeout=120):
                         raise TimeoutError(f"{name} did not store the blob")
                     counts[name] = upstream_gets(bench.upstream, digest) - before
