@@ -62,7 +62,10 @@ async def send_spool(request: web.Request, fd: int, size: int, digest: str, what
             sent += len(chunk)
     except (SpoolBroken, TimeoutError, ConnectionError) as e:
         reason = f"the client read nothing for {WRITE_TIMEOUT:.0f}s" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
-        logger.info("spool of %s to %s cut after %d of %d bytes: %s", what, request.remote, sent, size, reason)
+        # A warning when the blob can never be whole (the data plane logs warnings only): it
+        # says why the clients behind that cache failed.
+        level = logging.WARNING if isinstance(e, SpoolBroken) else logging.INFO
+        logger.log(level, "spool of %s to %s cut after %d of %d bytes: %s", what, request.remote, sent, size, reason)
         if request.transport is not None:
             request.transport.abort()  # the connection ends short of Content-Length
         return response
