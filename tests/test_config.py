@@ -176,7 +176,7 @@ def test_a_bad_size_names_the_variable(value):
 def test_the_data_plane_settings():
     config = parse()
     assert (config.dataplane.host, config.dataplane.port, config.dataplane.url) == ("", 5050, None)
-    assert config.dataplane.min_size == 1 << 20 and config.dataplane.workers >= 1
+    assert config.dataplane.min_size == 256 << 10 and config.dataplane.workers >= 1
     assert config.registries[0].storage == config.data_dir / "dockerhub" / "storage"
     config = parse(REGCACHE_DATAPLANE_HOST="::", REGCACHE_DATAPLANE_PORT="6050", REGCACHE_DATAPLANE_URL="http://Cache.example:30050",
                    REGCACHE_DATAPLANE_MIN_SIZE="4M", REGCACHE_DATAPLANE_WORKERS="3", DOCKERHUB_CACHE="http://registry-dockerhub:5000",

@@ -3,7 +3,7 @@ storage by sendfile; only what a signed grant names, with registry:2's headers, 
 conditional requests; each transfer in the pull log and the metrics.
 
 One stack for the module (docker.io cached from the session's upstream); the big image's
-100 MiB layer is over REGCACHE_DATAPLANE_MIN_SIZE (default 1M), the small image's are under it.
+100 MiB layer is over REGCACHE_DATAPLANE_MIN_SIZE (default 256k), the small image's are under it.
 """
 
 from __future__ import annotations

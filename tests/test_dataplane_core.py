@@ -99,8 +99,8 @@ def target_of(config, repository="library/big"):
 
 @pytest.mark.parametrize("changes, size, handed_off", [
     ({}, 2 << 20, True),
-    ({}, 1 << 20, True),  # exactly REGCACHE_DATAPLANE_MIN_SIZE
-    ({}, (1 << 20) - 1, False),
+    ({}, 256 << 10, True),  # exactly REGCACHE_DATAPLANE_MIN_SIZE
+    ({}, (256 << 10) - 1, False),
     ({"REGCACHE_DATAPLANE_MIN_SIZE": "0"}, 1, True),
     ({"REGCACHE_DATAPLANE": "false"}, 2 << 20, False),
 ])

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from parts import (
     PORT_BASES, PROXY_VARIABLES, REGCACHE, REGISTRY_PROGRAM, REPO, TEST_DOMAIN, accepts_connections, child_pids,
-    docker_io_stack, pull,
+    command_line, docker_io_stack, pull,
 )
 
 MITMDUMP = str(Path(sys.executable).with_name("mitmdump"))
@@ -60,11 +63,27 @@ def test_plain_mitmdump_with_a_bad_setting_exits_naming_it(tmp_path):
 def test_sigterm_stops_every_child_and_exits_0(tmp_path, upstream):
     stack = docker_io_stack(tmp_path, upstream, PORT).start()
     started = child_pids(stack.process.pid)  # the proxy, the data plane's parent, the cache
+    workers = child_pids(dataplane_parent(stack))
     ports = (PORT, DATAPLANE_PORT, CACHE_PORT)
-    assert len(started) == 3 and all(map(accepts_connections, ports))
+    assert len(started) == 3 and len(workers) == os.cpu_count() and all(map(accepts_connections, ports))
     assert stack.stop() == 0
     assert not any(map(accepts_connections, ports))
-    assert not any(Path(f"/proc/{pid}").exists() for pid in started)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in started + workers)
+
+
+def dataplane_parent(stack) -> int:
+    return next(pid for pid in child_pids(stack.process.pid) if "regcache_core.dataplane" in command_line(pid))
+
+
+def test_a_data_plane_worker_that_dies_stops_the_rest_and_exits_1(tmp_path, upstream):
+    stack = docker_io_stack(tmp_path, upstream, PORT).start()
+    try:
+        os.kill(child_pids(dataplane_parent(stack))[0], signal.SIGKILL)
+        assert stack.process.wait(30) == 1
+        assert not accepts_connections(PORT) and not accepts_connections(DATAPLANE_PORT)
+        assert any("data plane exited with status 1; stopping" in line for line in stack.output)
+    finally:
+        stack.stop()
 
 
 def test_a_cache_that_dies_stops_the_rest_and_exits_1(tmp_path, upstream):
@@ -96,3 +115,18 @@ def test_a_cache_on_ipv6_loopback_runs_and_serves(tmp_path, upstream, images):
         assert accepts_connections(CACHE_PORT, "::1")
     finally:
         stack.stop()
+
+
+def test_a_taken_data_plane_port_stops_start_up_with_one_line_saying_so(tmp_path, upstream):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", DATAPLANE_PORT))
+        squatter.listen()
+        stack = docker_io_stack(tmp_path, upstream, PORT)
+        with pytest.raises(RuntimeError) as failed:
+            stack.start(timeout=30)
+    output = str(failed.value)
+    assert "regcache: data plane exited with status 1 while starting" in output
+    assert f"regcache data plane: [Errno 98] error while attempting to bind on address ('::', {DATAPLANE_PORT}" in output \
+        or "address already in use" in output
+    assert "Traceback" not in output
+    assert stack.process.returncode == 1

@@ -47,7 +47,7 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_DATAPLANE_HOST": "",  # empty: all interfaces, like the client listener
     "REGCACHE_DATAPLANE_PORT": "5050",
     "REGCACHE_DATAPLANE_URL": "",  # empty: the host name the client used, on REGCACHE_DATAPLANE_PORT
-    "REGCACHE_DATAPLANE_MIN_SIZE": "1M",
+    "REGCACHE_DATAPLANE_MIN_SIZE": "256k",  # see bench_handoff.py
     "REGCACHE_DATAPLANE_WORKERS": "",  # empty: one per core
     "REGCACHE_SPOOL_MAX_DISK": "10G",  # cold blobs being fetched upstream, spooled for concurrent fetches
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
@@ -105,11 +105,6 @@ class DataPlane:
     url: str | None  # public base URL for its 307s; None: the client's host name on `port`
     min_size: int  # smaller blobs keep streaming through the proxy: a redirect costs a round trip
     workers: int
-
-    @property
-    def local_url(self) -> str:
-        """How this machine reaches it."""
-        return local_url(self.host or "0.0.0.0", self.port)
 
 
 @dataclass(frozen=True)

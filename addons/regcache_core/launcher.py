@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +14,6 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from .cache_backend import INSTALL_HINT, CacheBackend, find_registry_program, local_backends, write_registry_config
 from .config import Config
@@ -65,7 +63,7 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
             return 0 if stop.is_set() else 1
         # After the proxy, which receives the data plane's pull records.
         if config.dataplane is not None:
-            children.append(_start_dataplane(config, env_file))
+            children.append(_start_dataplane(env_file))
         for backend in backends:
             children.append(_start_cache(program, backend))
         if not _wait_ready(children, stop):
@@ -116,12 +114,27 @@ def _start_proxy(program: str, config: Config, env_file: str, web: bool) -> Chil
     return Child(f"proxy ({Path(program).name})", process, lambda: answers_http(config.admin_url("/live")))
 
 
-def _start_dataplane(config: Config, env_file: str) -> Child:
-    process = subprocess.Popen([sys.executable, "-m", "regcache_core.dataplane", "--env-file", env_file],
-                               stdin=subprocess.DEVNULL, start_new_session=True)
-    # A connection, no request: every request to the data plane is a record in the pull log.
-    address = urlsplit(config.dataplane.local_url)
-    return Child("data plane", process, lambda: accepts_connections(address.hostname, address.port))
+def _start_dataplane(env_file: str) -> Child:
+    # It says when every worker serves on a pipe: a probe of its port would be a request in the
+    # pull log, and a connection alone could be accepted by whatever else holds the port.
+    ready, ready_to_write = os.pipe()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "regcache_core.dataplane", "--env-file", env_file, "--ready-fd", str(ready_to_write)],
+            stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(ready_to_write,))
+    finally:
+        os.close(ready_to_write)
+    os.set_blocking(ready, False)
+    said = bytearray()
+
+    def says_ready() -> bool:
+        try:
+            said.extend(os.read(ready, 64))
+        except BlockingIOError:
+            pass
+        return said.startswith(b"ready")
+
+    return Child("data plane", process, says_ready)
 
 
 def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
@@ -147,14 +160,6 @@ def answers_http(url: str) -> bool:
     except urllib.error.HTTPError:
         pass  # an HTTP error status still means the server is up
     except (OSError, ValueError):
-        return False
-    return True
-
-
-def accepts_connections(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=1).close()
-    except OSError:
         return False
     return True
 

@@ -10,6 +10,7 @@ import multiprocessing
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -24,23 +25,29 @@ STOP_TIMEOUT = 5.0  # seconds a worker's transfers get to finish after SIGTERM
 RECORDS_FLUSH_TIMEOUT = 2.0
 
 
-def run_workers(config: Config) -> int:
-    """Run the workers until SIGTERM or SIGINT (then 0) or until one of them exits (then 1)."""
+def run_workers(config: Config, on_ready: Callable[[], None] = lambda: None) -> int:
+    """Run the workers until SIGTERM or SIGINT (then 0) or until one of them exits (then 1);
+    `on_ready()` is called once every worker serves."""
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     # fork: the parent runs no threads and no event loop yet; spawn would add a resource tracker process
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=serve, args=(config,), name=f"regcache-dataplane-{n}")
+    serving = context.Semaphore(0)  # each worker releases it once its port is open
+    workers = [context.Process(target=serve, args=(config, serving), name=f"regcache-dataplane-{n}")
                for n in range(config.dataplane.workers)]
     for worker in workers:
         worker.start()
-    status = 0
+    status, starting = 0, len(workers)
     while not stop.wait(0.2):
         if failed := next((w for w in workers if w.exitcode is not None), None):
             logger.error("worker %s exited with status %s; stopping the data plane", failed.name, failed.exitcode)
             status = 1
             break
+        while starting and serving.acquire(block=False):
+            starting -= 1
+            if not starting:
+                on_ready()
     for worker in workers:
         if worker.exitcode is None:
             worker.terminate()
@@ -52,19 +59,19 @@ def run_workers(config: Config) -> int:
     return status
 
 
-def serve(config: Config) -> None:
-    """One worker: serve until SIGTERM or SIGINT."""
+def serve(config: Config, serving) -> None:
+    """One worker: serve until SIGTERM or SIGINT; `serving` is released once it does."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # not the parent's handlers: until serving, a signal ends it
         signal.signal(signum, signal.SIG_DFL)
     configure_logging()
     try:
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, serving))
     except OSError as e:  # the port is taken, the data dir unwritable, ...
         logger.error("%s", e)
         sys.exit(1)
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, serving) -> None:
     dataplane = config.dataplane
     records = RecordSender(records_socket(config.data_dir))
     sending = asyncio.create_task(records.run())
@@ -77,6 +84,7 @@ async def _serve(config: Config) -> None:
         loop.add_signal_handler(signum, stop.set)
     try:
         await web.TCPSite(runner, dataplane.host or None, dataplane.port, reuse_port=True).start()
+        serving.release()
         await stop.wait()
     finally:
         await runner.cleanup()
