@@ -12,8 +12,8 @@ once GET it, in turn from each of:
 - regcache: through the proxy, following its 307 to the data plane as registry clients do
   (with --no-dataplane, REGCACHE_DATAPLANE=false: streamed through the proxy, as before the
   data plane).
-Each run's MB/s counts all N transfers over the wall time until the last one ends. The median
-of the repeats is printed, with the ratios to direct (issue 8's target for regcache: at least
+Each run's MB/s counts all N transfers over the wall time until the last one ends; the cases
+take turns, run by run. The median of the repeats is printed, with the ratios to direct (issue 8's target for regcache: at least
 1.3x with 1 and with 8 clients) and regcache/nginx (target: at least 2x). Clients are Python
 threads reading 1 MiB at a time into one buffer, without hashing, so they cost little CPU next
 to the servers (their CPU time is printed). Not part of the test suite: figures are printed,
@@ -63,15 +63,20 @@ def main() -> None:
                 regcache: bench.proxy_url,
             }
             for clients in client_counts:
+                # Round-robin over the cases, so that each repeat of each sees the machine alike.
+                runs, cpu = {name: [] for name in cases}, dict.fromkeys(cases, 0.0)
+                for _ in range(args.repeats):
+                    for name, url in cases.items():
+                        before = os.times()
+                        runs[name].append(fetch_in_parallel(url, clients, size))
+                        after = os.times()
+                        cpu[name] += after.user - before.user + after.system - before.system
                 speeds = {}
-                for name, url in cases.items():
-                    before = os.times()
-                    runs = [fetch_in_parallel(url, clients, size) for _ in range(args.repeats)]
-                    after = os.times()
-                    client_cpu = (after.user - before.user + after.system - before.system) / sum(runs)
-                    speeds[name] = mb_per_s(size * clients, statistics.median(runs))
+                for name in cases:
+                    client_cpu = cpu[name] / sum(runs[name])
+                    speeds[name] = mb_per_s(size * clients, statistics.median(runs[name]))
                     rows.append(f"{clients} client(s), {name:20}: {speeds[name]:7.1f} MB/s = {speeds[name] / speeds['direct']:.2f}x direct  "
-                                f"(runs {', '.join(f'{mb_per_s(size * clients, r):.0f}' for r in runs)} MB/s; "
+                                f"(runs {', '.join(f'{mb_per_s(size * clients, r):.0f}' for r in runs[name])} MB/s; "
                                 f"client CPU {client_cpu:.0%} of a core)")
                 rows.append(f"{clients} client(s), {regcache}/direct {speeds[regcache] / speeds['direct']:.2f}x "
                             f"(target >= {TARGET_VS_DIRECT}x), {regcache}/nginx {speeds[regcache] / speeds['nginx']:.2f}x "

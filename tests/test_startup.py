@@ -62,11 +62,14 @@ def test_plain_mitmdump_with_a_bad_setting_exits_naming_it(tmp_path):
 
 def test_sigterm_stops_every_child_and_exits_0(tmp_path, upstream):
     stack = docker_io_stack(tmp_path, upstream, PORT).start()
-    started = child_pids(stack.process.pid)  # the proxy, the data plane's parent, the cache
-    workers = child_pids(dataplane_parent(stack))
-    ports = (PORT, DATAPLANE_PORT, CACHE_PORT)
-    assert len(started) == 3 and len(workers) == os.cpu_count() and all(map(accepts_connections, ports))
-    assert stack.stop() == 0
+    try:
+        started = child_pids(stack.process.pid)  # the proxy, the data plane's parent, the cache
+        workers = child_pids(dataplane_parent(stack))
+        ports = (PORT, DATAPLANE_PORT, CACHE_PORT)
+        assert len(started) == 3 and len(workers) == os.cpu_count() and all(map(accepts_connections, ports))
+    finally:
+        status = stack.stop()
+    assert status == 0
     assert not any(map(accepts_connections, ports))
     assert not any(Path(f"/proc/{pid}").exists() for pid in started + workers)
 
@@ -125,8 +128,11 @@ def test_a_taken_data_plane_port_stops_start_up_with_one_line_saying_so(tmp_path
         squatter.bind(("127.0.0.1", DATAPLANE_PORT))
         squatter.listen()
         stack = docker_io_stack(tmp_path, upstream, PORT)
-        with pytest.raises(RuntimeError) as failed:
-            stack.start(timeout=30)
+        try:
+            with pytest.raises(RuntimeError) as failed:
+                stack.start(timeout=30)
+        finally:
+            stack.stop()  # nothing left running if it did start
     output = str(failed.value)
     assert "regcache: data plane exited with status 1 while starting" in output
     assert f"regcache data plane: [Errno 98] error while attempting to bind on address ('::', {DATAPLANE_PORT}" in output \
