@@ -145,13 +145,15 @@ def fetch(url: str, digest: str | None = None, timeout: float = 60, follow: bool
     return received
 
 
-def fetch_in_parallel(url: str, clients: int, expected_size: int) -> float:
-    """`clients` threads each GET url at once; returns the wall time until the last one finished."""
+def fetch_in_parallel(url: str, clients: int, expected_size: int, digest: str | None = None,
+                      timeout: float = 60) -> float:
+    """`clients` threads each GET url at once (each hashing what it gets, with `digest`); returns
+    the wall time until the last one finished."""
     errors: list[BaseException] = []
 
     def client() -> None:
         try:
-            if (received := fetch(url)) != expected_size:
+            if (received := fetch(url, digest, timeout)) != expected_size:
                 raise RuntimeError(f"GET {url}: {received} bytes, expected {expected_size}")
         except BaseException as e:  # reported by the caller
             errors.append(e)

@@ -1,6 +1,6 @@
 """Servers no real part can stand in for here: a registry token server, a CDN, an upstream
-with the referrers API, and faults (a server that does not speak HTTP, an upstream that only
-challenges).
+with the referrers API, faults (a server that does not speak HTTP, an upstream that only
+challenges) and a slow link.
 
 They speak the real protocols: the token server issues JWTs that a real `registry` with
 `auth: token` accepts (RS256, an x5c chain ending in the rootcertbundle certificate, see the
@@ -15,6 +15,7 @@ import base64
 import datetime
 import json
 import re
+import socket
 import socketserver
 import threading
 import time
@@ -273,3 +274,57 @@ class ReferrersRegistry(_Server):
         handler.end_headers()
         if handler.command != "HEAD":
             handler.wfile.write(body)
+
+
+class SlowLink:
+    """A TCP relay to `target_port` that passes answers at `rate` bytes/s: a distant upstream
+    (this kernel has no netem), so a test can act while a blob is halfway through. When the
+    target dies, the relay closes the client's side too, as a link to a dead host ends."""
+
+    CHUNK = 64 << 10
+
+    def __init__(self, port: int, target_port: int, rate: float) -> None:
+        self.port, self.target_port, self.rate = port, target_port, rate
+        self.url = f"http://127.0.0.1:{port}"
+        self._listener: socket.socket | None = None
+
+    def start(self) -> "SlowLink":
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._listener:
+            self._listener.close()
+            self._listener = None
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # stopped
+            try:
+                target = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            target.settimeout(None)
+            threading.Thread(target=self._pipe, args=(client, target, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(target, client, self.CHUNK / self.rate), daemon=True).start()
+
+    @classmethod
+    def _pipe(cls, source: socket.socket, sink: socket.socket, pause: float | None) -> None:
+        try:
+            while chunk := source.recv(cls.CHUNK):
+                sink.sendall(chunk)
+                if pause:
+                    time.sleep(pause * len(chunk) / cls.CHUNK)
+        except OSError:
+            pass
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            end.close()

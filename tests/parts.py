@@ -66,6 +66,8 @@ PORT_BASES = {
     "test_outages": 6600,
     "test_dataplane": 6100,
     "test_dataplane[off]": 6200,  # REGCACHE_DATAPLANE=false
+    "test_single_flight": 6300,
+    "test_single_flight[own upstream]": 6400,  # an upstream killed, one behind a CDN
 }
 UPSTREAM_OFFSET = 1000
 

@@ -32,7 +32,12 @@ def more_images(tmp_path_factory, upstream) -> list:
 
 @pytest.fixture(scope="module")
 def budget_stack(tmp_path_factory, upstream):
-    stack = docker_io_stack(tmp_path_factory.mktemp("budget-stack"), upstream, PORT, {"REGCACHE_MAX_DISK": "300M"}).start()
+    stack = docker_io_stack(tmp_path_factory.mktemp("budget-stack"), upstream, PORT, {
+        "REGCACHE_MAX_DISK": "300M",
+        # No spools: a finished one lingers for 30 s and would serve an evicted layer again
+        # without the upstream, where these tests watch eviction and refetching alone.
+        "REGCACHE_SPOOL_MAX_DISK": "0",
+    }).start()
     yield stack
     assert stack.stop() == 0
 

@@ -31,6 +31,7 @@ def test_defaults_cache_the_three_big_registries():
     assert (config.domain, config.port, config.pull_log_stdout) == ("registry.localhost", 5000, False)
     assert config.data_dir == Path("data").absolute()
     assert config.pull_log == config.data_dir / "pull.log"
+    assert config.spool_max_disk == 10 << 30
     assert all(r.backend == r.cache for r in config.registries)
     assert (config.tag_ttl, config.manifest_cache_bytes, config.upstream_timeout) == (60, 8 << 20, 5)
 
@@ -132,6 +133,7 @@ def test_credentials_come_in_pairs_and_stay_out_of_repr():
     ({"REGCACHE_TAG_TTL": "1m"}, "REGCACHE_TAG_TTL", "not a number of seconds"),
     ({"REGCACHE_UPSTREAM_TIMEOUT": "-1"}, "REGCACHE_UPSTREAM_TIMEOUT", "not a number of seconds"),
     ({"REGCACHE_MANIFEST_CACHE": "lots"}, "REGCACHE_MANIFEST_CACHE", "not a size"),
+    ({"REGCACHE_SPOOL_MAX_DISK": "lots"}, "REGCACHE_SPOOL_MAX_DISK", "not a size"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(changes, variable, says):
     with pytest.raises(ConfigError) as raised:

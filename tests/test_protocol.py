@@ -74,7 +74,9 @@ def test_only_canonical_get_and_head_leave_the_proxy(stack, upstream):
     request("GET /v2/ HTTP/1.1", "Transfer-Encoding: chunked", "Trailer: X-Checksum", close=False)
     + b"5\r\nhello\r\n0\r\nX-Checksum: 1234\r\n\r\n" + request("GET /v2/ HTTP/1.1"),
     request("GET /v2/ HTTP/1.1", "Content-Length: 5", close=False) + b"hello" + request("GET /v2/ HTTP/1.1"),
-], ids=["http-0.9", "http-9.9", "chunked-with-trailers", "get-with-body"])
+    # mitmproxy calls this an HTTP/2 request (found by test_properties): it hung, unanswered.
+    b"GET /v2/ HTTP/2.0\r\nHost: " + HUB.encode() + b"\r\nContent-Length: 3\r\n\r\n",
+], ids=["http-0.9", "http-9.9", "chunked-with-trailers", "get-with-body", "http-2.0-request-line-with-a-body"])
 def test_a_bad_protocol_or_a_pull_with_a_body_is_400_and_the_connection_closes(stack, data):
     reply = raw_exchange(PORT, data, timeout=5)
     [(status, headers, body)] = split_responses(reply, ["GET"])  # one answer: nothing after it was read

@@ -112,3 +112,12 @@ def test_names_are_resolved_when_a_redirect_is_followed():
     assert asyncio.run(resolves_internal("127.0.0.2"))
     assert not asyncio.run(resolves_internal("10.1.2.3"))
     assert not asyncio.run(resolves_internal("name.invalid"))  # unresolvable: the connection fails instead
+
+
+def test_one_upstream_blob_fetch_makes_one_miss_and_the_clients_it_served_meanwhile_hits():
+    table = InFlight()
+    for client in ("first", "second", "third"):
+        table.started(client, "docker.io", "library/big", TAG_DIGEST)
+    table.upstream_answer("docker.io", "library/big", TAG_DIGEST, "GET", 200, blob=True)
+    assert [table.finished(c, True) for c in ("first", "second", "third")] == ["miss", "hit", "hit"]
+    assert len(table) == 0

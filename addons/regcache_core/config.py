@@ -59,6 +59,7 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_DATAPLANE_URL": "",  # empty: the host name the client used, on REGCACHE_DATAPLANE_PORT
     "REGCACHE_DATAPLANE_MIN_SIZE": "256k",  # see bench_handoff.py
     "REGCACHE_DATAPLANE_WORKERS": "",  # empty: one per core
+    "REGCACHE_SPOOL_MAX_DISK": "10G",  # cold blobs being fetched upstream, spooled for concurrent fetches
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "REGCACHE_CLIENTS": "",  # empty: any address
     "REGCACHE_HTPASSWD": "",  # empty: no accounts needed
@@ -152,6 +153,7 @@ class Config:
     manifest_cache_bytes: int = 8 << 20
     upstream_timeout: float = 5.0  # seconds
     dataplane: DataPlane | None = None  # None: REGCACHE_DATAPLANE=false, every blob streams through the proxy
+    spool_max_disk: int = 10 << 30  # bytes of spools at once (spool.py); past it, fetches go upstream each
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -211,6 +213,7 @@ def parse_config(values: Mapping[str, str]) -> Config:
         tag_ttl=_seconds("REGCACHE_TAG_TTL", get("REGCACHE_TAG_TTL")),
         manifest_cache_bytes=parse_size("REGCACHE_MANIFEST_CACHE", get("REGCACHE_MANIFEST_CACHE")),
         upstream_timeout=_seconds("REGCACHE_UPSTREAM_TIMEOUT", get("REGCACHE_UPSTREAM_TIMEOUT")),
+        spool_max_disk=parse_size("REGCACHE_SPOOL_MAX_DISK", get("REGCACHE_SPOOL_MAX_DISK")),
         dataplane=dataplane,
     )
 

@@ -13,6 +13,12 @@ answer for the same content (registry, repository, reference) decides what it wa
 
 When a tag's HEAD answers with a digest, the client's request is also watched under that
 digest, because registry:2 then fetches the manifest by digest if it does not hold it.
+
+Blobs are counted by their bytes: a blob GET that brings content makes one client request
+for that blob a miss (the earliest one not yet a miss), since with single-flight spools
+(spool.py) one upstream fetch serves every concurrent client, and those others got nothing from
+upstream for them. Fetches served from a spool are not upstream requests (the addon does not
+report them).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ class InFlight:
     """Client requests in flight, by what they ask for; entries go when the request ends."""
 
     def __init__(self) -> None:
-        self._waiting: dict[Key, set[str]] = {}  # key -> ids of client flows
+        self._waiting: dict[Key, dict[str, None]] = {}  # key -> ids of client flows, in arrival order
         self._keys: dict[str, set[Key]] = {}  # client flow id -> its keys
         self._missed: set[str] = set()
         self._failed: set[str] = set()
@@ -38,13 +44,22 @@ class InFlight:
     def started(self, flow_id: str, registry: str, repository: str, reference: str) -> None:
         self._watch(flow_id, (registry, repository, reference))
 
-    def upstream_answer(self, registry: str, repository: str, reference: str, method: str, status: int | None) -> None:
+    def upstream_answer(self, registry: str, repository: str, reference: str, method: str, status: int | None,
+                        blob: bool = False) -> None:
         """The cache's upstream request for this content ended with `status` (None: no answer)."""
-        flows = self._waiting.get((registry, repository, reference), ())
+        flows = self._waiting.get((registry, repository, reference), {})
         if method == "GET" and status is not None and (200 <= status < 300 or status in REDIRECTS):
-            self._missed.update(flows)
+            if not blob:
+                self._missed.update(flows)
+            elif first := next((flow_id for flow_id in flows if flow_id not in self._missed), None):
+                self._missed.add(first)
         elif upstream_failed(status):
             self._failed.update(flows)
+
+    def upstream_blob_fetch(self, registry: str, repository: str, digest: str) -> None:
+        waiting = self._waiting.get((registry, repository, digest), ())
+        if first := next((flow_id for flow_id in waiting if flow_id not in self._missed), None):
+            self._missed.add(first)
 
     def tag_resolved(self, registry: str, repository: str, tag: str, digest: str) -> None:
         for flow_id in list(self._waiting.get((registry, repository, tag), ())):
@@ -58,7 +73,7 @@ class InFlight:
             return None
         for key in keys:
             flows = self._waiting[key]
-            flows.discard(flow_id)
+            flows.pop(flow_id, None)
             if not flows:
                 del self._waiting[key]
         missed, failed = flow_id in self._missed, flow_id in self._failed
@@ -72,5 +87,5 @@ class InFlight:
         return len(self._keys)
 
     def _watch(self, flow_id: str, key: Key) -> None:
-        self._waiting.setdefault(key, set()).add(flow_id)
+        self._waiting.setdefault(key, {})[flow_id] = None
         self._keys.setdefault(flow_id, set()).add(key)

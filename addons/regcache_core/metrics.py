@@ -46,6 +46,9 @@ class Metrics:
         self.upstream_errors = Counter(
             "regcache_upstream_errors", "Upstream requests that got no HTTP answer (refused, reset, timed out, bad TLS).",
             ("registry",), registry=self.registry)
+        self.spool_followers = Counter(
+            "regcache_spool_followers", "Caches' upstream fetches of a blob answered from the spool of a concurrent "
+            "fetch (sent to the data plane) instead of going upstream.", ("registry",), registry=self.registry)
         self.token_fetches = Counter(
             "regcache_token_fetches", "Bearer token requests to an upstream's token realm, by outcome (ok, denied, error).",
             ("registry", "outcome"), registry=self.registry)
@@ -93,6 +96,9 @@ class Metrics:
 
     def upstream_up(self, registry: str, up: bool) -> None:
         self.upstream_reachable.labels(registry).set(1 if up else 0)
+
+    def spool_follower(self, registry: str) -> None:
+        self.spool_followers.labels(registry).inc()
 
     def token_fetch(self, registry: str, outcome: str) -> None:
         if outcome not in TOKEN_OUTCOMES:

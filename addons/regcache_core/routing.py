@@ -22,7 +22,8 @@ DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 _API_PATH = re.compile(r"/v2/(?P<repository>.+)/(?P<kind>manifests|blobs|tags|referrers)/(?P<reference>[^/]+)")
 _KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
 PULL_METHODS = ("GET", "HEAD")  # as sent: "get" is another method, which a backend may take for GET
-HTTP_VERSIONS = ("HTTP/1.0", "HTTP/1.1", "HTTP/2.0", "HTTP/3")
+HTTP1_VERSIONS = ("HTTP/1.0", "HTTP/1.1")  # what an HTTP/1 request line may say
+MULTIPLEXED_VERSIONS = ("HTTP/2.0", "HTTP/3")  # framed streams (ALPN h2, h3): there is no request line
 # Bounds checked before a request target is parsed: parsing a 7 MiB query of 2M fields took the
 # event loop (every client) 4 s. Our own redirect paths, the longest targets clients send us,
 # carry a CDN's signed URL of a few KiB.
@@ -76,12 +77,15 @@ class Refusal:
         return json.dumps({"errors": [{"code": self.code, "message": self.message}]}).encode()
 
 
-def refuse_malformed(method: str, http_version: str, target: str, has_body: bool) -> Refusal | None:
+def refuse_malformed(method: str, http_version: str, target: str, has_body: bool, multiplexed: bool = False) -> Refusal | None:
     """What is wrong with a request whatever its path: checked first, on every listener, so that
     nothing after it meets an unknown protocol, an unbounded or non-ASCII target, or a pull with
-    a body (a chunked body's trailers crash mitmproxy's connection handler)."""
-    if http_version not in HTTP_VERSIONS:
-        return Refusal(400, "UNSUPPORTED", f"{_quote(http_version)} is not HTTP/1.0, 1.1, 2 or 3", close=True)
+    a body (a chunked body's trailers crash mitmproxy's connection handler).
+
+    `multiplexed`: the connection speaks HTTP/2 or 3 (by ALPN). Otherwise the version is what an
+    HTTP/1 request line claimed, and `GET / HTTP/2.0` there is no HTTP/2 request."""
+    if http_version not in (MULTIPLEXED_VERSIONS if multiplexed else HTTP1_VERSIONS):
+        return Refusal(400, "UNSUPPORTED", f"{_quote(http_version)} is not HTTP/1.0 or 1.1 on this connection", close=True)
     if len(target) > MAX_TARGET:
         return Refusal(414, "UNSUPPORTED", f"the request target is longer than {MAX_TARGET} characters")
     if not target.isascii():

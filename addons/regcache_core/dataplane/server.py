@@ -1,7 +1,8 @@
 """The data plane's HTTP server: sends what a grant names, nothing else.
 
 GET and HEAD of `/_regcache/blob?<grant>` send a warm blob from its cache's storage (see
-storage.py) with registry:2's headers. Every request leaves a pull record, handed to `records`
+storage.py) with registry:2's headers; of `/_regcache/spool?<grant>`, a cold blob from the spool
+of the proxy's fetch of it (spool_reader.py). Every request leaves a pull record, handed to `records`
 (the worker sends them to the proxy): a blob sent is a cache hit by the data plane, with the
 bytes actually sent; a refusal names what was wrong.
 """
@@ -10,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -19,42 +19,14 @@ from .. import pull_log
 from ..config import Config
 from ..pull_log import PullRecord
 from ..routing import Refusal
+from .exchange import CONFIG, EXCHANGE, RECORDS, SIGNER, Exchange, Handler, denied, refused
 from .file_response import open_file, plan, send
-from .grants import GRANT_PATHS, Grant, GrantSigner
+from .grants import GRANT_PATHS, GrantSigner
+from .spool_reader import serve_spool
 from .storage import warm_blob
 
 BACKEND = "dataplane"  # the pull records' backend for what the data plane sent
 KEEPALIVE_TIMEOUT = 30.0  # seconds an idle connection (or one whose request head is not in yet) stays open
-CONFIG = web.AppKey("config", Config)
-SIGNER = web.AppKey("signer", GrantSigner)
-RECORDS = web.AppKey("records", Callable[[PullRecord], None])
-EXCHANGE = "regcache.exchange"  # request key: the Exchange a handler fills in
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class Exchange:
-    """What a handler learnt about its request, for the pull record."""
-
-    started: float
-    grant: Grant | None = None
-    served: bool = False  # the bytes came from the cache (BACKEND, a cache hit)
-    sent: int = 0
-    error: str | None = None
-
-    def count(self, sent: int) -> None:
-        self.sent += sent
-
-
-def refused(refusal: Refusal) -> web.Response:
-    return web.Response(status=refusal.status, body=refusal.body(), content_type="application/json")
-
-
-def denied() -> web.Response:
-    return refused(Refusal(403, "DENIED", "not a data-plane URL issued by this regcache, or it expired"))
-
-
 async def serve_blob(request: web.Request) -> web.StreamResponse:
     exchange: Exchange = request[EXCHANGE]
     grant = request.app[SIGNER].verify(request.rel_url.raw_query_string, "blob")
@@ -79,9 +51,10 @@ async def serve_blob(request: web.Request) -> web.StreamResponse:
     return response
 
 
-# Path -> handler of GET and HEAD; the spool reader adds its path here.
+# Path -> handler of GET and HEAD.
 ROUTES: dict[str, Handler] = {
     GRANT_PATHS["blob"]: serve_blob,
+    GRANT_PATHS["spool"]: serve_spool,
 }
 
 
@@ -100,7 +73,8 @@ async def recorded(request: web.Request, handler: Handler) -> web.StreamResponse
         what = f"{request.method} is not allowed: GET and HEAD only" if e.status == 405 else "not a data-plane path"
         return refused(Refusal(e.status, "UNSUPPORTED", what))
     finally:
-        request.app[RECORDS](record_of(request, exchange, status, time.time()))
+        if exchange.recorded:
+            request.app[RECORDS](record_of(request, exchange, status, time.time()))
 
 
 def record_of(request: web.Request, exchange: Exchange, status: int, now: float) -> PullRecord:

@@ -27,6 +27,7 @@ from .router import Router
 from .settings import MirrorDefaults, Settings
 from .spec_answers import SpecAnswers
 from .tasks import ScheduledTasks
+from .single_flight import SingleFlight
 from .upstream import UpstreamCredentials
 from .upstream_deadlines import UpstreamDeadlines
 from .web import WebView
@@ -45,9 +46,11 @@ def make_addons() -> list:
     # Order matters: hooks run in this order. DataPlaneHandoff answers what Router routed;
     # UpstreamDeadlines answers for a down upstream before UpstreamCredentials asks it for a
     # token; UpstreamCredentials redacts what it injected before mitmweb's view (added after
-    # the scripts) sends a flow update; ManifestResponder answers before HitMarker watches, and
-    # replaces a cache's answer before Recorder reads it; HitMarker sets the hit/miss/stale that
-    # Recorder hands to the pull log and metrics. The data plane's records reach the same sinks.
+    # the scripts) sends a flow update; SingleFlight tells HitMarker which fetches go upstream,
+    # and sets the spool writer that Recorder's byte counter wraps; ManifestResponder answers
+    # before HitMarker watches, and replaces a cache's answer before Recorder reads it;
+    # HitMarker sets the hit/miss/stale that Recorder hands to the pull log and metrics. The
+    # data plane's records reach the same sinks.
     return [
         ScheduledTasks(),
         settings,
@@ -57,6 +60,7 @@ def make_addons() -> list:
         DataPlaneHandoff(settings),
         UpstreamDeadlines(settings, upstream_state),
         credentials,
+        SingleFlight(settings, metrics),
         ManifestResponder(settings, credentials, upstream_client, upstream_state, metrics),
         HitMarker(),
         SpecAnswers(),

@@ -7,7 +7,7 @@ from mitmproxy import http
 
 from ..hit_tracking import InFlight
 from ..routing import Target
-from .keys import CACHE_RESULT, EGRESS, TARGET, UPSTREAM_ANSWER_SEEN
+from .keys import CACHE_RESULT, EGRESS, TARGET, UPSTREAM, UPSTREAM_ANSWER_SEEN
 
 
 class HitMarker:
@@ -43,8 +43,11 @@ class HitMarker:
         egress: Target | None = flow.metadata.get(EGRESS)
         if egress is None or egress.kind not in ("manifest", "blob") or flow.metadata.get(UPSTREAM_ANSWER_SEEN):
             return
+        if UPSTREAM not in flow.metadata:
+            return  # served from a spool (SingleFlight): nothing came from upstream for it
         flow.metadata[UPSTREAM_ANSWER_SEEN] = True
-        self.in_flight.upstream_answer(egress.registry.name, egress.repository, egress.reference, flow.request.method, status)
+        self.in_flight.upstream_answer(egress.registry.name, egress.repository, egress.reference, flow.request.method,
+                                       status, blob=egress.kind == "blob")
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         served = flow.response is not None and 200 <= flow.response.status_code < 300

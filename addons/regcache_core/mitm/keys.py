@@ -1,7 +1,7 @@
 """The flow.metadata keys by which regcache's addons hand each other what they learnt about a flow."""
 
 TARGET = "regcache.target"  # the routing decision
-CLIENT_HOST = "regcache.client_host"  # the client's Host header, as it sent it (routing rewrites it)
+CLIENT_HOST = "regcache.client_host"  # the Host header, as the client (or a cache) sent it; routing rewrites it
 BYTE_COUNTER = "regcache.bytes"  # counts a streamed body
 CACHE_RESULT = "regcache.cache"  # "hit", "miss" or "stale", set once the cache's upstream use is known
 EGRESS_FOR = "regcache.egress_for"  # the Registry whose egress listener the flow came in on
@@ -11,6 +11,8 @@ REDIRECT = "regcache.redirect"  # the Target whose upstream answer redirected th
 INJECTED = "regcache.injected"  # the Authorization header is ours
 IN_FLIGHT = "regcache.in_flight"  # counted in the in-flight gauge, not yet finished
 HANDED_OFF = "regcache.handed_off"  # answered with a 307 to the data plane
+SPOOL = "regcache.spool"  # the Spool this flow leads (single_flight.py)
+SPOOL_FOLLOWER = "regcache.spool_follower"  # a cache's fetch answered from a concurrent fetch's spool
 RECORD = "regcache.record"  # the flow's PullRecord, once it ended
 PLANNED = "regcache.planned"  # a manifest request answered from what regcache learnt (manifest_front.py)
 ANSWERED_HERE = "regcache.answered_here"  # the response was made by regcache (from memory, a refusal), not a backend

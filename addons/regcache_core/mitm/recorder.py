@@ -17,7 +17,10 @@ from ..metrics import Metrics
 from .. import pull_log
 from ..pull_log import PullRecord
 from ..routing import Target
-from .keys import ANSWERED_HERE, BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, HANDED_OFF, IN_FLIGHT, RECORD, REDIRECT, TARGET, UPSTREAM
+from .keys import (
+    ANSWERED_HERE, BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, HANDED_OFF, IN_FLIGHT, RECORD, REDIRECT,
+    SPOOL_FOLLOWER, TARGET, UPSTREAM,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +28,16 @@ SINK_WARNING_INTERVAL = 60.0  # seconds between two warnings about one failing s
 
 
 class ByteCounter:
-    """A response stream that passes chunks through unchanged and counts them."""
+    """A response stream that passes chunks through unchanged and counts them, after `inner` (a
+    stream another addon set, such as a spool's writer) had them."""
 
-    def __init__(self) -> None:
+    def __init__(self, inner: Callable[[bytes], bytes] | None = None) -> None:
         self.count = 0
+        self.inner = inner
 
     def __call__(self, chunk: bytes) -> bytes:
+        if self.inner is not None:
+            chunk = self.inner(chunk)
         self.count += len(chunk)
         return chunk
 
@@ -58,7 +65,8 @@ class Recorder:
         # Blobs always stream (a redirect we follow leads to a blob on a CDN); smaller bodies
         # stream once stream_large_bodies says so.
         if flow.response.stream is True or REDIRECT in flow.metadata or (target and target.kind == "blob"):
-            flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter()
+            inner = flow.response.stream if callable(flow.response.stream) else None
+            flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter(inner)
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -75,8 +83,10 @@ class Recorder:
         if (upstream := upstream_registry(flow)) is not None:
             self.metrics.upstream_result(upstream, record.status if flow.response else None)
         if EGRESS_FOR in flow.metadata:
-            # A cache's upstream fetch, not a client's pull: the log keeps one line per client request.
-            log_upstream_fetch(flow, record)
+            # A cache's upstream fetch, not a client's pull: the log keeps one line per client
+            # request. A fetch sent to a spool was logged by SingleFlight.
+            if SPOOL_FOLLOWER not in flow.metadata:
+                log_upstream_fetch(flow, record)
             return
         self.deliver(record)
 

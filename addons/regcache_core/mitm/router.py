@@ -48,7 +48,11 @@ class Router:
         request = flow.request
         # A client's credentials are never ours to pass on; upstreams get ours.
         request.headers.pop("Authorization", None)
-        if refusal := refuse_malformed(method_as_sent(request), request.http_version, request.path, body_follows(request)):
+        # Before routing rewrites it: 307s to the data plane go to the host name the client (or
+        # cache) used.
+        flow.metadata[CLIENT_HOST] = request.host_header or ""
+        if refusal := refuse_malformed(method_as_sent(request), request.http_version, request.path, body_follows(request),
+                                       multiplexed(flow)):
             refuse(flow, refusal)
             return
         egress_for = self.settings.config.egress_registry(flow.client_conn.proxy_mode.listen_port())
@@ -74,13 +78,12 @@ class Router:
             method_as_sent(request),
             request.host_header or "",
             request.path,
-            proxy_form=request.first_line_format != "relative" and not request.is_http2,
+            proxy_form=request.first_line_format != "relative" and not multiplexed(flow),
         )
         if isinstance(decision, Refusal):
             refuse(flow, decision)
             return
         flow.metadata[TARGET] = decision
-        flow.metadata[CLIENT_HOST] = request.host_header or ""
         if decision.goes_upstream:
             flow.metadata[UPSTREAM] = decision
         send_to(request, decision.backend, decision.path)
@@ -154,7 +157,7 @@ def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str
     flow.response.headers["Content-Length"] = str(len(body))
     flow.metadata[ANSWERED_HERE] = True
     unread_body = body_follows(flow.request)
-    if (close or unread_body) and not (flow.request.is_http2 or flow.request.is_http3):
+    if (close or unread_body) and not multiplexed(flow):
         flow.response.headers["Connection"] = "close"  # HTTP/2 has no such header
     if unread_body:
         send_before_the_body(flow)
@@ -192,7 +195,7 @@ def trailers_crash_as_one_line(record: logging.LogRecord) -> bool:
 def client_writer(flow: http.HTTPFlow) -> asyncio.StreamWriter | None:
     """The client connection's stream writer (`Proxyserver.connections` and the handler's
     `transports`: the same in mitmproxy 11 and 12); None where there is none (HTTP/2, tests)."""
-    if flow.request.is_http2 or flow.request.is_http3:
+    if multiplexed(flow):
         return None  # the connection carries other streams: mitmproxy resets this one when killed
     master = getattr(ctx, "master", None)
     proxyserver = master.addons.get("proxyserver") if master else None
@@ -200,6 +203,12 @@ def client_writer(flow: http.HTTPFlow) -> asyncio.StreamWriter | None:
     transport = handler.transports.get(flow.client_conn) if handler else None
     writer = transport.writer if transport else None
     return writer if isinstance(writer, asyncio.StreamWriter) else None
+
+
+def multiplexed(flow: http.HTTPFlow) -> bool:
+    """HTTP/2 or 3, by what the connection negotiated (ALPN), never by the version a request line
+    claims: `request.is_http2` is true for `GET / HTTP/2.0` sent over HTTP/1."""
+    return flow.client_conn.alpn in (b"h2", b"h3")
 
 
 def send_to(request: http.Request, base_url: str, path: str) -> None:

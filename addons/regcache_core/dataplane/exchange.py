@@ -1,0 +1,44 @@
+"""What the data plane's handlers share: the app's keys, the Exchange a handler fills in for
+its request's pull record, and error answers in registry error JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ..config import Config
+from ..pull_log import PullRecord
+from ..routing import Refusal
+from .grants import Grant, GrantSigner
+
+CONFIG = web.AppKey("config", Config)
+SIGNER = web.AppKey("signer", GrantSigner)
+RECORDS = web.AppKey("records", Callable[[PullRecord], None])
+EXCHANGE = "regcache.exchange"  # request key: the Exchange a handler fills in
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Exchange:
+    """What a handler learnt about its request, for the pull record."""
+
+    started: float
+    grant: Grant | None = None
+    served: bool = False  # the bytes came from the cache (BACKEND, a cache hit)
+    sent: int = 0
+    error: str | None = None
+    recorded: bool = True  # False: a cache's fetch (a spool), not a client's pull: no pull record
+
+    def count(self, sent: int) -> None:
+        self.sent += sent
+
+
+def refused(refusal: Refusal) -> web.Response:
+    return web.Response(status=refusal.status, body=refusal.body(), content_type="application/json")
+
+
+def denied() -> web.Response:
+    return refused(Refusal(403, "DENIED", "not a data-plane URL issued by this regcache, or it expired"))

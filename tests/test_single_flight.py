@@ -1,0 +1,149 @@
+"""End to end: one upstream fetch per cold blob, whatever asks (single-flight spools, spool.py).
+
+Real parts: skopeo pulls through `regcache up` (registry:2 cache, proxy, data plane) from a real
+registry upstream, and the upstream's access log says what reached it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+
+from fakes import Cdn, SlowLink
+from parts import PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, docker_io_stack, poll, skopeo
+
+PORT = PORT_BASES["test_single_flight"]
+OWN_UPSTREAM_PORT = PORT_BASES["test_single_flight[own upstream]"]  # its tests run one after the other
+PULLS = 8
+
+
+def pull_at_once(host: str, reference: str, destinations: list[Path]) -> list:
+    """One skopeo copy per destination, all started together; their CompletedProcesses."""
+    results: list = [None] * len(destinations)
+    start = threading.Barrier(len(destinations))
+
+    def pull(index: int) -> None:
+        start.wait()
+        results[index] = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{reference}",
+                                f"oci:{destinations[index]}", timeout=180)
+
+    threads = [threading.Thread(target=pull, args=(i,)) for i in range(len(destinations))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def layer_digest_in(layout: Path, digest: str) -> str:
+    """The digest of the blob file skopeo wrote for `digest`, hashed here."""
+    hasher = hashlib.sha256()
+    with open(layout / "blobs/sha256" / digest.split(":")[1], "rb") as f:
+        while chunk := f.read(1 << 20):
+            hasher.update(chunk)
+    return f"sha256:{hasher.hexdigest()}"
+
+
+def fetches_of_cache(upstream: Upstream) -> list:
+    """The upstream's access log without the proxy's own `GET /v2/` (how to authenticate, learnt
+    once per registry: no fetch of a cache)."""
+    return [line for line in upstream.access_log() if line.path != "/v2/"]
+
+
+def metric_sum(stack: Stack, name: str) -> float:
+    return sum(value for (sample, _), value in stack.metrics().items() if sample == name)
+
+
+def test_concurrent_cold_pulls_make_one_upstream_fetch_of_the_layer(tmp_path, upstream, images):
+    image = images["big"]
+    layer = image.blob_digests[-1]
+    stack = docker_io_stack(tmp_path / "stack", upstream, PORT).start()
+    try:
+        before = len(upstream.requests_for(layer, "GET"))
+        asked_before = len(fetches_of_cache(upstream))
+        destinations = [tmp_path / f"pulled-{i}" for i in range(PULLS)]
+        results = pull_at_once(f"docker.io.{TEST_DOMAIN}:{PORT}", image.reference, destinations)
+        assert [r.returncode for r in results] == [0] * PULLS, [r.stderr for r in results if r.returncode]
+        for destination in destinations:
+            assert layer_digest_in(destination, layer) == layer
+        records = stack.pull_records_until(
+            lambda rs: sum((r["reference"], r["method"]) == (layer, "GET") for r in rs) == PULLS)
+        layer_gets = [r for r in records if (r["reference"], r["method"]) == (layer, "GET")]
+        assert sorted(r["cache"] for r in layer_gets) == ["hit"] * (PULLS - 1) + ["miss"]
+        assert metric_sum(stack, "regcache_spool_followers_total") >= 1  # registry:2's own second fetch, at least
+        # Every fetch that reached the upstream is counted once in the metrics, and no other.
+        counted = metric_sum(stack, "regcache_upstream_fetches_total")
+        assert poll(lambda: len(fetches_of_cache(upstream)) - asked_before, lambda n: n == counted) == counted
+    finally:
+        stack.stop()
+    fetches = upstream.requests_for(layer, "GET")[before:]
+    assert len(fetches) == 1, f"the upstream was asked for the layer {len(fetches)} times: {fetches}"
+
+
+@pytest.fixture
+def slow_upstream(tmp_path, images):
+    """An upstream of its own (this test kills it) behind a slow link, holding the big image."""
+    registry = Upstream(tmp_path / "upstream", OWN_UPSTREAM_PORT + UPSTREAM_OFFSET).start()
+    registry.push(images["big"])
+    link = SlowLink(OWN_UPSTREAM_PORT + UPSTREAM_OFFSET + 1, registry.port, rate=20e6).start()
+    yield registry, link
+    link.stop()
+    registry.stop()
+
+
+def test_upstream_killed_midway_fails_every_follower_and_leaves_no_spool(tmp_path, images, slow_upstream):
+    registry, link = slow_upstream
+    image = images["big"]
+    layer = image.blob_digests[-1]
+    host = f"docker.io.{TEST_DOMAIN}:{OWN_UPSTREAM_PORT}"
+    stack = docker_io_stack(tmp_path / "stack", registry, OWN_UPSTREAM_PORT, {"DOCKERHUB_UPSTREAM": link.url}).start()
+    spools = stack.data_dir / "spools"
+    try:
+        results: list = []
+        pulls = threading.Thread(target=lambda: results.extend(
+            pull_at_once(host, image.reference, [tmp_path / f"pulled-{i}" for i in range(4)])))
+        pulls.start()
+        halfway = poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(
+            10 << 20 < size < 80 << 20 for size in sizes), timeout=60)
+        followers = poll(lambda: metric_sum(stack, "regcache_spool_followers_total"), lambda n: n >= 2, timeout=10)
+        assert halfway and followers >= 2, (halfway, followers)
+        registry.process.kill()  # SIGKILL: the upstream is gone mid-layer
+        registry.process.wait()
+        pulls.join(180)
+        assert [r.returncode != 0 for r in results] == [True] * 4, [r.stdout for r in results]
+        assert poll(lambda: list(spools.iterdir()), lambda files: not files) == []
+        registry.start()
+        destination = tmp_path / "after"
+        result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{destination}")
+        assert result.returncode == 0, result.stderr
+        assert layer_digest_in(destination, layer) == layer
+    finally:
+        stack.stop()
+
+
+def test_when_the_upstream_redirects_to_a_cdn_the_cdn_is_asked_once(tmp_path, images):
+    """Docker Hub answers blob GETs with a 307 to its CDN: the follow-up of the leader's redirect
+    is spooled, and concurrent fetches follow that spool."""
+    image = images["small"]
+    cdn = Cdn(tmp_path / "upstream" / "storage", OWN_UPSTREAM_PORT + UPSTREAM_OFFSET + 2).start()
+    registry = Upstream(tmp_path / "upstream", OWN_UPSTREAM_PORT + UPSTREAM_OFFSET,
+                        {"middleware": cdn.registry_middleware()}).start()
+    stack = None
+    try:
+        registry.push(image)
+        stack = docker_io_stack(tmp_path / "stack", registry, OWN_UPSTREAM_PORT).start()
+        destinations = [tmp_path / f"pulled-{i}" for i in range(PULLS)]
+        results = pull_at_once(f"docker.io.{TEST_DOMAIN}:{OWN_UPSTREAM_PORT}", image.reference, destinations)
+        assert [r.returncode for r in results] == [0] * PULLS, [r.stderr for r in results if r.returncode]
+        for digest in image.blob_digests[1:]:  # the layers: registry:2 redirects those
+            cdn_gets = [path for method, path, _ in cdn.requests if method == "GET" and digest.split(":")[1] in path]
+            assert len(cdn_gets) == 1, f"the CDN was asked for {digest} {len(cdn_gets)} times"
+            assert all(layer_digest_in(destination, digest) == digest for destination in destinations)
+    finally:
+        if stack:
+            stack.stop()
+        registry.stop()
+        cdn.stop()
