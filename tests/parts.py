@@ -61,6 +61,8 @@ PORT_BASES = {
     "test_budget": 7100,
     "test_supervision": 7200,
     "test_disk_full": 7300,
+    "test_upstream_auth": 7500,  # its loopback token servers; no stack
+    "test_slow_clients": 7600,
 }
 UPSTREAM_OFFSET = 1000
 

@@ -87,6 +87,7 @@ class Registry:
     egress_port: int | None = None  # the proxy's egress listener for its cache; None when uncached
     repositories: tuple[str, ...] = ()  # glob patterns of the repositories served; empty: all
     max_disk: int | None = None  # bytes its cache's storage may hold (K_MAX_DISK); None: no budget of its own
+    token_realms: tuple[str, ...] = ()  # hosts besides the upstream's own domain that may issue its tokens
 
     @property
     def backend(self) -> str:
@@ -203,7 +204,16 @@ def _registry(key: str, get, default_egress_port: int) -> Registry:
         key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None,
         repositories=_repository_patterns(f"{key}_REPOSITORIES", get(f"{key}_REPOSITORIES")),
         max_disk=_optional_size(f"{key}_MAX_DISK", get(f"{key}_MAX_DISK")) if cache else None,
+        token_realms=_host_names(f"{key}_TOKEN_REALMS", get(f"{key}_TOKEN_REALMS")),
     )
+
+
+def _host_names(var: str, value: str) -> tuple[str, ...]:
+    names = tuple(n.strip().rstrip(".").lower() for n in value.split(",") if n.strip())
+    for name in names:
+        if not (_REGISTRY_NAME.fullmatch(name) and ":" not in name) and parse_ip(name) is None:
+            raise ConfigError(f"{var}: {name!r} is not a host name such as auth.example.com")
+    return names
 
 
 def _repository_patterns(var: str, value: str) -> tuple[str, ...]:

@@ -8,7 +8,8 @@ from mitmproxy import http
 from ..metrics import Metrics
 from ..redirects import RedirectSigner
 from ..routing import Refusal, Target
-from ..upstream_auth import TokenStore, UpstreamAuth, UpstreamAuthError
+from ..upstream_auth import MAX_TOKEN_RESPONSE, TokenStore, UpstreamAuth, UpstreamAuthError
+from ..upstream_client import UpstreamClient
 from ..upstream_signals import UpstreamSignals
 from .keys import INJECTED, REDIRECT, UPSTREAM
 from .router import refuse
@@ -28,15 +29,23 @@ class UpstreamCredentials:
         self.signer = signer
         self.metrics = metrics
         self.auth: UpstreamAuth | None = None
+        self.client = UpstreamClient()
         self.signals = UpstreamSignals(metrics)
 
     def configure(self, updated: set[str]) -> None:
         config = self.settings.config
         if "regcache_env_file" in updated and config is not None:
-            self.done()
-            self.auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), on_token_fetch=self.metrics.token_fetch)
+            self._close_store()
+            self.auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), self._fetch, on_token_fetch=self.metrics.token_fetch)
 
-    def done(self) -> None:
+    async def done(self) -> None:
+        self._close_store()
+        await self.client.close()
+
+    async def _fetch(self, url: str, headers: dict[str, str], timeout: float) -> tuple[int, list[str], bytes]:
+        return await self.client.get(url, headers, timeout, MAX_TOKEN_RESPONSE)
+
+    def _close_store(self) -> None:
         if self.auth:
             self.auth.store.close()
 

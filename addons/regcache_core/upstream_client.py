@@ -1,0 +1,98 @@
+"""The requests regcache makes to upstreams itself (a registry's `GET /v2/` challenge, a token
+fetch), with aiohttp: one pool of connections for all of them, each request bounded as a whole
+(name lookup, connect, TLS, the answer) by its timeout, its connect by CONNECT_TIMEOUT, and its
+body by a size cap.
+
+Redirects carry credentials only where they were meant to go: a redirect is followed to the same
+host name (any port, as Go's client keeps Authorization) over the same scheme or from http to
+https, never to another host and never from https to http. Anything else is refused
+(RedirectRefused), so a token server cannot send regcache's Basic credentials elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+CONNECT_TIMEOUT = 5.0  # seconds for a name lookup, connect and TLS handshake
+MAX_REDIRECTS = 3
+POOL_SIZE = 20  # connections at once, to all upstreams; each request is short
+
+
+class NoAnswer(Exception):
+    """The upstream gave no usable HTTP answer in time; `reason` says why (timeout, refused, ...)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RedirectRefused(NoAnswer):
+    """A redirect that would take the request (and its credentials) to another host or to http."""
+
+
+class UpstreamClient:
+    def __init__(self, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self.connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def get(self, url: str, headers: Mapping[str, str], timeout: float,
+                  max_body: int) -> tuple[int, list[str], bytes]:
+        """`GET url`: status, WWW-Authenticate values, body. Raises NoAnswer for no answer in
+        `timeout` seconds, a body over `max_body` bytes, or a redirect it may not follow."""
+        try:
+            async with asyncio.timeout(timeout):
+                for _ in range(MAX_REDIRECTS + 1):
+                    status, challenges, location, body = await self._get_once(url, headers, max_body)
+                    if location is None:
+                        return status, challenges, body
+                    url = followable(url, location)
+                raise NoAnswer(f"more than {MAX_REDIRECTS} redirects")
+        except TimeoutError:
+            raise NoAnswer("timeout") from None
+        except aiohttp.ClientConnectorError as e:
+            raise NoAnswer(describe(e.os_error)) from None
+        except (aiohttp.ClientError, OSError, ValueError) as e:
+            raise NoAnswer(describe(e)) from None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _get_once(self, url: str, headers: Mapping[str, str],
+                        max_body: int) -> tuple[int, list[str], str | None, bytes]:
+        if self._session is None:
+            # No *_proxy variables (trust_env=False), like mitmproxy's own upstream connections.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=POOL_SIZE),
+                timeout=aiohttp.ClientTimeout(sock_connect=self.connect_timeout),
+                trust_env=False, auto_decompress=False,
+            )
+        async with self._session.get(url, headers=headers, allow_redirects=False) as response:
+            challenges = response.headers.getall("WWW-Authenticate", [])
+            if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                return response.status, challenges, response.headers["Location"], b""
+            body = await response.content.read(max_body + 1)
+            if len(body) > max_body:
+                raise NoAnswer(f"an answer over {max_body} bytes")
+            return response.status, challenges, None, body
+
+
+def followable(url: str, location: str) -> str:
+    """Where a redirect from `url` to `location` leads, if it may be followed with the request's
+    headers; raises RedirectRefused otherwise."""
+    target = urljoin(url, location)
+    source, parts = urlsplit(url), urlsplit(target)
+    if (parts.hostname or "") != (source.hostname or "") or parts.scheme not in ("https", source.scheme):
+        raise RedirectRefused(f"redirected to {parts.scheme}://{parts.hostname}, another host or scheme")
+    return target
+
+
+def describe(error: BaseException | None) -> str:
+    """An error for messages, on one line and cut short: some carry whatever the server sent."""
+    text = " ".join(f"{type(error).__name__}: {getattr(error, 'message', error)}".split())
+    return text if len(text) <= 120 else text[:120] + "..."
