@@ -7,12 +7,13 @@ import asyncio
 import logging
 from urllib.parse import urlsplit
 
-from mitmproxy import ctx, http
+from mitmproxy import connection, ctx, http
+from mitmproxy.proxy import server_hooks
 from mitmproxy.net.http.http1 import assemble_response, expected_http_body_size
 
 from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
-from ..redirects import RedirectSigner, is_redirect_path, resolves_internal
+from ..redirects import RedirectSigner, is_redirect_path, resolve_destination
 from ..routing import PULL_METHODS, Refusal, Target, refuse_malformed, refuse_method, route, route_egress
 from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
@@ -27,12 +28,24 @@ class Router:
         self.settings = settings
         self.signer = signer
         self.guard = EgressGuard()
+        # client connection id -> {(redirect target host, port): the address checked for it}
+        self._checked: dict[str, dict[tuple[str, int], str]] = {}
 
     def running(self) -> None:
         logging.getLogger("mitmproxy.proxy.server").addFilter(trailers_crash_as_one_line)
 
     def done(self) -> None:
         logging.getLogger("mitmproxy.proxy.server").removeFilter(trailers_crash_as_one_line)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """A redirect target is connected to at the address checked in _follow_redirect (the
+        request keeps the name for Host and TLS's SNI and certificate check)."""
+        address = self._checked.get(data.client.id, {}).get(data.server.address)
+        if address is not None:
+            data.server.address = (address, data.server.address[1])
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._checked.pop(client.id, None)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -107,7 +120,8 @@ class Router:
             return
         parts = urlsplit(redirect.url)
         # Signing checked the URL; a name may resolve to this machine though.
-        if not is_local(registry.upstream) and await resolves_internal(parts.hostname):
+        destination = await resolve_destination(parts.hostname)
+        if not is_local(registry.upstream) and destination.internal:
             logger.warning("refused a redirect of %s's upstream to %s: it is this machine or its link", registry.name, parts.hostname)
             refuse(flow, Refusal(403, "DENIED", f"redirect target {parts.hostname} is an internal address"))
             return
@@ -117,6 +131,8 @@ class Router:
             # A client follows it (an uncached registry): its pull log line names that blob.
             flow.metadata[TARGET] = target
         send_to(flow.request, f"{parts.scheme}://{parts.netloc}", parts._replace(scheme="", netloc="").geturl())
+        if destination.address is not None:
+            self._checked.setdefault(flow.client_conn.id, {})[(flow.request.host, flow.request.port)] = destination.address
 
 
 def method_as_sent(request: http.Request) -> str:
