@@ -46,6 +46,9 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "REGCACHE_CLIENTS": "",  # empty: any address
     "REGCACHE_HTPASSWD": "",  # empty: no accounts needed
+    "REGCACHE_ADMIN_TOKEN": "",  # empty: none asked (then the admin endpoint must be on loopback)
+    "REGCACHE_MAX_CONNECTIONS_PER_CLIENT": "256",  # open connections one client address may hold
+    "REGCACHE_HEAD_TIMEOUT": "10",  # seconds a connection gets to send a whole request head
     "DOCKERHUB_REGISTRY": "docker.io",
     "DOCKERHUB_UPSTREAM": "https://registry-1.docker.io",
     "DOCKERHUB_CACHE": "http://127.0.0.1:5001",
@@ -115,6 +118,9 @@ class Config:
     max_disk: int | None = None  # bytes all caches' storage may hold together (REGCACHE_MAX_DISK)
     min_free_disk: int = 1 << 30  # a cache's disk with less free space is not ready
     stop_grace: float = 30.0  # seconds `regcache up` lets pulls in flight finish after SIGTERM
+    admin_token: str = field(default="", repr=False)  # the Bearer token /metrics and /ready ask for
+    max_client_connections: int = 256  # per client address, on every listener
+    head_timeout: float = 10.0  # seconds for a whole request head, from connect or the last answer
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -152,10 +158,14 @@ def parse_config(values: Mapping[str, str]) -> Config:
     port = _port("REGCACHE_PORT", get("REGCACHE_PORT"))
     admin_port = _port("REGCACHE_ADMIN_PORT", get("REGCACHE_ADMIN_PORT"))
     _check_ports_differ(port, admin_port, registries, get)
+    admin_host = _ip_address("REGCACHE_ADMIN_HOST", get("REGCACHE_ADMIN_HOST"))
+    if not is_loopback_host(admin_host) and not get("REGCACHE_ADMIN_TOKEN"):
+        raise ConfigError(f"REGCACHE_ADMIN_TOKEN: not set, but REGCACHE_ADMIN_HOST ({admin_host}) is not loopback;"
+                          " set a token (e.g. `openssl rand -hex 32`) that /metrics and /ready will ask for")
     return Config(
         domain=_hostname("REGISTRY_DOMAIN", get("REGISTRY_DOMAIN").lower()),
         port=port,
-        admin_host=_ip_address("REGCACHE_ADMIN_HOST", get("REGCACHE_ADMIN_HOST")),
+        admin_host=admin_host,
         admin_port=admin_port,
         web_max_flows=_positive("REGCACHE_WEB_MAX_FLOWS", get("REGCACHE_WEB_MAX_FLOWS")),
         data_dir=data_dir,
@@ -168,6 +178,9 @@ def parse_config(values: Mapping[str, str]) -> Config:
         max_disk=_optional_size("REGCACHE_MAX_DISK", get("REGCACHE_MAX_DISK")),
         min_free_disk=parse_size("REGCACHE_MIN_FREE_DISK", get("REGCACHE_MIN_FREE_DISK") or "0"),
         stop_grace=_positive("REGCACHE_STOP_GRACE", get("REGCACHE_STOP_GRACE")),
+        admin_token=get("REGCACHE_ADMIN_TOKEN"),
+        max_client_connections=_positive("REGCACHE_MAX_CONNECTIONS_PER_CLIENT", get("REGCACHE_MAX_CONNECTIONS_PER_CLIENT")),
+        head_timeout=_positive("REGCACHE_HEAD_TIMEOUT", get("REGCACHE_HEAD_TIMEOUT")),
     )
 
 
