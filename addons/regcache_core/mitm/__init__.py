@@ -14,6 +14,7 @@ from ..metrics import Metrics
 from ..redirects import RedirectSigner
 from .admin import Admin
 from .client_access import ClientAccess
+from .client_limits import ConnectionLimits
 from .budget import DiskBudget
 from .drain import Drain
 from .hits import HitMarker
@@ -39,6 +40,7 @@ def make_addons() -> list:
     return [
         settings,
         MirrorDefaults(settings),
+        ConnectionLimits(settings),
         ClientAccess(settings),
         Router(settings, signer),
         UpstreamCredentials(settings, signer, metrics),

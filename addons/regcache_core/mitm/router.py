@@ -13,6 +13,7 @@ from mitmproxy.net.http.http1 import assemble_response, expected_http_body_size
 
 from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
+from ..log_throttle import LogThrottle, held_back
 from ..redirects import RedirectSigner, is_redirect_path, resolve_destination
 from ..routing import PULL_METHODS, Refusal, Target, refuse_malformed, refuse_method, route, route_egress
 from .keys import EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
@@ -28,6 +29,7 @@ class Router:
         self.settings = settings
         self.signer = signer
         self.guard = EgressGuard()
+        self.refusals = LogThrottle()  # egress refusals: one line per source a minute
         # client connection id -> {(redirect target host, port): the address checked for it}
         self._checked: dict[str, dict[tuple[str, int], str]] = {}
 
@@ -69,8 +71,9 @@ class Router:
             flow.metadata[EGRESS_FOR] = egress_for
             client = flow.client_conn.peername[0]
             if not await self.guard.allows(egress_for, client):
-                logger.warning("refused %s on the egress listener of %s: it serves that registry's cache only",
-                               client, egress_for.name)
+                if (held := self.refusals.allow(client)) is not None:
+                    logger.warning("refused %s on the egress listener of %s: it serves that registry's cache only%s",
+                                   client, egress_for.name, held_back(held))
                 refuse(flow, Refusal(403, "DENIED", f"this listener serves the cache of {egress_for.name} only"))
                 return
         if is_redirect_path(request.path):
@@ -204,14 +207,20 @@ def trailers_crash_as_one_line(record: logging.LogRecord) -> bool:
 
 
 def client_writer(flow: http.HTTPFlow) -> asyncio.StreamWriter | None:
-    """The client connection's stream writer (`Proxyserver.connections` and the handler's
-    `transports`: the same in mitmproxy 11 and 12); None where there is none (HTTP/2, tests)."""
+    """The stream writer of the flow's client connection; None where it carries other streams
+    too (HTTP/2, HTTP/3: mitmproxy resets this one when the flow is killed)."""
     if flow.request.is_http2 or flow.request.is_http3:
-        return None  # the connection carries other streams: mitmproxy resets this one when killed
+        return None
+    return connection_writer(flow.client_conn)
+
+
+def connection_writer(client: connection.Client) -> asyncio.StreamWriter | None:
+    """A client connection's stream writer (`Proxyserver.connections` and the handler's
+    `transports`: the same in mitmproxy 11 and 12); None where there is none (tests, gone)."""
     master = getattr(ctx, "master", None)
     proxyserver = master.addons.get("proxyserver") if master else None
-    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
-    transport = handler.transports.get(flow.client_conn) if handler else None
+    handler = proxyserver.connections.get(client.id) if proxyserver else None
+    transport = handler.transports.get(client) if handler else None
     writer = transport.writer if transport else None
     return writer if isinstance(writer, asyncio.StreamWriter) else None
 
