@@ -3,6 +3,9 @@ upstreams' answers cleaned up before a client or cache sees them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from mitmproxy import http
 
 from ..metrics import Metrics
@@ -38,9 +41,11 @@ class UpstreamCredentials:
             self._close_store()
             self.auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), self._fetch, on_token_fetch=self.metrics.token_fetch)
 
-    async def done(self) -> None:
+    def done(self) -> None:
+        # Sync: mitmproxy calls `done` from sync code too (a script reloaded or removed).
         self._close_store()
-        await self.client.close()
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing was opened on one
+            self.closing = asyncio.get_running_loop().create_task(self.client.close())  # kept: tasks are weakly held
 
     async def _fetch(self, url: str, headers: dict[str, str], timeout: float) -> tuple[int, list[str], bytes]:
         return await self.client.get(url, headers, timeout, MAX_TOKEN_RESPONSE)
