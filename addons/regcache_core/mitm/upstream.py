@@ -25,7 +25,8 @@ TOKEN_STORE = "upstream-tokens"  # folder in the data dir
 class UpstreamCredentials:
     """Adds our Authorization to flows sent upstream, and cleans up what upstreams answer:
     no challenge reaches a client or cache, redirects are followed through us, and the header we
-    added is redacted once the request is sent (mitmweb keeps flows)."""
+    added is redacted once the answer's headers (or an error) arrive: mitmweb keeps flows, and
+    WebView keeps this one off its list until then."""
 
     def __init__(self, settings: Settings, signer: RedirectSigner, metrics: Metrics) -> None:
         self.settings = settings
@@ -55,7 +56,8 @@ class UpstreamCredentials:
             self.auth.store.close()
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        # In `request`, after mitmweb's view took its copy at `requestheaders`.
+        # In `request`: mitmweb's view listed the flow at `requestheaders`, without our header;
+        # WebView.request unlists it now.
         target: Target | None = flow.metadata.get(UPSTREAM)
         if target is None or flow.response is not None:
             return
