@@ -2,7 +2,9 @@
 # The docker.io, ghcr.io and quay.io caches run as registry:2 services of docker-compose.yml;
 # docker-registry (registry:2's program, as Debian ships it) is here so that `regcache up` can
 # also run any extra cache whose URL in .env is loopback.
-FROM python:3.11-slim-bookworm
+# BASE: any image with Python 3.11+ and pip on Debian 12, as `python` and `pip`.
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
 
 RUN apt-get update \
  && apt-get install -y --no-install-recommends docker-registry \

@@ -54,9 +54,9 @@ def _certificate(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.C
 class _Server:
     """A ThreadingHTTPServer on loopback, in a daemon thread."""
 
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.port, self.host = port, host
+        self.url = f"http://{host}:{port}"
         self._server: ThreadingHTTPServer | None = None
 
     def handle(self, handler: BaseHTTPRequestHandler) -> None:
@@ -74,7 +74,7 @@ class _Server:
             def log_message(self, *args) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -156,6 +156,22 @@ class TokenServer(_Server):
         signed = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
         signature = self._key.sign(signed.encode(), padding.PKCS1v15(), hashes.SHA256())
         return f"{signed}.{_b64url(signature)}"
+
+
+class Redirector(_Server):
+    """Answers every GET with a 302 to `location`; records the Authorization each request carried."""
+
+    def __init__(self, port: int, location: str, host: str = "127.0.0.1") -> None:
+        super().__init__(port, host)
+        self.location = location
+        self.authorizations: list[str | None] = []
+
+    def handle(self, handler: BaseHTTPRequestHandler) -> None:
+        self.authorizations.append(handler.headers.get("Authorization"))
+        handler.send_response(302)
+        handler.send_header("Location", self.location)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
 
 
 class Cdn(_Server):

@@ -68,6 +68,8 @@ PORT_BASES = {
     "test_dataplane[off]": 6200,  # REGCACHE_DATAPLANE=false
     "test_single_flight": 6300,
     "test_single_flight[own upstream]": 6400,  # an upstream killed, one behind a CDN
+    "test_upstream_auth": 7500,  # its loopback token servers; no stack
+    "test_slow_clients": 7800,  # not 7600: test_outages' upstream (6600 + UPSTREAM_OFFSET)
 }
 UPSTREAM_OFFSET = 1000
 

@@ -97,6 +97,9 @@ def test_admin_settings_default_to_loopback_5070():
     ({"REGCACHE_ADMIN_PORT": "70000"}, "REGCACHE_ADMIN_PORT: '70000' is not a port"),
     ({"REGCACHE_ADMIN_HOST": "admin.example"}, "REGCACHE_ADMIN_HOST: 'admin.example' is not an IP address"),
     ({"REGCACHE_WEB_MAX_FLOWS": "0"}, "REGCACHE_WEB_MAX_FLOWS: '0' is not a whole number of at least 1"),
+    ({"REGCACHE_ADMIN_HOST": "0.0.0.0"}, r"REGCACHE_ADMIN_TOKEN: not set, but REGCACHE_ADMIN_HOST \(0.0.0.0\) is not loopback"),
+    ({"REGCACHE_MAX_CONNECTIONS_PER_CLIENT": "0"}, "REGCACHE_MAX_CONNECTIONS_PER_CLIENT: '0' is not a whole number"),
+    ({"REGCACHE_HEAD_TIMEOUT": "soon"}, "REGCACHE_HEAD_TIMEOUT: 'soon' is not a whole number"),
 ])
 def test_bad_admin_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
@@ -107,3 +110,31 @@ def test_readiness_reports_a_cache_whose_disk_cannot_take_more(upstream):
     answer = asyncio.run(readiness(True, {"docker.io": upstream.url}, {}, disks={"docker.io": "disk full (/data)"}))
     assert answer.status == 503 and json.loads(answer.body)["backends"] == {"docker.io": "disk full (/data)"}
     assert asyncio.run(readiness(True, {"docker.io": upstream.url}, {}, disks={"docker.io": "ok"})).status == 200
+
+
+def test_with_a_token_metrics_and_ready_need_it_and_live_does_not():
+    port = free_port()
+
+    async def hello() -> Answer:
+        return Answer(200, "text/plain", b"hello")
+
+    async def check():
+        server = AdminServer({"/metrics": hello, "/live": hello}, open_paths=("/live",))
+        server.token = "admin-s3cret"
+        await server.start("127.0.0.1", port)
+        try:
+            ask = lambda path, **headers: asyncio.to_thread(  # noqa: E731
+                http_get, f"http://127.0.0.1:{port}{path}", headers=headers, timeout=5)
+            return [await ask("/metrics"), await ask("/metrics", Authorization="Bearer wrong"),
+                    await ask("/metrics", Authorization="bearer admin-s3cret"), await ask("/live")]
+        finally:
+            server.close()
+
+    (anonymous, _, body), (wrong, _, _), (right, _, metrics), (live, _, _) = asyncio.run(check())
+    assert (anonymous, wrong, right, live) == (401, 401, 200, 200)
+    assert b"REGCACHE_ADMIN_TOKEN" in body and b"admin-s3cret" not in body and metrics == b"hello"
+
+
+def test_an_admin_endpoint_off_loopback_with_a_token_is_accepted():
+    config = parse_config(BASE | {"REGCACHE_ADMIN_HOST": "0.0.0.0", "REGCACHE_ADMIN_TOKEN": "t0ken"})
+    assert config.admin_token == "t0ken" and "t0ken" not in repr(config)

@@ -8,7 +8,7 @@ import pytest
 
 from regcache_core.hit_tracking import InFlight
 from regcache_core.config import Registry
-from regcache_core.redirects import RedirectSigner, SignedRedirect, is_redirect_path, resolves_internal
+from regcache_core.redirects import RedirectSigner, SignedRedirect, Destination, is_redirect_path, resolve_destination
 from regcache_core.routing import Target
 
 BLOB = "https://registry-1.docker.io/v2/library/small/blobs/sha256:" + "a" * 64
@@ -108,10 +108,12 @@ def test_private_addresses_and_a_loopback_upstreams_own_loopback_are_allowed():
 
 
 def test_names_are_resolved_when_a_redirect_is_followed():
-    assert asyncio.run(resolves_internal("localhost"))
-    assert asyncio.run(resolves_internal("127.0.0.2"))
-    assert not asyncio.run(resolves_internal("10.1.2.3"))
-    assert not asyncio.run(resolves_internal("name.invalid"))  # unresolvable: the connection fails instead
+    assert asyncio.run(resolve_destination("localhost")).internal
+    assert asyncio.run(resolve_destination("127.0.0.2")) == Destination("127.0.0.2", True)
+    assert asyncio.run(resolve_destination("10.1.2.3")) == Destination("10.1.2.3", False)
+    assert asyncio.run(resolve_destination("docker.io.regcache.test")) == Destination("127.0.0.1", True)  # conftest's /etc/hosts
+    # unresolvable: the connection fails instead
+    assert asyncio.run(resolve_destination("name.invalid")) == Destination(None, False)
 
 
 def test_one_upstream_blob_fetch_makes_one_miss_and_the_clients_it_served_meanwhile_hits():

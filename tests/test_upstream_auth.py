@@ -18,11 +18,17 @@ from regcache_core.upstream_auth import (
     UpstreamAuth,
     UpstreamAuthError,
     cache_lifetime,
-    http_get,
     parse_challenge,
     parse_token_response,
     pick_challenge,
+    realm_allowed,
 )
+from regcache_core.upstream_client import NoAnswer, UpstreamClient
+
+from fakes import Challenger, Redirector, TokenServer
+from parts import PORT_BASES
+
+PORT = PORT_BASES["test_upstream_auth"]
 
 HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001", "me", "secret-pw")
 ANONYMOUS = Registry("GHCR", "ghcr.io", "https://ghcr.io", None)
@@ -76,9 +82,9 @@ class FakeUpstream:
         self.challenge, self.password, self.delay = challenge, password, delay
         self.calls: list[tuple[str, dict]] = []
 
-    def __call__(self, url, headers, timeout):
+    async def __call__(self, url, headers, timeout):
         self.calls.append((url, headers))
-        time.sleep(self.delay)
+        await asyncio.sleep(self.delay)
         if url.endswith("/v2/"):
             return (401, [self.challenge], b"") if self.challenge else (200, [], b"{}")
         expected = "Basic " + base64.b64encode(f"me:{self.password}".encode()).decode()
@@ -163,8 +169,8 @@ def test_wrong_credentials_give_401_and_one_log_line_without_the_secret(store, c
 
 
 def test_unreachable_upstream_is_a_503_that_says_why(store):
-    def unreachable(url, headers, timeout):
-        raise ConnectionRefusedError("connection refused")
+    async def unreachable(url, headers, timeout):
+        raise NoAnswer("refused")
 
     with pytest.raises(UpstreamAuthError) as error:
         asyncio.run(UpstreamAuth(store, unreachable).authorization(HUB, "a/b"))
@@ -179,7 +185,7 @@ def test_credentials_go_to_an_https_realm_only_unless_the_upstream_is_http(store
         asyncio.run(UpstreamAuth(store, upstream).authorization(HUB, "a/b"))
     assert refused.value.status == 502 and "(http://auth.example/token)" in str(refused.value)
     assert upstream.token_requests() == []
-    on_http = Registry("LOCAL", "local.test", "http://127.0.0.1:6000", None, "me", "secret-pw")
+    on_http = Registry("LOCAL", "local.test", "http://127.0.0.1:6000", None, "me", "secret-pw", token_realms=("auth.example",))
     assert asyncio.run(UpstreamAuth(store, upstream).authorization(on_http, "a/b")) == "Bearer token-3"
 
 
@@ -204,9 +210,11 @@ def test_a_blackholed_upstream_fails_fast_and_is_not_asked_again_for_a_few_secon
     now = [0.0]
     asked = []
 
-    def fetch(url, headers, timeout):
+    client = UpstreamClient()
+
+    async def fetch(url, headers, timeout):
         asked.append(url)
-        return http_get(url, headers, timeout)
+        return await client.get(url, headers, timeout, 1 << 20)
 
     with socket.socket() as blackhole:
         blackhole.bind(("127.0.0.1", 0))
@@ -217,17 +225,21 @@ def test_a_blackholed_upstream_fails_fast_and_is_not_asked_again_for_a_few_secon
         async def pulls(count):
             return await asyncio.gather(*(auth.authorization(upstream, "a/b") for _ in range(count)), return_exceptions=True)
 
-        started = time.monotonic()
-        errors = asyncio.run(pulls(5))
-        assert time.monotonic() - started < 2  # one timeout, not five in turn
-        assert {(e.status, e.unreachable) for e in errors} == {(503, "timeout")}
-        assert len(asked) == 1
-        now[0] += 4
-        asyncio.run(pulls(3))
-        assert len(asked) == 1  # still remembered
-        now[0] += 2
-        asyncio.run(pulls(1))
-        assert len(asked) == 2  # asked again
+        async def scenario():
+            started = time.monotonic()
+            errors = await pulls(5)
+            assert time.monotonic() - started < 2  # one timeout, not five in turn
+            assert {(e.status, e.unreachable) for e in errors} == {(503, "timeout")}
+            assert len(asked) == 1
+            now[0] += 4
+            await pulls(3)
+            assert len(asked) == 1  # still remembered
+            now[0] += 2
+            await pulls(1)
+            assert len(asked) == 2  # asked again
+            await client.close()
+
+        asyncio.run(scenario())
 
 
 def refusals_logged(auth: UpstreamAuth, registry: Registry, caplog) -> list[str]:
@@ -253,3 +265,63 @@ def test_a_401_blames_the_credentials_only_when_it_answers_them(store, caplog):
     basic = UpstreamAuth(store, FakeUpstream('Basic realm="r"'))
     line, = refusals_logged(basic, HUB, caplog)
     assert "Basic" in line and "DOCKERHUB_PASSWORD" in line
+
+
+@pytest.mark.parametrize("realm, allowed", [
+    ("https://auth.docker.io/token", True),  # the upstream's registrable domain
+    ("https://registry-1.docker.io/token", True),
+    ("https://docker.io.evil.example/token", False),
+    ("https://auth.example.com/token", True),  # listed in DOCKERHUB_TOKEN_REALMS
+    ("https://other.example.com/token", False),
+])
+def test_token_realms_are_on_the_upstreams_domain_or_listed(realm, allowed):
+    registry = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", None, token_realms=("auth.example.com",))
+    assert realm_allowed(registry, realm) is allowed
+
+
+def test_an_address_upstream_takes_realms_on_that_address_only():
+    registry = Registry("LOCAL", "local.io", "http://127.0.0.1:5001", None)
+    assert realm_allowed(registry, "http://127.0.0.1:5002/token") and not realm_allowed(registry, "http://127.0.0.2/token")
+
+
+def test_a_realm_on_another_domain_gets_no_credentials(store):
+    upstream = FakeUpstream('Bearer realm="https://tokens.elsewhere.example/token",service="x"')
+    with pytest.raises(UpstreamAuthError, match="DOCKERHUB_TOKEN_REALMS") as refused:
+        asyncio.run(UpstreamAuth(store, upstream).authorization(HUB, "a/b"))
+    assert refused.value.status == 502 and upstream.token_requests() == []
+
+
+def test_a_token_server_redirecting_to_another_host_gets_no_credentials_there(store, tmp_path):
+    """Real HTTP on loopback: the realm (127.0.0.1) answers 302 to 127.0.0.2, which records what
+    it got; a redirect to the realm's own host is followed with the credentials."""
+    tokens = TokenServer(tmp_path / "tokens-root", 7510, {"me": "secret-pw"}).start()
+    elsewhere = Redirector(PORT + 1, tokens.url + "/token", host="127.0.0.2").start()
+    offsite = Redirector(PORT + 2, f"{elsewhere.url}/token").start()
+    onsite = Redirector(PORT + 3, f"{tokens.url}/token").start()
+    client = UpstreamClient()
+
+    async def fetch(url, headers, timeout):
+        return await client.get(url, headers, timeout, 1 << 20)
+
+    async def authorization(realm_server):
+        challenger = Challenger(PORT + 4, f"{realm_server.url}/token").start()
+        try:
+            registry = Registry("LOCAL", "local.io", challenger.url, None, "me", "secret-pw")
+            return await UpstreamAuth(store, fetch).authorization(registry, "a/b")
+        finally:
+            challenger.stop()
+
+    async def scenario():
+        with pytest.raises(UpstreamAuthError, match="redirected to http://127.0.0.2") as refused:
+            await authorization(offsite)
+        assert refused.value.status == 502
+        assert offsite.authorizations[0].startswith("Basic ") and elsewhere.authorizations == []
+        assert (await authorization(onsite)).startswith("Bearer ")  # same host: followed, with credentials
+        assert [user for user, _ in tokens.requests] == ["me"]  # the credentials arrived
+        await client.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for server in (tokens, elsewhere, offsite, onsite):
+            server.stop()

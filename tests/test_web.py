@@ -3,15 +3,19 @@ View addon (what mitmweb stores flows in), then `regcache up --web` end to end."
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
+import signal
+import threading
 
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.addons.view import View
 from mitmproxy.test import taddons, tflow
 
-from regcache_core.mitm.keys import RECORD, TARGET
+from regcache_core.mitm.keys import INJECTED, RECORD, TARGET, UPSTREAM
 from regcache_core.mitm.settings import Settings
 from regcache_core.mitm.web import WebView
 from regcache_core.config import DEFAULTS, parse_config
@@ -20,7 +24,10 @@ from regcache_core.pull_log import PullRecord
 from regcache_core.routing import route
 from regcache_core.web import flow_label
 
-from parts import PORT_BASES, TEST_DOMAIN, Stack, child_pids, command_line, docker_io_stack, http_get, poll, skopeo
+from parts import (
+    MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, child_pids, command_line, docker_io_stack,
+    htpasswd_auth, http_get, poll, skopeo,
+)
 
 CONFIG = parse_config({**DEFAULTS,
     "REGISTRY_DOMAIN": "registry.example.test", "REGCACHE_PORT": "5000", "REGCACHE_ADMIN_HOST": "127.0.0.1",
@@ -76,6 +83,22 @@ def test_flows_are_labelled_with_registry_image_kind_and_outcome():
         assert flow.comment.endswith("· error: refused") and flow.marked
 
 
+def test_a_flow_carrying_our_credentials_is_not_listed_until_they_are_redacted():
+    view, web = View(), WebView(Settings())
+    with taddons.context(view, web):
+        flow = tflow.tflow()  # in flight
+        view.add([flow])  # what the view does at requestheaders
+        flow.metadata[UPSTREAM], flow.metadata[INJECTED] = object(), True  # UpstreamCredentials.request
+        flow.request.headers["Authorization"] = "Basic c2VjcmV0"
+        web.request(flow)
+        assert list(view) == [] and view.get_by_id(flow.id) is flow and not flow.error  # kept, not killed
+        view.update([flow])  # as the view's own hooks do: still unlisted
+        assert list(view) == []
+        del flow.metadata[INJECTED]  # UpstreamCredentials.responseheaders redacted it
+        web.responseheaders(flow)
+        assert list(view) == [flow]
+
+
 def test_mitmweb_on_11_0_refuses_a_non_loopback_ui_without_a_password():
     web = WebView(Settings())
     with taddons.context(web) as tctx:
@@ -124,9 +147,27 @@ PORT = PORT_BASES["test_web"]
 WEB_UI = "http://127.0.0.1:8081"
 
 
+USER, PASSWORD = "puller", "web-secret-pw"
+GHCR = f"ghcr.io.{TEST_DOMAIN}:{PORT}"
+
+
 @pytest.fixture(scope="module")
-def web_stack(tmp_path_factory, upstream) -> Stack:
-    stack = docker_io_stack(tmp_path_factory.mktemp("web"), upstream, PORT, {"REGCACHE_WEB_MAX_FLOWS": "60"}, ("--web",)).start()
+def private_upstream(tmp_path_factory, images) -> Upstream:
+    """ghcr.io's upstream, asking for Basic credentials: regcache adds them to each request."""
+    root = tmp_path_factory.mktemp("private-upstream")
+    registry = Upstream(root, PORT + UPSTREAM_OFFSET, {"auth": htpasswd_auth(root / "auth", USER, PASSWORD)},
+                        f"{USER}:{PASSWORD}").start()
+    registry.push(images["small"])
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory, upstream, private_upstream) -> Stack:
+    stack = docker_io_stack(tmp_path_factory.mktemp("web"), upstream, PORT, {
+        "REGCACHE_WEB_MAX_FLOWS": "60", "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR",
+        "GHCR_UPSTREAM": private_upstream.url, "GHCR_CACHE": "none", "GHCR_USERNAME": USER, "GHCR_PASSWORD": PASSWORD,
+    }, ("--web",)).start()
     yield stack
     assert stack.stop() == 0
 
@@ -179,3 +220,30 @@ def test_regcache_up_web_shows_labelled_bounded_flows_without_credentials(web_st
     for _ in range(100):
         http_get(f"http://127.0.0.1:{PORT}/v2/", host=host)
     assert len(web_flows(login)) == 60
+
+
+def test_mitmweb_lists_no_credential_while_the_upstream_hangs(web_stack, private_upstream, images):
+    image, login = images["small"], web_login(web_stack)
+    manifest = f"http://127.0.0.1:{PORT}/v2/{image.name}/manifests/{image.tag}"
+    status, _, _ = http_get(manifest, host=GHCR, headers={"Accept": MANIFEST_TYPES})
+    assert status == 200  # the upstream's challenge (Basic) is known: no lookup before our header goes on
+    secrets = [PASSWORD, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()]
+    answers = []
+    pulls = [threading.Thread(target=lambda: answers.append(http_get(manifest, host=GHCR, timeout=60, headers={"Accept": MANIFEST_TYPES})[0])) for _ in range(3)]
+    os.kill(private_upstream.process.pid, signal.SIGSTOP)  # connections still open (the kernel accepts them): a hang
+    try:
+        for pull in pulls:
+            pull.start()
+        assert poll(lambda: web_stack.metrics().get(("regcache_requests_in_flight", ()), 0), lambda count: count >= 3) >= 3
+        for _ in range(5):  # while they hang
+            assert not [s for s in secrets if s in json.dumps(web_flows(login))]
+    finally:
+        os.kill(private_upstream.process.pid, signal.SIGCONT)
+        for pull in pulls:
+            pull.join(60)
+    assert answers == [200, 200, 200]
+    flows = web_flows(login)
+    assert not [s for s in secrets if s in json.dumps(flows)]
+    sent = [v for f in flows if f["request"]["host"].startswith("127.0.0.1") and f["request"]["port"] == private_upstream.port
+            for k, v in f["request"]["headers"] if k.lower() == "authorization"]
+    assert sent and set(sent) == {"<redacted by regcache>"}  # listed again once answered

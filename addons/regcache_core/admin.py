@@ -6,7 +6,10 @@ pull log, metrics and mitmweb's flow list, each of which would have to recognise
 Here they never enter mitmproxy at all, and no Host header or path on the mirror port can
 reach them.
 
-- /live answers from the proxy's event loop, so an answer proves the loop is not stuck.
+- /live answers from the proxy's event loop, so an answer proves the loop is not stuck. It says
+  nothing else, so it needs no token (`regcache up` and liveness probes ask it).
+- With REGCACHE_ADMIN_TOKEN set, /metrics and /ready need `Authorization: Bearer <token>`
+  (401 otherwise): they name the registries, backends and disks.
 - /ready checks that the proxy's listeners run, that every cache backend answers
   `GET /v2/`, all backends at once, each within BACKEND_TIMEOUT, and that the caches run here
   have disk to store new content on (budget/disk.py). Its body also shows each upstream's
@@ -17,6 +20,7 @@ reach them.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import ssl
@@ -42,7 +46,7 @@ class Answer:
         return cls(status, "application/json", json.dumps(document, sort_keys=True).encode() + b"\n")
 
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 async def probe_backend(url: str, timeout: float = BACKEND_TIMEOUT) -> str:
@@ -97,8 +101,10 @@ async def readiness(proxy_serves: bool, backends: dict[str, str], upstreams: dic
 class AdminServer:
     """Serves GET requests (HTTP/1.x, one per connection) by path, from async handlers."""
 
-    def __init__(self, routes: dict[str, Callable[[], Awaitable[Answer]]]) -> None:
+    def __init__(self, routes: dict[str, Callable[[], Awaitable[Answer]]], open_paths: tuple[str, ...] = ()) -> None:
         self.routes = routes
+        self.open_paths = open_paths  # paths served without the token
+        self.token = ""  # empty: none asked
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
@@ -114,9 +120,10 @@ class AdminServer:
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
             answer = await self._answer(head)
+            challenge = 'WWW-Authenticate: Bearer realm="regcache admin"\r\n' if answer.status == 401 else ""
             writer.write(
                 f"HTTP/1.1 {answer.status} {REASONS.get(answer.status, '')}\r\n"
-                f"Content-Type: {answer.content_type}\r\nContent-Length: {len(answer.body)}\r\n"
+                f"Content-Type: {answer.content_type}\r\nContent-Length: {len(answer.body)}\r\n{challenge}"
                 "Cache-Control: no-store\r\nConnection: close\r\n\r\n".encode() + answer.body
             )
             await writer.drain()
@@ -132,9 +139,20 @@ class AdminServer:
         if len(fields) != 3 or not fields[2].startswith(b"HTTP/1."):
             return Answer.json(400, {"error": "not an HTTP/1.x request line"})
         method, target = fields[0].decode("latin-1"), fields[1].decode("latin-1")
-        handler = self.routes.get(target.split("?", 1)[0])
+        path = target.split("?", 1)[0]
+        handler = self.routes.get(path)
         if handler is None:
             return Answer.json(404, {"error": f"no such path; try {', '.join(self.routes)}"})
         if method != "GET":
             return Answer.json(405, {"error": "GET only"})
+        if self.token and path not in self.open_paths and not self._authorized(head):
+            return Answer.json(401, {"error": "this path needs Authorization: Bearer <REGCACHE_ADMIN_TOKEN>"})
         return await handler()
+
+    def _authorized(self, head: bytes) -> bool:
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            scheme, _, token = value.strip().partition(b" ")
+            if name.strip().lower() == b"authorization" and scheme.lower() == b"bearer":
+                return hmac.compare_digest(token.strip(), self.token.encode())
+        return False

@@ -63,6 +63,9 @@ DEFAULTS: Mapping[str, str] = {
     "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
     "REGCACHE_CLIENTS": "",  # empty: any address
     "REGCACHE_HTPASSWD": "",  # empty: no accounts needed
+    "REGCACHE_ADMIN_TOKEN": "",  # empty: none asked (then the admin endpoint must be on loopback)
+    "REGCACHE_MAX_CONNECTIONS_PER_CLIENT": "256",  # open connections one client address may hold
+    "REGCACHE_HEAD_TIMEOUT": "10",  # seconds a connection gets to send a whole request head
     "DOCKERHUB_REGISTRY": "docker.io",
     "DOCKERHUB_UPSTREAM": "https://registry-1.docker.io",
     "DOCKERHUB_CACHE": "http://127.0.0.1:5001",
@@ -75,7 +78,7 @@ DEFAULTS: Mapping[str, str] = {
 }
 
 # A registry's own variables: <KEY>_REGISTRY and so on.
-REGISTRY_SETTINGS = ("REGISTRY", "UPSTREAM", "CACHE", "USERNAME", "PASSWORD", "EGRESS_PORT", "REPOSITORIES", "MAX_DISK", "STORAGE")
+REGISTRY_SETTINGS = ("REGISTRY", "UPSTREAM", "CACHE", "USERNAME", "PASSWORD", "EGRESS_PORT", "REPOSITORIES", "MAX_DISK", "STORAGE", "TOKEN_REALMS")
 
 _KEY = re.compile(r"[A-Z][A-Z0-9_]*")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -109,6 +112,7 @@ class Registry:
     repositories: tuple[str, ...] = ()  # glob patterns of the repositories served; empty: all
     max_disk: int | None = None  # bytes its cache's storage may hold (K_MAX_DISK); None: no budget of its own
     storage: Path | None = None  # its cache's storage root (registry:2's filesystem); None: no data plane
+    token_realms: tuple[str, ...] = ()  # hosts besides the upstream's own domain that may issue its tokens
 
     @property
     def backend(self) -> str:
@@ -154,6 +158,9 @@ class Config:
     upstream_timeout: float = 5.0  # seconds
     dataplane: DataPlane | None = None  # None: REGCACHE_DATAPLANE=false, every blob streams through the proxy
     spool_max_disk: int = 10 << 30  # bytes of spools at once (spool.py); past it, fetches go upstream each
+    admin_token: str = field(default="", repr=False)  # the Bearer token /metrics and /ready ask for
+    max_client_connections: int = 256  # per client address, on every listener
+    head_timeout: float = 10.0  # seconds for a whole request head, from connect or the last answer
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -192,10 +199,14 @@ def parse_config(values: Mapping[str, str]) -> Config:
     admin_port = _port("REGCACHE_ADMIN_PORT", get("REGCACHE_ADMIN_PORT"))
     dataplane = _dataplane(get) if _bool("REGCACHE_DATAPLANE", get("REGCACHE_DATAPLANE")) else None
     _check_ports_differ(port, admin_port, dataplane, registries, get)
+    admin_host = _ip_address("REGCACHE_ADMIN_HOST", get("REGCACHE_ADMIN_HOST"))
+    if not is_loopback_host(admin_host) and not get("REGCACHE_ADMIN_TOKEN"):
+        raise ConfigError(f"REGCACHE_ADMIN_TOKEN: not set, but REGCACHE_ADMIN_HOST ({admin_host}) is not loopback;"
+                          " set a token (e.g. `openssl rand -hex 32`) that /metrics and /ready will ask for")
     return Config(
         domain=_hostname("REGISTRY_DOMAIN", get("REGISTRY_DOMAIN").lower()),
         port=port,
-        admin_host=_ip_address("REGCACHE_ADMIN_HOST", get("REGCACHE_ADMIN_HOST")),
+        admin_host=admin_host,
         admin_port=admin_port,
         web_max_flows=_positive("REGCACHE_WEB_MAX_FLOWS", get("REGCACHE_WEB_MAX_FLOWS")),
         data_dir=data_dir,
@@ -215,6 +226,9 @@ def parse_config(values: Mapping[str, str]) -> Config:
         upstream_timeout=_seconds("REGCACHE_UPSTREAM_TIMEOUT", get("REGCACHE_UPSTREAM_TIMEOUT")),
         spool_max_disk=parse_size("REGCACHE_SPOOL_MAX_DISK", get("REGCACHE_SPOOL_MAX_DISK")),
         dataplane=dataplane,
+        admin_token=get("REGCACHE_ADMIN_TOKEN"),
+        max_client_connections=_positive("REGCACHE_MAX_CONNECTIONS_PER_CLIENT", get("REGCACHE_MAX_CONNECTIONS_PER_CLIENT")),
+        head_timeout=_positive("REGCACHE_HEAD_TIMEOUT", get("REGCACHE_HEAD_TIMEOUT")),
     )
 
 
@@ -275,7 +289,16 @@ def _registry(key: str, get, default_egress_port: int, data_dir: Path) -> Regist
         repositories=_repository_patterns(f"{key}_REPOSITORIES", get(f"{key}_REPOSITORIES")),
         max_disk=_optional_size(f"{key}_MAX_DISK", get(f"{key}_MAX_DISK")) if cache else None,
         storage=_storage(key, get, cache, data_dir),
+        token_realms=_host_names(f"{key}_TOKEN_REALMS", get(f"{key}_TOKEN_REALMS")),
     )
+
+
+def _host_names(var: str, value: str) -> tuple[str, ...]:
+    names = tuple(n.strip().rstrip(".").lower() for n in value.split(",") if n.strip())
+    for name in names:
+        if not (_REGISTRY_NAME.fullmatch(name) and ":" not in name) and parse_ip(name) is None:
+            raise ConfigError(f"{var}: {name!r} is not a host name such as auth.example.com")
+    return names
 
 
 def _repository_patterns(var: str, value: str) -> tuple[str, ...]:

@@ -15,7 +15,8 @@ Where a redirect may lead (checked when we sign it, and again when it is followe
   upstream that is itself on loopback (a registry on this machine, as in the tests) may
   redirect to loopback. Private (RFC 1918) addresses are allowed: registries inside a company
   network keep their blobs there.
-A refused Location is removed from the answer; a refused follow-up is answered 403.
+A refused Location is removed from the answer; a refused follow-up is answered 403. A followed
+one connects to the address that was checked (resolve_destination).
 """
 
 from __future__ import annotations
@@ -86,15 +87,26 @@ def may_lead_to(registry: Registry, url: str) -> bool:
     return is_local(registry.upstream) or not is_internal_host(parts.hostname)
 
 
-async def resolves_internal(host: str) -> bool:
-    """True when `host` is, or resolves to, an internal address (see is_internal_host)."""
-    if is_internal_host(host):
-        return True
+@dataclass(frozen=True)
+class Destination:
+    """A redirect target's host as checked: where to connect (None: unresolvable, so mitmproxy
+    fails to connect and answers 502), and whether it is, or resolves to, an internal address."""
+
+    address: str | None
+    internal: bool
+
+
+async def resolve_destination(host: str) -> Destination:
+    """The connection then goes to `address`, not to a second lookup of the name, which a DNS
+    server could answer differently (DNS rebinding)."""
+    if parse_ip(host) is not None:
+        return Destination(host, is_internal_host(host))
     try:
         answers = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError:
-        return False  # unresolvable: mitmproxy fails to connect and answers 502
-    return any(is_internal_host(answer[4][0]) for answer in answers)
+        answers = []
+    addresses = [answer[4][0] for answer in answers]
+    return Destination(addresses[0] if addresses else None, is_internal_host(host) or any(map(is_internal_host, addresses)))
 
 
 def is_internal_host(host: str) -> bool:

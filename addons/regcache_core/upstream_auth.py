@@ -16,22 +16,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import http.client
 import json
 import logging
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
 import diskcache
+from publicsuffix2 import get_sld
 
 from .config import Registry
-from .upstream_state import failure_reason
+from .upstream_client import NoAnswer, RedirectRefused
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +43,6 @@ DEFAULT_TOKEN_LIFETIME = 60  # what the token protocol says when expires_in is m
 MAX_TOKEN_RESPONSE = 1 << 20
 # auth-param = token "=" ( token / quoted-string ), RFC 9110 section 11.2
 _AUTH_PARAM = re.compile(r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)\s*(?:,|$)')
-# What a fetch raises when it gets no usable HTTP answer: no connection, a timeout, or something
-# that is not HTTP (http.client's BadStatusLine and the like).
-FETCH_ERRORS = (OSError, ValueError, http.client.HTTPException)
-# Like mitmproxy's own upstream connections, ignore *_proxy variables.
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class UpstreamAuthError(Exception):
@@ -132,17 +125,19 @@ def parse_token_response(body: bytes) -> tuple[str, int]:
     return token, expires_in
 
 
-def http_get(url: str, headers: dict[str, str], timeout: float = TIMEOUT) -> tuple[int, list[str], bytes]:
-    """Blocking GET (run it in a thread): status, WWW-Authenticate values, body (capped).
+def realm_allowed(registry: Registry, realm: str) -> bool:
+    """A token realm that gets regcache's credentials may be on the upstream's own registrable domain (auth.docker.io for
+    registry-1.docker.io, by the public suffix list; an address must be the same address) or on
+    a host `K_TOKEN_REALMS` names: regcache sends its credentials there."""
+    realm_host = (urlsplit(realm).hostname or "").rstrip(".").lower()
+    upstream_host = (urlsplit(registry.upstream).hostname or "").rstrip(".").lower()
+    if realm_host in registry.token_realms or realm_host == upstream_host:
+        return True
+    return not is_address(upstream_host) and get_sld(realm_host, strict=True) == get_sld(upstream_host, strict=True) is not None
 
-    `timeout` bounds the connection and each read."""
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        with _NO_PROXY.open(request, timeout=timeout) as response:
-            return response.status, response.headers.get_all("WWW-Authenticate") or [], response.read(MAX_TOKEN_RESPONSE)
-    except urllib.error.HTTPError as e:
-        with e:
-            return e.code, e.headers.get_all("WWW-Authenticate") or [], e.read(MAX_TOKEN_RESPONSE)
+
+def is_address(host: str) -> bool:
+    return host.replace(".", "").isdigit() or ":" in host
 
 
 class TokenStore:
@@ -171,10 +166,12 @@ class TokenStore:
 
 
 class UpstreamAuth:
-    def __init__(self, store: TokenStore, fetch=http_get, on_token_fetch=lambda registry, outcome: None,
+    def __init__(self, store: TokenStore, fetch, on_token_fetch=lambda registry, outcome: None,
                  challenge_timeout: float = CHALLENGE_TIMEOUT, clock=time.monotonic) -> None:
         self.store = store
-        self._fetch = fetch  # blocking, (url, headers, timeout); run in a thread
+        # async (url, headers, timeout) -> (status, WWW-Authenticate values, body), raising
+        # NoAnswer (UpstreamClient.get with its size cap)
+        self._fetch = fetch
         self._challenge_timeout = challenge_timeout
         self._clock = clock
         self._on_token_fetch = on_token_fetch  # (registry name, "ok" | "denied" | "error"), for metrics
@@ -239,16 +236,12 @@ class UpstreamAuth:
 
     async def _learn_challenge(self, registry: Registry) -> Challenge:
         try:
-            # urllib's timeout does not cover the name lookup: bound the whole.
-            async with asyncio.timeout(self._challenge_timeout):
-                status, challenges, _ = await asyncio.to_thread(
-                    self._fetch, registry.upstream + "/v2/", {}, self._challenge_timeout)
-        except http.client.HTTPException as e:  # it answered, but not in HTTP
-            raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} is unreachable: {fetch_error(e)}") from None
-        except (OSError, ValueError) as e:  # TimeoutError is an OSError
-            reason = failure_reason(e)
-            raise UpstreamAuthError(503, f"upstream {registry.upstream} of {registry.name} cannot be reached ({reason})",
-                                    reason) from None
+            status, challenges, _ = await self._fetch(registry.upstream + "/v2/", {}, self._challenge_timeout)
+        except NoAnswer as e:
+            if e.answered:  # something answered, but not in HTTP: the upstream is there, and broken
+                raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} is unreachable: {e.reason}") from None
+            raise UpstreamAuthError(503, f"upstream {registry.upstream} of {registry.name} cannot be reached ({e.reason})",
+                                    e.reason) from None
         if status != 401:
             return NO_CHALLENGE
         challenge = pick_challenge(challenges)
@@ -258,6 +251,10 @@ class UpstreamAuth:
             # Credentials (and the token) would cross the network in the clear.
             raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} names a token realm"
                                          f" over plain http ({_without_query(challenge.realm)}); regcache asks https realms only")
+        if challenge.scheme == "bearer" and registry.username and not realm_allowed(registry, challenge.realm):
+            raise UpstreamAuthError(502, f"upstream {registry.upstream} of {registry.name} names a token realm on another"
+                                         f" domain ({_without_query(challenge.realm)}); list its host in {registry.key}_TOKEN_REALMS"
+                                         " if regcache may send its credentials there")
         return challenge
 
     async def _token(self, registry: Registry, challenge: Challenge, scope: str | None) -> str:
@@ -282,10 +279,14 @@ class UpstreamAuth:
         url = challenge.realm + ("&" if "?" in challenge.realm else "?") + urlencode(query)
         realm = _without_query(challenge.realm)
         try:
-            status, _, body = await asyncio.to_thread(self._fetch, url, headers, TIMEOUT)
-        except FETCH_ERRORS as e:
+            status, _, body = await self._fetch(url, headers, TIMEOUT)
+        except RedirectRefused as e:
             self._on_token_fetch(registry.name, "error")
-            raise UpstreamAuthError(502, f"token server {realm} of {registry.name} is unreachable: {fetch_error(e)}") from None
+            raise UpstreamAuthError(502, f"token server {realm} of {registry.name} {e.reason}: not followed, so"
+                                         " regcache's credentials stay with the realm's host") from None
+        except NoAnswer as e:
+            self._on_token_fetch(registry.name, "error")
+            raise UpstreamAuthError(502, f"token server {realm} of {registry.name} is unreachable: {e.reason}") from None
         if status in (401, 403):
             self._on_token_fetch(registry.name, "denied")
             self._report_refusal(registry, f"token server {realm} answered {status}")
@@ -326,12 +327,6 @@ class UpstreamAuth:
                 del self._locks[key]
             else:
                 self._locks[key] = (lock, users - 1)
-
-
-def fetch_error(error: Exception) -> str:
-    """A fetch error for messages, cut short: a BadStatusLine carries whatever the server sent."""
-    text = str(error)
-    return f"{type(error).__name__}: {text if len(text) <= 100 else text[:100] + '...'}"
 
 
 def _without_query(url: str) -> str:

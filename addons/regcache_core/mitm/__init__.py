@@ -16,6 +16,7 @@ from ..upstream_client import UpstreamClient
 from ..upstream_state import UpstreamState
 from .admin import Admin
 from .client_access import ClientAccess
+from .client_limits import ConnectionLimits
 from .budget import DiskBudget
 from .drain import Drain
 from .dataplane import DataPlaneHandoff, DataPlaneRecords
@@ -55,6 +56,7 @@ def make_addons() -> list:
         ScheduledTasks(),
         settings,
         MirrorDefaults(settings),
+        ConnectionLimits(settings),
         ClientAccess(settings),
         Router(settings, signer),
         DataPlaneHandoff(settings),

@@ -25,10 +25,11 @@ class Admin:
         self.metrics = metrics
         self.budget = budget
         self.upstream_state = upstream_state
-        self.server = AdminServer({"/metrics": self._metrics, "/ready": self._ready, "/live": self._live})
+        self.server = AdminServer({"/metrics": self._metrics, "/ready": self._ready, "/live": self._live}, open_paths=("/live",))
 
     async def running(self) -> None:
         config = self.settings.config
+        self.server.token = config.admin_token
         try:
             await self.server.start(config.admin_host, config.admin_port)
         except OSError as e:

@@ -7,12 +7,14 @@ import asyncio
 import logging
 from urllib.parse import urlsplit
 
-from mitmproxy import ctx, http
+from mitmproxy import connection, ctx, http
+from mitmproxy.proxy import server_hooks
 from mitmproxy.net.http.http1 import assemble_response, expected_http_body_size
 
 from ..config import Registry, is_local
 from ..egress_guard import EgressGuard
-from ..redirects import RedirectSigner, is_redirect_path, resolves_internal
+from ..log_throttle import LogThrottle, held_back
+from ..redirects import RedirectSigner, is_redirect_path, resolve_destination
 from ..routing import PULL_METHODS, Refusal, Target, refuse_malformed, refuse_method, route, route_egress
 from .keys import ANSWERED_HERE, CLIENT_HOST, EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
@@ -27,12 +29,25 @@ class Router:
         self.settings = settings
         self.signer = signer
         self.guard = EgressGuard()
+        self.refusals = LogThrottle()  # egress refusals: one line per source a minute
+        # client connection id -> {(redirect target host, port): the address checked for it}
+        self._checked: dict[str, dict[tuple[str, int], str]] = {}
 
     def running(self) -> None:
         logging.getLogger("mitmproxy.proxy.server").addFilter(trailers_crash_as_one_line)
 
     def done(self) -> None:
         logging.getLogger("mitmproxy.proxy.server").removeFilter(trailers_crash_as_one_line)
+
+    def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """A redirect target is connected to at the address checked in _follow_redirect (the
+        request keeps the name for Host and TLS's SNI and certificate check)."""
+        address = self._checked.get(data.client.id, {}).get(data.server.address)
+        if address is not None:
+            data.server.address = (address, data.server.address[1])
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._checked.pop(client.id, None)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -60,8 +75,9 @@ class Router:
             flow.metadata[EGRESS_FOR] = egress_for
             client = flow.client_conn.peername[0]
             if not await self.guard.allows(egress_for, client):
-                logger.warning("refused %s on the egress listener of %s: it serves that registry's cache only",
-                               client, egress_for.name)
+                if (held := self.refusals.allow(client)) is not None:
+                    logger.warning("refused %s on the egress listener of %s: it serves that registry's cache only%s",
+                                   client, egress_for.name, held_back(held))
                 refuse(flow, Refusal(403, "DENIED", f"this listener serves the cache of {egress_for.name} only"))
                 return
         if is_redirect_path(request.path):
@@ -111,7 +127,8 @@ class Router:
             return
         parts = urlsplit(redirect.url)
         # Signing checked the URL; a name may resolve to this machine though.
-        if not is_local(registry.upstream) and await resolves_internal(parts.hostname):
+        destination = await resolve_destination(parts.hostname)
+        if not is_local(registry.upstream) and destination.internal:
             logger.warning("refused a redirect of %s's upstream to %s: it is this machine or its link", registry.name, parts.hostname)
             refuse(flow, Refusal(403, "DENIED", f"redirect target {parts.hostname} is an internal address"))
             return
@@ -121,6 +138,8 @@ class Router:
             # A client follows it (an uncached registry): its pull log line names that blob.
             flow.metadata[TARGET] = target
         send_to(flow.request, f"{parts.scheme}://{parts.netloc}", parts._replace(scheme="", netloc="").geturl())
+        if destination.address is not None:
+            self._checked.setdefault(flow.client_conn.id, {})[(flow.request.host, flow.request.port)] = destination.address
 
 
 def method_as_sent(request: http.Request) -> str:
@@ -193,14 +212,20 @@ def trailers_crash_as_one_line(record: logging.LogRecord) -> bool:
 
 
 def client_writer(flow: http.HTTPFlow) -> asyncio.StreamWriter | None:
-    """The client connection's stream writer (`Proxyserver.connections` and the handler's
-    `transports`: the same in mitmproxy 11 and 12); None where there is none (HTTP/2, tests)."""
+    """The stream writer of the flow's client connection; None where it carries other streams
+    too (HTTP/2, HTTP/3: mitmproxy resets this one when the flow is killed)."""
     if multiplexed(flow):
-        return None  # the connection carries other streams: mitmproxy resets this one when killed
+        return None
+    return connection_writer(flow.client_conn)
+
+
+def connection_writer(client: connection.Client) -> asyncio.StreamWriter | None:
+    """A client connection's stream writer (`Proxyserver.connections` and the handler's
+    `transports`: the same in mitmproxy 11 and 12); None where there is none (tests, gone)."""
     master = getattr(ctx, "master", None)
     proxyserver = master.addons.get("proxyserver") if master else None
-    handler = proxyserver.connections.get(flow.client_conn.id) if proxyserver else None
-    transport = handler.transports.get(flow.client_conn) if handler else None
+    handler = proxyserver.connections.get(client.id) if proxyserver else None
+    transport = handler.transports.get(client) if handler else None
     writer = transport.writer if transport else None
     return writer if isinstance(writer, asyncio.StreamWriter) else None
 

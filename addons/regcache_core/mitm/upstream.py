@@ -3,12 +3,16 @@ upstreams' answers cleaned up before a client or cache sees them."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 from mitmproxy import http
 
 from ..metrics import Metrics
 from ..redirects import RedirectSigner
 from ..routing import Refusal, Target
-from ..upstream_auth import TokenStore, UpstreamAuth, UpstreamAuthError
+from ..upstream_auth import MAX_TOKEN_RESPONSE, TokenStore, UpstreamAuth, UpstreamAuthError
+from ..upstream_client import UpstreamClient
 from ..upstream_signals import UpstreamSignals
 from ..upstream_state import UpstreamState
 from .keys import INJECTED, REDIRECT, UPSTREAM
@@ -22,7 +26,8 @@ TOKEN_STORE = "upstream-tokens"  # folder in the data dir
 class UpstreamCredentials:
     """Adds our Authorization to flows sent upstream, and cleans up what upstreams answer:
     no challenge reaches a client or cache, redirects are followed through us, and the header we
-    added is redacted once the request is sent (mitmweb keeps flows)."""
+    added is redacted once the answer's headers (or an error) arrive: mitmweb keeps flows, and
+    WebView keeps this one off its list until then."""
 
     def __init__(self, settings: Settings, signer: RedirectSigner, metrics: Metrics, state: UpstreamState) -> None:
         self.settings = settings
@@ -30,21 +35,32 @@ class UpstreamCredentials:
         self.metrics = metrics
         self.state = state
         self.auth: UpstreamAuth | None = None
+        self.client = UpstreamClient()
         self.signals = UpstreamSignals(metrics)
 
     def configure(self, updated: set[str]) -> None:
         config = self.settings.config
         if "regcache_env_file" in updated and config is not None:
-            self.done()
-            self.auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), on_token_fetch=self.metrics.token_fetch,
+            self._close_store()
+            self.auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), self._fetch, on_token_fetch=self.metrics.token_fetch,
                                      challenge_timeout=config.upstream_timeout)
 
     def done(self) -> None:
+        # Sync: mitmproxy calls `done` from sync code too (a script reloaded or removed).
+        self._close_store()
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing was opened on one
+            self.closing = asyncio.get_running_loop().create_task(self.client.close())  # kept: tasks are weakly held
+
+    async def _fetch(self, url: str, headers: dict[str, str], timeout: float) -> tuple[int, list[str], bytes]:
+        return await self.client.get(url, headers, timeout, MAX_TOKEN_RESPONSE)
+
+    def _close_store(self) -> None:
         if self.auth:
             self.auth.store.close()
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        # In `request`, after mitmweb's view took its copy at `requestheaders`.
+        # In `request`: mitmweb's view listed the flow at `requestheaders`, without our header;
+        # WebView.request unlists it now.
         target: Target | None = flow.metadata.get(UPSTREAM)
         if target is None or flow.response is not None:
             return

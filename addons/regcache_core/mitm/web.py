@@ -1,5 +1,6 @@
-"""WebView: in mitmweb, labels each flow (`label_flow`) and keeps the flow list bounded; the
-label's text and the choice of flows to drop are plain functions in regcache_core/web.py."""
+"""WebView: in mitmweb, labels each flow (`label_flow`), keeps the flow list bounded, and lists
+no flow while it carries our credentials; the label's text and the choice of flows to drop are
+plain functions in regcache_core/web.py."""
 
 from __future__ import annotations
 
@@ -9,15 +10,28 @@ from ..config import DEFAULTS, is_loopback_host
 from ..pull_log import PullRecord
 from ..routing import Target
 from ..web import finished_flows_beyond, flow_label
-from .keys import EGRESS, RECORD, TARGET
+from .keys import EGRESS, INJECTED, RECORD, TARGET, UPSTREAM
 from .settings import Settings
 
 FAILURE_MARK = ":warning:"  # mitmweb's flow marker (an emoji short code) for failed requests
 
 
+class Unlisted:
+    """A view filter: flows carrying the Authorization header regcache added are left out of the
+    view's list (and so of mitmweb's /flows and its updates) until it is redacted, whatever else
+    the filter (`view_filter`) says. They stay in the view's store: removing a live flow kills it."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __call__(self, flow) -> bool:
+        return not flow.metadata.get(INJECTED) and self.inner(flow)
+
+
 class WebView:
-    """In mitmweb (or any tool with a flow view): label flows and keep the list bounded; guard
-    the UI with REGCACHE_WEB_PASSWORD."""
+    """In mitmweb (or any tool with a flow view): label flows, keep the list bounded, list no
+    credentials; guard the UI with REGCACHE_WEB_PASSWORD. Its hooks run after
+    UpstreamCredentials' and before the view's own."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -58,6 +72,20 @@ class WebView:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self._view() is not None:
             label_flow(flow, *_labelled(flow))
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        # UpstreamCredentials has just added our Authorization: off the list it goes, before
+        # anything can show it (the view listed the flow at requestheaders, without it).
+        if flow.metadata.get(INJECTED) and (view := self._view()) is not None:
+            if not isinstance(view.filter, Unlisted):
+                view.filter = Unlisted(view.filter)  # again after each change of view_filter
+            view.update([flow])
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # Redacted by now (UpstreamCredentials.responseheaders): listed again. Errors are listed
+        # again by the view's own `error` hook, after ours redacted.
+        if UPSTREAM in flow.metadata and (view := self._view()) is not None:
+            view.update([flow])
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
