@@ -69,7 +69,8 @@ def test_least_recently_used_image_is_evicted_and_comes_back_as_a_miss(budget_st
     assert settled(budget_stack, fourth)[1] <= BUDGET
     assert held(budget_stack, first), "the first image was pulled again after the second: it stays"
     assert not held(budget_stack, second), "the second image was used least recently: it goes"
-    assert any(line.startswith("regcache: disk budget: evicted") for line in budget_stack.output)
+    # The run's line is printed once it has evicted: read the output until it is there.
+    assert poll(lambda: budget_stack.output, lambda out: any(line.startswith("regcache: disk budget: evicted") for line in out))
     metrics = budget_stack.metrics()
     assert metrics[("regcache_evicted_bytes_total", (("registry", "docker.io"),))] >= 95 << 20
     assert metrics[("regcache_disk_budget_bytes", ())] == BUDGET
@@ -107,7 +108,7 @@ def test_a_pull_in_flight_while_eviction_runs_completes(budget_stack, images, mo
         lines = len(budget_stack.output)
         assert pull(DOCKER_IO, third.reference, tmp_path / "third") == third.manifest_digest
         assert settled(budget_stack, third)[1] <= BUDGET
-        assert any("disk budget: evicted" in line for line in budget_stack.output[lines:])
+        assert poll(lambda: budget_stack.output[lines:], lambda out: any("disk budget: evicted" in line for line in out))
         while chunk := response.read(1 << 20):
             digest.update(chunk)
     finally:

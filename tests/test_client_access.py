@@ -74,6 +74,16 @@ def test_an_address_outside_the_clients_is_refused_and_reaches_nothing(guarded, 
     assert len(upstream.access_log()) == upstream_before
 
 
+def test_the_data_plane_refuses_an_address_outside_the_clients(guarded):
+    """Even with a data-plane URL in hand (here any: the address is checked first)."""
+    request = f"GET /_regcache/blob?digest=x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    outside = raw_exchange(PORT + 50, request, source="127.0.0.2").partition(b"\r\n\r\n")
+    inside = raw_exchange(PORT + 50, request).partition(b"\r\n\r\n")
+    assert outside[0].startswith(b"HTTP/1.1 403") and json.loads(outside[2])["errors"][0] == {
+        "code": "DENIED", "message": "127.0.0.2 is not in the networks allowed to use this regcache"}
+    assert inside[0].startswith(b"HTTP/1.1 403") and b"not a data-plane URL" in inside[2]
+
+
 def test_without_an_account_the_answer_is_a_basic_challenge(guarded):
     for headers in ({}, basic(USER, "wrong"), {"Authorization": "Bearer " + PASSWORD}, basic("nobody", PASSWORD)):
         status, answer, body = http_get(f"http://{DOCKER_IO}/v2/", headers=headers)

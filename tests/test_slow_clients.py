@@ -90,6 +90,7 @@ def test_slow_connections_from_one_address_neither_exhaust_the_proxy_nor_stall_a
     # Connections over the cap are accepted and closed at once: during the burst some wait for
     # that, then the proxy holds CAP of them until their heads are late.
     assert max(counts) < FD_LIMIT
-    # Every connection was closed by the proxy: refused at once, or its head late.
-    assert len(ends) == SLOW_CONNECTIONS and max(ends) < HEAD_TIMEOUT + 5
+    # Every connection was closed by the proxy: refused at once, or its head late (a sweep each
+    # second closes those; on a loaded 2-core machine that can take several seconds more).
+    assert len(ends) == SLOW_CONNECTIONS and max(ends) < HEAD_TIMEOUT + 12
     assert poll(lambda: open_fds(proxy), lambda count: count < baseline + 10) < baseline + 10

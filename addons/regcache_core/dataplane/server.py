@@ -1,7 +1,7 @@
 """The data plane's HTTP server: sends what a grant names, nothing else.
 
 GET and HEAD of `/_regcache/blob?<grant>` send a warm blob from its cache's storage (see
-storage.py) with registry:2's headers; of `/_regcache/spool?<grant>`, a cold blob from the spool
+storage.py) with registry:2's headers, to addresses in REGCACHE_CLIENTS only; of `/_regcache/spool?<grant>`, a cold blob from the spool
 of the proxy's fetch of it (spool_reader.py). Every request leaves a pull record, handed to `records`
 (the worker sends them to the proxy): a blob sent is a cache hit by the data plane, with the
 bytes actually sent; a refusal names what was wrong.
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from .. import pull_log
+from ..client_access import ClientNetworks
 from ..config import Config
 from ..pull_log import PullRecord
 from ..routing import Refusal
@@ -29,6 +30,11 @@ BACKEND = "dataplane"  # the pull records' backend for what the data plane sent
 KEEPALIVE_TIMEOUT = 30.0  # seconds an idle connection (or one whose request head is not in yet) stays open
 async def serve_blob(request: web.Request) -> web.StreamResponse:
     exchange: Exchange = request[EXCHANGE]
+    # Clients only: the proxy let this one through its own check, but a grant can be handed on.
+    # (Spool grants are the caches', which need not be among the clients.)
+    client = request.remote or ""
+    if not ClientNetworks(request.app[CONFIG].client_networks).allows(client):
+        return refused(Refusal(403, "DENIED", f"{client} is not in the networks allowed to use this regcache"))
     grant = request.app[SIGNER].verify(request.rel_url.raw_query_string, "blob")
     if grant is None:
         return denied()
