@@ -99,10 +99,8 @@ def test_caches_are_registry2_pull_through_caches_of_the_proxys_egress_without_c
         assert service["environment"] == {
             "REGISTRY_PROXY_REMOTEURL": f"http://{PROXY}:{registry.egress_port}",
             "REGISTRY_STORAGE_DELETE_ENABLED": "true",
-            "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_ENABLED": "true",
-            "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_AGE": "1h",
-            "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_INTERVAL": "10m",
-            "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING_DRYRUN": "false",
+            "REGISTRY_STORAGE_MAINTENANCE_UPLOADPURGING": "{enabled: true, age: 1h, interval: 10m, dryrun: false}",
+            "REGISTRY_HTTP_DRAINTIMEOUT": "10s",
         }
         assert "/var/lib/registry" in service["volumes"][0]
         assert service["depends_on"] == {PROXY: {"condition": "service_started"}}
