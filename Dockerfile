@@ -2,7 +2,8 @@
 # The docker.io, ghcr.io and quay.io caches run as registry:2 services of docker-compose.yml;
 # docker-registry (registry:2's program, as Debian ships it) is here so that `regcache up` can
 # also run any extra cache whose URL in .env is loopback.
-# BASE: any image with Python 3.11+ and pip on Debian 12, as `python` and `pip`.
+# BASE: any image with Python 3.11+ and pip on Debian 12, as `python` and `pip`; the compose
+# test builds on one made offline-capable from a debootstrap of bookworm.
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
@@ -21,8 +22,8 @@ RUN pip install --no-cache-dir --disable-pip-version-check -e .
 
 USER regcache
 # Settings come from the environment (compose passes .env); the image holds no .env.
-ENV REGCACHE_DATA_DIR=/data
-# Log lines reach `docker logs` at once (regcache up sets this for mitmdump too).
-ENV PYTHONUNBUFFERED=1
+# PYTHONUNBUFFERED: stdout is no tty in a container, so Python would hold log lines back in
+# its buffer and `docker logs` would show warnings late or never.
+ENV REGCACHE_DATA_DIR=/data PYTHONUNBUFFERED=1
 EXPOSE 5000 5050
 CMD ["regcache", "up"]

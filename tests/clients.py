@@ -6,6 +6,7 @@ nothing of the machine's; run them inside the private namespaces (see parts.py).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -16,8 +17,9 @@ from parts import stop_process
 class Daemon:
     """A daemon started with a log file, ready once `ready()` says so."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, network_namespace: str | None = None) -> None:
         self.root = root
+        self.network_namespace = network_namespace  # a path for `nsenter --net=`; None: this process's
         self.process: subprocess.Popen | None = None
 
     @property
@@ -33,7 +35,8 @@ class Daemon:
     def start(self, timeout: float = 60.0):
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            enter = ["nsenter", f"--net={self.network_namespace}"] if self.network_namespace else []
+            self.process = subprocess.Popen([*enter, *self.command()], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -100,38 +103,44 @@ class Containerd(Daemon):
 
 
 class Dockerd(Daemon):
-    """Docker Engine without networking of its own (no bridge, no iptables) and the vfs driver.
+    """Docker Engine without networking of its own (no bridge, no iptables), by default on the
+    vfs driver (overlay2 is much faster to build on, where the kernel and the file system have it).
 
-    It runs on a Containerd of ours (the one it would start itself writes to /opt/containerd),
-    in a mount namespace of its own with an empty /run and /etc/docker (it always writes
-    /run/docker/plugins and /etc/docker/key.json): its mounts, the nsfs one in its exec root
-    too, go away with it.
+    It runs in a mount namespace of its own with an empty /run and /etc/docker (it always writes
+    /run/docker/plugins and /etc/docker/key.json), on a Containerd of ours or, with none given,
+    on the one it starts itself, with an empty /opt too (that one writes /opt/containerd). Its
+    mounts, the nsfs one in its exec root too, go away with it. Containers with `--network host`
+    run only on its own containerd: on ours runc fails ("can't get final child's PID").
     """
 
-    def __init__(self, root: Path, daemon_json: Path, containerd: Containerd) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, daemon_json: Path, containerd: Containerd | None = None,
+                 network_namespace: str | None = None, storage_driver: str = "vfs") -> None:
+        super().__init__(root, network_namespace)
         self.daemon_json = daemon_json
         self.containerd = containerd
+        self.storage_driver = storage_driver
 
     @property
     def socket(self) -> Path:
         return self.root / "docker.sock"
 
     def command(self) -> list[str]:
+        empty = "/run /etc/docker" if self.containerd else "/run /etc/docker /opt"
+        containerd = ["--containerd", str(self.containerd.socket)] if self.containerd else []
         return [
-            "unshare", "--mount", "sh", "-c", 'for d in /run /etc/docker; do mount -t tmpfs tmpfs $d; done && exec "$@"', "-",
+            "unshare", "--mount", "sh", "-c", f'for d in {empty}; do mount -t tmpfs tmpfs $d; done && exec "$@"', "-",
             "dockerd", "-H", f"unix://{self.socket}", "--data-root", str(self.root / "data"),
             "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
             "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none",
-            "--storage-driver", "vfs", "--containerd", str(self.containerd.socket),
-            "--config-file", str(self.daemon_json),
+            "--storage-driver", self.storage_driver, *containerd, "--config-file", str(self.daemon_json),
         ]
 
     def ready(self) -> bool:
         return self.socket.exists() and self.docker("version", timeout=10).returncode == 0
 
-    def docker(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["docker", "-H", f"unix://{self.socket}", *args], capture_output=True, text=True, timeout=timeout)
+    def docker(self, *args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["docker", "-H", f"unix://{self.socket}", *args], capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **env} if env else None)
 
     def inspect(self, reference: str) -> dict:
         return json.loads(self.docker("image", "inspect", reference).stdout)[0]

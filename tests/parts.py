@@ -87,6 +87,8 @@ def enter_private_namespaces(hostnames: list[str]) -> None:
     """
     if os.geteuid() != 0:
         raise PermissionError("needs root, to unshare network and mount namespaces")
+    global _host_network
+    _host_network = os.open("/proc/self/ns/net", os.O_RDONLY)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNS | CLONE_NEWNET) != 0:
         raise OSError(f"unshare failed: {os.strerror(ctypes.get_errno())}")
@@ -101,6 +103,15 @@ def enter_private_namespaces(hostnames: list[str]) -> None:
         os.environ.pop(variable, None)
     # The product flushes its own log lines; a machine's PYTHONUNBUFFERED=1 must not hide it when not.
     os.environ.pop("PYTHONUNBUFFERED", None)
+
+
+_host_network: int | None = None  # an open handle on the network namespace the process started in
+
+
+def host_network_namespace() -> str:
+    """A path to the machine's network namespace, for `nsenter --net=`: only what must reach the
+    package registries (the compose test's image builds) goes there."""
+    return f"/proc/{os.getpid()}/fd/{_host_network}"
 
 
 def accepts_connections(port: int, host: str = "127.0.0.1") -> bool:
