@@ -31,7 +31,7 @@ from parts import (
     stop_process,
 )
 
-PROXY_PORT, CACHE_PORT, NGINX_PORT, UPSTREAM_PORT, RELAY_PORT = 5000, 5001, 5090, 6000, 6001
+PROXY_PORT, CACHE_PORT, NGINX_PORT, UPSTREAM_PORT, RELAY_PORT, ALONE_PORT = 5000, 5001, 5090, 6000, 6001, 6002
 HOST = f"docker.io.{TEST_DOMAIN}"
 
 
@@ -103,6 +103,12 @@ def latencies(port: int, host: str | None, path: str, clients: int, requests: in
     return results
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
@@ -140,7 +146,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM; cleaning up"))
     signal.alarm(int(args.time_limit))
     workdir = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
-    upstream = relay = stack = nginx = None
+    upstream = relay = stack = nginx = alone = None
     try:
         upstream = Upstream(workdir / "upstream", UPSTREAM_PORT).start()
         relay = DelayRelay(RELAY_PORT, UPSTREAM_PORT).start()
@@ -161,14 +167,17 @@ def main() -> None:
             for path in paths.values():
                 latencies(port, host, path, 1, 100)
         print(f"manifest GETs, {args.requests} per client, keep-alive; milliseconds")
-        print(f"{'by':<7} {'clients':>7} {'target':<11} {'p50':>7} {'p99':>7}")
+        print(f"{'by':<7} {'clients':>7} {'target':<11} {'p50':>7} {'p99':>7}  proxy CPU per request (less noisy than time)")
+        proxy = stack.child("mitmdump")
         p50 = {}
         for by, path in paths.items():
             for clients in (1, 8):
                 for name, (port, host) in targets.items():
+                    cpu_before = cpu_seconds(proxy)
                     values = latencies(port, host, path, clients, args.requests)
+                    cpu = f"{(cpu_seconds(proxy) - cpu_before) / len(values) * 1000:.2f} ms" if name == "regcache" else ""
                     p50[by, clients, name] = percentile(values, 0.5)
-                    print(f"{by:<7} {clients:>7} {name:<11} {ms(percentile(values, 0.5))} {ms(percentile(values, 0.99))}", flush=True)
+                    print(f"{by:<7} {clients:>7} {name:<11} {ms(percentile(values, 0.5))} {ms(percentile(values, 0.99))}  {cpu}", flush=True)
         for clients in (1, 8):
             base = p50["digest", clients, "registry:2"]
             print(f"{clients} client(s): regcache p50 / registry:2's p50 by digest: "
@@ -177,20 +186,29 @@ def main() -> None:
             port, host = targets[name]
             values = latencies(port, host, paths["tag"], 32, max(args.requests // 8, 20))
             print(f"32 clients, by tag, {name:<10}: p50 {ms(percentile(values, 0.5))} p99 {ms(percentile(values, 0.99))} ms", flush=True)
+        # registry:2 as a user runs it without regcache: its upstream straight behind the relay.
+        alone = Upstream(workdir / "alone", ALONE_PORT, {"proxy": {"remoteurl": relay.url}}).start()
+        pull_seconds(f"127.0.0.1:{ALONE_PORT}", image.reference, workdir)
         relay.delay = args.delay_ms / 1000
-        pulls = {f"127.0.0.1:{CACHE_PORT}": [], f"{HOST}:{PROXY_PORT}": []}
-        for _ in range(args.pulls):  # in turns, so that a busy moment of the machine hits both alike
-            for registry, took in pulls.items():
-                took.append(pull_seconds(registry, image.reference, workdir))
-        direct, through = (statistics.median(took) for took in pulls.values())
+        pulls = {name: [] for name in ("registry:2 alone", "regcache", "upstream itself")}
+        registries = {"registry:2 alone": f"127.0.0.1:{ALONE_PORT}", "regcache": f"{HOST}:{PROXY_PORT}",
+                      "upstream itself": f"127.0.0.1:{UPSTREAM_PORT}"}
+        for _ in range(args.pulls):  # in turns, so that a busy moment of the machine hits all alike
+            for name, took in pulls.items():
+                took.append(pull_seconds(registries[name], image.reference, workdir))
+        median = {name: statistics.median(took) * 1000 for name, took in pulls.items()}
         print(f"warm skopeo pull, upstream {args.delay_ms:g} ms away, median of {args.pulls}: registry:2 alone "
-              f"{direct * 1000:.0f} ms, regcache {through * 1000:.0f} ms: {direct / through:.2f}x faster")
+              f"{median['registry:2 alone']:.0f} ms, regcache {median['regcache']:.0f} ms: "
+              f"{median['registry:2 alone'] / median['regcache']:.2f}x faster")
+        print(f"  (skopeo's own floor: the same pull straight from the upstream, 0 ms away, {median['upstream itself']:.0f} ms)")
     finally:
         signal.alarm(0)
         if nginx:
             stop_process(nginx)
         if stack:
             stack.stop()
+        if alone:
+            alone.stop()
         if relay:
             relay.stop()
         if upstream:

@@ -110,10 +110,8 @@ def test_total_budget_evicts_across_caches_least_recently_used_first(tmp_path):
 
 def test_usage_store_keeps_the_latest_use_per_blob(tmp_path):
     store = UsageStore(tmp_path / "usage.sqlite")
-    store.record("docker.io", "a", "sha256:1", "blob", 20)
-    store.record("docker.io", "a", "sha256:1", "blob", 10)
-    store.record("docker.io", "b", "sha256:1", "blob", 15)
-    store.record("docker.io", "a", "1.0", "manifest", 12)
+    store.record([("docker.io", "a", "sha256:1", "blob", 20), ("docker.io", "a", "sha256:1", "blob", 10)])
+    store.record([("docker.io", "b", "sha256:1", "blob", 15), ("docker.io", "a", "1.0", "manifest", 12)])
     assert store.blob_last_use("docker.io") == {"sha256:1": 20}
     assert store.last_pulls("docker.io") == {("a", "1.0"): 12}
     assert store.blob_last_use("ghcr.io") == {}

@@ -13,7 +13,7 @@ import pytest
 
 from regcache_core.config import DEFAULTS, parse_config
 from regcache_core.dataplane.grants import GRANT_LIFETIME, Grant, GrantSigner, load_or_create_key
-from regcache_core.dataplane.handoff import client_base_url, handoff_location
+from regcache_core.dataplane.handoff import SmallBlob, client_base_url, warm_blob_answer
 from regcache_core.dataplane.records import RecordSender, receive_records
 from regcache_core.dataplane.storage import warm_blob
 from regcache_core.pull_log import from_json, pull_record, to_json
@@ -97,29 +97,36 @@ def target_of(config, repository="library/big"):
     return route(config, "GET", "docker.io.registry.localhost:5000", f"/v2/{repository}/blobs/{DIGEST}")
 
 
-@pytest.mark.parametrize("changes, size, handed_off", [
-    ({}, 2 << 20, True),
-    ({}, 256 << 10, True),  # exactly REGCACHE_DATAPLANE_MIN_SIZE
-    ({}, (256 << 10) - 1, False),
-    ({"REGCACHE_DATAPLANE_MIN_SIZE": "0"}, 1, True),
-    ({"REGCACHE_DATAPLANE": "false"}, 2 << 20, False),
+@pytest.mark.parametrize("changes, size, answer", [
+    ({}, 2 << 20, "redirect"),
+    ({}, 256 << 10, "redirect"),  # exactly REGCACHE_DATAPLANE_MIN_SIZE
+    ({}, (256 << 10) - 1, "bytes"),
+    ({"REGCACHE_DATAPLANE_MIN_SIZE": "0"}, 1, "redirect"),
+    ({"REGCACHE_DATAPLANE": "false"}, 2 << 20, None),
+    ({"REGCACHE_DATAPLANE": "false"}, 1, None),
 ])
-def test_which_blobs_are_handed_off(tmp_path, changes, size, handed_off):
+def test_how_warm_blobs_are_answered(tmp_path, changes, size, answer):
     config = parse_config({**DEFAULTS, "REGCACHE_DATA_DIR": str(tmp_path), **changes})
     store(config.registries[0].storage, "library/big", DIGEST, b"x" * size)
-    location = handoff_location(config, GrantSigner(KEY), target_of(config), "docker.io.registry.localhost:5000")
-    assert (location is not None) == handed_off
-    if location:
-        grant = GrantSigner(KEY).verify(urlsplit(location).query, "blob")
+    got = warm_blob_answer(config, GrantSigner(KEY), target_of(config), "docker.io.registry.localhost:5000", False)
+    assert {str: "redirect", SmallBlob: "bytes", type(None): None}[type(got)] == answer
+    if answer == "redirect":
+        grant = GrantSigner(KEY).verify(urlsplit(got).query, "blob")
         assert (grant.registry, grant.repository, grant.digest, grant.size) == ("docker.io", "library/big", DIGEST, size)
-    assert handoff_location(config, GrantSigner(KEY), target_of(config, "library/small"), "h:5000") is None
+    if answer == "bytes":
+        assert got.body == b"x" * size
+        assert (got.headers["Docker-Content-Digest"], got.headers["ETag"]) == (DIGEST, f'"{DIGEST}"')
+        # Range and conditional requests go to the cache, which answers them.
+        assert warm_blob_answer(config, GrantSigner(KEY), target_of(config), "h:5000", True) is None
+    # Not linked in that repository.
+    assert warm_blob_answer(config, GrantSigner(KEY), target_of(config, "library/small"), "h:5000", False) is None
 
 
 def test_a_public_url_replaces_the_client_host(tmp_path):
     config = parse_config({**DEFAULTS, "REGCACHE_DATA_DIR": str(tmp_path),
                            "REGCACHE_DATAPLANE_URL": "https://regcache.example.com:30050"})
     store(config.registries[0].storage, "library/big", DIGEST, b"x" * (2 << 20))
-    location = handoff_location(config, GrantSigner(KEY), target_of(config), "10.0.0.5:5000")
+    location = warm_blob_answer(config, GrantSigner(KEY), target_of(config), "10.0.0.5:5000", False)
     assert location.startswith("https://regcache.example.com:30050/_regcache/blob?")
 
 

@@ -5,6 +5,7 @@ so it survives restarts; writers and readers in other processes (the CLI) share 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 
 SCHEMA = """
@@ -32,11 +33,13 @@ class UsageStore:
         self.db.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
         self.db.execute(SCHEMA)
 
-    def record(self, registry: str, repository: str, reference: str, kind: str, used: float) -> None:
+    def record(self, uses: Iterable[tuple[str, str, str, str, float]]) -> None:
+        """Uses as (registry, repository, reference, kind, used), in one transaction: a commit
+        costs a disk sync, too dear for every manifest a busy proxy answers."""
         with self.db:
-            self.db.execute(
+            self.db.executemany(
                 "INSERT INTO last_use VALUES (?, ?, ?, ?, ?) ON CONFLICT (registry, repository, reference) DO UPDATE SET used = max(used, excluded.used)",
-                (registry, repository, reference, kind, used))
+                uses)
 
     def blob_last_use(self, registry: str) -> dict[str, float]:
         """digest -> last pull of it from any repository of `registry`."""

@@ -34,6 +34,14 @@ class Plan:
     count: int = 0
 
 
+def blob_headers(digest: str, mtime: float) -> dict[str, str]:
+    """registry:2's headers for a blob, those of every status."""
+    return {
+        "Docker-Content-Digest": digest, "ETag": f'"{digest}"', "Last-Modified": formatdate(int(mtime), usegmt=True),
+        "Accept-Ranges": "bytes", "Cache-Control": "max-age=31536000",
+    }
+
+
 def plan(request: web.BaseRequest, size: int, mtime: float, digest: str) -> Plan:
     """The answer to a GET or HEAD of a blob of `size` bytes, last modified at `mtime`.
 
@@ -43,10 +51,7 @@ def plan(request: web.BaseRequest, size: int, mtime: float, digest: str) -> Plan
     """
     etag = f'"{digest}"'
     modified = int(mtime)  # HTTP dates have whole seconds
-    headers = {
-        "Docker-Content-Digest": digest, "ETag": etag, "Last-Modified": formatdate(modified, usegmt=True),
-        "Accept-Ranges": "bytes", "Cache-Control": "max-age=31536000",
-    }
+    headers = blob_headers(digest, mtime)
     if_match, if_none_match = request.if_match, request.if_none_match
     if if_match is not None and not _matches(digest, if_match, weak=False):
         return Plan(412, headers)

@@ -1,37 +1,61 @@
-"""Which client blob GETs the proxy hands to the data plane, and the URL it sends them to."""
+"""Which client blob GETs the proxy hands to the data plane, and the URL it sends them to; which\nsmall warm blobs it answers itself."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+from dataclasses import dataclass
 
 from ..config import Config
 from ..routing import Target, strip_port
+from .file_response import blob_headers
 from .grants import GRANT_PATHS, GrantSigner
 from .storage import warm_blob
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.?")
 
 
-def handoff_location(config: Config, signer: GrantSigner, target: Target, host: str) -> str | None:
-    """The data-plane URL for a client's GET of the blob `target`, asked for at Host `host`;
-    None when it keeps streaming through the proxy: the data plane is off, the registry's
-    storage is unknown, the blob is not warm for that repository, or it is under
-    REGCACHE_DATAPLANE_MIN_SIZE. Blocking (file system): call it in a thread."""
+@dataclass(frozen=True)
+class SmallBlob:
+    """A warm blob under REGCACHE_DATAPLANE_MIN_SIZE, read whole: the proxy answers it itself,
+    as registry:2 would (a redirect would cost more than the bytes, and asking the cache costs
+    another hop)."""
+
+    body: bytes
+    headers: dict[str, str]
+
+
+def warm_blob_answer(config: Config, signer: GrantSigner, target: Target, host: str,
+                     conditional: bool) -> str | SmallBlob | None:
+    """How the proxy answers a client's GET of the blob `target`, asked for at Host `host`: the
+    data-plane URL to redirect to; a SmallBlob; or None, when it goes to the cache as it came
+    (the data plane is off, the registry's storage is unknown, the blob is not warm for that
+    repository, or it is small and the request `conditional` or a Range, which the cache
+    answers). Blocking (file system): call it in a thread."""
     dataplane, storage = config.dataplane, target.registry.storage
     if dataplane is None or storage is None or target.kind != "blob":
         return None
-    base = dataplane.url or client_base_url(host, dataplane.port)
-    path = base and warm_blob(storage, target.repository, target.reference)
-    if not path:
+    path = warm_blob(storage, target.repository, target.reference)
+    if path is None:
         return None
     try:
-        size = path.stat().st_size
+        with open(path, "rb") as file:
+            status = os.fstat(file.fileno())
+            if status.st_size < dataplane.min_size:
+                if conditional:
+                    return None
+                body = file.read(status.st_size + 1)
+                if len(body) != status.st_size:
+                    return None  # cut short under us: the cache decides
+                return SmallBlob(body, blob_headers(target.reference, status.st_mtime)
+                                 | {"Content-Type": "application/octet-stream"})
     except OSError:
         return None  # evicted just now
-    if size < dataplane.min_size:
+    base = dataplane.url or client_base_url(host, dataplane.port)
+    if base is None:
         return None
-    grant = signer.grant("blob", target.registry.name, target.repository, target.reference, size)
+    grant = signer.grant("blob", target.registry.name, target.repository, target.reference, status.st_size)
     return f"{base}{GRANT_PATHS['blob']}?{signer.query(grant)}"
 
 

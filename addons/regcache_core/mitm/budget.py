@@ -9,7 +9,7 @@ import logging
 import sqlite3
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from mitmproxy import http
 
@@ -41,7 +41,10 @@ class DiskBudget:
         self.disk_watch = DiskWatch(0)
         self._sending: dict[str, tuple[str, str]] = {}  # flow id -> (registry, blob digest) in flight
         self._sending_lock = threading.Lock()  # the worker reads it while the event loop changes it
-        self._run_queued = False
+        # Uses not yet in the store, written together each tick: (registry, repository, reference) -> (kind, time).
+        self._uses: dict[tuple[str, str, str], tuple[str, float]] = {}
+        self._uses_lock = threading.Lock()  # records come from the event loop and the data plane's thread
+        self._queued_run: Future | None = None
         self._blob_pulled: float | None = None  # monotonic time of a blob pull no run has followed yet
         self._timer: asyncio.Task | None = None
 
@@ -62,7 +65,10 @@ class DiskBudget:
     def done(self) -> None:
         if self._timer:
             self._timer.cancel()
-        self.worker.shutdown(wait=False, cancel_futures=True)
+        if self._queued_run is not None:
+            self._queued_run.cancel()  # a run not started yet would only delay the exit
+        self.worker.submit(self._write_uses)  # the last tick's
+        self.worker.shutdown(wait=False)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         target: Target | None = flow.metadata.get(TARGET)
@@ -82,7 +88,8 @@ class DiskBudget:
         if (registry is None or not registry.cache or record.kind not in ("blob", "manifest")
                 or (record.method, record.status) != ("GET", 200)):
             return
-        self.worker.submit(self._record, record, time.time())
+        with self._uses_lock:
+            self._uses[record.registry, record.repository, record.reference] = (record.kind, time.time())
         if record.kind == "blob":  # any thread may call this (the data plane's records)
             self._blob_pulled = time.monotonic()
 
@@ -102,12 +109,13 @@ class DiskBudget:
         last = time.monotonic()
         while True:
             await asyncio.sleep(TICK)
+            if self._uses:
+                self.worker.submit(self._write_uses)
             now, pulled = time.monotonic(), self._blob_pulled
             if (pulled is not None and now - pulled >= RUN_DELAY) or now - last >= RUN_EVERY:
                 self._blob_pulled, last = None, now
-                if not self._run_queued:  # a slow run is not queued again behind itself
-                    self._run_queued = True
-                    self.worker.submit(self._run)
+                if self._queued_run is None:  # a slow run is not queued again behind itself
+                    self._queued_run = self.worker.submit(self._run)
 
     # In the worker thread:
 
@@ -117,15 +125,18 @@ class DiskBudget:
         except (OSError, sqlite3.Error) as e:
             logger.error(f"regcache: cannot open {usage_file(config.data_dir)}: {e}; the disk budget cannot run")
 
-    def _record(self, record: PullRecord, ended: float) -> None:
+    def _write_uses(self) -> None:
+        with self._uses_lock:
+            uses, self._uses = self._uses, {}
         try:
-            if self.usage:
-                self.usage.record(record.registry, record.repository, record.reference, record.kind, ended)
+            if self.usage and uses:
+                self.usage.record((*key, kind, used) for key, (kind, used) in uses.items())
         except sqlite3.Error as e:
             logger.error(f"regcache: cannot record a pull in {usage_file(self.settings.config.data_dir)}: {e}")
 
     def _run(self) -> None:
-        self._run_queued = False
+        self._queued_run = None
+        self._write_uses()  # eviction ranks by them
         try:
             self.disk_states()
             config = self.settings.config

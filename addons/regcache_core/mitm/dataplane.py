@@ -1,5 +1,5 @@
 """The proxy's side of the data plane (regcache_core/dataplane/): DataPlaneHandoff answers a GET
-of a warm blob with a 307 to it; DataPlaneRecords takes the data plane's pull records and hands
+of a warm blob with a 307 to it (or, a small one, with its bytes); DataPlaneRecords takes the data plane's pull records and hands
 them to the same sinks as the proxy's own (pull log, metrics)."""
 
 from __future__ import annotations
@@ -11,18 +11,21 @@ from collections.abc import Callable
 from mitmproxy import http
 
 from ..dataplane.grants import GrantSigner, load_or_create_key
-from ..dataplane.handoff import handoff_location
+from ..dataplane.handoff import SmallBlob, warm_blob_answer
 from ..dataplane.records import receive_records, records_socket
 from ..pull_log import PullRecord
 from ..routing import Target
-from .keys import CLIENT_HOST, HANDED_OFF, TARGET
+from .keys import ANSWERED_HERE, CACHE_RESULT, CLIENT_HOST, HANDED_OFF, TARGET
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
+# A small blob asked for with any of these goes to the cache, which answers them.
+CONDITIONAL_HEADERS = ("range", "if-match", "if-none-match", "if-modified-since", "if-unmodified-since", "if-range")
 
 
 class DataPlaneHandoff:
-    """A client's GET of a warm blob (big enough) gets a 307 to the data plane, signed for that blob."""
+    """A client's GET of a warm blob gets a 307 to the data plane, signed for that blob; a small
+    one is answered from the cache's storage right here."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -41,11 +44,16 @@ class DataPlaneHandoff:
             return
         if request.stream or "transfer-encoding" in request.headers:
             return  # a request with a body to stream can't be answered here (see router.refuse); it streams
-        location = await asyncio.to_thread(handoff_location, self.settings.config, self.signer, target,
-                                           flow.metadata[CLIENT_HOST])
-        if location is not None:
+        conditional = any(name in request.headers for name in CONDITIONAL_HEADERS)
+        answer = await asyncio.to_thread(warm_blob_answer, self.settings.config, self.signer, target,
+                                         flow.metadata[CLIENT_HOST], conditional)
+        if isinstance(answer, SmallBlob):
+            flow.metadata[ANSWERED_HERE] = True
+            flow.metadata[CACHE_RESULT] = "hit"
+            flow.response = http.Response.make(200, answer.body, answer.headers)
+        elif answer is not None:
             flow.metadata[HANDED_OFF] = True
-            flow.response = http.Response.make(307, b"", {"Location": location, "Docker-Content-Digest": target.reference})
+            flow.response = http.Response.make(307, b"", {"Location": answer, "Docker-Content-Digest": target.reference})
 
 
 class DataPlaneRecords:

@@ -20,6 +20,8 @@ from .keys import ANSWERED_HERE, CLIENT_HOST, EGRESS, EGRESS_FOR, REDIRECT, TARG
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+EGRESS_CHALLENGE = 'Basic realm="regcache egress"'
 
 
 class Router:
@@ -100,6 +102,11 @@ class Router:
             refuse(flow, decision)
             return
         flow.metadata[TARGET] = decision
+        if decision.kind == "ping" and decision.registry.cache:
+            # Nothing to ask the cache: it answers a ping 200 too, after one more hop (and one
+            # more ping of its own, at the egress).
+            answer(flow, 200, b"{}", API_VERSION)
+            return
         if decision.goes_upstream:
             flow.metadata[UPSTREAM] = decision
         send_to(request, decision.backend, decision.path)
@@ -111,7 +118,11 @@ class Router:
         if isinstance(decision, Refusal):
             refuse(flow, decision)
         elif decision.kind == "ping":
-            answer(flow, 200, b"{}", {"Docker-Distribution-API-Version": "registry/2.0"})
+            # registry:2 pings its upstream before every request until a ping has named a
+            # challenge, then never again. A Basic one costs nothing: it holds no credentials
+            # to answer it with, so its requests come as before and we add ours.
+            answer(flow, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"regcache adds the credentials"}]}',
+                   {**API_VERSION, "WWW-Authenticate": EGRESS_CHALLENGE})
         else:
             flow.metadata[EGRESS] = flow.metadata[UPSTREAM] = decision
             send_to(flow.request, registry.upstream, decision.path)
