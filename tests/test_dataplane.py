@@ -76,7 +76,7 @@ def handoff(image_name: str, digest: str, host: str = DOCKER_IO, query: str = ""
 
 def test_a_warm_big_layer_is_sent_by_the_data_plane(dp_stack, warm, tmp_path):
     image = warm["image"]
-    before = len(dp_stack.pull_records())
+    before, cache_before = len(dp_stack.pull_records()), len(dp_stack.cache_access_log())
     assert pull(DOCKER_IO, image.reference, tmp_path / "pulled") == image.manifest_digest
     pulled = tmp_path / "pulled/blobs/sha256" / warm["layer"].split(":")[1]
     assert "sha256:" + hashlib.sha256(pulled.read_bytes()).hexdigest() == warm["layer"]
@@ -90,9 +90,12 @@ def test_a_warm_big_layer_is_sent_by_the_data_plane(dp_stack, warm, tmp_path):
     assert [(r["method"], r["status"], r["bytes"], r["cache"]) for r in handed_off] == [("GET", 307, 0, "hit")]
     assert [(r["method"], r["status"], r["bytes"], r["cache"]) for r in sent] == [("GET", 200, warm["size"], "hit")]
     assert sent[0]["registry"] == "docker.io" and sent[0]["repository"] == image.name and sent[0]["client"] == "127.0.0.1"
-    # The small layers keep streaming through the proxy, from the cache.
+    # The small blobs (the config) are answered by the proxy from the cache's storage: the cache
+    # is not asked for them.
     small = [r for r in dp_stack.pull_records()[before:] if r["kind"] == "blob" and r["reference"] != warm["layer"]]
-    assert small and {(r["status"], r["backend"]) for r in small} == {(200, dp_stack.settings["DOCKERHUB_CACHE"])}
+    assert small and {(r["status"], r["backend"], r["cache"]) for r in small} == {(200, None, "hit")}
+    asked = [line.path for line in dp_stack.cache_access_log()[cache_before:] if "/blobs/" in line.path]
+    assert not [path for path in asked if any(r["reference"] in path for r in small)], asked
 
 
 def test_data_plane_transfers_count_in_the_metrics(dp_stack, warm):
@@ -126,8 +129,25 @@ def test_head_and_small_blobs_stay_on_the_proxy(dp_stack, warm, images):
                                      host=DOCKER_IO, method="HEAD")
     assert (status, int(headers["Content-Length"]), body) == (200, warm["size"], b"")
     small = images["small"]
+    cache = dp_stack.settings["DOCKERHUB_CACHE"]
     for digest in small.blob_digests:
-        assert handoff(small.name, digest)[0] == 200
+        status, headers, body = http_get(f"http://127.0.0.1:{PORT}/v2/{small.name}/blobs/{digest}", host=DOCKER_IO)
+        assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
+        # The cache's own answer, header for header (the proxy answered this one itself).
+        _, from_cache, _ = http_get(f"{cache}/v2/{small.name}/blobs/{digest}")
+        shown = ("content-length", "content-type", "docker-content-digest", "etag", "accept-ranges", "cache-control")
+        assert lowered(headers, shown) == lowered(from_cache, shown)
+    # A Range of a small blob goes to the cache, which answers it.
+    digest = small.blob_digests[-1]
+    status, headers, body = http_get(f"http://127.0.0.1:{PORT}/v2/{small.name}/blobs/{digest}", host=DOCKER_IO,
+                                     headers={"Range": "bytes=0-9"})
+    assert (status, len(body), headers["Content-Range"].split("/")[0]) == (206, 10, "bytes 0-9")
+
+
+def lowered(headers: dict, names: tuple[str, ...]) -> dict:
+    """The headers named (in lower case), whatever case their sender wrote them in."""
+    by_name = {name.lower(): value for name, value in headers.items()}
+    return {name: by_name.get(name) for name in names}
 
 
 def test_the_data_plane_answers_with_registry_headers(dp_stack, warm):
