@@ -147,15 +147,19 @@ def test_uncached_registry_gets_our_credentials(world, images):
 
 @pytest.mark.parametrize("world", ["basic"], indirect=True)
 @pytest.mark.parametrize("method, path, status", [
-    ("GET", "/v2/", 200),  # answered by the proxy: the cache never sees the upstream's challenge
+    ("GET", "/v2/", 401),  # answered by the proxy: the cache never sees the upstream's challenge, only ours
     ("PUT", "/v2/library/small/manifests/1.0", 405),
     ("GET", "/v2/_catalog", 404),
     ("GET", "/_regcache/redirect?url=http://127.0.0.1:22/&sig=00", 403),  # no open relay
 ])
 def test_egress_serves_only_what_a_cache_needs(world, method, path, status):
-    got, _, body = http_get(f"http://127.0.0.1:{world.stack.port + 80}{path}", method=method)
+    got, headers, body = http_get(f"http://127.0.0.1:{world.stack.port + 80}{path}", method=method)
     assert got == status
-    assert got != 200 or json.loads(body) == {}
+    if path == "/v2/":
+        # A Basic challenge: registry:2 stops pinging before each tag lookup once it has one,
+        # and, holding no credentials, still asks without any (the proxy adds ours).
+        assert headers["WWW-Authenticate"] == 'Basic realm="regcache egress"'
+        assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
 
 
 @pytest.mark.parametrize("world", ["basic"], indirect=True)

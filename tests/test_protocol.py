@@ -29,7 +29,7 @@ def error_code(body: bytes) -> str:
     (PORT, "/v2/", f"unmapped.io.{TEST_DOMAIN}:{PORT}", 404),
     (PORT, "/v2/Library/small/manifests/1.0", HUB, 400),
     (PORT, "/v2/library/small/uploads/", HUB, 404),
-    (EGRESS, "/v2/", f"127.0.0.1:{EGRESS}", 200),  # the cache's ping, answered by the egress listener
+    (EGRESS, "/v2/", f"127.0.0.1:{EGRESS}", 401),  # the cache's ping, answered by the egress listener
 ], ids=["unmapped-host", "bad-name", "not-a-pull-path", "egress-ping"])
 def test_a_head_answered_by_regcache_has_no_body_so_the_next_request_on_the_connection_works(stack, port, path, host, status):
     reply = raw_exchange(port, request(f"HEAD {path} HTTP/1.1", host=host, close=False)

@@ -63,7 +63,9 @@ class Recorder:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         target = flow.metadata.get(TARGET) or flow.metadata.get(EGRESS)
         # Blobs always stream (a redirect we follow leads to a blob on a CDN); smaller bodies
-        # stream once stream_large_bodies says so.
+        # stream once stream_large_bodies says so. What regcache answered itself is in memory.
+        if ANSWERED_HERE in flow.metadata:
+            return
         if flow.response.stream is True or REDIRECT in flow.metadata or (target and target.kind == "blob"):
             inner = flow.response.stream if callable(flow.response.stream) else None
             flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter(inner)
