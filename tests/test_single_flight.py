@@ -64,6 +64,7 @@ def test_concurrent_cold_pulls_make_one_upstream_fetch_of_the_layer(tmp_path, up
     stack = docker_io_stack(tmp_path / "stack", upstream, PORT).start()
     try:
         before = len(upstream.requests_for(layer, "GET"))
+        heads_before = len(upstream.requests_for(layer, "HEAD"))
         asked_before = len(fetches_of_cache(upstream))
         destinations = [tmp_path / f"pulled-{i}" for i in range(PULLS)]
         results = pull_at_once(f"docker.io.{TEST_DOMAIN}:{PORT}", image.reference, destinations)
@@ -82,6 +83,9 @@ def test_concurrent_cold_pulls_make_one_upstream_fetch_of_the_layer(tmp_path, up
         stack.stop()
     fetches = upstream.requests_for(layer, "GET")[before:]
     assert len(fetches) == 1, f"the upstream was asked for the layer {len(fetches)} times: {fetches}"
+    # registry:2 asks for the layer's size before each fetch: one HEAD answers them all.
+    heads = upstream.requests_for(layer, "HEAD")[heads_before:]
+    assert len(heads) == 1, f"the upstream was asked {len(heads)} HEADs of the layer: {heads}"
 
 
 @pytest.fixture

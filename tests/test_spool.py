@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from regcache_core.blob_heads import BlobHead, HeadFlights, blob_head
 from regcache_core.spool import SpoolBroken, SpoolTable, open_spool, read_spool, spool_path
 
 BLOB = os.urandom(3 << 20)
@@ -57,7 +58,7 @@ def test_gets_wait_for_the_downloads_headers_then_follow_its_spool_while_it_grow
         assert not follower.done(), "a GET waits for the download's answer headers"
         writer = await table.start(spool, len(BLOB), "application/vnd.oci.image.layer.v1.tar")
         assert await follower
-        assert table.servable(KEY) is spool and spool.content_type == "application/vnd.oci.image.layer.v1.tar"
+        assert table.get(KEY) is spool and spool.content_type == "application/vnd.oci.image.layer.v1.tar"
         reader = asyncio.create_task(read_all(spool.path))
         for offset in range(0, len(BLOB), CHUNK):
             await writer.write(BLOB[offset:offset + CHUNK])
@@ -96,7 +97,7 @@ def test_a_download_failing_midway_cuts_its_readers_and_leaves_no_file(tmp_path)
         await asyncio.sleep(0.1)
         assert not reader.done(), "a reader waits for a spool that is still growing"
         table.fail(spool, "upstream reset the connection")
-        with pytest.raises(SpoolBroken, match="leader failed"):
+        with pytest.raises(SpoolBroken, match="download failed"):
             await reader
         await until(lambda: len(table) == 0)
         assert list((tmp_path / "spools").iterdir()) == []
@@ -179,7 +180,7 @@ def test_a_reader_follows_a_growing_file_to_its_size(tmp_path):
 def test_a_reader_cuts_when_the_file_is_unlinked_short(tmp_path):
     path = spool_path(tmp_path, KEY)
     grow(path, BLOB, 0.002, unlink_at=len(BLOB) // 2)
-    with pytest.raises(SpoolBroken, match="leader failed"):
+    with pytest.raises(SpoolBroken, match="download failed"):
         run(read_all(path))
 
 
@@ -207,3 +208,39 @@ def test_a_reader_cuts_a_spool_that_stops_growing(tmp_path):
     path.write_bytes(BLOB[:CHUNK])  # a writer that died: the file stays, and never grows
     with pytest.raises(SpoolBroken, match="no growth"):
         run(read_all(path, stall_timeout=0.3))
+
+
+def test_blob_heads_are_answered_from_a_spool_a_concurrent_head_or_a_recent_one(tmp_path):
+    async def scenario():
+        table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
+        heads = HeadFlights(table, known_for=0.2)
+        other = ("docker.io", "library/big", "sha256:" + "1" * 64)
+        assert await heads.answer(other) == (None, True), "the first HEAD goes upstream for the others"
+        waiting = [asyncio.create_task(heads.answer(other)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert not any(w.done() for w in waiting), "concurrent HEADs wait for its answer"
+        heads.answered(other, 200, {"Content-Length": "7", "Docker-Content-Digest": other[2], "Content-Type": "x/y"})
+        head = BlobHead(other[2], 7, "x/y")
+        assert [await w for w in waiting] == [(head, False)] * 3
+        assert await heads.answer(other) == (head, False), "and HEADs right after it"
+        await until(lambda: len(heads) == 0)
+        assert await heads.answer(other) == (None, True), "then the upstream is asked again"
+        heads.answered(other, 404, {})
+        assert len(heads) == 0, "a 404 is the upstream's to say, every time"
+
+        spool, _ = table.claim(KEY)
+        answer = asyncio.create_task(heads.answer(KEY))
+        await table.start(spool, len(BLOB), "application/octet-stream")
+        assert await answer == (BlobHead(DIGEST, len(BLOB), "application/octet-stream"), False)
+        assert BlobHead(DIGEST, len(BLOB), "x").headers()["Content-Length"] == str(len(BLOB))
+        table.fail(spool, "test over")
+
+    run(scenario())
+
+
+def test_a_blob_head_answer_is_kept_only_when_it_names_the_digest_and_a_size():
+    digest = "sha256:" + "2" * 64
+    assert blob_head(digest, 200, {"Content-Length": "5", "Docker-Content-Digest": digest}).content_type == "application/octet-stream"
+    assert blob_head(digest, 200, {"Content-Length": "5", "Docker-Content-Digest": "sha256:" + "3" * 64}) is None
+    assert blob_head(digest, 200, {"Docker-Content-Digest": digest}) is None
+    assert blob_head(digest, 307, {"Content-Length": "5", "Docker-Content-Digest": digest}) is None

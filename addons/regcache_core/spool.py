@@ -165,10 +165,9 @@ class SpoolTable:
         self._linger_from_now(spool)
         return spool.servable
 
-    def servable(self, key: Key) -> Spool | None:
-        """The spool of `key` if it is being written or complete."""
-        spool = self._spools.get(key)
-        return spool if spool is not None and spool.servable else None
+    def get(self, key: Key) -> Spool | None:
+        """The spool of `key`, if there is one (in any state)."""
+        return self._spools.get(key)
 
     async def start(self, spool: Spool, size: int | None, content_type: str | None) -> SpoolWriter | None:
         """The download got a 200 of `size` bytes: a writer for its body, or None when it is not
@@ -298,7 +297,7 @@ async def read_spool(fd: int, size: int, digest: str, stall_timeout: float = STA
                 raise SpoolBroken(f"the spooled bytes hash to {algorithm}:{hasher.hexdigest()[:12]}, not {digest[:19]}")
             yield chunk
         elif not linked:
-            raise SpoolBroken(f"the leader failed after {offset} of {size} bytes")
+            raise SpoolBroken(f"the download failed after {offset} of {size} bytes")
         elif loop.time() - idle_since > stall_timeout:
             raise SpoolBroken(f"no growth for {stall_timeout:.0f}s after {offset} of {size} bytes")
         else:
