@@ -179,8 +179,8 @@ def test_the_client_that_started_a_cold_pull_leaving_midway_cuts_no_other_pull(t
 
 
 def test_when_the_upstream_redirects_to_a_cdn_the_cdn_is_asked_once(tmp_path, images):
-    """Docker Hub answers blob GETs with a 307 to its CDN: the follow-up of the leader's redirect
-    is spooled, and concurrent fetches follow that spool."""
+    """Docker Hub answers blob GETs with a 307 to its CDN: the download follows it, and every
+    fetch follows the download's spool."""
     image = images["small"]
     cdn = Cdn(tmp_path / "upstream" / "storage", OWN_UPSTREAM_PORT + UPSTREAM_OFFSET + 2).start()
     registry = Upstream(tmp_path / "upstream", OWN_UPSTREAM_PORT + UPSTREAM_OFFSET,
