@@ -8,7 +8,8 @@ then that many clients GET it at once, first from a plain registry:2 pull-throug
 same upstream (registry:2 alone), then through regcache, whose single-flight spools (spool.py)
 should make it exactly one upstream GET whatever asks. Every client's bytes are hashed and
 checked. The counts come from the upstream's access log, after each cache has stored the blob
-(registry:2's own second fetch included). Not part of the test suite: figures are printed,
+(registry:2's own second fetch included): GETs, and HEADs (registry:2 asks its upstream for a
+blob's size and digest before each fetch). Not part of the test suite: figures are printed,
 never asserted.
 """
 
@@ -24,13 +25,13 @@ ALONE_PORT = 6100  # the plain registry:2 cache; BenchStack's ports are 5000.. a
 TARGET = 1
 
 
-def upstream_gets(upstream: Upstream, digest: str, settle: float = 1.0) -> int:
-    """GETs of `digest` in the upstream's access log, once the count stopped changing."""
-    count = -1
-    while (now := len(upstream.requests_for(digest, "GET"))) != count:
-        count = now
+def upstream_requests(upstream: Upstream, digest: str, settle: float = 1.0) -> tuple[int, int]:
+    """GETs and HEADs of `digest` in the upstream's access log, once the counts stopped changing."""
+    counts = (-1, -1)
+    while (now := tuple(len(upstream.requests_for(digest, method)) for method in ("GET", "HEAD"))) != counts:
+        counts = now
         time.sleep(settle)
-    return count
+    return counts
 
 
 def main() -> None:
@@ -52,18 +53,19 @@ def main() -> None:
                     ("registry:2 alone", alone.url, alone.storage),
                     ("regcache", f"http://docker.io.{TEST_DOMAIN}:{PROXY_PORT}", bench.stack.data_dir / "dockerhub" / "storage"),
                 ):
-                    before = upstream_gets(bench.upstream, digest)
+                    before = upstream_requests(bench.upstream, digest)
                     seconds[name] = fetch_in_parallel(f"{base}/v2/{REPOSITORY}/blobs/{digest}", clients, size, digest,
                                                       timeout=300)
                     if not cache_holds(storage, digest, timeout=120):
                         raise TimeoutError(f"{name} did not store the blob")
-                    counts[name] = upstream_gets(bench.upstream, digest) - before
+                    after = upstream_requests(bench.upstream, digest)
+                    counts[name] = f"{after[0] - before[0]} / {after[1] - before[1]}"
                 rows.append((clients, counts["registry:2 alone"], counts["regcache"],
                              seconds["registry:2 alone"], seconds["regcache"]))
         finally:
             alone.stop()
 
-    print(f"cold blob: {size / 2**20:.0f} MiB, a new one per row; upstream GETs of it (from its access log), "
+    print(f"cold blob: {size / 2**20:.0f} MiB, a new one per row; upstream GETs / HEADs of it (from its access log), "
           "and seconds until every client had it")
     print(f"{'clients at once':>15}  {'registry:2 alone':>16}  {'regcache':>8}  {'(seconds: alone / regcache)':>28}")
     for clients, alone_count, regcache_count, alone_seconds, regcache_seconds in rows:

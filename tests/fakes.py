@@ -311,6 +311,12 @@ class SlowLink:
 
     def stop(self) -> None:
         if self._listener:
+            # close() alone leaves the port listening while the accept thread waits in accept()
+            # (Linux); shutdown wakes it, so the next test can bind the port.
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             self._listener.close()
             self._listener = None
 

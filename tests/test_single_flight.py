@@ -7,6 +7,7 @@ registry upstream, and the upstream's access log says what reached it.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import threading
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def test_concurrent_cold_pulls_make_one_upstream_fetch_of_the_layer(tmp_path, up
     stack = docker_io_stack(tmp_path / "stack", upstream, PORT).start()
     try:
         before = len(upstream.requests_for(layer, "GET"))
+        heads_before = len(upstream.requests_for(layer, "HEAD"))
         asked_before = len(fetches_of_cache(upstream))
         destinations = [tmp_path / f"pulled-{i}" for i in range(PULLS)]
         results = pull_at_once(f"docker.io.{TEST_DOMAIN}:{PORT}", image.reference, destinations)
@@ -81,11 +83,14 @@ def test_concurrent_cold_pulls_make_one_upstream_fetch_of_the_layer(tmp_path, up
         stack.stop()
     fetches = upstream.requests_for(layer, "GET")[before:]
     assert len(fetches) == 1, f"the upstream was asked for the layer {len(fetches)} times: {fetches}"
+    # registry:2 asks for the layer's size before each fetch: one HEAD answers them all.
+    heads = upstream.requests_for(layer, "HEAD")[heads_before:]
+    assert len(heads) == 1, f"the upstream was asked {len(heads)} HEADs of the layer: {heads}"
 
 
 @pytest.fixture
 def slow_upstream(tmp_path, images):
-    """An upstream of its own (this test kills it) behind a slow link, holding the big image."""
+    """An upstream of its own (a test kills it) behind a slow link, holding the big image."""
     registry = Upstream(tmp_path / "upstream", OWN_UPSTREAM_PORT + UPSTREAM_OFFSET).start()
     registry.push(images["big"])
     link = SlowLink(OWN_UPSTREAM_PORT + UPSTREAM_OFFSET + 1, registry.port, rate=20e6).start()
@@ -124,9 +129,58 @@ def test_upstream_killed_midway_fails_every_follower_and_leaves_no_spool(tmp_pat
         stack.stop()
 
 
+def test_the_client_that_started_a_cold_pull_leaving_midway_cuts_no_other_pull(tmp_path, images, slow_upstream):
+    """Ctrl-C on the first `docker pull` of a layer: registry:2 cancels the fetch that pull made,
+    but the download is the proxy's, so the other pulls of the layer complete, and the next pull
+    is served without asking the upstream again."""
+    registry, link = slow_upstream
+    image = images["big"]
+    layer = image.blob_digests[-1]
+    host = f"docker.io.{TEST_DOMAIN}:{OWN_UPSTREAM_PORT}"
+    stack = docker_io_stack(tmp_path / "stack", registry, OWN_UPSTREAM_PORT, {"DOCKERHUB_UPSTREAM": link.url}).start()
+    spools = stack.data_dir / "spools"
+    try:
+        first = subprocess.Popen(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+                                  f"docker://{host}/{image.reference}", f"oci:{tmp_path / 'first'}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            started = poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(
+                size > 10 << 20 for size in sizes), timeout=60)
+            assert started, "the first pull's layer was never spooled"
+            results: list = []
+            others = threading.Thread(target=lambda: results.extend(
+                pull_at_once(host, image.reference, [tmp_path / f"pulled-{i}" for i in range(3)])))
+            others.start()
+            # The first pull's fetch and registry:2's own, then one per other pull (skopeo fetches
+            # the config after the layers).
+            followers = poll(lambda: metric_sum(stack, "regcache_spool_followers_total"), lambda n: n >= 5, timeout=30)
+            sizes = [f.stat().st_size for f in spools.iterdir()]
+            assert followers >= 5 and all(size < 90 << 20 for size in sizes), (followers, sizes)
+        finally:
+            first.kill()  # SIGKILL mid-layer: its connection to regcache is gone at once
+            first.wait()
+        others.join(180)
+        assert [r.returncode for r in results] == [0] * 3, [r.stderr for r in results if r.returncode]
+        for i in range(3):
+            assert layer_digest_in(tmp_path / f"pulled-{i}", layer) == layer
+        assert len(registry.requests_for(layer, "GET")) == 1, registry.requests_for(layer)
+
+        destination = tmp_path / "next"
+        result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{destination}")
+        assert result.returncode == 0, result.stderr
+        assert layer_digest_in(destination, layer) == layer
+        assert len(registry.requests_for(layer, "GET")) == 1, registry.requests_for(layer)
+        # One miss (the pull the download started for), the others and the next pull hits.
+        records = stack.pull_records_until(lambda rs: sum((r["reference"], r["method"]) == (layer, "GET") for r in rs) == 5)
+        layer_gets = [r for r in records if (r["reference"], r["method"]) == (layer, "GET")]
+        assert [r["cache"] for r in layer_gets].count("miss") == 1 and layer_gets[-1]["cache"] == "hit", layer_gets
+    finally:
+        stack.stop()
+
+
 def test_when_the_upstream_redirects_to_a_cdn_the_cdn_is_asked_once(tmp_path, images):
-    """Docker Hub answers blob GETs with a 307 to its CDN: the follow-up of the leader's redirect
-    is spooled, and concurrent fetches follow that spool."""
+    """Docker Hub answers blob GETs with a 307 to its CDN: the download follows it, and every
+    fetch follows the download's spool."""
     image = images["small"]
     cdn = Cdn(tmp_path / "upstream" / "storage", OWN_UPSTREAM_PORT + UPSTREAM_OFFSET + 2).start()
     registry = Upstream(tmp_path / "upstream", OWN_UPSTREAM_PORT + UPSTREAM_OFFSET,

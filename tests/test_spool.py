@@ -1,4 +1,4 @@
-"""Single-flight spools without mitmproxy: the leader/follower table and the spool file protocol
+"""Single-flight spools without mitmproxy: the table of spools and the spool file protocol
 (spool.py), on real files."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from regcache_core.blob_heads import BlobHead, HeadFlights, blob_head
 from regcache_core.spool import SpoolBroken, SpoolTable, open_spool, read_spool, spool_path
 
 BLOB = os.urandom(3 << 20)
@@ -32,10 +33,10 @@ async def read_all(path, size=len(BLOB), digest=DIGEST, **options) -> bytes:
 
 
 async def spooling(table: SpoolTable, written: bytes):
-    """A leader of KEY that got its 200 and passed on `written` so far: (spool, writer)."""
-    _, spool = await table.claim(KEY)
-    writer = await table.start(spool, len(BLOB))
-    writer(written)
+    """A spool of KEY whose download got its 200 and wrote `written` so far: (spool, writer)."""
+    spool, _ = table.claim(KEY)
+    writer = await table.start(spool, len(BLOB), "application/octet-stream")
+    await writer.write(written)
     return spool, writer
 
 
@@ -46,51 +47,49 @@ async def until(condition, timeout=5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_the_first_fetch_leads_and_concurrent_ones_follow_its_spool_while_it_grows(tmp_path):
+def test_gets_wait_for_the_downloads_headers_then_follow_its_spool_while_it_grows(tmp_path):
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=1 << 30, linger=0.2)
-        role, spool = await table.claim(KEY)
-        assert role == "leader"
-        follower = asyncio.create_task(table.claim(KEY))
+        spool, new = table.claim(KEY)
+        assert new
+        assert table.claim(KEY) == (spool, False), "one spool per key: one download"
+        follower = asyncio.create_task(table.follow(spool))
         await asyncio.sleep(0.05)
-        assert not follower.done(), "a follower waits for the leader's answer headers"
-        writer = await table.start(spool, len(BLOB))
-        assert await follower == ("follower", spool)
+        assert not follower.done(), "a GET waits for the download's answer headers"
+        writer = await table.start(spool, len(BLOB), "application/vnd.oci.image.layer.v1.tar")
+        assert await follower
+        assert table.get(KEY) is spool and spool.content_type == "application/vnd.oci.image.layer.v1.tar"
         reader = asyncio.create_task(read_all(spool.path))
-        passed = b""
         for offset in range(0, len(BLOB), CHUNK):
-            passed += writer(BLOB[offset:offset + CHUNK])
-            await asyncio.sleep(0.001)
-        assert writer(b"") == b""
-        assert passed == BLOB, "the leader's bytes pass on unchanged"
+            await writer.write(BLOB[offset:offset + CHUNK])
         await table.finish(spool)
         assert await reader == BLOB
-        assert await table.claim(KEY) == ("follower", spool), "a completed spool serves followers while it lingers"
+        assert await table.follow(table.claim(KEY)[0]), "a completed spool serves GETs while it lingers"
         await until(lambda: len(table) == 0)
         assert not spool.path.exists(), "a completed spool is removed after it lingered"
-        assert (await table.claim(KEY))[0] == "leader"
+        assert table.claim(KEY)[1], "the next GET starts a new download"
 
     run(scenario())
 
 
 @pytest.mark.parametrize("outcome", ["declined", "failed before headers"])
-def test_followers_go_upstream_themselves_when_the_leader_has_no_body(tmp_path, outcome):
+def test_gets_go_upstream_themselves_when_the_download_has_no_body(tmp_path, outcome):
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
-        _, spool = await table.claim(KEY)
-        followers = [asyncio.create_task(table.claim(KEY)) for _ in range(3)]
+        spool, _ = table.claim(KEY)
+        followers = [asyncio.create_task(table.follow(spool)) for _ in range(3)]
         await asyncio.sleep(0.01)
         if outcome == "declined":  # a 404, say
             table.decline(spool)
         else:
             table.fail(spool, "connection refused")
-        assert [await f for f in followers] == [("upstream", None)] * 3
+        assert [await f for f in followers] == [False] * 3
         assert len(table) == 0 and not spool.path.exists()
 
     run(scenario())
 
 
-def test_a_leader_failing_midway_cuts_its_readers_and_leaves_no_file(tmp_path):
+def test_a_download_failing_midway_cuts_its_readers_and_leaves_no_file(tmp_path):
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
         spool, _ = await spooling(table, BLOB[:CHUNK * 3])
@@ -98,68 +97,52 @@ def test_a_leader_failing_midway_cuts_its_readers_and_leaves_no_file(tmp_path):
         await asyncio.sleep(0.1)
         assert not reader.done(), "a reader waits for a spool that is still growing"
         table.fail(spool, "upstream reset the connection")
-        with pytest.raises(SpoolBroken, match="leader failed"):
+        with pytest.raises(SpoolBroken, match="download failed"):
             await reader
         await until(lambda: len(table) == 0)
         assert list((tmp_path / "spools").iterdir()) == []
-        assert (await table.claim(KEY))[0] == "leader", "the next fetch leads afresh"
+        assert table.claim(KEY)[1], "the next GET downloads afresh"
 
     run(scenario())
 
 
-def test_a_leader_ending_short_fails_its_spool(tmp_path):
+@pytest.mark.parametrize("body", ["short", "other bytes"])
+def test_a_download_ending_short_or_hashing_wrong_fails_its_spool(tmp_path, body):
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
-        spool, _ = await spooling(table, BLOB[:CHUNK])
+        spool, writer = await spooling(table, BLOB[:CHUNK])
+        if body == "other bytes":
+            await writer.write(bytes(len(BLOB) - CHUNK))
         await table.finish(spool)
+        assert not await table.follow(spool)
         await until(lambda: len(table) == 0)
         assert not spool.path.exists()
 
     run(scenario())
 
 
-def test_over_the_disk_bound_a_leader_does_not_spool_and_followers_go_upstream(tmp_path):
+def test_over_the_disk_bound_a_blob_is_not_spooled_and_gets_go_upstream(tmp_path):
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=len(BLOB) + 10)
-        _, first = await table.claim(KEY)
-        assert await table.start(first, len(BLOB)) is not None
+        first, _ = table.claim(KEY)
+        assert await table.start(first, len(BLOB), None) is not None
         other = ("docker.io", "library/big", "sha256:" + "0" * 64)
-        _, second = await table.claim(other)
-        follower = asyncio.create_task(table.claim(other))
+        second, _ = table.claim(other)
+        follower = asyncio.create_task(table.follow(second))
         await asyncio.sleep(0.01)
-        assert await table.start(second, 11) is None, "both would be over the bound"
-        assert await follower == ("upstream", None)
-        assert await table.start((await table.claim(other))[1], None) is None, "no Content-Length, no spool"
+        assert await table.start(second, 11, None) is None, "both would be over the bound"
+        assert not await follower
+        await until(lambda: len(table) == 1)
+        assert await table.start(table.claim(other)[0], None, None) is None, "no Content-Length, no spool"
 
     run(scenario())
 
 
-def test_a_follower_waits_a_bounded_time_for_the_leaders_headers(tmp_path):
+def test_a_get_waits_a_bounded_time_for_the_downloads_headers(tmp_path):
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=1 << 30, follow_wait=0.1)
-        await table.claim(KEY)
-        assert await table.claim(KEY) == ("upstream", None)
-
-    run(scenario())
-
-
-def test_a_redirected_leaders_follow_up_leads_and_an_unfollowed_redirect_releases_followers(tmp_path):
-    async def scenario():
-        table = SpoolTable(tmp_path / "spools", max_disk=1 << 30, handover_wait=0.1)
-        _, spool = await table.claim(KEY)
-        follower = asyncio.create_task(table.claim(KEY))
-        table.redirected(spool)  # the upstream sent the leader to a CDN
-        assert table.take_over(KEY) is spool
-        assert table.take_over(KEY) is None, "only one follow-up takes the lead"
-        await table.start(spool, len(BLOB))
-        assert await follower == ("follower", spool)
-        table.fail(spool, "test over")
-        await until(lambda: len(table) == 0)
-
-        _, spool = await table.claim(KEY)
-        follower = asyncio.create_task(table.claim(KEY))
-        table.redirected(spool)
-        assert await follower == ("upstream", None), "nobody followed the redirect in time"
+        spool, _ = table.claim(KEY)
+        assert not await table.follow(spool)
 
     run(scenario())
 
@@ -197,7 +180,7 @@ def test_a_reader_follows_a_growing_file_to_its_size(tmp_path):
 def test_a_reader_cuts_when_the_file_is_unlinked_short(tmp_path):
     path = spool_path(tmp_path, KEY)
     grow(path, BLOB, 0.002, unlink_at=len(BLOB) // 2)
-    with pytest.raises(SpoolBroken, match="leader failed"):
+    with pytest.raises(SpoolBroken, match="download failed"):
         run(read_all(path))
 
 
@@ -225,3 +208,39 @@ def test_a_reader_cuts_a_spool_that_stops_growing(tmp_path):
     path.write_bytes(BLOB[:CHUNK])  # a writer that died: the file stays, and never grows
     with pytest.raises(SpoolBroken, match="no growth"):
         run(read_all(path, stall_timeout=0.3))
+
+
+def test_blob_heads_are_answered_from_a_spool_a_concurrent_head_or_a_recent_one(tmp_path):
+    async def scenario():
+        table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
+        heads = HeadFlights(table, known_for=0.2)
+        other = ("docker.io", "library/big", "sha256:" + "1" * 64)
+        assert await heads.answer(other) == (None, True), "the first HEAD goes upstream for the others"
+        waiting = [asyncio.create_task(heads.answer(other)) for _ in range(3)]
+        await asyncio.sleep(0.01)
+        assert not any(w.done() for w in waiting), "concurrent HEADs wait for its answer"
+        heads.answered(other, 200, {"Content-Length": "7", "Docker-Content-Digest": other[2], "Content-Type": "x/y"})
+        head = BlobHead(other[2], 7, "x/y")
+        assert [await w for w in waiting] == [(head, False)] * 3
+        assert await heads.answer(other) == (head, False), "and HEADs right after it"
+        await until(lambda: len(heads) == 0)
+        assert await heads.answer(other) == (None, True), "then the upstream is asked again"
+        heads.answered(other, 404, {})
+        assert len(heads) == 0, "a 404 is the upstream's to say, every time"
+
+        spool, _ = table.claim(KEY)
+        answer = asyncio.create_task(heads.answer(KEY))
+        await table.start(spool, len(BLOB), "application/octet-stream")
+        assert await answer == (BlobHead(DIGEST, len(BLOB), "application/octet-stream"), False)
+        assert BlobHead(DIGEST, len(BLOB), "x").headers()["Content-Length"] == str(len(BLOB))
+        table.fail(spool, "test over")
+
+    run(scenario())
+
+
+def test_a_blob_head_answer_is_kept_only_when_it_names_the_digest_and_a_size():
+    digest = "sha256:" + "2" * 64
+    assert blob_head(digest, 200, {"Content-Length": "5", "Docker-Content-Digest": digest}).content_type == "application/octet-stream"
+    assert blob_head(digest, 200, {"Content-Length": "5", "Docker-Content-Digest": "sha256:" + "3" * 64}) is None
+    assert blob_head(digest, 200, {"Docker-Content-Digest": digest}) is None
+    assert blob_head(digest, 307, {"Content-Length": "5", "Docker-Content-Digest": digest}) is None

@@ -2,7 +2,7 @@
 spool that can never be whole is cut, never ended as a short body (dataplane/spool_reader.py).
 
 The session stack's data plane serves spool files of its data dir; these tests make the files
-themselves (as the proxy's leader would) and sign grants with the data dir's key.
+themselves (as the proxy's download would) and sign grants with the data dir's key.
 """
 
 from __future__ import annotations
@@ -71,13 +71,13 @@ def test_head_has_the_blob_headers_and_no_body(spool):
     assert (status, headers["content-length"], body) == ("HTTP/1.1 200 OK", str(len(BLOB)), b"")
 
 
-def test_a_leader_failing_midway_cuts_the_connection_short_of_its_content_length(spool):
+def test_a_download_failing_midway_cuts_the_connection_short_of_its_content_length(spool):
     path, query = spool
     path.write_bytes(BLOB[:1 << 20])
     with socket.create_connection(("127.0.0.1", DATAPLANE_PORT), timeout=10) as conn:
         conn.sendall(request(query))
         time.sleep(0.3)
-        path.unlink()  # what the proxy does when its leader fails
+        path.unlink()  # what the proxy does when its download fails
         received = b""
         while chunk := conn.recv(65536):
             received += chunk

@@ -18,7 +18,8 @@ Blobs are counted by their bytes: a blob GET that brings content makes one clien
 for that blob a miss (the earliest one not yet a miss), since with single-flight spools
 (spool.py) one upstream fetch serves every concurrent client, and those others got nothing from
 upstream for them. Fetches served from a spool are not upstream requests (the addon does not
-report them).
+report them); the spool's download, the proxy's own request, reports what it fetched
+(`upstream_blob_fetch`).
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ class InFlight:
         if method == "GET" and status is not None and (200 <= status < 300 or status in REDIRECTS):
             if not blob:
                 self._missed.update(flows)
-            elif first := next((flow_id for flow_id in flows if flow_id not in self._missed), None):
-                self._missed.add(first)
+            else:
+                self.upstream_blob_fetch(registry, repository, reference)
         elif upstream_failed(status):
             self._failed.update(flows)
 
     def upstream_blob_fetch(self, registry: str, repository: str, digest: str) -> None:
+        """The blob's bytes came from upstream once: the earliest request for it not yet a miss is one."""
         waiting = self._waiting.get((registry, repository, digest), ())
         if first := next((flow_id for flow_id in waiting if flow_id not in self._missed), None):
             self._missed.add(first)

@@ -3,11 +3,15 @@
 registry:2 2.8 as a cache fetches every cold blob twice from its upstream (one GET streams to
 the client, a background one stores), and once more for every client that asks while it is in
 flight. All of these reach the proxy's egress listener for that registry. There the first GET of
-a blob is the leader: it goes upstream, and its 200 body is written to a spool file as it
-passes. Every concurrent GET of the same blob is a follower: it waits until the leader has its
-answer's headers, then is sent to the data plane, which streams the spool file while it grows
-(`read_spool`, served by dataplane/spool_reader.py). When the leader got no body to spool (an
-error, a 404, the disk bound reached), followers go upstream themselves, as without spools.
+a blob starts a **download** that the proxy owns (spool_download.py): it goes upstream with our
+credentials and writes the blob's 200 body to a spool file. Every egress GET of the blob, the
+first included, waits until the download has its answer's headers, then is sent to the data
+plane, which streams the spool file while it grows (`read_spool`, served by
+dataplane/spool_reader.py). No requester leads: a client that goes away (a Ctrl-C on `docker
+pull`, which makes registry:2 cancel its fetch) cuts only its own transfer, and the download
+goes on to the end for the others, and for the pulls that come next. When the download got no
+body to spool (an error, a 404, the disk bound reached), the GETs go upstream themselves, as
+without spools.
 
 Spools are keyed by (registry, repository, digest), not by digest alone: a follower in another
 repository would get bytes the upstream never said that repository holds.
@@ -16,20 +20,21 @@ The spool file protocol between the proxy (the one writer) and the data-plane wo
 in other processes):
 - the file only grows; a reader knows the blob's size and digest (its grant says) and stops at
   the size;
-- the writer unlinks the file when the leader fails, so a reader that has fewer bytes than
+- the writer unlinks the file when the download fails, so a reader that has fewer bytes than
   expected, sees no growth and finds `st_nlink == 0` knows the rest will never come, and cuts
   its connection: never a short body passed off as complete. A reader that sees no growth for
   STALL_TIMEOUT (the proxy died) cuts too;
-- readers hash what they send, hold the last bytes back until the hash checks, and cut on a
-  mismatch;
+- the writer hashes what it writes and fails a spool whose bytes hash wrong; readers hash what
+  they send too, hold the last bytes back until the hash checks, and cut on a mismatch;
 - a completed spool lingers LINGER seconds after it completed or last got a follower
   (registry:2 commits the blob into its storage just after its own fetch ends, and requests in
   that window would otherwise go upstream again), then is removed. Spools left by an earlier
   run are removed at start.
 
-Writes run in one thread per spool (an executor of one worker), so they keep their order and
-the event loop never blocks; the bytes pass on to the cache unchanged. Disk use is bounded:
-over `max_disk`, a new leader does not spool and its followers go upstream.
+Writes and hashing run in one thread per spool (an executor of one worker), so they keep their
+order and the event loop never blocks; the download awaits each write, so no more than a chunk
+waits in memory. Disk use is bounded: over `max_disk`, a blob is not spooled and its GETs go
+upstream each.
 """
 
 from __future__ import annotations
@@ -49,8 +54,7 @@ logger = logging.getLogger(__name__)
 
 SPOOL_DIR = "spools"  # folder in the data dir
 LINGER = 30.0  # seconds a completed spool stays after its last use
-FOLLOW_WAIT = 60.0  # seconds a follower waits for the leader's answer headers, then goes upstream itself
-HANDOVER_WAIT = 10.0  # seconds a leader's redirect (to a CDN) has to be followed before followers give up
+FOLLOW_WAIT = 60.0  # seconds a GET waits for the download's answer headers, then goes upstream itself
 STALL_TIMEOUT = 60.0  # seconds a reader waits for a spool that does not grow, then cuts
 READ_POLL = 0.02  # seconds between a reader's looks at a spool it has caught up with
 READ_CHUNK = 1 << 20
@@ -59,10 +63,10 @@ Key = tuple[str, str, str]  # registry name, repository, digest
 
 
 class State(enum.Enum):
-    WAITING = "waiting"  # the leader has no answer yet, or was redirected and its follow-up has not come
+    WAITING = "waiting"  # the download has no answer yet
     SPOOLING = "spooling"
     COMPLETE = "complete"
-    DECLINED = "declined"  # no spool: followers go upstream
+    GONE = "gone"  # declined, failed or removed: GETs go upstream
 
 
 class SpoolBroken(Exception):
@@ -77,17 +81,18 @@ def spool_path(directory: Path, key: Key) -> Path:
 
 @dataclass(eq=False)
 class Spool:
-    """One blob's spool, from the leader's request to its removal."""
+    """One blob's spool, from the first GET to its removal."""
 
     key: Key
     path: Path
     state: State = State.WAITING
     size: int = 0
-    handed_over: bool = False  # the leader was redirected: the follow-up of that redirect leads now
+    content_type: str = "application/octet-stream"  # as the upstream sent it
     decided: asyncio.Event = field(default_factory=asyncio.Event)
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "regcache-spool"))
     writer: SpoolWriter | None = None
     timer: asyncio.TimerHandle | None = None
+    task: asyncio.Task | None = None  # the download that writes it
 
     @property
     def servable(self) -> bool:
@@ -95,30 +100,25 @@ class Spool:
 
 
 class SpoolWriter:
-    """A response stream (`chunk -> chunk`) that passes the leader's body on unchanged and
-    appends it to the spool file, in the spool's own thread."""
+    """Appends the download's body to the spool file and hashes it, in the spool's own thread."""
 
-    def __init__(self, spool: Spool, file) -> None:
+    def __init__(self, spool: Spool, file, hasher) -> None:
         self.spool = spool
         self._file = file
-        self.received = 0  # bytes passed on
-        self.broken = False  # a write failed (disk full): the file is gone
+        self._hasher = hasher
+        self.received = 0  # bytes written
 
-    def __call__(self, chunk: bytes) -> bytes:
-        if chunk:
-            self.received += len(chunk)
-            self.spool.executor.submit(self._write, chunk)
-        return chunk
+    async def write(self, chunk: bytes) -> None:
+        """Raises OSError when the write failed (disk full)."""
+        await asyncio.get_running_loop().run_in_executor(self.spool.executor, self._write, chunk)
 
     def _write(self, chunk: bytes) -> None:
-        if self.broken:
-            return
-        try:
-            self._file.write(chunk)
-        except OSError as e:
-            self.broken = True
-            logger.warning("spool of %s: write failed (%s); its followers are cut", describe(self.spool.key), e)
-            self.discard()
+        self._file.write(chunk)
+        self._hasher.update(chunk)
+        self.received += len(chunk)
+
+    def digest(self) -> str:
+        return f"{self._hasher.name}:{self._hasher.hexdigest()}"
 
     def close(self) -> None:
         """In the spool's thread, after the writes queued before."""
@@ -133,13 +133,11 @@ class SpoolWriter:
 class SpoolTable:
     """The spools of one proxy, by key. Lives on the proxy's event loop."""
 
-    def __init__(self, directory: Path, max_disk: int, linger: float = LINGER, follow_wait: float = FOLLOW_WAIT,
-                 handover_wait: float = HANDOVER_WAIT) -> None:
+    def __init__(self, directory: Path, max_disk: int, linger: float = LINGER, follow_wait: float = FOLLOW_WAIT) -> None:
         self.directory = directory
         self.max_disk = max_disk
-        self.linger, self.follow_wait, self.handover_wait = linger, follow_wait, handover_wait
+        self.linger, self.follow_wait = linger, follow_wait
         self._spools: dict[Key, Spool] = {}
-        self._tasks: set[asyncio.Task] = set()
         # Blocking, but once, at start, before any request: spools of an earlier run are useless.
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True, exist_ok=True)
@@ -148,89 +146,88 @@ class SpoolTable:
     def disk_in_use(self) -> int:
         return sum(s.size for s in self._spools.values() if s.servable)
 
-    async def claim(self, key: Key) -> tuple[str, Spool | None]:
-        """What an egress GET of a blob is: ("leader", spool) goes upstream and spools; ("follower",
-        spool) is served from the spool; ("upstream", None) goes upstream without a spool."""
+    def claim(self, key: Key) -> tuple[Spool, bool]:
+        """The spool of `key`, and whether it is new (the caller starts its download)."""
         spool = self._spools.get(key)
-        if spool is None:
-            spool = self._spools[key] = Spool(key, spool_path(self.directory, key))
-            return "leader", spool
+        if spool is not None:
+            return spool, False
+        spool = self._spools[key] = Spool(key, spool_path(self.directory, key))
+        return spool, True
+
+    async def follow(self, spool: Spool) -> bool:
+        """Whether a GET can be served from `spool`, once its download has its answer's headers;
+        False: it goes upstream itself (no spool, or no answer within follow_wait)."""
         if not spool.decided.is_set():
             try:
                 await asyncio.wait_for(spool.decided.wait(), self.follow_wait)
             except asyncio.TimeoutError:
-                return "upstream", None
-        if spool.servable:
-            self._linger_from_now(spool)
-            return "follower", spool
-        return "upstream", None
+                return False
+        self._linger_from_now(spool)
+        return spool.servable
 
-    def take_over(self, key: Key) -> Spool | None:
-        """The spool whose leader was redirected, for the follow-up of that redirect to lead."""
-        spool = self._spools.get(key)
-        if spool is None or not spool.handed_over:
-            return None
-        spool.handed_over = False
-        self._cancel_timer(spool)
-        return spool
+    def get(self, key: Key) -> Spool | None:
+        """The spool of `key`, if there is one (in any state)."""
+        return self._spools.get(key)
 
-    def redirected(self, spool: Spool) -> None:
-        """The leader's answer is a redirect we follow: its follow-up leads from here."""
-        spool.handed_over = True
-        spool.timer = asyncio.get_running_loop().call_later(self.handover_wait, self.decline, spool)
-
-    async def start(self, spool: Spool, size: int | None) -> SpoolWriter | None:
-        """The leader got a 200 of `size` bytes: a writer for its stream, or None when it is not
-        spooled (size unknown, or over the disk bound); followers then go upstream."""
+    async def start(self, spool: Spool, size: int | None, content_type: str | None) -> SpoolWriter | None:
+        """The download got a 200 of `size` bytes: a writer for its body, or None when it is not
+        spooled (size unknown, over the disk bound, a digest hashlib does not know); GETs then
+        go upstream."""
         if size is None or self.disk_in_use + size > self.max_disk:
-            logger.info("not spooling %s (%s): followers go upstream", describe(spool.key),
+            logger.info("not spooling %s (%s): fetches go upstream", describe(spool.key),
                         "no Content-Length" if size is None else f"{size} bytes, over REGCACHE_SPOOL_MAX_DISK")
             self.decline(spool)
             return None
         try:
+            hasher = hashlib.new(spool.key[2].partition(":")[0])
             file = await asyncio.get_running_loop().run_in_executor(spool.executor, open, spool.path, "wb", 0)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             logger.warning("not spooling %s: %s", describe(spool.key), e)
             self.decline(spool)
             return None
         spool.size, spool.state = size, State.SPOOLING
-        spool.writer = SpoolWriter(spool, file)
+        spool.content_type = content_type or spool.content_type
+        spool.writer = SpoolWriter(spool, file, hasher)
         spool.decided.set()
         logger.info("spooling %s: %d bytes from upstream", describe(spool.key), size)
         return spool.writer
 
     async def finish(self, spool: Spool) -> None:
-        """The leader's answer ended: a spool with every byte completes, else it fails."""
+        """The download's body ended: a spool with every byte, hashing to its digest, completes;
+        else it fails."""
         writer = spool.writer
-        if writer is None:
-            self.decline(spool)
-            return
         await asyncio.get_running_loop().run_in_executor(spool.executor, writer.close)
-        if writer.broken or writer.received != spool.size:
+        if writer.received != spool.size:
             self.fail(spool, f"{writer.received} of {spool.size} bytes")
-            return
-        spool.state = State.COMPLETE
-        logger.info("spooled %s: complete, %d bytes", describe(spool.key), spool.size)
-        self._linger_from_now(spool)
+        elif writer.digest() != spool.key[2]:
+            self.fail(spool, f"the bytes hash to {writer.digest()[:19]}")
+        elif spool.state is State.SPOOLING:
+            spool.state = State.COMPLETE
+            logger.info("spooled %s: complete, %d bytes", describe(spool.key), spool.size)
+            self._linger_from_now(spool)
 
     def decline(self, spool: Spool) -> None:
-        """No spool for this leader (no body, or not spooled): waiting followers go upstream."""
+        """No spool for this blob (no body, or not spooled): waiting GETs go upstream."""
         if spool.state is State.WAITING:
-            spool.state = State.DECLINED
+            spool.state = State.GONE
             spool.decided.set()
             self._remove(spool)
 
     def fail(self, spool: Spool, reason: str) -> None:
-        """The leader failed: its file goes (readers of it cut), and followers still to come go upstream."""
+        """The download failed: its file goes (readers of it cut), and GETs still to come go upstream."""
+        if spool.state is State.GONE:
+            return
         if spool.state is State.SPOOLING:
             logger.info("spool of %s failed (%s): its followers are cut", describe(spool.key), reason)
-        spool.state = State.DECLINED
+        spool.state = State.GONE
         spool.decided.set()
         self._remove(spool)
 
     def close(self) -> None:
-        """Proxy shut-down: every spool goes."""
+        """Proxy shut-down: every download stops, every spool goes."""
         for spool in list(self._spools.values()):
+            if spool.task is not None:
+                spool.task.cancel()
             self.fail(spool, "regcache stops")
 
     def __len__(self) -> int:
@@ -239,11 +236,15 @@ class SpoolTable:
     def _linger_from_now(self, spool: Spool) -> None:
         if spool.state is State.COMPLETE:
             self._cancel_timer(spool)
-            spool.timer = asyncio.get_running_loop().call_later(self.linger, self._remove, spool)
+            spool.timer = asyncio.get_running_loop().call_later(self.linger, self._expire, spool)
+
+    def _expire(self, spool: Spool) -> None:
+        spool.state = State.GONE
+        self._remove(spool)
 
     def _remove(self, spool: Spool) -> None:
         """Unlink the file after the writes queued before, then forget the key: until then a new
-        leader of it would share the file name."""
+        spool of it would share the file name."""
         self._cancel_timer(spool)
         if spool.writer is None:
             self._forget(spool)
@@ -296,7 +297,7 @@ async def read_spool(fd: int, size: int, digest: str, stall_timeout: float = STA
                 raise SpoolBroken(f"the spooled bytes hash to {algorithm}:{hasher.hexdigest()[:12]}, not {digest[:19]}")
             yield chunk
         elif not linked:
-            raise SpoolBroken(f"the leader failed after {offset} of {size} bytes")
+            raise SpoolBroken(f"the download failed after {offset} of {size} bytes")
         elif loop.time() - idle_since > stall_timeout:
             raise SpoolBroken(f"no growth for {stall_timeout:.0f}s after {offset} of {size} bytes")
         else:

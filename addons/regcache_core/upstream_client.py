@@ -1,6 +1,6 @@
 """The requests regcache makes to upstreams itself, with aiohttp: a tag's HEAD, a probe of a
-down upstream, a registry's `GET /v2/` challenge, a token fetch. One pool of connections for
-all of them; each request is bounded as a whole (name lookup, connect, TLS, the answer) by its
+down upstream, a registry's `GET /v2/` challenge, a token fetch (and, on a client of their
+own, spools' downloads: spool_download.py). One pool of connections for all of them; each request is bounded as a whole (name lookup, connect, TLS, the answer) by its
 timeout, its connect by CONNECT_TIMEOUT, and a GET's body by a size cap.
 
 Redirects carry credentials only where they were meant to go: a GET follows a redirect to the
@@ -23,7 +23,7 @@ from .upstream_state import failure_reason
 
 CONNECT_TIMEOUT = 5.0  # seconds for a name lookup, connect and TLS handshake
 MAX_REDIRECTS = 3
-POOL_SIZE = 20  # connections at once, to all upstreams; each request is short
+POOL_SIZE = 20  # connections at once, to all upstreams; each request is short (spool downloads have a pool of their own)
 REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -45,9 +45,10 @@ class RedirectRefused(NoAnswer):
 
 
 class UpstreamClient:
-    def __init__(self, timeout: float = 5.0, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(self, timeout: float = 5.0, connect_timeout: float = CONNECT_TIMEOUT, pool_size: int = POOL_SIZE) -> None:
         self.timeout = timeout  # seconds for head() and ping(); the addon sets REGCACHE_UPSTREAM_TIMEOUT's value
         self.connect_timeout = connect_timeout
+        self.pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
 
     async def head(self, url: str, headers: Mapping[str, str]) -> tuple[int, Mapping[str, str]]:
@@ -83,7 +84,7 @@ class UpstreamClient:
         if self._session is None:
             # No *_proxy variables (trust_env=False), like mitmproxy's own upstream connections.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=POOL_SIZE),
+                connector=aiohttp.TCPConnector(limit=self.pool_size),
                 timeout=aiohttp.ClientTimeout(sock_connect=self.connect_timeout),
                 trust_env=False, auto_decompress=False,
             )

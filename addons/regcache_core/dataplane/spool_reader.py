@@ -1,9 +1,9 @@
 """The data plane's spool route: `GET`/`HEAD /_regcache/spool?<signed spool grant>`.
 
-A cache whose fetch of a cold blob followed a concurrent one (see spool.py) is sent here, and
-gets the blob from the leader's spool file while it grows: at once, not after the whole
-download. The answer carries registry:2's blob headers and the grant's size as Content-Length;
-when the spool can never be whole (the leader failed, the proxy died, the bytes hash wrong) the
+A cache's fetch of a cold blob is sent here (see spool.py), and gets the blob from the spool
+file the proxy's download writes, while it grows: at once, not after the whole download. The
+answer carries registry:2's blob headers and the grant's size as Content-Length; when the
+spool can never be whole (the download failed, the proxy died, the bytes hash wrong) the
 connection is cut, so no short body passes for a complete one.
 
 These are a cache's fetches, not a client's pulls: they leave no pull record (the client's own

@@ -44,11 +44,12 @@ def make_addons() -> list:
     upstream_state = UpstreamState(metrics, upstream_client.ping)
     credentials = UpstreamCredentials(settings, signer, metrics, upstream_state)
     recorder = Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe, "disk budget": budget.record})
+    hits = HitMarker()
     # Order matters: hooks run in this order. DataPlaneHandoff answers what Router routed;
     # UpstreamDeadlines answers for a down upstream before UpstreamCredentials asks it for a
     # token; UpstreamCredentials redacts what it injected before mitmweb's view (added after
-    # the scripts) sends a flow update; SingleFlight tells HitMarker which fetches go upstream,
-    # and sets the spool writer that Recorder's byte counter wraps; ManifestResponder answers
+    # the scripts) sends a flow update; SingleFlight tells HitMarker which fetches go upstream
+    # (its downloads tell it what they fetched); ManifestResponder answers
     # before HitMarker watches, and replaces a cache's answer before Recorder reads it;
     # HitMarker sets the hit/miss/stale that Recorder hands to the pull log and metrics. The
     # data plane's records reach the same sinks.
@@ -62,9 +63,9 @@ def make_addons() -> list:
         DataPlaneHandoff(settings),
         UpstreamDeadlines(settings, upstream_state),
         credentials,
-        SingleFlight(settings, metrics),
+        SingleFlight(settings, metrics, credentials, upstream_state, hits.in_flight.upstream_blob_fetch),
         ManifestResponder(settings, credentials, upstream_client, upstream_state, metrics),
-        HitMarker(),
+        hits,
         SpecAnswers(),
         pull_logger,
         budget,

@@ -28,16 +28,12 @@ SINK_WARNING_INTERVAL = 60.0  # seconds between two warnings about one failing s
 
 
 class ByteCounter:
-    """A response stream that passes chunks through unchanged and counts them, after `inner` (a
-    stream another addon set, such as a spool's writer) had them."""
+    """A response stream that passes chunks through unchanged and counts them."""
 
-    def __init__(self, inner: Callable[[bytes], bytes] | None = None) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        self.inner = inner
 
     def __call__(self, chunk: bytes) -> bytes:
-        if self.inner is not None:
-            chunk = self.inner(chunk)
         self.count += len(chunk)
         return chunk
 
@@ -67,8 +63,7 @@ class Recorder:
         if ANSWERED_HERE in flow.metadata:
             return
         if flow.response.stream is True or REDIRECT in flow.metadata or (target and target.kind == "blob"):
-            inner = flow.response.stream if callable(flow.response.stream) else None
-            flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter(inner)
+            flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter()
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -86,7 +81,7 @@ class Recorder:
             self.metrics.upstream_result(upstream, record.status if flow.response else None)
         if EGRESS_FOR in flow.metadata:
             # A cache's upstream fetch, not a client's pull: the log keeps one line per client
-            # request. A fetch sent to a spool was logged by SingleFlight.
+            # request. A fetch sent to a spool was logged by SingleFlight, its download by spool_download.py.
             if SPOOL_FOLLOWER not in flow.metadata:
                 log_upstream_fetch(flow, record)
             return

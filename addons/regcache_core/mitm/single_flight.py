@@ -1,9 +1,11 @@
-"""SingleFlight: one upstream fetch per cold blob on the egress listeners. The leader/follower
-bookkeeping and the spool files are spool.py's; this addon applies them to flows."""
+"""SingleFlight: one upstream fetch per cold blob on the egress listeners. The spools are
+spool.py's, their downloads spool_download.py's, what blob HEADs are answered blob_heads.py's;
+this addon sends egress GETs to the spools and answers the HEADs it can."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from mitmproxy import http
 
@@ -11,23 +13,31 @@ from ..dataplane.grants import GRANT_PATHS, GrantSigner, load_or_create_key
 from ..dataplane.handoff import client_base_url
 from ..metrics import Metrics
 from ..routing import Target
+from ..blob_heads import HeadFlights
 from ..spool import SPOOL_DIR, Key, Spool, SpoolTable, describe
-from .keys import CLIENT_HOST, EGRESS, EGRESS_FOR, REDIRECT, SPOOL, SPOOL_FOLLOWER, UPSTREAM
+from ..spool_download import SpoolDownloads
+from ..upstream_state import UpstreamState
+from .keys import CLIENT_HOST, EGRESS, HEAD_FLIGHT, SPOOL_FOLLOWER, UPSTREAM
 from .settings import Settings
+from .upstream import UpstreamCredentials
 
 logger = logging.getLogger(__name__)
 
-REDIRECTS = (301, 302, 303, 307, 308)
-
 
 class SingleFlight:
-    """Leads or follows each egress GET of a blob: the leader goes upstream and is spooled, a
-    follower is answered with a 307 to the spool on the data plane. Off with the data plane."""
+    """Every egress GET of a blob is answered with a 307 to its spool on the data plane, the
+    first starting the spool's download; a blob HEAD whose answer is known is answered here.
+    Off with the data plane."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, credentials: UpstreamCredentials, state: UpstreamState,
+                 blob_fetched: Callable[[str, str, str], None]) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.table: SpoolTable | None = None
+        self.credentials = credentials
+        self.state = state
+        self.blob_fetched = blob_fetched  # HitMarker's InFlight.upstream_blob_fetch
+        self.downloads: SpoolDownloads | None = None
+        self.heads: HeadFlights | None = None
         self.grants: GrantSigner | None = None
 
     def configure(self, updated: set[str]) -> None:
@@ -35,63 +45,60 @@ class SingleFlight:
         if "regcache_env_file" in updated and config is not None:
             self.done()
             if config.dataplane is not None:
-                self.table = SpoolTable(config.data_dir / SPOOL_DIR, config.spool_max_disk)
+                # UpstreamCredentials, configured before this addon, has its auth for this config.
+                table = SpoolTable(config.data_dir / SPOOL_DIR, config.spool_max_disk)
+                self.downloads = SpoolDownloads(table, self.credentials.auth, self.state, self.metrics,
+                                                self.credentials.signals, self.blob_fetched, config.upstream_timeout)
+                self.heads = HeadFlights(table)
                 self.grants = GrantSigner(load_or_create_key(config.data_dir))
 
     def done(self) -> None:
-        if self.table is not None:
-            self.table.close()
-            self.table = None
+        if self.downloads is not None:
+            self.downloads.close()
+            self.downloads = None
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if self.table is None or flow.request.method != "GET" or flow.response is not None:
-            return
         egress: Target | None = flow.metadata.get(EGRESS)
-        redirect: Target | None = flow.metadata.get(REDIRECT)
-        if egress is not None and egress.kind == "blob":
-            role, spool = await self.table.claim(spool_key(egress))
-            if role == "leader":
-                flow.metadata[SPOOL] = spool
-            elif role == "follower":
-                self._send_to_spool(flow, egress, spool)
-        elif redirect is not None and redirect.kind == "blob" and EGRESS_FOR in flow.metadata:
-            # The leader's upstream redirected it (to a CDN); the bytes come on this follow-up.
-            if spool := self.table.take_over(spool_key(redirect)):
-                flow.metadata[SPOOL] = spool
-
-    async def responseheaders(self, flow: http.HTTPFlow) -> None:
-        spool: Spool | None = flow.metadata.get(SPOOL)
-        if spool is None:
+        if self.downloads is None or flow.response is not None or egress is None or egress.kind != "blob":
             return
-        response = flow.response
-        if response.status_code == 200:
-            if writer := await self.table.start(spool, content_length(response)):
-                response.stream = writer  # the Recorder counts the bytes after it
-        elif response.status_code in REDIRECTS and "Location" in response.headers:
-            del flow.metadata[SPOOL]  # its follow-up leads now
-            self.table.redirected(spool)
-        else:
-            del flow.metadata[SPOOL]
-            self.table.decline(spool)
-
-    async def response(self, flow: http.HTTPFlow) -> None:
-        if spool := flow.metadata.pop(SPOOL, None):
-            await self.table.finish(spool)
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        if spool := flow.metadata.pop(SPOOL, None):
-            self.table.fail(spool, flow.error.msg if flow.error else "the exchange failed")
-
-    def _send_to_spool(self, flow: http.HTTPFlow, egress: Target, spool: Spool) -> None:
-        """A 307 to the data plane on the host name the cache used for this listener (the data
-        plane binds every interface by default), never REGCACHE_DATAPLANE_URL: that is for clients.
-        A Host that is no host name leaves the fetch to go upstream."""
+        if flow.request.method == "HEAD":
+            await self._answer_head(flow, egress)
+            return
         base = client_base_url(flow.metadata[CLIENT_HOST], self.settings.config.dataplane.port)
         if base is None:
-            return
+            return  # a Host that is no host name: the fetch goes upstream itself
+        if spool := await self.downloads.follow(egress.registry, egress.repository, egress.reference):
+            self._send_to_spool(flow, egress, spool, base)
+
+    async def _answer_head(self, flow: http.HTTPFlow, egress: Target) -> None:
+        """A blob HEAD answered from what a spool or a concurrent HEAD knows (blob_heads.py)."""
+        key = spool_key(egress)
+        head, goes_for_others = await self.heads.answer(key)
+        if goes_for_others:
+            flow.metadata[HEAD_FLIGHT] = key
+        elif head is not None:
+            flow.response = http.Response.make(200, b"", head.headers())
+            flow.response.headers["Content-Length"] = str(head.size)  # what a GET would send; make() set 0
+            del flow.metadata[UPSTREAM]  # not an upstream request: no credentials, nothing counted
+            flow.metadata[SPOOL_FOLLOWER] = True
+            logger.info("blob HEAD for %s: %s answered from what regcache knows", egress.registry.name, describe(key))
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        # Also for an answer made in `request` (a refusal, a 503): mitmproxy calls this hook then too.
+        if (key := flow.metadata.pop(HEAD_FLIGHT, None)) is not None:
+            self.heads.answered(key, flow.response.status_code, flow.response.headers)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if (key := flow.metadata.pop(HEAD_FLIGHT, None)) is not None:
+            self.heads.answered(key, None, {})
+
+    def _send_to_spool(self, flow: http.HTTPFlow, egress: Target, spool: Spool, base: str) -> None:
+        """A 307 to the data plane on the host name the cache used for this listener (the data
+        plane binds every interface by default), never REGCACHE_DATAPLANE_URL: that is for clients."""
         grant = self.grants.grant("spool", egress.registry.name, egress.repository, egress.reference, spool.size)
         flow.response = http.Response.make(307, b"", {"Location": f"{base}{GRANT_PATHS['spool']}?{self.grants.query(grant)}"})
-        # Not an upstream request: no credentials, no upstream fetch counted, no miss.
+        # Not an upstream request: no credentials, no upstream fetch counted, no miss (the
+        # download counts its own).
         del flow.metadata[UPSTREAM]
         flow.metadata[SPOOL_FOLLOWER] = True
         self.metrics.spool_follower(egress.registry.name)
@@ -101,8 +108,3 @@ class SingleFlight:
 
 def spool_key(target: Target) -> Key:
     return target.registry.name, target.repository, target.reference
-
-
-def content_length(response: http.Response) -> int | None:
-    value = response.headers.get("Content-Length", "")
-    return int(value) if value.isascii() and value.isdigit() else None

@@ -1,0 +1,183 @@
+"""The proxy's own download of a cold blob into its spool (spool.py).
+
+The first egress GET of a blob starts it; no request owns it, so none leaving can cut it. It
+asks the upstream with our credentials (upstream_auth.py), follows redirects (Docker Hub sends
+blobs to its CDN) to where redirects may lead (redirects.py: checked, connected to at the address
+checked, no credentials), and writes the 200 body to the spool. It goes on to the end even when
+every GET that followed it has gone: the blob is cold and was asked for, the next pull of it
+(a client's retry after Ctrl-C, the next node of a rollout, registry:2's own store) gets it from
+the spool while it lingers, and Docker Hub meters what we fetch. It is bounded: the blob must fit
+REGCACHE_SPOOL_MAX_DISK, the answer's headers come within REGCACHE_UPSTREAM_TIMEOUT (token,
+redirects and all), and a body that stops for BODY_STALL seconds fails the spool.
+
+Accounting stays exact: a download that gets the blob's bytes makes one client request for it a
+miss (hit_tracking.py) and counts in the upstream metrics like any fetch through the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from .config import Registry, is_local
+from .metrics import Metrics
+from .redirects import may_lead_to, resolve_destination
+from .spool import READ_CHUNK, Spool, SpoolTable, describe
+from .upstream_auth import UpstreamAuth, UpstreamAuthError
+from .upstream_client import REDIRECTS, NoAnswer, UpstreamClient, bounded
+from .upstream_client import describe as describe_error
+from .upstream_signals import UpstreamSignals
+from .upstream_state import UpstreamState
+
+logger = logging.getLogger(__name__)
+
+BODY_STALL = 30.0  # seconds without a byte of the body, then the download fails (readers wait longer)
+MAX_REDIRECTS = 5
+POOL_SIZE = 64  # downloads at once, to all upstreams (a pool of their own: they are long)
+
+
+class DownloadRefused(Exception):
+    """The upstream's answer leads where a download may not go; the GETs go upstream themselves."""
+
+
+class SpoolDownloads:
+    """Starts and runs the downloads of one proxy's spools."""
+
+    def __init__(self, table: SpoolTable, auth: UpstreamAuth, state: UpstreamState, metrics: Metrics,
+                 signals: UpstreamSignals, blob_fetched: Callable[[str, str, str], None], timeout: float) -> None:
+        self.table = table
+        self.auth = auth
+        self.state = state
+        self.metrics = metrics
+        self.signals = signals
+        self.blob_fetched = blob_fetched  # (registry, repository, digest): InFlight.upstream_blob_fetch
+        self.timeout = timeout
+        self.client = UpstreamClient(pool_size=POOL_SIZE)
+
+    async def follow(self, registry: Registry, repository: str, digest: str) -> Spool | None:
+        """The spool an egress GET of this blob is served from, its download started by the first
+        GET; None: the GET goes upstream itself (its upstream is down, or the blob is not spooled)."""
+        if self.state.reason_down(registry.name):
+            return None  # UpstreamDeadlines answers the GET 503 at once
+        spool, new = self.table.claim((registry.name, repository, digest))
+        if new:
+            spool.task = asyncio.get_running_loop().create_task(self._download(registry, spool))
+        return spool if await self.table.follow(spool) else None
+
+    def close(self) -> None:
+        """Every download stops and every spool goes. Sync: mitmproxy calls `done` from sync code too."""
+        self.table.close()
+        with contextlib.suppress(RuntimeError):  # no running loop: no session was opened on one
+            self.closing = asyncio.get_running_loop().create_task(self.client.close())  # kept: tasks are weakly held
+
+    async def _download(self, registry: Registry, spool: Spool) -> None:
+        _, repository, digest = spool.key
+        try:
+            response = await self._answer(registry, repository, digest)
+        except (UpstreamAuthError, NoAnswer, DownloadRefused) as e:
+            logger.info("not spooling %s: %s; fetches go upstream", describe(spool.key), e)
+            self.table.decline(spool)
+            return
+        except asyncio.CancelledError:
+            self.table.fail(spool, "regcache stops")
+            raise
+        try:
+            async with response:
+                if response.status != 200:
+                    logger.info("not spooling %s: the upstream answered %d; fetches go upstream", describe(spool.key),
+                                response.status)
+                    self.table.decline(spool)
+                    return
+                writer = await self.table.start(spool, response.content_length, response.headers.get("Content-Type"))
+                if writer is None:
+                    return
+                self.blob_fetched(registry.name, repository, digest)
+                while chunk := await self._next_chunk(response):
+                    await writer.write(chunk)
+            await self.table.finish(spool)
+            logger.info("upstream fetch for %s: GET %s, %d bytes, for its spool", registry.name, describe(spool.key),
+                        writer.received)
+        except asyncio.CancelledError:
+            self.table.fail(spool, "regcache stops")
+            raise
+        except Exception as e:  # the upstream, the network or the disk failed: every reader cuts
+            reason = "the body stalled" if isinstance(e, TimeoutError) else describe_error(e)
+            self.table.fail(spool, reason)
+
+    async def _answer(self, registry: Registry, repository: str, digest: str) -> aiohttp.ClientResponse:
+        """The upstream's answer to GET of the blob, its redirects followed, headers read: within
+        the upstream timeout as a whole. Raises NoAnswer (the upstream is marked down),
+        UpstreamAuthError or DownloadRefused."""
+        url = f"{registry.upstream}/v2/{repository}/blobs/{digest}"
+        redirected = False  # a redirect target failing says nothing of the upstream
+        try:
+            async with bounded(self.timeout):
+                authorization = await self.auth.authorization(registry, repository)
+                response = await self._get(url, {"Authorization": authorization} if authorization else {})
+                self._upstream_answered(registry, repository, response)
+                redirected = True
+                for _ in range(MAX_REDIRECTS):
+                    if response.status not in REDIRECTS or "Location" not in response.headers:
+                        return response
+                    location = urljoin(url, response.headers["Location"])
+                    response.release()
+                    url = location
+                    # A redirect target gets no credentials, as when the caches follow one through us.
+                    response = await self._get(url, {}, await self._checked_address(registry, url))
+                    self.metrics.upstream_result(registry.name, response.status)
+                response.release()
+                raise DownloadRefused(f"more than {MAX_REDIRECTS} redirects")
+        except UpstreamAuthError as e:
+            if e.unreachable:
+                self.state.went_down(registry.name, registry.upstream, e.unreachable)
+            raise
+        except NoAnswer as e:
+            self.metrics.upstream_result(registry.name, None)
+            if not e.answered and not redirected:
+                self.state.went_down(registry.name, registry.upstream, e.reason)
+            raise
+
+    def _upstream_answered(self, registry: Registry, repository: str, response: aiohttp.ClientResponse) -> None:
+        """What UpstreamCredentials does for the answers it sees, for ours."""
+        self.metrics.upstream_result(registry.name, response.status)
+        self.state.answered(registry.name, registry.upstream)
+        self.signals.observe(registry.name, response.status, response.headers)
+        if response.status == 401:
+            self.auth.refused(registry, repository)
+        elif response.status < 400:
+            self.auth.accepted(registry, repository)
+
+    async def _get(self, url: str, headers: dict[str, str], address: str | None = None) -> aiohttp.ClientResponse:
+        """GET `url`, connected to `address` when given (the name stays in Host and TLS's SNI)."""
+        parts = urlsplit(url)
+        options = {}
+        if address is not None:
+            headers = {**headers, "Host": parts.netloc}
+            host = f"[{address}]" if ":" in address else address
+            url = parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
+            if parts.scheme == "https":
+                options["server_hostname"] = parts.hostname
+        return await self.client.session().get(url, headers=headers, allow_redirects=False, **options)
+
+    async def _checked_address(self, registry: Registry, url: str) -> str | None:
+        """Where a redirect to `url` connects; DownloadRefused where it may not lead (redirects.py)."""
+        host = urlsplit(url).hostname or ""
+        if not may_lead_to(registry, url):
+            raise DownloadRefused(f"redirected to {urlsplit(url).scheme}://{host}, where its redirects may not lead")
+        destination = await resolve_destination(host)
+        if not is_local(registry.upstream) and destination.internal:
+            logger.warning("refused a redirect of %s's upstream to %s: it is this machine or its link", registry.name, host)
+            raise DownloadRefused(f"redirected to {host}, an internal address")
+        if destination.address is None:
+            raise NoAnswer(f"name lookup failed for {host}", answered=True)
+        return destination.address
+
+    @staticmethod
+    async def _next_chunk(response: aiohttp.ClientResponse) -> bytes:
+        async with asyncio.timeout(BODY_STALL):
+            return await response.content.read(READ_CHUNK)
