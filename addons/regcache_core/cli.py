@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .budget.inventory import disk_usage, format_du, format_ls, holdings
 from .client_config import Credentials, client_files, parse_endpoint, write_client_files
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, prepare_data_dir
 from .launcher import up
 from .prefetch import PrefetchError, Progress, parse_platforms, parse_reference, prefetch_all
 from .stats import format_table, human_bytes, summarize
@@ -92,6 +92,8 @@ def run(argv: list[str] | None) -> int:
                 return 2
             credentials = Credentials(args.username, sys.stdin.readline().rstrip("\r\n")) if args.username else None
             return write_client_config(config, args.out, endpoint, credentials)
+        if args.command == "up":
+            prepare_data_dir(config.data_dir)
     except ConfigError as e:
         print(f"regcache: {e}", file=sys.stderr)
         return 2
@@ -172,7 +174,12 @@ def prefetch(config: Config, references: list[str], file: Path | None, platform:
 
 
 def write_client_config(config: Config, out: Path, endpoint: str | None, credentials: Credentials | None) -> int:
-    for path in write_client_files(out, client_files(config, endpoint, credentials), private=credentials is not None):
+    try:
+        written = write_client_files(out, client_files(config, endpoint, credentials), private=credentials is not None)
+    except OSError as e:
+        print(f"regcache client-config: --out {out}: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    for path in written:
         print(f"wrote {path}")
     if config.htpasswd and not credentials:
         print("REGCACHE_HTPASSWD is set: give --username and --password-stdin so that the files carry credentials.")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .cache_backend import INSTALL_HINT, CacheBackend, find_registry_program, local_backends, write_registry_config
 from .config import Config
-from .proxy_modes import proxy_modes
+from .proxy_modes import cannot_listen, proxy_listeners, proxy_modes
 
 ADDON_SCRIPT = Path(__file__).resolve().parent.parent / "regcache.py"
 READY_TIMEOUT = 60.0
@@ -91,6 +91,10 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
     proxy_program = _mitmproxy_program(proxy_name)
     if proxy_program is None:
         print(f"regcache: {proxy_name} is not installed; install regcache with pip (it brings mitmproxy)", file=sys.stderr)
+        return 1
+
+    if problems := list(filter(None, map(cannot_listen, proxy_listeners(config)))):
+        print(f"regcache: {problems[0]}", file=sys.stderr)
         return 1
 
     web_token = secrets.token_urlsafe(16) if web and mitmweb_has_password() and not config.web_password else None
