@@ -225,3 +225,27 @@ def test_an_unusable_data_dir_is_one_line_naming_it(tmp_path, program):
                 assert result.returncode == 1 and line in output and "Traceback" not in output
     finally:
         subprocess.run(["umount", str(tmp_path / "read-only")], check=True)
+
+
+def test_a_cache_that_exits_while_starting_is_one_line_with_the_reason_from_its_log(tmp_path):
+    """registry:2 says why in its log (a fatal line, or a Go panic); `regcache up` repeats it."""
+    storage = tmp_path / "storage"
+    (storage / "scheduler-state.json").mkdir(parents=True)  # a storage root not made by registry:2
+    (tmp_path / "a-file").write_text("")
+    log = tmp_path / "data" / "dockerhub" / "registry.log"
+    cases = [
+        ({}, f"status 1 while starting: listen tcp 127.0.0.1:{CACHE_PORT}: bind: address already in use"),
+        ({"DOCKERHUB_STORAGE": storage},
+         f"status 2 while starting: filesystem: read {storage}/scheduler-state.json: is a directory"),
+    ]
+    with squat("127.0.0.1", CACHE_PORT) as squatter:
+        for settings, reason in cases:
+            if settings:
+                squatter.close()
+            result = run([*REGCACHE, "up"], tmp_path, stack_settings(REGCACHE_DATA_DIR=tmp_path / "data", **settings))
+            assert result.stderr.splitlines() == [f"regcache: cache for docker.io (log: {log}) exited with {reason}"]
+            assert result.returncode == 1
+    result = run([*REGCACHE, "up"], tmp_path, stack_settings(REGCACHE_DATA_DIR=tmp_path / "data",
+                                                             DOCKERHUB_STORAGE=tmp_path / "a-file"))
+    assert result.stderr.splitlines() == [f"regcache: DOCKERHUB_STORAGE: '{tmp_path / 'a-file'}' is a file, not a directory"]
+    assert result.returncode == 2

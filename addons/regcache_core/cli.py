@@ -16,7 +16,7 @@ from rich.table import Table
 
 from .budget.inventory import disk_usage, format_du, format_ls, holdings
 from .client_config import Credentials, client_files, parse_endpoint, write_client_files
-from .config import Config, ConfigError, load_config, prepare_data_dir
+from .config import Config, ConfigError, load_config
 from .launcher import up
 from .prefetch import PrefetchError, Progress, parse_platforms, parse_reference, prefetch_all
 from .stats import format_table, human_bytes, summarize
@@ -92,8 +92,6 @@ def run(argv: list[str] | None) -> int:
                 return 2
             credentials = Credentials(args.username, sys.stdin.readline().rstrip("\r\n")) if args.username else None
             return write_client_config(config, args.out, endpoint, credentials)
-        if args.command == "up":
-            prepare_data_dir(config.data_dir)
     except ConfigError as e:
         print(f"regcache: {e}", file=sys.stderr)
         return 2

@@ -189,19 +189,20 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | os.Pat
     return parse_config(values)
 
 
-def prepare_data_dir(path: Path) -> None:
-    """Create REGCACHE_DATA_DIR if it is not there and check that files can be written in it, so
-    that an unusable one is one line naming it rather than a failure deep in some part."""
+def prepare_directory(var: str, path: Path) -> None:
+    """Create a directory regcache keeps files in (REGCACHE_DATA_DIR, a cache's storage) if it is
+    not there, and check that files can be written in it: an unusable one is then one line
+    naming its setting rather than a failure deep in some part."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise ConfigError(f"REGCACHE_DATA_DIR: {str(path)!r} is a file, not a directory") from None
+        raise ConfigError(f"{var}: {str(path)!r} is a file, not a directory") from None
     except OSError as e:
-        raise ConfigError(f"REGCACHE_DATA_DIR: cannot create {str(path)!r}: {e.strerror}") from None
+        raise ConfigError(f"{var}: cannot create {str(path)!r}: {e.strerror}") from None
     try:
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise ConfigError(f"REGCACHE_DATA_DIR: cannot write in {str(path)!r}: {e.strerror}") from None
+        raise ConfigError(f"{var}: cannot write in {str(path)!r}: {e.strerror}") from None
 
 
 def parse_config(values: Mapping[str, str]) -> Config:

@@ -74,7 +74,8 @@ class Drain:
         config = self.settings.config
         egress = [m for m in ctx.options.mode if config.egress_registry(ProxyMode.parse(m).listen_port()) is not None]
         ctx.options.update(mode=egress)  # mitmproxy stops the client listener; open connections stay
-        report(f"regcache: stopping; {len(self.in_flight)} requests in flight get up to {config.stop_grace}s to finish")
+        if self.in_flight:  # an idle proxy stops at once, and quietly
+            report(f"regcache: stopping; {len(self.in_flight)} requests in flight get up to {config.stop_grace}s to finish")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.stop_grace
         while loop.time() < deadline and (self.in_flight or loop.time() - self.last_finished < QUIET):

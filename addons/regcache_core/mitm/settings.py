@@ -7,7 +7,7 @@ import logging
 
 from mitmproxy import ctx
 
-from ..config import Config, ConfigError, load_config, prepare_data_dir
+from ..config import Config, ConfigError, load_config, prepare_directory
 from ..proxy_modes import cannot_listen, proxy_listeners, proxy_modes
 
 logger = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ class Settings:
         if "regcache_env_file" in updated:
             try:
                 config = load_config(env_file=ctx.options.regcache_env_file)
-                prepare_data_dir(config.data_dir)
+                prepare_directory("REGCACHE_DATA_DIR", config.data_dir)
                 self.config = config
                 for warning in config.warnings:
                     logger.warning(f"regcache: {warning}")
