@@ -127,12 +127,7 @@ def test_a_cache_on_ipv6_loopback_runs_and_serves(tmp_path, upstream, images):
 
 
 def test_a_taken_data_plane_port_stops_start_up_with_one_line_saying_so(tmp_path, upstream):
-    with socket.socket() as squatter:
-        # An earlier test's connections to this port may linger in TIME_WAIT (the data plane
-        # closed them): without SO_REUSEADDR they would keep the squatter from binding.
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", DATAPLANE_PORT))
-        squatter.listen()
+    with squat("127.0.0.1", DATAPLANE_PORT):
         stack = docker_io_stack(tmp_path, upstream, PORT)
         try:
             with pytest.raises(RuntimeError) as failed:

@@ -48,16 +48,16 @@ def cannot_listen(listener: Listener) -> str | None:
     except OSError:
         return None
     for family, kind, protocol, _, address in addresses:
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers: TIME_WAIT is no obstacle
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
+        try:
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as asyncio's servers: TIME_WAIT is no obstacle
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind(address)
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    return (f"port {listener.port} ({listener.what}) is in use by another program: "
-                            f"stop that, or set {listener.setting} to a free port")
-                if e.errno == errno.EACCES:
-                    return f"port {listener.port} ({listener.what}) needs privileges to listen on: set {listener.setting} to a port above 1023"
+        except OSError as e:  # others (no IPv6 here, say) are mitmproxy's to report, as it sees them
+            if e.errno == errno.EADDRINUSE:
+                return (f"port {listener.port} ({listener.what}) is in use by another program: "
+                        f"stop that, or set {listener.setting} to a free port")
+            if e.errno == errno.EACCES:
+                return f"port {listener.port} ({listener.what}) needs privileges to listen on: set {listener.setting} to a port above 1023"
     return None
