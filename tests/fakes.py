@@ -52,7 +52,7 @@ def _certificate(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.C
 
 
 class _Server:
-    """A ThreadingHTTPServer on loopback, in a daemon thread."""
+    """A ThreadingHTTPServer on loopback (a subclass may start another socketserver), in a daemon thread."""
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.port, self.host = port, host
@@ -196,17 +196,15 @@ class Cdn(_Server):
         _reply(handler, 200, file.read_bytes(), "application/octet-stream")
 
 
-class NotHttp:
+class NotHttp(_Server):
     """A server that answers every connection with a line that is not HTTP (an SSH banner, as a
     wrong port gives) and records the first line it was sent."""
 
     BANNER = b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n"
 
     def __init__(self, port: int) -> None:
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        super().__init__(port)
         self.requests: list[str] = []  # request lines, e.g. "GET /v2/ HTTP/1.1"
-        self._server: socketserver.ThreadingTCPServer | None = None
 
     def start(self) -> "NotHttp":
         owner = self
@@ -218,15 +216,9 @@ class NotHttp:
                 self.wfile.write(owner.BANNER)
 
         socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Handler)
+        self._server = socketserver.ThreadingTCPServer((self.host, self.port), Handler)
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
 
 
 class Challenger(_Server):

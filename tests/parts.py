@@ -141,9 +141,9 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> 
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
-def stop_process(process: subprocess.Popen, timeout: float = 10.0) -> None:
+def stop_process(process: subprocess.Popen, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         try:
             process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -460,6 +460,7 @@ class Stack:
         self.port = port
         self.output: list[str] = []
         self.process: subprocess.Popen | None = None
+        self.reader: threading.Thread | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -484,7 +485,8 @@ class Stack:
                 if line.startswith("regcache is ready"):
                     ready.set()
 
-        threading.Thread(target=read_output, daemon=True).start()
+        self.reader = threading.Thread(target=read_output, daemon=True)
+        self.reader.start()
         deadline = time.monotonic() + timeout
         while not ready.wait(0.1):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -492,17 +494,18 @@ class Stack:
                 raise RuntimeError("regcache up did not get ready:\n" + "\n".join(self.output))
         return self
 
-    def stop(self) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
         """SIGTERM, as a user stops it. Its children run in sessions of their own, so any left
         when it has gone (it was killed after the timeout, or did not stop one) are killed too:
-        none may keep a port of the next stack busy."""
+        none may keep a port of the next stack busy. `sig` is SIGINT for a Ctrl-C."""
         if not self.process:
             return None
         running = self.process.poll() is None
         children = {pid: command_line(pid) for pid in child_pids(self.process.pid)} if running else {}
-        stop_process(self.process, timeout=20)
+        stop_process(self.process, timeout=20, sig=sig)
         for pid, argv in children.items():
             kill_if_still_running(pid, argv)
+        self.reader.join(5)  # `output` then holds all it said, to its last line
         return self.process.returncode
 
     def command(self, *args: str, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:

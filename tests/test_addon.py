@@ -264,7 +264,7 @@ def test_a_failing_sink_warns_once_a_minute_and_the_others_still_get_every_recor
     assert len(received) == 4
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and "No space left on device" in warnings[0]
-    assert "2 more failures" in warnings[1]
+    assert "(2 more since the last such line)" in warnings[1]
 
 
 def test_a_head_that_regcache_answers_itself_gets_the_headers_of_the_get_and_no_body():

@@ -12,6 +12,7 @@ from regcache_core.config import Registry
 from regcache_core.metrics import Metrics
 from regcache_core.redirects import RedirectSigner
 from regcache_core.routing import Target
+from regcache_core.upstream_client import UpstreamClient
 from regcache_core.upstream_state import UpstreamState
 
 HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001", "me", "pw")
@@ -34,7 +35,8 @@ class FixedAuth:
 
 def credentials(signer: RedirectSigner) -> UpstreamCredentials:
     metrics = Metrics()
-    return UpstreamCredentials(settings=None, signer=signer, metrics=metrics, state=UpstreamState(metrics, probe=None))
+    return UpstreamCredentials(settings=None, signer=signer, metrics=metrics, state=UpstreamState(metrics, probe=None),
+                               client=UpstreamClient())
 
 
 def upstream_flow(status: int, headers: dict) -> tuple:

@@ -60,9 +60,13 @@ def test_plain_mitmdump_with_a_bad_setting_exits_naming_it(tmp_path):
     assert "Traceback" not in output
 
 
-def test_sigterm_stops_every_child_and_exits_0(tmp_path, upstream):
+def test_sigterm_after_a_pull_stops_every_child_quietly_and_exits_0(tmp_path, upstream, images):
+    """The pull leaves the cache's kept-alive connections to its egress listener open, which
+    mitmproxy used to leave for asyncio.run to cancel (a CancelledError traceback each)."""
     stack = docker_io_stack(tmp_path, upstream, PORT).start()
     try:
+        image = images["small"]
+        assert pull(f"docker.io.{TEST_DOMAIN}:{PORT}", image.reference, tmp_path / "pulled") == image.manifest_digest
         started = child_pids(stack.process.pid)  # the proxy, the data plane's parent, the cache
         workers = child_pids(dataplane_parent(stack))
         ports = (PORT, DATAPLANE_PORT, CACHE_PORT)
@@ -70,6 +74,7 @@ def test_sigterm_stops_every_child_and_exits_0(tmp_path, upstream):
     finally:
         status = stack.stop()
     assert status == 0
+    assert not [line for line in stack.output if "Traceback" in line or "CancelledError" in line]
     assert not any(map(accepts_connections, ports))
     assert not any(Path(f"/proc/{pid}").exists() for pid in started + workers)
 
@@ -122,12 +127,7 @@ def test_a_cache_on_ipv6_loopback_runs_and_serves(tmp_path, upstream, images):
 
 
 def test_a_taken_data_plane_port_stops_start_up_with_one_line_saying_so(tmp_path, upstream):
-    with socket.socket() as squatter:
-        # An earlier test's connections to this port may linger in TIME_WAIT (the data plane
-        # closed them): without SO_REUSEADDR they would keep the squatter from binding.
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind(("127.0.0.1", DATAPLANE_PORT))
-        squatter.listen()
+    with squat("127.0.0.1", DATAPLANE_PORT):
         stack = docker_io_stack(tmp_path, upstream, PORT)
         try:
             with pytest.raises(RuntimeError) as failed:
@@ -140,3 +140,107 @@ def test_a_taken_data_plane_port_stops_start_up_with_one_line_saying_so(tmp_path
         or "address already in use" in output
     assert "Traceback" not in output
     assert stack.process.returncode == 1
+
+
+def stack_settings(**settings: str) -> str:
+    """A .env for one cached registry on this module's ports, its upstream nowhere: what the
+    start-up errors below need, nothing more."""
+    return "".join(f"{name}={value}\n" for name, value in {
+        "REGCACHE_PORT": PORT, "REGCACHE_EGRESS_PORT": PORT + 80, "REGCACHE_ADMIN_PORT": PORT + 70,
+        "REGCACHE_DATAPLANE_PORT": DATAPLANE_PORT, "REGCACHE_REGISTRIES": "DOCKERHUB",
+        "DOCKERHUB_UPSTREAM": f"http://127.0.0.1:{PORT + 1009}", "DOCKERHUB_CACHE": f"http://127.0.0.1:{CACHE_PORT}",
+        **settings,
+    }.items())
+
+
+def squat(host: str, port: int) -> socket.socket:
+    squatter = socket.socket()
+    # An earlier test's connections to this port may linger in TIME_WAIT: without SO_REUSEADDR
+    # they would keep the squatter from binding.
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind((host, port))
+    squatter.listen()
+    return squatter
+
+
+TAKEN_PORTS = {
+    "client": ("0.0.0.0", PORT, f"port {PORT} (the client port) is in use by another program: "
+               "stop that, or set REGCACHE_PORT to a free port"),
+    "egress": ("127.0.0.1", PORT + 80, f"port {PORT + 80} (DOCKERHUB's egress listener, its cache's upstream) is in use "
+               "by another program: stop that, or set DOCKERHUB_EGRESS_PORT (or REGCACHE_EGRESS_PORT, the first "
+               "egress port) to a free port"),
+}
+
+
+@pytest.mark.parametrize("taken", TAKEN_PORTS)
+def test_regcache_up_with_a_taken_port_says_which_setting_moves_it_in_one_line(tmp_path, taken):
+    host, port, message = TAKEN_PORTS[taken]
+    with squat(host, port):
+        result = run([*REGCACHE, "up"], tmp_path, stack_settings(REGCACHE_DATA_DIR=tmp_path / "data"))
+    assert (result.returncode, result.stderr.splitlines(), result.stdout) == (1, [f"regcache: {message}"], "")
+
+
+@pytest.mark.parametrize("taken", TAKEN_PORTS)
+def test_plain_mitmdump_with_a_taken_port_says_which_setting_moves_it(tmp_path, taken):
+    host, port, message = TAKEN_PORTS[taken]
+    with squat(host, port):
+        result = run([MITMDUMP, "-s", str(REPO / "addons" / "regcache.py")], tmp_path,
+                     stack_settings(REGCACHE_DATA_DIR=tmp_path / "data"), timeout=30)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert f"regcache: {message}" in output
+    assert "127.0.0.1:1" not in output and "Traceback" not in output
+
+
+def unusable_data_dirs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Data directories regcache cannot use (we are root: only a read-only mount stops a write)."""
+    (tmp_path / "a-file").write_text("")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(read_only), str(read_only)], check=True)
+    return {
+        "a file": (tmp_path / "a-file", f"'{tmp_path / 'a-file'}' is a file, not a directory"),
+        "under a file": (tmp_path / "a-file" / "data", f"cannot create '{tmp_path / 'a-file' / 'data'}': Not a directory"),
+        "read-only": (read_only, f"cannot write in '{read_only}': Read-only file system"),
+    }
+
+
+@pytest.mark.parametrize("program", ["regcache up", "mitmdump"])
+def test_an_unusable_data_dir_is_one_line_naming_it(tmp_path, program):
+    cases = unusable_data_dirs(tmp_path)
+    try:
+        for data_dir, reason in cases.values():
+            command = [*REGCACHE, "up"] if program == "regcache up" else [MITMDUMP, "-s", str(REPO / "addons" / "regcache.py")]
+            result = run(command, tmp_path, stack_settings(REGCACHE_DATA_DIR=data_dir), timeout=30)
+            line = f"regcache: REGCACHE_DATA_DIR: {reason}"
+            if program == "regcache up":
+                assert (result.returncode, result.stderr.splitlines(), result.stdout) == (2, [line], "")
+            else:
+                output = result.stdout + result.stderr
+                assert result.returncode == 1 and line in output and "Traceback" not in output
+    finally:
+        subprocess.run(["umount", str(tmp_path / "read-only")], check=True)
+
+
+def test_a_cache_that_exits_while_starting_is_one_line_with_the_reason_from_its_log(tmp_path):
+    """registry:2 says why in its log (a fatal line, or a Go panic); `regcache up` repeats it."""
+    storage = tmp_path / "storage"
+    (storage / "scheduler-state.json").mkdir(parents=True)  # a storage root not made by registry:2
+    (tmp_path / "a-file").write_text("")
+    log = tmp_path / "data" / "dockerhub" / "registry.log"
+    cases = [
+        ({}, f"status 1 while starting: listen tcp 127.0.0.1:{CACHE_PORT}: bind: address already in use"),
+        ({"DOCKERHUB_STORAGE": storage},
+         f"status 2 while starting: filesystem: read {storage}/scheduler-state.json: is a directory"),
+    ]
+    with squat("127.0.0.1", CACHE_PORT) as squatter:
+        for settings, reason in cases:
+            if settings:
+                squatter.close()
+            result = run([*REGCACHE, "up"], tmp_path, stack_settings(REGCACHE_DATA_DIR=tmp_path / "data", **settings))
+            assert result.stderr.splitlines() == [f"regcache: cache for docker.io (log: {log}) exited with {reason}"]
+            assert result.returncode == 1
+    result = run([*REGCACHE, "up"], tmp_path, stack_settings(REGCACHE_DATA_DIR=tmp_path / "data",
+                                                             DOCKERHUB_STORAGE=tmp_path / "a-file"))
+    assert result.stderr.splitlines() == [f"regcache: DOCKERHUB_STORAGE: '{tmp_path / 'a-file'}' is a file, not a directory"]
+    assert result.returncode == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ from .config import Config, Registry, is_local
 
 # Debian installs the registry:2 program as docker-registry; upstream builds call it registry.
 REGISTRY_PROGRAMS = ("registry", "docker-registry")
+# What registry:2 says as it gives up, in its text log: a fatal line, or a Go panic.
+_ERROR_LINE = re.compile(r'level=(?:fatal|panic) msg="((?:[^"\\]|\\.)*)"|^panic: (.*)$')
+LOG_TAIL = 64 << 10  # bytes of a cache's log read for why it exited
 INSTALL_HINT = "install it with `apt-get install docker-registry` (Debian/Ubuntu) or put distribution's `registry` binary on PATH"
 
 
@@ -86,3 +90,18 @@ def write_registry_config(backend: CacheBackend) -> Path:
         json.dump(registry_config(backend), f, indent=2)
     os.chmod(backend.config_file, 0o600)
     return backend.config_file
+
+
+def exit_reason(log_file: Path, since: int) -> str | None:
+    """The last error a cache wrote to its log after byte `since` (where this run of it began):
+    why it exited, in its own words, e.g. "listen tcp 127.0.0.1:5001: bind: address already in use"."""
+    try:
+        with open(log_file, "rb") as log:
+            log.seek(max(since, log.seek(0, os.SEEK_END) - LOG_TAIL))
+            lines = log.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if match := _ERROR_LINE.search(line):
+            return (match[1] or "").replace('\\"', '"') or match[2]
+    return None

@@ -172,7 +172,12 @@ def prefetch(config: Config, references: list[str], file: Path | None, platform:
 
 
 def write_client_config(config: Config, out: Path, endpoint: str | None, credentials: Credentials | None) -> int:
-    for path in write_client_files(out, client_files(config, endpoint, credentials), private=credentials is not None):
+    try:
+        written = write_client_files(out, client_files(config, endpoint, credentials), private=credentials is not None)
+    except OSError as e:
+        print(f"regcache client-config: --out {out}: cannot write {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    for path in written:
         print(f"wrote {path}")
     if config.htpasswd and not credentials:
         print("REGCACHE_HTPASSWD is set: give --username and --password-stdin so that the files carry credentials.")

@@ -28,6 +28,7 @@ import fnmatch
 import ipaddress
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,22 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | os.Pat
         values.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
     values.update(environ)
     return parse_config(values)
+
+
+def prepare_directory(var: str, path: Path) -> None:
+    """Create a directory regcache keeps files in (REGCACHE_DATA_DIR, a cache's storage) if it is
+    not there, and check that files can be written in it: an unusable one is then one line
+    naming its setting rather than a failure deep in some part."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{var}: {str(path)!r} is a file, not a directory") from None
+    except OSError as e:
+        raise ConfigError(f"{var}: cannot create {str(path)!r}: {e.strerror}") from None
+    try:
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise ConfigError(f"{var}: cannot write in {str(path)!r}: {e.strerror}") from None
 
 
 def parse_config(values: Mapping[str, str]) -> Config:

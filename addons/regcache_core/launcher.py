@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache_backend import INSTALL_HINT, CacheBackend, find_registry_program, local_backends, write_registry_config
-from .config import Config
-from .proxy_modes import proxy_modes
+from .cache_backend import INSTALL_HINT, CacheBackend, exit_reason, find_registry_program, local_backends, write_registry_config
+from .config import Config, ConfigError, prepare_directory
+from .proxy_modes import cannot_listen, proxy_listeners, proxy_modes
 
 ADDON_SCRIPT = Path(__file__).resolve().parent.parent / "regcache.py"
 READY_TIMEOUT = 60.0
@@ -43,6 +43,14 @@ class Child:
     name: str
     process: subprocess.Popen
     ready: Callable[[], bool]  # true once the child serves
+    reason: Callable[[], str | None] = lambda: None  # why it exited, where its log says
+
+    def exited(self, when: str = "") -> str:
+        """"<name> exited with status N", and why where its log says (when it exited by itself,
+        not by a signal): for the operator, in one line."""
+        status = self.process.returncode
+        reason = self.reason() if status > 0 else None
+        return f"{self.name} exited with status {status}{when}" + (f": {reason}" if reason else "")
 
 
 @dataclass
@@ -64,8 +72,7 @@ class SupervisedCache:
             if now - self.started >= STEADY:
                 self.backoff = FIRST_BACKOFF
             self.restart_at = now + self.backoff
-            print(f"regcache: {self.child.name} exited with status {self.child.process.returncode}; "
-                  f"starting it again in {self.backoff:g}s", file=sys.stderr, flush=True)
+            print(f"regcache: {self.child.exited()}; starting it again in {self.backoff:g}s", file=sys.stderr, flush=True)
             self.backoff = min(self.backoff * 2, MAX_BACKOFF)
         elif now >= self.restart_at:
             self.child = _start_cache(self.program, self.backend)
@@ -80,7 +87,8 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
     asks for a password and REGCACHE_WEB_PASSWORD is empty, this run makes a token for it.
 
     Returns the exit status: 0 after Ctrl-C or SIGTERM, 1 if the proxy or the data plane failed,
-    or anything failed while starting.
+    or anything failed while starting, 2 (as for a bad setting) for a data directory or cache
+    storage it cannot write in.
     """
     backends = local_backends(config)
     program = find_registry_program()
@@ -91,6 +99,16 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
     proxy_program = _mitmproxy_program(proxy_name)
     if proxy_program is None:
         print(f"regcache: {proxy_name} is not installed; install regcache with pip (it brings mitmproxy)", file=sys.stderr)
+        return 1
+
+    try:
+        for var, directory in [("REGCACHE_DATA_DIR", config.data_dir), *((f"{b.registry.key}_STORAGE", b.storage) for b in backends)]:
+            prepare_directory(var, directory)
+    except ConfigError as e:
+        print(f"regcache: {e}", file=sys.stderr)
+        return 2
+    if problems := list(filter(None, map(cannot_listen, proxy_listeners(config)))):
+        print(f"regcache: {problems[0]}", file=sys.stderr)
         return 1
 
     web_token = secrets.token_urlsafe(16) if web and mitmweb_has_password() and not config.web_password else None
@@ -121,7 +139,7 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
                   for backend, child in zip(backends, children[essential:])]
         while not stop.wait(0.5):
             if failed := _exited(children[:essential]):
-                print(f"regcache: {failed.name} exited with status {failed.process.returncode}; stopping", file=sys.stderr)
+                print(f"regcache: {failed.exited()}; stopping", file=sys.stderr)
                 return 1
             for cache in caches:
                 cache.check(time.monotonic())
@@ -145,6 +163,7 @@ def _mitmproxy_program(name: str) -> str | None:
 def _start_cache(program: str, backend: CacheBackend) -> Child:
     config_file = write_registry_config(backend)
     with open(backend.log_file, "ab") as log:
+        since = log.tell()  # the log is kept across runs: this run's lines start here
         process = subprocess.Popen(
             [program, "serve", str(config_file)],
             stdout=log,
@@ -155,7 +174,7 @@ def _start_cache(program: str, backend: CacheBackend) -> Child:
             env={"PATH": os.environ.get("PATH", os.defpath)},
         )
     return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process,
-                 lambda: answers_http(f"{backend.registry.cache}/v2/"))
+                 lambda: answers_http(f"{backend.registry.cache}/v2/"), lambda: exit_reason(backend.log_file, since))
 
 
 def _start_proxy(program: str, config: Config, env_file: str, web: bool, web_token: str | None) -> Child:
@@ -211,7 +230,7 @@ def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
     waiting = list(children)
     while waiting:
         if failed := _exited(children):
-            print(f"regcache: {failed.name} exited with status {failed.process.returncode} while starting", file=sys.stderr)
+            print(f"regcache: {failed.exited(' while starting')}", file=sys.stderr)
             return False
         if time.monotonic() > deadline:
             names = ", ".join(c.name for c in waiting)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from ..client_access import ClientNetworks
 from ..config import Config
 from ..pull_log import PullRecord
 from ..routing import Refusal
@@ -16,6 +17,7 @@ from .grants import Grant, GrantSigner
 CONFIG = web.AppKey("config", Config)
 SIGNER = web.AppKey("signer", GrantSigner)
 RECORDS = web.AppKey("records", Callable[[PullRecord], None])
+CLIENTS = web.AppKey("clients", ClientNetworks)  # REGCACHE_CLIENTS, parsed once
 EXCHANGE = "regcache.exchange"  # request key: the Exchange a handler fills in
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

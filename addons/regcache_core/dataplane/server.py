@@ -20,7 +20,7 @@ from ..client_access import ClientNetworks
 from ..config import Config
 from ..pull_log import PullRecord
 from ..routing import Refusal
-from .exchange import CONFIG, EXCHANGE, RECORDS, SIGNER, Exchange, Handler, denied, refused
+from .exchange import CLIENTS, CONFIG, EXCHANGE, RECORDS, SIGNER, Exchange, Handler, denied, refused
 from .file_response import open_file, plan, send
 from .grants import GRANT_PATHS, GrantSigner
 from .spool_reader import serve_spool
@@ -33,7 +33,7 @@ async def serve_blob(request: web.Request) -> web.StreamResponse:
     # Clients only: the proxy let this one through its own check, but a grant can be handed on.
     # (Spool grants are the caches', which need not be among the clients.)
     client = request.remote or ""
-    if not ClientNetworks(request.app[CONFIG].client_networks).allows(client):
+    if not request.app[CLIENTS].allows(client):
         return refused(Refusal(403, "DENIED", f"{client} is not in the networks allowed to use this regcache"))
     grant = request.app[SIGNER].verify(request.rel_url.raw_query_string, "blob")
     if grant is None:
@@ -98,6 +98,7 @@ def record_of(request: web.Request, exchange: Exchange, status: int, now: float)
 def make_app(config: Config, signer: GrantSigner, records: Callable[[PullRecord], None]) -> web.Application:
     app = web.Application(middlewares=[recorded], handler_args={"keepalive_timeout": KEEPALIVE_TIMEOUT})
     app[CONFIG], app[SIGNER], app[RECORDS] = config, signer, records
+    app[CLIENTS] = ClientNetworks(config.client_networks)
     for path, handler in ROUTES.items():
         app.router.add_get(path, handler)  # and HEAD
     return app

@@ -42,7 +42,7 @@ def make_addons() -> list:
     budget = DiskBudget(settings, metrics)
     upstream_client = UpstreamClient()
     upstream_state = UpstreamState(metrics, upstream_client.ping)
-    credentials = UpstreamCredentials(settings, signer, metrics, upstream_state)
+    credentials = UpstreamCredentials(settings, signer, metrics, upstream_state, upstream_client)
     recorder = Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe, "disk budget": budget.record})
     hits = HitMarker()
     # Order matters: hooks run in this order. DataPlaneHandoff answers what Router routed;

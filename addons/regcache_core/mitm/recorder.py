@@ -13,6 +13,7 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.flow import Error
 
+from ..log_throttle import LogThrottle, held_back
 from ..metrics import Metrics
 from .. import pull_log
 from ..pull_log import PullRecord
@@ -48,8 +49,7 @@ class Recorder:
     def __init__(self, metrics: Metrics, sinks: dict[str, Callable[[PullRecord], None]], clock=time.monotonic) -> None:
         self.metrics = metrics
         self.sinks = sinks  # what each is, for its warnings -> the sink
-        self._clock = clock
-        self._failing: dict[str, tuple[float, int]] = {}  # sink -> (when last warned, failures since)
+        self._warnings = LogThrottle(SINK_WARNING_INTERVAL, clock)  # one per failing sink
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if TARGET in flow.metadata:
@@ -96,15 +96,9 @@ class Recorder:
                 self._sink_failed(name, e)
 
     def _sink_failed(self, name: str, error: Exception) -> None:
-        warned, failures = self._failing.get(name, (float("-inf"), 0))
-        now = self._clock()
-        if now - warned < SINK_WARNING_INTERVAL:
-            self._failing[name] = (warned, failures + 1)
-            return
-        self._failing[name] = (now, 0)
-        also = f" ({failures} more failures since the last warning)" if failures else ""
-        logger.warning("regcache: the %s failed to take a request's record: %s: %s%s; the other sinks still get it",
-                       name, type(error).__name__, error, also)
+        if (held := self._warnings.allow(name)) is not None:
+            logger.warning("regcache: the %s failed to take a request's record: %s: %s%s; the other sinks still get it",
+                           name, type(error).__name__, error, held_back(held))
 
 
 def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:

@@ -7,8 +7,8 @@ import logging
 
 from mitmproxy import ctx
 
-from ..config import Config, ConfigError, load_config
-from ..proxy_modes import proxy_modes
+from ..config import Config, ConfigError, load_config, prepare_directory
+from ..proxy_modes import cannot_listen, proxy_listeners, proxy_modes
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +24,10 @@ class Settings:
     def configure(self, updated: set[str]) -> None:
         if "regcache_env_file" in updated:
             try:
-                self.config = load_config(env_file=ctx.options.regcache_env_file)
-                for warning in self.config.warnings:
+                config = load_config(env_file=ctx.options.regcache_env_file)
+                prepare_directory("REGCACHE_DATA_DIR", config.data_dir)
+                self.config = config
+                for warning in config.warnings:
                     logger.warning(f"regcache: {warning}")
             except ConfigError as e:
                 # Logged, not raised as OptionsError: mitmproxy would print a traceback for a
@@ -60,6 +62,11 @@ class MirrorDefaults:
         if "web_columns" in ctx.options.keys():  # mitmweb: show each flow's regcache label
             wanted["web_columns"] = [*ctx.options.web_columns, "comment"]
         changes = {name: value for name, value in wanted.items() if not ctx.options.has_changed(name)}
+        if "mode" in changes and (problems := list(filter(None, map(cannot_listen, proxy_listeners(config))))):
+            # Said here, and no listener opened: mitmproxy's message for a taken port names only
+            # the placeholder destination. An error logged while starting makes mitmproxy exit.
+            logger.error(f"regcache: {problems[0]}")
+            changes["mode"] = []
         if changes:
             self.switched_mode = self.switched_mode or "mode" in changes
             ctx.options.update(**changes)

@@ -3,9 +3,6 @@ upstreams' answers cleaned up before a client or cache sees them."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 from mitmproxy import http
 
 from ..metrics import Metrics
@@ -29,13 +26,14 @@ class UpstreamCredentials:
     added is redacted once the answer's headers (or an error) arrive: mitmweb keeps flows, and
     WebView keeps this one off its list until then."""
 
-    def __init__(self, settings: Settings, signer: RedirectSigner, metrics: Metrics, state: UpstreamState) -> None:
+    def __init__(self, settings: Settings, signer: RedirectSigner, metrics: Metrics, state: UpstreamState,
+                 client: UpstreamClient) -> None:
         self.settings = settings
         self.signer = signer
         self.metrics = metrics
         self.state = state
         self.auth: UpstreamAuth | None = None
-        self.client = UpstreamClient()
+        self.client = client  # token fetches and challenges; shared with the tag HEADs and probes, which close it
         self.signals = UpstreamSignals(metrics)
 
     def configure(self, updated: set[str]) -> None:
@@ -46,10 +44,7 @@ class UpstreamCredentials:
                                      challenge_timeout=config.upstream_timeout)
 
     def done(self) -> None:
-        # Sync: mitmproxy calls `done` from sync code too (a script reloaded or removed).
         self._close_store()
-        with contextlib.suppress(RuntimeError):  # no running loop: nothing was opened on one
-            self.closing = asyncio.get_running_loop().create_task(self.client.close())  # kept: tasks are weakly held
 
     async def _fetch(self, url: str, headers: dict[str, str], timeout: float) -> tuple[int, list[str], bytes]:
         return await self.client.get(url, headers, timeout, MAX_TOKEN_RESPONSE)
