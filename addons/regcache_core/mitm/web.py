@@ -136,7 +136,7 @@ def show_as_received(flow: http.HTTPFlow) -> None:
     path = flow.metadata.pop(CLIENT_PATH, None)
     if path is None:
         return
-    went_upstream = ({EGRESS, REDIRECT} & flow.metadata.keys()) and ANSWERED_HERE not in flow.metadata
+    went_upstream = bool({EGRESS, REDIRECT} & flow.metadata.keys()) and ANSWERED_HERE not in flow.metadata
     if EGRESS_FOR in flow.metadata and went_upstream:
         return
     request = flow.request
