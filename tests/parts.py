@@ -54,7 +54,7 @@ PORT_BASES = {
     "session": 5500,  # conftest's `upstream` and `stack`, alive the whole session
     "test_observability": 5600,
     "test_startup": 5700,
-    "test_web": 5800,  # and mitmweb's UI on its fixed 8081: the only `regcache up --web` of the suite
+    "test_web": 5800,  # quay.io cache on 5802, upstreams 6800-6801; and mitmweb's UI on its fixed 8081: the only `regcache up --web` of the suite
     "test_client_access": 7400,
     "test_faults": 6900,
     "test_referrers": 7000,

@@ -9,20 +9,23 @@ import os
 import re
 import signal
 import threading
+import time
 
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.addons.view import View
 from mitmproxy.test import taddons, tflow
 
-from regcache_core.mitm.keys import INJECTED, RECORD, TARGET, UPSTREAM
+from regcache_core.mitm.keys import CLIENT_HOST, CLIENT_PATH, EGRESS, EGRESS_FOR, INJECTED, RECORD, TARGET, UPSTREAM
+from regcache_core.mitm.router import send_to
 from regcache_core.mitm.settings import Settings
 from regcache_core.mitm.web import WebView
 from regcache_core.config import DEFAULTS, parse_config
 from regcache_core.launcher import mitmweb_has_password
 from regcache_core.pull_log import PullRecord
 from regcache_core.routing import route
-from regcache_core.web import flow_label
+from regcache_core.stats import human_bytes
+from regcache_core.web import flow_label, flow_marker
 
 from parts import (
     MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, child_pids, command_line, docker_io_stack,
@@ -69,18 +72,72 @@ def test_flows_are_labelled_with_registry_image_kind_and_outcome():
     target = route(CONFIG, "GET", "docker.io.registry.example.test:5000", f"/v2/library/small/blobs/{LAYER}")
     assert flow_label(target) == "docker.io library/small blob sha256:abababababab"
     record = PullRecord("t", "c", "docker.io", "library/small", "blob", LAYER, "GET", 200, 5, 1, "b", cache="miss")
-    assert flow_label(target, record=record) == "docker.io library/small blob sha256:abababababab · 200 miss"
+    assert flow_label(target, record=record) == "200 miss · docker.io library/small blob sha256:abababababab"
+    streamed = PullRecord("t", "c", "docker.io", "library/small", "blob", LAYER, "GET", 200, 3 << 20, 1, "b", cache="hit")
+    assert flow_label(target, record=streamed, streamed=True) == "200 hit · 3.0 MiB · docker.io library/small blob sha256:abababababab"
     failed = PullRecord("t", "c", "docker.io", "library/small", "blob", LAYER, "GET", 502, 0, 1, "b", error="refused")
-    assert flow_label(target, record=failed).endswith("· error: refused")
+    assert flow_label(target, record=failed).startswith("error: refused · docker.io")
     assert flow_label(target, upstream_fetch=True).startswith("upstream fetch: docker.io library/small blob")
     assert flow_label(None) == "answered by regcache"
 
     view, web = View(), WebView(Settings())
     with taddons.context(view, web):
-        flow = finished_flow()
-        flow.metadata[TARGET], flow.metadata[RECORD] = target, failed
-        web.response(flow)
-        assert flow.comment.endswith("· error: refused") and flow.marked
+        for result, marker in ((failed, ":warning:"), (record, ":large_blue_circle:"), (streamed, ":green_circle:")):
+            flow = finished_flow()
+            flow.metadata[TARGET], flow.metadata[RECORD] = target, result
+            web.response(flow)
+            assert flow.marked == marker
+        stale = PullRecord("t", "c", "docker.io", "library/small", "manifest", "1.0", "GET", 200, 5, 1, "b", cache="stale")
+        assert flow_marker(stale) == ":yellow_circle:"
+        assert flow_marker(PullRecord("t", "c", "ghcr.io", "a/b", "manifest", "1.0", "GET", 200, 5, 1, "b")) is None
+
+
+def routed_flow(client_host: str, client_path: str, backend: str, backend_path: str):
+    """A flow as Router leaves it: the request pointed at a backend, what the client sent kept."""
+    flow = tflow.tflow(resp=True)
+    flow.client_conn.sockname = ("127.0.0.1", 5000)
+    flow.client_conn.timestamp_tls_setup = None  # plain HTTP
+    flow.request.headers["Host"] = client_host
+    flow.metadata[CLIENT_HOST], flow.metadata[CLIENT_PATH] = client_host, client_path
+    send_to(flow.request, backend, backend_path)
+    return flow
+
+
+def test_a_row_shows_the_request_as_regcache_received_it_once_it_has_gone():
+    view, web = View(), WebView(Settings())
+    with taddons.context(view, web):
+        client = routed_flow("docker.io.registry.example.test:5000", "/v2/library/small/manifests/1.0",
+                             "http://127.0.0.1:5001", "/v2/library/small/manifests/1.0")
+        view.add([client])
+        assert client.request.pretty_url == "http://127.0.0.1:5001/v2/library/small/manifests/1.0"  # in flight
+        web.responseheaders(client)
+        assert client.request.pretty_url == "http://docker.io.registry.example.test:5000/v2/library/small/manifests/1.0"
+        assert client.request.headers["Host"] == "docker.io.registry.example.test:5000"
+
+        ns = routed_flow("regcache.example.test:5000", "/v2/library/small/manifests/1.0?ns=docker.io",
+                         "http://127.0.0.1:5001", "/v2/library/small/manifests/1.0")
+        web.response(ns)  # answered here, before any backend was asked: no responseheaders
+        assert ns.request.pretty_url == "http://regcache.example.test:5000/v2/library/small/manifests/1.0?ns=docker.io"
+
+        # A cache's upstream fetch keeps the upstream's URL: where it went is the point.
+        fetch = routed_flow("127.0.0.1:5080", f"/v2/library/small/blobs/{LAYER}", "https://registry-1.docker.io",
+                            f"/v2/library/small/blobs/{LAYER}")
+        fetch.metadata[EGRESS_FOR] = CONFIG.registries[0]
+        fetch.metadata[EGRESS] = route(CONFIG, "GET", "docker.io.registry.example.test:5000", f"/v2/library/small/blobs/{LAYER}")
+        web.responseheaders(fetch)
+        assert fetch.request.pretty_url == f"https://registry-1.docker.io/v2/library/small/blobs/{LAYER}"
+
+
+def test_pings_are_not_listed():
+    view, web = View(), WebView(Settings())
+    with taddons.context(view, web):
+        ping, manifest = tflow.tflow(), tflow.tflow()
+        ping.metadata[TARGET] = route(CONFIG, "GET", "docker.io.registry.example.test:5000", "/v2/")
+        manifest.metadata[TARGET] = route(CONFIG, "GET", "docker.io.registry.example.test:5000", "/v2/a/b/manifests/1")
+        for flow in (ping, manifest):
+            web.requestheaders(flow)
+            view.add([flow])  # what the view does at requestheaders, after ours
+        assert list(view) == [manifest] and view.get_by_id(ping.id) is ping
 
 
 def test_a_flow_carrying_our_credentials_is_not_listed_until_they_are_redacted():
@@ -149,6 +206,7 @@ WEB_UI = "http://127.0.0.1:8081"
 
 USER, PASSWORD = "puller", "web-secret-pw"
 GHCR = f"ghcr.io.{TEST_DOMAIN}:{PORT}"
+TTL = 1.0  # seconds a tag is fresh: quay.io's goes stale soon after its upstream stops
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +221,23 @@ def private_upstream(tmp_path_factory, images) -> Upstream:
 
 
 @pytest.fixture(scope="module")
-def web_stack(tmp_path_factory, upstream, private_upstream) -> Stack:
+def quay_upstream(tmp_path_factory, images) -> Upstream:
+    """quay.io's upstream, of this module's own: a test stops it, for an answer served stale."""
+    registry = Upstream(tmp_path_factory.mktemp("quay-upstream"), PORT + UPSTREAM_OFFSET + 1).start()
+    registry.push(images["small"])
+    yield registry
+    registry.stop()
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory, upstream, private_upstream, quay_upstream) -> Stack:
     stack = docker_io_stack(tmp_path_factory.mktemp("web"), upstream, PORT, {
-        "REGCACHE_WEB_MAX_FLOWS": "60", "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR",
+        "REGCACHE_WEB_MAX_FLOWS": "60", "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY", "REGCACHE_TAG_TTL": str(TTL),
+        # Generous: mitmweb 12 checks its password (argon2) on every /flows, some 0.4 s each on a
+        # busy machine, and the upstream hangs while the tests read /flows.
+        "REGCACHE_UPSTREAM_TIMEOUT": "20",
         "GHCR_UPSTREAM": private_upstream.url, "GHCR_CACHE": "none", "GHCR_USERNAME": USER, "GHCR_PASSWORD": PASSWORD,
+        "QUAY_UPSTREAM": quay_upstream.url, "QUAY_CACHE": f"http://127.0.0.1:{PORT + 2}",
     }, ("--web",)).start()
     yield stack
     assert stack.stop() == 0
@@ -184,6 +255,26 @@ def web_flows(login: str) -> list[dict]:
     return json.loads(body)
 
 
+def shown_url(flow: dict) -> str:
+    """What mitmweb's Path column shows of a flow of /flows (its `pretty_url`, in both 11 and 12)."""
+    request = flow["request"]
+    port = "" if {"http": 80, "https": 443}.get(request["scheme"]) == request["port"] else f":{request['port']}"
+    return f"{request['scheme']}://{request['pretty_host']}{port}{request['path']}"
+
+
+def rows_labelled(login: str, labels: set[str]) -> dict[str, dict]:
+    """The flows by label, once every one of `labels` is there (a flow gets its outcome in its
+    label just after the client got its answer)."""
+    flows = poll(lambda: web_flows(login), lambda flows: labels <= {flow["comment"] for flow in flows})
+    by_label = {flow["comment"]: flow for flow in flows}
+    assert labels <= by_label.keys(), sorted(by_label)
+    return by_label
+
+
+def blob_size(image, digest: str) -> int:
+    return (image.layout / "blobs" / "sha256" / digest.removeprefix("sha256:")).stat().st_size
+
+
 def test_regcache_up_web_prints_a_login_that_mitmweb_asks_for(web_stack):
     login = web_login(web_stack)
     assert bool(login) == mitmweb_has_password()
@@ -193,32 +284,45 @@ def test_regcache_up_web_prints_a_login_that_mitmweb_asks_for(web_stack):
         assert login.removeprefix("?token=") not in repr([command_line(pid) for pid in child_pids(web_stack.process.pid)])
 
 
-def test_regcache_up_web_shows_labelled_bounded_flows_without_credentials(web_stack, images, tmp_path):
+def test_regcache_up_web_rows_name_each_pull_and_mark_it_a_miss_then_a_hit(web_stack, images, tmp_path):
     login = web_login(web_stack)
     image, host = images["small"], f"docker.io.{TEST_DOMAIN}:{PORT}"
-    result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{tmp_path / 'pulled'}:1.0")
-    assert result.returncode == 0, result.stderr
     layer = image.blob_digests[-1]
-    labels = {
-        "docker.io library/small manifest 1.0 · 200 miss",
-        f"docker.io library/small blob {layer[:19]} · 200 miss",
-        f"upstream fetch: docker.io library/small blob {layer[:19]} · 200",
-    }
-    # A flow gets its outcome in its label just after the client got its answer.
-    flows = poll(lambda: web_flows(login), lambda flows: labels <= {flow["comment"] for flow in flows})
-    assert labels <= {flow["comment"] for flow in flows}
-    blob = next(f for f in flows if f["comment"].startswith(f"docker.io library/small blob {layer[:19]}"))
-    assert blob["response"]["contentLength"] is None  # streamed: the body was never kept
-
-    status, _, _ = http_get(f"http://127.0.0.1:{PORT}/v2/", host=host, headers={"Authorization": "Bearer client-secret"})
-    assert status == 200
+    size = human_bytes(blob_size(image, layer))
+    manifest = f"docker.io library/small manifest 1.0"
+    blob = f"docker.io library/small blob {layer[:19]}"
+    for outcome, marker in (("miss", "🔵"), ("hit", "🟢")):
+        result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{tmp_path / outcome}:1.0")
+        assert result.returncode == 0, result.stderr
+        labels = {f"200 {outcome} · {manifest}", f"200 {outcome} · {size} · {blob}"}
+        if outcome == "miss":  # the cache's own fetch of that blob, streamed too
+            labels.add(f"200 · {size} · upstream fetch: {blob}")
+        rows = rows_labelled(login, labels)
+        # The Path column: what skopeo asked regcache for, not the cache it went to.
+        assert shown_url(rows[f"200 {outcome} · {manifest}"]).split("://")[1] == f"{host}/v2/library/small/manifests/1.0"
+        blob_row = rows[f"200 {outcome} · {size} · {blob}"]
+        assert shown_url(blob_row).split("://")[1] == f"{host}/v2/library/small/blobs/{layer}"
+        assert blob_row["response"]["contentLength"] is None  # streamed: the body was never kept
+        assert {rows[label]["marked"] for label in labels if "upstream fetch" not in label} == {marker}
     flows = web_flows(login)
+    # No pings (skopeo's, and the cache's before each upstream fetch), no placeholder destination.
+    assert [] == [shown_url(f) for f in flows if f["request"]["path"] in ("/v2", "/v2/") or f["request"]["port"] == 1]
+    assert {f["request"]["pretty_host"] for f in flows if "upstream fetch" not in f["comment"]} == {f"docker.io.{TEST_DOMAIN}"}
+
+
+def test_regcache_up_web_lists_bounded_flows_without_client_credentials(web_stack, images):
+    login, image, host = web_login(web_stack), images["small"], f"docker.io.{TEST_DOMAIN}:{PORT}"
+    manifest = f"http://127.0.0.1:{PORT}/v2/{image.name}/manifests/{image.tag}"
+    status, _, _ = http_get(manifest, host=host, headers={"Authorization": "Bearer client-secret", "Accept": MANIFEST_TYPES})
+    assert status == 200
+    flows = poll(lambda: web_flows(login), lambda flows: any(shown_url(f).endswith(f"{host}/v2/{image.name}/manifests/1.0") for f in flows))
     assert "client-secret" not in json.dumps(flows)
     # A client's own credentials are dropped before mitmweb ever stores the flow.
     assert [] == [v for f in flows for k, v in f["request"]["headers"] if k.lower() == "authorization"]
 
+    blob = f"http://127.0.0.1:{PORT}/v2/{image.name}/blobs/{image.blob_digests[0]}"
     for _ in range(100):
-        http_get(f"http://127.0.0.1:{PORT}/v2/", host=host)
+        assert http_get(blob, host=host, method="HEAD")[0] == 200
     assert len(web_flows(login)) == 60
 
 
@@ -244,9 +348,27 @@ def test_mitmweb_lists_no_credential_while_the_upstream_hangs(web_stack, private
     assert answers == [200, 200, 200]
     flows = web_flows(login)
     assert not [s for s in secrets if s in json.dumps(flows)]
-    sent = [v for f in flows if f["request"]["host"].startswith("127.0.0.1") and f["request"]["port"] == private_upstream.port
+    # Rows show the client's request; where it went is the flow's server connection.
+    sent = [v for f in flows if (f.get("server_conn") or {}).get("address") == ["127.0.0.1", private_upstream.port]
             for k, v in f["request"]["headers"] if k.lower() == "authorization"]
     assert sent and set(sent) == {"<redacted by regcache>"}  # listed again once answered
+
+
+def test_regcache_up_web_marks_a_manifest_served_stale(web_stack, quay_upstream, images):
+    login, image, host = web_login(web_stack), images["small"], f"quay.io.{TEST_DOMAIN}:{PORT}"
+    manifest = f"http://127.0.0.1:{PORT}/v2/{image.name}/manifests/{image.tag}"
+    assert http_get(manifest, host=host, headers={"Accept": MANIFEST_TYPES})[0] == 200  # in the cache now
+    quay_upstream.stop()
+    try:
+        time.sleep(TTL)  # the tag is stale: the upstream would be asked, and is down
+        assert http_get(manifest, host=host, headers={"Accept": MANIFEST_TYPES})[0] == 200
+        row = rows_labelled(login, {f"200 stale · quay.io {image.name} manifest {image.tag}"}).popitem()[1]
+    finally:
+        quay_upstream.start()
+        # Back up before anything else runs: while an upstream is down, regcache probes them.
+        poll(lambda: json.loads(web_stack.admin("/ready")[2])["upstreams"]["quay.io"], lambda state: state == "up", timeout=15)
+    assert row["marked"] == "🟡"
+    assert shown_url(row) == f"http://{host}/v2/{image.name}/manifests/{image.tag}"
 
 
 def test_ctrl_c_after_pulls_stops_regcache_up_web_quietly_and_exits_0(web_stack, images, tmp_path):

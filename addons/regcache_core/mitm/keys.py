@@ -2,6 +2,7 @@
 
 TARGET = "regcache.target"  # the routing decision
 CLIENT_HOST = "regcache.client_host"  # the Host header, as the client (or a cache) sent it; routing rewrites it
+CLIENT_PATH = "regcache.client_path"  # the path and query, as the client (or a cache) sent them; routing rewrites them
 BYTE_COUNTER = "regcache.bytes"  # counts a streamed body
 CACHE_RESULT = "regcache.cache"  # "hit", "miss" or "stale", set once the cache's upstream use is known
 EGRESS_FOR = "regcache.egress_for"  # the Registry whose egress listener the flow came in on

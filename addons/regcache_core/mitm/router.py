@@ -16,7 +16,7 @@ from ..egress_guard import EgressGuard
 from ..log_throttle import LogThrottle, held_back
 from ..redirects import RedirectSigner, is_redirect_path, resolve_destination
 from ..routing import PULL_METHODS, Refusal, Target, refuse_malformed, refuse_method, route, route_egress
-from .keys import ANSWERED_HERE, CLIENT_HOST, EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
+from .keys import ANSWERED_HERE, CLIENT_HOST, CLIENT_PATH, EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,10 @@ class Router:
         self._checked.pop(client.id, None)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Before routing rewrites them: 307s to the data plane go to the host name the client (or
+        # cache) used, and mitmweb shows the request as it came (mitm/web.py).
+        flow.metadata[CLIENT_HOST] = flow.request.host_header or ""
+        flow.metadata[CLIENT_PATH] = flow.request.path
         if flow.response is not None:
             return  # answered already (ClientAccess refused it)
         try:
@@ -65,9 +69,6 @@ class Router:
         request = flow.request
         # A client's credentials are never ours to pass on; upstreams get ours.
         request.headers.pop("Authorization", None)
-        # Before routing rewrites it: 307s to the data plane go to the host name the client (or
-        # cache) used.
-        flow.metadata[CLIENT_HOST] = request.host_header or ""
         if refusal := refuse_malformed(method_as_sent(request), request.http_version, request.path, body_follows(request),
                                        multiplexed(flow)):
             refuse(flow, refusal)
@@ -121,6 +122,7 @@ class Router:
             # registry:2 pings its upstream before every request until a ping has named a
             # challenge, then never again. A Basic one costs nothing: it holds no credentials
             # to answer it with, so its requests come as before and we add ours.
+            flow.metadata[EGRESS] = decision
             answer(flow, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"regcache adds the credentials"}]}',
                    {**API_VERSION, "WWW-Authenticate": EGRESS_CHALLENGE})
         else:

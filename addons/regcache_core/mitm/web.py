@@ -1,6 +1,7 @@
-"""WebView: in mitmweb, labels each flow (`label_flow`), keeps the flow list bounded, and lists
-no flow while it carries our credentials; the label's text and the choice of flows to drop are
-plain functions in regcache_core/web.py."""
+"""WebView: in mitmweb, labels and marks each flow (`label_flow`), shows each request as regcache
+received it (`show_as_received`), keeps the flow list bounded, and lists neither pings nor a flow
+while it carries our credentials; the label, the marker and the choice of flows to list or drop
+are plain functions in regcache_core/web.py."""
 
 from __future__ import annotations
 
@@ -9,23 +10,22 @@ from mitmproxy import ctx, exceptions, http
 from ..config import DEFAULTS, is_loopback_host
 from ..pull_log import PullRecord
 from ..routing import Target
-from ..web import finished_flows_beyond, flow_label
-from .keys import EGRESS, INJECTED, RECORD, TARGET, UPSTREAM
+from ..web import finished_flows_beyond, flow_label, flow_marker, is_housekeeping
+from .keys import ANSWERED_HERE, BYTE_COUNTER, CLIENT_HOST, CLIENT_PATH, EGRESS, EGRESS_FOR, INJECTED, RECORD, REDIRECT, TARGET
 from .settings import Settings
-
-FAILURE_MARK = ":warning:"  # mitmweb's flow marker (an emoji short code) for failed requests
 
 
 class Unlisted:
     """A view filter: flows carrying the Authorization header regcache added are left out of the
-    view's list (and so of mitmweb's /flows and its updates) until it is redacted, whatever else
-    the filter (`view_filter`) says. They stay in the view's store: removing a live flow kills it."""
+    view's list (and so of mitmweb's /flows and its updates) until it is redacted, and pings
+    always, whatever else the filter (`view_filter`) says. They stay in the view's store:
+    removing a live flow kills it."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
 
     def __call__(self, flow) -> bool:
-        return not flow.metadata.get(INJECTED) and self.inner(flow)
+        return not flow.metadata.get(INJECTED) and not is_housekeeping(_labelled(flow)[0]) and self.inner(flow)
 
 
 class WebView:
@@ -70,6 +70,7 @@ class WebView:
                 )
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Before the view's own requestheaders lists the flow: a ping never is.
         if self._view() is not None:
             label_flow(flow, *_labelled(flow))
 
@@ -77,14 +78,14 @@ class WebView:
         # UpstreamCredentials has just added our Authorization: off the list it goes, before
         # anything can show it (the view listed the flow at requestheaders, without it).
         if flow.metadata.get(INJECTED) and (view := self._view()) is not None:
-            if not isinstance(view.filter, Unlisted):
-                view.filter = Unlisted(view.filter)  # again after each change of view_filter
             view.update([flow])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        # Redacted by now (UpstreamCredentials.responseheaders): listed again. Errors are listed
-        # again by the view's own `error` hook, after ours redacted.
-        if UPSTREAM in flow.metadata and (view := self._view()) is not None:
+        # The request has gone, so its row can show it as the client sent it. Redacted by now
+        # (UpstreamCredentials.responseheaders): listed again. Errors are listed again by the
+        # view's own `error` hook, after ours redacted.
+        if (view := self._view()) is not None:
+            show_as_received(flow)
             view.update([flow])
 
     def response(self, flow: http.HTTPFlow) -> None:
@@ -95,13 +96,19 @@ class WebView:
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         if (view := self._view()) is not None:  # not `if view`: an empty view is falsy
+            show_as_received(flow)  # for flows answered before any backend was asked
             label_flow(flow, *_labelled(flow), flow.metadata.get(RECORD))
             if drop := finished_flows_beyond(view.resolve("@all"), view.store_count(), ctx.options.regcache_web_max_flows):
                 view.remove(drop)
 
     @staticmethod
     def _view():
-        return ctx.master.addons.get("view")
+        """mitmweb's view (None elsewhere), with our filter around its own: again after each
+        change of view_filter, which replaces it."""
+        view = ctx.master.addons.get("view")
+        if view is not None and not isinstance(view.filter, Unlisted):
+            view.filter = Unlisted(view.filter)
+        return view
 
 
 def password_hash(password: str) -> str:
@@ -114,9 +121,29 @@ def password_hash(password: str) -> str:
 
 
 def label_flow(flow: http.HTTPFlow, target: Target | None, upstream_fetch: bool, record: PullRecord | None = None) -> None:
-    flow.comment = flow_label(target, upstream_fetch, record)
-    if record is not None and (record.error or record.status >= 400):
-        flow.marked = FAILURE_MARK
+    flow.comment = flow_label(target, upstream_fetch, record, streamed=BYTE_COUNTER in flow.metadata)
+    if record is not None and (marker := flow_marker(record)):
+        flow.marked = marker
+
+
+def show_as_received(flow: http.HTTPFlow) -> None:
+    """Make the flow's request read as it reached regcache: mitmweb's Path column is the request's
+    URL (scheme, Host, port, path), and routing pointed it at a backend (a cache on loopback, or
+    the placeholder `127.0.0.1:1` for what nobody routed). Only once the request has gone or
+    was answered here: the backend got it as routing made it. Where it went stays in the flow's
+    server connection. A cache's upstream fetch that went on keeps the upstream's URL: that is
+    what it is about. Once per flow."""
+    path = flow.metadata.pop(CLIENT_PATH, None)
+    if path is None:
+        return
+    went_upstream = bool({EGRESS, REDIRECT} & flow.metadata.keys()) and ANSWERED_HERE not in flow.metadata
+    if EGRESS_FOR in flow.metadata and went_upstream:
+        return
+    request = flow.request
+    request.scheme = "https" if flow.client_conn.tls_established else "http"
+    request.host, request.port = flow.client_conn.sockname[:2]
+    request.path = path
+    request.host_header = flow.metadata[CLIENT_HOST] or None  # after host and port: they set it too
 
 
 def _labelled(flow: http.HTTPFlow) -> tuple[Target | None, bool]:
