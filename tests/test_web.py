@@ -295,16 +295,23 @@ def test_regcache_up_web_rows_name_each_pull_and_mark_it_a_miss_then_a_hit(web_s
         result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{tmp_path / outcome}:1.0")
         assert result.returncode == 0, result.stderr
         labels = {f"200 {outcome} · {manifest}", f"200 {outcome} · {size} · {blob}"}
-        if outcome == "miss":  # the cache's own fetch of that blob, streamed too
-            labels.add(f"200 · {size} · upstream fetch: {blob}")
+        if outcome == "miss":  # the cache's own fetch of that blob, sent to the proxy's download of it
+            labels.add(f"307 · upstream fetch: {blob}")
         rows = rows_labelled(login, labels)
         # The Path column: what skopeo asked regcache for, not the cache it went to.
         assert shown_url(rows[f"200 {outcome} · {manifest}"]).split("://")[1] == f"{host}/v2/library/small/manifests/1.0"
         blob_row = rows[f"200 {outcome} · {size} · {blob}"]
         assert shown_url(blob_row).split("://")[1] == f"{host}/v2/library/small/blobs/{layer}"
-        assert blob_row["response"]["contentLength"] is None  # streamed: the body was never kept
+        if outcome == "miss":
+            assert blob_row["response"]["contentLength"] is None  # streamed: the body was never kept
         assert {rows[label]["marked"] for label in labels if "upstream fetch" not in label} == {marker}
-    flows = web_flows(login)
+    # Small blobs the proxy read from the cache's storage keep no body once sent (one more
+    # flow's end drops it): mitmweb would otherwise hold up to REGCACHE_DATAPLANE_MIN_SIZE per row.
+    http_get(f"http://127.0.0.1:{PORT}/v2/", host=host)
+    flows = poll(lambda: web_flows(login), lambda flows: all(
+        f["response"]["contentLength"] is None for f in flows if f["comment"].startswith("200 hit") and " blob " in f["comment"]))
+    assert [f["comment"] for f in flows if f["comment"].startswith("200 hit") and " blob " in f["comment"]
+            and f["response"]["contentLength"] is not None] == []
     # No pings (skopeo's, and the cache's before each upstream fetch), no placeholder destination.
     assert [] == [shown_url(f) for f in flows if f["request"]["path"] in ("/v2", "/v2/") or f["request"]["port"] == 1]
     assert {f["request"]["pretty_host"] for f in flows if "upstream fetch" not in f["comment"]} == {f"docker.io.{TEST_DOMAIN}"}

@@ -35,6 +35,7 @@ class WebView:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._sent_blobs: list[http.HTTPFlow] = []  # answered from storage, body not dropped yet
 
     def load(self, loader) -> None:
         loader.add_option(
@@ -98,8 +99,19 @@ class WebView:
         if (view := self._view()) is not None:  # not `if view`: an empty view is falsy
             show_as_received(flow)  # for flows answered before any backend was asked
             label_flow(flow, *_labelled(flow), flow.metadata.get(RECORD))
+            self._drop_sent_blobs(flow)
             if drop := finished_flows_beyond(view.resolve("@all"), view.store_count(), ctx.options.regcache_web_max_flows):
                 view.remove(drop)
+
+    def _drop_sent_blobs(self, flow: http.HTTPFlow) -> None:
+        """A small blob the proxy answered from the cache's storage is in its flow, unlike a
+        streamed one: kept, 2000 of them could hold 500 MB. Its body goes once it has been
+        sent (the flow is no longer live), at the next flow's end."""
+        if _sent_blob(flow):
+            self._sent_blobs.append(flow)
+        for sent in [f for f in self._sent_blobs if not f.live]:
+            sent.response.content = None
+            self._sent_blobs.remove(sent)
 
     @staticmethod
     def _view():
@@ -121,7 +133,7 @@ def password_hash(password: str) -> str:
 
 
 def label_flow(flow: http.HTTPFlow, target: Target | None, upstream_fetch: bool, record: PullRecord | None = None) -> None:
-    flow.comment = flow_label(target, upstream_fetch, record, streamed=BYTE_COUNTER in flow.metadata)
+    flow.comment = flow_label(target, upstream_fetch, record, streamed=BYTE_COUNTER in flow.metadata or _sent_blob(flow))
     if record is not None and (marker := flow_marker(record)):
         flow.marked = marker
 
@@ -144,6 +156,12 @@ def show_as_received(flow: http.HTTPFlow) -> None:
     request.host, request.port = flow.client_conn.sockname[:2]
     request.path = path
     request.host_header = flow.metadata[CLIENT_HOST] or None  # after host and port: they set it too
+
+
+def _sent_blob(flow: http.HTTPFlow) -> bool:
+    """A blob the proxy answered itself, from the cache's storage."""
+    target: Target | None = flow.metadata.get(TARGET)
+    return ANSWERED_HERE in flow.metadata and target is not None and target.kind == "blob" and flow.response is not None
 
 
 def _labelled(flow: http.HTTPFlow) -> tuple[Target | None, bool]:
