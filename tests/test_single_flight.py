@@ -99,83 +99,87 @@ def slow_upstream(tmp_path, images):
     registry.stop()
 
 
-def test_upstream_killed_midway_fails_every_follower_and_leaves_no_spool(tmp_path, images, slow_upstream):
+@pytest.fixture
+def slow_stack(tmp_path, slow_upstream):
+    """A stack of its own in front of the slow link, stopped after the test."""
     registry, link = slow_upstream
+    stack = docker_io_stack(tmp_path / "stack", registry, OWN_UPSTREAM_PORT, {"DOCKERHUB_UPSTREAM": link.url}).start()
+    yield stack
+    stack.stop()
+
+
+SLOW_HOST = f"docker.io.{TEST_DOMAIN}:{OWN_UPSTREAM_PORT}"
+
+
+def test_upstream_killed_midway_fails_every_follower_and_leaves_no_spool(tmp_path, images, slow_upstream, slow_stack):
+    registry, _ = slow_upstream
     image = images["big"]
     layer = image.blob_digests[-1]
-    host = f"docker.io.{TEST_DOMAIN}:{OWN_UPSTREAM_PORT}"
-    stack = docker_io_stack(tmp_path / "stack", registry, OWN_UPSTREAM_PORT, {"DOCKERHUB_UPSTREAM": link.url}).start()
+    host, stack = SLOW_HOST, slow_stack
     spools = stack.data_dir / "spools"
-    try:
-        results: list = []
-        pulls = threading.Thread(target=lambda: results.extend(
-            pull_at_once(host, image.reference, [tmp_path / f"pulled-{i}" for i in range(4)])))
-        pulls.start()
-        halfway = poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(
-            10 << 20 < size < 80 << 20 for size in sizes), timeout=60)
-        followers = poll(lambda: metric_sum(stack, "regcache_spool_followers_total"), lambda n: n >= 2, timeout=10)
-        assert halfway and followers >= 2, (halfway, followers)
-        registry.process.kill()  # SIGKILL: the upstream is gone mid-layer
-        registry.process.wait()
-        pulls.join(180)
-        assert [r.returncode != 0 for r in results] == [True] * 4, [r.stdout for r in results]
-        assert poll(lambda: list(spools.iterdir()), lambda files: not files) == []
-        registry.start()
-        destination = tmp_path / "after"
-        result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{destination}")
-        assert result.returncode == 0, result.stderr
-        assert layer_digest_in(destination, layer) == layer
-    finally:
-        stack.stop()
+    results: list = []
+    pulls = threading.Thread(target=lambda: results.extend(
+        pull_at_once(host, image.reference, [tmp_path / f"pulled-{i}" for i in range(4)])))
+    pulls.start()
+    halfway = poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(
+        10 << 20 < size < 80 << 20 for size in sizes), timeout=60)
+    followers = poll(lambda: metric_sum(stack, "regcache_spool_followers_total"), lambda n: n >= 2, timeout=10)
+    assert halfway and followers >= 2, (halfway, followers)
+    registry.process.kill()  # SIGKILL: the upstream is gone mid-layer
+    registry.process.wait()
+    pulls.join(180)
+    assert [r.returncode != 0 for r in results] == [True] * 4, [r.stdout for r in results]
+    assert poll(lambda: list(spools.iterdir()), lambda files: not files) == []
+    registry.start()
+    destination = tmp_path / "after"
+    result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{destination}")
+    assert result.returncode == 0, result.stderr
+    assert layer_digest_in(destination, layer) == layer
 
 
-def test_the_client_that_started_a_cold_pull_leaving_midway_cuts_no_other_pull(tmp_path, images, slow_upstream):
+def test_the_client_that_started_a_cold_pull_leaving_midway_cuts_no_other_pull(tmp_path, images, slow_upstream, slow_stack):
     """Ctrl-C on the first `docker pull` of a layer: registry:2 cancels the fetch that pull made,
     but the download is the proxy's, so the other pulls of the layer complete, and the next pull
     is served without asking the upstream again."""
-    registry, link = slow_upstream
+    registry, _ = slow_upstream
     image = images["big"]
     layer = image.blob_digests[-1]
-    host = f"docker.io.{TEST_DOMAIN}:{OWN_UPSTREAM_PORT}"
-    stack = docker_io_stack(tmp_path / "stack", registry, OWN_UPSTREAM_PORT, {"DOCKERHUB_UPSTREAM": link.url}).start()
+    host, stack = SLOW_HOST, slow_stack
     spools = stack.data_dir / "spools"
+    first = subprocess.Popen(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+                              f"docker://{host}/{image.reference}", f"oci:{tmp_path / 'first'}"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        first = subprocess.Popen(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
-                                  f"docker://{host}/{image.reference}", f"oci:{tmp_path / 'first'}"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            started = poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(
-                size > 10 << 20 for size in sizes), timeout=60)
-            assert started, "the first pull's layer was never spooled"
-            results: list = []
-            others = threading.Thread(target=lambda: results.extend(
-                pull_at_once(host, image.reference, [tmp_path / f"pulled-{i}" for i in range(3)])))
-            others.start()
-            # The first pull's fetch and registry:2's own, then one per other pull (skopeo fetches
-            # the config after the layers).
-            followers = poll(lambda: metric_sum(stack, "regcache_spool_followers_total"), lambda n: n >= 5, timeout=30)
-            sizes = [f.stat().st_size for f in spools.iterdir()]
-            assert followers >= 5 and all(size < 90 << 20 for size in sizes), (followers, sizes)
-        finally:
-            first.kill()  # SIGKILL mid-layer: its connection to regcache is gone at once
-            first.wait()
-        others.join(180)
-        assert [r.returncode for r in results] == [0] * 3, [r.stderr for r in results if r.returncode]
-        for i in range(3):
-            assert layer_digest_in(tmp_path / f"pulled-{i}", layer) == layer
-        assert len(registry.requests_for(layer, "GET")) == 1, registry.requests_for(layer)
-
-        destination = tmp_path / "next"
-        result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{destination}")
-        assert result.returncode == 0, result.stderr
-        assert layer_digest_in(destination, layer) == layer
-        assert len(registry.requests_for(layer, "GET")) == 1, registry.requests_for(layer)
-        # One miss (the pull the download started for), the others and the next pull hits.
-        records = stack.pull_records_until(lambda rs: sum((r["reference"], r["method"]) == (layer, "GET") for r in rs) == 5)
-        layer_gets = [r for r in records if (r["reference"], r["method"]) == (layer, "GET")]
-        assert [r["cache"] for r in layer_gets].count("miss") == 1 and layer_gets[-1]["cache"] == "hit", layer_gets
+        started = poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(
+            size > 10 << 20 for size in sizes), timeout=60)
+        assert started, "the first pull's layer was never spooled"
+        results: list = []
+        others = threading.Thread(target=lambda: results.extend(
+            pull_at_once(host, image.reference, [tmp_path / f"pulled-{i}" for i in range(3)])))
+        others.start()
+        # The first pull's fetch and registry:2's own, then one per other pull (skopeo fetches
+        # the config after the layers).
+        followers = poll(lambda: metric_sum(stack, "regcache_spool_followers_total"), lambda n: n >= 5, timeout=30)
+        sizes = [f.stat().st_size for f in spools.iterdir()]
+        assert followers >= 5 and all(size < 90 << 20 for size in sizes), (followers, sizes)
     finally:
-        stack.stop()
+        first.kill()  # SIGKILL mid-layer: its connection to regcache is gone at once
+        first.wait()
+    others.join(180)
+    assert [r.returncode for r in results] == [0] * 3, [r.stderr for r in results if r.returncode]
+    for i in range(3):
+        assert layer_digest_in(tmp_path / f"pulled-{i}", layer) == layer
+    assert len(registry.requests_for(layer, "GET")) == 1, registry.requests_for(layer)
+
+    destination = tmp_path / "next"
+    result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{destination}")
+    assert result.returncode == 0, result.stderr
+    assert layer_digest_in(destination, layer) == layer
+    assert len(registry.requests_for(layer, "GET")) == 1, registry.requests_for(layer)
+    # One miss (the pull the download started for), the others and the next pull hits.
+    records = stack.pull_records_until(lambda rs: sum((r["reference"], r["method"]) == (layer, "GET") for r in rs) == 5)
+    layer_gets = [r for r in records if (r["reference"], r["method"]) == (layer, "GET")]
+    assert [r["cache"] for r in layer_gets].count("miss") == 1 and layer_gets[-1]["cache"] == "hit", layer_gets
 
 
 def test_when_the_upstream_redirects_to_a_cdn_the_cdn_is_asked_once(tmp_path, images):
