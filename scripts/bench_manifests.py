@@ -1,7 +1,8 @@
 """Manifests by tag and by digest, side by side in one run: registry:2 (the cache) direct, the
 seed's nginx front door in front of it, and regcache; then a warm skopeo pull of a small image
 with the upstream 30 ms away, through regcache and through registry:2 alone; then 32
-concurrent clients.
+concurrent clients. mitmproxy answering from a one-line addon shows the least a request through
+it costs.
 
     sudo .venv/bin/python scripts/bench_manifests.py [--requests 300] [--time-limit 600]
 
@@ -25,13 +26,13 @@ import threading
 import time
 from pathlib import Path
 
-from bench_setup import TimeLimit, nginx_front_door
+from bench_setup import TimeLimit, mitmproxy_floor, nginx_front_door
 from parts import (
     MANIFEST_TYPES, TEST_DOMAIN, Upstream, build_image, docker_io_stack, enter_private_namespaces, skopeo,
     stop_process,
 )
 
-PROXY_PORT, CACHE_PORT, NGINX_PORT, UPSTREAM_PORT, RELAY_PORT, ALONE_PORT = 5000, 5001, 5090, 6000, 6001, 6002
+PROXY_PORT, CACHE_PORT, NGINX_PORT, UPSTREAM_PORT, RELAY_PORT, ALONE_PORT, FLOOR_PORT = 5000, 5001, 5090, 6000, 6001, 6002, 6003
 HOST = f"docker.io.{TEST_DOMAIN}"
 
 
@@ -146,7 +147,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM; cleaning up"))
     signal.alarm(int(args.time_limit))
     workdir = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
-    upstream = relay = stack = nginx = alone = None
+    upstream = relay = stack = nginx = alone = floor = None
     try:
         upstream = Upstream(workdir / "upstream", UPSTREAM_PORT).start()
         relay = DelayRelay(RELAY_PORT, UPSTREAM_PORT).start()
@@ -182,10 +183,19 @@ def main() -> None:
             base = p50["digest", clients, "registry:2"]
             print(f"{clients} client(s): regcache p50 / registry:2's p50 by digest: "
                   f"by tag {p50['tag', clients, 'regcache'] / base:.2f}, by digest {p50['digest', clients, 'regcache'] / base:.2f}")
-        for name in ("registry:2", "regcache"):
+        # mitmproxy itself, answering each request from a one-line addon: the least a request
+        # through it can cost, whatever its addons do.
+        floor = mitmproxy_floor(workdir / "floor", FLOOR_PORT)
+        latencies(FLOOR_PORT, HOST, paths["tag"], 1, 100)
+        for clients in (1, 8):
+            values = latencies(FLOOR_PORT, HOST, paths["tag"], clients, args.requests)
+            print(f"mitmproxy's floor (a fixed answer), {clients} client(s): p50 {ms(percentile(values, 0.5))} "
+                  f"p99 {ms(percentile(values, 0.99))} ms", flush=True)
+        targets["mitmproxy's floor"] = (FLOOR_PORT, HOST)
+        for name in ("registry:2", "regcache", "mitmproxy's floor"):
             port, host = targets[name]
             values = latencies(port, host, paths["tag"], 32, max(args.requests // 8, 20))
-            print(f"32 clients, by tag, {name:<10}: p50 {ms(percentile(values, 0.5))} p99 {ms(percentile(values, 0.99))} ms", flush=True)
+            print(f"32 clients, by tag, {name:<17}: p50 {ms(percentile(values, 0.5))} p99 {ms(percentile(values, 0.99))} ms", flush=True)
         # registry:2 as a user runs it without regcache: its upstream straight behind the relay.
         alone = Upstream(workdir / "alone", ALONE_PORT, {"proxy": {"remoteurl": relay.url}}).start()
         pull_seconds(f"127.0.0.1:{ALONE_PORT}", image.reference, workdir)
@@ -205,6 +215,8 @@ def main() -> None:
         signal.alarm(0)
         if nginx:
             stop_process(nginx)
+        if floor:
+            stop_process(floor)
         if stack:
             stack.stop()
         if alone:

@@ -196,3 +196,29 @@ def nginx_front_door(workdir: Path, port: int, backends: dict[str, str]) -> subp
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     wait_for_port(port)
     return process
+
+
+# A mitmproxy addon that answers every request at once with a fixed body: what a request costs
+# mitmproxy itself, before any addon of regcache's does anything.
+_FIXED_ANSWER = """from mitmproxy import http
+
+class FixedAnswer:
+    def requestheaders(self, flow):
+        flow.response = http.Response.make(200, BODY, {"Content-Type": "application/json"})
+
+BODY = b'{"schemaVersion": 2}'
+addons = [FixedAnswer()]
+"""
+
+
+def mitmproxy_floor(workdir: Path, port: int) -> subprocess.Popen:
+    """mitmdump in reverse mode on `port` (as regcache runs it: lazy connections), with only
+    an addon that answers every request with a fixed body. Stop the process it returns."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "fixed_answer.py").write_text(_FIXED_ANSWER)
+    mitmdump = Path(sys.executable).with_name("mitmdump")
+    process = subprocess.Popen([str(mitmdump), "--mode", f"reverse:http://127.0.0.1:1@{port}", "--set", "connection_strategy=lazy",
+                                "--set", "termlog_verbosity=warn", "--set", "flow_detail=0", "-s", str(workdir / "fixed_answer.py")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_for_port(port)
+    return process
