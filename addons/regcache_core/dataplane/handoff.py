@@ -1,4 +1,5 @@
-"""Which client blob GETs the proxy hands to the data plane, and the URL it sends them to; which\nsmall warm blobs it answers itself."""
+"""Which client blob GETs the proxy hands to the data plane, and the URL it sends them to; which
+small warm blobs it answers itself."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The proxy's side of the data plane (regcache_core/dataplane/): DataPlaneHandoff answers a GET
-of a warm blob with a 307 to it (or, a small one, with its bytes); DataPlaneRecords takes the data plane's pull records and hands
-them to the same sinks as the proxy's own (pull log, metrics)."""
+of a warm blob with a 307 to it (or, a small one, with its bytes); DataPlaneRecords takes the
+data plane's pull records and hands them to the same sinks as the proxy's own (pull log,
+metrics)."""
 
 from __future__ import annotations
 

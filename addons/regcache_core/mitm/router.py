@@ -104,8 +104,7 @@ class Router:
             return
         flow.metadata[TARGET] = decision
         if decision.kind == "ping" and decision.registry.cache:
-            # Nothing to ask the cache: it answers a ping 200 too, after one more hop (and one
-            # more ping of its own, at the egress).
+            # Nothing to ask the cache: it would answer the same 200, one hop later.
             answer(flow, 200, b"{}", API_VERSION)
             return
         if decision.goes_upstream:
