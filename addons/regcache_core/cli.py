@@ -116,7 +116,10 @@ def run(argv: list[str] | None) -> int:
 def config_docs(root: Path, check: bool) -> int:
     try:
         stale = write_config_docs(root, check)
-    except (OSError, ValueError) as e:
+    except OSError as e:
+        print(f"regcache config-docs: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # the document lost its markers
         print(f"regcache config-docs: {root / CONFIGURATION_DOC}: {e}", file=sys.stderr)
         return 2
     for path in stale:
