@@ -15,13 +15,13 @@ from rich.progress import Progress as Bars
 from rich.table import Table
 
 from .budget.inventory import disk_usage, format_du, format_ls, holdings
-from .client_config import Credentials, client_files, parse_endpoint, write_client_files
+from .commands.client_config import Credentials, client_files, parse_endpoint, write_client_files
 from .commands.config_docs import CONFIGURATION_DOC
 from .commands.config_docs import config_docs as write_config_docs
 from .config import Config, ConfigError, load_config
-from .launcher import up
-from .prefetch import PrefetchError, Progress, parse_platforms, parse_reference, prefetch_all
-from .stats import format_table, human_bytes, summarize
+from .stack.launcher import up
+from .commands.prefetch import PrefetchError, Progress, parse_platforms, parse_reference, prefetch_all
+from .observe.stats import format_table, human_bytes, summarize
 
 
 ENV_FILE_HELP = "settings file (default: ./.env, if there); the environment wins over it"

@@ -1,1 +1,1 @@
-"""The `regcache` commands besides `up`: each module is one command's work, called by cli.py."""
+"""`regcache` subcommands beyond running the stack: client configuration files, prefetch and the settings' docs."""
