@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Cold layers: how many times the upstream is asked for a blob that N clients GET at once.
 
-    sudo .venv/bin/python scripts/bench_cold.py [--size-mib 64] [--clients 1,8]
+    sudo .venv/bin/python -m scripts.bench_cold [--size-mib 64] [--clients 1,8]
 
 For each client count, a new random blob (so it is cold everywhere) is pushed to the upstream;
 then that many clients GET it at once, first from a plain registry:2 pull-through cache of the
@@ -18,8 +17,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from bench_setup import PROXY_PORT, REPOSITORY, BenchStack, fetch_in_parallel
-from parts import TEST_DOMAIN, Upstream, cache_holds, push_blob, random_chunks
+from scripts.bench_setup import PROXY_PORT, REPOSITORY, BenchStack, fetch_in_parallel
+from tests.support.parts import TEST_DOMAIN, Upstream, cache_holds, push_blob, random_chunks
 
 ALONE_PORT = 6100  # the plain registry:2 cache; BenchStack's ports are 5000.. and 6000
 TARGET = 1

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Where a redirect to the data plane starts to pay: warm blobs of growing size, one client,
 streamed through the proxy against the proxy's 307 followed to the data plane.
 
-    sudo .venv/bin/python scripts/bench_handoff.py [--sizes-kib 16,64,...] [--repeats 40]
+    sudo .venv/bin/python -m scripts.bench_handoff [--sizes-kib 16,64,...] [--repeats 40]
 
 Two stacks, one after the other (each in a process and namespaces of its own): REGCACHE_DATAPLANE=false (every blob streams through the
 proxy), then REGCACHE_DATAPLANE_MIN_SIZE=0 (every warm blob gets a 307). In each, the blobs
@@ -24,8 +23,8 @@ import sys
 import time
 from urllib.parse import urljoin, urlsplit
 
-from bench_setup import PROXY_PORT, REPOSITORY, BenchStack
-from parts import TEST_DOMAIN, cache_holds, push_blob, random_chunks
+from scripts.bench_setup import PROXY_PORT, REPOSITORY, BenchStack
+from tests.support.parts import TEST_DOMAIN, cache_holds, push_blob, random_chunks
 
 MODES = {"streaming": {"REGCACHE_DATAPLANE": "false"}, "redirect": {"REGCACHE_DATAPLANE_MIN_SIZE": "0"}}
 
@@ -95,7 +94,7 @@ def main() -> None:
         return
     results = {}
     for mode in MODES:
-        run = subprocess.run([sys.executable, __file__, "--mode", mode, "--sizes-kib", args.sizes_kib,
+        run = subprocess.run([sys.executable, "-m", "scripts.bench_handoff", "--mode", mode, "--sizes-kib", args.sizes_kib,
                               "--repeats", str(args.repeats), "--time-limit", str(args.time_limit)],
                              stdout=subprocess.PIPE, text=True, timeout=args.time_limit + 30)
         if run.returncode != 0:

@@ -4,7 +4,7 @@ with the upstream 30 ms away, through regcache and through registry:2 alone; the
 concurrent clients. mitmproxy answering from a one-line addon shows the least a request through
 it costs.
 
-    sudo .venv/bin/python scripts/bench_manifests.py [--requests 300] [--time-limit 600]
+    sudo .venv/bin/python -m scripts.bench_manifests [--requests 300] [--time-limit 600]
 
 Every client keeps its connection alive. The upstream sits behind a relay that holds each
 request for --delay-ms (0 for the latency runs, 30 for the pulls: this kernel has no netem).
@@ -26,8 +26,8 @@ import threading
 import time
 from pathlib import Path
 
-from bench_setup import TimeLimit, mitmproxy_floor, nginx_front_door
-from parts import (
+from scripts.bench_setup import TimeLimit, mitmproxy_floor, nginx_front_door
+from tests.support.parts import (
     MANIFEST_TYPES, TEST_DOMAIN, Upstream, build_image, docker_io_stack, enter_private_namespaces, skopeo,
     stop_process,
 )

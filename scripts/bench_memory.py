@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Memory benchmark: one 1 GiB blob through regcache, cold then warm; prints every process's RSS.
 
-    sudo .venv/bin/python scripts/bench_memory.py [--size-mib 1024] [--time-limit 600]
+    sudo .venv/bin/python -m scripts.bench_memory [--size-mib 1024] [--time-limit 600]
 
 A local upstream registry gets one random blob (streamed up, never whole in memory);
 `regcache up` runs the docker.io cache in front of it. The blob is fetched through the proxy
@@ -19,8 +18,8 @@ import argparse
 import threading
 import time
 
-from bench_setup import BenchStack, fetch, mb_per_s
-from parts import memory_mib
+from scripts.bench_setup import BenchStack, fetch, mb_per_s
+from tests.support.parts import memory_mib
 
 SAMPLE_EVERY = 0.05  # seconds
 

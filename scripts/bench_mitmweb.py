@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """How much memory mitmweb holds over many pulls: `regcache up --web` in a private network
 namespace, driven with many small requests (manifest GETs) and some streamed blobs, printing
 mitmweb's RSS and stored flow count as it goes. Needs root (unshare), like the tests.
 
-    .venv/bin/python scripts/bench_mitmweb.py [--requests 20000] [--blob-every 100] [--max-flows 2000] [--time-limit 600]
+    .venv/bin/python -m scripts.bench_mitmweb [--requests 20000] [--blob-every 100] [--max-flows 2000] [--time-limit 600]
 
 Run it with --max-flows 1000000 to see what an untrimmed flow list costs. Like the other
 benchmarks it removes every file it made however it ends (done, failed, Ctrl-C, SIGTERM or
@@ -20,8 +19,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from bench_setup import PROXY_PORT, BenchStack
-from parts import TEST_DOMAIN, build_image, http_get, memory_mib
+from scripts.bench_setup import PROXY_PORT, BenchStack
+from tests.support.parts import TEST_DOMAIN, build_image, http_get, memory_mib
 
 HOST = f"docker.io.{TEST_DOMAIN}:{PROXY_PORT}"
 WEB_UI = "http://127.0.0.1:8081"

@@ -20,9 +20,7 @@ import time
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from parts import (  # noqa: E402  (tests/ is put on the path just above)
+from tests.support.parts import (
     REGISTRY_PROGRAM, TEST_DOMAIN, Stack, Upstream, cache_holds, child_pids, command_line, docker_io_stack,
     enter_private_namespaces, push_blob, random_chunks, wait_for_port,
 )

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Warm-layer throughput: regcache against the registry:2 cache it fronts and the seed's nginx
 front door, 1 and 8 clients, side by side in one run.
 
-    sudo .venv/bin/python scripts/bench_throughput.py [--size-mib 256] [--clients 1,8] [--repeats 3] [--no-dataplane]
+    sudo .venv/bin/python -m scripts.bench_throughput [--size-mib 256] [--clients 1,8] [--repeats 3] [--no-dataplane]
 
 One random blob is pulled through the proxy once, so the cache holds it. Then N clients at
 once GET it, in turn from each of:
@@ -28,8 +27,8 @@ import shutil
 import statistics
 import sys
 
-from bench_setup import BenchStack, CACHE_PORT, PROXY_PORT, REPOSITORY, fetch, fetch_in_parallel, mb_per_s, nginx_front_door
-from parts import TEST_DOMAIN, stop_process
+from scripts.bench_setup import BenchStack, CACHE_PORT, PROXY_PORT, REPOSITORY, fetch, fetch_in_parallel, mb_per_s, nginx_front_door
+from tests.support.parts import TEST_DOMAIN, stop_process
 
 NGINX_PORT = PROXY_PORT + 60
 TARGET_VS_DIRECT, TARGET_VS_NGINX = 1.3, 2.0

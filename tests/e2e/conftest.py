@@ -1,19 +1,18 @@
-"""Test session set-up: a private network and mount namespace, a shared upstream, seeded images.
+"""The e2e lane's set-up: a private network and mount namespace, a shared upstream, seeded images.
 
-The whole pytest process moves into new namespaces before any test runs, so every server it
-starts listens on a loopback of its own (no port can collide with anything on the machine),
-and /etc/hosts is ours to point test names at 127.0.0.1. This needs root, as CI has.
+The whole pytest process moves into new namespaces once this lane is collected, before any test
+runs, so every server it starts listens on a loopback of its own (no port can collide with
+anything on the machine), and /etc/hosts is ours to point test names at 127.0.0.1. This needs
+root, as CI has. The unit lane never loads this file: it runs as any user, outside namespaces.
 """
 
 from __future__ import annotations
 
 import os
-import platform
 
 import pytest
-from mitmproxy import version as mitmproxy_version
 
-from parts import (
+from tests.support.parts import (
     PORT_BASES, REMOTE_CACHE_HOST, TEST_DOMAIN, UPSTREAM_OFFSET, MultiArchImage, Stack, Upstream, build_image,
     build_multiarch_image, docker_io_stack, enter_private_namespaces,
 )
@@ -21,16 +20,11 @@ from parts import (
 TEST_REGISTRIES = ("docker.io", "ghcr.io", "quay.io", "unmapped.io")
 
 
-def pytest_report_header() -> str:
-    """CI runs the suite on two legs: the header says which this is."""
-    return f"mitmproxy {mitmproxy_version.VERSION} on Python {platform.python_version()}"
-
-
 def pytest_configure(config: pytest.Config) -> None:
     try:
         enter_private_namespaces([*(f"{r}.{TEST_DOMAIN}" for r in TEST_REGISTRIES), REMOTE_CACHE_HOST])
     except OSError as e:
-        pytest.exit(f"the tests run in private namespaces: {e}", returncode=4)
+        pytest.exit(f"the e2e tests run in private namespaces: {e} (`scripts/test unit` needs no root)", returncode=4)
 
 
 @pytest.fixture(scope="session")

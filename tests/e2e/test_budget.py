@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from parts import PORT_BASES, TEST_DOMAIN, build_image, cache_holds, docker_io_stack, poll, pull, storage_bytes
+from tests.support.parts import PORT_BASES, TEST_DOMAIN, build_image, cache_holds, docker_io_stack, poll, pull, storage_bytes
 
 PORT = PORT_BASES["test_budget"]
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"

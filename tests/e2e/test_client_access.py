@@ -15,9 +15,9 @@ import subprocess
 
 import pytest
 
-from clients import Containerd
-from fakes import Cdn
-from parts import (
+from tests.support.clients import Containerd
+from tests.support.fakes import Cdn
+from tests.support.parts import (
     MANIFEST_TYPES, PORT_BASES, REGCACHE, TEST_DOMAIN, UPSTREAM_OFFSET, docker_io_stack, http_get, pull, raw_exchange,
     skopeo,
 )

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from clients import Dockerd
-from parts import REPO, TEST_DOMAIN, host_network_namespace, poll, pull, read_access_log
+from tests.support.clients import Dockerd
+from tests.support.parts import REPO, TEST_DOMAIN, host_network_namespace, poll, pull, read_access_log
 
 STAND_INS = Path(__file__).parent / "compose"
 MACHINE_CA = Path("/etc/ssl/certs/ca-certificates.crt")  # Debian's bundle of the certificates it trusts

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from parts import (
+from tests.support.parts import (
     PORT_BASES, TEST_DOMAIN, Stack, accepts_connections, cache_holds, docker_io_stack, http_get, poll, pull, raw_exchange,
 )
 from regcache_core.dataplane.grants import Grant, GrantSigner, load_or_create_key

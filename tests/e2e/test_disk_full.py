@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from parts import PORT_BASES, TEST_DOMAIN, docker_io_stack, pull
+from tests.support.parts import PORT_BASES, TEST_DOMAIN, docker_io_stack, pull
 
 PORT = PORT_BASES["test_disk_full"]
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fakes import Cdn, TokenServer
-from parts import (
+from tests.support.fakes import Cdn, TokenServer
+from tests.support.parts import (
     PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, cache_holds, docker_io_stack, htpasswd_auth, http_get,
     pull, raw_exchange, skopeo,
 )

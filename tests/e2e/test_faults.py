@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from fakes import Challenger, NotHttp
-from parts import PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, http_get, raw_exchange, raw_request, split_responses
+from tests.support.fakes import Challenger, NotHttp
+from tests.support.parts import PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, http_get, raw_exchange, raw_request, split_responses
 
 PORT = PORT_BASES["test_faults"]
 GHCR = f"ghcr.io.{TEST_DOMAIN}:{PORT}"

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from parts import PORT_BASES, TEST_DOMAIN, http_get, raw_exchange
+from tests.support.parts import PORT_BASES, TEST_DOMAIN, http_get, raw_exchange
 
 PORT = PORT_BASES["session"]
 HUB = f"docker.io.{TEST_DOMAIN}:{PORT}"

@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from parts import MANIFEST_TYPES, PORT_BASES, REGISTRY_PROGRAM, TEST_DOMAIN, Stack, docker_io_stack, http_get, poll
+from tests.support.parts import MANIFEST_TYPES, PORT_BASES, REGISTRY_PROGRAM, TEST_DOMAIN, Stack, docker_io_stack, http_get, poll
 
 PORT = PORT_BASES["test_observability"]
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"

@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from clients import Containerd
-from parts import (
+from tests.support.clients import Containerd
+from tests.support.parts import (
     MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, build_image, docker_io_stack,
     http_get, poll,
 )

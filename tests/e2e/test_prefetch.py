@@ -7,7 +7,7 @@ import pytest
 
 from regcache_core.commands.prefetch import ImageReference, PrefetchError, parse_platforms, parse_reference
 
-from parts import PORT_BASES, TEST_DOMAIN, build_image, build_multiarch_image, cache_holds, pull
+from tests.support.parts import PORT_BASES, TEST_DOMAIN, build_image, build_multiarch_image, cache_holds, pull
 
 PORT = PORT_BASES["session"]
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"

@@ -10,7 +10,7 @@ import re
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from parts import PORT_BASES, TEST_DOMAIN, raw_exchange
+from tests.support.parts import PORT_BASES, TEST_DOMAIN, raw_exchange
 from regcache_core.config import DEFAULTS, parse_config
 from regcache_core.routing import MAX_TARGET, Refusal, Target, refuse_malformed, route, route_egress
 

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from parts import PORT_BASES, TEST_DOMAIN, http_get, raw_exchange, raw_request, split_responses, skopeo
+from tests.support.parts import PORT_BASES, TEST_DOMAIN, http_get, raw_exchange, raw_request, split_responses, skopeo
 
 PORT = PORT_BASES["session"]
 HUB = f"docker.io.{TEST_DOMAIN}:{PORT}"

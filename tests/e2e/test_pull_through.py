@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from parts import MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, cache_holds, http_get, pull
+from tests.support.parts import MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, cache_holds, http_get, pull
 from regcache_core.dataplane.server import BACKEND as DATAPLANE_BACKEND
 
 PORT = PORT_BASES["session"]

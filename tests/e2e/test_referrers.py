@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from fakes import ReferrersRegistry, TokenServer
-from parts import OCI_INDEX, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, docker_io_stack, http_get
+from tests.support.fakes import ReferrersRegistry, TokenServer
+from tests.support.parts import OCI_INDEX, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, docker_io_stack, http_get
 
 PORT = PORT_BASES["test_referrers"]
 HUB = f"docker.io.{TEST_DOMAIN}:{PORT}"

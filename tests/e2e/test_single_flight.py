@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fakes import Cdn, SlowLink
-from parts import PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, docker_io_stack, poll, skopeo
+from tests.support.fakes import Cdn, SlowLink
+from tests.support.parts import PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, docker_io_stack, poll, skopeo
 
 PORT = PORT_BASES["test_single_flight"]
 OWN_UPSTREAM_PORT = PORT_BASES["test_single_flight[own upstream]"]  # its tests run one after the other

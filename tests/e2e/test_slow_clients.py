@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from parts import PORT_BASES, TEST_DOMAIN, docker_io_stack, poll, pull
+from tests.support.parts import PORT_BASES, TEST_DOMAIN, docker_io_stack, poll, pull
 
 PORT = PORT_BASES["test_slow_clients"]
 CAP = 100

@@ -9,8 +9,8 @@ import os
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fakes import Cdn
-from parts import PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Upstream, push_blob
+from tests.support.fakes import Cdn
+from tests.support.parts import PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Upstream, push_blob
 from regcache_core.config import Registry
 from regcache_core.observe.metrics import Metrics
 from regcache_core.spool.table import SpoolTable
@@ -19,7 +19,7 @@ from regcache_core.upstream.auth import TokenStore, UpstreamAuth
 from regcache_core.upstream.client import UpstreamClient
 from regcache_core.upstream.signals import UpstreamSignals
 from regcache_core.upstream.state import UpstreamState
-from test_spool import read_all
+from tests.unit.test_spool import read_all
 
 PORT = PORT_BASES["test_spool_download"]
 UPSTREAM_PORT = PORT + UPSTREAM_OFFSET

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from parts import PORT_BASES, Stack, raw_exchange
+from tests.support.parts import PORT_BASES, Stack, raw_exchange
 from regcache_core.dataplane.grants import GRANT_PATHS, GrantSigner, load_or_create_key
 from regcache_core.spool.table import SPOOL_DIR, spool_path
 

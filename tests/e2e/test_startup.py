@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from parts import (
+from tests.support.parts import (
     PORT_BASES, PROXY_VARIABLES, REGCACHE, REGISTRY_PROGRAM, REPO, TEST_DOMAIN, accepts_connections, child_pids,
     command_line, docker_io_stack, pull,
 )

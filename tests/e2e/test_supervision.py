@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from parts import (
+from tests.support.parts import (
     PORT_BASES, REGISTRY_PROGRAM, TEST_DOMAIN, accepts_connections, docker_io_stack, has_exited, poll, pull,
 )
 

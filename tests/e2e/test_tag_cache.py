@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from parts import (
+from tests.support.parts import (
     MANIFEST_TYPES, OCI_INDEX, PORT_BASES, TEST_DOMAIN, Stack, Upstream, build_image,
     build_multiarch_image, docker_io_stack, http_get, pull, raw_exchange,
 )

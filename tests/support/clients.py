@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from parts import stop_process
+from .parts import stop_process
 
 
 class Daemon:

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from parts import OCI_INDEX
+from .parts import OCI_INDEX
 
 
 def _b64url(data: bytes) -> str:

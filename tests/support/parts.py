@@ -1,7 +1,7 @@
 """Real parts for end-to-end tests and benchmarks: registry, skopeo, umoci and `regcache up`.
 
 Plain functions and small classes, no pytest: scripts/ uses them too. Everything listens on
-loopback inside the private network namespace that `enter_private_namespaces` makes (pytest's
+loopback inside the private network namespace that `enter_private_namespaces` makes (tests/e2e's
 conftest.py and the benchmarks call it first).
 """
 
@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from regcache_core.stack.caches import find_registry_program
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # the checkout: this file is tests/support/parts.py
 TEST_DOMAIN = "regcache.test"
 # A cache on another host, as compose runs them: `regcache up` leaves it alone, and in tests
 # nothing listens there, which is what a stopped cache looks like to the proxy.

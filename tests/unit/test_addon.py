@@ -12,7 +12,7 @@ from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
-from parts import REPO
+from tests.support.parts import REPO
 from regcache_core.mitm.keys import BYTE_COUNTER, TARGET
 from regcache_core.mitm.recorder import ByteCounter, Recorder, pull_record
 from regcache_core.mitm.router import Router

@@ -11,7 +11,7 @@ import pytest
 from regcache_core.observe.admin import AdminServer, Answer, probe_backend, readiness
 from regcache_core.config import DEFAULTS, ConfigError, parse_config
 
-from parts import http_get
+from tests.support.parts import http_get
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from parts import REGCACHE, poll
+from tests.support.parts import REGCACHE, poll
 from regcache_core.cli import main
 from regcache_core.config import DEFAULTS
 

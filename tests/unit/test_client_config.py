@@ -15,7 +15,7 @@ from regcache_core.cli import main
 from regcache_core.commands.client_config import client_files
 from regcache_core.config import DEFAULTS, ConfigError, parse_config
 
-from parts import REGCACHE
+from tests.support.parts import REGCACHE
 
 K8S_WITH_PORT = {
     "REGCACHE_REGISTRIES": "K8S,LOCAL",

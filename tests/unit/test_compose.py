@@ -16,7 +16,7 @@ import sys
 import pytest
 from ruamel.yaml import YAML
 
-from parts import PORT_BASES, REGISTRY_PROGRAM, REPO, docker_io_stack
+from tests.support.parts import PORT_BASES, REGISTRY_PROGRAM, REPO, docker_io_stack
 from regcache_core.stack.caches import local_backends
 from regcache_core.config import DEFAULTS, parse_config
 

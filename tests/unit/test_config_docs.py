@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from pathlib import Path
 
 from regcache_core.cli import main
 from regcache_core.commands.config_docs import CONFIGURATION_DOC, ENV_EXAMPLE, env_example, with_tables
 from regcache_core.config import DEFAULTS, REGISTRY_SETTINGS, SETTINGS, Config, parse_config
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.parts import REPO
 
 
 def test_env_example_is_what_config_docs_writes():

@@ -1,11 +1,10 @@
 """`.env.example` is what users copy: it must load as it is and document every variable (it is
 written from the settings config.py declares: see test_config_docs.py)."""
 
-from pathlib import Path
-
 from regcache_core.config import DEFAULTS, load_config
+from tests.support.parts import REPO
 
-EXAMPLE = Path(__file__).resolve().parent.parent / ".env.example"
+EXAMPLE = REPO / ".env.example"
 
 
 def test_env_example_loads_and_gives_the_three_registries():

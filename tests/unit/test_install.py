@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from parts import REPO
+from tests.support.parts import REPO
 
 RECORDING_PIP = """#!/bin/sh
 echo "$*" >> "$(dirname "$0")/../pip-calls"

@@ -25,8 +25,8 @@ from regcache_core.upstream.auth import (
 )
 from regcache_core.upstream.client import NoAnswer, UpstreamClient
 
-from fakes import Challenger, Redirector, TokenServer
-from parts import PORT_BASES
+from tests.support.fakes import Challenger, Redirector, TokenServer
+from tests.support.parts import PORT_BASES
 
 PORT = PORT_BASES["test_upstream_auth"]
 

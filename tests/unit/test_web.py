@@ -27,7 +27,7 @@ from regcache_core.routing import route
 from regcache_core.observe.stats import human_bytes
 from regcache_core.observe.web import flow_label, flow_marker
 
-from parts import (
+from tests.support.parts import (
     MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, child_pids, command_line, docker_io_stack,
     htpasswd_auth, http_get, poll, pull, skopeo,
 )
