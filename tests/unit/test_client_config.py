@@ -1,11 +1,10 @@
-"""The client files as pure functions of the settings, and `regcache client-config`'s errors.
-The real clients reading them are in test_clients.py."""
+"""The client files as pure functions of the settings, and `regcache client-config`'s errors (a
+read-only directory: tests/e2e/test_client_config.py). The real clients reading them are in
+tests/e2e/test_clients.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import tomllib
 
 import pytest
@@ -14,8 +13,6 @@ from ruamel.yaml import YAML
 from regcache_core.cli import main
 from regcache_core.commands.client_config import client_files
 from regcache_core.config import DEFAULTS, ConfigError, parse_config
-
-from tests.support.parts import REGCACHE
 
 K8S_WITH_PORT = {
     "REGCACHE_REGISTRIES": "K8S,LOCAL",
@@ -76,22 +73,3 @@ def test_client_config_refuses_an_endpoint_with_a_path(tmp_path, capsys, monkeyp
     assert main(["client-config", "--out", str(tmp_path / "out"), "--endpoint", "http://10.0.0.5:5000/v2"]) == 2
     assert "--endpoint: 'http://10.0.0.5:5000/v2' must be a bare scheme://host[:port]" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-
-
-def test_client_config_into_a_directory_it_cannot_write_says_so_in_one_line(tmp_path):
-    (tmp_path / "a-file").write_text("")
-    read_only = tmp_path / "read-only"
-    read_only.mkdir()
-    subprocess.run(["mount", "--bind", "-o", "ro", str(read_only), str(read_only)], check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("REGCACHE_", "REGISTRY_DOMAIN"))}
-    try:
-        for out, failed, reason in [
-            (tmp_path / "a-file" / "out", tmp_path / "a-file" / "out", "Not a directory"),
-            (read_only, read_only / "registries.yaml", "Read-only file system"),
-        ]:
-            result = subprocess.run([*REGCACHE, "client-config", "--out", str(out)], cwd=tmp_path, env=env,
-                                    capture_output=True, text=True, timeout=30)
-            assert (result.returncode, result.stderr.splitlines(), result.stdout) == (
-                2, [f"regcache client-config: --out {out}: cannot write {failed}: {reason}"], "")
-    finally:
-        subprocess.run(["umount", str(read_only)], check=True)

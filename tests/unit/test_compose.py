@@ -2,21 +2,18 @@
 
 Debian's docker-compose validates and resolves the file (`config`, no engine needed), and the
 resolved configuration is then held to what a user relies on. The proxy's healthcheck command
-is run for real against `regcache up`.
+is run for real against `regcache up` in tests/e2e/test_compose.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 
 import pytest
 from ruamel.yaml import YAML
 
-from tests.support.parts import PORT_BASES, REGISTRY_PROGRAM, REPO, docker_io_stack
+from tests.support.parts import REPO
 from regcache_core.stack.caches import local_backends
 from regcache_core.config import DEFAULTS, parse_config
 
@@ -144,24 +141,3 @@ def test_image_runs_regcache_up_and_never_gets_the_env_file():
     # .dockerignore lists what the build may see, after excluding everything.
     patterns = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert patterns[0] == "*" and not [p for p in patterns if p.startswith("!.env")]
-
-
-def test_proxy_healthcheck_is_readiness_and_passes_only_when_the_docker_io_cache_answers(resolved, upstream, tmp_path):
-    check = resolved["services"][PROXY]["healthcheck"]["test"][1:]
-    run_check = lambda: subprocess.run([sys.executable, *check[1:]], capture_output=True, timeout=30)  # noqa: E731
-    assert check[0] == "python"
-    assert run_check().returncode != 0, "healthy with nothing listening"
-    # On regcache's default ports, which the check asks; the suite keeps them free for this.
-    stack = docker_io_stack(tmp_path, upstream, PORT_BASES["test_compose"]).start()
-    try:
-        assert stack.admin_port == int(DEFAULTS["REGCACHE_ADMIN_PORT"])
-        result = run_check()
-        assert result.returncode == 0, result.stderr
-        cache = stack.child(REGISTRY_PROGRAM)
-        os.kill(cache, signal.SIGSTOP)  # the cache stops answering
-        try:
-            assert run_check().returncode != 0, "healthy while the cache does not answer"
-        finally:
-            os.kill(cache, signal.SIGCONT)
-    finally:
-        stack.stop()

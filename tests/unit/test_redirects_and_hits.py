@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from regcache_core.observe.hits import InFlight
 from regcache_core.config import Registry
-from regcache_core.upstream.redirects import RedirectSigner, SignedRedirect, Destination, is_redirect_path, resolve_destination
+from regcache_core.upstream.redirects import RedirectSigner, SignedRedirect, is_redirect_path
 from regcache_core.routing import Target
 
 BLOB = "https://registry-1.docker.io/v2/library/small/blobs/sha256:" + "a" * 64
@@ -105,15 +103,6 @@ def test_private_addresses_and_a_loopback_upstreams_own_loopback_are_allowed():
     assert followed(signer, "https://10.1.2.3/blob") == "https://10.1.2.3/blob"
     local_blob = "http://127.0.0.1:6000/v2/x/blobs/" + TAG_DIGEST
     assert followed(signer, "http://127.0.0.1:6002/blob", ON_LOOPBACK, local_blob) == "http://127.0.0.1:6002/blob"
-
-
-def test_names_are_resolved_when_a_redirect_is_followed():
-    assert asyncio.run(resolve_destination("localhost")).internal
-    assert asyncio.run(resolve_destination("127.0.0.2")) == Destination("127.0.0.2", True)
-    assert asyncio.run(resolve_destination("10.1.2.3")) == Destination("10.1.2.3", False)
-    assert asyncio.run(resolve_destination("docker.io.regcache.test")) == Destination("127.0.0.1", True)  # conftest's /etc/hosts
-    # unresolvable: the connection fails instead
-    assert asyncio.run(resolve_destination("name.invalid")) == Destination(None, False)
 
 
 def test_one_upstream_blob_fetch_makes_one_miss_and_the_clients_it_served_meanwhile_hits():
