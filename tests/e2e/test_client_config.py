@@ -1,5 +1,6 @@
 """`regcache client-config` into a directory it cannot write: a read-only bind mount, so root in
-the e2e lane's mount namespace. The client files themselves are in tests/unit/test_client_config.py."""
+the e2e lane's mount namespace. The client files themselves are in
+tests/unit/test_client_config.py."""
 
 from __future__ import annotations
 

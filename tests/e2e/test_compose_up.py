@@ -3,7 +3,7 @@
 Docker Hub is out of reach, so the images are made offline-capable: a Debian base from
 debootstrap (kept in pytest's cache between runs), a python:3.11-slim-bookworm stand-in on it,
 the repo's Dockerfile on that (its BASE build argument), and a registry:2 stand-in from
-Debian's docker-registry (tests/compose/). They are built on a dockerd in the machine's network
+Debian's docker-registry (tests/e2e/compose/). They are built on a dockerd in the machine's network
 namespace with no bridge and no iptables rules (`docker build --network host`: the builds reach
 the package registries and nothing else). A second dockerd, on the same image store inside this
 process's private namespaces, runs the repo's docker-compose.yml unchanged: an override file

@@ -1,6 +1,6 @@
 """End to end: real upstream registry -> registry:2 cache -> regcache proxy -> skopeo.
 
-The stack (tests/conftest.py) is started by `regcache up`, the same code a user runs. docker.io
+The stack (tests/e2e/conftest.py) is started by `regcache up`, the same code a user runs. docker.io
 is cached (its upstream is the session's local registry); ghcr.io passes through uncached to it.
 """
 

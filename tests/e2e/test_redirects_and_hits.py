@@ -1,5 +1,6 @@
 """Redirect targets resolved by name: the e2e lane's /etc/hosts names a test host, and its network
-namespace has no resolver to ask. The redirect policy itself is in tests/unit/test_redirects_and_hits.py."""
+namespace has no resolver to ask. The redirect policy itself is in
+tests/unit/test_redirects_and_hits.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """mitmweb: labelled flows, a bounded flow list, no credentials; unit tests with mitmproxy's own
-View addon (what mitmweb stores flows in). `regcache up --web` end to end is tests/e2e/test_web.py."""
+View addon (what mitmweb stores flows in). `regcache up --web` end to end: tests/e2e/test_web.py."""
 
 from __future__ import annotations
 
