@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 
 import pytest
 from mitmproxy import connection, http
+from mitmproxy import io as mitmproxy_io
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
 from parts import REPO
-from regcache_core.mitm.keys import BYTE_COUNTER, TARGET
+from regcache_core.mitm.flow_notes import note
 from regcache_core.mitm.recorder import ByteCounter, Recorder, pull_record
 from regcache_core.mitm.router import Router
 from regcache_core.mitm.settings import Settings
@@ -114,7 +116,7 @@ def test_router_sends_the_request_to_its_backend(host, path, backend, forwarded)
     assert flow.response is None
     assert (request.scheme, request.host, request.port) == backend
     assert request.path == forwarded
-    assert flow.metadata[TARGET].registry.name in ("docker.io", "ghcr.io")
+    assert note(flow).target.registry.name in ("docker.io", "ghcr.io")
 
 
 @pytest.mark.parametrize("method, path, host, authority, status, code", [
@@ -127,7 +129,7 @@ def test_router_answers_refusals_itself_with_registry_error_json(method, path, h
     assert flow.response.status_code == status
     assert flow.response.headers["Content-Type"] == "application/json"
     assert json.loads(flow.response.content)["errors"][0]["code"] == code
-    assert TARGET not in flow.metadata
+    assert note(flow).target is None
     assert (flow.request.host, flow.request.port) == ("127.0.0.1", 5000)  # sent nowhere
 
 
@@ -164,7 +166,7 @@ def test_pull_record_of_a_served_manifest():
 
 def test_pull_record_of_a_streamed_blob_counts_the_streamed_bytes():
     flow = routed(client_flow(f"/v2/library/small/blobs/{DIGEST}"))
-    counter = flow.metadata[BYTE_COUNTER] = ByteCounter()
+    counter = note(flow).byte_counter = ByteCounter()
     for chunk in (b"x" * 1000, b"y" * 24, b""):
         counter(chunk)
     record = finished(flow, http.Response.make(200, b""))
@@ -233,14 +235,14 @@ def test_a_followed_redirect_streams_like_a_blob():
     flow = routed(client_flow(path), signer)
     flow.response = http.Response.make(200, b"")  # its headers; mitmproxy has not read the body
     Recorder(Metrics(), {}).responseheaders(flow)
-    assert isinstance(flow.response.stream, ByteCounter) and flow.metadata[BYTE_COUNTER] is flow.response.stream
+    assert isinstance(flow.response.stream, ByteCounter) and note(flow).byte_counter is flow.response.stream
 
 
 def test_a_client_following_a_redirect_is_logged_as_the_registrys_blob_with_its_bytes():
     signer = RedirectSigner()
     flow = routed(client_flow(signer.location("https://ghcr.io/v2/x/blobs/" + DIGEST, "https://cdn.example/b?s=1", GHCR_BLOB)), signer)
     assert (flow.request.host, flow.request.path) == ("cdn.example", "/b?s=1")
-    counter = flow.metadata[BYTE_COUNTER] = ByteCounter()
+    counter = note(flow).byte_counter = ByteCounter()
     counter(b"x" * 2048)
     record = finished(flow, http.Response.make(200, b""))
     assert (record["registry"], record["kind"], record["repository"], record["reference"], record["bytes"]) == (
@@ -296,3 +298,17 @@ def test_a_followed_redirect_connects_to_the_address_that_was_checked():
     assert other.address == ("cdn.example", 443)
     router.client_disconnected(flow.client_conn)
     assert router._checked == {}
+
+
+def test_a_finished_flow_saves_in_mitmproxys_format_with_plain_labels_and_no_routing_objects():
+    flow = routed(client_flow("/v2/library/small/manifests/1.0"))
+    recorder = Recorder(Metrics(), {})
+    recorder.requestheaders(flow)
+    flow.response = http.Response.make(200, b"{}")
+    recorder.response(flow)
+    out = io.BytesIO()
+    mitmproxy_io.FlowWriter(out).add(flow)
+    [read] = mitmproxy_io.FlowReader(io.BytesIO(out.getvalue())).stream()
+    assert read.metadata == {"regcache": {
+        "answered_by": "backend", "registry": "docker.io", "repository": "library/small", "kind": "manifest",
+        "reference": "1.0", "upstream_fetch": False, "cache": None, "status": 200, "bytes": 2, "error": None}}

@@ -6,7 +6,7 @@ import asyncio
 
 from mitmproxy.test import tflow, tutils
 
-from regcache_core.mitm.keys import INJECTED, UPSTREAM
+from regcache_core.mitm.flow_notes import note
 from regcache_core.mitm.upstream import REDACTED, UpstreamCredentials
 from regcache_core.config import Registry
 from regcache_core.metrics import Metrics
@@ -45,9 +45,9 @@ def upstream_flow(status: int, headers: dict) -> tuple:
     addon.auth = FixedAuth()
     flow = tflow.tflow()
     flow.request.headers["Authorization"] = "Basic client-credentials"
-    flow.metadata[UPSTREAM] = Target(HUB, "blob", "library/small", BLOB, f"/v2/library/small/blobs/{BLOB}")
+    note(flow).upstream = Target(HUB, "blob", "library/small", BLOB, f"/v2/library/small/blobs/{BLOB}")
     asyncio.run(addon.request(flow))
-    assert flow.request.headers.get_all("Authorization") == ["Bearer secret-token"] and flow.metadata[INJECTED]
+    assert flow.request.headers.get_all("Authorization") == ["Bearer secret-token"] and note(flow).injected
     flow.response = tutils.tresp(status_code=status, headers=tuple((k.encode(), v.encode()) for k, v in headers.items()))
     addon.responseheaders(flow)
     return addon, signer, flow
@@ -75,9 +75,21 @@ def test_redacted_also_when_the_upstream_connection_fails():
     addon = credentials(RedirectSigner())
     addon.auth = FixedAuth()
     flow = tflow.tflow()
-    flow.metadata[UPSTREAM] = Target(HUB, "manifest", "library/small", "1.0", "/v2/library/small/manifests/1.0")
+    note(flow).upstream = Target(HUB, "manifest", "library/small", "1.0", "/v2/library/small/manifests/1.0")
     asyncio.run(addon.request(flow))
     addon.error(flow)
+    assert flow.request.headers["Authorization"] == REDACTED
+
+
+def test_redacted_when_mitmproxy_stops_with_the_request_in_flight():
+    """mitmproxy's Save writes the flows still in flight when it stops, after the scripts' `done`."""
+    addon = credentials(RedirectSigner())
+    addon.auth = FixedAuth()
+    flow = tflow.tflow()
+    note(flow).upstream = Target(HUB, "manifest", "library/small", "1.0", "/v2/library/small/manifests/1.0")
+    asyncio.run(addon.request(flow))
+    addon.auth = None  # no token store to close
+    addon.done()
     assert flow.request.headers["Authorization"] == REDACTED
 
 

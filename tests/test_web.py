@@ -8,15 +8,18 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import exceptions, io
 from mitmproxy.addons.view import View
 from mitmproxy.test import taddons, tflow
 
-from regcache_core.mitm.keys import CLIENT_HOST, CLIENT_PATH, EGRESS, EGRESS_FOR, INJECTED, RECORD, TARGET, UPSTREAM
+from regcache_core.mitm.flow_notes import note
 from regcache_core.mitm.router import send_to
 from regcache_core.mitm.settings import Settings
 from regcache_core.mitm.web import WebView
@@ -84,7 +87,7 @@ def test_flows_are_labelled_with_registry_image_kind_and_outcome():
     with taddons.context(view, web):
         for result, marker in ((failed, ":warning:"), (record, ":large_blue_circle:"), (streamed, ":green_circle:")):
             flow = finished_flow()
-            flow.metadata[TARGET], flow.metadata[RECORD] = target, result
+            note(flow).target, note(flow).record = target, result
             web.response(flow)
             assert flow.marked == marker
         stale = PullRecord("t", "c", "docker.io", "library/small", "manifest", "1.0", "GET", 200, 5, 1, "b", cache="stale")
@@ -98,7 +101,7 @@ def routed_flow(client_host: str, client_path: str, backend: str, backend_path: 
     flow.client_conn.sockname = ("127.0.0.1", 5000)
     flow.client_conn.timestamp_tls_setup = None  # plain HTTP
     flow.request.headers["Host"] = client_host
-    flow.metadata[CLIENT_HOST], flow.metadata[CLIENT_PATH] = client_host, client_path
+    note(flow).client_host, note(flow).client_path = client_host, client_path
     send_to(flow.request, backend, backend_path)
     return flow
 
@@ -122,8 +125,8 @@ def test_a_row_shows_the_request_as_regcache_received_it_once_it_has_gone():
         # A cache's upstream fetch keeps the upstream's URL: where it went is the point.
         fetch = routed_flow("127.0.0.1:5080", f"/v2/library/small/blobs/{LAYER}", "https://registry-1.docker.io",
                             f"/v2/library/small/blobs/{LAYER}")
-        fetch.metadata[EGRESS_FOR] = CONFIG.registries[0]
-        fetch.metadata[EGRESS] = route(CONFIG, "GET", "docker.io.registry.example.test:5000", f"/v2/library/small/blobs/{LAYER}")
+        note(fetch).egress_for = CONFIG.registries[0]
+        note(fetch).egress = route(CONFIG, "GET", "docker.io.registry.example.test:5000", f"/v2/library/small/blobs/{LAYER}")
         web.responseheaders(fetch)
         assert fetch.request.pretty_url == f"https://registry-1.docker.io/v2/library/small/blobs/{LAYER}"
 
@@ -132,8 +135,8 @@ def test_pings_are_not_listed():
     view, web = View(), WebView(Settings())
     with taddons.context(view, web):
         ping, manifest = tflow.tflow(), tflow.tflow()
-        ping.metadata[TARGET] = route(CONFIG, "GET", "docker.io.registry.example.test:5000", "/v2/")
-        manifest.metadata[TARGET] = route(CONFIG, "GET", "docker.io.registry.example.test:5000", "/v2/a/b/manifests/1")
+        note(ping).target = route(CONFIG, "GET", "docker.io.registry.example.test:5000", "/v2/")
+        note(manifest).target = route(CONFIG, "GET", "docker.io.registry.example.test:5000", "/v2/a/b/manifests/1")
         for flow in (ping, manifest):
             web.requestheaders(flow)
             view.add([flow])  # what the view does at requestheaders, after ours
@@ -145,13 +148,13 @@ def test_a_flow_carrying_our_credentials_is_not_listed_until_they_are_redacted()
     with taddons.context(view, web):
         flow = tflow.tflow()  # in flight
         view.add([flow])  # what the view does at requestheaders
-        flow.metadata[UPSTREAM], flow.metadata[INJECTED] = object(), True  # UpstreamCredentials.request
+        note(flow).upstream, note(flow).injected = object(), True  # UpstreamCredentials.request
         flow.request.headers["Authorization"] = "Basic c2VjcmV0"
         web.request(flow)
         assert list(view) == [] and view.get_by_id(flow.id) is flow and not flow.error  # kept, not killed
         view.update([flow])  # as the view's own hooks do: still unlisted
         assert list(view) == []
-        del flow.metadata[INJECTED]  # UpstreamCredentials.responseheaders redacted it
+        note(flow).injected = False  # UpstreamCredentials.responseheaders redacted it
         web.responseheaders(flow)
         assert list(view) == [flow]
 
@@ -230,8 +233,19 @@ def quay_upstream(tmp_path_factory, images) -> Upstream:
 
 
 @pytest.fixture(scope="module")
-def web_stack(tmp_path_factory, upstream, private_upstream, quay_upstream) -> Stack:
+def saved(tmp_path_factory) -> Path:
+    """Where the stack's mitmweb saves every flow (save_stream_file) and writes a HAR file as it
+    stops (hardump): set in mitmproxy's own options file, as a user would, in the HOME it gets."""
+    home = tmp_path_factory.mktemp("web-home")
+    (home / ".mitmproxy").mkdir()
+    (home / ".mitmproxy" / "config.yaml").write_text(f"save_stream_file: {home / 'flows'}\nhardump: {home / 'flows.har'}\n")
+    return home
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory, upstream, private_upstream, quay_upstream, saved) -> Stack:
     stack = docker_io_stack(tmp_path_factory.mktemp("web"), upstream, PORT, {
+        "HOME": str(saved),
         "REGCACHE_WEB_MAX_FLOWS": "60", "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY", "REGCACHE_TAG_TTL": str(TTL),
         # Generous: mitmweb 12 checks its password (argon2) on every /flows, some 0.4 s each on a
         # busy machine, and the upstream hangs while the tests read /flows.
@@ -378,6 +392,58 @@ def test_regcache_up_web_marks_a_manifest_served_stale(web_stack, quay_upstream,
     assert shown_url(row) == f"http://{host}/v2/{image.name}/manifests/{image.tag}"
 
 
+def upstream_secrets() -> list[str]:
+    """The private upstream's password as it could be written: plain, or in the Basic header regcache adds."""
+    return [PASSWORD, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()]
+
+
+def read_back(path: Path, image) -> list:
+    """The flows of a saved file, read back with `mitmdump -nr` (it must read them all and show the
+    pulls) and with mitmproxy's reader."""
+    home = path.parent / "read-back-home"  # mitmdump's own options file: none
+    home.mkdir(exist_ok=True)
+    result = subprocess.run([str(Path(sys.executable).with_name("mitmdump")), "-nr", str(path)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "HOME": str(home)})
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert f"/v2/{image.name}/manifests/{image.tag}" in result.stdout
+    with path.open("rb") as f:
+        return list(io.FlowReader(f).stream())
+
+
+def check_saved_pulls(flows: list, image) -> None:
+    """The pulls of `pull_for_saving` are there with regcache's labels (plain values in their
+    metadata, and their label as the comment), and the upstream credential is not."""
+    manifests = [f.metadata["regcache"] for f in flows if f.metadata.get("regcache", {}).get("kind") == "manifest"]
+    ghcr = {"answered_by": "backend", "registry": "ghcr.io", "repository": image.name, "kind": "manifest",
+            "reference": image.tag, "upstream_fetch": False, "cache": None, "status": 200, "error": None}
+    assert [m for m in manifests if {k: v for k, v in m.items() if k != "bytes"} == ghcr and m["bytes"] > 0]
+    assert [m for m in manifests if m["registry"] == "docker.io" and m["status"] == 200 and m["cache"] in ("hit", "miss")]
+    assert f"200 · ghcr.io {image.name} manifest {image.tag}" in {f.comment for f in flows}
+    sent = [v for f in flows for k, v in f.request.headers.items(multi=True)
+            if k.lower() == "authorization" and f.metadata.get("regcache", {}).get("registry") == "ghcr.io"]
+    assert sent and set(sent) == {"<redacted by regcache>"}
+
+
+def pull_for_saving(image) -> None:
+    """A manifest from an uncached upstream that needs regcache's credentials, and one through a cache."""
+    for host in (GHCR, f"docker.io.{TEST_DOMAIN}:{PORT}"):
+        status, _, _ = http_get(f"http://127.0.0.1:{PORT}/v2/{image.name}/manifests/{image.tag}", host=host,
+                                headers={"Accept": MANIFEST_TYPES})
+        assert status == 200
+
+
+def test_mitmweb_saves_flows_with_their_labels_and_without_upstream_credentials(web_stack, images, tmp_path):
+    """What mitmweb's Save menu fetches (/flows/dump): every listed flow, readable again."""
+    login, image = web_login(web_stack), images["small"]
+    pull_for_saving(image)
+    rows_labelled(login, {f"200 · ghcr.io {image.name} manifest {image.tag}"})
+    status, _, body = http_get(f"{WEB_UI}/flows/dump{login}")
+    assert status == 200 and body
+    assert not [s for s in upstream_secrets() if s.encode() in body]
+    (tmp_path / "dump").write_bytes(body)
+    check_saved_pulls(read_back(tmp_path / "dump", image), image)
+
+
 def test_ctrl_c_after_pulls_stops_regcache_up_web_quietly_and_exits_0(web_stack, images, tmp_path):
     """Last in this module: it stops the stack. The pull leaves the cache's kept-alive
     connections to its egress listener open, which mitmproxy used to leave for asyncio.run to
@@ -386,3 +452,18 @@ def test_ctrl_c_after_pulls_stops_regcache_up_web_quietly_and_exits_0(web_stack,
     assert pull(f"docker.io.{TEST_DOMAIN}:{PORT}", image.reference, tmp_path / "pulled") == image.manifest_digest
     assert web_stack.stop(signal.SIGINT) == 0
     assert not [line for line in web_stack.output if "Traceback" in line or "CancelledError" in line]
+
+
+def test_flows_saved_as_they_end_and_as_har_keep_labels_and_no_upstream_credentials(web_stack, images, saved):
+    """After the stack stopped (the test above stops it; run alone, this one does): the file
+    save_stream_file wrote, and the HAR file hardump wrote at the stop, of every pull in this module."""
+    web_stack.stop()
+    image, flows_file, har_file = images["small"], saved / "flows", saved / "flows.har"
+    assert not [s for s in upstream_secrets() if s.encode() in flows_file.read_bytes()]
+    check_saved_pulls(read_back(flows_file, image), image)
+    har = har_file.read_text()
+    assert not [s for s in upstream_secrets() if s in har]
+    entries = json.loads(har)["log"]["entries"]
+    sent = [h["value"] for e in entries for h in e["request"]["headers"]
+            if h["name"].lower() == "authorization" and e["request"]["url"].startswith(f"http://{GHCR}")]
+    assert sent and set(sent) == {"<redacted by regcache>"}

@@ -20,8 +20,7 @@ from ..budget.usage import UsageStore, usage_file
 from ..cache_backend import local_backends
 from ..metrics import Metrics
 from ..pull_log import PullRecord
-from ..routing import Target
-from .keys import TARGET
+from .flow_notes import note
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -71,7 +70,7 @@ class DiskBudget:
         self.worker.shutdown(wait=False)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        target: Target | None = flow.metadata.get(TARGET)
+        target = note(flow).target
         if target and target.registry.cache and target.kind == "blob":
             with self._sending_lock:
                 self._sending[flow.id] = (target.registry.name, target.reference)

@@ -12,7 +12,7 @@ from ..routing import Target
 from ..tags import TagCache
 from ..upstream_client import UpstreamClient
 from ..upstream_state import UpstreamState
-from .keys import ANSWERED_HERE, CACHE_RESULT, PLANNED, TARGET
+from .flow_notes import AnsweredBy, answer_here, note
 from .router import refuse, send_to
 from .settings import Settings
 from .upstream import UpstreamCredentials
@@ -47,24 +47,23 @@ class ManifestResponder:
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         target = _cached_manifest(flow)
-        if target is None or flow.response is not None:
+        if target is None or note(flow).answered:
             return
         plan = await self.front.plan(target.registry, target.repository, target.reference,
                                      flow.request.headers.get_all("Accept"))
         if plan is None:
             return
-        flow.metadata[PLANNED] = True
-        flow.metadata[CACHE_RESULT] = plan.cache
+        note(flow).cache = plan.cache
         if plan.manifest is None:
+            note(flow).answered_by = AnsweredBy.CACHE_BY_DIGEST
             send_to(flow.request, target.backend, f"/v2/{target.repository}/manifests/{plan.digest}")
         else:
-            flow.metadata[ANSWERED_HERE] = True
-            flow.response = answer_from_memory(plan, flow.request.method)
+            answer_here(flow, answer_from_memory(plan, flow.request.method))
 
     def response(self, flow: http.HTTPFlow) -> None:
         target = _cached_manifest(flow)
-        if target is None or PLANNED in flow.metadata:
-            return
+        if target is None or note(flow).answered_by is not AnsweredBy.BACKEND:
+            return  # answered from what regcache knows
         response = flow.response
         if response.status_code == 200:
             # The raw bytes: learn() keeps them only if they hash to the digest.
@@ -83,7 +82,7 @@ def answer_from_memory(plan: Plan, method: str) -> http.Response:
 
 
 def _cached_manifest(flow: http.HTTPFlow) -> Target | None:
-    target: Target | None = flow.metadata.get(TARGET)
+    target = note(flow).target
     if target is None or target.registry.cache is None or target.kind != "manifest":
         return None
     return target

@@ -16,7 +16,7 @@ from ..egress_guard import EgressGuard
 from ..log_throttle import LogThrottle, held_back
 from ..redirects import RedirectSigner, is_redirect_path, resolve_destination
 from ..routing import PULL_METHODS, Refusal, Target, refuse_malformed, refuse_method, route, route_egress
-from .keys import ANSWERED_HERE, CLIENT_HOST, CLIENT_PATH, EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
+from .flow_notes import answer_here, note
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,10 @@ class Router:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Before routing rewrites them: 307s to the data plane go to the host name the client (or
         # cache) used, and mitmweb shows the request as it came (mitm/web.py).
-        flow.metadata[CLIENT_HOST] = flow.request.host_header or ""
-        flow.metadata[CLIENT_PATH] = flow.request.path
-        if flow.response is not None:
+        flow_note = note(flow)
+        flow_note.client_host = flow.request.host_header or ""
+        flow_note.client_path = flow.request.path
+        if flow_note.answered:
             return  # answered already (ClientAccess refused it)
         try:
             await self._route(flow)
@@ -75,7 +76,7 @@ class Router:
             return
         egress_for = self.settings.config.egress_registry(flow.client_conn.proxy_mode.listen_port())
         if egress_for is not None:
-            flow.metadata[EGRESS_FOR] = egress_for
+            note(flow).egress_for = egress_for
             client = flow.client_conn.peername[0]
             if not await self.guard.allows(egress_for, client):
                 if (held := self.refusals.allow(client)) is not None:
@@ -102,13 +103,14 @@ class Router:
         if isinstance(decision, Refusal):
             refuse(flow, decision)
             return
-        flow.metadata[TARGET] = decision
+        flow_note = note(flow)
+        flow_note.target = decision
         if decision.kind == "ping" and decision.registry.cache:
             # Nothing to ask the cache: it would answer the same 200, one hop later.
             answer(flow, 200, b"{}", API_VERSION)
             return
         if decision.goes_upstream:
-            flow.metadata[UPSTREAM] = decision
+            flow_note.upstream = decision
         send_to(request, decision.backend, decision.path)
 
     def _route_egress(self, flow: http.HTTPFlow, registry: Registry) -> None:
@@ -121,11 +123,11 @@ class Router:
             # registry:2 pings its upstream before every request until a ping has named a
             # challenge, then never again. A Basic one costs nothing: it holds no credentials
             # to answer it with, so its requests come as before and we add ours.
-            flow.metadata[EGRESS] = decision
+            note(flow).egress = decision
             answer(flow, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"regcache adds the credentials"}]}',
                    {**API_VERSION, "WWW-Authenticate": EGRESS_CHALLENGE})
         else:
-            flow.metadata[EGRESS] = flow.metadata[UPSTREAM] = decision
+            note(flow).egress = note(flow).upstream = decision
             send_to(flow.request, registry.upstream, decision.path)
 
     async def _follow_redirect(self, flow: http.HTTPFlow) -> None:
@@ -145,10 +147,11 @@ class Router:
             refuse(flow, Refusal(403, "DENIED", f"redirect target {parts.hostname} is an internal address"))
             return
         target = Target(registry, redirect.kind, redirect.repository, redirect.reference, redirect.url)
-        flow.metadata[REDIRECT] = target
-        if EGRESS_FOR not in flow.metadata:
+        flow_note = note(flow)
+        flow_note.redirect = target
+        if flow_note.egress_for is None:
             # A client follows it (an uncached registry): its pull log line names that blob.
-            flow.metadata[TARGET] = target
+            flow_note.target = target
         send_to(flow.request, f"{parts.scheme}://{parts.netloc}", parts._replace(scheme="", netloc="").geturl())
         if destination.address is not None:
             self._checked.setdefault(flow.client_conn.id, {})[(flow.request.host, flow.request.port)] = destination.address
@@ -184,9 +187,8 @@ def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str
     send the body after a HEAD's answer too, and the client would read it as the next answer on
     that connection."""
     head = flow.request.method == "HEAD"
-    flow.response = http.Response.make(status, b"" if head else body, {"Content-Type": "application/json", **(headers or {})})
+    answer_here(flow, http.Response.make(status, b"" if head else body, {"Content-Type": "application/json", **(headers or {})}))
     flow.response.headers["Content-Length"] = str(len(body))
-    flow.metadata[ANSWERED_HERE] = True
     unread_body = body_follows(flow.request)
     if (close or unread_body) and not multiplexed(flow):
         flow.response.headers["Connection"] = "close"  # HTTP/2 has no such header

@@ -17,7 +17,7 @@ from ..blob_heads import HeadFlights
 from ..spool import SPOOL_DIR, Key, Spool, SpoolTable, describe
 from ..spool_download import SpoolDownloads
 from ..upstream_state import UpstreamState
-from .keys import CLIENT_HOST, EGRESS, HEAD_FLIGHT, SPOOL_FOLLOWER, UPSTREAM
+from .flow_notes import AnsweredBy, answer_here, note
 from .settings import Settings
 from .upstream import UpstreamCredentials
 
@@ -58,13 +58,14 @@ class SingleFlight:
             self.downloads = None
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        egress: Target | None = flow.metadata.get(EGRESS)
-        if self.downloads is None or flow.response is not None or egress is None or egress.kind != "blob":
+        flow_note = note(flow)
+        egress = flow_note.egress
+        if self.downloads is None or flow_note.answered or egress is None or egress.kind != "blob":
             return
         if flow.request.method == "HEAD":
             await self._answer_head(flow, egress)
             return
-        base = client_base_url(flow.metadata[CLIENT_HOST], self.settings.config.dataplane.port)
+        base = client_base_url(flow_note.client_host, self.settings.config.dataplane.port)
         if base is None:
             return  # a Host that is no host name: the fetch goes upstream itself
         if spool := await self.downloads.follow(egress.registry, egress.repository, egress.reference):
@@ -75,35 +76,39 @@ class SingleFlight:
         key = spool_key(egress)
         head, goes_for_others = await self.heads.answer(key)
         if goes_for_others:
-            flow.metadata[HEAD_FLIGHT] = key
+            note(flow).head_flight = key
         elif head is not None:
-            flow.response = http.Response.make(200, b"", head.headers())
+            # Not an upstream request: no credentials, nothing counted.
+            answer_here(flow, http.Response.make(200, b"", head.headers()), AnsweredBy.SPOOL)
             flow.response.headers["Content-Length"] = str(head.size)  # what a GET would send; make() set 0
-            del flow.metadata[UPSTREAM]  # not an upstream request: no credentials, nothing counted
-            flow.metadata[SPOOL_FOLLOWER] = True
             logger.info("blob HEAD for %s: %s answered from what regcache knows", egress.registry.name, describe(key))
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Also for an answer made in `request` (a refusal, a 503): mitmproxy calls this hook then too.
-        if (key := flow.metadata.pop(HEAD_FLIGHT, None)) is not None:
+        if (key := _take_head_flight(flow)) is not None:
             self.heads.answered(key, flow.response.status_code, flow.response.headers)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        if (key := flow.metadata.pop(HEAD_FLIGHT, None)) is not None:
+        if (key := _take_head_flight(flow)) is not None:
             self.heads.answered(key, None, {})
 
     def _send_to_spool(self, flow: http.HTTPFlow, egress: Target, spool: Spool, base: str) -> None:
         """A 307 to the data plane on the host name the cache used for this listener (the data
         plane binds every interface by default), never REGCACHE_DATAPLANE_URL: that is for clients."""
         grant = self.grants.grant("spool", egress.registry.name, egress.repository, egress.reference, spool.size)
-        flow.response = http.Response.make(307, b"", {"Location": f"{base}{GRANT_PATHS['spool']}?{self.grants.query(grant)}"})
         # Not an upstream request: no credentials, no upstream fetch counted, no miss (the
         # download counts its own).
-        del flow.metadata[UPSTREAM]
-        flow.metadata[SPOOL_FOLLOWER] = True
+        answer_here(flow, http.Response.make(307, b"", {"Location": f"{base}{GRANT_PATHS['spool']}?{self.grants.query(grant)}"}),
+                    AnsweredBy.SPOOL)
         self.metrics.spool_follower(egress.registry.name)
         logger.info("spool follower for %s: %s sent to the data plane (%s, %d bytes)", egress.registry.name,
                     describe(spool.key), spool.state.value, spool.size)
+
+
+def _take_head_flight(flow: http.HTTPFlow) -> Key | None:
+    flow_note = note(flow)
+    key, flow_note.head_flight = flow_note.head_flight, None
+    return key
 
 
 def spool_key(target: Target) -> Key:

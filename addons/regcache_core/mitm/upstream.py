@@ -3,16 +3,18 @@ upstreams' answers cleaned up before a client or cache sees them."""
 
 from __future__ import annotations
 
+import weakref
+
 from mitmproxy import http
 
 from ..metrics import Metrics
 from ..redirects import RedirectSigner
-from ..routing import Refusal, Target
+from ..routing import Refusal
 from ..upstream_auth import MAX_TOKEN_RESPONSE, TokenStore, UpstreamAuth, UpstreamAuthError
 from ..upstream_client import UpstreamClient
 from ..upstream_signals import UpstreamSignals
 from ..upstream_state import UpstreamState
-from .keys import INJECTED, REDIRECT, UPSTREAM
+from .flow_notes import note
 from .router import refuse
 from .settings import Settings
 
@@ -35,6 +37,7 @@ class UpstreamCredentials:
         self.auth: UpstreamAuth | None = None
         self.client = client  # token fetches and challenges; shared with the tag HEADs and probes, which close it
         self.signals = UpstreamSignals(metrics)
+        self._carrying: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()  # flows with our header on, in flight
 
     def configure(self, updated: set[str]) -> None:
         config = self.settings.config
@@ -44,6 +47,9 @@ class UpstreamCredentials:
                                      challenge_timeout=config.upstream_timeout)
 
     def done(self) -> None:
+        # mitmproxy's Save writes the flows still in flight in its `done`, which runs after the scripts'.
+        for flow in list(self._carrying):
+            self._redact(flow)
         self._close_store()
 
     async def _fetch(self, url: str, headers: dict[str, str], timeout: float) -> tuple[int, list[str], bytes]:
@@ -56,8 +62,9 @@ class UpstreamCredentials:
     async def request(self, flow: http.HTTPFlow) -> None:
         # In `request`: mitmweb's view listed the flow at `requestheaders`, without our header;
         # WebView.request unlists it now.
-        target: Target | None = flow.metadata.get(UPSTREAM)
-        if target is None or flow.response is not None:
+        flow_note = note(flow)
+        target = flow_note.upstream
+        if target is None or flow_note.answered:
             return
         try:
             authorization = await self.auth.authorization(target.registry, target.repository)
@@ -69,12 +76,14 @@ class UpstreamCredentials:
             return
         if authorization:
             flow.request.headers["Authorization"] = authorization
-            flow.metadata[INJECTED] = True
+            flow_note.injected = True
+            self._carrying.add(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
-        target: Target | None = flow.metadata.get(UPSTREAM)
-        answers: Target | None = target or flow.metadata.get(REDIRECT)  # what a redirect of this answers
+        flow_note = note(flow)
+        target = flow_note.upstream_request
+        answers = target or flow_note.redirect  # what a redirect of this answers
         if answers is None:
             return
         response = flow.response
@@ -96,7 +105,9 @@ class UpstreamCredentials:
     def error(self, flow: http.HTTPFlow) -> None:
         self._redact(flow)
 
-    @staticmethod
-    def _redact(flow: http.HTTPFlow) -> None:
-        if flow.metadata.pop(INJECTED, False):
+    def _redact(self, flow: http.HTTPFlow) -> None:
+        flow_note = note(flow)
+        if flow_note.injected:
+            flow_note.injected = False
             flow.request.headers["Authorization"] = REDACTED
+            self._carrying.discard(flow)

@@ -24,9 +24,9 @@ import time
 from mitmproxy import http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from ..routing import Refusal, Target
+from ..routing import Refusal
 from ..upstream_state import UpstreamState, failure_reason
-from .keys import ANSWERED_HERE, DEADLINE, REDIRECT, UPSTREAM
+from .flow_notes import AnsweredBy, note
 from .router import refuse
 from .settings import Settings
 
@@ -40,15 +40,16 @@ class UpstreamDeadlines:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # flow id -> its deadline's timer
 
     def request(self, flow: http.HTTPFlow) -> None:
-        target: Target | None = flow.metadata.get(UPSTREAM)
-        if flow.response is not None or (target is None and REDIRECT not in flow.metadata):
+        flow_note = note(flow)
+        target = flow_note.upstream_request
+        if flow_note.answered or (target is None and flow_note.redirect is None):
             return
         if target is not None and (reason := self.state.reason_down(target.registry.name)):
             refuse(flow, Refusal(503, "UNAVAILABLE", f"upstream {target.registry.upstream} of {target.registry.name}"
                                                      f" cannot be reached ({reason}); regcache retries it in the background"))
             return
         timeout = self.settings.config.upstream_timeout
-        flow.metadata[DEADLINE] = time.monotonic() + timeout
+        flow_note.deadline = time.monotonic() + timeout
         self._waiting[flow.client_conn.id] = flow
         self._timers[flow.id] = asyncio.get_running_loop().call_later(timeout, self._expire, flow)
 
@@ -58,7 +59,7 @@ class UpstreamDeadlines:
             return
         host, port = data.server.address
         if not _is_ip(host):
-            await self._look_up(data, flow.metadata[DEADLINE])
+            await self._look_up(data, note(flow).deadline)
         if data.server.error is None:
             # Only now may the deadline cancel this task: cancelled inside a hook, it would leave
             # mitmproxy waiting for the connection forever.
@@ -79,18 +80,20 @@ class UpstreamDeadlines:
             del self._connections[data.client.id]
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if self._end(flow) and (target := flow.metadata.get(UPSTREAM)) is not None and ANSWERED_HERE not in flow.metadata:
+        flow_note = note(flow)
+        if self._end(flow) and (target := flow_note.upstream_request) is not None and flow_note.answered_by is not AnsweredBy.REGCACHE:
             self.state.answered(target.registry.name, target.registry.upstream)
 
     def error(self, flow: http.HTTPFlow) -> None:
         if not self._end(flow) or flow.response is not None:
             return
-        target: Target | None = flow.metadata.get(UPSTREAM)
+        flow_note = note(flow)
+        target = flow_note.upstream_request
         if target is None or flow.error is None or flow.error.msg == flow.error.KILLED_MESSAGE:
             return
         if "client" in flow.error.msg.lower():
             return  # the requester went away: nothing said about the upstream
-        if flow.metadata.get(DEADLINE) is None:  # cleared by _expire: the deadline passed
+        if flow_note.deadline_passed:
             reason = "timeout"
         else:
             reason = failure_reason(flow.error.msg)
@@ -102,7 +105,7 @@ class UpstreamDeadlines:
         if self._waiting.get(flow.client_conn.id) is flow:
             del self._waiting[flow.client_conn.id]
         if timer is None:
-            return DEADLINE in flow.metadata
+            return note(flow).deadline is not None
         timer.cancel()
         return True
 
@@ -110,7 +113,7 @@ class UpstreamDeadlines:
         self._timers.pop(flow.id, None)
         if flow.response is not None or flow.error is not None:
             return
-        flow.metadata[DEADLINE] = None
+        note(flow).deadline_passed = True
         if (task := self._connections.get(flow.client_conn.id)) is not None:
             task.cancel(f"no answer from the upstream within {self.settings.config.upstream_timeout:g} s")
 
