@@ -15,6 +15,20 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.test import taddons, tflow, tutils
 
 from parts import REPO
+from regcache_core.mitm import make_addons
+from regcache_core.mitm.answers import send_answer
+from regcache_core.mitm.budget import DiskBudget
+from regcache_core.mitm.client_limits import ConnectionLimits
+from regcache_core.mitm.drain import Drain
+from regcache_core.mitm.hits import HitMarker
+from regcache_core.mitm.manifest_responder import ManifestResponder
+from regcache_core.mitm.request_path import RequestPath
+from regcache_core.mitm.single_flight import SingleFlight
+from regcache_core.mitm.spec_answers import SpecAnswers
+from regcache_core.mitm.tasks import ScheduledTasks
+from regcache_core.mitm.upstream import UpstreamCredentials
+from regcache_core.mitm.upstream_deadlines import UpstreamDeadlines
+from regcache_core.mitm.web import WebView
 from regcache_core.mitm.flow_notes import note
 from regcache_core.mitm.recorder import ByteCounter, Recorder, pull_record
 from regcache_core.mitm.router import Router
@@ -101,8 +115,14 @@ def client_flow(path: str, host: str = HUB, method: str = "GET", authority: str 
 def routed(flow: http.HTTPFlow, signer: RedirectSigner | None = None) -> http.HTTPFlow:
     router = Router(Settings(), signer or RedirectSigner())
     router.settings.config = CONFIG
-    asyncio.run(router.requestheaders(flow))
+    route(router, flow)
     return flow
+
+
+def route(router: Router, flow: http.HTTPFlow) -> None:
+    """Routing's part of RequestPath: the flow pointed at its backend, or answered."""
+    if (answer := asyncio.run(router.route(flow))) is not None:
+        send_answer(flow, answer)
 
 
 @pytest.mark.parametrize("host, path, backend, forwarded", [
@@ -288,7 +308,7 @@ def test_a_followed_redirect_connects_to_the_address_that_was_checked():
     flow = client_flow(signer.location("http://127.0.0.1:6000/v2/x/blobs/" + DIGEST, target, blob))
     router = Router(Settings(), signer)
     router.settings.config = config
-    asyncio.run(router.requestheaders(flow))
+    route(router, flow)
     assert flow.response is None and flow.request.headers["Host"] == "docker.io.regcache.test:6002"
     server = connection.Server(address=(flow.request.host, flow.request.port))
     router.server_connect(server_hooks.ServerConnectionHookData(server=server, client=flow.client_conn))
@@ -312,3 +332,28 @@ def test_a_finished_flow_saves_in_mitmproxys_format_with_plain_labels_and_no_rou
     assert read.metadata == {"regcache": {
         "answered_by": "backend", "registry": "docker.io", "repository": "library/small", "kind": "manifest",
         "reference": "1.0", "upstream_fetch": False, "cache": None, "status": 200, "bytes": 2, "error": None}}
+
+
+def test_hook_order():
+    """mitmproxy calls the addons of each hook in the order of make_addons(); what must come first."""
+    order = [type(addon) for addon in make_addons()]
+
+    def before(first: type, then: type, why: str) -> None:
+        assert order.index(first) < order.index(then), f"{first.__name__} before {then.__name__}: {why}"
+
+    assert order[0] is ScheduledTasks, "running: tasks scheduled, not eager, before any addon starts one"
+    assert order[-1] is WebView, "its hooks see every other addon's work, just before mitmweb's view sends an update"
+    for addon in order[2:]:
+        before(Settings, addon, "configure: the config is loaded before any addon reads it")
+    before(UpstreamCredentials, SingleFlight, "configure: the spools' downloads use its auth of this config")
+    before(UpstreamCredentials, ManifestResponder, "configure: the tag revalidation uses its auth of this config")
+    before(ConnectionLimits, RequestPath, "requestheaders: a head's arrival is counted before its flow may be answered and killed")
+    for observer in (HitMarker, Recorder, DiskBudget, Drain, WebView):
+        before(RequestPath, observer, "requestheaders: it reads what the request path decided")
+    before(Router, UpstreamDeadlines, "server_connect: a redirect target's checked address is set before the name is looked up")
+    before(UpstreamDeadlines, UpstreamCredentials, "request: a down upstream is answered 503 before a token is asked for")
+    before(ManifestResponder, HitMarker, "response: a cache's outage answer is replaced before the hit mark is set")
+    before(ManifestResponder, Recorder, "response: a cache's outage answer is replaced before it is recorded")
+    before(SpecAnswers, Recorder, "response: a cache's answer is made what the spec says before it is recorded")
+    before(HitMarker, Recorder, "response: the hit, miss or stale mark is set before the record is made")
+    before(Recorder, WebView, "response: the label names the record")

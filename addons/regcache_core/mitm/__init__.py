@@ -24,6 +24,7 @@ from .hits import HitMarker
 from .manifest_responder import ManifestResponder
 from .pull_log import PullLogger
 from .recorder import Recorder
+from .request_path import RequestPath
 from .router import Router
 from .settings import MirrorDefaults, Settings
 from .spec_answers import SpecAnswers
@@ -45,26 +46,31 @@ def make_addons() -> list:
     credentials = UpstreamCredentials(settings, signer, metrics, upstream_state, upstream_client)
     recorder = Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe, "disk budget": budget.record})
     hits = HitMarker()
-    # Order matters: hooks run in this order. DataPlaneHandoff answers what Router routed;
-    # UpstreamDeadlines answers for a down upstream before UpstreamCredentials asks it for a
-    # token; UpstreamCredentials redacts what it injected before mitmweb's view (added after
-    # the scripts) sends a flow update; SingleFlight tells HitMarker which fetches go upstream
-    # (its downloads tell it what they fetched); ManifestResponder answers
-    # before HitMarker watches, and replaces a cache's answer before Recorder reads it;
-    # HitMarker sets the hit/miss/stale that Recorder hands to the pull log and metrics. The
-    # data plane's records reach the same sinks.
+    access, router, handoff = ClientAccess(settings), Router(settings, signer), DataPlaneHandoff(settings)
+    single_flight = SingleFlight(settings, metrics, credentials, upstream_state, hits.in_flight.upstream_blob_fetch)
+    manifests = ManifestResponder(settings, credentials, upstream_client, upstream_state, metrics)
+    # Hooks run in this order; tests/test_addon.py's test_hook_order pins what matters. What a
+    # request's head decides is RequestPath's, in one function (request_path.py); the addons
+    # after it observe. Router maps a redirect target's address before UpstreamDeadlines
+    # connects; UpstreamDeadlines answers for a down upstream before UpstreamCredentials asks
+    # it for a token; UpstreamCredentials redacts what it injected before mitmweb's view
+    # (added after the scripts) sends a flow update; ManifestResponder replaces a cache's answer
+    # before HitMarker and Recorder read it, SpecAnswers before Recorder; HitMarker sets the
+    # hit/miss/stale that Recorder hands to the pull log and metrics; WebView labels what
+    # Recorder recorded. The data plane's records reach the same sinks.
     return [
         ScheduledTasks(),
         settings,
         MirrorDefaults(settings),
         ConnectionLimits(settings),
-        ClientAccess(settings),
-        Router(settings, signer),
-        DataPlaneHandoff(settings),
+        access,
+        router,
+        RequestPath(access, router, handoff, single_flight, manifests),
+        handoff,
         UpstreamDeadlines(settings, upstream_state),
         credentials,
-        SingleFlight(settings, metrics, credentials, upstream_state, hits.in_flight.upstream_blob_fetch),
-        ManifestResponder(settings, credentials, upstream_client, upstream_state, metrics),
+        single_flight,
+        manifests,
         hits,
         SpecAnswers(),
         pull_logger,

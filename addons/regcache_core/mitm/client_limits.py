@@ -11,7 +11,7 @@ from mitmproxy import connection, http
 
 from ..client_limits import ClientLimits
 from ..log_throttle import LogThrottle, held_back
-from .router import connection_writer
+from .answers import connection_writer
 from .settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -12,8 +12,9 @@ from ..routing import Target
 from ..tags import TagCache
 from ..upstream_client import UpstreamClient
 from ..upstream_state import UpstreamState
-from .flow_notes import AnsweredBy, answer_here, note
-from .router import refuse, send_to
+from .answers import Answer, refuse
+from .flow_notes import AnsweredBy, note
+from .router import send_to
 from .settings import Settings
 from .upstream import UpstreamCredentials
 
@@ -45,20 +46,22 @@ class ManifestResponder:
         if self.front is not None:
             await self.front.close()
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def answer(self, flow: http.HTTPFlow) -> Answer | None:
+        """A cached registry's manifest from memory; a tag whose digest is known is asked of the
+        cache by that digest (then None: the cache answers)."""
         target = _cached_manifest(flow)
-        if target is None or note(flow).answered:
-            return
+        if target is None:
+            return None
         plan = await self.front.plan(target.registry, target.repository, target.reference,
                                      flow.request.headers.get_all("Accept"))
         if plan is None:
-            return
+            return None
         note(flow).cache = plan.cache
         if plan.manifest is None:
             note(flow).answered_by = AnsweredBy.CACHE_BY_DIGEST
             send_to(flow.request, target.backend, f"/v2/{target.repository}/manifests/{plan.digest}")
-        else:
-            answer_here(flow, answer_from_memory(plan, flow.request.method))
+            return None
+        return Answer(answer_from_memory(plan, flow.request.method))
 
     def response(self, flow: http.HTTPFlow) -> None:
         target = _cached_manifest(flow)

@@ -17,7 +17,8 @@ from ..blob_heads import HeadFlights
 from ..spool import SPOOL_DIR, Key, Spool, SpoolTable, describe
 from ..spool_download import SpoolDownloads
 from ..upstream_state import UpstreamState
-from .flow_notes import AnsweredBy, answer_here, note
+from .answers import Answer
+from .flow_notes import AnsweredBy, note
 from .settings import Settings
 from .upstream import UpstreamCredentials
 
@@ -57,31 +58,33 @@ class SingleFlight:
             self.downloads.close()
             self.downloads = None
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def answer(self, flow: http.HTTPFlow) -> Answer | None:
+        """A cache's blob fetch: a 307 to its spool, or a HEAD's answer that is known."""
         flow_note = note(flow)
         egress = flow_note.egress
-        if self.downloads is None or flow_note.answered or egress is None or egress.kind != "blob":
-            return
+        if self.downloads is None or egress is None or egress.kind != "blob":
+            return None
         if flow.request.method == "HEAD":
-            await self._answer_head(flow, egress)
-            return
+            return await self._answer_head(flow, egress)
         base = client_base_url(flow_note.client_host, self.settings.config.dataplane.port)
         if base is None:
-            return  # a Host that is no host name: the fetch goes upstream itself
+            return None  # a Host that is no host name: the fetch goes upstream itself
         if spool := await self.downloads.follow(egress.registry, egress.repository, egress.reference):
-            self._send_to_spool(flow, egress, spool, base)
+            return self._send_to_spool(egress, spool, base)
+        return None
 
-    async def _answer_head(self, flow: http.HTTPFlow, egress: Target) -> None:
+    async def _answer_head(self, flow: http.HTTPFlow, egress: Target) -> Answer | None:
         """A blob HEAD answered from what a spool or a concurrent HEAD knows (blob_heads.py)."""
         key = spool_key(egress)
         head, goes_for_others = await self.heads.answer(key)
         if goes_for_others:
             note(flow).head_flight = key
         elif head is not None:
-            # Not an upstream request: no credentials, nothing counted.
-            answer_here(flow, http.Response.make(200, b"", head.headers()), AnsweredBy.SPOOL)
-            flow.response.headers["Content-Length"] = str(head.size)  # what a GET would send; make() set 0
+            response = http.Response.make(200, b"", head.headers())
+            response.headers["Content-Length"] = str(head.size)  # what a GET would send; make() set 0
             logger.info("blob HEAD for %s: %s answered from what regcache knows", egress.registry.name, describe(key))
+            return Answer(response, AnsweredBy.SPOOL)  # not an upstream request: no credentials, nothing counted
+        return None
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Also for an answer made in `request` (a refusal, a 503): mitmproxy calls this hook then too.
@@ -92,17 +95,17 @@ class SingleFlight:
         if (key := _take_head_flight(flow)) is not None:
             self.heads.answered(key, None, {})
 
-    def _send_to_spool(self, flow: http.HTTPFlow, egress: Target, spool: Spool, base: str) -> None:
+    def _send_to_spool(self, egress: Target, spool: Spool, base: str) -> Answer:
         """A 307 to the data plane on the host name the cache used for this listener (the data
         plane binds every interface by default), never REGCACHE_DATAPLANE_URL: that is for clients."""
         grant = self.grants.grant("spool", egress.registry.name, egress.repository, egress.reference, spool.size)
-        # Not an upstream request: no credentials, no upstream fetch counted, no miss (the
-        # download counts its own).
-        answer_here(flow, http.Response.make(307, b"", {"Location": f"{base}{GRANT_PATHS['spool']}?{self.grants.query(grant)}"}),
-                    AnsweredBy.SPOOL)
         self.metrics.spool_follower(egress.registry.name)
         logger.info("spool follower for %s: %s sent to the data plane (%s, %d bytes)", egress.registry.name,
                     describe(spool.key), spool.state.value, spool.size)
+        # Not an upstream request: no credentials, no upstream fetch counted, no miss (the
+        # download counts its own).
+        return Answer(http.Response.make(307, b"", {"Location": f"{base}{GRANT_PATHS['spool']}?{self.grants.query(grant)}"}),
+                      AnsweredBy.SPOOL)
 
 
 def _take_head_flight(flow: http.HTTPFlow) -> Key | None:

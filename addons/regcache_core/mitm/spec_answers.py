@@ -9,7 +9,7 @@ from mitmproxy import http
 
 from ..spec_answers import missing_manifest, tags_page
 from .flow_notes import note
-from .router import refuse
+from .answers import refuse
 
 
 MAX_TAGS_LIST = 16 << 20  # bytes of a cache's tags list held whole to cut a page from; larger ones pass unpaged

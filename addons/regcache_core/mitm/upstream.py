@@ -15,7 +15,7 @@ from ..upstream_client import UpstreamClient
 from ..upstream_signals import UpstreamSignals
 from ..upstream_state import UpstreamState
 from .flow_notes import note
-from .router import refuse
+from .answers import refuse
 from .settings import Settings
 
 REDACTED = "<redacted by regcache>"

@@ -27,7 +27,7 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from ..routing import Refusal
 from ..upstream_state import UpstreamState, failure_reason
 from .flow_notes import AnsweredBy, note
-from .router import refuse
+from .answers import refuse
 from .settings import Settings
 
 
