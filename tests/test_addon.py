@@ -26,8 +26,8 @@ from regcache_core.mitm.request_path import RequestPath
 from regcache_core.mitm.single_flight import SingleFlight
 from regcache_core.mitm.spec_answers import SpecAnswers
 from regcache_core.mitm.tasks import ScheduledTasks
-from regcache_core.mitm.upstream import UpstreamCredentials
-from regcache_core.mitm.upstream_deadlines import UpstreamDeadlines
+from regcache_core.mitm.services import Services
+from regcache_core.mitm.upstream_requests import UpstreamRequests
 from regcache_core.mitm.web import WebView
 from regcache_core.mitm.flow_notes import note
 from regcache_core.mitm.recorder import ByteCounter, Recorder, pull_record
@@ -345,13 +345,13 @@ def test_hook_order():
     assert order[-1] is WebView, "its hooks see every other addon's work, just before mitmweb's view sends an update"
     for addon in order[2:]:
         before(Settings, addon, "configure: the config is loaded before any addon reads it")
-    before(UpstreamCredentials, SingleFlight, "configure: the spools' downloads use its auth of this config")
-    before(UpstreamCredentials, ManifestResponder, "configure: the tag revalidation uses its auth of this config")
+    for addon in order[3:]:
+        before(Services, addon, "configure and running: what the addons share is built for the config before they start")
     before(ConnectionLimits, RequestPath, "requestheaders: a head's arrival is counted before its flow may be answered and killed")
     for observer in (HitMarker, Recorder, DiskBudget, Drain, WebView):
         before(RequestPath, observer, "requestheaders: it reads what the request path decided")
-    before(Router, UpstreamDeadlines, "server_connect: a redirect target's checked address is set before the name is looked up")
-    before(UpstreamDeadlines, UpstreamCredentials, "request: a down upstream is answered 503 before a token is asked for")
+    before(Router, UpstreamRequests, "server_connect: a redirect target's checked address is set before the name is looked up")
+    before(UpstreamRequests, WebView, "request, responseheaders: our header is on (unlisted) and redacted (listed again)")
     before(ManifestResponder, HitMarker, "response: a cache's outage answer is replaced before the hit mark is set")
     before(ManifestResponder, Recorder, "response: a cache's outage answer is replaced before it is recorded")
     before(SpecAnswers, Recorder, "response: a cache's answer is made what the spec says before it is recorded")

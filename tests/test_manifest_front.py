@@ -11,6 +11,7 @@ from regcache_core.manifests import ManifestCache
 from regcache_core.metrics import Metrics
 from regcache_core.tags import TagCache
 from regcache_core.upstream_client import NoAnswer
+from regcache_core.upstream_signals import UpstreamAnswers
 from regcache_core.upstream_state import UpstreamState
 
 HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001")
@@ -97,8 +98,8 @@ def stale_front(tmp_path, upstream_digest: str | None) -> tuple[ManifestFront, S
     async def never(url):
         await asyncio.sleep(3600)
 
-    front = ManifestFront(TagCache(tmp_path, ttl=60, clock=lambda: now[0]), ManifestCache(1 << 20), upstream, NoAuth(),
-                          UpstreamState(metrics, never), metrics)
+    front = ManifestFront(TagCache(tmp_path, ttl=60, clock=lambda: now[0]), ManifestCache(1 << 20), upstream,
+                          UpstreamAnswers(NoAuth(), UpstreamState(metrics, never), metrics))
     front.learn(HUB, "library/small", "1.0", headers, body)
     now[0] += 61
     return front, upstream, digest
@@ -110,7 +111,8 @@ def test_concurrent_revalidations_of_a_tag_share_one_head_and_the_same_digest_is
         upstream.digest = digest
         plans = await asyncio.gather(*(front.plan(HUB, "library/small", "1.0", [OCI]) for _ in range(10)))
         again = await front.plan(HUB, "library/small", "1.0", [OCI])  # fresh again: no HEAD
-        await front.close()
+        front.close()
+        front.tags.close()
         return plans, again, upstream.heads
 
     plans, again, heads = asyncio.run(run())
@@ -125,7 +127,8 @@ def test_an_unreachable_upstream_serves_the_last_digest_as_stale_and_is_not_aske
         other_client = await front.plan(HUB, "library/small", "1.0", ["application/json"])
         down = front.state.reason_down("docker.io")
         front.state.close()
-        await front.close()
+        front.close()
+        front.tags.close()
         return first, second, other_client, down, upstream.heads, digest
 
     first, second, other_client, down, heads, digest = asyncio.run(run())

@@ -17,6 +17,11 @@ Where a redirect may lead (checked when we sign it, and again when it is followe
   network keep their blobs there.
 A refused Location is removed from the answer; a refused follow-up is answered 403. A followed
 one connects to the address that was checked (resolve_destination).
+
+What a redirect is (REDIRECT_STATUSES with a Location: `redirect_location`) and how many hops
+regcache's own requests follow (MAX_REDIRECTS) are the same for every exchange with an upstream:
+the ones through the proxy, token fetches and challenges (upstream_client.py) and spools'
+downloads (spool_download.py).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import asyncio
 import secrets
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
@@ -34,6 +40,14 @@ from .signing import FieldSigner
 
 REDIRECT_PATH = "/_regcache/redirect"
 REDIRECT_LIFETIME = 300  # seconds a signed redirect path can be followed; clients follow at once
+REDIRECT_STATUSES = frozenset((301, 302, 303, 307, 308))
+MAX_REDIRECTS = 5  # hops regcache's own requests follow; Docker Hub's blob to its CDN is one
+
+
+def redirect_location(status: int, headers: Mapping[str, str]) -> str | None:
+    """Where an answer redirects to, as the upstream wrote it (maybe relative); None for an
+    answer that is no redirect."""
+    return headers.get("Location") if status in REDIRECT_STATUSES else None
 
 
 def is_redirect_path(path: str) -> bool:

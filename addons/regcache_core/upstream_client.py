@@ -19,12 +19,11 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
+from .redirects import MAX_REDIRECTS, redirect_location
 from .upstream_state import failure_reason
 
 CONNECT_TIMEOUT = 5.0  # seconds for a name lookup, connect and TLS handshake
-MAX_REDIRECTS = 3
 POOL_SIZE = 20  # connections at once, to all upstreams; each request is short (spool downloads have a pool of their own)
-REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class NoAnswer(Exception):
@@ -46,7 +45,7 @@ class RedirectRefused(NoAnswer):
 
 class UpstreamClient:
     def __init__(self, timeout: float = 5.0, connect_timeout: float = CONNECT_TIMEOUT, pool_size: int = POOL_SIZE) -> None:
-        self.timeout = timeout  # seconds for head() and ping(); the addon sets REGCACHE_UPSTREAM_TIMEOUT's value
+        self.timeout = timeout  # seconds for head() and ping(); its owner (mitm/services.py) sets REGCACHE_UPSTREAM_TIMEOUT's value
         self.connect_timeout = connect_timeout
         self.pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
@@ -94,8 +93,8 @@ class UpstreamClient:
                         max_body: int) -> tuple[int, list[str], str | None, bytes]:
         async with self.session().get(url, headers=headers, allow_redirects=False) as response:
             challenges = response.headers.getall("WWW-Authenticate", [])
-            if response.status in REDIRECTS and "Location" in response.headers:
-                return response.status, challenges, response.headers["Location"], b""
+            if (location := redirect_location(response.status, response.headers)) is not None:
+                return response.status, challenges, location, b""
             body = await response.content.read(max_body + 1)
             if len(body) > max_body:
                 raise NoAnswer(f"an answer over {max_body} bytes", answered=True)

@@ -1,50 +1,22 @@
 """ManifestResponder: answers cached registries' manifest requests in front of the cache, and
-learns tags and manifests from the cache's answers (the plain code is manifest_front.py)."""
+learns tags and manifests from the cache's answers (the plain code is manifest_front.py, the
+services' `manifests`)."""
 
 from __future__ import annotations
 
 from mitmproxy import http
 
-from ..manifest_front import ManifestFront, Plan
-from ..manifests import ManifestCache
-from ..metrics import Metrics
+from ..manifest_front import Plan
 from ..routing import Target
-from ..tags import TagCache
-from ..upstream_client import UpstreamClient
-from ..upstream_state import UpstreamState
 from .answers import Answer, refuse
 from .flow_notes import AnsweredBy, note
 from .router import send_to
-from .settings import Settings
-from .upstream import UpstreamCredentials
-
-TAG_STORE = "tags"  # folder in the data dir
+from .services import Services
 
 
 class ManifestResponder:
-    def __init__(self, settings: Settings, credentials: UpstreamCredentials, upstream: UpstreamClient,
-                 state: UpstreamState, metrics: Metrics) -> None:
-        self.settings = settings
-        self.credentials = credentials
-        self.upstream = upstream
-        self.state = state
-        self.metrics = metrics
-        self.front: ManifestFront | None = None
-
-    def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" in updated and config is not None:
-            if self.front is not None:
-                self.front.tags.close()
-            self.upstream.timeout = config.upstream_timeout
-            self.front = ManifestFront(TagCache(config.data_dir / TAG_STORE, config.tag_ttl),
-                                       ManifestCache(config.manifest_cache_bytes), self.upstream,
-                                       self.credentials.auth, self.state, self.metrics)
-
-    async def done(self) -> None:
-        self.state.close()
-        if self.front is not None:
-            await self.front.close()
+    def __init__(self, services: Services) -> None:
+        self.services = services
 
     async def answer(self, flow: http.HTTPFlow) -> Answer | None:
         """A cached registry's manifest from memory; a tag whose digest is known is asked of the
@@ -52,8 +24,8 @@ class ManifestResponder:
         target = _cached_manifest(flow)
         if target is None:
             return None
-        plan = await self.front.plan(target.registry, target.repository, target.reference,
-                                     flow.request.headers.get_all("Accept"))
+        plan = await self.services.manifests.plan(target.registry, target.repository, target.reference,
+                                                  flow.request.headers.get_all("Accept"))
         if plan is None:
             return None
         note(flow).cache = plan.cache
@@ -71,8 +43,8 @@ class ManifestResponder:
         if response.status_code == 200:
             # The raw bytes: learn() keeps them only if they hash to the digest.
             body = None if flow.request.method == "HEAD" else response.raw_content
-            self.front.learn(target.registry, target.repository, target.reference, response.headers, body)
-        elif refusal := self.front.outage_answer(target.registry, target.reference, response.status_code):
+            self.services.manifests.learn(target.registry, target.repository, target.reference, response.headers, body)
+        elif refusal := self.services.manifests.outage_answer(target.registry, target.reference, response.status_code):
             refuse(flow, refusal)
 
 

@@ -79,8 +79,6 @@ class Recorder:
             return
         record = flow_note.record = pull_record(flow, time.time())
         write_labels(flow)
-        if (upstream := upstream_registry(flow)) is not None:
-            self.metrics.upstream_result(upstream, record.status if flow.response else None)
         if flow_note.egress_for is not None:
             # A cache's upstream fetch, not a client's pull: the log keeps one line per client
             # request. A fetch sent to a spool was logged by SingleFlight, its download by spool_download.py.
@@ -132,13 +130,6 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         cache=flow_note.cache,
         error=flow.error.msg if flow.error else None,
     )
-
-
-def upstream_registry(flow: http.HTTPFlow) -> str | None:
-    """The registry whose upstream this flow went to with our credentials, if it did."""
-    flow_note = note(flow)
-    target = flow_note.upstream_request or flow_note.redirect
-    return target.registry.name if target else None
 
 
 def log_upstream_fetch(flow: http.HTTPFlow, record: PullRecord) -> None:

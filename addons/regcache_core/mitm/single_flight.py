@@ -1,11 +1,11 @@
 """SingleFlight: one upstream fetch per cold blob on the egress listeners. The spools are
-spool.py's, their downloads spool_download.py's, what blob HEADs are answered blob_heads.py's;
-this addon sends egress GETs to the spools and answers the HEADs it can."""
+spool.py's, their downloads spool_download.py's, what blob HEADs are answered blob_heads.py's
+(the services' `blobs`, mitm/services.py); this addon sends egress GETs to the spools and
+answers the HEADs it can."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from mitmproxy import http
 
@@ -13,14 +13,11 @@ from ..dataplane.grants import GRANT_PATHS, GrantSigner, load_or_create_key
 from ..dataplane.handoff import client_base_url
 from ..metrics import Metrics
 from ..routing import Target
-from ..blob_heads import HeadFlights
-from ..spool import SPOOL_DIR, Key, Spool, SpoolTable, describe
-from ..spool_download import SpoolDownloads
-from ..upstream_state import UpstreamState
+from ..spool import Key, Spool, describe
 from .answers import Answer
 from .flow_notes import AnsweredBy, note
+from .services import Services
 from .settings import Settings
-from .upstream import UpstreamCredentials
 
 logger = logging.getLogger(__name__)
 
@@ -30,53 +27,37 @@ class SingleFlight:
     first starting the spool's download; a blob HEAD whose answer is known is answered here.
     Off with the data plane."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, credentials: UpstreamCredentials, state: UpstreamState,
-                 blob_fetched: Callable[[str, str, str], None]) -> None:
+    def __init__(self, settings: Settings, services: Services, metrics: Metrics) -> None:
         self.settings = settings
+        self.services = services
         self.metrics = metrics
-        self.credentials = credentials
-        self.state = state
-        self.blob_fetched = blob_fetched  # HitMarker's InFlight.upstream_blob_fetch
-        self.downloads: SpoolDownloads | None = None
-        self.heads: HeadFlights | None = None
         self.grants: GrantSigner | None = None
 
     def configure(self, updated: set[str]) -> None:
         config = self.settings.config
-        if "regcache_env_file" in updated and config is not None:
-            self.done()
-            if config.dataplane is not None:
-                # UpstreamCredentials, configured before this addon, has its auth for this config.
-                table = SpoolTable(config.data_dir / SPOOL_DIR, config.spool_max_disk)
-                self.downloads = SpoolDownloads(table, self.credentials.auth, self.state, self.metrics,
-                                                self.credentials.signals, self.blob_fetched, config.upstream_timeout)
-                self.heads = HeadFlights(table)
-                self.grants = GrantSigner(load_or_create_key(config.data_dir))
-
-    def done(self) -> None:
-        if self.downloads is not None:
-            self.downloads.close()
-            self.downloads = None
+        if "regcache_env_file" in updated and config is not None and config.dataplane is not None:
+            self.grants = GrantSigner(load_or_create_key(config.data_dir))
 
     async def answer(self, flow: http.HTTPFlow) -> Answer | None:
         """A cache's blob fetch: a 307 to its spool, or a HEAD's answer that is known."""
         flow_note = note(flow)
         egress = flow_note.egress
-        if self.downloads is None or egress is None or egress.kind != "blob":
+        blobs = self.services.blobs
+        if blobs is None or egress is None or egress.kind != "blob":
             return None
         if flow.request.method == "HEAD":
             return await self._answer_head(flow, egress)
         base = client_base_url(flow_note.client_host, self.settings.config.dataplane.port)
         if base is None:
             return None  # a Host that is no host name: the fetch goes upstream itself
-        if spool := await self.downloads.follow(egress.registry, egress.repository, egress.reference):
+        if spool := await blobs.follow(egress.registry, egress.repository, egress.reference):
             return self._send_to_spool(egress, spool, base)
         return None
 
     async def _answer_head(self, flow: http.HTTPFlow, egress: Target) -> Answer | None:
         """A blob HEAD answered from what a spool or a concurrent HEAD knows (blob_heads.py)."""
         key = spool_key(egress)
-        head, goes_for_others = await self.heads.answer(key)
+        head, goes_for_others = await self.services.blobs.head(key)
         if goes_for_others:
             note(flow).head_flight = key
         elif head is not None:
@@ -89,11 +70,11 @@ class SingleFlight:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         # Also for an answer made in `request` (a refusal, a 503): mitmproxy calls this hook then too.
         if (key := _take_head_flight(flow)) is not None:
-            self.heads.answered(key, flow.response.status_code, flow.response.headers)
+            self.services.blobs.head_answered(key, flow.response.status_code, flow.response.headers)
 
     def error(self, flow: http.HTTPFlow) -> None:
         if (key := _take_head_flight(flow)) is not None:
-            self.heads.answered(key, None, {})
+            self.services.blobs.head_answered(key, None, {})
 
     def _send_to_spool(self, egress: Target, spool: Spool, base: str) -> Answer:
         """A 307 to the data plane on the host name the cache used for this listener (the data
