@@ -135,3 +135,27 @@ def test_an_unreachable_upstream_serves_the_last_digest_as_stale_and_is_not_aske
     assert (first.cache, first.digest, second.cache) == ("stale", digest, "stale")
     assert other_client is None  # its Accept does not name what is held: through to the cache
     assert (down, heads) == ("refused", 1)
+
+
+class RateLimitedUpstream(SlowUpstream):
+    """Docker Hub past its pull limit: a 429 to the HEAD, with its rate-limit headers."""
+
+    async def head(self, url, headers):
+        self.heads += 1
+        return 429, {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "0;w=21600", "retry-after": "60"}
+
+
+def test_a_tag_revalidation_reports_rate_limits_and_429s_like_every_upstream_answer(tmp_path, caplog):
+    async def run():
+        front, _, digest = stale_front(tmp_path, None)
+        front.client = RateLimitedUpstream(None)
+        plan = await front.plan(HUB, "library/small", "1.0", [OCI])
+        front.close()
+        front.state.close()
+        front.tags.close()
+        return plan, digest, front.upstream.metrics.registry
+
+    plan, digest, metrics = asyncio.run(run())
+    assert (plan.cache, plan.digest) == ("stale", digest)  # the last known digest, at once
+    assert metrics.get_sample_value("regcache_upstream_ratelimit_remaining", {"registry": "docker.io"}) == 0
+    assert any("answered 429" in r.getMessage() for r in caplog.records)

@@ -48,8 +48,7 @@ class DiskBudget:
         self._timer: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" not in updated or config is None:
+        if (config := self.settings.loaded(updated)) is None:
             return
         self.caches = [CacheBudget(b.registry.name, b.storage, b.registry.max_disk) for b in local_backends(config)]
         self.disk_watch = DiskWatch(config.min_free_disk)

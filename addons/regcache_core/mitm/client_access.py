@@ -30,8 +30,7 @@ class ClientAccess:
         self._bcrypt = ThreadPoolExecutor(BCRYPT_THREADS, thread_name_prefix="regcache-bcrypt")
 
     def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" in updated and config is not None:
+        if (config := self.settings.loaded(updated)) is not None:
             self.networks = ClientNetworks(config.client_networks)
             self.accounts = Htpasswd(config.htpasswd) if config.htpasswd else None
 

@@ -27,8 +27,7 @@ class ConnectionLimits:
         self.task: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" in updated and config is not None:
+        if (config := self.settings.loaded(updated)) is not None:
             self.limits = ClientLimits(config.max_client_connections, config.head_timeout)
 
     def running(self) -> None:

@@ -33,8 +33,7 @@ class DataPlaneHandoff:
         self.signer: GrantSigner | None = None
 
     def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" in updated and config is not None:
+        if (config := self.settings.loaded(updated)) is not None:
             self.signer = GrantSigner(load_or_create_key(config.data_dir)) if config.dataplane else None
 
     async def answer(self, flow: http.HTTPFlow) -> Answer | None:

@@ -83,8 +83,7 @@ class Services:
         self.pull_log: PullLog | None = None
 
     def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" not in updated or config is None:
+        if (config := self.settings.loaded(updated)) is None:
             return
         self._close_config()
         self.upstream_client.timeout = config.upstream_timeout

@@ -34,8 +34,7 @@ class SingleFlight:
         self.grants: GrantSigner | None = None
 
     def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" in updated and config is not None and config.dataplane is not None:
+        if (config := self.settings.loaded(updated)) is not None and config.dataplane is not None:
             self.grants = GrantSigner(load_or_create_key(config.data_dir))
 
     async def answer(self, flow: http.HTTPFlow) -> Answer | None:

@@ -48,8 +48,7 @@ class WebView:
         if "web_host" not in ctx.options.keys():
             return  # not mitmweb
         has_password = "web_password" in ctx.options.keys()  # mitmproxy 11.1.2 and later
-        config = self.settings.config
-        if "regcache_env_file" in updated and config is not None and config.web_password:
+        if (config := self.settings.loaded(updated)) is not None and config.web_password:
             if not has_password:
                 raise exceptions.OptionsError(
                     "regcache: REGCACHE_WEB_PASSWORD is set, but this mitmweb (mitmproxy 11.0) has no "
