@@ -11,10 +11,10 @@ from regcache_core.mitm.services import Services
 from regcache_core.mitm.settings import Settings
 from regcache_core.mitm.upstream_requests import REDACTED, UpstreamRequests
 from regcache_core.config import DEFAULTS, Registry, parse_config
-from regcache_core.metrics import Metrics
-from regcache_core.redirects import RedirectSigner
+from regcache_core.observe.metrics import Metrics
+from regcache_core.upstream.redirects import RedirectSigner
 from regcache_core.routing import Target
-from regcache_core.upstream_signals import UpstreamAnswers
+from regcache_core.upstream.signals import UpstreamAnswers
 
 HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001", "me", "pw")
 BLOB = "sha256:" + "a" * 64

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from regcache_core.blob_heads import BlobHead, HeadFlights, blob_head
-from regcache_core.spool import SpoolBroken, SpoolTable, open_spool, read_spool, spool_path
+from regcache_core.spool.blob_heads import BlobHead, HeadFlights, blob_head
+from regcache_core.spool.table import SpoolBroken, SpoolTable, open_spool, read_spool, spool_path
 
 BLOB = os.urandom(3 << 20)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()

@@ -17,7 +17,7 @@ import pytest
 
 from parts import PORT_BASES, Stack, raw_exchange
 from regcache_core.dataplane.grants import GRANT_PATHS, GrantSigner, load_or_create_key
-from regcache_core.spool import SPOOL_DIR, spool_path
+from regcache_core.spool.table import SPOOL_DIR, spool_path
 
 DATAPLANE_PORT = PORT_BASES["session"] + 50
 BLOB = os.urandom(3 << 20)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..signing import FieldSigner
+from ..access.signing import FieldSigner
 
 GRANT_PATHS = {"blob": "/_regcache/blob", "spool": "/_regcache/spool"}  # the data plane's path for each kind
 GRANT_LIFETIME = 300  # seconds: clients follow a 307 at once; containerd's resumed Range GETs come soon after

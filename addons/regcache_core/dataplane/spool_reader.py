@@ -19,7 +19,7 @@ import os
 from aiohttp import web
 
 from ..routing import Refusal
-from ..spool import SPOOL_DIR, SpoolBroken, describe, open_spool, read_spool, spool_path
+from ..spool.table import SPOOL_DIR, SpoolBroken, describe, open_spool, read_spool, spool_path
 from .exchange import CONFIG, EXCHANGE, SIGNER, denied, refused
 
 logger = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ Authorization header is never passed on.
 
 from __future__ import annotations
 
-from ..metrics import Metrics
-from ..redirects import RedirectSigner
+from ..observe.metrics import Metrics
+from ..upstream.redirects import RedirectSigner
 from .admin import Admin
 from .client_access import ClientAccess
 from .client_limits import ConnectionLimits

@@ -14,7 +14,7 @@ from mitmproxy import http
 from ..dataplane.grants import GrantSigner, load_or_create_key
 from ..dataplane.handoff import SmallBlob, warm_blob_answer
 from ..dataplane.records import receive_records, records_socket
-from ..pull_log import PullRecord
+from ..observe.pull_log import PullRecord
 from .answers import Answer
 from .flow_notes import AnsweredBy, note
 from .settings import Settings

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from mitmproxy import http
 
 from ..config import Registry
-from ..pull_log import PullRecord
+from ..observe.pull_log import PullRecord
 from ..routing import Target
-from ..spool import Key
+from ..spool.table import Key
 
 LABELS = "regcache"  # the flow.metadata key of a flow's plain labels
 

@@ -1,11 +1,11 @@
 """HitMarker: tells from a cache's upstream fetches whether each client request was a cache hit,
-a miss or served stale (the bookkeeping is hit_tracking.py's InFlight)."""
+a miss or served stale (the bookkeeping is observe/hits.py's InFlight)."""
 
 from __future__ import annotations
 
 from mitmproxy import http
 
-from ..hit_tracking import InFlight
+from ..observe.hits import InFlight
 from .flow_notes import note
 
 

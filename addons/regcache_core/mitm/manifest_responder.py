@@ -1,12 +1,12 @@
 """ManifestResponder: answers cached registries' manifest requests in front of the cache, and
-learns tags and manifests from the cache's answers (the plain code is manifest_front.py, the
+learns tags and manifests from the cache's answers (the plain code is manifests/front.py, the
 services' `manifests`)."""
 
 from __future__ import annotations
 
 from mitmproxy import http
 
-from ..manifest_front import Plan
+from ..manifests.front import Plan
 from ..routing import Target
 from .answers import Answer, refuse
 from .flow_notes import AnsweredBy, note

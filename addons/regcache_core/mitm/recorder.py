@@ -13,10 +13,10 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.flow import Error
 
-from ..log_throttle import LogThrottle, held_back
-from ..metrics import Metrics
-from .. import pull_log
-from ..pull_log import PullRecord
+from ..observe.log_throttle import LogThrottle, held_back
+from ..observe.metrics import Metrics
+from ..observe import pull_log
+from ..observe.pull_log import PullRecord
 from .flow_notes import AnsweredBy, note, write_labels
 
 logger = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class Recorder:
         write_labels(flow)
         if flow_note.egress_for is not None:
             # A cache's upstream fetch, not a client's pull: the log keeps one line per client
-            # request. A fetch sent to a spool was logged by SingleFlight, its download by spool_download.py.
+            # request. A fetch sent to a spool was logged by SingleFlight, its download by spool/download.py.
             if flow_note.answered_by is not AnsweredBy.SPOOL:
                 log_upstream_fetch(flow, record)
             return

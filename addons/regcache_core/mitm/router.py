@@ -11,9 +11,9 @@ from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
 
 from ..config import Registry, is_local
-from ..egress_guard import EgressGuard
-from ..log_throttle import LogThrottle, held_back
-from ..redirects import RedirectSigner, is_redirect_path, resolve_destination
+from ..access.egress import EgressGuard
+from ..observe.log_throttle import LogThrottle, held_back
+from ..upstream.redirects import RedirectSigner, is_redirect_path, resolve_destination
 from ..routing import Refusal, Target, refuse_malformed, refuse_method, route, route_egress
 from .answers import Answer, body_follows, json_answer, multiplexed, refusal_answer
 from .flow_notes import note

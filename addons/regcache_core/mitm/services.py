@@ -7,8 +7,8 @@ blob HEADs, and the pull log. Built here when the config loads (the ones of an e
 closed first), and closed here once when mitmproxy stops; no addon configures or closes them.
 Addons look them up when a request needs them, so no addon's `configure` depends on another's.
 
-Addons see them through narrow interfaces: UpstreamStatus (upstream_state.py), UpstreamAnswers
-(upstream_signals.py), TagStore (tags.py), BlobFlights (here) and the pull log as a Recorder
+Addons see them through narrow interfaces: UpstreamStatus (upstream/state.py), UpstreamAnswers
+(upstream/signals.py), TagStore (manifests/tags.py), BlobFlights (here) and the pull log as a Recorder
 sink. Today's implementations live in this process; several replicas would put some of them
 on shared state behind the same interfaces.
 """
@@ -18,18 +18,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from ..blob_heads import BlobHead, HeadFlights
-from ..manifest_front import ManifestFront
-from ..manifests import ManifestCache
-from ..metrics import Metrics
-from ..pull_log import PullLog, PullRecord
-from ..spool import SPOOL_DIR, Key, Spool, SpoolTable
-from ..spool_download import SpoolDownloads
-from ..tags import TagCache
-from ..upstream_auth import MAX_TOKEN_RESPONSE, TokenStore, UpstreamAuth
-from ..upstream_client import UpstreamClient
-from ..upstream_signals import UpstreamAnswers
-from ..upstream_state import UpstreamState
+from ..spool.blob_heads import BlobHead, HeadFlights
+from ..manifests.front import ManifestFront
+from ..manifests.by_digest import ManifestCache
+from ..observe.metrics import Metrics
+from ..observe.pull_log import PullLog, PullRecord
+from ..spool.table import SPOOL_DIR, Key, Spool, SpoolTable
+from ..spool.download import SpoolDownloads
+from ..manifests.tags import TagCache
+from ..upstream.auth import MAX_TOKEN_RESPONSE, TokenStore, UpstreamAuth
+from ..upstream.client import UpstreamClient
+from ..upstream.signals import UpstreamAnswers
+from ..upstream.state import UpstreamState
 from ..config import Registry
 from .settings import Settings
 
@@ -49,7 +49,7 @@ class BlobFlights(Protocol):
 
 
 class Spools:
-    """BlobFlights on this proxy's spools (spool.py, spool_download.py, blob_heads.py)."""
+    """BlobFlights on this proxy's spools (spool/table.py, spool/download.py, spool/blob_heads.py)."""
 
     def __init__(self, downloads: SpoolDownloads, heads: HeadFlights) -> None:
         self.downloads = downloads

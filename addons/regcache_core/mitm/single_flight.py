@@ -1,5 +1,5 @@
 """SingleFlight: one upstream fetch per cold blob on the egress listeners. The spools are
-spool.py's, their downloads spool_download.py's, what blob HEADs are answered blob_heads.py's
+spool/table.py's, their downloads spool/download.py's, what blob HEADs are answered spool/blob_heads.py's
 (the services' `blobs`, mitm/services.py); this addon sends egress GETs to the spools and
 answers the HEADs it can."""
 
@@ -11,9 +11,9 @@ from mitmproxy import http
 
 from ..dataplane.grants import GRANT_PATHS, GrantSigner, load_or_create_key
 from ..dataplane.handoff import client_base_url
-from ..metrics import Metrics
+from ..observe.metrics import Metrics
 from ..routing import Target
-from ..spool import Key, Spool, describe
+from ..spool.table import Key, Spool, describe
 from .answers import Answer
 from .flow_notes import AnsweredBy, note
 from .services import Services

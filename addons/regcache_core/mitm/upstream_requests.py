@@ -1,6 +1,6 @@
 """UpstreamRequests: every request mitmproxy sends to an upstream (a cache's fetches on the egress
 listeners, uncached registries' client requests, redirects we follow) gets a deadline, our
-Authorization (see upstream_auth.py) and, once it is answered or fails, its report (UpstreamAnswers:
+Authorization (see upstream/auth.py) and, once it is answered or fails, its report (UpstreamAnswers:
 metrics, upstream state, auth, rate limits); the answer is cleaned up before a client or cache
 sees it, and the header we added is redacted.
 
@@ -31,10 +31,10 @@ from mitmproxy import http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from ..config import parse_ip
-from ..redirects import RedirectSigner, redirect_location
+from ..upstream.redirects import RedirectSigner, redirect_location
 from ..routing import Refusal
-from ..upstream_auth import UpstreamAuthError
-from ..upstream_state import failure_reason
+from ..upstream.auth import UpstreamAuthError
+from ..upstream.state import failure_reason
 from .answers import refuse
 from .flow_notes import AnsweredBy, FlowNote, note
 from .services import Services

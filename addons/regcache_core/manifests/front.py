@@ -21,13 +21,13 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Registry
-from .manifests import Manifest, ManifestCache, matches, media_type
-from .routing import DIGEST, Refusal
+from ..config import Registry
+from .by_digest import Manifest, ManifestCache, matches, media_type
+from ..routing import DIGEST, Refusal
 from .tags import TagEntry, TagStore
-from .upstream_auth import UpstreamAuthError
-from .upstream_client import NoAnswer, UpstreamClient
-from .upstream_signals import UpstreamAnswers
+from ..upstream.auth import UpstreamAuthError
+from ..upstream.client import NoAnswer, UpstreamClient
+from ..upstream.signals import UpstreamAnswers
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from .config import Config, local_url
-from .routing import DIGEST, REPOSITORY, TAG
+from ..config import Config, local_url
+from ..routing import DIGEST, REPOSITORY, TAG
 
 MANIFEST_TYPES = ", ".join((
     "application/vnd.oci.image.index.v1+json",

@@ -20,8 +20,8 @@ one connects to the address that was checked (resolve_destination).
 
 What a redirect is (REDIRECT_STATUSES with a Location: `redirect_location`) and how many hops
 regcache's own requests follow (MAX_REDIRECTS) are the same for every exchange with an upstream:
-the ones through the proxy, token fetches and challenges (upstream_client.py) and spools'
-downloads (spool_download.py).
+the ones through the proxy, token fetches and challenges (upstream/client.py) and spools'
+downloads (spool/download.py).
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from .config import Registry, is_local, parse_ip
-from .routing import Target
-from .signing import FieldSigner
+from ..config import Registry, is_local, parse_ip
+from ..routing import Target
+from ..access.signing import FieldSigner
 
 REDIRECT_PATH = "/_regcache/redirect"
 REDIRECT_LIFETIME = 300  # seconds a signed redirect path can be followed; clients follow at once

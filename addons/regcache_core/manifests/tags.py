@@ -30,7 +30,7 @@ class TagEntry:
 
 
 class TagStore(Protocol):
-    """What the manifest front (manifest_front.py) needs of a tag cache. TagCache is this
+    """What the manifest front (manifests/front.py) needs of a tag cache. TagCache is this
     process's, in memory and on disk; a shared one would serve several replicas."""
 
     async def get(self, registry: str, repository: str, tag: str) -> TagEntry | None: ...

@@ -20,7 +20,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from .redirects import MAX_REDIRECTS, redirect_location
-from .upstream_state import failure_reason
+from .state import failure_reason
 
 CONNECT_TIMEOUT = 5.0  # seconds for a name lookup, connect and TLS handshake
 POOL_SIZE = 20  # connections at once, to all upstreams; each request is short (spool downloads have a pool of their own)

@@ -17,10 +17,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Registry
-from .metrics import Metrics
-from .upstream_auth import UpstreamAuth, UpstreamAuthError
-from .upstream_state import UpstreamStatus
+from ..config import Registry
+from ..observe.metrics import Metrics
+from .auth import UpstreamAuth, UpstreamAuthError
+from .state import UpstreamStatus
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ report them); the spool's download, the proxy's own request, reports what it fet
 
 from __future__ import annotations
 
-from .redirects import REDIRECT_STATUSES
+from ..upstream.redirects import REDIRECT_STATUSES
 
 Key = tuple[str, str, str]  # registry name, repository, reference (tag or digest)
 

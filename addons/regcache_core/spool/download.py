@@ -24,13 +24,13 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from .config import Registry, is_local
-from .redirects import MAX_REDIRECTS, may_lead_to, redirect_location, resolve_destination
-from .spool import READ_CHUNK, Spool, SpoolTable, describe
-from .upstream_auth import UpstreamAuthError
-from .upstream_client import NoAnswer, UpstreamClient, bounded
-from .upstream_client import describe as describe_error
-from .upstream_signals import UpstreamAnswers
+from ..config import Registry, is_local
+from ..upstream.redirects import MAX_REDIRECTS, may_lead_to, redirect_location, resolve_destination
+from .table import READ_CHUNK, Spool, SpoolTable, describe
+from ..upstream.auth import UpstreamAuthError
+from ..upstream.client import NoAnswer, UpstreamClient, bounded
+from ..upstream.client import describe as describe_error
+from ..upstream.signals import UpstreamAnswers
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-from .metrics import Metrics
+from ..observe.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
