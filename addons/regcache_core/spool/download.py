@@ -20,12 +20,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from ..config import Registry, is_local
-from ..upstream.redirects import MAX_REDIRECTS, may_lead_to, redirect_location, resolve_destination
+from ..upstream.redirects import TooManyRedirects, follow_redirects, may_lead_to, redirect_location, resolve_destination
 from .table import READ_CHUNK, Spool, SpoolTable, describe
 from ..upstream.auth import UpstreamAuthError
 from ..upstream.client import NoAnswer, UpstreamClient, bounded
@@ -107,26 +107,30 @@ class SpoolDownloads:
         """The upstream's answer to GET of the blob, its redirects followed, headers read: within
         the upstream timeout as a whole. Raises NoAnswer (the upstream is marked down),
         UpstreamAuthError or DownloadRefused."""
-        url = f"{registry.upstream}/v2/{repository}/blobs/{digest}"
-        redirected = False  # a redirect target failing says nothing of the upstream
+        answered = False  # once the upstream answered, a redirect target failing says nothing of it
+
+        async def fetch(url: str, redirected_from: str | None) -> tuple[aiohttp.ClientResponse, str | None]:
+            nonlocal answered
+            if redirected_from is None:
+                response = await self._get(url, {"Authorization": authorization} if authorization else {})
+                self.upstream.answered(registry, repository, response.status, response.headers)
+                answered = True
+            else:
+                # A redirect target gets no credentials, as when the caches follow one through us.
+                response = await self._get(url, {}, await self._checked_address(registry, url))
+                self.upstream.answered_elsewhere(registry, response.status)
+            if (location := redirect_location(response.status, response.headers)) is not None:
+                response.release()
+            return response, location
+
         try:
             async with bounded(self.timeout):
                 authorization = await self.upstream.authorization(registry, repository)
-                response = await self._get(url, {"Authorization": authorization} if authorization else {})
-                self.upstream.answered(registry, repository, response.status, response.headers)
-                redirected = True
-                for _ in range(MAX_REDIRECTS):
-                    if (location := redirect_location(response.status, response.headers)) is None:
-                        return response
-                    response.release()
-                    url = urljoin(url, location)
-                    # A redirect target gets no credentials, as when the caches follow one through us.
-                    response = await self._get(url, {}, await self._checked_address(registry, url))
-                    self.upstream.answered_elsewhere(registry, response.status)
-                response.release()
-                raise DownloadRefused(f"more than {MAX_REDIRECTS} redirects")
+                return await follow_redirects(f"{registry.upstream}/v2/{repository}/blobs/{digest}", fetch)
+        except TooManyRedirects as e:
+            raise DownloadRefused(str(e)) from None
         except NoAnswer as e:
-            self.upstream.failed(registry, None if e.answered or redirected else e.reason)
+            self.upstream.failed(registry, None if e.answered or answered else e.reason)
             raise
 
     async def _get(self, url: str, headers: dict[str, str], address: str | None = None) -> aiohttp.ClientResponse:

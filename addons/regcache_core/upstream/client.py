@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 
-from .redirects import MAX_REDIRECTS, redirect_location
+from .redirects import TooManyRedirects, follow_redirects, redirect_location
 from .state import failure_reason
 
 CONNECT_TIMEOUT = 5.0  # seconds for a name lookup, connect and TLS handshake
@@ -66,13 +66,17 @@ class UpstreamClient:
                   max_body: int) -> tuple[int, list[str], bytes]:
         """`GET url`: status, WWW-Authenticate values, body. Raises NoAnswer for no answer in
         `timeout` seconds, a body over `max_body` bytes, or a redirect it may not follow."""
+        async def fetch(url: str, redirected_from: str | None) -> tuple[tuple[int, list[str], bytes], str | None]:
+            if redirected_from is not None:
+                check_followable(redirected_from, url)
+            status, challenges, location, body = await self._get_once(url, headers, max_body)
+            return (status, challenges, body), location
+
         async with bounded(timeout):
-            for _ in range(MAX_REDIRECTS + 1):
-                status, challenges, location, body = await self._get_once(url, headers, max_body)
-                if location is None:
-                    return status, challenges, body
-                url = followable(url, location)
-            raise NoAnswer(f"more than {MAX_REDIRECTS} redirects", answered=True)
+            try:
+                return await follow_redirects(url, fetch)
+            except TooManyRedirects as e:
+                raise NoAnswer(str(e), answered=True) from None
 
     async def close(self) -> None:
         if self._session is not None:
@@ -117,14 +121,12 @@ async def bounded(timeout: float):
         raise NoAnswer(failure_reason(e)) from None
 
 
-def followable(url: str, location: str) -> str:
-    """Where a redirect from `url` to `location` leads, if it may be followed with the request's
-    headers; raises RedirectRefused otherwise."""
-    target = urljoin(url, location)
+def check_followable(url: str, target: str) -> None:
+    """Raises RedirectRefused unless a redirect from `url` to `target` may be followed with the
+    request's headers."""
     source, parts = urlsplit(url), urlsplit(target)
     if (parts.hostname or "") != (source.hostname or "") or parts.scheme not in ("https", source.scheme):
         raise RedirectRefused(f"redirected to {parts.scheme}://{parts.hostname}, another host or scheme")
-    return target
 
 
 def describe(error: BaseException | None) -> str:
