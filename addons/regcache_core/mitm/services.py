@@ -8,9 +8,9 @@ closed first), and closed here once when mitmproxy stops; no addon configures or
 Addons look them up when a request needs them, so no addon's `configure` depends on another's.
 
 Addons see them through narrow interfaces: UpstreamStatus (upstream/state.py), UpstreamAnswers
-(upstream/signals.py), TagStore (manifests/tags.py), BlobFlights (here) and the pull log as a Recorder
-sink. Today's implementations live in this process; several replicas would put some of them
-on shared state behind the same interfaces.
+(upstream/signals.py), TagStore (manifests/tags.py), BlobFlights (here) and the pull log as a
+Recorder sink. Today's implementations live in this process; several replicas would put some
+of them on shared state behind the same interfaces.
 """
 
 from __future__ import annotations
@@ -18,23 +18,24 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from ..spool.blob_heads import BlobHead, HeadFlights
-from ..manifests.front import ManifestFront
+from ..config import Registry
 from ..manifests.by_digest import ManifestCache
+from ..manifests.front import ManifestFront
+from ..manifests.tags import TagCache
 from ..observe.metrics import Metrics
 from ..observe.pull_log import PullLog, PullRecord
-from ..spool.table import SPOOL_DIR, Key, Spool, SpoolTable
+from ..spool.blob_heads import BlobHead, HeadFlights
 from ..spool.download import SpoolDownloads
-from ..manifests.tags import TagCache
+from ..spool.table import SPOOL_DIR, Key, Spool, SpoolTable
 from ..upstream.auth import MAX_TOKEN_RESPONSE, TokenStore, UpstreamAuth
 from ..upstream.client import UpstreamClient
 from ..upstream.signals import UpstreamAnswers
 from ..upstream.state import UpstreamState
-from ..config import Registry
 from .settings import Settings
 
 TOKEN_STORE = "upstream-tokens"  # folder in the data dir
 TAG_STORE = "tags"  # folder in the data dir
+
 
 class BlobFlights(Protocol):
     """One upstream fetch per cold blob: the spool a cache's GET follows, and blob HEADs."""
