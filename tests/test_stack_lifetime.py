@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from parts import (
-    PORT_BASES, TEST_DOMAIN, accepts_connections, child_pids, docker_io_stack, has_exited, poll, pull,
+    PORT_BASES, REGISTRY_PROGRAM, TEST_DOMAIN, accepts_connections, child_pids, docker_io_stack, has_exited, poll, pull,
 )
 from regcache_core.stack.parent_death import die_with_parent, dies_with_this_process
 from regcache_core.stack.pid_file import FILE_NAME, PidFile, StackProcess, still_running
@@ -91,6 +91,7 @@ def test_a_second_regcache_up_on_the_same_data_directory_names_the_running_stack
         assert line.startswith(f"regcache: a stack of an earlier run still runs on {first.data_dir}: "
                                f"pids {first.process.pid} (regcache up), {first.child('mitmdump')} (proxy (mitmdump)), ")
         assert all(f" {pid} (" in line for pid in child_pids(first.process.pid))
+        assert f" {first.child(REGISTRY_PROGRAM)} (cache for docker.io)" in line
         assert line.endswith("; stop it first, or set REGCACHE_DATA_DIR to another directory")
         assert first.admin("/ready")[0] == 200, "the running stack is left alone"
     finally:

@@ -44,17 +44,23 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 @dataclass
 class Child:
-    name: str
+    name: str  # what it is, short: "data plane", "cache for docker.io"
     process: subprocess.Popen
     ready: Callable[[], bool]  # true once the child serves
     reason: Callable[[], str | None] = lambda: None  # why it exited, where its log says
+    log: Path | None = None  # where it writes, if not to our output
+
+    @property
+    def described(self) -> str:
+        """Its name, and its log where it has one of its own."""
+        return f"{self.name} (log: {self.log})" if self.log else self.name
 
     def exited(self, when: str = "") -> str:
         """"<name> exited with status N", and why where its log says (when it exited by itself,
         not by a signal): for the operator, in one line."""
         status = self.process.returncode
         reason = self.reason() if status > 0 else None
-        return f"{self.name} exited with status {status}{when}" + (f": {reason}" if reason else "")
+        return f"{self.described} exited with status {status}{when}" + (f": {reason}" if reason else "")
 
 
 @dataclass
@@ -81,7 +87,7 @@ class SupervisedCache:
         elif now >= self.restart_at:
             self.child = _start_cache(self.program, self.backend)
             self.started, self.restart_at = now, None
-            print(f"regcache: {self.child.name} started again", file=sys.stderr, flush=True)
+            print(f"regcache: {self.child.described} started again", file=sys.stderr, flush=True)
 
 
 def up(config: Config, env_file: str, web: bool = False) -> int:
@@ -191,8 +197,8 @@ def _start_cache(program: str, backend: CacheBackend) -> Child:
             # Not our environment: it may hold upstream passwords, which caches never need.
             env={"PATH": os.environ.get("PATH", os.defpath)},
         )
-    return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process,
-                 lambda: answers_http(f"{backend.registry.cache}/v2/"), lambda: exit_reason(backend.log_file, since))
+    return Child(f"cache for {backend.registry.name}", process, lambda: answers_http(f"{backend.registry.cache}/v2/"),
+                 lambda: exit_reason(backend.log_file, since), backend.log_file)
 
 
 def _start_proxy(program: str, config: Config, env_file: str, web: bool, web_token: str | None) -> Child:
@@ -253,7 +259,7 @@ def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
             print(f"regcache: {failed.exited(' while starting')}", file=sys.stderr)
             return False
         if time.monotonic() > deadline:
-            names = ", ".join(c.name for c in waiting)
+            names = ", ".join(c.described for c in waiting)
             print(f"regcache: not ready after {READY_TIMEOUT:.0f}s: {names}", file=sys.stderr)
             return False
         waiting = [c for c in waiting if not c.ready()]

@@ -22,7 +22,9 @@ _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 def dies_with_this_process() -> Callable[[], None]:
     """What a child of this process calls first (Popen's preexec_fn, a forked worker's first
-    line) to be SIGKILLed when this process ends."""
+    line) to be SIGKILLed when this process ends. (A preexec_fn runs Python between fork and
+    exec, which is safe only where no other thread could hold a lock: `regcache up` and the data
+    plane's parent run none.)"""
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("children are forked from the main thread: the parent-death signal "
                            "would come when the forking thread ends")
