@@ -1,1 +1,1 @@
-"""`regcache` subcommands beyond running the stack: client configuration files and prefetch."""
+"""`regcache` subcommands beyond running the stack: client configuration files, prefetch and the settings' docs."""
