@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 from mitmproxy import connection, http
@@ -357,3 +358,39 @@ def test_hook_order():
     before(SpecAnswers, Recorder, "response: a cache's answer is made what the spec says before it is recorded")
     before(HitMarker, Recorder, "response: the hit, miss or stale mark is set before the record is made")
     before(Recorder, WebView, "response: the label names the record")
+
+
+class Step:
+    """A step of the request path that notes it was asked and answers `answer`."""
+
+    def __init__(self, asked: list, name: str, answer=None, then=None) -> None:
+        self.asked, self.name, self.answer_with, self.then = asked, name, answer, then
+
+    async def __call__(self, flow: http.HTTPFlow):
+        self.asked.append(self.name)
+        if self.then:
+            self.then(note(flow))
+        return self.answer_with
+
+
+def request_path(asked: list, access=None, route=None, on_route=None) -> RequestPath:
+    access_step, route_step = Step(asked, "access", access), Step(asked, "route", route, on_route)
+    steps = {name: Step(asked, name) for name in ("handoff", "single flight", "manifests")}
+    return RequestPath(SimpleNamespace(check=access_step), SimpleNamespace(route=route_step),
+                       SimpleNamespace(answer=steps["handoff"]), SimpleNamespace(answer=steps["single flight"]),
+                       SimpleNamespace(answer=steps["manifests"]))
+
+
+@pytest.mark.parametrize("access, route, on_route, expected", [
+    ("refused", None, None, ["access"]),
+    (None, "refused", None, ["access", "route"]),
+    (None, None, lambda n: setattr(n, "egress", object()), ["access", "route", "single flight"]),
+    (None, None, lambda n: setattr(n, "target", object()), ["access", "route", "handoff", "manifests"]),
+    (None, None, None, ["access", "route"]),  # a redirect a cache follows: on to its target
+])
+def test_the_request_path_asks_its_steps_in_order_and_stops_at_the_first_answer(access, route, on_route, expected):
+    asked = []
+    flow = client_flow("/v2/library/small/manifests/1.0")
+    answer = asyncio.run(request_path(asked, access, route, on_route).decide(flow))
+    assert asked == expected and answer == (access or route)
+    assert (note(flow).client_host, note(flow).client_path) == (HUB, "/v2/library/small/manifests/1.0")  # kept first
