@@ -504,12 +504,8 @@ def is_local(url: str) -> bool:
 
 
 def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """`localhost`, or a loopback address in any spelling (IPv4-mapped IPv6 too)."""
+    return host == "localhost" or ((address := parse_ip(host)) is not None and address.is_loopback)
 
 
 def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -17,7 +17,7 @@ from .config import Config, Registry
 # Grammar from the distribution spec: path components joined by "/", at most 255 characters.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REPOSITORY = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 _API_PATH = re.compile(r"/v2/(?P<repository>.+)/(?P<kind>manifests|blobs|tags|referrers)/(?P<reference>[^/]+)")
 _KINDS = {"manifests": "manifest", "blobs": "blob", "tags": "tags", "referrers": "referrers"}
@@ -199,7 +199,7 @@ def parse_api_path(registry: Registry, path: str, forward_path: str) -> Target |
     if ":" in reference or kind in ("blob", "referrers"):
         if not DIGEST.fullmatch(reference):
             return Refusal(400, "DIGEST_INVALID", f"{_quote(reference)} is not a sha256 or sha512 digest")
-    elif not _TAG.fullmatch(reference):
+    elif not TAG.fullmatch(reference):
         # No manifest can have such a tag: the spec (and its conformance tests) want 404 for it.
         return Refusal(404, "MANIFEST_UNKNOWN", f"{_quote(reference)} is not a valid tag, so no manifest has it")
     return Target(registry, kind, repository, reference, forward_path)

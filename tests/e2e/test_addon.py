@@ -3,8 +3,6 @@ the test names at 127.0.0.1. The rest of the addon is in tests/unit/test_addon.p
 
 from __future__ import annotations
 
-import asyncio
-
 from mitmproxy import connection
 from mitmproxy.proxy import server_hooks
 
@@ -13,7 +11,7 @@ from regcache_core.mitm.router import Router
 from regcache_core.mitm.settings import Settings
 from regcache_core.routing import Target
 from regcache_core.upstream.redirects import RedirectSigner
-from tests.unit.test_addon import DIGEST, client_flow
+from tests.unit.test_addon import DIGEST, client_flow, route
 
 
 def test_a_followed_redirect_connects_to_the_address_that_was_checked():
@@ -27,7 +25,7 @@ def test_a_followed_redirect_connects_to_the_address_that_was_checked():
     flow = client_flow(signer.location("http://127.0.0.1:6000/v2/x/blobs/" + DIGEST, target, blob))
     router = Router(Settings(), signer)
     router.settings.config = config
-    asyncio.run(router.requestheaders(flow))
+    route(router, flow)
     assert flow.response is None and flow.request.headers["Host"] == "docker.io.regcache.test:6002"
     server = connection.Server(address=(flow.request.host, flow.request.port))
     router.server_connect(server_hooks.ServerConnectionHookData(server=server, client=flow.client_conn))

@@ -17,7 +17,7 @@ from regcache_core.spool.table import SpoolTable
 from regcache_core.spool.download import SpoolDownloads
 from regcache_core.upstream.auth import TokenStore, UpstreamAuth
 from regcache_core.upstream.client import UpstreamClient
-from regcache_core.upstream.signals import UpstreamSignals
+from regcache_core.upstream.signals import UpstreamAnswers
 from regcache_core.upstream.state import UpstreamState
 from tests.unit.test_spool import read_all
 
@@ -50,7 +50,7 @@ class Downloads:
         self.auth = UpstreamAuth(TokenStore(tmp_path / "tokens"), self._fetch)
         self.fetched: list[tuple[str, str, str]] = []
         self.table = SpoolTable(tmp_path / "spools", max_disk=1 << 30, linger=60)
-        self.downloads = SpoolDownloads(self.table, self.auth, self.state, self.metrics, UpstreamSignals(self.metrics),
+        self.downloads = SpoolDownloads(self.table, UpstreamAnswers(self.auth, self.state, self.metrics),
                                         lambda *blob: self.fetched.append(blob), timeout=10)
 
     async def _fetch(self, url, headers, timeout):

@@ -1,5 +1,6 @@
 """mitmweb through `regcache up --web`, end to end: the login it prints, labelled and bounded
-rows, no credentials while an upstream hangs, a manifest served stale, a quiet Ctrl-C. The
+rows, no credentials while an upstream hangs, a manifest served stale, flows saved (Save menu,
+save_stream_file, HAR) with their labels and without upstream credentials, a quiet Ctrl-C. The
 flow view's parts, with mitmproxy's own View addon, are in tests/unit/test_web.py."""
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+from mitmproxy import io
 
 from regcache_core.observe.stats import human_bytes
 from regcache_core.stack.launcher import mitmweb_has_password
@@ -58,8 +63,19 @@ def quay_upstream(tmp_path_factory, images) -> Upstream:
 
 
 @pytest.fixture(scope="module")
-def web_stack(tmp_path_factory, upstream, private_upstream, quay_upstream) -> Stack:
+def saved(tmp_path_factory) -> Path:
+    """Where the stack's mitmweb saves every flow (save_stream_file) and writes a HAR file as it
+    stops (hardump): set in mitmproxy's own options file, as a user would, in the HOME it gets."""
+    home = tmp_path_factory.mktemp("web-home")
+    (home / ".mitmproxy").mkdir()
+    (home / ".mitmproxy" / "config.yaml").write_text(f"save_stream_file: {home / 'flows'}\nhardump: {home / 'flows.har'}\n")
+    return home
+
+
+@pytest.fixture(scope="module")
+def web_stack(tmp_path_factory, upstream, private_upstream, quay_upstream, saved) -> Stack:
     stack = docker_io_stack(tmp_path_factory.mktemp("web"), upstream, PORT, {
+        "HOME": str(saved),
         "REGCACHE_WEB_MAX_FLOWS": "60", "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY", "REGCACHE_TAG_TTL": str(TTL),
         # Generous: mitmweb 12 checks its password (argon2) on every /flows, some 0.4 s each on a
         # busy machine, and the upstream hangs while the tests read /flows.
@@ -206,6 +222,58 @@ def test_regcache_up_web_marks_a_manifest_served_stale(web_stack, quay_upstream,
     assert shown_url(row) == f"http://{host}/v2/{image.name}/manifests/{image.tag}"
 
 
+def upstream_secrets() -> list[str]:
+    """The private upstream's password as it could be written: plain, or in the Basic header regcache adds."""
+    return [PASSWORD, base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()]
+
+
+def read_back(path: Path, image) -> list:
+    """The flows of a saved file, read back with `mitmdump -nr` (it must read them all and show the
+    pulls) and with mitmproxy's reader."""
+    home = path.parent / "read-back-home"  # mitmdump's own options file: none
+    home.mkdir(exist_ok=True)
+    result = subprocess.run([str(Path(sys.executable).with_name("mitmdump")), "-nr", str(path)], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "HOME": str(home)})
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stdout + result.stderr
+    assert f"/v2/{image.name}/manifests/{image.tag}" in result.stdout
+    with path.open("rb") as f:
+        return list(io.FlowReader(f).stream())
+
+
+def check_saved_pulls(flows: list, image) -> None:
+    """The pulls of `pull_for_saving` are there with regcache's labels (plain values in their
+    metadata, and their label as the comment), and the upstream credential is not."""
+    manifests = [f.metadata["regcache"] for f in flows if f.metadata.get("regcache", {}).get("kind") == "manifest"]
+    ghcr = {"answered_by": "backend", "registry": "ghcr.io", "repository": image.name, "kind": "manifest",
+            "reference": image.tag, "upstream_fetch": False, "cache": None, "status": 200, "error": None}
+    assert [m for m in manifests if {k: v for k, v in m.items() if k != "bytes"} == ghcr and m["bytes"] > 0]
+    assert [m for m in manifests if m["registry"] == "docker.io" and m["status"] == 200 and m["cache"] in ("hit", "miss")]
+    assert f"200 · ghcr.io {image.name} manifest {image.tag}" in {f.comment for f in flows}
+    sent = [v for f in flows for k, v in f.request.headers.items(multi=True)
+            if k.lower() == "authorization" and f.metadata.get("regcache", {}).get("registry") == "ghcr.io"]
+    assert sent and set(sent) == {"<redacted by regcache>"}
+
+
+def pull_for_saving(image) -> None:
+    """A manifest from an uncached upstream that needs regcache's credentials, and one through a cache."""
+    for host in (GHCR, f"docker.io.{TEST_DOMAIN}:{PORT}"):
+        status, _, _ = http_get(f"http://127.0.0.1:{PORT}/v2/{image.name}/manifests/{image.tag}", host=host,
+                                headers={"Accept": MANIFEST_TYPES})
+        assert status == 200
+
+
+def test_mitmweb_saves_flows_with_their_labels_and_without_upstream_credentials(web_stack, images, tmp_path):
+    """What mitmweb's Save menu fetches (/flows/dump): every listed flow, readable again."""
+    login, image = web_login(web_stack), images["small"]
+    pull_for_saving(image)
+    rows_labelled(login, {f"200 · ghcr.io {image.name} manifest {image.tag}"})
+    status, _, body = http_get(f"{WEB_UI}/flows/dump{login}")
+    assert status == 200 and body
+    assert not [s for s in upstream_secrets() if s.encode() in body]
+    (tmp_path / "dump").write_bytes(body)
+    check_saved_pulls(read_back(tmp_path / "dump", image), image)
+
+
 def test_ctrl_c_after_pulls_stops_regcache_up_web_quietly_and_exits_0(web_stack, images, tmp_path):
     """Last in this module: it stops the stack. The pull leaves the cache's kept-alive
     connections to its egress listener open, which mitmproxy used to leave for asyncio.run to
@@ -214,3 +282,18 @@ def test_ctrl_c_after_pulls_stops_regcache_up_web_quietly_and_exits_0(web_stack,
     assert pull(f"docker.io.{TEST_DOMAIN}:{PORT}", image.reference, tmp_path / "pulled") == image.manifest_digest
     assert web_stack.stop(signal.SIGINT) == 0
     assert not [line for line in web_stack.output if "Traceback" in line or "CancelledError" in line]
+
+
+def test_flows_saved_as_they_end_and_as_har_keep_labels_and_no_upstream_credentials(web_stack, images, saved):
+    """After the stack stopped (the test above stops it; run alone, this one does): the file
+    save_stream_file wrote, and the HAR file hardump wrote at the stop, of every pull in this module."""
+    web_stack.stop()
+    image, flows_file, har_file = images["small"], saved / "flows", saved / "flows.har"
+    assert not [s for s in upstream_secrets() if s.encode() in flows_file.read_bytes()]
+    check_saved_pulls(read_back(flows_file, image), image)
+    har = har_file.read_text()
+    assert not [s for s in upstream_secrets() if s in har]
+    entries = json.loads(har)["log"]["entries"]
+    sent = [h["value"] for e in entries for h in e["request"]["headers"]
+            if h["name"].lower() == "authorization" and e["request"]["url"].startswith(f"http://{GHCR}")]
+    assert sent and set(sent) == {"<redacted by regcache>"}

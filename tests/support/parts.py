@@ -71,6 +71,7 @@ PORT_BASES = {
     "test_upstream_auth": 7500,  # its loopback token servers; no stack
     "test_slow_clients": 7800,  # not 7600: test_outages' upstream (6600 + UPSTREAM_OFFSET)
     "test_spool_download": 8100,  # its upstream and CDN only; no stack
+    "test_stack_lifetime": 8500,
 }
 UPSTREAM_OFFSET = 1000
 

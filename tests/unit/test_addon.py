@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 from mitmproxy import http
+from mitmproxy import io as mitmproxy_io
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.test import taddons, tflow, tutils
 
 from tests.support.parts import REPO
-from regcache_core.mitm.keys import BYTE_COUNTER, TARGET
+from regcache_core.mitm import make_addons
+from regcache_core.mitm.answers import send_answer
+from regcache_core.mitm.budget import DiskBudget
+from regcache_core.mitm.client_limits import ConnectionLimits
+from regcache_core.mitm.drain import Drain
+from regcache_core.mitm.hits import HitMarker
+from regcache_core.mitm.manifest_responder import ManifestResponder
+from regcache_core.mitm.request_path import RequestPath
+from regcache_core.mitm.single_flight import SingleFlight
+from regcache_core.mitm.spec_answers import SpecAnswers
+from regcache_core.mitm.tasks import ScheduledTasks
+from regcache_core.mitm.services import Services
+from regcache_core.mitm.upstream_requests import UpstreamRequests
+from regcache_core.mitm.web import WebView
+from regcache_core.mitm.flow_notes import note
 from regcache_core.mitm.recorder import ByteCounter, Recorder, pull_record
 from regcache_core.mitm.router import Router
 from regcache_core.mitm.settings import Settings
@@ -98,8 +115,14 @@ def client_flow(path: str, host: str = HUB, method: str = "GET", authority: str 
 def routed(flow: http.HTTPFlow, signer: RedirectSigner | None = None) -> http.HTTPFlow:
     router = Router(Settings(), signer or RedirectSigner())
     router.settings.config = CONFIG
-    asyncio.run(router.requestheaders(flow))
+    route(router, flow)
     return flow
+
+
+def route(router: Router, flow: http.HTTPFlow) -> None:
+    """Routing's part of RequestPath: the flow pointed at its backend, or answered."""
+    if (answer := asyncio.run(router.route(flow))) is not None:
+        send_answer(flow, answer)
 
 
 @pytest.mark.parametrize("host, path, backend, forwarded", [
@@ -113,7 +136,7 @@ def test_router_sends_the_request_to_its_backend(host, path, backend, forwarded)
     assert flow.response is None
     assert (request.scheme, request.host, request.port) == backend
     assert request.path == forwarded
-    assert flow.metadata[TARGET].registry.name in ("docker.io", "ghcr.io")
+    assert note(flow).target.registry.name in ("docker.io", "ghcr.io")
 
 
 @pytest.mark.parametrize("method, path, host, authority, status, code", [
@@ -126,7 +149,7 @@ def test_router_answers_refusals_itself_with_registry_error_json(method, path, h
     assert flow.response.status_code == status
     assert flow.response.headers["Content-Type"] == "application/json"
     assert json.loads(flow.response.content)["errors"][0]["code"] == code
-    assert TARGET not in flow.metadata
+    assert note(flow).target is None
     assert (flow.request.host, flow.request.port) == ("127.0.0.1", 5000)  # sent nowhere
 
 
@@ -163,7 +186,7 @@ def test_pull_record_of_a_served_manifest():
 
 def test_pull_record_of_a_streamed_blob_counts_the_streamed_bytes():
     flow = routed(client_flow(f"/v2/library/small/blobs/{DIGEST}"))
-    counter = flow.metadata[BYTE_COUNTER] = ByteCounter()
+    counter = note(flow).byte_counter = ByteCounter()
     for chunk in (b"x" * 1000, b"y" * 24, b""):
         counter(chunk)
     record = finished(flow, http.Response.make(200, b""))
@@ -232,14 +255,14 @@ def test_a_followed_redirect_streams_like_a_blob():
     flow = routed(client_flow(path), signer)
     flow.response = http.Response.make(200, b"")  # its headers; mitmproxy has not read the body
     Recorder(Metrics(), {}).responseheaders(flow)
-    assert isinstance(flow.response.stream, ByteCounter) and flow.metadata[BYTE_COUNTER] is flow.response.stream
+    assert isinstance(flow.response.stream, ByteCounter) and note(flow).byte_counter is flow.response.stream
 
 
 def test_a_client_following_a_redirect_is_logged_as_the_registrys_blob_with_its_bytes():
     signer = RedirectSigner()
     flow = routed(client_flow(signer.location("https://ghcr.io/v2/x/blobs/" + DIGEST, "https://cdn.example/b?s=1", GHCR_BLOB)), signer)
     assert (flow.request.host, flow.request.path) == ("cdn.example", "/b?s=1")
-    counter = flow.metadata[BYTE_COUNTER] = ByteCounter()
+    counter = note(flow).byte_counter = ByteCounter()
     counter(b"x" * 2048)
     record = finished(flow, http.Response.make(200, b""))
     assert (record["registry"], record["kind"], record["repository"], record["reference"], record["bytes"]) == (
@@ -272,3 +295,78 @@ def test_a_head_that_regcache_answers_itself_gets_the_headers_of_the_get_and_no_
     assert head.response.status_code == get.response.status_code == 404
     assert head.response.raw_content == b""
     assert head.response.headers["Content-Length"] == get.response.headers["Content-Length"] == str(len(get.response.raw_content))
+
+
+def test_a_finished_flow_saves_in_mitmproxys_format_with_plain_labels_and_no_routing_objects():
+    flow = routed(client_flow("/v2/library/small/manifests/1.0"))
+    recorder = Recorder(Metrics(), {})
+    recorder.requestheaders(flow)
+    flow.response = http.Response.make(200, b"{}")
+    recorder.response(flow)
+    out = io.BytesIO()
+    mitmproxy_io.FlowWriter(out).add(flow)
+    [read] = mitmproxy_io.FlowReader(io.BytesIO(out.getvalue())).stream()
+    assert read.metadata == {"regcache": {
+        "answered_by": "backend", "registry": "docker.io", "repository": "library/small", "kind": "manifest",
+        "reference": "1.0", "upstream_fetch": False, "cache": None, "status": 200, "bytes": 2, "error": None}}
+
+
+def test_hook_order():
+    """mitmproxy calls the addons of each hook in the order of make_addons(); what must come first."""
+    order = [type(addon) for addon in make_addons()]
+
+    def before(first: type, then: type, why: str) -> None:
+        assert order.index(first) < order.index(then), f"{first.__name__} before {then.__name__}: {why}"
+
+    assert order[0] is ScheduledTasks, "running: tasks scheduled, not eager, before any addon starts one"
+    assert order[-1] is WebView, "its hooks see every other addon's work, just before mitmweb's view sends an update"
+    for addon in order[2:]:
+        before(Settings, addon, "configure: the config is loaded before any addon reads it")
+    for addon in order[3:]:
+        before(Services, addon, "configure and running: what the addons share is built for the config before they start")
+    before(ConnectionLimits, RequestPath, "requestheaders: a head's arrival is counted before its flow may be answered and killed")
+    for observer in (HitMarker, Recorder, DiskBudget, Drain, WebView):
+        before(RequestPath, observer, "requestheaders: it reads what the request path decided")
+    before(Router, UpstreamRequests, "server_connect: a redirect target's checked address is set before the name is looked up")
+    before(UpstreamRequests, WebView, "request, responseheaders: our header is on (unlisted) and redacted (listed again)")
+    before(ManifestResponder, HitMarker, "response: a cache's outage answer is replaced before the hit mark is set")
+    before(ManifestResponder, Recorder, "response: a cache's outage answer is replaced before it is recorded")
+    before(SpecAnswers, Recorder, "response: a cache's answer is made what the spec says before it is recorded")
+    before(HitMarker, Recorder, "response: the hit, miss or stale mark is set before the record is made")
+    before(Recorder, WebView, "response: the label names the record")
+
+
+class Step:
+    """A step of the request path that notes it was asked and answers `answer`."""
+
+    def __init__(self, asked: list, name: str, answer=None, then=None) -> None:
+        self.asked, self.name, self.answer_with, self.then = asked, name, answer, then
+
+    async def __call__(self, flow: http.HTTPFlow):
+        self.asked.append(self.name)
+        if self.then:
+            self.then(note(flow))
+        return self.answer_with
+
+
+def request_path(asked: list, access=None, route=None, on_route=None) -> RequestPath:
+    access_step, route_step = Step(asked, "access", access), Step(asked, "route", route, on_route)
+    steps = {name: Step(asked, name) for name in ("handoff", "single flight", "manifests")}
+    return RequestPath(SimpleNamespace(check=access_step), SimpleNamespace(route=route_step),
+                       SimpleNamespace(answer=steps["handoff"]), SimpleNamespace(answer=steps["single flight"]),
+                       SimpleNamespace(answer=steps["manifests"]))
+
+
+@pytest.mark.parametrize("access, route, on_route, expected", [
+    ("refused", None, None, ["access"]),
+    (None, "refused", None, ["access", "route"]),
+    (None, None, lambda n: setattr(n, "egress", object()), ["access", "route", "single flight"]),
+    (None, None, lambda n: setattr(n, "target", object()), ["access", "route", "handoff", "manifests"]),
+    (None, None, None, ["access", "route"]),  # a redirect a cache follows: on to its target
+])
+def test_the_request_path_asks_its_steps_in_order_and_stops_at_the_first_answer(access, route, on_route, expected):
+    asked = []
+    flow = client_flow("/v2/library/small/manifests/1.0")
+    answer = asyncio.run(request_path(asked, access, route, on_route).decide(flow))
+    assert asked == expected and answer == (access or route)
+    assert (note(flow).client_host, note(flow).client_path) == (HUB, "/v2/library/small/manifests/1.0")  # kept first

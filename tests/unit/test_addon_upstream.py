@@ -6,14 +6,15 @@ import asyncio
 
 from mitmproxy.test import tflow, tutils
 
-from regcache_core.mitm.keys import INJECTED, UPSTREAM
-from regcache_core.mitm.upstream import REDACTED, UpstreamCredentials
-from regcache_core.config import Registry
+from regcache_core.mitm.flow_notes import note
+from regcache_core.mitm.services import Services
+from regcache_core.mitm.settings import Settings
+from regcache_core.mitm.upstream_requests import REDACTED, UpstreamRequests
+from regcache_core.config import DEFAULTS, Registry, parse_config
 from regcache_core.observe.metrics import Metrics
 from regcache_core.upstream.redirects import RedirectSigner
 from regcache_core.routing import Target
-from regcache_core.upstream.client import UpstreamClient
-from regcache_core.upstream.state import UpstreamState
+from regcache_core.upstream.signals import UpstreamAnswers
 
 HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001", "me", "pw")
 BLOB = "sha256:" + "a" * 64
@@ -33,21 +34,23 @@ class FixedAuth:
         pass
 
 
-def credentials(signer: RedirectSigner) -> UpstreamCredentials:
-    metrics = Metrics()
-    return UpstreamCredentials(settings=None, signer=signer, metrics=metrics, state=UpstreamState(metrics, probe=None),
-                               client=UpstreamClient())
+def credentials(signer: RedirectSigner) -> UpstreamRequests:
+    """UpstreamRequests with services whose auth always has a token."""
+    settings = Settings()
+    settings.config = parse_config({**DEFAULTS, "REGISTRY_DOMAIN": "regcache.test"})
+    services = Services(settings, Metrics(), blob_fetched=lambda *blob: None)
+    services.upstream = UpstreamAnswers(FixedAuth(), services.upstream_state, services.metrics)
+    return UpstreamRequests(settings, services, signer)
 
 
 def upstream_flow(status: int, headers: dict) -> tuple:
     signer = RedirectSigner()
     addon = credentials(signer)
-    addon.auth = FixedAuth()
     flow = tflow.tflow()
     flow.request.headers["Authorization"] = "Basic client-credentials"
-    flow.metadata[UPSTREAM] = Target(HUB, "blob", "library/small", BLOB, f"/v2/library/small/blobs/{BLOB}")
+    note(flow).upstream = Target(HUB, "blob", "library/small", BLOB, f"/v2/library/small/blobs/{BLOB}")
     asyncio.run(addon.request(flow))
-    assert flow.request.headers.get_all("Authorization") == ["Bearer secret-token"] and flow.metadata[INJECTED]
+    assert flow.request.headers.get_all("Authorization") == ["Bearer secret-token"] and note(flow).injected
     flow.response = tutils.tresp(status_code=status, headers=tuple((k.encode(), v.encode()) for k, v in headers.items()))
     addon.responseheaders(flow)
     return addon, signer, flow
@@ -57,7 +60,7 @@ def test_injected_header_is_redacted_once_sent_and_challenges_never_pass():
     addon, _, flow = upstream_flow(401, {"WWW-Authenticate": 'Bearer realm="https://auth.example/token"'})
     assert flow.request.headers["Authorization"] == REDACTED
     assert "WWW-Authenticate" not in flow.response.headers
-    assert addon.auth.refusals == [("docker.io", "library/small")]
+    assert addon.services.upstream.auth.refusals == [("docker.io", "library/small")]
 
 
 def test_redirect_is_rewritten_to_a_signed_path_on_the_proxy():
@@ -73,15 +76,24 @@ def test_a_redirect_to_this_machine_loses_its_location():
 
 def test_redacted_also_when_the_upstream_connection_fails():
     addon = credentials(RedirectSigner())
-    addon.auth = FixedAuth()
     flow = tflow.tflow()
-    flow.metadata[UPSTREAM] = Target(HUB, "manifest", "library/small", "1.0", "/v2/library/small/manifests/1.0")
+    note(flow).upstream = Target(HUB, "manifest", "library/small", "1.0", "/v2/library/small/manifests/1.0")
     asyncio.run(addon.request(flow))
     addon.error(flow)
     assert flow.request.headers["Authorization"] == REDACTED
 
 
+def test_redacted_when_mitmproxy_stops_with_the_request_in_flight():
+    """mitmproxy's Save writes the flows still in flight when it stops, after the scripts' `done`."""
+    addon = credentials(RedirectSigner())
+    flow = tflow.tflow()
+    note(flow).upstream = Target(HUB, "manifest", "library/small", "1.0", "/v2/library/small/manifests/1.0")
+    asyncio.run(addon.request(flow))
+    addon.done()
+    assert flow.request.headers["Authorization"] == REDACTED
+
+
 def test_upstream_rate_limit_headers_reach_the_metrics():
     addon, _, _ = upstream_flow(200, {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "42;w=21600"})
-    assert addon.metrics.registry.get_sample_value(
+    assert addon.services.metrics.registry.get_sample_value(
         "regcache_upstream_ratelimit_remaining", {"registry": "docker.io"}) == 42

@@ -11,6 +11,7 @@ from regcache_core.manifests.by_digest import ManifestCache
 from regcache_core.observe.metrics import Metrics
 from regcache_core.manifests.tags import TagCache
 from regcache_core.upstream.client import NoAnswer
+from regcache_core.upstream.signals import UpstreamAnswers
 from regcache_core.upstream.state import UpstreamState
 
 HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001")
@@ -97,8 +98,8 @@ def stale_front(tmp_path, upstream_digest: str | None) -> tuple[ManifestFront, S
     async def never(url):
         await asyncio.sleep(3600)
 
-    front = ManifestFront(TagCache(tmp_path, ttl=60, clock=lambda: now[0]), ManifestCache(1 << 20), upstream, NoAuth(),
-                          UpstreamState(metrics, never), metrics)
+    front = ManifestFront(TagCache(tmp_path, ttl=60, clock=lambda: now[0]), ManifestCache(1 << 20), upstream,
+                          UpstreamAnswers(NoAuth(), UpstreamState(metrics, never), metrics))
     front.learn(HUB, "library/small", "1.0", headers, body)
     now[0] += 61
     return front, upstream, digest
@@ -110,7 +111,8 @@ def test_concurrent_revalidations_of_a_tag_share_one_head_and_the_same_digest_is
         upstream.digest = digest
         plans = await asyncio.gather(*(front.plan(HUB, "library/small", "1.0", [OCI]) for _ in range(10)))
         again = await front.plan(HUB, "library/small", "1.0", [OCI])  # fresh again: no HEAD
-        await front.close()
+        front.close()
+        front.tags.close()
         return plans, again, upstream.heads
 
     plans, again, heads = asyncio.run(run())
@@ -125,10 +127,35 @@ def test_an_unreachable_upstream_serves_the_last_digest_as_stale_and_is_not_aske
         other_client = await front.plan(HUB, "library/small", "1.0", ["application/json"])
         down = front.state.reason_down("docker.io")
         front.state.close()
-        await front.close()
+        front.close()
+        front.tags.close()
         return first, second, other_client, down, upstream.heads, digest
 
     first, second, other_client, down, heads, digest = asyncio.run(run())
     assert (first.cache, first.digest, second.cache) == ("stale", digest, "stale")
     assert other_client is None  # its Accept does not name what is held: through to the cache
     assert (down, heads) == ("refused", 1)
+
+
+class RateLimitedUpstream(SlowUpstream):
+    """Docker Hub past its pull limit: a 429 to the HEAD, with its rate-limit headers."""
+
+    async def head(self, url, headers):
+        self.heads += 1
+        return 429, {"ratelimit-limit": "100;w=21600", "ratelimit-remaining": "0;w=21600", "retry-after": "60"}
+
+
+def test_a_tag_revalidation_reports_rate_limits_and_429s_like_every_upstream_answer(tmp_path, caplog):
+    async def run():
+        front, _, digest = stale_front(tmp_path, None)
+        front.client = RateLimitedUpstream(None)
+        plan = await front.plan(HUB, "library/small", "1.0", [OCI])
+        front.close()
+        front.state.close()
+        front.tags.close()
+        return plan, digest, front.upstream.metrics.registry
+
+    plan, digest, metrics = asyncio.run(run())
+    assert (plan.cache, plan.digest) == ("stale", digest)  # the last known digest, at once
+    assert metrics.get_sample_value("regcache_upstream_ratelimit_remaining", {"registry": "docker.io"}) == 0
+    assert any("answered 429" in r.getMessage() for r in caplog.records)

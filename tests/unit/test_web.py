@@ -8,7 +8,7 @@ from mitmproxy import exceptions
 from mitmproxy.addons.view import View
 from mitmproxy.test import taddons, tflow
 
-from regcache_core.mitm.keys import CLIENT_HOST, CLIENT_PATH, EGRESS, EGRESS_FOR, INJECTED, RECORD, TARGET, UPSTREAM
+from regcache_core.mitm.flow_notes import note
 from regcache_core.mitm.router import send_to
 from regcache_core.mitm.settings import Settings
 from regcache_core.mitm.web import WebView
@@ -69,7 +69,7 @@ def test_flows_are_labelled_with_registry_image_kind_and_outcome():
     with taddons.context(view, web):
         for result, marker in ((failed, ":warning:"), (record, ":large_blue_circle:"), (streamed, ":green_circle:")):
             flow = finished_flow()
-            flow.metadata[TARGET], flow.metadata[RECORD] = target, result
+            note(flow).target, note(flow).record = target, result
             web.response(flow)
             assert flow.marked == marker
         stale = PullRecord("t", "c", "docker.io", "library/small", "manifest", "1.0", "GET", 200, 5, 1, "b", cache="stale")
@@ -83,7 +83,7 @@ def routed_flow(client_host: str, client_path: str, backend: str, backend_path: 
     flow.client_conn.sockname = ("127.0.0.1", 5000)
     flow.client_conn.timestamp_tls_setup = None  # plain HTTP
     flow.request.headers["Host"] = client_host
-    flow.metadata[CLIENT_HOST], flow.metadata[CLIENT_PATH] = client_host, client_path
+    note(flow).client_host, note(flow).client_path = client_host, client_path
     send_to(flow.request, backend, backend_path)
     return flow
 
@@ -107,8 +107,8 @@ def test_a_row_shows_the_request_as_regcache_received_it_once_it_has_gone():
         # A cache's upstream fetch keeps the upstream's URL: where it went is the point.
         fetch = routed_flow("127.0.0.1:5080", f"/v2/library/small/blobs/{LAYER}", "https://registry-1.docker.io",
                             f"/v2/library/small/blobs/{LAYER}")
-        fetch.metadata[EGRESS_FOR] = CONFIG.registries[0]
-        fetch.metadata[EGRESS] = route(CONFIG, "GET", "docker.io.registry.example.test:5000", f"/v2/library/small/blobs/{LAYER}")
+        note(fetch).egress_for = CONFIG.registries[0]
+        note(fetch).egress = route(CONFIG, "GET", "docker.io.registry.example.test:5000", f"/v2/library/small/blobs/{LAYER}")
         web.responseheaders(fetch)
         assert fetch.request.pretty_url == f"https://registry-1.docker.io/v2/library/small/blobs/{LAYER}"
 
@@ -117,8 +117,8 @@ def test_pings_are_not_listed():
     view, web = View(), WebView(Settings())
     with taddons.context(view, web):
         ping, manifest = tflow.tflow(), tflow.tflow()
-        ping.metadata[TARGET] = route(CONFIG, "GET", "docker.io.registry.example.test:5000", "/v2/")
-        manifest.metadata[TARGET] = route(CONFIG, "GET", "docker.io.registry.example.test:5000", "/v2/a/b/manifests/1")
+        note(ping).target = route(CONFIG, "GET", "docker.io.registry.example.test:5000", "/v2/")
+        note(manifest).target = route(CONFIG, "GET", "docker.io.registry.example.test:5000", "/v2/a/b/manifests/1")
         for flow in (ping, manifest):
             web.requestheaders(flow)
             view.add([flow])  # what the view does at requestheaders, after ours
@@ -130,13 +130,13 @@ def test_a_flow_carrying_our_credentials_is_not_listed_until_they_are_redacted()
     with taddons.context(view, web):
         flow = tflow.tflow()  # in flight
         view.add([flow])  # what the view does at requestheaders
-        flow.metadata[UPSTREAM], flow.metadata[INJECTED] = object(), True  # UpstreamCredentials.request
+        note(flow).upstream, note(flow).injected = object(), True  # UpstreamCredentials.request
         flow.request.headers["Authorization"] = "Basic c2VjcmV0"
         web.request(flow)
         assert list(view) == [] and view.get_by_id(flow.id) is flow and not flow.error  # kept, not killed
         view.update([flow])  # as the view's own hooks do: still unlisted
         assert list(view) == []
-        del flow.metadata[INJECTED]  # UpstreamCredentials.responseheaders redacted it
+        note(flow).injected = False  # UpstreamCredentials.responseheaders redacted it
         web.responseheaders(flow)
         assert list(view) == [flow]
 

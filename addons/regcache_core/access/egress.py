@@ -20,7 +20,7 @@ import socket
 import time
 from urllib.parse import urlsplit
 
-from ..config import Registry, parse_ip
+from ..config import Registry, is_loopback_host, parse_ip
 
 LOOKUP_TTL = 30.0  # seconds an answer is trusted
 
@@ -37,7 +37,7 @@ class EgressGuard:
             return False
         client = normalize(client_ip)
         addresses = await self._addresses(urlsplit(registry.cache).hostname)
-        return client in addresses or (is_loopback(client) and any(map(is_loopback, addresses)))
+        return client in addresses or (is_loopback_host(client) and any(map(is_loopback_host, addresses)))
 
     async def _addresses(self, host: str) -> frozenset[str]:
         now = self._clock()
@@ -51,10 +51,6 @@ class EgressGuard:
             addresses = frozenset()  # not resolvable (yet): nobody is that cache
         self._known[host] = (now, addresses)
         return addresses
-
-
-def is_loopback(address: str) -> bool:
-    return (parsed := parse_ip(address)) is not None and parsed.is_loopback
 
 
 def normalize(address: str) -> str:

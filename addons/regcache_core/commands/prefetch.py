@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from ..config import Config, local_url
+from ..routing import DIGEST, REPOSITORY, TAG
 
 MANIFEST_TYPES = ", ".join((
     "application/vnd.oci.image.index.v1+json",
@@ -30,9 +31,6 @@ MANIFEST_TYPES = ", ".join((
 TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)  # a stalled read fails
 CHUNK = 1 << 20
 _HOST = re.compile(r"[a-z0-9.-]+(?::[0-9]{1,5})?")
-_REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_DIGEST = re.compile(r"sha256:[a-f0-9]{64}")
 
 
 class PrefetchError(Exception):
@@ -64,8 +62,8 @@ def parse_reference(text: str) -> ImageReference:
         registry, repository = "docker.io", name
     if registry == "docker.io" and "/" not in repository:
         repository = f"library/{repository}"
-    if (not _HOST.fullmatch(registry) or not _REPOSITORY.fullmatch(repository) or (tag and not _TAG.fullmatch(tag))
-            or (digest and not _DIGEST.fullmatch(digest))):
+    if (not _HOST.fullmatch(registry) or not REPOSITORY.fullmatch(repository) or (tag and not TAG.fullmatch(tag))
+            or (digest and not DIGEST.fullmatch(digest))):
         raise PrefetchError(f"{text!r} is not an image reference such as docker.io/library/nginx:1.27")
     return ImageReference(registry, repository, digest or tag or "latest")
 

@@ -1,6 +1,7 @@
 """The data plane's processes: one worker per core (REGCACHE_DATAPLANE_WORKERS), each an aiohttp
 server on the same port (SO_REUSEPORT: the kernel spreads connections over them), under one
-parent that starts them, stops them on SIGTERM or SIGINT, and stops them all if one dies."""
+parent that starts them, stops them on SIGTERM or SIGINT, and stops them all if one dies. They
+die with it (SIGKILL included), as it dies with `regcache up`."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from ..config import Config
+from ..stack.parent_death import dies_with_this_process
 from .grants import GrantSigner, load_or_create_key
 from .records import RecordSender, records_socket
 from .server import make_app
@@ -34,7 +36,7 @@ def run_workers(config: Config, on_ready: Callable[[], None] = lambda: None) -> 
     # fork: the parent runs no threads and no event loop yet; spawn would add a resource tracker process
     context = multiprocessing.get_context("fork")
     serving = context.Semaphore(0)  # each worker releases it once its port is open
-    workers = [context.Process(target=serve, args=(config, serving), name=f"regcache-dataplane-{n}")
+    workers = [context.Process(target=serve, args=(config, serving, dies_with_this_process()), name=f"regcache-dataplane-{n}")
                for n in range(config.dataplane.workers)]
     for worker in workers:
         worker.start()
@@ -59,8 +61,9 @@ def run_workers(config: Config, on_ready: Callable[[], None] = lambda: None) -> 
     return status
 
 
-def serve(config: Config, serving) -> None:
+def serve(config: Config, serving, end_with_parent: Callable[[], None]) -> None:
     """One worker: serve until SIGTERM or SIGINT; `serving` is released once it does."""
+    end_with_parent()
     for signum in (signal.SIGINT, signal.SIGTERM):  # not the parent's handlers: until serving, a signal ends it
         signal.signal(signum, signal.SIG_DFL)
     configure_logging()

@@ -18,20 +18,16 @@ What is learnt comes from the answers the cache gives clients (`learn`). No mitm
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..config import Registry
 from .by_digest import Manifest, ManifestCache, matches, media_type
-from ..observe.metrics import Metrics
-from ..routing import Refusal
-from .tags import TagCache, TagEntry
-from ..upstream.auth import UpstreamAuth, UpstreamAuthError
+from ..routing import DIGEST, Refusal
+from .tags import TagEntry, TagStore
+from ..upstream.auth import UpstreamAuthError
 from ..upstream.client import NoAnswer, UpstreamClient
-from ..upstream.state import UpstreamState
-
-_DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
+from ..upstream.signals import UpstreamAnswers
 
 
 @dataclass(frozen=True)
@@ -55,14 +51,12 @@ def accepted_types(accept_lines: list[str]) -> set[str]:
 
 
 class ManifestFront:
-    def __init__(self, tags: TagCache, manifests: ManifestCache, upstream: UpstreamClient, auth: UpstreamAuth,
-                 state: UpstreamState, metrics: Metrics) -> None:
+    def __init__(self, tags: TagStore, manifests: ManifestCache, client: UpstreamClient, upstream: UpstreamAnswers) -> None:
         self.tags = tags
         self.manifests = manifests
-        self.upstream = upstream
-        self.auth = auth
-        self.state = state
-        self.metrics = metrics
+        self.client = client  # the tag HEADs, within its deadline
+        self.upstream = upstream  # credentials, and where what the upstream answered is reported
+        self.state = upstream.state
         self._revalidations: dict[tuple[str, str, str, str], asyncio.Task] = {}
 
     async def plan(self, registry: Registry, repository: str, reference: str, accept_lines: list[str]) -> Plan | None:
@@ -93,7 +87,7 @@ class ManifestFront:
         """The cache answered a client's manifest request 200 with `headers` (and `body`, for a
         GET): remember the tag's digest and the manifest."""
         digest = headers.get("Docker-Content-Digest", "")
-        if not _DIGEST.fullmatch(digest) or (":" in reference and reference != digest):
+        if not DIGEST.fullmatch(digest) or (":" in reference and reference != digest):
             return
         if body is not None:
             if not matches(digest, body):
@@ -113,11 +107,10 @@ class ManifestFront:
         return Refusal(503, "UNAVAILABLE", f"upstream {registry.upstream} of {registry.name} cannot be reached ({reason}),"
                                            f" and the cache does not hold {reference}")
 
-    async def close(self) -> None:
+    def close(self) -> None:
+        """Revalidations under way stop. The tag cache and the client are their owner's to close."""
         for task in self._revalidations.values():
             task.cancel()
-        await self.upstream.close()
-        self.tags.close()
 
     def _serve(self, registry: Registry, entry: TagEntry, cache: str) -> Plan:
         return Plan(entry.digest, self.manifests.get(registry.name, entry.digest), cache)
@@ -136,25 +129,18 @@ class ManifestFront:
         the upstream cannot say."""
         try:
             # One bound for it all: a token may have to be fetched first.
-            async with asyncio.timeout(self.upstream.timeout):
-                authorization = await self.auth.authorization(registry, repository)
+            async with asyncio.timeout(self.client.timeout):
+                authorization = await self.upstream.authorization(registry, repository)
                 headers = {"Accept": accept, **({"Authorization": authorization} if authorization else {})}
-                status, answer = await self.upstream.head(f"{registry.upstream}/v2/{repository}/manifests/{tag}", headers)
+                status, answer = await self.client.head(f"{registry.upstream}/v2/{repository}/manifests/{tag}", headers)
         except UpstreamAuthError as e:
-            if e.unreachable:
-                self.state.went_down(registry.name, registry.upstream, e.unreachable)
             raise RevalidationFailed(str(e)) from None
         except (NoAnswer, TimeoutError) as e:
             reason = e.reason if isinstance(e, NoAnswer) else "timeout"
-            self.metrics.upstream_result(registry.name, None)
-            self.state.went_down(registry.name, registry.upstream, reason)
+            self.upstream.failed(registry, reason)
             raise RevalidationFailed(reason) from None
-        self.metrics.upstream_result(registry.name, status)
-        self.state.answered(registry.name, registry.upstream)
-        if status == 401:
-            self.auth.refused(registry, repository)
-        elif status < 400:
-            self.auth.accepted(registry, repository)
+        # Rate limits and 429s too: Docker Hub sends its headers on HEADs.
+        self.upstream.answered(registry, repository, status, answer)
         if status == 404:
             return None
         if status != 200:

@@ -14,6 +14,7 @@ import asyncio
 import time
 from dataclasses import astuple, dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import diskcache
 
@@ -26,6 +27,21 @@ class TagEntry:
     media_type: str
     size: int
     learnt: float  # wall-clock time (time.time()), so that age survives a restart
+
+
+class TagStore(Protocol):
+    """What the manifest front (manifests/front.py) needs of a tag cache. TagCache is this
+    process's, in memory and on disk; a shared one would serve several replicas."""
+
+    async def get(self, registry: str, repository: str, tag: str) -> TagEntry | None: ...
+
+    def is_fresh(self, entry: TagEntry) -> bool: ...
+
+    def learn(self, registry: str, repository: str, tag: str, digest: str, media_type: str, size: int) -> TagEntry: ...
+
+    def refresh(self, registry: str, repository: str, tag: str, entry: TagEntry) -> TagEntry: ...
+
+    def close(self) -> None: ...
 
 
 class TagCache:

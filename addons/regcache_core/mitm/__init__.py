@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from ..observe.metrics import Metrics
 from ..upstream.redirects import RedirectSigner
-from ..upstream.client import UpstreamClient
-from ..upstream.state import UpstreamState
 from .admin import Admin
 from .client_access import ClientAccess
 from .client_limits import ConnectionLimits
@@ -22,15 +20,15 @@ from .drain import Drain
 from .dataplane import DataPlaneHandoff, DataPlaneRecords
 from .hits import HitMarker
 from .manifest_responder import ManifestResponder
-from .pull_log import PullLogger
 from .recorder import Recorder
+from .request_path import RequestPath
 from .router import Router
+from .services import Services
 from .settings import MirrorDefaults, Settings
 from .spec_answers import SpecAnswers
 from .tasks import ScheduledTasks
 from .single_flight import SingleFlight
-from .upstream import UpstreamCredentials
-from .upstream_deadlines import UpstreamDeadlines
+from .upstream_requests import UpstreamRequests
 from .web import WebView
 
 
@@ -38,40 +36,41 @@ def make_addons() -> list:
     settings = Settings()
     signer = RedirectSigner()
     metrics = Metrics()
-    pull_logger = PullLogger(settings)
-    budget = DiskBudget(settings, metrics)
-    upstream_client = UpstreamClient()
-    upstream_state = UpstreamState(metrics, upstream_client.ping)
-    credentials = UpstreamCredentials(settings, signer, metrics, upstream_state, upstream_client)
-    recorder = Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe, "disk budget": budget.record})
     hits = HitMarker()
-    # Order matters: hooks run in this order. DataPlaneHandoff answers what Router routed;
-    # UpstreamDeadlines answers for a down upstream before UpstreamCredentials asks it for a
-    # token; UpstreamCredentials redacts what it injected before mitmweb's view (added after
-    # the scripts) sends a flow update; SingleFlight tells HitMarker which fetches go upstream
-    # (its downloads tell it what they fetched); ManifestResponder answers
-    # before HitMarker watches, and replaces a cache's answer before Recorder reads it;
-    # HitMarker sets the hit/miss/stale that Recorder hands to the pull log and metrics. The
-    # data plane's records reach the same sinks.
+    services = Services(settings, metrics, hits.in_flight.upstream_blob_fetch)
+    budget = DiskBudget(settings, metrics)
+    recorder = Recorder(metrics, {"pull log": services.log_pull, "metrics": metrics.observe, "disk budget": budget.record})
+    access, router, handoff = ClientAccess(settings), Router(settings, signer), DataPlaneHandoff(settings)
+    single_flight = SingleFlight(settings, services, metrics)
+    manifests = ManifestResponder(services)
+    # Hooks run in this order; tests/test_addon.py's test_hook_order pins what matters. What a
+    # request's head decides is RequestPath's, in one function (request_path.py); the addons
+    # after it observe. Services are built when the config loads (right after Settings) and
+    # closed once, by their owner. Router maps a redirect target's address before
+    # UpstreamRequests connects; UpstreamRequests redacts what it injected before mitmweb's
+    # view (added after the scripts) sends a flow update; ManifestResponder replaces a cache's
+    # answer before HitMarker and Recorder read it, SpecAnswers before Recorder; HitMarker sets
+    # the hit/miss/stale that Recorder hands to the pull log and metrics; WebView labels what
+    # Recorder recorded. The data plane's records reach the same sinks.
     return [
         ScheduledTasks(),
         settings,
+        services,
         MirrorDefaults(settings),
         ConnectionLimits(settings),
-        ClientAccess(settings),
-        Router(settings, signer),
-        DataPlaneHandoff(settings),
-        UpstreamDeadlines(settings, upstream_state),
-        credentials,
-        SingleFlight(settings, metrics, credentials, upstream_state, hits.in_flight.upstream_blob_fetch),
-        ManifestResponder(settings, credentials, upstream_client, upstream_state, metrics),
+        access,
+        router,
+        RequestPath(access, router, handoff, single_flight, manifests),
+        handoff,
+        UpstreamRequests(settings, services, signer),
+        single_flight,
+        manifests,
         hits,
         SpecAnswers(),
-        pull_logger,
         budget,
         recorder,
         DataPlaneRecords(settings, recorder.deliver),
-        Admin(settings, metrics, budget, upstream_state),
+        Admin(settings, metrics, budget, services.upstream_state),
         Drain(settings),
         WebView(settings),
     ]

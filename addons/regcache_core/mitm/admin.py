@@ -11,7 +11,7 @@ from mitmproxy import ctx
 from ..observe.admin import AdminServer, Answer, readiness
 from ..observe.metrics import EXPOSITION_CONTENT_TYPE, Metrics
 from .budget import DiskBudget
-from ..upstream.state import UpstreamState
+from ..upstream.state import UpstreamStatus
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 class Admin:
     """Serves /metrics, /ready and /live on REGCACHE_ADMIN_HOST:REGCACHE_ADMIN_PORT (see admin.py)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, budget: DiskBudget, upstream_state: UpstreamState) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, budget: DiskBudget, upstream_state: UpstreamStatus) -> None:
         self.settings = settings
         self.metrics = metrics
         self.budget = budget

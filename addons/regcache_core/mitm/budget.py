@@ -20,8 +20,7 @@ from ..budget.usage import UsageStore, usage_file
 from ..stack.caches import local_backends
 from ..observe.metrics import Metrics
 from ..observe.pull_log import PullRecord
-from ..routing import Target
-from .keys import TARGET
+from .flow_notes import note
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -49,8 +48,7 @@ class DiskBudget:
         self._timer: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" not in updated or config is None:
+        if (config := self.settings.loaded(updated)) is None:
             return
         self.caches = [CacheBudget(b.registry.name, b.storage, b.registry.max_disk) for b in local_backends(config)]
         self.disk_watch = DiskWatch(config.min_free_disk)
@@ -71,7 +69,7 @@ class DiskBudget:
         self.worker.shutdown(wait=False)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        target: Target | None = flow.metadata.get(TARGET)
+        target = note(flow).target
         if target and target.registry.cache and target.kind == "blob":
             with self._sending_lock:
                 self._sending[flow.id] = (target.registry.name, target.reference)

@@ -10,7 +10,7 @@ from mitmproxy import http
 
 from ..access.clients import CHALLENGE, ClientNetworks, Htpasswd
 from ..routing import Refusal
-from .router import refuse
+from .answers import Answer, refusal_answer
 from .settings import Settings
 
 # bcrypt gets threads of its own: a client sending wrong passwords must not occupy the default
@@ -30,24 +30,25 @@ class ClientAccess:
         self._bcrypt = ThreadPoolExecutor(BCRYPT_THREADS, thread_name_prefix="regcache-bcrypt")
 
     def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" in updated and config is not None:
+        if (config := self.settings.loaded(updated)) is not None:
             self.networks = ClientNetworks(config.client_networks)
             self.accounts = Htpasswd(config.htpasswd) if config.htpasswd else None
 
     def done(self) -> None:
         self._bcrypt.shutdown(wait=False, cancel_futures=True)
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def check(self, flow: http.HTTPFlow) -> Answer | None:
+        """A refusal for a client that may not use this regcache; None for one that may."""
         config = self.settings.config
         if config is None or config.egress_registry(flow.client_conn.proxy_mode.listen_port()) is not None:
-            return  # egress listeners admit their cache only (Router's EgressGuard)
+            return None  # egress listeners admit their cache only (Router's EgressGuard)
         authorization = flow.request.headers.pop("Authorization", None)
         client = flow.client_conn.peername[0] if flow.client_conn.peername else ""
         if not self.networks.allows(client):
-            refuse(flow, Refusal(403, "DENIED", f"{client} is not in the networks allowed to use this regcache"))
-        elif self.accounts is not None and not await self._user(authorization):
-            refuse(flow, Refusal(401, "UNAUTHORIZED", "this regcache needs a user name and password", CHALLENGE))
+            return refusal_answer(flow.request.method, Refusal(403, "DENIED", f"{client} is not in the networks allowed to use this regcache"))
+        if self.accounts is not None and not await self._user(authorization):
+            return refusal_answer(flow.request.method, Refusal(401, "UNAUTHORIZED", "this regcache needs a user name and password", CHALLENGE))
+        return None
 
     async def _user(self, authorization: str | None) -> str | None:
         if user := self.accounts.known(authorization):

@@ -11,7 +11,7 @@ from mitmproxy import connection, http
 
 from ..access.limits import ClientLimits
 from ..observe.log_throttle import LogThrottle, held_back
-from .router import connection_writer
+from .answers import connection_writer
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -27,8 +27,7 @@ class ConnectionLimits:
         self.task: asyncio.Task | None = None
 
     def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" in updated and config is not None:
+        if (config := self.settings.loaded(updated)) is not None:
             self.limits = ClientLimits(config.max_client_connections, config.head_timeout)
 
     def running(self) -> None:

@@ -15,8 +15,8 @@ from ..dataplane.grants import GrantSigner, load_or_create_key
 from ..dataplane.handoff import SmallBlob, warm_blob_answer
 from ..dataplane.records import receive_records, records_socket
 from ..observe.pull_log import PullRecord
-from ..routing import Target
-from .keys import ANSWERED_HERE, CACHE_RESULT, CLIENT_HOST, HANDED_OFF, TARGET
+from .answers import Answer
+from .flow_notes import AnsweredBy, note
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -33,28 +33,28 @@ class DataPlaneHandoff:
         self.signer: GrantSigner | None = None
 
     def configure(self, updated: set[str]) -> None:
-        config = self.settings.config
-        if "regcache_env_file" in updated and config is not None:
+        if (config := self.settings.loaded(updated)) is not None:
             self.signer = GrantSigner(load_or_create_key(config.data_dir)) if config.dataplane else None
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        target: Target | None = flow.metadata.get(TARGET)
+    async def answer(self, flow: http.HTTPFlow) -> Answer | None:
+        flow_note = note(flow)
+        target = flow_note.target
         request = flow.request
-        if (self.signer is None or flow.response is not None or target is None or target.kind != "blob"
+        if (self.signer is None or target is None or target.kind != "blob"
                 or request.method != "GET" or target.registry.storage is None):
-            return
+            return None
         if request.stream or "transfer-encoding" in request.headers:
-            return  # a request with a body to stream can't be answered here (see router.refuse); it streams
+            return None  # a request with a body to stream can't be answered here (see answers.send_answer); it streams
         conditional = any(name in request.headers for name in CONDITIONAL_HEADERS)
         answer = await asyncio.to_thread(warm_blob_answer, self.settings.config, self.signer, target,
-                                         flow.metadata[CLIENT_HOST], conditional)
+                                         flow_note.client_host, conditional)
         if isinstance(answer, SmallBlob):
-            flow.metadata[ANSWERED_HERE] = True
-            flow.metadata[CACHE_RESULT] = "hit"
-            flow.response = http.Response.make(200, answer.body, answer.headers)
-        elif answer is not None:
-            flow.metadata[HANDED_OFF] = True
-            flow.response = http.Response.make(307, b"", {"Location": answer, "Docker-Content-Digest": target.reference})
+            flow_note.cache = "hit"
+            return Answer(http.Response.make(200, answer.body, answer.headers))
+        if answer is not None:
+            return Answer(http.Response.make(307, b"", {"Location": answer, "Docker-Content-Digest": target.reference}),
+                          AnsweredBy.DATA_PLANE)
+        return None
 
 
 class DataPlaneRecords:

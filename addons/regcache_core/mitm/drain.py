@@ -23,7 +23,7 @@ from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from ..budget import report
-from .keys import TARGET
+from .flow_notes import note
 from .settings import Settings
 
 QUIET = 1.0  # seconds without a client request in flight that end the drain
@@ -45,7 +45,7 @@ class Drain:
             pass  # no loop signal handlers (Windows): mitmproxy's own stays
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if TARGET in flow.metadata:
+        if note(flow).target is not None:
             self.in_flight.add(flow.id)
 
     def response(self, flow: http.HTTPFlow) -> None:

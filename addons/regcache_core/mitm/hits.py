@@ -1,13 +1,12 @@
 """HitMarker: tells from a cache's upstream fetches whether each client request was a cache hit,
-a miss or served stale (the bookkeeping is hit_tracking.py's InFlight)."""
+a miss or served stale (the bookkeeping is observe/hits.py's InFlight)."""
 
 from __future__ import annotations
 
 from mitmproxy import http
 
 from ..observe.hits import InFlight
-from ..routing import Target
-from .keys import CACHE_RESULT, EGRESS, TARGET, UPSTREAM, UPSTREAM_ANSWER_SEEN
+from .flow_notes import note
 
 
 class HitMarker:
@@ -18,12 +17,13 @@ class HitMarker:
         self.in_flight = InFlight()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        target: Target | None = flow.metadata.get(TARGET)
-        if target and target.registry.cache and target.kind in ("manifest", "blob") and CACHE_RESULT not in flow.metadata:
+        flow_note = note(flow)
+        target = flow_note.target
+        if target and target.registry.cache and target.kind in ("manifest", "blob") and flow_note.cache is None:
             self.in_flight.started(flow.id, target.registry.name, target.repository, target.reference)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        egress: Target | None = flow.metadata.get(EGRESS)
+        egress = note(flow).egress
         if egress is None or egress.kind not in ("manifest", "blob"):
             return
         digest = flow.response.headers.get("Docker-Content-Digest")
@@ -40,16 +40,17 @@ class HitMarker:
 
     def _upstream_answer(self, flow: http.HTTPFlow, status: int | None) -> None:
         """Hand an egress flow's answer (None: it got none) to the table, once."""
-        egress: Target | None = flow.metadata.get(EGRESS)
-        if egress is None or egress.kind not in ("manifest", "blob") or flow.metadata.get(UPSTREAM_ANSWER_SEEN):
+        flow_note = note(flow)
+        egress = flow_note.egress
+        if egress is None or egress.kind not in ("manifest", "blob") or flow_note.upstream_answer_seen:
             return
-        if UPSTREAM not in flow.metadata:
+        if flow_note.upstream_request is None:
             return  # served from a spool (SingleFlight): nothing came from upstream for it
-        flow.metadata[UPSTREAM_ANSWER_SEEN] = True
+        flow_note.upstream_answer_seen = True
         self.in_flight.upstream_answer(egress.registry.name, egress.repository, egress.reference, flow.request.method,
                                        status, blob=egress.kind == "blob")
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         served = flow.response is not None and 200 <= flow.response.status_code < 300
         if result := self.in_flight.finished(flow.id, served):
-            flow.metadata[CACHE_RESULT] = result
+            note(flow).cache = result

@@ -17,11 +17,7 @@ from ..observe.log_throttle import LogThrottle, held_back
 from ..observe.metrics import Metrics
 from ..observe import pull_log
 from ..observe.pull_log import PullRecord
-from ..routing import Target
-from .keys import (
-    ANSWERED_HERE, BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, HANDED_OFF, IN_FLIGHT, RECORD, REDIRECT,
-    SPOOL_FOLLOWER, TARGET, UPSTREAM,
-)
+from .flow_notes import AnsweredBy, note, write_labels
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +48,21 @@ class Recorder:
         self._warnings = LogThrottle(SINK_WARNING_INTERVAL, clock)  # one per failing sink
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if TARGET in flow.metadata:
-            flow.metadata[IN_FLIGHT] = True
+        flow_note = note(flow)
+        if flow_note.target is not None:
+            flow_note.in_flight = True
             self.metrics.request_started()
+        write_labels(flow)  # what a flow saved while in flight keeps
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        target = flow.metadata.get(TARGET) or flow.metadata.get(EGRESS)
+        flow_note = note(flow)
+        target = flow_note.target or flow_note.egress
         # Blobs always stream (a redirect we follow leads to a blob on a CDN); smaller bodies
         # stream once stream_large_bodies says so. What regcache answered itself is in memory.
-        if ANSWERED_HERE in flow.metadata:
+        if flow_note.answered_by is AnsweredBy.REGCACHE:
             return
-        if flow.response.stream is True or REDIRECT in flow.metadata or (target and target.kind == "blob"):
-            flow.metadata[BYTE_COUNTER] = flow.response.stream = ByteCounter()
+        if flow.response.stream is True or flow_note.redirect is not None or (target and target.kind == "blob"):
+            flow_note.byte_counter = flow.response.stream = ByteCounter()
 
     def response(self, flow: http.HTTPFlow) -> None:
         self._finish(flow)
@@ -72,17 +71,18 @@ class Recorder:
         self._finish(flow)
 
     def _finish(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.pop(IN_FLIGHT, False):
+        flow_note = note(flow)
+        if flow_note.in_flight:
+            flow_note.in_flight = False
             self.metrics.request_finished()
-        if RECORD in flow.metadata:
+        if flow_note.record is not None:
             return
-        record = flow.metadata[RECORD] = pull_record(flow, time.time())
-        if (upstream := upstream_registry(flow)) is not None:
-            self.metrics.upstream_result(upstream, record.status if flow.response else None)
-        if EGRESS_FOR in flow.metadata:
+        record = flow_note.record = pull_record(flow, time.time())
+        write_labels(flow)
+        if flow_note.egress_for is not None:
             # A cache's upstream fetch, not a client's pull: the log keeps one line per client
-            # request. A fetch sent to a spool was logged by SingleFlight, its download by spool_download.py.
-            if SPOOL_FOLLOWER not in flow.metadata:
+            # request. A fetch sent to a spool was logged by SingleFlight, its download by spool/download.py.
+            if flow_note.answered_by is not AnsweredBy.SPOOL:
                 log_upstream_fetch(flow, record)
             return
         self.deliver(record)
@@ -102,9 +102,10 @@ class Recorder:
 
 
 def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
-    target: Target | None = flow.metadata.get(TARGET)
+    flow_note = note(flow)
+    target = flow_note.target
     response = flow.response
-    counter = flow.metadata.get(BYTE_COUNTER)
+    counter = flow_note.byte_counter
     if counter is not None:
         sent = counter.count
     else:
@@ -125,20 +126,15 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         status=status,
         sent=sent,
         # A 307 to the data plane is answered by the proxy itself, like a refusal.
-        backend=target.backend if target and not {ANSWERED_HERE, HANDED_OFF} & flow.metadata.keys() else None,
-        cache=flow.metadata.get(CACHE_RESULT),
+        backend=target.backend if target and flow_note.answered_by not in (AnsweredBy.REGCACHE, AnsweredBy.DATA_PLANE) else None,
+        cache=flow_note.cache,
         error=flow.error.msg if flow.error else None,
     )
 
 
-def upstream_registry(flow: http.HTTPFlow) -> str | None:
-    """The registry whose upstream this flow went to with our credentials, if it did."""
-    target: Target | None = flow.metadata.get(UPSTREAM) or flow.metadata.get(REDIRECT)
-    return target.registry.name if target else None
-
-
 def log_upstream_fetch(flow: http.HTTPFlow, record: PullRecord) -> None:
     # No query: a redirect's target URL may carry a CDN's signature.
-    what = f"redirect to {flow.request.host}" if REDIRECT in flow.metadata else flow.request.path.partition("?")[0]
-    logger.info("upstream fetch for %s: %s %s -> %s, %d bytes%s", flow.metadata[EGRESS_FOR].name,
+    flow_note = note(flow)
+    what = f"redirect to {flow.request.host}" if flow_note.redirect is not None else flow.request.path.partition("?")[0]
+    logger.info("upstream fetch for %s: %s %s -> %s, %d bytes%s", flow_note.egress_for.name,
                 record.method, what, record.status, record.bytes, f", error: {record.error}" if record.error else "")

@@ -1,5 +1,5 @@
 """Router: sends each request to its registry's cache or upstream, or refuses it (see routing.py);
-`refuse` and `send_to` apply such a decision to a flow."""
+`send_to` points a flow at where a decision sends it."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import asyncio
 import logging
 from urllib.parse import urlsplit
 
-from mitmproxy import connection, ctx, http
+from mitmproxy import connection, http
 from mitmproxy.proxy import server_hooks
-from mitmproxy.net.http.http1 import assemble_response, expected_http_body_size
 
 from ..config import Registry, is_local
 from ..access.egress import EgressGuard
 from ..observe.log_throttle import LogThrottle, held_back
 from ..upstream.redirects import RedirectSigner, is_redirect_path, resolve_destination
-from ..routing import PULL_METHODS, Refusal, Target, refuse_malformed, refuse_method, route, route_egress
-from .keys import ANSWERED_HERE, CLIENT_HOST, CLIENT_PATH, EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
+from ..routing import Refusal, Target, refuse_malformed, refuse_method, route, route_egress
+from .answers import Answer, body_follows, json_answer, multiplexed, refusal_answer
+from .flow_notes import note
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -51,46 +51,39 @@ class Router:
     def client_disconnected(self, client: connection.Client) -> None:
         self._checked.pop(client.id, None)
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        # Before routing rewrites them: 307s to the data plane go to the host name the client (or
-        # cache) used, and mitmweb shows the request as it came (mitm/web.py).
-        flow.metadata[CLIENT_HOST] = flow.request.host_header or ""
-        flow.metadata[CLIENT_PATH] = flow.request.path
-        if flow.response is not None:
-            return  # answered already (ClientAccess refused it)
+    async def route(self, flow: http.HTTPFlow) -> Answer | None:
+        """Point the flow at its backend and note where it goes (FlowNote's target, egress,
+        upstream, redirect), or answer it: a refusal, or a ping answered here."""
         try:
-            await self._route(flow)
+            return await self._route(flow)
         except Exception:
             # Never let a request fall through to the placeholder destination: answer it.
             logger.exception("regcache could not route %s %s", flow.request.method, flow.request.path.partition("?")[0])
-            refuse(flow, Refusal(500, "UNKNOWN", "regcache could not route this request; see its log"))
+            return refusal_answer(flow.request.method, Refusal(500, "UNKNOWN", "regcache could not route this request; see its log"))
 
-    async def _route(self, flow: http.HTTPFlow) -> None:
+    async def _route(self, flow: http.HTTPFlow) -> Answer | None:
         request = flow.request
         # A client's credentials are never ours to pass on; upstreams get ours.
         request.headers.pop("Authorization", None)
         if refusal := refuse_malformed(method_as_sent(request), request.http_version, request.path, body_follows(request),
                                        multiplexed(flow)):
-            refuse(flow, refusal)
-            return
+            return refusal_answer(request.method, refusal)
         egress_for = self.settings.config.egress_registry(flow.client_conn.proxy_mode.listen_port())
         if egress_for is not None:
-            flow.metadata[EGRESS_FOR] = egress_for
+            note(flow).egress_for = egress_for
             client = flow.client_conn.peername[0]
             if not await self.guard.allows(egress_for, client):
                 if (held := self.refusals.allow(client)) is not None:
                     logger.warning("refused %s on the egress listener of %s: it serves that registry's cache only%s",
                                    client, egress_for.name, held_back(held))
-                refuse(flow, Refusal(403, "DENIED", f"this listener serves the cache of {egress_for.name} only"))
-                return
+                return refusal_answer(request.method, Refusal(403, "DENIED", f"this listener serves the cache of {egress_for.name} only"))
         if is_redirect_path(request.path):
-            await self._follow_redirect(flow)
-        elif egress_for is not None:
-            self._route_egress(flow, egress_for)
-        else:
-            self._route_client(flow)
+            return await self._follow_redirect(flow)
+        if egress_for is not None:
+            return self._route_egress(flow, egress_for)
+        return self._route_client(flow)
 
-    def _route_client(self, flow: http.HTTPFlow) -> None:
+    def _route_client(self, flow: http.HTTPFlow) -> Answer | None:
         request = flow.request
         decision = route(
             self.settings.config,
@@ -100,115 +93,63 @@ class Router:
             proxy_form=request.first_line_format != "relative" and not multiplexed(flow),
         )
         if isinstance(decision, Refusal):
-            refuse(flow, decision)
-            return
-        flow.metadata[TARGET] = decision
+            return refusal_answer(request.method, decision)
+        flow_note = note(flow)
+        flow_note.target = decision
         if decision.kind == "ping" and decision.registry.cache:
             # Nothing to ask the cache: it would answer the same 200, one hop later.
-            answer(flow, 200, b"{}", API_VERSION)
-            return
+            return json_answer(request.method, 200, b"{}", API_VERSION)
         if decision.goes_upstream:
-            flow.metadata[UPSTREAM] = decision
+            flow_note.upstream = decision
         send_to(request, decision.backend, decision.path)
+        return None
 
-    def _route_egress(self, flow: http.HTTPFlow, registry: Registry) -> None:
+    def _route_egress(self, flow: http.HTTPFlow, registry: Registry) -> Answer | None:
         """A cache asks its upstream: answer its ping ourselves (so it starts while the upstream is
         down, and never sees an upstream's challenge), pass pulls on, refuse the rest."""
         decision = route_egress(registry, method_as_sent(flow.request), flow.request.path)
         if isinstance(decision, Refusal):
-            refuse(flow, decision)
-        elif decision.kind == "ping":
+            return refusal_answer(flow.request.method, decision)
+        if decision.kind == "ping":
             # registry:2 pings its upstream before every request until a ping has named a
             # challenge, then never again. A Basic one costs nothing: it holds no credentials
             # to answer it with, so its requests come as before and we add ours.
-            flow.metadata[EGRESS] = decision
-            answer(flow, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"regcache adds the credentials"}]}',
-                   {**API_VERSION, "WWW-Authenticate": EGRESS_CHALLENGE})
-        else:
-            flow.metadata[EGRESS] = flow.metadata[UPSTREAM] = decision
-            send_to(flow.request, registry.upstream, decision.path)
+            note(flow).egress = decision
+            return json_answer(flow.request.method, 401, b'{"errors":[{"code":"UNAUTHORIZED","message":"regcache adds the credentials"}]}',
+                               {**API_VERSION, "WWW-Authenticate": EGRESS_CHALLENGE})
+        note(flow).egress = note(flow).upstream = decision
+        send_to(flow.request, registry.upstream, decision.path)
+        return None
 
-    async def _follow_redirect(self, flow: http.HTTPFlow) -> None:
+    async def _follow_redirect(self, flow: http.HTTPFlow) -> Answer | None:
+        method = flow.request.method
         if refusal := refuse_method(method_as_sent(flow.request)):
-            refuse(flow, refusal)
-            return
+            return refusal_answer(method, refusal)
         redirect = self.signer.target(flow.request.path)
         registry = redirect and self.settings.config.registry(redirect.registry)
         if registry is None:
-            refuse(flow, Refusal(403, "DENIED", "not a redirect issued by this regcache, or it expired"))
-            return
+            return refusal_answer(method, Refusal(403, "DENIED", "not a redirect issued by this regcache, or it expired"))
         parts = urlsplit(redirect.url)
         # Signing checked the URL; a name may resolve to this machine though.
         destination = await resolve_destination(parts.hostname)
         if not is_local(registry.upstream) and destination.internal:
             logger.warning("refused a redirect of %s's upstream to %s: it is this machine or its link", registry.name, parts.hostname)
-            refuse(flow, Refusal(403, "DENIED", f"redirect target {parts.hostname} is an internal address"))
-            return
+            return refusal_answer(method, Refusal(403, "DENIED", f"redirect target {parts.hostname} is an internal address"))
         target = Target(registry, redirect.kind, redirect.repository, redirect.reference, redirect.url)
-        flow.metadata[REDIRECT] = target
-        if EGRESS_FOR not in flow.metadata:
+        flow_note = note(flow)
+        flow_note.redirect = target
+        if flow_note.egress_for is None:
             # A client follows it (an uncached registry): its pull log line names that blob.
-            flow.metadata[TARGET] = target
+            flow_note.target = target
         send_to(flow.request, f"{parts.scheme}://{parts.netloc}", parts._replace(scheme="", netloc="").geturl())
         if destination.address is not None:
             self._checked.setdefault(flow.client_conn.id, {})[(flow.request.host, flow.request.port)] = destination.address
+        return None
 
 
 def method_as_sent(request: http.Request) -> str:
     """The method's own bytes: `Request.method` is an upper-cased copy, but a backend gets these."""
     return request.data.method.decode("ascii", "backslashreplace")
-
-
-def body_follows(request: http.Request) -> bool:
-    """True when the request announced a body that mitmproxy has not read yet."""
-    if request.raw_content is not None:
-        return False
-    try:
-        return bool(request.stream) or expected_http_body_size(request) != 0
-    except ValueError:
-        return True  # malformed framing: mitmproxy refuses it before any hook
-
-
-def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
-    headers = {}
-    if refusal.status == 405:
-        headers["Allow"] = ", ".join(PULL_METHODS)  # RFC 9110: a 405 says which methods are allowed
-    if refusal.challenge:
-        headers["WWW-Authenticate"] = refusal.challenge
-    answer(flow, refusal.status, refusal.body(), headers, close=refusal.close)
-
-
-def answer(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str] | None = None,
-           close: bool = False) -> None:
-    """Answer a flow ourselves with a JSON body; a HEAD gets its headers only. mitmproxy would
-    send the body after a HEAD's answer too, and the client would read it as the next answer on
-    that connection."""
-    head = flow.request.method == "HEAD"
-    flow.response = http.Response.make(status, b"" if head else body, {"Content-Type": "application/json", **(headers or {})})
-    flow.response.headers["Content-Length"] = str(len(body))
-    flow.metadata[ANSWERED_HERE] = True
-    unread_body = body_follows(flow.request)
-    if (close or unread_body) and not multiplexed(flow):
-        flow.response.headers["Connection"] = "close"  # HTTP/2 has no such header
-    if unread_body:
-        send_before_the_body(flow)
-
-
-def send_before_the_body(flow: http.HTTPFlow) -> None:
-    """Send the flow's answer now and close the connection, leaving the request body unread.
-
-    mitmproxy answers only after reading a whole body, buffered (up to stream_large_bodies),
-    crashes the connection when a body it streams meets an answer, and when a chunked body ends
-    in trailers. So the answer is written on the client's connection here (HTTP/1 only, where
-    nothing else is being written while a request is read) and the flow is killed, which makes
-    mitmproxy close the connection (HTTP/2: reset the stream). `flow.response` stays set, for
-    the pull log.
-    """
-    writer = client_writer(flow)
-    if writer is not None:
-        writer.write(assemble_response(flow.response))
-        writer.close()
-    flow.kill()
 
 
 def trailers_crash_as_one_line(record: logging.LogRecord) -> bool:
@@ -221,31 +162,6 @@ def trailers_crash_as_one_line(record: logging.LogRecord) -> bool:
         record.msg, record.args, record.exc_info = "a request with trailers was refused (400) and its connection closed", (), None
         record.levelno, record.levelname = logging.INFO, "INFO"
     return True
-
-
-def client_writer(flow: http.HTTPFlow) -> asyncio.StreamWriter | None:
-    """The stream writer of the flow's client connection; None where it carries other streams
-    too (HTTP/2, HTTP/3: mitmproxy resets this one when the flow is killed)."""
-    if multiplexed(flow):
-        return None
-    return connection_writer(flow.client_conn)
-
-
-def connection_writer(client: connection.Client) -> asyncio.StreamWriter | None:
-    """A client connection's stream writer (`Proxyserver.connections` and the handler's
-    `transports`: the same in mitmproxy 11 and 12); None where there is none (tests, gone)."""
-    master = getattr(ctx, "master", None)
-    proxyserver = master.addons.get("proxyserver") if master else None
-    handler = proxyserver.connections.get(client.id) if proxyserver else None
-    transport = handler.transports.get(client) if handler else None
-    writer = transport.writer if transport else None
-    return writer if isinstance(writer, asyncio.StreamWriter) else None
-
-
-def multiplexed(flow: http.HTTPFlow) -> bool:
-    """HTTP/2 or 3, by what the connection negotiated (ALPN), never by the version a request line
-    claims: `request.is_http2` is true for `GET / HTTP/2.0` sent over HTTP/1."""
-    return flow.client_conn.alpn in (b"h2", b"h3")
 
 
 def send_to(request: http.Request, base_url: str, path: str) -> None:

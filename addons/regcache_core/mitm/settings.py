@@ -21,6 +21,11 @@ class Settings:
     def load(self, loader) -> None:
         loader.add_option("regcache_env_file", str, ".env", "The .env file regcache reads its settings from.")
 
+    def loaded(self, updated: set[str]) -> Config | None:
+        """For the other addons' `configure`: the config, when this call brought a new one
+        (mitmproxy calls `configure` for every option change)."""
+        return self.config if "regcache_env_file" in updated else None
+
     def configure(self, updated: set[str]) -> None:
         if "regcache_env_file" in updated:
             try:

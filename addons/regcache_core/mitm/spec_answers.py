@@ -7,10 +7,9 @@ import asyncio
 
 from mitmproxy import http
 
-from ..routing import Target
 from ..spec_answers import missing_manifest, tags_page
-from .keys import TARGET, UPSTREAM
-from .router import refuse
+from .flow_notes import note
+from .answers import refuse
 
 
 MAX_TAGS_LIST = 16 << 20  # bytes of a cache's tags list held whole to cut a page from; larger ones pass unpaged
@@ -20,15 +19,15 @@ class SpecAnswers:
     """Replaces answers of a client request's backend where registry:2 differs from the spec."""
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        target: Target | None = flow.metadata.get(TARGET)
+        target = note(flow).target
         if target is not None and target.page is not None and flow.response.status_code == 200:
             length = flow.response.headers.get("Content-Length", "")
             if not length.isdigit() or int(length) <= MAX_TAGS_LIST:
                 flow.response.stream = False  # the page is cut from the whole body
 
     async def response(self, flow: http.HTTPFlow) -> None:
-        target: Target | None = flow.metadata.get(TARGET)
-        if target is None or UPSTREAM in flow.metadata or flow.response.stream:
+        target = note(flow).target
+        if target is None or note(flow).upstream_request is not None or flow.response.stream:
             return
         response = flow.response
         head = flow.request.method == "HEAD"

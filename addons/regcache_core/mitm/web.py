@@ -8,10 +8,8 @@ from __future__ import annotations
 from mitmproxy import ctx, exceptions, http
 
 from ..config import DEFAULTS, is_loopback_host
-from ..observe.pull_log import PullRecord
-from ..routing import Target
 from ..observe.web import finished_flows_beyond, flow_label, flow_marker, is_housekeeping
-from .keys import ANSWERED_HERE, BYTE_COUNTER, CLIENT_HOST, CLIENT_PATH, EGRESS, EGRESS_FOR, INJECTED, RECORD, REDIRECT, TARGET
+from .flow_notes import AnsweredBy, note
 from .settings import Settings
 
 
@@ -25,7 +23,8 @@ class Unlisted:
         self.inner = inner
 
     def __call__(self, flow) -> bool:
-        return not flow.metadata.get(INJECTED) and not is_housekeeping(_labelled(flow)[0]) and self.inner(flow)
+        flow_note = note(flow)
+        return not flow_note.injected and not is_housekeeping(flow_note.labelled()[0]) and self.inner(flow)
 
 
 class WebView:
@@ -49,8 +48,7 @@ class WebView:
         if "web_host" not in ctx.options.keys():
             return  # not mitmweb
         has_password = "web_password" in ctx.options.keys()  # mitmproxy 11.1.2 and later
-        config = self.settings.config
-        if "regcache_env_file" in updated and config is not None and config.web_password:
+        if (config := self.settings.loaded(updated)) is not None and config.web_password:
             if not has_password:
                 raise exceptions.OptionsError(
                     "regcache: REGCACHE_WEB_PASSWORD is set, but this mitmweb (mitmproxy 11.0) has no "
@@ -73,12 +71,12 @@ class WebView:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Before the view's own requestheaders lists the flow: a ping never is.
         if self._view() is not None:
-            label_flow(flow, *_labelled(flow))
+            label_flow(flow)
 
     def request(self, flow: http.HTTPFlow) -> None:
         # UpstreamCredentials has just added our Authorization: off the list it goes, before
         # anything can show it (the view listed the flow at requestheaders, without it).
-        if flow.metadata.get(INJECTED) and (view := self._view()) is not None:
+        if note(flow).injected and (view := self._view()) is not None:
             view.update([flow])
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -96,9 +94,10 @@ class WebView:
         self._finish(flow)
 
     def _finish(self, flow: http.HTTPFlow) -> None:
+        # Labelled in any tool: a saved flow keeps its label (mitmproxy saves the comment).
+        label_flow(flow)
         if (view := self._view()) is not None:  # not `if view`: an empty view is falsy
             show_as_received(flow)  # for flows answered before any backend was asked
-            label_flow(flow, *_labelled(flow), flow.metadata.get(RECORD))
             self._drop_sent_blobs(flow)
             if drop := finished_flows_beyond(view.resolve("@all"), view.store_count(), ctx.options.regcache_web_max_flows):
                 view.remove(drop)
@@ -132,8 +131,12 @@ def password_hash(password: str) -> str:
     return argon2.PasswordHasher().hash(password)
 
 
-def label_flow(flow: http.HTTPFlow, target: Target | None, upstream_fetch: bool, record: PullRecord | None = None) -> None:
-    flow.comment = flow_label(target, upstream_fetch, record, streamed=BYTE_COUNTER in flow.metadata or _sent_blob(flow))
+def label_flow(flow: http.HTTPFlow) -> None:
+    """The flow's comment (its label) and marker from what regcache knows of it; once it ended,
+    with its outcome."""
+    flow_note = note(flow)
+    record = flow_note.record
+    flow.comment = flow_label(*flow_note.labelled(), record, streamed=flow_note.byte_counter is not None or _sent_blob(flow))
     if record is not None and (marker := flow_marker(record)):
         flow.marked = marker
 
@@ -145,27 +148,23 @@ def show_as_received(flow: http.HTTPFlow) -> None:
     was answered here: the backend got it as routing made it. Where it went stays in the flow's
     server connection. A cache's upstream fetch that went on keeps the upstream's URL: that is
     what it is about. Once per flow."""
-    path = flow.metadata.pop(CLIENT_PATH, None)
+    flow_note = note(flow)
+    path, flow_note.client_path = flow_note.client_path, None
     if path is None:
         return
-    went_upstream = bool({EGRESS, REDIRECT} & flow.metadata.keys()) and ANSWERED_HERE not in flow.metadata
-    if EGRESS_FOR in flow.metadata and went_upstream:
+    went_upstream = (flow_note.egress or flow_note.redirect) is not None and flow_note.answered_by is not AnsweredBy.REGCACHE
+    if flow_note.egress_for is not None and went_upstream:
         return
     request = flow.request
     request.scheme = "https" if flow.client_conn.tls_established else "http"
     request.host, request.port = flow.client_conn.sockname[:2]
     request.path = path
-    request.host_header = flow.metadata[CLIENT_HOST] or None  # after host and port: they set it too
+    request.host_header = flow_note.client_host or None  # after host and port: they set it too
 
 
 def _sent_blob(flow: http.HTTPFlow) -> bool:
     """A blob the proxy answered itself, from the cache's storage."""
-    target: Target | None = flow.metadata.get(TARGET)
-    return ANSWERED_HERE in flow.metadata and target is not None and target.kind == "blob" and flow.response is not None
-
-
-def _labelled(flow: http.HTTPFlow) -> tuple[Target | None, bool]:
-    """What a flow's label names: its client request, or the upstream fetch of a cache."""
-    if (egress := flow.metadata.get(EGRESS)) is not None:
-        return egress, True
-    return flow.metadata.get(TARGET), False
+    flow_note = note(flow)
+    target = flow_note.target
+    return (flow_note.answered_by is AnsweredBy.REGCACHE and target is not None and target.kind == "blob"
+            and flow.response is not None)

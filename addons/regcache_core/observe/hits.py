@@ -24,8 +24,9 @@ report them); the spool's download, the proxy's own request, reports what it fet
 
 from __future__ import annotations
 
+from ..upstream.redirects import REDIRECT_STATUSES
+
 Key = tuple[str, str, str]  # registry name, repository, reference (tag or digest)
-REDIRECTS = (301, 302, 303, 307, 308)
 
 
 def upstream_failed(status: int | None) -> bool:
@@ -49,7 +50,7 @@ class InFlight:
                         blob: bool = False) -> None:
         """The cache's upstream request for this content ended with `status` (None: no answer)."""
         flows = self._waiting.get((registry, repository, reference), {})
-        if method == "GET" and status is not None and (200 <= status < 300 or status in REDIRECTS):
+        if method == "GET" and status is not None and (200 <= status < 300 or status in REDIRECT_STATUSES):
             if not blob:
                 self._missed.update(flows)
             else:

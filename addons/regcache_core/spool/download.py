@@ -20,24 +20,21 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 
 from ..config import Registry, is_local
-from ..observe.metrics import Metrics
-from ..upstream.redirects import may_lead_to, resolve_destination
+from ..upstream.redirects import TooManyRedirects, follow_redirects, may_lead_to, redirect_location, resolve_destination
 from .table import READ_CHUNK, Spool, SpoolTable, describe
-from ..upstream.auth import UpstreamAuth, UpstreamAuthError
-from ..upstream.client import REDIRECTS, NoAnswer, UpstreamClient, bounded
+from ..upstream.auth import UpstreamAuthError
+from ..upstream.client import NoAnswer, UpstreamClient, bounded
 from ..upstream.client import describe as describe_error
-from ..upstream.signals import UpstreamSignals
-from ..upstream.state import UpstreamState
+from ..upstream.signals import UpstreamAnswers
 
 logger = logging.getLogger(__name__)
 
 BODY_STALL = 30.0  # seconds without a byte of the body, then the download fails (readers wait longer)
-MAX_REDIRECTS = 5
 POOL_SIZE = 64  # downloads at once, to all upstreams (a pool of their own: they are long)
 
 
@@ -48,13 +45,10 @@ class DownloadRefused(Exception):
 class SpoolDownloads:
     """Starts and runs the downloads of one proxy's spools."""
 
-    def __init__(self, table: SpoolTable, auth: UpstreamAuth, state: UpstreamState, metrics: Metrics,
-                 signals: UpstreamSignals, blob_fetched: Callable[[str, str, str], None], timeout: float) -> None:
+    def __init__(self, table: SpoolTable, upstream: UpstreamAnswers, blob_fetched: Callable[[str, str, str], None],
+                 timeout: float) -> None:
         self.table = table
-        self.auth = auth
-        self.state = state
-        self.metrics = metrics
-        self.signals = signals
+        self.upstream = upstream  # credentials, and where what the upstream answered is reported
         self.blob_fetched = blob_fetched  # (registry, repository, digest): InFlight.upstream_blob_fetch
         self.timeout = timeout
         self.client = UpstreamClient(pool_size=POOL_SIZE)
@@ -62,7 +56,7 @@ class SpoolDownloads:
     async def follow(self, registry: Registry, repository: str, digest: str) -> Spool | None:
         """The spool an egress GET of this blob is served from, its download started by the first
         GET; None: the GET goes upstream itself (its upstream is down, or the blob is not spooled)."""
-        if self.state.reason_down(registry.name):
+        if self.upstream.state.reason_down(registry.name):
             return None  # UpstreamDeadlines answers the GET 503 at once
         spool, new = self.table.claim((registry.name, repository, digest))
         if new:
@@ -113,44 +107,31 @@ class SpoolDownloads:
         """The upstream's answer to GET of the blob, its redirects followed, headers read: within
         the upstream timeout as a whole. Raises NoAnswer (the upstream is marked down),
         UpstreamAuthError or DownloadRefused."""
-        url = f"{registry.upstream}/v2/{repository}/blobs/{digest}"
-        redirected = False  # a redirect target failing says nothing of the upstream
+        answered = False  # once the upstream answered, a redirect target failing says nothing of it
+
+        async def fetch(url: str, redirected_from: str | None) -> tuple[aiohttp.ClientResponse, str | None]:
+            nonlocal answered
+            if redirected_from is None:
+                response = await self._get(url, {"Authorization": authorization} if authorization else {})
+                self.upstream.answered(registry, repository, response.status, response.headers)
+                answered = True
+            else:
+                # A redirect target gets no credentials, as when the caches follow one through us.
+                response = await self._get(url, {}, await self._checked_address(registry, url))
+                self.upstream.answered_elsewhere(registry, response.status)
+            if (location := redirect_location(response.status, response.headers)) is not None:
+                response.release()
+            return response, location
+
         try:
             async with bounded(self.timeout):
-                authorization = await self.auth.authorization(registry, repository)
-                response = await self._get(url, {"Authorization": authorization} if authorization else {})
-                self._upstream_answered(registry, repository, response)
-                redirected = True
-                for _ in range(MAX_REDIRECTS):
-                    if response.status not in REDIRECTS or "Location" not in response.headers:
-                        return response
-                    location = urljoin(url, response.headers["Location"])
-                    response.release()
-                    url = location
-                    # A redirect target gets no credentials, as when the caches follow one through us.
-                    response = await self._get(url, {}, await self._checked_address(registry, url))
-                    self.metrics.upstream_result(registry.name, response.status)
-                response.release()
-                raise DownloadRefused(f"more than {MAX_REDIRECTS} redirects")
-        except UpstreamAuthError as e:
-            if e.unreachable:
-                self.state.went_down(registry.name, registry.upstream, e.unreachable)
-            raise
+                authorization = await self.upstream.authorization(registry, repository)
+                return await follow_redirects(f"{registry.upstream}/v2/{repository}/blobs/{digest}", fetch)
+        except TooManyRedirects as e:
+            raise DownloadRefused(str(e)) from None
         except NoAnswer as e:
-            self.metrics.upstream_result(registry.name, None)
-            if not e.answered and not redirected:
-                self.state.went_down(registry.name, registry.upstream, e.reason)
+            self.upstream.failed(registry, None if e.answered or answered else e.reason)
             raise
-
-    def _upstream_answered(self, registry: Registry, repository: str, response: aiohttp.ClientResponse) -> None:
-        """What UpstreamCredentials does for the answers it sees, for ours."""
-        self.metrics.upstream_result(registry.name, response.status)
-        self.state.answered(registry.name, registry.upstream)
-        self.signals.observe(registry.name, response.status, response.headers)
-        if response.status == 401:
-            self.auth.refused(registry, repository)
-        elif response.status < 400:
-            self.auth.accepted(registry, repository)
 
     async def _get(self, url: str, headers: dict[str, str], address: str | None = None) -> aiohttp.ClientResponse:
         """GET `url`, connected to `address` when given (the name stays in Host and TLS's SNI)."""

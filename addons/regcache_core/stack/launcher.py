@@ -3,7 +3,9 @@
 A cache that exits is started again after a back-off (1 s, doubling to 60 s; back to 1 s once
 it has run for a minute): pulls of its registry fail meanwhile, the others go on. The proxy
 exiting ends the stack: nothing is served without it. SIGTERM or Ctrl-C goes to the proxy
-first, which lets pulls in flight finish (mitm/drain.py), then to the caches.
+first, which lets pulls in flight finish (mitm/drain.py), then to the caches. If `regcache up`
+itself is killed, its children die with it (parent_death.py); the data directory's pid file
+(pid_file.py) names the processes of a stack still running there.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 from .caches import INSTALL_HINT, CacheBackend, exit_reason, find_registry_program, local_backends, write_registry_config
 from ..config import Config, ConfigError, prepare_directory
 from .listeners import cannot_listen, proxy_listeners, proxy_modes
+from .parent_death import dies_with_this_process
+from .pid_file import PidFile, StackProcess, describe, still_running
 
 ADDON_SCRIPT = Path(__file__).resolve().parents[2] / "regcache.py"
 READY_TIMEOUT = 60.0
@@ -40,17 +44,23 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 @dataclass
 class Child:
-    name: str
+    name: str  # what it is, short: "data plane", "cache for docker.io"
     process: subprocess.Popen
     ready: Callable[[], bool]  # true once the child serves
     reason: Callable[[], str | None] = lambda: None  # why it exited, where its log says
+    log: Path | None = None  # where it writes, if not to our output
+
+    @property
+    def described(self) -> str:
+        """Its name, and its log where it has one of its own."""
+        return f"{self.name} (log: {self.log})" if self.log else self.name
 
     def exited(self, when: str = "") -> str:
         """"<name> exited with status N", and why where its log says (when it exited by itself,
         not by a signal): for the operator, in one line."""
         status = self.process.returncode
         reason = self.reason() if status > 0 else None
-        return f"{self.name} exited with status {status}{when}" + (f": {reason}" if reason else "")
+        return f"{self.described} exited with status {status}{when}" + (f": {reason}" if reason else "")
 
 
 @dataclass
@@ -77,7 +87,7 @@ class SupervisedCache:
         elif now >= self.restart_at:
             self.child = _start_cache(self.program, self.backend)
             self.started, self.restart_at = now, None
-            print(f"regcache: {self.child.name} started again", file=sys.stderr, flush=True)
+            print(f"regcache: {self.child.described} started again", file=sys.stderr, flush=True)
 
 
 def up(config: Config, env_file: str, web: bool = False) -> int:
@@ -107,6 +117,10 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
     except ConfigError as e:
         print(f"regcache: {e}", file=sys.stderr)
         return 2
+    if earlier := still_running(config.data_dir):
+        print(f"regcache: a stack of an earlier run still runs on {config.data_dir}: {describe(earlier)}; "
+              "stop it first, or set REGCACHE_DATA_DIR to another directory", file=sys.stderr)
+        return 1
     if problems := list(filter(None, map(cannot_listen, proxy_listeners(config)))):
         print(f"regcache: {problems[0]}", file=sys.stderr)
         return 1
@@ -118,10 +132,16 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
         signal.signal(signum, lambda *_: stop.set())
 
     children: list[Child] = []
+    pid_file = PidFile(config.data_dir)
+
+    def record_pids() -> None:
+        pid_file.record([StackProcess(os.getpid(), "regcache up"), *(StackProcess(c.process.pid, c.name) for c in children)])
+
     try:
         # The proxy first: each cache's upstream is the proxy's egress listener, and a cache
         # checks its upstream as it starts.
         children.append(_start_proxy(proxy_program, config, env_file, web, web_token))
+        record_pids()
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
         # After the proxy, which receives the data plane's pull records.
@@ -129,6 +149,7 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
             children.append(_start_dataplane(env_file))
         for backend in backends:
             children.append(_start_cache(program, backend))
+        record_pids()
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
         print(ready_message(config, backends, web, web_token), flush=True)
@@ -144,9 +165,11 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
             for cache in caches:
                 cache.check(time.monotonic())
             children[essential:] = [cache.child for cache in caches]
+            record_pids()  # a cache started again has a new pid
         return 0
     finally:
         _stop_all(children, config.stop_grace)
+        pid_file.remove()
 
 
 def mitmweb_has_password() -> bool:
@@ -170,11 +193,12 @@ def _start_cache(program: str, backend: CacheBackend) -> Child:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # we forward Ctrl-C ourselves, in order
+            preexec_fn=dies_with_this_process(),
             # Not our environment: it may hold upstream passwords, which caches never need.
             env={"PATH": os.environ.get("PATH", os.defpath)},
         )
-    return Child(f"cache for {backend.registry.name} (log: {backend.log_file})", process,
-                 lambda: answers_http(f"{backend.registry.cache}/v2/"), lambda: exit_reason(backend.log_file, since))
+    return Child(f"cache for {backend.registry.name}", process, lambda: answers_http(f"{backend.registry.cache}/v2/"),
+                 lambda: exit_reason(backend.log_file, since), backend.log_file)
 
 
 def _start_proxy(program: str, config: Config, env_file: str, web: bool, web_token: str | None) -> Child:
@@ -196,7 +220,8 @@ def _start_proxy(program: str, config: Config, env_file: str, web: bool, web_tok
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if web_token:  # in the environment, not the arguments: those are visible to every user
         env["REGCACHE_WEB_PASSWORD"] = web_token
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, env=env,
+                               preexec_fn=dies_with_this_process())
     # The admin endpoint only: a probe of the client port would be a request in the pull log
     # and the metrics. The admin endpoint starts once mitmproxy's listeners are open.
     return Child(f"proxy ({Path(program).name})", process, lambda: answers_http(config.admin_url("/live")))
@@ -209,7 +234,8 @@ def _start_dataplane(env_file: str) -> Child:
     try:
         process = subprocess.Popen(
             [sys.executable, "-m", "regcache_core.dataplane", "--env-file", env_file, "--ready-fd", str(ready_to_write)],
-            stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(ready_to_write,))
+            stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(ready_to_write,),
+            preexec_fn=dies_with_this_process())
     finally:
         os.close(ready_to_write)
     os.set_blocking(ready, False)
@@ -233,7 +259,7 @@ def _wait_ready(children: list[Child], stop: threading.Event) -> bool:
             print(f"regcache: {failed.exited(' while starting')}", file=sys.stderr)
             return False
         if time.monotonic() > deadline:
-            names = ", ".join(c.name for c in waiting)
+            names = ", ".join(c.described for c in waiting)
             print(f"regcache: not ready after {READY_TIMEOUT:.0f}s: {names}", file=sys.stderr)
             return False
         waiting = [c for c in waiting if not c.ready()]

@@ -15,16 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
 
 import aiohttp
 
+from .redirects import TooManyRedirects, follow_redirects, redirect_location
 from .state import failure_reason
 
 CONNECT_TIMEOUT = 5.0  # seconds for a name lookup, connect and TLS handshake
-MAX_REDIRECTS = 3
 POOL_SIZE = 20  # connections at once, to all upstreams; each request is short (spool downloads have a pool of their own)
-REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class NoAnswer(Exception):
@@ -46,7 +45,7 @@ class RedirectRefused(NoAnswer):
 
 class UpstreamClient:
     def __init__(self, timeout: float = 5.0, connect_timeout: float = CONNECT_TIMEOUT, pool_size: int = POOL_SIZE) -> None:
-        self.timeout = timeout  # seconds for head() and ping(); the addon sets REGCACHE_UPSTREAM_TIMEOUT's value
+        self.timeout = timeout  # seconds for head() and ping(); its owner (mitm/services.py) sets REGCACHE_UPSTREAM_TIMEOUT's value
         self.connect_timeout = connect_timeout
         self.pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
@@ -67,13 +66,17 @@ class UpstreamClient:
                   max_body: int) -> tuple[int, list[str], bytes]:
         """`GET url`: status, WWW-Authenticate values, body. Raises NoAnswer for no answer in
         `timeout` seconds, a body over `max_body` bytes, or a redirect it may not follow."""
+        async def fetch(url: str, redirected_from: str | None) -> tuple[tuple[int, list[str], bytes], str | None]:
+            if redirected_from is not None:
+                check_followable(redirected_from, url)
+            status, challenges, location, body = await self._get_once(url, headers, max_body)
+            return (status, challenges, body), location
+
         async with bounded(timeout):
-            for _ in range(MAX_REDIRECTS + 1):
-                status, challenges, location, body = await self._get_once(url, headers, max_body)
-                if location is None:
-                    return status, challenges, body
-                url = followable(url, location)
-            raise NoAnswer(f"more than {MAX_REDIRECTS} redirects", answered=True)
+            try:
+                return await follow_redirects(url, fetch)
+            except TooManyRedirects as e:
+                raise NoAnswer(str(e), answered=True) from None
 
     async def close(self) -> None:
         if self._session is not None:
@@ -94,8 +97,8 @@ class UpstreamClient:
                         max_body: int) -> tuple[int, list[str], str | None, bytes]:
         async with self.session().get(url, headers=headers, allow_redirects=False) as response:
             challenges = response.headers.getall("WWW-Authenticate", [])
-            if response.status in REDIRECTS and "Location" in response.headers:
-                return response.status, challenges, response.headers["Location"], b""
+            if (location := redirect_location(response.status, response.headers)) is not None:
+                return response.status, challenges, location, b""
             body = await response.content.read(max_body + 1)
             if len(body) > max_body:
                 raise NoAnswer(f"an answer over {max_body} bytes", answered=True)
@@ -118,14 +121,12 @@ async def bounded(timeout: float):
         raise NoAnswer(failure_reason(e)) from None
 
 
-def followable(url: str, location: str) -> str:
-    """Where a redirect from `url` to `location` leads, if it may be followed with the request's
-    headers; raises RedirectRefused otherwise."""
-    target = urljoin(url, location)
+def check_followable(url: str, target: str) -> None:
+    """Raises RedirectRefused unless a redirect from `url` to `target` may be followed with the
+    request's headers."""
     source, parts = urlsplit(url), urlsplit(target)
     if (parts.hostname or "") != (source.hostname or "") or parts.scheme not in ("https", source.scheme):
         raise RedirectRefused(f"redirected to {parts.scheme}://{parts.hostname}, another host or scheme")
-    return target
 
 
 def describe(error: BaseException | None) -> str:

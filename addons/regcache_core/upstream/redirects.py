@@ -17,6 +17,11 @@ Where a redirect may lead (checked when we sign it, and again when it is followe
   network keep their blobs there.
 A refused Location is removed from the answer; a refused follow-up is answered 403. A followed
 one connects to the address that was checked (resolve_destination).
+
+What a redirect is (REDIRECT_STATUSES with a Location: `redirect_location`) is the same for
+every exchange with an upstream: the ones through the proxy, token fetches and challenges
+(upstream/client.py) and spools' downloads (spool/download.py); the last two follow redirects
+with `follow_redirects`, up to MAX_REDIRECTS hops.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import asyncio
 import secrets
 import socket
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urljoin, urlsplit
 
 from ..config import Registry, is_local, parse_ip
@@ -34,6 +41,35 @@ from ..access.signing import FieldSigner
 
 REDIRECT_PATH = "/_regcache/redirect"
 REDIRECT_LIFETIME = 300  # seconds a signed redirect path can be followed; clients follow at once
+REDIRECT_STATUSES = frozenset((301, 302, 303, 307, 308))
+MAX_REDIRECTS = 5  # hops regcache's own requests follow; Docker Hub's blob to its CDN is one
+
+
+Answer = TypeVar("Answer")
+
+
+def redirect_location(status: int, headers: Mapping[str, str]) -> str | None:
+    """Where an answer redirects to, as the upstream wrote it (maybe relative); None for an
+    answer that is no redirect."""
+    return headers.get("Location") if status in REDIRECT_STATUSES else None
+
+
+class TooManyRedirects(Exception):
+    pass
+
+
+async def follow_redirects(url: str, fetch: Callable[[str, str | None], Awaitable[tuple[Answer, str | None]]]) -> Answer:
+    """The answer at the end of `url`'s redirects. `fetch(url, redirected_from)` asks one URL
+    (`redirected_from` None: the first) and returns its answer and where it redirects to (None:
+    it is the answer); it raises where a redirect may not lead, and releases an answer that
+    redirects. Raises TooManyRedirects after MAX_REDIRECTS hops."""
+    redirected_from = None
+    for _ in range(MAX_REDIRECTS + 1):
+        answer, location = await fetch(url, redirected_from)
+        if location is None:
+            return answer
+        redirected_from, url = url, urljoin(url, location)
+    raise TooManyRedirects(f"more than {MAX_REDIRECTS} redirects")
 
 
 def is_redirect_path(path: str) -> bool:

@@ -15,6 +15,7 @@ import logging
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from ..observe.metrics import Metrics
 
@@ -40,6 +41,19 @@ def failure_reason(error: BaseException | str) -> str:
     if any(words in lowered for words in ("name lookup failed", "name or service not known", "name resolution", "nodename")):
         return "name lookup failed"
     return text or type(error).__name__
+
+
+class UpstreamStatus(Protocol):
+    """Whether each registry's upstream can be reached, as every part of regcache sees it.
+    UpstreamState is this process's; a shared one would tell every replica."""
+
+    def reason_down(self, registry: str) -> str | None: ...
+
+    def went_down(self, registry: str, upstream: str, reason: str) -> None: ...
+
+    def answered(self, registry: str, upstream: str) -> None: ...
+
+    def states(self, registries: list[str]) -> dict[str, str]: ...
 
 
 class UpstreamState:

@@ -1,0 +1,129 @@
+"""Services: what regcache's addons share, with one owner.
+
+The upstream client (and its deadline), the upstream state, what upstream answers tell
+(UpstreamAnswers: metrics, state, auth, rate limits), upstream auth with its token store, the
+tag cache with the manifests in memory (ManifestFront), the spools with their downloads and
+blob HEADs, and the pull log. Built here when the config loads (the ones of an earlier config
+closed first), and closed here once when mitmproxy stops; no addon configures or closes them.
+Addons look them up when a request needs them, so no addon's `configure` depends on another's.
+
+Addons see them through narrow interfaces: UpstreamStatus (upstream/state.py), UpstreamAnswers
+(upstream/signals.py), TagStore (manifests/tags.py), BlobFlights (here) and the pull log as a
+Recorder sink. Today's implementations live in this process; several replicas would put some
+of them on shared state behind the same interfaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from ..config import Registry
+from ..manifests.by_digest import ManifestCache
+from ..manifests.front import ManifestFront
+from ..manifests.tags import TagCache
+from ..observe.metrics import Metrics
+from ..observe.pull_log import PullLog, PullRecord
+from ..spool.blob_heads import BlobHead, HeadFlights
+from ..spool.download import SpoolDownloads
+from ..spool.table import SPOOL_DIR, Key, Spool, SpoolTable
+from ..upstream.auth import MAX_TOKEN_RESPONSE, TokenStore, UpstreamAuth
+from ..upstream.client import UpstreamClient
+from ..upstream.signals import UpstreamAnswers
+from ..upstream.state import UpstreamState
+from .settings import Settings
+
+TOKEN_STORE = "upstream-tokens"  # folder in the data dir
+TAG_STORE = "tags"  # folder in the data dir
+
+
+class BlobFlights(Protocol):
+    """One upstream fetch per cold blob: the spool a cache's GET follows, and blob HEADs."""
+
+    async def follow(self, registry: Registry, repository: str, digest: str) -> Spool | None: ...
+
+    async def head(self, key: Key) -> tuple[BlobHead | None, bool]: ...
+
+    def head_answered(self, key: Key, status: int | None, headers: Mapping[str, str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Spools:
+    """BlobFlights on this proxy's spools (spool/table.py, spool/download.py, spool/blob_heads.py)."""
+
+    def __init__(self, downloads: SpoolDownloads, heads: HeadFlights) -> None:
+        self.downloads = downloads
+        self.heads = heads
+
+    async def follow(self, registry: Registry, repository: str, digest: str) -> Spool | None:
+        return await self.downloads.follow(registry, repository, digest)
+
+    async def head(self, key: Key) -> tuple[BlobHead | None, bool]:
+        return await self.heads.answer(key)
+
+    def head_answered(self, key: Key, status: int | None, headers: Mapping[str, str]) -> None:
+        self.heads.answered(key, status, headers)
+
+    def close(self) -> None:
+        self.downloads.close()
+
+
+class Services:
+    def __init__(self, settings: Settings, metrics: Metrics, blob_fetched: Callable[[str, str, str], None]) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.blob_fetched = blob_fetched  # (registry, repository, digest): HitMarker's InFlight.upstream_blob_fetch
+        # For the process's life:
+        self.upstream_client = UpstreamClient()  # token fetches, challenges, tag HEADs, probes
+        self.upstream_state = UpstreamState(metrics, self.upstream_client.ping)
+        # For one config:
+        self.upstream: UpstreamAnswers | None = None
+        self.manifests: ManifestFront | None = None
+        self.blobs: BlobFlights | None = None  # with the data plane only
+        self.pull_log: PullLog | None = None
+
+    def configure(self, updated: set[str]) -> None:
+        if (config := self.settings.loaded(updated)) is None:
+            return
+        self._close_config()
+        self.upstream_client.timeout = config.upstream_timeout
+        auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), self._fetch_token, on_token_fetch=self.metrics.token_fetch,
+                            challenge_timeout=config.upstream_timeout)
+        self.upstream = UpstreamAnswers(auth, self.upstream_state, self.metrics)
+        self.manifests = ManifestFront(TagCache(config.data_dir / TAG_STORE, config.tag_ttl),
+                                       ManifestCache(config.manifest_cache_bytes), self.upstream_client, self.upstream)
+        if config.dataplane is not None:
+            table = SpoolTable(config.data_dir / SPOOL_DIR, config.spool_max_disk)
+            self.blobs = Spools(SpoolDownloads(table, self.upstream, self.blob_fetched, config.upstream_timeout),
+                                HeadFlights(table))
+        self.pull_log = PullLog(config.pull_log, config.pull_log_stdout)
+
+    async def done(self) -> None:
+        self._close_config()
+        self.upstream_state.close()
+        await self.upstream_client.close()
+
+    def log_pull(self, record: PullRecord) -> None:
+        """A Recorder sink: the pull log."""
+        if self.pull_log is not None:
+            self.pull_log.write(record)
+
+    async def _fetch_token(self, url: str, headers: dict[str, str], timeout: float) -> tuple[int, list[str], bytes]:
+        return await self.upstream_client.get(url, headers, timeout, MAX_TOKEN_RESPONSE)
+
+    def _close_config(self) -> None:
+        """Close what the last config built."""
+        if self.blobs is not None:
+            self.blobs.close()
+            self.blobs = None
+        if self.manifests is not None:
+            self.manifests.close()
+            self.manifests.tags.close()
+            self.manifests = None
+        if self.upstream is not None:
+            self.upstream.auth.store.close()
+            self.upstream = None
+        if self.pull_log is not None:
+            self.pull_log.close()
+            self.pull_log = None
