@@ -67,23 +67,31 @@ class InFlight:
         for flow_id in list(self._waiting.get((registry, repository, tag), ())):
             self._watch(flow_id, (registry, repository, digest))
 
+    def missed(self, flow_id: str) -> bool:
+        """Whether content came from upstream for this client request (so far)."""
+        return flow_id in self._missed
+
     def finished(self, flow_id: str, served: bool) -> str | None:
         """"hit", "miss" or "stale" for a watched client request (and forget it); None if it was
         not watched. `served`: the client got the content (a 2xx), so a failed upstream made it stale."""
-        keys = self._keys.pop(flow_id, None)
-        if keys is None:
+        if flow_id not in self._keys:
             return None
-        for key in keys:
+        missed, failed = flow_id in self._missed, flow_id in self._failed
+        self.forget(flow_id)
+        if missed:
+            return "miss"
+        return "stale" if failed and served else "hit"
+
+    def forget(self, flow_id: str) -> None:
+        """Stop watching a client request: the cache will not be asked for it (a blob HEAD
+        answered from the upstream's HEAD), so it is neither hit nor miss."""
+        for key in self._keys.pop(flow_id, ()):
             flows = self._waiting[key]
             flows.pop(flow_id, None)
             if not flows:
                 del self._waiting[key]
-        missed, failed = flow_id in self._missed, flow_id in self._failed
         self._missed.discard(flow_id)
         self._failed.discard(flow_id)
-        if missed:
-            return "miss"
-        return "stale" if failed and served else "hit"
 
     def __len__(self) -> int:
         return len(self._keys)

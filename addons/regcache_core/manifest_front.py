@@ -10,7 +10,9 @@ has learnt: the tag cache (tags.py) and the manifests in memory (manifests.py).
   fetches the new manifest. No answer in time (or an upstream known to be down, or an error
   status) serves the last known digest at once, marked `stale`.
 - Only a client whose Accept names the media type held is answered this way; others, and
-  anything not known, go to the cache as they came.
+  anything not known, go to the cache as they came: one at a time per reference, the others
+  waiting for the first one's answer and planned again from it (one upstream HEAD and GET per
+  cold tag however many pull it at once).
 
 What is learnt comes from the answers the cache gives clients (`learn`). No mitmproxy here.
 """
@@ -18,6 +20,7 @@ What is learnt comes from the answers the cache gives clients (`learn`). No mitm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,10 +30,14 @@ from .manifests import Manifest, ManifestCache, matches, media_type
 from .metrics import Metrics
 from .routing import Refusal
 from .tags import TagCache, TagEntry
-from .upstream_auth import UpstreamAuth, UpstreamAuthError
-from .upstream_client import NoAnswer, UpstreamClient
+from .upstream_auth import UpstreamAuth
+from .upstream_client import UpstreamClient
+from .upstream_head import HeadFailed, UpstreamHeads
 from .upstream_state import UpstreamState
 
+# Seconds a request for a reference the cache is being asked for waits for that answer, then goes
+# to the cache itself: well within containerd's 30 s for response headers, and never a 503.
+FIRST_WAIT = 10.0
 _DIGEST = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 
 
@@ -60,13 +67,36 @@ class ManifestFront:
         self.tags = tags
         self.manifests = manifests
         self.upstream = upstream
-        self.auth = auth
+        self.heads = UpstreamHeads(upstream, auth, state, metrics)
         self.state = state
-        self.metrics = metrics
         self._revalidations: dict[tuple[str, str, str, str], asyncio.Task] = {}
+        self._asked: dict[tuple[str, str, str], asyncio.Event] = {}  # references at the cache, by their first request
 
     async def plan(self, registry: Registry, repository: str, reference: str, accept_lines: list[str]) -> Plan | None:
-        """How to answer a GET or HEAD of a manifest ourselves; None sends it to the cache as it came."""
+        """How to answer a GET or HEAD of a manifest ourselves; None sends it to the cache as it came.
+
+        A request that cannot be planned while another one for the same reference is at the
+        cache waits for that one's answer (`answered`), up to FIRST_WAIT seconds, and is planned
+        again: a cold tag that many pull at once costs the cache, and so the upstream, one
+        request, not one per client. The first one's caller must call `answered`."""
+        if (plan := await self._plan(registry, repository, reference, accept_lines)) is not None:
+            return plan
+        key = (registry.name, repository, reference)
+        if (asked := self._asked.get(key)) is None:
+            self._asked[key] = asyncio.Event()
+            return None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FIRST_WAIT):
+                await asked.wait()
+        return await self._plan(registry, repository, reference, accept_lines)
+
+    def answered(self, registry: Registry, repository: str, reference: str) -> None:
+        """The cache answered a request for this reference planned None (or it failed): the
+        requests waiting for it are planned again, from what `learn` took from the answer."""
+        if (asked := self._asked.pop((registry.name, repository, reference), None)) is not None:
+            asked.set()
+
+    async def _plan(self, registry: Registry, repository: str, reference: str, accept_lines: list[str]) -> Plan | None:
         accepted = accepted_types(accept_lines)
         if ":" in reference:
             manifest = self.manifests.get(registry.name, reference)
@@ -135,29 +165,11 @@ class ManifestFront:
         """The digest the upstream's tag names now (None: no such tag); RevalidationFailed when
         the upstream cannot say."""
         try:
-            # One bound for it all: a token may have to be fetched first.
-            async with asyncio.timeout(self.upstream.timeout):
-                authorization = await self.auth.authorization(registry, repository)
-                headers = {"Accept": accept, **({"Authorization": authorization} if authorization else {})}
-                status, answer = await self.upstream.head(f"{registry.upstream}/v2/{repository}/manifests/{tag}", headers)
-        except UpstreamAuthError as e:
-            if e.unreachable:
-                self.state.went_down(registry.name, registry.upstream, e.unreachable)
+            status, answer = await self.heads.head(registry, repository, f"manifests/{tag}", accept)
+        except HeadFailed as e:
             raise RevalidationFailed(str(e)) from None
-        except (NoAnswer, TimeoutError) as e:
-            reason = e.reason if isinstance(e, NoAnswer) else "timeout"
-            self.metrics.upstream_result(registry.name, None)
-            self.state.went_down(registry.name, registry.upstream, reason)
-            raise RevalidationFailed(reason) from None
-        self.metrics.upstream_result(registry.name, status)
-        self.state.answered(registry.name, registry.upstream)
-        if status == 401:
-            self.auth.refused(registry, repository)
-        elif status < 400:
-            self.auth.accepted(registry, repository)
         if status == 404:
             return None
         if status != 200:
             raise RevalidationFailed(f"upstream answered {status}")
         return answer.get("Docker-Content-Digest")
-

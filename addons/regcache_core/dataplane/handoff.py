@@ -1,5 +1,6 @@
 """Which client blob GETs the proxy hands to the data plane, and the URL it sends them to; which
-small warm blobs it answers itself."""
+small warm blobs it answers itself; which blobs its cache does not hold (cold: their GETs follow
+the proxy's download, mitm/cold_blobs.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,13 @@ from .storage import warm_blob
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.?")
 
 
+class Cold:
+    """The cache does not hold the blob for that repository."""
+
+
+COLD = Cold()
+
+
 @dataclass(frozen=True)
 class SmallBlob:
     """A warm blob under REGCACHE_DATAPLANE_MIN_SIZE, read whole: the proxy answers it itself,
@@ -28,18 +36,18 @@ class SmallBlob:
 
 
 def warm_blob_answer(config: Config, signer: GrantSigner, target: Target, host: str,
-                     conditional: bool) -> str | SmallBlob | None:
+                     conditional: bool) -> str | SmallBlob | Cold | None:
     """How the proxy answers a client's GET of the blob `target`, asked for at Host `host`: the
-    data-plane URL to redirect to; a SmallBlob; or None, when it goes to the cache as it came
-    (the data plane is off, the registry's storage is unknown, the blob is not warm for that
-    repository, or it is small and the request `conditional` or a Range, which the cache
-    answers). Blocking (file system): call it in a thread."""
+    data-plane URL to redirect to; a SmallBlob; COLD when the cache does not hold it for that
+    repository; or None, when it goes to the cache as it came (the data plane is off, the
+    registry's storage is unknown, or the blob is small and the request `conditional` or a
+    Range, which the cache answers). Blocking (file system): call it in a thread."""
     dataplane, storage = config.dataplane, target.registry.storage
     if dataplane is None or storage is None or target.kind != "blob":
         return None
     path = warm_blob(storage, target.repository, target.reference)
     if path is None:
-        return None
+        return COLD
     try:
         with open(path, "rb") as file:
             status = os.fstat(file.fileno())

@@ -17,6 +17,7 @@ from ..upstream_state import UpstreamState
 from .admin import Admin
 from .client_access import ClientAccess
 from .client_limits import ConnectionLimits
+from .cold_blobs import ColdBlobs
 from .budget import DiskBudget
 from .drain import Drain
 from .dataplane import DataPlaneHandoff, DataPlaneRecords
@@ -45,14 +46,16 @@ def make_addons() -> list:
     credentials = UpstreamCredentials(settings, signer, metrics, upstream_state, upstream_client)
     recorder = Recorder(metrics, {"pull log": pull_logger.write, "metrics": metrics.observe, "disk budget": budget.record})
     hits = HitMarker()
+    single_flight = SingleFlight(settings, metrics, credentials, upstream_state, hits.in_flight.upstream_blob_fetch)
     # Order matters: hooks run in this order. DataPlaneHandoff answers what Router routed;
     # UpstreamDeadlines answers for a down upstream before UpstreamCredentials asks it for a
     # token; UpstreamCredentials redacts what it injected before mitmweb's view (added after
     # the scripts) sends a flow update; SingleFlight tells HitMarker which fetches go upstream
     # (its downloads tell it what they fetched); ManifestResponder answers
     # before HitMarker watches, and replaces a cache's answer before Recorder reads it;
-    # HitMarker sets the hit/miss/stale that Recorder hands to the pull log and metrics. The
-    # data plane's records reach the same sinks.
+    # HitMarker sets the hit/miss/stale that Recorder hands to the pull log and metrics, and
+    # watches a cold blob's GET before ColdBlobs starts the download that marks it. The data
+    # plane's records reach the same sinks.
     return [
         ScheduledTasks(),
         settings,
@@ -63,9 +66,10 @@ def make_addons() -> list:
         DataPlaneHandoff(settings),
         UpstreamDeadlines(settings, upstream_state),
         credentials,
-        SingleFlight(settings, metrics, credentials, upstream_state, hits.in_flight.upstream_blob_fetch),
+        single_flight,
         ManifestResponder(settings, credentials, upstream_client, upstream_state, metrics),
         hits,
+        ColdBlobs(settings, single_flight, credentials, upstream_state, metrics, hits.in_flight),
         SpecAnswers(),
         pull_logger,
         budget,

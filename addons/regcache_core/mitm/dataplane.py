@@ -1,5 +1,6 @@
 """The proxy's side of the data plane (regcache_core/dataplane/): DataPlaneHandoff answers a GET
-of a warm blob with a 307 to it (or, a small one, with its bytes); DataPlaneRecords takes the
+of a warm blob with a 307 to it (or, a small one, with its bytes), and marks the GETs and HEADs
+of blobs the cache does not hold for ColdBlobs (cold_blobs.py); DataPlaneRecords takes the
 data plane's pull records and hands them to the same sinks as the proxy's own (pull log,
 metrics)."""
 
@@ -12,11 +13,12 @@ from collections.abc import Callable
 from mitmproxy import http
 
 from ..dataplane.grants import GrantSigner, load_or_create_key
-from ..dataplane.handoff import SmallBlob, warm_blob_answer
+from ..dataplane.handoff import COLD, SmallBlob, warm_blob_answer
+from ..dataplane.storage import warm_blob
 from ..dataplane.records import receive_records, records_socket
 from ..pull_log import PullRecord
 from ..routing import Target
-from .keys import ANSWERED_HERE, CACHE_RESULT, CLIENT_HOST, HANDED_OFF, TARGET
+from .keys import ANSWERED_HERE, CACHE_RESULT, CLIENT_HOST, COLD_BLOB, HANDED_OFF, TARGET
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,8 @@ CONDITIONAL_HEADERS = ("range", "if-match", "if-none-match", "if-modified-since"
 
 class DataPlaneHandoff:
     """A client's GET of a warm blob gets a 307 to the data plane, signed for that blob; a small
-    one is answered from the cache's storage right here."""
+    one is answered from the cache's storage right here. A GET or HEAD of a blob the cache does
+    not hold is marked COLD_BLOB (a GET only without Range or conditions: the cache answers those)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -41,14 +44,21 @@ class DataPlaneHandoff:
         target: Target | None = flow.metadata.get(TARGET)
         request = flow.request
         if (self.signer is None or flow.response is not None or target is None or target.kind != "blob"
-                or request.method != "GET" or target.registry.storage is None):
+                or target.registry.storage is None):
             return
         if request.stream or "transfer-encoding" in request.headers:
             return  # a request with a body to stream can't be answered here (see router.refuse); it streams
+        if request.method == "HEAD":
+            if await asyncio.to_thread(warm_blob, target.registry.storage, target.repository, target.reference) is None:
+                flow.metadata[COLD_BLOB] = True
+            return
         conditional = any(name in request.headers for name in CONDITIONAL_HEADERS)
         answer = await asyncio.to_thread(warm_blob_answer, self.settings.config, self.signer, target,
                                          flow.metadata[CLIENT_HOST], conditional)
-        if isinstance(answer, SmallBlob):
+        if answer is COLD:
+            if not conditional:
+                flow.metadata[COLD_BLOB] = True
+        elif isinstance(answer, SmallBlob):
             flow.metadata[ANSWERED_HERE] = True
             flow.metadata[CACHE_RESULT] = "hit"
             flow.response = http.Response.make(200, answer.body, answer.headers)

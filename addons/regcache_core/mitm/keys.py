@@ -11,6 +11,7 @@ UPSTREAM = "regcache.upstream"  # the Target of a flow sent upstream with our cr
 REDIRECT = "regcache.redirect"  # the Target whose upstream answer redirected the flow we follow
 INJECTED = "regcache.injected"  # the Authorization header is ours
 IN_FLIGHT = "regcache.in_flight"  # counted in the in-flight gauge, not yet finished
+COLD_BLOB = "regcache.cold_blob"  # a client's GET or HEAD of a blob its cache does not hold (cold_blobs.py answers it)
 HANDED_OFF = "regcache.handed_off"  # answered with a 307 to the data plane
 SPOOL_FOLLOWER = "regcache.spool_follower"  # a cache's fetch answered by single_flight.py (a spool, a known HEAD)
 HEAD_FLIGHT = "regcache.head_flight"  # the spool Key of a blob HEAD that goes upstream for concurrent ones

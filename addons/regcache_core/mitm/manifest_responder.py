@@ -72,6 +72,12 @@ class ManifestResponder:
             self.front.learn(target.registry, target.repository, target.reference, response.headers, body)
         elif refusal := self.front.outage_answer(target.registry, target.reference, response.status_code):
             refuse(flow, refusal)
+        self.front.answered(target.registry, target.repository, target.reference)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        target = _cached_manifest(flow)
+        if target is not None and PLANNED not in flow.metadata and self.front is not None:
+            self.front.answered(target.registry, target.repository, target.reference)
 
 
 def answer_from_memory(plan: Plan, method: str) -> http.Response:

@@ -13,7 +13,7 @@ from ..dataplane.grants import GRANT_PATHS, GrantSigner, load_or_create_key
 from ..dataplane.handoff import client_base_url
 from ..metrics import Metrics
 from ..routing import Target
-from ..blob_heads import HeadFlights
+from ..blob_heads import BlobHead, HeadFlights
 from ..spool import SPOOL_DIR, Key, Spool, SpoolTable, describe
 from ..spool_download import SpoolDownloads
 from ..upstream_state import UpstreamState
@@ -77,8 +77,7 @@ class SingleFlight:
         if goes_for_others:
             flow.metadata[HEAD_FLIGHT] = key
         elif head is not None:
-            flow.response = http.Response.make(200, b"", head.headers())
-            flow.response.headers["Content-Length"] = str(head.size)  # what a GET would send; make() set 0
+            answer_head(flow, head)
             del flow.metadata[UPSTREAM]  # not an upstream request: no credentials, nothing counted
             flow.metadata[SPOOL_FOLLOWER] = True
             logger.info("blob HEAD for %s: %s answered from what regcache knows", egress.registry.name, describe(key))
@@ -104,6 +103,11 @@ class SingleFlight:
         self.metrics.spool_follower(egress.registry.name)
         logger.info("spool follower for %s: %s sent to the data plane (%s, %d bytes)", egress.registry.name,
                     describe(spool.key), spool.state.value, spool.size)
+
+
+def answer_head(flow: http.HTTPFlow, head: BlobHead) -> None:
+    flow.response = http.Response.make(200, b"", head.headers())
+    flow.response.headers["Content-Length"] = str(head.size)  # what a GET would send; make() set 0
 
 
 def spool_key(target: Target) -> Key:
