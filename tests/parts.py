@@ -71,6 +71,7 @@ PORT_BASES = {
     "test_upstream_auth": 7500,  # its loopback token servers; no stack
     "test_slow_clients": 7800,  # not 7600: test_outages' upstream (6600 + UPSTREAM_OFFSET)
     "test_spool_download": 8100,  # its upstream and CDN only; no stack
+    "test_cold": 8200,  # a token upstream on 9200, its token server 9201 and CDN 9202
 }
 UPSTREAM_OFFSET = 1000
 
@@ -321,9 +322,11 @@ def push_image(image: TestImage, registry: str, creds: str | None = None) -> Non
     image.blob_digests = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
 
 
-def push_index(image: MultiArchImage, registry_url: str, creds: str | None = None) -> None:
+def push_index(image: MultiArchImage, registry_url: str, creds: str | None = None,
+               authorization: str | None = None) -> None:
     """PUT an OCI image index of `image`'s pushed platform images under its tag, as
-    `docker buildx` does; records its digest on the image."""
+    `docker buildx` does; records its digest on the image. `creds` go as Basic; a token
+    upstream wants an `authorization` of its own (a Bearer token)."""
     index = json.dumps({
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
@@ -333,7 +336,9 @@ def push_index(image: MultiArchImage, registry_url: str, creds: str | None = Non
             for architecture, platform in image.platforms.items()
         ],
     }).encode()
-    auth = {"Authorization": "Basic " + base64.b64encode(creds.encode()).decode()} if creds else {}
+    if creds:
+        authorization = "Basic " + base64.b64encode(creds.encode()).decode()
+    auth = {"Authorization": authorization} if authorization else {}
     status, _, body = http_get(f"{registry_url}/v2/{image.name}/manifests/{image.tag}", method="PUT", data=index,
                                headers={"Content-Type": OCI_INDEX, **auth})
     assert status == 201, body

@@ -30,9 +30,8 @@ from .manifests import Manifest, ManifestCache, matches, media_type
 from .metrics import Metrics
 from .routing import Refusal
 from .tags import TagCache, TagEntry
-from .upstream_auth import UpstreamAuth
-from .upstream_client import UpstreamClient
-from .upstream_head import HeadFailed, UpstreamHeads
+from .upstream_auth import UpstreamAuth, UpstreamAuthError
+from .upstream_client import NoAnswer, UpstreamClient
 from .upstream_state import UpstreamState
 
 # Seconds a request for a reference the cache is being asked for waits for that answer, then goes
@@ -67,8 +66,9 @@ class ManifestFront:
         self.tags = tags
         self.manifests = manifests
         self.upstream = upstream
-        self.heads = UpstreamHeads(upstream, auth, state, metrics)
+        self.auth = auth
         self.state = state
+        self.metrics = metrics
         self._revalidations: dict[tuple[str, str, str, str], asyncio.Task] = {}
         self._asked: dict[tuple[str, str, str], asyncio.Event] = {}  # references at the cache, by their first request
 
@@ -165,11 +165,29 @@ class ManifestFront:
         """The digest the upstream's tag names now (None: no such tag); RevalidationFailed when
         the upstream cannot say."""
         try:
-            status, answer = await self.heads.head(registry, repository, f"manifests/{tag}", accept)
-        except HeadFailed as e:
+            # One bound for it all: a token may have to be fetched first.
+            async with asyncio.timeout(self.upstream.timeout):
+                authorization = await self.auth.authorization(registry, repository)
+                headers = {"Accept": accept, **({"Authorization": authorization} if authorization else {})}
+                status, answer = await self.upstream.head(f"{registry.upstream}/v2/{repository}/manifests/{tag}", headers)
+        except UpstreamAuthError as e:
+            if e.unreachable:
+                self.state.went_down(registry.name, registry.upstream, e.unreachable)
             raise RevalidationFailed(str(e)) from None
+        except (NoAnswer, TimeoutError) as e:
+            reason = e.reason if isinstance(e, NoAnswer) else "timeout"
+            self.metrics.upstream_result(registry.name, None)
+            self.state.went_down(registry.name, registry.upstream, reason)
+            raise RevalidationFailed(reason) from None
+        self.metrics.upstream_result(registry.name, status)
+        self.state.answered(registry.name, registry.upstream)
+        if status == 401:
+            self.auth.refused(registry, repository)
+        elif status < 400:
+            self.auth.accepted(registry, repository)
         if status == 404:
             return None
         if status != 200:
             raise RevalidationFailed(f"upstream answered {status}")
         return answer.get("Docker-Content-Digest")
+

@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+from multidict import CIMultiDict
 
 from .config import Registry, is_local
 from .metrics import Metrics
@@ -78,7 +79,7 @@ class SpoolDownloads:
     async def _download(self, registry: Registry, spool: Spool) -> None:
         _, repository, digest = spool.key
         try:
-            response = await self._answer(registry, repository, digest)
+            response, _ = await self._answer(registry, repository, digest, "GET")
         except (UpstreamAuthError, NoAnswer, DownloadRefused) as e:
             logger.info("not spooling %s: %s; fetches go upstream", describe(spool.key), e)
             self.table.decline(spool)
@@ -109,26 +110,43 @@ class SpoolDownloads:
             reason = "the body stalled" if isinstance(e, TimeoutError) else describe_error(e)
             self.table.fail(spool, reason)
 
-    async def _answer(self, registry: Registry, repository: str, digest: str) -> aiohttp.ClientResponse:
-        """The upstream's answer to GET of the blob, its redirects followed, headers read: within
-        the upstream timeout as a whole. Raises NoAnswer (the upstream is marked down),
-        UpstreamAuthError or DownloadRefused."""
+    async def head(self, registry: Registry, repository: str, digest: str) -> tuple[int | None, Mapping[str, str]]:
+        """The upstream's answer to a HEAD of the blob, made as a download's GET is (credentials,
+        redirects followed where they may lead): status and headers; None and no headers when
+        there was no usable answer. A redirect's target (a CDN) names no digest: the upstream
+        did, by redirecting the HEAD of that digest, so its 200 is given the header."""
+        try:
+            response, redirected = await self._answer(registry, repository, digest, "HEAD")
+        except (UpstreamAuthError, NoAnswer, DownloadRefused) as e:
+            logger.info("blob HEAD of %s: no answer from upstream (%s)", describe((registry.name, repository, digest)), e)
+            return None, {}
+        response.release()
+        headers = CIMultiDict(response.headers)
+        if redirected and response.status == 200:
+            headers.setdefault("Docker-Content-Digest", digest)
+        return response.status, headers
+
+    async def _answer(self, registry: Registry, repository: str, digest: str,
+                      method: str) -> tuple[aiohttp.ClientResponse, bool]:
+        """The upstream's answer to `method` of the blob, its redirects followed, headers read, and
+        whether it came from a redirect's target: within the upstream timeout as a whole. Raises
+        NoAnswer (the upstream is marked down), UpstreamAuthError or DownloadRefused."""
         url = f"{registry.upstream}/v2/{repository}/blobs/{digest}"
         redirected = False  # a redirect target failing says nothing of the upstream
         try:
             async with bounded(self.timeout):
                 authorization = await self.auth.authorization(registry, repository)
-                response = await self._get(url, {"Authorization": authorization} if authorization else {})
+                response = await self._send(method, url, {"Authorization": authorization} if authorization else {})
                 self._upstream_answered(registry, repository, response)
-                redirected = True
                 for _ in range(MAX_REDIRECTS):
                     if response.status not in REDIRECTS or "Location" not in response.headers:
-                        return response
+                        return response, redirected
+                    redirected = True
                     location = urljoin(url, response.headers["Location"])
                     response.release()
                     url = location
                     # A redirect target gets no credentials, as when the caches follow one through us.
-                    response = await self._get(url, {}, await self._checked_address(registry, url))
+                    response = await self._send(method, url, {}, await self._checked_address(registry, url))
                     self.metrics.upstream_result(registry.name, response.status)
                 response.release()
                 raise DownloadRefused(f"more than {MAX_REDIRECTS} redirects")
@@ -152,8 +170,9 @@ class SpoolDownloads:
         elif response.status < 400:
             self.auth.accepted(registry, repository)
 
-    async def _get(self, url: str, headers: dict[str, str], address: str | None = None) -> aiohttp.ClientResponse:
-        """GET `url`, connected to `address` when given (the name stays in Host and TLS's SNI)."""
+    async def _send(self, method: str, url: str, headers: dict[str, str],
+                    address: str | None = None) -> aiohttp.ClientResponse:
+        """`method url`, connected to `address` when given (the name stays in Host and TLS's SNI)."""
         parts = urlsplit(url)
         options = {}
         if address is not None:
@@ -162,7 +181,7 @@ class SpoolDownloads:
             url = parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
             if parts.scheme == "https":
                 options["server_hostname"] = parts.hostname
-        return await self.client.session().get(url, headers=headers, allow_redirects=False, **options)
+        return await self.client.session().request(method, url, headers=headers, allow_redirects=False, **options)
 
     async def _checked_address(self, registry: Registry, url: str) -> str | None:
         """Where a redirect to `url` connects; DownloadRefused where it may not lead (redirects.py)."""

@@ -69,7 +69,7 @@ def make_addons() -> list:
         single_flight,
         ManifestResponder(settings, credentials, upstream_client, upstream_state, metrics),
         hits,
-        ColdBlobs(settings, single_flight, credentials, upstream_state, metrics, hits.in_flight),
+        ColdBlobs(settings, single_flight, upstream_state, metrics, hits.in_flight),
         SpecAnswers(),
         pull_logger,
         budget,

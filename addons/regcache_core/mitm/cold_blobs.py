@@ -10,8 +10,9 @@ it COLD_BLOB), answered without the cache, and with no byte of the blob through 
   spool to follow (the upstream is down, the download got no 200 body, the blob would go past
   REGCACHE_SPOOL_MAX_DISK) the GET goes to the cache as it came.
 - HEAD: answered from what blob_heads.py knows (a spool's 200, a concurrent HEAD's, one of the
-  last 30 s), else from one upstream HEAD made here with regcache's credentials, which the
-  HEADs that come meanwhile share: never a download (registry:2 2.8 fetches and stores a whole
+  last 30 s), else from one upstream HEAD made here with regcache's credentials and redirects
+  followed as a download's (spool_download.py), which the HEADs that come meanwhile share:
+  never a download (registry:2 2.8 fetches and stores a whole
   blob to answer a HEAD of it). An upstream 404 is answered 404; any other answer, or none,
   sends the HEAD to the cache as it came. Neither hit nor miss in the pull log: the cache was
   not asked, and no content was fetched.
@@ -32,13 +33,11 @@ from ..hit_tracking import InFlight
 from ..metrics import Metrics
 from ..routing import Refusal, Target
 from ..spool import Spool, describe
-from ..upstream_head import HeadFailed, UpstreamHeads
 from ..upstream_state import UpstreamState
 from .keys import ANSWERED_HERE, CLIENT_HOST, COLD_BLOB, HANDED_OFF, TARGET
 from .router import refuse
 from .settings import Settings
 from .single_flight import SingleFlight, answer_head, spool_key
-from .upstream import UpstreamCredentials
 
 logger = logging.getLogger(__name__)
 
@@ -46,21 +45,14 @@ logger = logging.getLogger(__name__)
 class ColdBlobs:
     """Runs after HitMarker, which must watch a GET before its download can mark it a miss."""
 
-    def __init__(self, settings: Settings, single_flight: SingleFlight, credentials: UpstreamCredentials,
-                 state: UpstreamState, metrics: Metrics, in_flight: InFlight) -> None:
+    def __init__(self, settings: Settings, single_flight: SingleFlight, state: UpstreamState, metrics: Metrics,
+                 in_flight: InFlight) -> None:
         self.settings = settings
-        self.single_flight = single_flight  # its downloads, blob HEADs and grant signer
-        self.credentials = credentials
+        self.single_flight = single_flight  # its downloads (and their blob HEADs), HEADs in flight and grant signer
         self.state = state
         self.metrics = metrics
         self.in_flight = in_flight
-        self.upstream_heads: UpstreamHeads | None = None
         self.stores: set[asyncio.Task] = set()  # the caches asked to store a blob (kept: tasks are weakly held)
-
-    def configure(self, updated: set[str]) -> None:
-        if "regcache_env_file" in updated and self.settings.config is not None:
-            # UpstreamCredentials, configured before this addon, has its auth for this config.
-            self.upstream_heads = UpstreamHeads(self.credentials.client, self.credentials.auth, self.state, self.metrics)
 
     def done(self) -> None:
         for task in self.stores:
@@ -110,11 +102,8 @@ class ColdBlobs:
         if goes_for_others:
             status, headers = None, {}
             try:
-                status, headers = await self.upstream_heads.head(target.registry, target.repository,
-                                                                 f"blobs/{target.reference}")
-            except HeadFailed as e:
-                logger.info("blob HEAD for %s: %s, upstream gave no answer (%s); the cache is asked",
-                            target.registry.name, describe(key), e)
+                status, headers = await self.single_flight.downloads.head(target.registry, target.repository,
+                                                                          target.reference)
             finally:
                 heads.answered(key, status, headers)
             head = blob_head(target.reference, status, headers)
