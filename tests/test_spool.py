@@ -119,6 +119,7 @@ def test_a_download_ending_short_or_hashing_wrong_fails_its_spool(tmp_path, body
         spool, writer = await spooling(table, BLOB[:CHUNK])
         sent = []
         reader = asyncio.create_task(read_all(spool.path, sent=sent))
+        await until(lambda: sent)  # the reader has the file open
         if body == "other bytes":
             await writer.write(bytes(len(BLOB) - CHUNK))
         await table.finish(spool)

@@ -2,16 +2,16 @@
 
 registry:2 2.8 as a cache fetches every cold blob twice from its upstream (one GET streams to
 the client, a background one stores), and once more for every client that asks while it is in
-flight. All of these reach the proxy's egress listener for that registry. There the first GET of
-a blob starts a **download** that the proxy owns (spool_download.py): it goes upstream with our
-credentials and writes the blob's 200 body to a spool file. Every egress GET of the blob, the
-first included, waits until the download has its answer's headers, then is sent to the data
-plane, which streams the spool file while it grows (`read_spool`, served by
-dataplane/spool_reader.py). No requester leads: a client that goes away (a Ctrl-C on `docker
-pull`, which makes registry:2 cancel its fetch) cuts only its own transfer, and the download
-goes on to the end for the others, and for the pulls that come next. When the download got no
-body to spool (an error, a 404, the disk bound reached), the GETs go upstream themselves, as
-without spools.
+flight. So the first GET of a blob the cache does not hold, a client's (mitm/cold_blobs.py) or
+one of the cache's on its egress listener (mitm/single_flight.py), starts a **download** that the
+proxy owns (spool_download.py): it goes upstream with our credentials and writes the blob's 200
+body to a spool file. Every GET of the blob, the first included, waits until the download has its
+answer's headers, then is sent to the data plane, which sends the spool file while it grows
+(`SpoolProgress`, dataplane/spool_reader.py): clients directly, and the cache, asked to store the
+blob, by its egress fetches. No requester leads: a client that goes away (a Ctrl-C on `docker
+pull`) cuts only its own transfer, and the download goes on to the end for the others, and for
+the pulls that come next. When the download got no body to spool (an error, a 404, the disk
+bound reached), the GETs go to the cache and upstream as without spools.
 
 Spools are keyed by (registry, repository, digest), not by digest alone: a follower in another
 repository would get bytes the upstream never said that repository holds.

@@ -53,6 +53,10 @@ class GrantSigner:
                   "digest": grant.digest, "size": str(grant.size), "cache": grant.cache}
         return self._fields.query(fields, grant.expires)
 
+    def url(self, base: str, grant: Grant) -> str:
+        """The data-plane URL of `grant`, on `base` (`http://host:port`)."""
+        return f"{base}{GRANT_PATHS[grant.kind]}?{self.query(grant)}"
+
     def verify(self, query: str, kind: str) -> Grant | None:
         """The grant a query carries; None when unsigned, altered, expired or of another kind."""
         fields = self._fields.verify(query)

@@ -9,10 +9,10 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import Config, DataPlane
 from ..routing import Target, strip_port
 from .file_response import blob_headers
-from .grants import GRANT_PATHS, GrantSigner
+from .grants import GrantSigner
 from .storage import warm_blob
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.?")
@@ -61,11 +61,16 @@ def warm_blob_answer(config: Config, signer: GrantSigner, target: Target, host: 
                                  | {"Content-Type": "application/octet-stream"})
     except OSError:
         return None  # evicted just now
-    base = dataplane.url or client_base_url(host, dataplane.port)
+    base = client_url_base(dataplane, host)
     if base is None:
         return None
-    grant = signer.grant("blob", target.registry.name, target.repository, target.reference, status.st_size)
-    return f"{base}{GRANT_PATHS['blob']}?{signer.query(grant)}"
+    return signer.url(base, signer.grant("blob", target.registry.name, target.repository, target.reference, status.st_size))
+
+
+def client_url_base(dataplane: DataPlane, host: str) -> str | None:
+    """Where the data-plane URLs given to a client that asked at Host `host` lead: to
+    REGCACHE_DATAPLANE_URL, or the host name it used; None for a Host that is no host name."""
+    return dataplane.url or client_base_url(host, dataplane.port)
 
 
 def client_base_url(host: str, port: int) -> str | None:

@@ -12,9 +12,8 @@ it COLD_BLOB), answered without the cache, and with no byte of the blob through 
 - HEAD: answered from what blob_heads.py knows (a spool's 200, a concurrent HEAD's, one of the
   last 30 s), else from one upstream HEAD made here with regcache's credentials and redirects
   followed as a download's (spool_download.py), which the HEADs that come meanwhile share:
-  never a download (registry:2 2.8 fetches and stores a whole
-  blob to answer a HEAD of it). An upstream 404 is answered 404; any other answer, or none,
-  sends the HEAD to the cache as it came. Neither hit nor miss in the pull log: the cache was
+  never a download (registry:2 2.8 fetches and stores a whole blob to answer a HEAD of it). An
+  upstream 404 is answered 404; any other answer, or none, sends the HEAD to the cache as it came. Neither hit nor miss in the pull log: the cache was
   not asked, and no content was fetched.
 """
 
@@ -27,8 +26,7 @@ from mitmproxy import http
 
 from ..blob_heads import blob_head
 from ..cache_fill import ask_cache_to_store
-from ..dataplane.grants import GRANT_PATHS
-from ..dataplane.handoff import client_base_url
+from ..dataplane.handoff import client_url_base
 from ..hit_tracking import InFlight
 from ..metrics import Metrics
 from ..routing import Refusal, Target
@@ -68,8 +66,7 @@ class ColdBlobs:
             await self._follow_download(flow, target)
 
     async def _follow_download(self, flow: http.HTTPFlow, target: Target) -> None:
-        dataplane = self.settings.config.dataplane
-        base = dataplane.url or client_base_url(flow.metadata[CLIENT_HOST], dataplane.port)
+        base = client_url_base(self.settings.config.dataplane, flow.metadata[CLIENT_HOST])
         if base is None:
             return  # a Host that is no host name: the cache answers
         spool = await self.single_flight.downloads.follow(target.registry, target.repository, target.reference)
@@ -79,7 +76,7 @@ class ColdBlobs:
         grant = grants.grant("cold", target.registry.name, target.repository, target.reference, spool.size,
                              "miss" if self.in_flight.missed(flow.id) else "hit")
         flow.metadata[HANDED_OFF] = True
-        flow.response = http.Response.make(307, b"", {"Location": f"{base}{GRANT_PATHS['cold']}?{grants.query(grant)}",
+        flow.response = http.Response.make(307, b"", {"Location": grants.url(base, grant),
                                                       "Docker-Content-Digest": target.reference})
         self.metrics.spool_follower(target.registry.name)
         if not spool.cache_asked:
@@ -87,8 +84,8 @@ class ColdBlobs:
             self._ask_cache_to_store(target, spool)
 
     def _ask_cache_to_store(self, target: Target, spool: Spool) -> None:
-        task = asyncio.get_running_loop().create_task(
-            ask_cache_to_store(target.backend, target.repository, target.reference, spool.size))
+        task = asyncio.get_running_loop().create_task(ask_cache_to_store(
+            target.backend, target.registry.storage, target.repository, target.reference, spool.size))
         self.stores.add(task)
         task.add_done_callback(self.stores.discard)
         logger.info("cold blob %s: clients follow its download; its cache is asked to store it", describe(spool.key))

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from ..dataplane.grants import GRANT_PATHS, GrantSigner, load_or_create_key
+from ..dataplane.grants import GrantSigner, load_or_create_key
 from ..dataplane.handoff import client_base_url
 from ..metrics import Metrics
 from ..routing import Target
@@ -95,7 +95,7 @@ class SingleFlight:
         """A 307 to the data plane on the host name the cache used for this listener (the data
         plane binds every interface by default), never REGCACHE_DATAPLANE_URL: that is for clients."""
         grant = self.grants.grant("spool", egress.registry.name, egress.repository, egress.reference, spool.size)
-        flow.response = http.Response.make(307, b"", {"Location": f"{base}{GRANT_PATHS['spool']}?{self.grants.query(grant)}"})
+        flow.response = http.Response.make(307, b"", {"Location": self.grants.url(base, grant)})
         # Not an upstream request: no credentials, no upstream fetch counted, no miss (the
         # download counts its own).
         del flow.metadata[UPSTREAM]
