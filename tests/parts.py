@@ -646,6 +646,23 @@ def get_following_the_307(port: int, path: str, host: str, timeout: float = 120)
     return int(status_line.split()[1]), {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, body
 
 
+def at_once(count: int, work) -> list:
+    """work(index) in `count` threads started together (as many clients of a rollout); their results."""
+    results: list = [None] * count
+    start = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        start.wait()
+        results[index] = work(index)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def blob_bytes(upstream: Upstream, digest: str) -> bytes:
     """A blob as the upstream stores it."""
     hex_digest = digest.split(":")[1]

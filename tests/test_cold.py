@@ -10,19 +10,18 @@ the upstream is read from its access log.
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 
 import pytest
 
-from clients import Containerd, Dockerd
+from clients import Containerd
 from fakes import Cdn, TokenServer
 from parts import (
-    PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, build_image, build_multiarch_image, cache_holds,
+    PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, build_image, build_multiarch_image, cache_holds,
     docker_io_stack, push_index, raw_exchange, raw_request, skopeo, split_responses,
 )
 from regcache_core.dataplane.server import BACKEND as DATAPLANE
+from test_clients import docker_pull
 
 PORT = PORT_BASES["test_cold"]
 UPSTREAM_PORT = PORT + UPSTREAM_OFFSET
@@ -60,23 +59,6 @@ def cdn_gets(cdn: Cdn, digest: str) -> int:
 
 def storage(stack: Stack):
     return stack.data_dir / "dockerhub/storage"
-
-
-def at_once(count: int, work) -> list:
-    """work(index) in `count` threads started together; their results."""
-    results: list = [None] * count
-    start = threading.Barrier(count)
-
-    def run(index: int) -> None:
-        start.wait()
-        results[index] = work(index)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
 
 
 def test_a_cold_blob_head_is_answered_from_one_upstream_head_and_downloads_nothing(world, tmp_path):
@@ -155,14 +137,5 @@ def test_containerd_pulls_a_cold_layer_through_the_307_to_the_spool(world, conta
 def test_docker_pulls_a_cold_layer_through_the_307_to_the_spool(world, containerd, tmp_path):
     upstream, stack, cdn, _ = world
     image = new_image(tmp_path, upstream, "library/cold-docker")
-    daemon_json = stack.client_config(tmp_path / "config") / "daemon.json"
-    dockerd = Dockerd(tmp_path / "docker", daemon_json, containerd).start()
-    try:
-        before = len(stack.pull_records())
-        result = dockerd.docker("pull", f"docker.io/{image.reference}")
-        assert result.returncode == 0, result.stderr
-        inspected = dockerd.inspect(f"docker.io/{image.reference}")
-    finally:
-        dockerd.stop()
-    assert inspected["Id"] == image.blob_digests[0]
+    before = docker_pull(stack, {"virtual-hosts": stack.client_config(tmp_path / "config")}, containerd, image, tmp_path)
     assert_cold_layer_sent_by_the_data_plane(stack, upstream, cdn, image, before)

@@ -15,7 +15,7 @@ import pytest
 
 from fakes import Cdn, SlowLink
 from parts import (
-    PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, blob_bytes, cache_holds, docker_io_stack,
+    PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, blob_bytes, cache_holds, docker_io_stack,
     get_following_the_307, poll, skopeo,
 )
 from regcache_core.dataplane.server import BACKEND as DATAPLANE
@@ -27,20 +27,8 @@ PULLS = 8
 
 def pull_at_once(host: str, reference: str, destinations: list[Path]) -> list:
     """One skopeo copy per destination, all started together; their CompletedProcesses."""
-    results: list = [None] * len(destinations)
-    start = threading.Barrier(len(destinations))
-
-    def pull(index: int) -> None:
-        start.wait()
-        results[index] = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{reference}",
-                                f"oci:{destinations[index]}", timeout=180)
-
-    threads = [threading.Thread(target=pull, args=(i,)) for i in range(len(destinations))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
+    return at_once(len(destinations), lambda i: skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{reference}",
+                                                       f"oci:{destinations[i]}", timeout=180))
 
 
 def layer_digest_in(layout: Path, digest: str) -> str:
@@ -64,19 +52,7 @@ def metric_sum(stack: Stack, name: str) -> float:
 
 def get_at_once(port: int, host: str, path: str, count: int) -> list:
     """`count` raw-socket GETs of `path` following the 307, all started together: their answers."""
-    results: list = [None] * count
-    start = threading.Barrier(count)
-
-    def get(index: int) -> None:
-        start.wait()
-        results[index] = get_following_the_307(port, path, host)
-
-    threads = [threading.Thread(target=get, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results
+    return at_once(count, lambda _: get_following_the_307(port, path, host))
 
 
 def test_concurrent_cold_pulls_make_one_upstream_fetch_of_the_layer(tmp_path, upstream, images):

@@ -13,8 +13,8 @@ it COLD_BLOB), answered without the cache, and with no byte of the blob through 
   last 30 s), else from one upstream HEAD made here with regcache's credentials and redirects
   followed as a download's (spool_download.py), which the HEADs that come meanwhile share:
   never a download (registry:2 2.8 fetches and stores a whole blob to answer a HEAD of it). An
-  upstream 404 is answered 404; any other answer, or none, sends the HEAD to the cache as it came. Neither hit nor miss in the pull log: the cache was
-  not asked, and no content was fetched.
+  upstream 404 is answered 404; any other answer, or none, sends the HEAD to the cache as it
+  came. Neither hit nor miss in the pull log: the cache was not asked, and nothing fetched.
 """
 
 from __future__ import annotations
