@@ -113,9 +113,10 @@ class SpoolWriter:
         self._hasher = hasher
         self.received = 0  # bytes written
 
-    async def write(self, chunk: bytes) -> None:
-        """Raises OSError when the write failed (disk full)."""
-        await asyncio.get_running_loop().run_in_executor(self.spool.executor, self._write, chunk)
+    def write(self, chunk: bytes) -> asyncio.Future:
+        """Queues the chunk's write; the future raises OSError when it failed (disk full). Writes
+        happen in the order queued."""
+        return asyncio.get_running_loop().run_in_executor(self.spool.executor, self._write, chunk)
 
     def _write(self, chunk: bytes) -> None:
         self._file.write(chunk)

@@ -17,6 +17,7 @@ miss (hit_tracking.py) and counts in the upstream metrics like any fetch through
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 BODY_STALL = 30.0  # seconds without a byte of the body, then the download fails (readers wait longer)
 MAX_REDIRECTS = 5
+WRITES_AHEAD = 4  # chunks (up to READ_CHUNK each) read but not yet written, at most
 POOL_SIZE = 64  # downloads at once, to all upstreams (a pool of their own: they are long)
 
 
@@ -98,8 +100,14 @@ class SpoolDownloads:
                 if writer is None:
                     return
                 self.blob_fetched(registry.name, repository, digest)
+                # The next chunks are read while the last ones are written and hashed, a few at most.
+                writes: collections.deque[asyncio.Future] = collections.deque()
                 while chunk := await self._next_chunk(response):
-                    await writer.write(chunk)
+                    writes.append(writer.write(chunk))
+                    if len(writes) > WRITES_AHEAD:
+                        await writes.popleft()
+                for write in writes:
+                    await write
             await self.table.finish(spool)
             logger.info("upstream fetch for %s: GET %s, %d bytes, for its spool", registry.name, describe(spool.key),
                         writer.received)
