@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from regcache_core.cache_backend import find_registry_program
+from regcache_core.stack.caches import find_registry_program
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_DOMAIN = "regcache.test"

@@ -18,8 +18,8 @@ from regcache_core.mitm.recorder import ByteCounter, Recorder, pull_record
 from regcache_core.mitm.router import Router
 from regcache_core.mitm.settings import Settings
 from regcache_core.config import DEFAULTS, parse_config
-from regcache_core.metrics import Metrics
-from regcache_core.redirects import RedirectSigner
+from regcache_core.observe.metrics import Metrics
+from regcache_core.upstream.redirects import RedirectSigner
 from regcache_core.routing import Target
 
 ADDON_SCRIPT = REPO / "addons" / "regcache.py"

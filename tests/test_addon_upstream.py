@@ -9,11 +9,11 @@ from mitmproxy.test import tflow, tutils
 from regcache_core.mitm.keys import INJECTED, UPSTREAM
 from regcache_core.mitm.upstream import REDACTED, UpstreamCredentials
 from regcache_core.config import Registry
-from regcache_core.metrics import Metrics
-from regcache_core.redirects import RedirectSigner
+from regcache_core.observe.metrics import Metrics
+from regcache_core.upstream.redirects import RedirectSigner
 from regcache_core.routing import Target
-from regcache_core.upstream_client import UpstreamClient
-from regcache_core.upstream_state import UpstreamState
+from regcache_core.upstream.client import UpstreamClient
+from regcache_core.upstream.state import UpstreamState
 
 HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001", "me", "pw")
 BLOB = "sha256:" + "a" * 64

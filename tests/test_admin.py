@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from regcache_core.admin import AdminServer, Answer, probe_backend, readiness
+from regcache_core.observe.admin import AdminServer, Answer, probe_backend, readiness
 from regcache_core.config import DEFAULTS, ConfigError, parse_config
 
 from parts import http_get

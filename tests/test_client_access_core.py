@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from regcache_core.client_access import VERIFIED_TTL, ClientNetworks, Htpasswd, basic_credentials
+from regcache_core.access.clients import VERIFIED_TTL, ClientNetworks, Htpasswd, basic_credentials
 from regcache_core.config import DEFAULTS, ConfigError, parse_config
 
 

@@ -12,7 +12,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from regcache_core.cli import main
-from regcache_core.client_config import client_files
+from regcache_core.commands.client_config import client_files
 from regcache_core.config import DEFAULTS, ConfigError, parse_config
 
 from parts import REGCACHE

@@ -3,8 +3,8 @@ deadline, and log lines at most once a minute per source."""
 
 from __future__ import annotations
 
-from regcache_core.client_limits import ClientLimits
-from regcache_core.log_throttle import LogThrottle, held_back
+from regcache_core.access.limits import ClientLimits
+from regcache_core.observe.log_throttle import LogThrottle, held_back
 
 
 def test_an_address_holds_at_most_its_cap_and_gets_room_as_connections_close():

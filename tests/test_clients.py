@@ -23,7 +23,7 @@ from ruamel.yaml import YAML
 
 from clients import Containerd, Dockerd
 from parts import PORT_BASES, REMOTE_CACHE_HOST, TEST_DOMAIN, Stack, cache_holds, docker_io_stack, http_get, pull, skopeo
-from regcache_core.client_config import hosts_toml
+from regcache_core.commands.client_config import hosts_toml
 from regcache_core.dataplane.server import BACKEND as DATAPLANE
 
 PORT = PORT_BASES["test_clients"]

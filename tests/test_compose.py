@@ -17,7 +17,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from parts import PORT_BASES, REGISTRY_PROGRAM, REPO, docker_io_stack
-from regcache_core.cache_backend import local_backends
+from regcache_core.stack.caches import local_backends
 from regcache_core.config import DEFAULTS, parse_config
 
 PROXY = "registry-cache"

@@ -16,7 +16,7 @@ from regcache_core.dataplane.grants import GRANT_LIFETIME, Grant, GrantSigner, l
 from regcache_core.dataplane.handoff import COLD, SmallBlob, client_base_url, warm_blob_answer
 from regcache_core.dataplane.records import RecordSender, receive_records
 from regcache_core.dataplane.storage import warm_blob
-from regcache_core.pull_log import from_json, pull_record, to_json
+from regcache_core.observe.pull_log import from_json, pull_record, to_json
 from regcache_core.routing import route
 
 DIGEST = "sha256:" + "ab" * 32

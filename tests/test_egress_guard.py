@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from regcache_core.config import Registry
-from regcache_core.egress_guard import EgressGuard, normalize
+from regcache_core.access.egress import EgressGuard, normalize
 
 NATIVE = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001")
 BY_NAME = Registry("GHCR", "ghcr.io", "https://ghcr.io", "http://localhost:5002")

@@ -1,4 +1,5 @@
-"""`.env.example` is what users copy: it must load as it is and document every variable."""
+"""`.env.example` is what users copy: it must load as it is and document every variable (it is
+written from the settings config.py declares: see test_config_docs.py)."""
 
 from pathlib import Path
 

@@ -6,12 +6,12 @@ import asyncio
 import hashlib
 
 from regcache_core.config import Registry
-from regcache_core.manifest_front import ManifestFront, accepted_types
-from regcache_core.manifests import ManifestCache
-from regcache_core.metrics import Metrics
-from regcache_core.tags import TagCache
-from regcache_core.upstream_client import NoAnswer
-from regcache_core.upstream_state import UpstreamState
+from regcache_core.manifests.front import ManifestFront, accepted_types
+from regcache_core.manifests.by_digest import ManifestCache
+from regcache_core.observe.metrics import Metrics
+from regcache_core.manifests.tags import TagCache
+from regcache_core.upstream.client import NoAnswer
+from regcache_core.upstream.state import UpstreamState
 
 HUB = Registry("DOCKERHUB", "docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001")
 OCI = "application/vnd.oci.image.manifest.v1+json"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from regcache_core.metrics import Metrics
-from regcache_core.pull_log import PullRecord
+from regcache_core.observe.metrics import Metrics
+from regcache_core.observe.pull_log import PullRecord
 
 
 def record(**fields) -> PullRecord:

@@ -24,7 +24,7 @@ from parts import (
     MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, build_image, docker_io_stack,
     http_get, poll,
 )
-from regcache_core.client_config import hosts_toml
+from regcache_core.commands.client_config import hosts_toml
 
 PORT = PORT_BASES["test_outages"]
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"

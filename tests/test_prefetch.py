@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from regcache_core.prefetch import ImageReference, PrefetchError, parse_platforms, parse_reference
+from regcache_core.commands.prefetch import ImageReference, PrefetchError, parse_platforms, parse_reference
 
 from parts import PORT_BASES, TEST_DOMAIN, build_image, build_multiarch_image, cache_holds, pull
 

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from regcache_core.hit_tracking import InFlight
+from regcache_core.observe.hits import InFlight
 from regcache_core.config import Registry
-from regcache_core.redirects import RedirectSigner, SignedRedirect, Destination, is_redirect_path, resolve_destination
+from regcache_core.upstream.redirects import RedirectSigner, SignedRedirect, Destination, is_redirect_path, resolve_destination
 from regcache_core.routing import Target
 
 BLOB = "https://registry-1.docker.io/v2/library/small/blobs/sha256:" + "a" * 64

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from regcache_core.blob_heads import BlobHead, HeadFlights, blob_head
-from regcache_core.spool import HOLD_BACK, WRITABLE, SpoolBroken, SpoolProgress, SpoolTable, spool_path
+from regcache_core.spool.blob_heads import BlobHead, HeadFlights, blob_head
+from regcache_core.spool.table import HOLD_BACK, WRITABLE, SpoolBroken, SpoolProgress, SpoolTable, spool_path
 
 BLOB = os.urandom(3 << 20)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()

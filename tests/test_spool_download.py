@@ -12,13 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from fakes import Cdn
 from parts import PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Upstream, push_blob
 from regcache_core.config import Registry
-from regcache_core.metrics import Metrics
-from regcache_core.spool import SpoolTable
-from regcache_core.spool_download import SpoolDownloads
-from regcache_core.upstream_auth import TokenStore, UpstreamAuth
-from regcache_core.upstream_client import UpstreamClient
-from regcache_core.upstream_signals import UpstreamSignals
-from regcache_core.upstream_state import UpstreamState
+from regcache_core.observe.metrics import Metrics
+from regcache_core.spool.table import SpoolTable
+from regcache_core.spool.download import SpoolDownloads
+from regcache_core.upstream.auth import TokenStore, UpstreamAuth
+from regcache_core.upstream.client import UpstreamClient
+from regcache_core.upstream.signals import UpstreamSignals
+from regcache_core.upstream.state import UpstreamState
 from test_spool import read_all
 
 PORT = PORT_BASES["test_spool_download"]

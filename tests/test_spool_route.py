@@ -19,7 +19,7 @@ import pytest
 
 from parts import PORT_BASES, Stack, raw_exchange
 from regcache_core.dataplane.grants import GRANT_PATHS, GrantSigner, load_or_create_key
-from regcache_core.spool import HOLD_BACK, SPOOL_DIR, spool_path
+from regcache_core.spool.table import HOLD_BACK, SPOOL_DIR, spool_path
 
 DATAPLANE_PORT = PORT_BASES["session"] + 50
 BLOB = os.urandom(3 << 20)

@@ -7,8 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from regcache_core.cli import main
-from regcache_core.pull_log import PullRecord
-from regcache_core.stats import human_bytes, parse_record, summarize
+from regcache_core.observe.pull_log import PullRecord
+from regcache_core.observe.stats import human_bytes, parse_record, summarize
 
 LOG = Path(__file__).parent / "data" / "pull-with-broken-lines.log"
 

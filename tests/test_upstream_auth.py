@@ -12,7 +12,7 @@ import time
 import pytest
 
 from regcache_core.config import Registry
-from regcache_core.upstream_auth import (
+from regcache_core.upstream.auth import (
     Challenge,
     TokenStore,
     UpstreamAuth,
@@ -23,7 +23,7 @@ from regcache_core.upstream_auth import (
     pick_challenge,
     realm_allowed,
 )
-from regcache_core.upstream_client import NoAnswer, UpstreamClient
+from regcache_core.upstream.client import NoAnswer, UpstreamClient
 
 from fakes import Challenger, Redirector, TokenServer
 from parts import PORT_BASES

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from regcache_core.metrics import Metrics
-from regcache_core.upstream_signals import RateLimit, UpstreamSignals, parse_rate_limit
+from regcache_core.observe.metrics import Metrics
+from regcache_core.upstream.signals import RateLimit, UpstreamSignals, parse_rate_limit
 
 
 @pytest.mark.parametrize("headers, expected", [

@@ -9,9 +9,9 @@ import urllib.error
 
 import pytest
 
-from regcache_core.metrics import Metrics
-from regcache_core.upstream_client import NoAnswer
-from regcache_core.upstream_state import UpstreamState, failure_reason
+from regcache_core.observe.metrics import Metrics
+from regcache_core.upstream.client import NoAnswer
+from regcache_core.upstream.state import UpstreamState, failure_reason
 
 
 @pytest.mark.parametrize("error, reason", [

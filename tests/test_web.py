@@ -21,11 +21,11 @@ from regcache_core.mitm.router import send_to
 from regcache_core.mitm.settings import Settings
 from regcache_core.mitm.web import WebView
 from regcache_core.config import DEFAULTS, parse_config
-from regcache_core.launcher import mitmweb_has_password
-from regcache_core.pull_log import PullRecord
+from regcache_core.stack.launcher import mitmweb_has_password
+from regcache_core.observe.pull_log import PullRecord
 from regcache_core.routing import route
-from regcache_core.stats import human_bytes
-from regcache_core.web import flow_label, flow_marker
+from regcache_core.observe.stats import human_bytes
+from regcache_core.observe.web import flow_label, flow_marker
 
 from parts import (
     MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, cache_holds, child_pids, command_line,

@@ -15,11 +15,13 @@ from rich.progress import Progress as Bars
 from rich.table import Table
 
 from .budget.inventory import disk_usage, format_du, format_ls, holdings
-from .client_config import Credentials, client_files, parse_endpoint, write_client_files
+from .commands.client_config import Credentials, client_files, parse_endpoint, write_client_files
+from .commands.config_docs import CONFIGURATION_DOC
+from .commands.config_docs import config_docs as write_config_docs
 from .config import Config, ConfigError, load_config
-from .launcher import up
-from .prefetch import PrefetchError, Progress, parse_platforms, parse_reference, prefetch_all
-from .stats import format_table, human_bytes, summarize
+from .stack.launcher import up
+from .commands.prefetch import PrefetchError, Progress, parse_platforms, parse_reference, prefetch_all
+from .observe.stats import format_table, human_bytes, summarize
 
 
 ENV_FILE_HELP = "settings file (default: ./.env, if there); the environment wins over it"
@@ -70,6 +72,11 @@ def run(argv: list[str] | None) -> int:
         help="one URL for containerd/k3s, e.g. http://10.0.0.5:5000 (it names the registry in ?ns=); "
         "default: a virtual host per registry, http://<registry>.<REGISTRY_DOMAIN>:<port>",
     )
+    config_docs_command = commands.add_parser(
+        "config-docs", help="write .env.example and the settings tables of docs/configuration.md from the settings config.py declares"
+    )
+    config_docs_command.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each file that is out of date")
+    config_docs_command.add_argument("--root", type=Path, default=Path("."), help="the repository's directory (default: here)")
     client_config.add_argument("--username", help="an account of REGCACHE_HTPASSWD: the files then carry its credentials")
     client_config.add_argument("--password-stdin", action="store_true", help="read that account's password from standard input")
     args = parser.parse_args(argv)
@@ -78,6 +85,8 @@ def run(argv: list[str] | None) -> int:
         return 2
     env_file = args.env_file or ".env"
 
+    if args.command == "config-docs":
+        return config_docs(args.root, args.check)
     if args.command == "stats" and args.pull_log is not None:
         return stats(args.pull_log, args.json, args.top)
     try:
@@ -102,6 +111,20 @@ def run(argv: list[str] | None) -> int:
     if args.command == "prefetch":
         return prefetch(config, args.images, args.file, args.platform, args.jobs)
     return up(config, env_file, web=args.web)
+
+
+def config_docs(root: Path, check: bool) -> int:
+    try:
+        stale = write_config_docs(root, check)
+    except OSError as e:
+        print(f"regcache config-docs: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # the document lost its markers
+        print(f"regcache config-docs: {root / CONFIGURATION_DOC}: {e}", file=sys.stderr)
+        return 2
+    for path in stale:
+        print(f"{path}: out of date; `regcache config-docs` writes it" if check else f"{path}: written")
+    return 1 if check and stale else 0
 
 
 def stats(pull_log: Path, as_json: bool, top: int) -> int:

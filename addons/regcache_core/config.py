@@ -1,7 +1,9 @@
 """Settings: the environment and `.env`, checked and turned into typed values.
 
-Every variable is documented in `.env.example`. The real environment wins over `.env`,
-and both win over `DEFAULTS`. A registry is a few variables sharing a prefix (its key):
+Every setting is declared once, at the end of this module (SECTIONS, REGISTRY_SETTINGS): its
+name, default, parser and help. `.env.example` and the table in docs/configuration.md are
+written from those declarations by `regcache config-docs`. The real environment wins over
+`.env`, and both win over `DEFAULTS`. A registry is a few variables sharing a prefix (its key):
 
     REGCACHE_REGISTRIES=DOCKERHUB,K8S
     K8S_REGISTRY=registry.k8s.io          # the name clients pull from
@@ -29,57 +31,13 @@ import ipaddress
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
-
-DEFAULTS: Mapping[str, str] = {
-    "REGISTRY_DOMAIN": "registry.localhost",
-    "REGCACHE_PORT": "5000",
-    "REGCACHE_ADMIN_HOST": "127.0.0.1",
-    "REGCACHE_ADMIN_PORT": "5070",
-    "REGCACHE_WEB_MAX_FLOWS": "2000",
-    "REGCACHE_WEB_PASSWORD": "",  # mitmweb's UI password (mitmproxy 11.1.2+); empty: a token per run
-    "REGCACHE_DATA_DIR": "./data",
-    "REGCACHE_PULL_LOG": "",  # empty: <data dir>/pull.log
-    "REGCACHE_PULL_LOG_STDOUT": "false",
-    "REGCACHE_EGRESS_HOST": "127.0.0.1",  # where caches reach the proxy; 0.0.0.0 in a container
-    "REGCACHE_EGRESS_PORT": "5080",  # first egress port; registry N (0-based) gets this + N
-    "REGCACHE_MAX_DISK": "",  # empty: no budget over all caches
-    "REGCACHE_MIN_FREE_DISK": "1G",  # a cache's disk with less free is reported not ready
-    "REGCACHE_STOP_GRACE": "30",  # seconds pulls in flight get to finish after SIGTERM
-    "REGCACHE_TAG_TTL": "60",  # seconds a tag's digest is served without asking upstream
-    "REGCACHE_MANIFEST_CACHE": "8M",  # manifest bodies kept in memory
-    "REGCACHE_UPSTREAM_TIMEOUT": "5",  # seconds to an upstream's first byte, name lookup included
-    "REGCACHE_DATAPLANE": "true",
-    "REGCACHE_DATAPLANE_HOST": "",  # empty: all interfaces, like the client listener
-    "REGCACHE_DATAPLANE_PORT": "5050",
-    "REGCACHE_DATAPLANE_URL": "",  # empty: the host name the client used, on REGCACHE_DATAPLANE_PORT
-    "REGCACHE_DATAPLANE_MIN_SIZE": "256k",  # see bench_handoff.py
-    "REGCACHE_DATAPLANE_WORKERS": "",  # empty: one per core
-    "REGCACHE_SPOOL_MAX_DISK": "10G",  # cold blobs being fetched upstream, spooled for concurrent fetches
-    "REGCACHE_REGISTRIES": "DOCKERHUB,GHCR,QUAY",
-    "REGCACHE_CLIENTS": "",  # empty: any address
-    "REGCACHE_HTPASSWD": "",  # empty: no accounts needed
-    "REGCACHE_ADMIN_TOKEN": "",  # empty: none asked (then the admin endpoint must be on loopback)
-    "REGCACHE_MAX_CONNECTIONS_PER_CLIENT": "256",  # open connections one client address may hold
-    "REGCACHE_HEAD_TIMEOUT": "10",  # seconds a connection gets to send a whole request head
-    "DOCKERHUB_REGISTRY": "docker.io",
-    "DOCKERHUB_UPSTREAM": "https://registry-1.docker.io",
-    "DOCKERHUB_CACHE": "http://127.0.0.1:5001",
-    "GHCR_REGISTRY": "ghcr.io",
-    "GHCR_UPSTREAM": "https://ghcr.io",
-    "GHCR_CACHE": "http://127.0.0.1:5002",
-    "QUAY_REGISTRY": "quay.io",
-    "QUAY_UPSTREAM": "https://quay.io",
-    "QUAY_CACHE": "http://127.0.0.1:5003",
-}
-
-# A registry's own variables: <KEY>_REGISTRY and so on.
-REGISTRY_SETTINGS = ("REGISTRY", "UPSTREAM", "CACHE", "USERNAME", "PASSWORD", "EGRESS_PORT", "REPOSITORIES", "MAX_DISK", "STORAGE", "TOKEN_REALMS")
 
 _KEY = re.compile(r"[A-Z][A-Z0-9_]*")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
@@ -99,6 +57,21 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 class ConfigError(ValueError):
     """A bad setting. The message names the variable and says what is wrong."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One variable, declared once: `.env.example` and the table in docs/configuration.md are
+    written from these (`regcache config-docs`), and parse_config reads each with its `parse`."""
+
+    name: str  # the variable; for a registry's own settings, what follows `<KEY>_`
+    default: str  # as written in .env; "" when unset
+    parse: Callable[[str, str], Any]  # (variable, value) -> typed value; a bad value raises ConfigError naming it
+    help: str  # what it is, one line: the docs table's meaning
+    notes: str = ""  # more for `.env.example`'s comment
+    empty_means: str = ""  # what leaving it empty does, when that needs saying
+    required: bool = False  # a registry's own setting it cannot go without
+    strip: bool = True  # False for a password: spaces may be part of it
 
 
 @dataclass(frozen=True)
@@ -146,22 +119,22 @@ class Config:
     pull_log: Path
     pull_log_stdout: bool
     registries: tuple[Registry, ...]
-    egress_host: str = "127.0.0.1"
-    client_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()  # empty: any client
-    htpasswd: Path | None = None  # client accounts; None: no credentials asked
-    max_disk: int | None = None  # bytes all caches' storage may hold together (REGCACHE_MAX_DISK)
-    min_free_disk: int = 1 << 30  # a cache's disk with less free space is not ready
-    stop_grace: float = 30.0  # seconds `regcache up` lets pulls in flight finish after SIGTERM
-    web_password: str = field(default="", repr=False)
-    warnings: tuple[str, ...] = ()  # variables that look like a misspelt setting
-    tag_ttl: float = 60.0  # seconds
-    manifest_cache_bytes: int = 8 << 20
-    upstream_timeout: float = 5.0  # seconds
-    dataplane: DataPlane | None = None  # None: REGCACHE_DATAPLANE=false, every blob streams through the proxy
-    spool_max_disk: int = 10 << 30  # bytes of spools at once (spool.py); past it, fetches go upstream each
-    admin_token: str = field(default="", repr=False)  # the Bearer token /metrics and /ready ask for
-    max_client_connections: int = 256  # per client address, on every listener
-    head_timeout: float = 10.0  # seconds for a whole request head, from connect or the last answer
+    egress_host: str
+    client_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]  # empty: any client
+    htpasswd: Path | None  # client accounts; None: no credentials asked
+    max_disk: int | None  # bytes all caches' storage may hold together (REGCACHE_MAX_DISK)
+    min_free_disk: int  # a cache's disk with less free space is not ready
+    stop_grace: float  # seconds `regcache up` lets pulls in flight finish after SIGTERM
+    web_password: str = field(repr=False)
+    warnings: tuple[str, ...]  # variables that look like a misspelt setting
+    tag_ttl: float  # seconds
+    manifest_cache_bytes: int
+    upstream_timeout: float  # seconds
+    dataplane: DataPlane | None  # None: REGCACHE_DATAPLANE=false, every blob streams through the proxy
+    spool_max_disk: int  # bytes of spools at once; past it, fetches go upstream each
+    admin_token: str = field(repr=False)  # the Bearer token /metrics and /ready ask for
+    max_client_connections: int  # per client address, on every listener
+    head_timeout: float  # seconds for a whole request head, from connect or the last answer
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -206,65 +179,70 @@ def prepare_directory(var: str, path: Path) -> None:
 
 
 def parse_config(values: Mapping[str, str]) -> Config:
+    read = lambda name: _read(values, SETTING[name], name)  # noqa: E731
     get = lambda name: values.get(name, "").strip()  # noqa: E731
-    data_dir = Path(get("REGCACHE_DATA_DIR") or "./data").absolute()
-    keys = _registry_keys(get("REGCACHE_REGISTRIES"))
-    egress_base = _port("REGCACHE_EGRESS_PORT", get("REGCACHE_EGRESS_PORT"))
-    registries = tuple(_registry(key, get, egress_base + index, data_dir) for index, key in enumerate(keys))
+    data_dir = read("REGCACHE_DATA_DIR")
+    keys = read("REGCACHE_REGISTRIES")
+    egress_base = read("REGCACHE_EGRESS_PORT")
+    registries = tuple(_registry(key, values, egress_base + index, data_dir) for index, key in enumerate(keys))
     _check_names_differ(registries)
-    port = _port("REGCACHE_PORT", get("REGCACHE_PORT"))
-    admin_port = _port("REGCACHE_ADMIN_PORT", get("REGCACHE_ADMIN_PORT"))
-    dataplane = _dataplane(get) if _bool("REGCACHE_DATAPLANE", get("REGCACHE_DATAPLANE")) else None
+    port = read("REGCACHE_PORT")
+    admin_port = read("REGCACHE_ADMIN_PORT")
+    dataplane = _dataplane(read) if read("REGCACHE_DATAPLANE") else None
     _check_ports_differ(port, admin_port, dataplane, registries, get)
-    admin_host = _ip_address("REGCACHE_ADMIN_HOST", get("REGCACHE_ADMIN_HOST"))
-    if not is_loopback_host(admin_host) and not get("REGCACHE_ADMIN_TOKEN"):
+    admin_host = read("REGCACHE_ADMIN_HOST")
+    if not is_loopback_host(admin_host) and not read("REGCACHE_ADMIN_TOKEN"):
         raise ConfigError(f"REGCACHE_ADMIN_TOKEN: not set, but REGCACHE_ADMIN_HOST ({admin_host}) is not loopback;"
                           " set a token (e.g. `openssl rand -hex 32`) that /metrics and /ready will ask for")
     return Config(
-        domain=_hostname("REGISTRY_DOMAIN", get("REGISTRY_DOMAIN").lower()),
+        domain=read("REGISTRY_DOMAIN"),
         port=port,
         admin_host=admin_host,
         admin_port=admin_port,
-        web_max_flows=_positive("REGCACHE_WEB_MAX_FLOWS", get("REGCACHE_WEB_MAX_FLOWS")),
+        web_max_flows=read("REGCACHE_WEB_MAX_FLOWS"),
         data_dir=data_dir,
-        pull_log=Path(get("REGCACHE_PULL_LOG")).absolute() if get("REGCACHE_PULL_LOG") else data_dir / "pull.log",
-        pull_log_stdout=_bool("REGCACHE_PULL_LOG_STDOUT", get("REGCACHE_PULL_LOG_STDOUT")),
+        pull_log=read("REGCACHE_PULL_LOG") or data_dir / "pull.log",
+        pull_log_stdout=read("REGCACHE_PULL_LOG_STDOUT"),
         registries=registries,
-        egress_host=_ip_address("REGCACHE_EGRESS_HOST", get("REGCACHE_EGRESS_HOST")),
-        client_networks=_networks("REGCACHE_CLIENTS", get("REGCACHE_CLIENTS")),
-        htpasswd=_readable_file("REGCACHE_HTPASSWD", get("REGCACHE_HTPASSWD")),
-        max_disk=_optional_size("REGCACHE_MAX_DISK", get("REGCACHE_MAX_DISK")),
-        min_free_disk=parse_size("REGCACHE_MIN_FREE_DISK", get("REGCACHE_MIN_FREE_DISK") or "0"),
-        stop_grace=_positive("REGCACHE_STOP_GRACE", get("REGCACHE_STOP_GRACE")),
-        web_password=values.get("REGCACHE_WEB_PASSWORD", ""),
+        egress_host=read("REGCACHE_EGRESS_HOST"),
+        client_networks=read("REGCACHE_CLIENTS"),
+        htpasswd=read("REGCACHE_HTPASSWD"),
+        max_disk=read("REGCACHE_MAX_DISK"),
+        min_free_disk=read("REGCACHE_MIN_FREE_DISK"),
+        stop_grace=read("REGCACHE_STOP_GRACE"),
+        web_password=read("REGCACHE_WEB_PASSWORD"),
         warnings=tuple(misspelt_settings(values, keys)),
-        tag_ttl=_seconds("REGCACHE_TAG_TTL", get("REGCACHE_TAG_TTL")),
-        manifest_cache_bytes=parse_size("REGCACHE_MANIFEST_CACHE", get("REGCACHE_MANIFEST_CACHE")),
-        upstream_timeout=_seconds("REGCACHE_UPSTREAM_TIMEOUT", get("REGCACHE_UPSTREAM_TIMEOUT")),
-        spool_max_disk=parse_size("REGCACHE_SPOOL_MAX_DISK", get("REGCACHE_SPOOL_MAX_DISK")),
+        tag_ttl=read("REGCACHE_TAG_TTL"),
+        manifest_cache_bytes=read("REGCACHE_MANIFEST_CACHE"),
+        upstream_timeout=read("REGCACHE_UPSTREAM_TIMEOUT"),
+        spool_max_disk=read("REGCACHE_SPOOL_MAX_DISK"),
         dataplane=dataplane,
-        admin_token=get("REGCACHE_ADMIN_TOKEN"),
-        max_client_connections=_positive("REGCACHE_MAX_CONNECTIONS_PER_CLIENT", get("REGCACHE_MAX_CONNECTIONS_PER_CLIENT")),
-        head_timeout=_positive("REGCACHE_HEAD_TIMEOUT", get("REGCACHE_HEAD_TIMEOUT")),
+        admin_token=read("REGCACHE_ADMIN_TOKEN"),
+        max_client_connections=read("REGCACHE_MAX_CONNECTIONS_PER_CLIENT"),
+        head_timeout=read("REGCACHE_HEAD_TIMEOUT"),
     )
 
 
-def _dataplane(get) -> DataPlane:
-    host = get("REGCACHE_DATAPLANE_HOST")
-    workers = get("REGCACHE_DATAPLANE_WORKERS")
+def _read(values: Mapping[str, str], setting: Setting, name: str):
+    """The value of `name` (a setting, or a registry's own one), parsed as `setting` declares."""
+    value = values.get(name, "")
+    return setting.parse(name, value.strip() if setting.strip else value)
+
+
+def _dataplane(read) -> DataPlane:
     return DataPlane(
-        host=_ip_address("REGCACHE_DATAPLANE_HOST", host) if host else "",
-        port=_port("REGCACHE_DATAPLANE_PORT", get("REGCACHE_DATAPLANE_PORT")),
-        url=base_url("REGCACHE_DATAPLANE_URL", get("REGCACHE_DATAPLANE_URL")) if get("REGCACHE_DATAPLANE_URL") else None,
-        min_size=parse_size("REGCACHE_DATAPLANE_MIN_SIZE", get("REGCACHE_DATAPLANE_MIN_SIZE")),
-        workers=_positive("REGCACHE_DATAPLANE_WORKERS", workers) if workers else os.cpu_count() or 1,
+        host=read("REGCACHE_DATAPLANE_HOST"),
+        port=read("REGCACHE_DATAPLANE_PORT"),
+        url=read("REGCACHE_DATAPLANE_URL"),
+        min_size=read("REGCACHE_DATAPLANE_MIN_SIZE"),
+        workers=read("REGCACHE_DATAPLANE_WORKERS"),
     )
 
 
 def misspelt_settings(names, keys: list[str]) -> list[str]:
     """One warning per name that is not a setting but nearly is one (DOCKERHUB_UPSTRAEM): such
     a name is otherwise silently ignored."""
-    known = {*DEFAULTS, *(f"{key}_{setting}" for key in keys for setting in REGISTRY_SETTINGS)}
+    known = {*DEFAULTS, *(f"{key}_{setting.name}" for key in keys for setting in REGISTRY_SETTINGS)}
     warnings = []
     for name in sorted(set(names) - known):
         if close := difflib.get_close_matches(name, known, n=1, cutoff=0.85):
@@ -272,42 +250,100 @@ def misspelt_settings(names, keys: list[str]) -> list[str]:
     return warnings
 
 
-def _registry_keys(value: str) -> list[str]:
+def _registry_keys(var: str, value: str) -> list[str]:
     keys = [k.strip() for k in value.split(",") if k.strip()]
     if not keys:
-        raise ConfigError("REGCACHE_REGISTRIES: empty; list registry keys such as DOCKERHUB,GHCR")
+        raise ConfigError(f"{var}: empty; list registry keys such as DOCKERHUB,GHCR")
     for key in keys:
         if not _KEY.fullmatch(key):
-            raise ConfigError(f"REGCACHE_REGISTRIES: {key!r} is not a key (capital letters, digits, _)")
+            raise ConfigError(f"{var}: {key!r} is not a key (capital letters, digits, _)")
     if duplicates := sorted({k for k in keys if keys.count(k) > 1}):
-        raise ConfigError(f"REGCACHE_REGISTRIES: {duplicates[0]!r} is listed twice")
+        raise ConfigError(f"{var}: {duplicates[0]!r} is listed twice")
     return keys
 
 
-def _registry(key: str, get, default_egress_port: int, data_dir: Path) -> Registry:
-    name_var, upstream_var, cache_var = f"{key}_REGISTRY", f"{key}_UPSTREAM", f"{key}_CACHE"
-    for var in (name_var, upstream_var, cache_var):
-        if not get(var):
-            raise ConfigError(f"{var}: not set, and {key} is listed in REGCACHE_REGISTRIES")
-    name = get(name_var).lower()
-    if not _REGISTRY_NAME.fullmatch(name):
-        raise ConfigError(f"{name_var}: {name!r} is not a registry host name such as docker.io")
-    cache = None if get(cache_var).lower() == "none" else base_url(cache_var, get(cache_var))
-    if cache and cache.startswith("https:") and is_local(cache):
-        raise ConfigError(f"{cache_var}: {cache!r} is on this machine, so `regcache up` runs it, without TLS: use http://")
-    username, password = get(f"{key}_USERNAME"), get(f"{key}_PASSWORD")
+def _registry(key: str, values: Mapping[str, str], default_egress_port: int, data_dir: Path) -> Registry:
+    own = lambda name: _read(values, REGISTRY_SETTING[name], f"{key}_{name}")  # noqa: E731
+    for setting in REGISTRY_SETTINGS:
+        if setting.required and not values.get(f"{key}_{setting.name}", "").strip():
+            raise ConfigError(f"{key}_{setting.name}: not set, and {key} is listed in REGCACHE_REGISTRIES")
+    name = own("REGISTRY")
+    cache = own("CACHE")
+    username, password = own("USERNAME"), own("PASSWORD")
     if bool(username) != bool(password):
         missing, given = (f"{key}_PASSWORD", f"{key}_USERNAME") if username else (f"{key}_USERNAME", f"{key}_PASSWORD")
         raise ConfigError(f"{missing}: not set, but {given} is; set both or neither")
-    egress_var = f"{key}_EGRESS_PORT"
-    egress_port = _port(egress_var, get(egress_var)) if get(egress_var) else default_egress_port
+    egress_port = own("EGRESS_PORT") or default_egress_port
     return Registry(
-        key, name, base_url(upstream_var, get(upstream_var)), cache, username, password, egress_port if cache else None,
-        repositories=_repository_patterns(f"{key}_REPOSITORIES", get(f"{key}_REPOSITORIES")),
-        max_disk=_optional_size(f"{key}_MAX_DISK", get(f"{key}_MAX_DISK")) if cache else None,
-        storage=_storage(key, get, cache, data_dir),
-        token_realms=_host_names(f"{key}_TOKEN_REALMS", get(f"{key}_TOKEN_REALMS")),
+        key, name, own("UPSTREAM"), cache, username, password, egress_port if cache else None,
+        repositories=own("REPOSITORIES"),
+        max_disk=own("MAX_DISK") if cache else None,
+        storage=_storage(key, own("STORAGE"), cache, data_dir),
+        token_realms=own("TOKEN_REALMS"),
     )
+
+
+def _storage(key: str, storage: Path | None, cache: str | None, data_dir: Path) -> Path | None:
+    """The cache's storage root: K_STORAGE, else where `regcache up` keeps a cache it runs."""
+    if storage:
+        if cache is None:
+            raise ConfigError(f"{key}_STORAGE: set, but {key}_CACHE is none: a registry passed through has no storage")
+        return storage
+    return data_dir / key.lower() / "storage" if cache and is_local(cache) else None
+
+
+def _domain(var: str, value: str) -> str:
+    return _hostname(var, value.lower())
+
+
+def _registry_name(var: str, value: str) -> str:
+    name = value.lower()
+    if not _REGISTRY_NAME.fullmatch(name):
+        raise ConfigError(f"{var}: {name!r} is not a registry host name such as docker.io")
+    return name
+
+
+def _cache_url(var: str, value: str) -> str | None:
+    """A registry:2 cache's base URL, or None for `none`: requests pass through to the upstream."""
+    if value.lower() == "none":
+        return None
+    cache = base_url(var, value)
+    if cache.startswith("https:") and is_local(cache):
+        raise ConfigError(f"{var}: {cache!r} is on this machine, so `regcache up` runs it, without TLS: use http://")
+    return cache
+
+
+def _text(var: str, value: str) -> str:
+    return value
+
+
+def _data_dir(var: str, value: str) -> Path:
+    return Path(value or "./data").absolute()
+
+
+def _optional_path(var: str, value: str) -> Path | None:
+    return Path(value).absolute() if value else None
+
+
+def _optional_port(var: str, value: str) -> int | None:
+    return _port(var, value) if value else None
+
+
+def _optional_url(var: str, value: str) -> str | None:
+    return base_url(var, value) if value else None
+
+
+def _bind_address(var: str, value: str) -> str:
+    """An address to listen on; "" (empty) for all interfaces."""
+    return _ip_address(var, value) if value else ""
+
+
+def _workers(var: str, value: str) -> int:
+    return _positive(var, value) if value else os.cpu_count() or 1
+
+
+def _size_or_zero(var: str, value: str) -> int:
+    return parse_size(var, value or "0")
 
 
 def _host_names(var: str, value: str) -> tuple[str, ...]:
@@ -343,16 +379,6 @@ def _readable_file(var: str, value: str) -> Path | None:
     if not path.is_file() or not os.access(path, os.R_OK):
         raise ConfigError(f"{var}: {value!r} is not a file regcache can read")
     return path
-
-
-def _storage(key: str, get, cache: str | None, data_dir: Path) -> Path | None:
-    """The cache's storage root: K_STORAGE, else where `regcache up` keeps a cache it runs."""
-    var = f"{key}_STORAGE"
-    if get(var):
-        if cache is None:
-            raise ConfigError(f"{var}: set, but {key}_CACHE is none: a registry passed through has no storage")
-        return Path(get(var)).absolute()
-    return data_dir / key.lower() / "storage" if cache and is_local(cache) else None
 
 
 def base_url(var: str, value: str) -> str:
@@ -496,3 +522,185 @@ def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
     return address
+
+
+# The settings, each declared once. Grouped as `.env.example` and docs/configuration.md show
+# them: (section title, what the section is about, its settings).
+SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
+    ("The proxy", "", (
+        Setting("REGISTRY_DOMAIN", "registry.localhost", _domain,
+                "clients reach registry R at `R.<REGISTRY_DOMAIN>`",
+                "For example http://docker.io.registry.example.com:5000. Make *.<REGISTRY_DOMAIN> resolve to "
+                "this host (see DNS in docs/clients.md), or use one http://<host>:5000 endpoint with containerd (?ns=)."),
+        Setting("REGCACHE_PORT", "5000", _port, "the port clients use", "The proxy listens on it on all interfaces."),
+        Setting("REGCACHE_DATA_DIR", "./data", _data_dir,
+                "caches' storage and configs, the pull log and other state",
+                "Created if missing; regcache stops at start, naming this variable, if it cannot write there."),
+        Setting("REGCACHE_PULL_LOG", "", _optional_path, "where the pull log goes: one JSON line per request",
+                empty_means="`<data dir>/pull.log`"),
+        Setting("REGCACHE_PULL_LOG_STDOUT", "false", _bool, "also print pull log lines on stdout (true/false)"),
+    )),
+    ("Data plane: warm layers by sendfile",
+     "The proxy answers a GET of a layer its cache holds (and that repository may serve) with a 307 to the "
+     "data plane: worker processes sending the file straight from the cache's storage by sendfile, several "
+     "times faster than through the proxy. The URL is signed for that one blob and expires in 5 minutes. "
+     "Clients must reach its port as they reach REGCACHE_PORT.", (
+        Setting("REGCACHE_DATAPLANE", "true", _bool,
+                "warm layers by the data plane; `false`: every layer streams through the proxy (one process, one core)"),
+        Setting("REGCACHE_DATAPLANE_HOST", "", _bind_address, "where the data plane listens",
+                empty_means="all interfaces, like the client listener"),
+        Setting("REGCACHE_DATAPLANE_PORT", "5050", _port, "the data plane's port",
+                "The 307 names the host the client used (virtual host or ?ns= endpoint) with this port."),
+        Setting("REGCACHE_DATAPLANE_URL", "", _optional_url,
+                "public base URL for its 307s (`http://host:port`, no path), where clients reach the data plane "
+                "elsewhere: NAT, a port-forward, a Kubernetes Service",
+                empty_means="the host name the client used, on `REGCACHE_DATAPLANE_PORT`"),
+        Setting("REGCACHE_DATAPLANE_MIN_SIZE", "256k", parse_size,
+                "smaller warm blobs are answered by the proxy from the cache's storage (the 307 costs the client "
+                "a round trip)",
+                "Measured on loopback, the redirect wins from 64 KiB up (docs/benchmarks.md); 256k leaves room for "
+                "a client's network round trip. Raise it for clients far away (WAN). Sizes like 256k, 1M."),
+        Setting("REGCACHE_DATAPLANE_WORKERS", "", _workers, "data-plane worker processes, all on the one port",
+                empty_means="one per core"),
+    )),
+    ("Egress: how caches reach their upstreams",
+     "A cache never talks to its upstream itself: its upstream is an egress listener of the proxy, which adds "
+     "the K_USERNAME/K_PASSWORD credentials (Basic, or a Bearer token it fetches and keeps in "
+     "<REGCACHE_DATA_DIR>/upstream-tokens, mode 0600) and forwards over HTTPS.", (
+        Setting("REGCACHE_EGRESS_HOST", "127.0.0.1", _ip_address,
+                "where the egress listeners listen (`0.0.0.0` in a container)",
+                "Loopback when `regcache up` runs the caches; 0.0.0.0 in a container whose caches are other "
+                "containers (never publish these ports). Only a registry's own cache may use its listener (others "
+                "get 403); with a cache on loopback, every loopback address (127.0.0.0/8, ::1) counts as the "
+                "cache, so :: or ::1 work here too."),
+        Setting("REGCACHE_EGRESS_PORT", "5080", _port,
+                "first egress port; the registry at position N of `REGCACHE_REGISTRIES` (from 0) gets this + N, "
+                "unless it has a `K_EGRESS_PORT`"),
+        Setting("REGCACHE_SPOOL_MAX_DISK", "10G", parse_size,
+                "disk for spools of cold blobs being fetched (see docs/how-it-works.md); past it, concurrent "
+                "fetches go upstream each",
+                "Concurrent GETs of one cold blob make one upstream fetch: the first starts the proxy's own "
+                "download to <REGCACHE_DATA_DIR>/spools/; clients and the cache are all sent to the data plane, "
+                "which sends the file while it grows, and the cache stores the blob from it (needs "
+                "REGCACHE_DATAPLANE on; off, cold layers stream through the proxy); a client leaving cuts nobody "
+                "else. Sizes like 512M, 50G."),
+    )),
+    ("Tags, manifests and upstream outages", "", (
+        Setting("REGCACHE_TAG_TTL", "60", _seconds, "seconds a tag's digest is served without asking upstream",
+                "A cluster rollout pulls one tag from hundreds of nodes within a minute: 60 makes that one "
+                "upstream request, and a tag pushed anew is seen within a minute. Then one HEAD revalidates it "
+                "(Docker Hub does not count HEADs). Tags are kept in <REGCACHE_DATA_DIR>/tags, so they survive "
+                "a restart."),
+        Setting("REGCACHE_MANIFEST_CACHE", "8M", parse_size,
+                "manifest bodies kept in memory, by digest (`512k`, `8M`, ...; least recently used go first)"),
+        Setting("REGCACHE_UPSTREAM_TIMEOUT", "5", _seconds,
+                "seconds an upstream has to start answering, name lookup and connect included",
+                "For every exchange: a stale tag's HEAD, a cache's fetch, an uncached registry's request. An "
+                "upstream that misses it is marked down: cached content is served as it is, the rest gets 503 "
+                "UNAVAILABLE at once, and a probe asks it again every 5 s."),
+    )),
+    ("Registries", "", (
+        Setting("REGCACHE_REGISTRIES", "DOCKERHUB,GHCR,QUAY", _registry_keys,
+                "the keys of the registries served; registry K has the `K_` settings below"),
+    )),
+    ("Who may use regcache",
+     "regcache pulls with the upstream credentials: whoever reaches REGCACHE_PORT reads what they can.", (
+        Setting("REGCACHE_CLIENTS", "", _networks,
+                "networks allowed to use regcache (comma-separated CIDRs or addresses, IPv4 and IPv6); others "
+                "get 403 DENIED and reach nothing", empty_means="any address"),
+        Setting("REGCACHE_HTPASSWD", "", _readable_file,
+                "the htpasswd file of client accounts, bcrypt only (`htpasswd -B -c FILE USER`); when set, every "
+                "request needs Basic credentials of one of them (401 otherwise)",
+                "They are checked and dropped, never forwarded. Changes to the file apply within a minute. "
+                "`regcache client-config --username USER --password-stdin` writes clients' files that carry them.",
+                empty_means="no accounts"),
+        Setting("REGCACHE_MAX_CONNECTIONS_PER_CLIENT", "256", _positive,
+                "open connections one client address may hold (all listeners); more are closed at once",
+                "Refusals are logged once a minute per address."),
+        Setting("REGCACHE_HEAD_TIMEOUT", "10", _positive,
+                "seconds a connection gets to send a whole request head (from connect, or from its last answer)",
+                "A connection that sends nothing, or a slow head, is closed."),
+    )),
+    ("Admin endpoint and mitmweb", "", (
+        Setting("REGCACHE_ADMIN_HOST", "127.0.0.1", _ip_address,
+                "where `/metrics` (Prometheus), `/ready` and `/live` listen, never on the client port",
+                "127.0.0.1 keeps it on this machine; 0.0.0.0 lets Prometheus and other containers reach it "
+                "(compose, Kubernetes), and then needs REGCACHE_ADMIN_TOKEN."),
+        Setting("REGCACHE_ADMIN_PORT", "5070", _port, "the admin endpoint's port",
+                "It must differ from REGCACHE_PORT, the data plane's and the egress ports."),
+        Setting("REGCACHE_ADMIN_TOKEN", "", _text,
+                "Bearer token `/metrics` and `/ready` ask for (`Authorization: Bearer <token>`, else 401; "
+                "`/live` stays open); required when `REGCACHE_ADMIN_HOST` is not loopback",
+                empty_means="none asked"),
+        Setting("REGCACHE_WEB_MAX_FLOWS", "2000", _positive,
+                "finished flows mitmweb keeps (`regcache up --web`); older ones are dropped, so memory stays bounded",
+                "The addon's option regcache_web_max_flows."),
+        Setting("REGCACHE_WEB_PASSWORD", "", _text,
+                "the password of mitmweb's UI (mitmproxy 11.1.2 and later): plain, or an argon2 hash starting with `$`",
+                "mitmproxy 11.0 has none, so its UI stays on 127.0.0.1. Needed to bind the UI to another address "
+                "(`--set web_host=...`).",
+                empty_means="a token per run: `regcache up --web` prints the URL that logs in with it", strip=False),
+    )),
+    ("Disk", "", (
+        Setting("REGCACHE_MAX_DISK", "", _optional_size,
+                "disk budget over all caches run here, e.g. `50G`; past it, the least recently pulled blobs (and "
+                "manifests only they serve) are evicted down to 90% of it",
+                "k, M, G, T are binary units. K_MAX_DISK gives one cache a budget of its own.",
+                empty_means="no budget"),
+        Setting("REGCACHE_MIN_FREE_DISK", "1G", _size_or_zero,
+                "a cache's disk with less free space is reported not ready (`/ready`)"),
+    )),
+    ("Stopping", "", (
+        Setting("REGCACHE_STOP_GRACE", "30", _positive, "seconds pulls in flight get to finish after SIGTERM or Ctrl-C"),
+    )),
+)
+SETTINGS: tuple[Setting, ...] = tuple(setting for _, _, settings in SECTIONS for setting in settings)
+SETTING: Mapping[str, Setting] = {s.name: s for s in SETTINGS}
+
+# A registry's own settings: <KEY>_REGISTRY and so on.
+REGISTRY_SETTINGS: tuple[Setting, ...] = (
+    Setting("REGISTRY", "", _registry_name, "the name clients pull from, e.g. `docker.io`, `registry.k8s.io`",
+            required=True),
+    Setting("UPSTREAM", "", base_url, "the real registry's base URL (`https://...`, no path), e.g. "
+            "`https://registry-1.docker.io`", required=True),
+    Setting("CACHE", "", _cache_url,
+            "its registry:2 pull-through cache's base URL, e.g. `http://127.0.0.1:5001`, or `none` to pass "
+            "requests straight to the upstream, uncached",
+            "`regcache up` runs every cache whose URL is on loopback (127.0.0.1, [::1], localhost), without TLS, "
+            "so such a URL must be http://; other URLs are run elsewhere, e.g. by docker compose.", required=True),
+    Setting("USERNAME", "", _text, "upstream credentials, with `K_PASSWORD`: set both or neither",
+            "Never put them in a URL.", empty_means="anonymous"),
+    Setting("PASSWORD", "", _text, "the password (or token) of `K_USERNAME`", empty_means="anonymous"),
+    Setting("EGRESS_PORT", "", _optional_port,
+            "an egress port of registry K's own",
+            "docker-compose.yml pins them this way, so the order of REGCACHE_REGISTRIES does not matter.",
+            empty_means="`REGCACHE_EGRESS_PORT` + its position in `REGCACHE_REGISTRIES`"),
+    Setting("REPOSITORIES", "", _repository_patterns,
+            "glob patterns of the repositories served (`library/*,myteam/*`; `*` also matches `/`); others get "
+            "404 NAME_UNKNOWN and no backend is asked",
+            "Use it when K_USERNAME can read private repositories that not every client should.", empty_means="all"),
+    Setting("MAX_DISK", "", _optional_size, "a disk budget of registry K's cache alone, e.g. `20G` (see "
+            "`REGCACHE_MAX_DISK`)", empty_means="none"),
+    Setting("STORAGE", "", _optional_path,
+            "the cache's storage root (registry:2's rootdirectory) as this machine sees it, read by the data plane",
+            empty_means="`<data dir>/<key in lower case>/storage` for caches `regcache up` runs (where it puts "
+            "them); none for others, whose layers all stream through the proxy"),
+    Setting("TOKEN_REALMS", "", _host_names,
+            "hosts, besides the upstream's own registrable domain (`auth.docker.io` for `registry-1.docker.io`), "
+            "whose token realm may get K's credentials", empty_means="none"),
+)
+REGISTRY_SETTING: Mapping[str, Setting] = {s.name: s for s in REGISTRY_SETTINGS}
+
+# The registries served out of the box: key -> its REGISTRY, UPSTREAM and CACHE.
+DEFAULT_REGISTRIES: Mapping[str, tuple[str, str, str]] = {
+    "DOCKERHUB": ("docker.io", "https://registry-1.docker.io", "http://127.0.0.1:5001"),
+    "GHCR": ("ghcr.io", "https://ghcr.io", "http://127.0.0.1:5002"),
+    "QUAY": ("quay.io", "https://quay.io", "http://127.0.0.1:5003"),
+}
+
+# What a setting left out of the environment and .env is.
+DEFAULTS: Mapping[str, str] = {
+    **{s.name: s.default for s in SETTINGS},
+    **{f"{key}_{name}": value for key, values in DEFAULT_REGISTRIES.items()
+       for name, value in zip(("REGISTRY", "UPSTREAM", "CACHE"), values)},
+}

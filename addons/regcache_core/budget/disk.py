@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from ..stats import human_bytes
+from ..observe.stats import human_bytes
 from . import report
 OK = "ok"
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..stats import human_bytes
+from ..observe.stats import human_bytes
 from .eviction import CacheDisk, Evicted, apply, choose
 from .storage import scan
 from .usage import UsageStore

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from ..cache_backend import local_backends
+from ..stack.caches import local_backends
 from ..config import Config
-from ..stats import human_bytes, table
+from ..observe.stats import human_bytes, table
 from .disk import free_bytes
 from .storage import scan
 from .usage import UsageStore, usage_file

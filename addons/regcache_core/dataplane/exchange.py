@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..client_access import ClientNetworks
+from ..access.clients import ClientNetworks
 from ..config import Config
-from ..pull_log import PullRecord
+from ..observe.pull_log import PullRecord
 from ..routing import Refusal
 from .grants import Grant, GrantSigner
 

@@ -1,5 +1,5 @@
 """Sending one open file as registry:2 sends a blob: its headers, Range and conditional requests,
-the bytes by sendfile; or a spool's file while its download writes it (spool.py).
+the bytes by sendfile; or a spool's file while its download writes it (spool/table.py).
 
 The file is opened before anything is sent, and only the open file is read: a blob the cache
 evicts (unlinks) meanwhile is still sent whole. If fewer bytes come than its size said (the
@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from ..spool import SpoolBroken
+from ..spool.table import SpoolBroken
 
 # Bytes per sendfile call, each of which must finish within SEND_TIMEOUT: a client reading
 # slower than ~55 KB/s is cut off. Smaller calls were measured slower (2 MiB: no faster than

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..signing import FieldSigner
+from ..access.signing import FieldSigner
 
 # The data plane's path for each kind: a warm blob from a cache's storage; a cold blob from its
 # download's spool, for a cache's fetch ("spool") or for a client ("cold").

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from ..pull_log import PullRecord, from_json, to_json
+from ..observe.pull_log import PullRecord, from_json, to_json
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .. import pull_log
-from ..client_access import ClientNetworks
+from ..observe import pull_log
+from ..access.clients import ClientNetworks
 from ..config import Config
-from ..pull_log import PullRecord
+from ..observe.pull_log import PullRecord
 from ..routing import Refusal
 from .exchange import CLIENTS, CONFIG, EXCHANGE, RECORDS, SIGNER, Exchange, Handler, denied, refuse_stranger, refused
 from .file_response import open_file, plan, send

@@ -24,7 +24,7 @@ import logging
 from aiohttp import web
 
 from ..routing import Refusal
-from ..spool import SPOOL_DIR, SpoolProgress, describe, spool_path
+from ..spool.table import SPOOL_DIR, SpoolProgress, describe, spool_path
 from .exchange import CONFIG, EXCHANGE, SIGNER, Exchange, denied, refuse_stranger, refused
 from .file_response import Plan, send
 

@@ -10,10 +10,10 @@ Authorization header is never passed on.
 
 from __future__ import annotations
 
-from ..metrics import Metrics
-from ..redirects import RedirectSigner
-from ..upstream_client import UpstreamClient
-from ..upstream_state import UpstreamState
+from ..observe.metrics import Metrics
+from ..upstream.redirects import RedirectSigner
+from ..upstream.client import UpstreamClient
+from ..upstream.state import UpstreamState
 from .admin import Admin
 from .client_access import ClientAccess
 from .client_limits import ConnectionLimits

@@ -1,5 +1,5 @@
 """Admin: the addon that runs the admin endpoint (/metrics, /ready, /live) beside the proxy; the
-server itself and the readiness check are plain code in regcache_core/admin.py."""
+server itself and the readiness check are plain code in regcache_core/observe/admin.py."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import logging
 
 from mitmproxy import ctx
 
-from ..admin import AdminServer, Answer, readiness
-from ..metrics import EXPOSITION_CONTENT_TYPE, Metrics
+from ..observe.admin import AdminServer, Answer, readiness
+from ..observe.metrics import EXPOSITION_CONTENT_TYPE, Metrics
 from .budget import DiskBudget
-from ..upstream_state import UpstreamState
+from ..upstream.state import UpstreamState
 from .settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ from ..budget import report
 from ..budget.disk import DiskWatch
 from ..budget.enforce import CacheBudget, enforce, summary
 from ..budget.usage import UsageStore, usage_file
-from ..cache_backend import local_backends
-from ..metrics import Metrics
-from ..pull_log import PullRecord
+from ..stack.caches import local_backends
+from ..observe.metrics import Metrics
+from ..observe.pull_log import PullRecord
 from ..routing import Target
 from .keys import TARGET
 from .settings import Settings

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mitmproxy import http
 
-from ..client_access import CHALLENGE, ClientNetworks, Htpasswd
+from ..access.clients import CHALLENGE, ClientNetworks, Htpasswd
 from ..routing import Refusal
 from .router import refuse
 from .settings import Settings

@@ -9,8 +9,8 @@ import logging
 
 from mitmproxy import connection, http
 
-from ..client_limits import ClientLimits
-from ..log_throttle import LogThrottle, held_back
+from ..access.limits import ClientLimits
+from ..observe.log_throttle import LogThrottle, held_back
 from .router import connection_writer
 from .settings import Settings
 

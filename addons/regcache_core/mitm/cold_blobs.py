@@ -4,14 +4,14 @@ it COLD_BLOB), answered without the cache, and with no byte of the blob through 
 - GET: the client follows the proxy's download of the blob (SingleFlight's SpoolDownloads, one
   per blob whatever asks: clients and the cache's own fetches): a 307 to the data plane's
   `/_regcache/cold` for the blob's spool, which it sends by sendfile as the download writes it.
-  The cache is asked once per download to store the blob (cache_fill.py); its fetches get the
+  The cache is asked once per download to store the blob (spool/cache_fill.py); its fetches get the
   same spool. The download makes the earliest client request for the blob a miss
-  (hit_tracking.py), and the grant carries that mark to the data plane's pull record. With no
+  (observe/hits.py), and the grant carries that mark to the data plane's pull record. With no
   spool to follow (the upstream is down, the download got no 200 body, the blob would go past
   REGCACHE_SPOOL_MAX_DISK) the GET goes to the cache as it came.
-- HEAD: answered from what blob_heads.py knows (a spool's 200, a concurrent HEAD's, one of the
+- HEAD: answered from what spool/blob_heads.py knows (a spool's 200, a concurrent HEAD's, one of the
   last 30 s), else from one upstream HEAD made here with regcache's credentials and redirects
-  followed as a download's (spool_download.py), which the HEADs that come meanwhile share:
+  followed as a download's (spool/download.py), which the HEADs that come meanwhile share:
   never a download (registry:2 2.8 fetches and stores a whole blob to answer a HEAD of it). An
   upstream 404 is answered 404; any other answer, or none, sends the HEAD to the cache as it
   came. Neither hit nor miss in the pull log: the cache was not asked, and nothing fetched.
@@ -24,14 +24,14 @@ import logging
 
 from mitmproxy import http
 
-from ..blob_heads import blob_head
-from ..cache_fill import ask_cache_to_store
 from ..dataplane.handoff import client_url_base
-from ..hit_tracking import InFlight
-from ..metrics import Metrics
+from ..observe.hits import InFlight
+from ..observe.metrics import Metrics
 from ..routing import Refusal, Target
-from ..spool import Spool, describe
-from ..upstream_state import UpstreamState
+from ..spool.blob_heads import blob_head
+from ..spool.cache_fill import ask_cache_to_store
+from ..spool.table import Spool, describe
+from ..upstream.state import UpstreamState
 from .keys import ANSWERED_HERE, CLIENT_HOST, COLD_BLOB, HANDED_OFF, TARGET
 from .router import refuse
 from .settings import Settings

@@ -16,7 +16,7 @@ from ..dataplane.grants import GrantSigner, load_or_create_key
 from ..dataplane.handoff import COLD, SmallBlob, warm_blob_answer
 from ..dataplane.storage import warm_blob
 from ..dataplane.records import receive_records, records_socket
-from ..pull_log import PullRecord
+from ..observe.pull_log import PullRecord
 from ..routing import Target
 from .keys import ANSWERED_HERE, CACHE_RESULT, CLIENT_HOST, COLD_BLOB, HANDED_OFF, TARGET
 from .settings import Settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from ..hit_tracking import InFlight
+from ..observe.hits import InFlight
 from ..routing import Target
 from .keys import CACHE_RESULT, EGRESS, TARGET, UPSTREAM, UPSTREAM_ANSWER_SEEN
 

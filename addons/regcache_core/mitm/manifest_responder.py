@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from ..manifest_front import ManifestFront, Plan
-from ..manifests import ManifestCache
-from ..metrics import Metrics
+from ..manifests.front import ManifestFront, Plan
+from ..manifests.by_digest import ManifestCache
+from ..observe.metrics import Metrics
 from ..routing import Target
-from ..tags import TagCache
-from ..upstream_client import UpstreamClient
-from ..upstream_state import UpstreamState
+from ..manifests.tags import TagCache
+from ..upstream.client import UpstreamClient
+from ..upstream.state import UpstreamState
 from .keys import ANSWERED_HERE, CACHE_RESULT, PLANNED, TARGET
 from .router import refuse, send_to
 from .settings import Settings

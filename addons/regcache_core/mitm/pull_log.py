@@ -1,9 +1,9 @@
-"""PullLogger: the pull log file (regcache_core/pull_log.py's PullLog), opened with the settings;
+"""PullLogger: the pull log file (regcache_core/observe/pull_log.py's PullLog), opened with the settings;
 the Recorder hands it each client request's PullRecord."""
 
 from __future__ import annotations
 
-from ..pull_log import PullLog, PullRecord
+from ..observe.pull_log import PullLog, PullRecord
 from .settings import Settings
 
 

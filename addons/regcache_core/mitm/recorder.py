@@ -13,10 +13,10 @@ from collections.abc import Callable
 from mitmproxy import http
 from mitmproxy.flow import Error
 
-from ..log_throttle import LogThrottle, held_back
-from ..metrics import Metrics
-from .. import pull_log
-from ..pull_log import PullRecord
+from ..observe.log_throttle import LogThrottle, held_back
+from ..observe.metrics import Metrics
+from ..observe import pull_log
+from ..observe.pull_log import PullRecord
 from ..routing import Target
 from .keys import (
     ANSWERED_HERE, BYTE_COUNTER, CACHE_RESULT, EGRESS, EGRESS_FOR, HANDED_OFF, IN_FLIGHT, RECORD, REDIRECT,

@@ -12,9 +12,9 @@ from mitmproxy.proxy import server_hooks
 from mitmproxy.net.http.http1 import assemble_response, expected_http_body_size
 
 from ..config import Registry, is_local
-from ..egress_guard import EgressGuard
-from ..log_throttle import LogThrottle, held_back
-from ..redirects import RedirectSigner, is_redirect_path, resolve_destination
+from ..access.egress import EgressGuard
+from ..observe.log_throttle import LogThrottle, held_back
+from ..upstream.redirects import RedirectSigner, is_redirect_path, resolve_destination
 from ..routing import PULL_METHODS, Refusal, Target, refuse_malformed, refuse_method, route, route_egress
 from .keys import ANSWERED_HERE, CLIENT_HOST, CLIENT_PATH, EGRESS, EGRESS_FOR, REDIRECT, TARGET, UPSTREAM
 from .settings import Settings

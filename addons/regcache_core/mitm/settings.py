@@ -8,7 +8,7 @@ import logging
 from mitmproxy import ctx
 
 from ..config import Config, ConfigError, load_config, prepare_directory
-from ..proxy_modes import cannot_listen, proxy_listeners, proxy_modes
+from ..stack.listeners import cannot_listen, proxy_listeners, proxy_modes
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ from mitmproxy import http
 
 from ..dataplane.grants import GrantSigner, load_or_create_key
 from ..dataplane.handoff import client_base_url
-from ..metrics import Metrics
+from ..observe.metrics import Metrics
 from ..routing import Target
-from ..blob_heads import BlobHead, HeadFlights
-from ..spool import SPOOL_DIR, Key, Spool, SpoolTable, describe
-from ..spool_download import SpoolDownloads
-from ..upstream_state import UpstreamState
+from ..spool.blob_heads import BlobHead, HeadFlights
+from ..spool.table import SPOOL_DIR, Key, Spool, SpoolTable, describe
+from ..spool.download import SpoolDownloads
+from ..upstream.state import UpstreamState
 from .keys import CLIENT_HOST, EGRESS, HEAD_FLIGHT, SPOOL_FOLLOWER, UPSTREAM
 from .settings import Settings
 from .upstream import UpstreamCredentials

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from ..metrics import Metrics
-from ..redirects import RedirectSigner
+from ..observe.metrics import Metrics
+from ..upstream.redirects import RedirectSigner
 from ..routing import Refusal, Target
-from ..upstream_auth import MAX_TOKEN_RESPONSE, TokenStore, UpstreamAuth, UpstreamAuthError
-from ..upstream_client import UpstreamClient
-from ..upstream_signals import UpstreamSignals
-from ..upstream_state import UpstreamState
+from ..upstream.auth import MAX_TOKEN_RESPONSE, TokenStore, UpstreamAuth, UpstreamAuthError
+from ..upstream.client import UpstreamClient
+from ..upstream.signals import UpstreamSignals
+from ..upstream.state import UpstreamState
 from .keys import INJECTED, REDIRECT, UPSTREAM
 from .router import refuse
 from .settings import Settings

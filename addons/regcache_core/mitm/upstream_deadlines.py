@@ -25,7 +25,7 @@ from mitmproxy import http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from ..routing import Refusal, Target
-from ..upstream_state import UpstreamState, failure_reason
+from ..upstream.state import UpstreamState, failure_reason
 from .keys import ANSWERED_HERE, DEADLINE, REDIRECT, UPSTREAM
 from .router import refuse
 from .settings import Settings

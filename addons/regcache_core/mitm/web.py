@@ -1,16 +1,16 @@
 """WebView: in mitmweb, labels and marks each flow (`label_flow`), shows each request as regcache
 received it (`show_as_received`), keeps the flow list bounded, and lists neither pings nor a flow
 while it carries our credentials; the label, the marker and the choice of flows to list or drop
-are plain functions in regcache_core/web.py."""
+are plain functions in regcache_core/observe/web.py."""
 
 from __future__ import annotations
 
 from mitmproxy import ctx, exceptions, http
 
 from ..config import DEFAULTS, is_loopback_host
-from ..pull_log import PullRecord
+from ..observe.pull_log import PullRecord
 from ..routing import Target
-from ..web import finished_flows_beyond, flow_label, flow_marker, is_housekeeping
+from ..observe.web import finished_flows_beyond, flow_label, flow_marker, is_housekeeping
 from .keys import ANSWERED_HERE, BYTE_COUNTER, CLIENT_HOST, CLIENT_PATH, EGRESS, EGRESS_FOR, INJECTED, RECORD, REDIRECT, TARGET
 from .settings import Settings
 

@@ -28,8 +28,8 @@ from urllib.parse import urlencode, urlsplit
 import diskcache
 from publicsuffix2 import get_sld
 
-from .config import Registry
-from .upstream_client import NoAnswer, RedirectRefused
+from ..config import Registry
+from .client import NoAnswer, RedirectRefused
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ import socket
 import time
 from urllib.parse import urlsplit
 
-from .config import Registry, parse_ip
+from ..config import Registry, parse_ip
 
 LOOKUP_TTL = 30.0  # seconds an answer is trusted
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .metrics import Metrics
+from ..observe.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import bcrypt
 
-from .config import parse_ip
+from ..config import parse_ip
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import TypeVar
 
 from .pull_log import PullRecord
-from .routing import Target, short_reference
+from ..routing import Target, short_reference
 from .stats import human_bytes
 
 Flow = TypeVar("Flow")  # mitmproxy's flows: anything with `live`

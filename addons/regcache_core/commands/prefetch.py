@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from .config import Config, local_url
+from ..config import Config, local_url
 
 MANIFEST_TYPES = ", ".join((
     "application/vnd.oci.image.index.v1+json",

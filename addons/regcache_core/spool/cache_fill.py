@@ -1,6 +1,6 @@
 """A cache asked to store a cold blob that its clients got from the proxy's download.
 
-A client's GET of a blob its cache does not hold follows the proxy's download of it (spool.py,
+A client's GET of a blob its cache does not hold follows the proxy's download of it (table.py,
 mitm/cold_blobs.py) and never reaches registry:2, which must still end up holding the blob, so
 that the next pull is warm. So the proxy asks it, once per download: a GET of the blob. registry:2
 2.8 in proxy mode answers it with two fetches from its upstream (the egress listener, where each
@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .dataplane.storage import warm_blob
+from ..dataplane.storage import warm_blob
 
 logger = logging.getLogger(__name__)
 

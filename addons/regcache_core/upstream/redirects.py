@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from .config import Registry, is_local, parse_ip
-from .routing import Target
-from .signing import FieldSigner
+from ..config import Registry, is_local, parse_ip
+from ..routing import Target
+from ..access.signing import FieldSigner
 
 REDIRECT_PATH = "/_regcache/redirect"
 REDIRECT_LIFETIME = 300  # seconds a signed redirect path can be followed; clients follow at once

@@ -24,11 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cache_backend import INSTALL_HINT, CacheBackend, exit_reason, find_registry_program, local_backends, write_registry_config
-from .config import Config, ConfigError, prepare_directory
-from .proxy_modes import cannot_listen, proxy_listeners, proxy_modes
+from .caches import INSTALL_HINT, CacheBackend, exit_reason, find_registry_program, local_backends, write_registry_config
+from ..config import Config, ConfigError, prepare_directory
+from .listeners import cannot_listen, proxy_listeners, proxy_modes
 
-ADDON_SCRIPT = Path(__file__).resolve().parent.parent / "regcache.py"
+ADDON_SCRIPT = Path(__file__).resolve().parents[2] / "regcache.py"
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 FIRST_BACKOFF = 1.0  # seconds before a cache that exited is started again; doubles per exit

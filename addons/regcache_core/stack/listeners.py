@@ -9,7 +9,7 @@ import errno
 import socket
 from dataclasses import dataclass
 
-from .config import Config
+from ..config import Config
 
 # Reverse mode needs a destination, but every request gets its own from routing, so this
 # placeholder is never contacted (connection_strategy=lazy keeps mitmproxy from dialling it).

@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .routing import short_reference
+from ..routing import short_reference
 
 # Field -> accepted types; every field of a PullRecord that the statistics read.
 REQUIRED_FIELDS = {

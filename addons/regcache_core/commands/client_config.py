@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import Config, ConfigError, Registry, base_url
+from ..config import Config, ConfigError, Registry, base_url
 
 DOCKER_HUB = "docker.io"  # the only registry Docker's registry-mirrors applies to
 HEADER = "Written by `regcache client-config`; run it again after changing regcache's settings."

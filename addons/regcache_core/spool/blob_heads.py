@@ -24,7 +24,7 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .spool import Key, SpoolTable
+from .table import Key, SpoolTable
 
 HEAD_WAIT = 10.0  # seconds a HEAD waits for a concurrent one's answer, then goes upstream itself
 KNOWN_FOR = 30.0  # seconds an upstream's 200 to a blob HEAD answers the HEADs that come after it

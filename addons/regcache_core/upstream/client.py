@@ -19,7 +19,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
-from .upstream_state import failure_reason
+from .state import failure_reason
 
 CONNECT_TIMEOUT = 5.0  # seconds for a name lookup, connect and TLS handshake
 MAX_REDIRECTS = 3

@@ -26,15 +26,15 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 from multidict import CIMultiDict
 
-from .config import Registry, is_local
-from .metrics import Metrics
-from .redirects import may_lead_to, resolve_destination
-from .spool import READ_CHUNK, Spool, SpoolTable, describe
-from .upstream_auth import UpstreamAuth, UpstreamAuthError
-from .upstream_client import REDIRECTS, NoAnswer, UpstreamClient, bounded
-from .upstream_client import describe as describe_error
-from .upstream_signals import UpstreamSignals
-from .upstream_state import UpstreamState
+from ..config import Registry, is_local
+from ..observe.metrics import Metrics
+from ..upstream.redirects import may_lead_to, resolve_destination
+from .table import READ_CHUNK, Spool, SpoolTable, describe
+from ..upstream.auth import UpstreamAuth, UpstreamAuthError
+from ..upstream.client import REDIRECTS, NoAnswer, UpstreamClient, bounded
+from ..upstream.client import describe as describe_error
+from ..upstream.signals import UpstreamSignals
+from ..upstream.state import UpstreamState
 
 logger = logging.getLogger(__name__)
 

@@ -25,14 +25,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .config import Registry
-from .manifests import Manifest, ManifestCache, matches, media_type
-from .metrics import Metrics
-from .routing import Refusal
+from ..config import Registry
+from .by_digest import Manifest, ManifestCache, matches, media_type
+from ..observe.metrics import Metrics
+from ..routing import Refusal
 from .tags import TagCache, TagEntry
-from .upstream_auth import UpstreamAuth, UpstreamAuthError
-from .upstream_client import NoAnswer, UpstreamClient
-from .upstream_state import UpstreamState
+from ..upstream.auth import UpstreamAuth, UpstreamAuthError
+from ..upstream.client import NoAnswer, UpstreamClient
+from ..upstream.state import UpstreamState
 
 # Seconds a request for a reference the cache is being asked for waits for that answer, then goes
 # to the cache itself: well within containerd's 30 s for response headers, and never a 503.

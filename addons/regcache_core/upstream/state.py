@@ -16,7 +16,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 
-from .metrics import Metrics
+from ..observe.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .config import Config, Registry, is_local
+from ..config import Config, Registry, is_local
 
 # Debian installs the registry:2 program as docker-registry; upstream builds call it registry.
 REGISTRY_PROGRAMS = ("registry", "docker-registry")

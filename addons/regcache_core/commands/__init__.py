@@ -1,0 +1,1 @@
+"""`regcache` subcommands beyond running the stack: client configuration files, prefetch and the settings' docs."""
