@@ -7,6 +7,7 @@ registry upstream, and the upstream's access log says what reached it.
 from __future__ import annotations
 
 import hashlib
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -232,3 +233,25 @@ def test_when_the_upstream_redirects_to_a_cdn_the_cdn_is_asked_once(tmp_path, im
             stack.stop()
         registry.stop()
         cdn.stop()
+
+
+def test_sigterm_midway_lets_the_download_and_its_readers_finish(images, slow_upstream, slow_stack):
+    """The stack gets SIGTERM while a client reads a cold layer from the data plane and the
+    proxy's download of it is still under way: the proxy stops taking connections but waits for
+    the download, the client gets the whole layer, and the stack exits 0."""
+    registry, _ = slow_upstream
+    image = images["big"]
+    layer = image.blob_digests[-1]
+    spools = slow_stack.data_dir / "spools"
+    raw: list = []
+    getter = threading.Thread(target=lambda: raw.extend(
+        get_at_once(OWN_UPSTREAM_PORT, SLOW_HOST, f"/v2/{image.name}/blobs/{layer}", 1)))
+    getter.start()
+    started = poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(
+        10 << 20 < size < 60 << 20 for size in sizes), timeout=60)
+    assert started, "the layer was never spooled"
+    slow_stack.process.send_signal(signal.SIGTERM)
+    getter.join(120)
+    [(status, _, body)] = raw
+    assert status == 200 and body == blob_bytes(registry, layer)
+    assert slow_stack.process.wait(60) == 0

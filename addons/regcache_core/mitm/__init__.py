@@ -76,6 +76,6 @@ def make_addons() -> list:
         recorder,
         DataPlaneRecords(settings, recorder.deliver),
         Admin(settings, metrics, budget, upstream_state),
-        Drain(settings),
+        Drain(settings, single_flight.downloads_running),
         WebView(settings),
     ]

@@ -52,6 +52,10 @@ class SingleFlight:
                 self.heads = HeadFlights(table)
                 self.grants = GrantSigner(load_or_create_key(config.data_dir))
 
+    def downloads_running(self) -> int:
+        """Downloads not finished yet; clients and caches may be reading their spools."""
+        return 0 if self.downloads is None else len(self.downloads.running)
+
     def done(self) -> None:
         if self.downloads is not None:
             self.downloads.close()

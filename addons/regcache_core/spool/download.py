@@ -61,6 +61,7 @@ class SpoolDownloads:
         self.blob_fetched = blob_fetched  # (registry, repository, digest): InFlight.upstream_blob_fetch
         self.timeout = timeout
         self.client = UpstreamClient(pool_size=POOL_SIZE)
+        self.running: set[asyncio.Task] = set()  # downloads not finished: clients may be reading their spools
 
     async def follow(self, registry: Registry, repository: str, digest: str) -> Spool | None:
         """The spool an egress GET of this blob is served from, its download started by the first
@@ -70,6 +71,8 @@ class SpoolDownloads:
         spool, new = self.table.claim((registry.name, repository, digest))
         if new:
             spool.task = asyncio.get_running_loop().create_task(self._download(registry, spool))
+            self.running.add(spool.task)
+            spool.task.add_done_callback(self.running.discard)
         return spool if await self.table.follow(spool) else None
 
     def close(self) -> None:
