@@ -100,7 +100,10 @@ def test_concurrent_cold_pulls_of_a_tag_make_one_upstream_request_per_manifest(w
         requests = [line for line in asked if "/manifests/" in line.path and line.path.rsplit("/", 1)[1] in references]
         heads = [line for line in requests if line.method == "HEAD"]
         gets = [line for line in requests if line.method == "GET"]
-        assert len(heads) <= 1 and len(gets) <= 1, (references, requests)
+        # On failure, also what each client request for a manifest of it got, and how long it took.
+        answers = [(r["method"], r["reference"][:19], r["status"], r["cache"], r["duration_ms"])
+                   for r in stack.pull_records() if r["repository"] == image.name and r["kind"] == "manifest"]
+        assert len(heads) <= 1 and len(gets) <= 1, (references, requests, answers)
 
 
 @pytest.fixture
