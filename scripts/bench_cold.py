@@ -1,27 +1,35 @@
-"""Cold layers: how many times the upstream is asked for a blob that N clients GET at once.
+"""Cold layers: N clients GET a blob nobody holds, from registry:2 alone and through regcache.
 
-    sudo .venv/bin/python -m scripts.bench_cold [--size-mib 64] [--clients 1,8]
+    sudo .venv/bin/python -m scripts.bench_cold [--size-mib 256] [--clients 1,8] [--limit-mbit 800]
 
-For each client count, a new random blob (so it is cold everywhere) is pushed to the upstream;
-then that many clients GET it at once, first from a plain registry:2 pull-through cache of the
-same upstream (registry:2 alone), then through regcache, whose single-flight spools (spool.py)
-should make it exactly one upstream GET whatever asks. Every client's bytes are hashed and
-checked. The counts come from the upstream's access log, after each cache has stored the blob
-(registry:2's own second fetch included): GETs, and HEADs (registry:2 asks its upstream for a
-blob's size and digest before each fetch). Not part of the test suite: figures are printed,
-never asserted.
+For each link (the upstream on plain loopback, then behind a rate limit) and each client count,
+a new random blob (so it is cold everywhere) is pushed to the upstream; then that many clients
+GET it at once, first from a plain registry:2 pull-through cache of the same upstream
+(registry:2 alone), then through regcache (following its 307 as registry clients do). Every
+client's bytes are hashed and checked. Printed per row: the seconds until every client had the
+blob; the upstream's GETs and HEADs of it (from its access log, once each cache has stored it:
+registry:2's own second fetch included); the CPU seconds the proxy and the data plane (parent
+and workers) spent per GiB of cold blob, from the first client request to the cache holding it;
+at the end, their peak RSS.
+
+The rate limit is tc's `tbf` under an `htb` class that only the upstream's answers go through
+(a u32 filter on its source port), on this benchmark's own loopback: this kernel has tbf and
+htb, not netem or prio. Not part of the test suite: figures are printed, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import time
+from pathlib import Path
 
-from scripts.bench_setup import PROXY_PORT, REPOSITORY, BenchStack, fetch_in_parallel
-from tests.support.parts import TEST_DOMAIN, Upstream, cache_holds, push_blob, random_chunks
+from scripts.bench_setup import PROXY_PORT, REPOSITORY, UPSTREAM_PORT, BenchStack, fetch_in_parallel
+from tests.support.parts import TEST_DOMAIN, Upstream, cache_holds, memory_mib, push_blob, random_chunks
 
 ALONE_PORT = 6100  # the plain registry:2 cache; BenchStack's ports are 5000.. and 6000
-TARGET = 1
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def upstream_requests(upstream: Upstream, digest: str, settle: float = 1.0) -> tuple[int, int]:
@@ -33,43 +41,83 @@ def upstream_requests(upstream: Upstream, digest: str, settle: float = 1.0) -> t
     return counts
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU seconds of these processes so far (utime and stime of /proc/PID/stat)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / TICKS
+
+
+def limit_upstream(mbit: int | None) -> None:
+    """Answers from the upstream's port at `mbit` Mbit/s (None: no limit), on this namespace's lo."""
+    subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], stderr=subprocess.DEVNULL)
+    if mbit is None:
+        return
+    for command in (
+        "qdisc add dev lo root handle 1: htb default 10",
+        "class add dev lo parent 1: classid 1:10 htb rate 100gbit",
+        "class add dev lo parent 1: classid 1:20 htb rate 100gbit",
+        f"qdisc add dev lo parent 1:20 handle 20: tbf rate {mbit}mbit burst 1mb latency 200ms",
+        f"filter add dev lo parent 1: protocol ip prio 1 u32 match ip sport {UPSTREAM_PORT} 0xffff flowid 1:20",
+    ):
+        subprocess.run(["tc", *command.split()], check=True, stderr=subprocess.DEVNULL)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mib", type=int, default=64, help="blob size in MiB (default: 64)")
+    parser.add_argument("--size-mib", type=int, default=256, help="blob size in MiB (default: 256)")
     parser.add_argument("--clients", default="1,8", help="comma-separated client counts (default: 1,8)")
-    parser.add_argument("--time-limit", type=float, default=600, help="give up and clean up after this many seconds")
+    parser.add_argument("--limit-mbit", type=int, default=800,
+                        help="the limited upstream link, Mbit/s (default: 800, i.e. 100 MB/s; 0: loopback only)")
+    parser.add_argument("--time-limit", type=float, default=1200, help="give up and clean up after this many seconds")
     args = parser.parse_args()
     size = args.size_mib << 20
+    links = [("loopback", None)] + ([(f"{args.limit_mbit} Mbit/s", args.limit_mbit)] if args.limit_mbit else [])
 
     rows = []
     with BenchStack(0, args.time_limit) as bench:
         alone = Upstream(bench.workdir / "alone", ALONE_PORT, {"proxy": {"remoteurl": bench.upstream.url}}).start()
+        regcache_pids = {"proxy": [bench.proxy_pid], "data plane": bench.dataplane_pids}
         try:
-            for clients in (int(n) for n in args.clients.split(",")):
-                digest = push_blob(bench.upstream.url, REPOSITORY, random_chunks(size))
-                counts, seconds = {}, {}
-                for name, base, storage in (
-                    ("registry:2 alone", alone.url, alone.storage),
-                    ("regcache", f"http://docker.io.{TEST_DOMAIN}:{PROXY_PORT}", bench.stack.data_dir / "dockerhub" / "storage"),
-                ):
-                    before = upstream_requests(bench.upstream, digest)
-                    seconds[name] = fetch_in_parallel(f"{base}/v2/{REPOSITORY}/blobs/{digest}", clients, size, digest,
-                                                      timeout=300)
-                    if not cache_holds(storage, digest, timeout=120):
-                        raise TimeoutError(f"{name} did not store the blob")
-                    after = upstream_requests(bench.upstream, digest)
-                    counts[name] = f"{after[0] - before[0]} / {after[1] - before[1]}"
-                rows.append((clients, counts["registry:2 alone"], counts["regcache"],
-                             seconds["registry:2 alone"], seconds["regcache"]))
+            for link, mbit in links:
+                for clients in (int(n) for n in args.clients.split(",")):
+                    limit_upstream(None)  # pushing is not what is measured
+                    digest = push_blob(bench.upstream.url, REPOSITORY, random_chunks(size), timeout=300)
+                    limit_upstream(mbit)
+                    counts, seconds, cpu = {}, {}, {}
+                    for name, base, storage in (
+                        ("registry:2 alone", alone.url, alone.storage),
+                        ("regcache", f"http://docker.io.{TEST_DOMAIN}:{PROXY_PORT}", bench.stack.data_dir / "dockerhub" / "storage"),
+                    ):
+                        before = upstream_requests(bench.upstream, digest)
+                        cpu_before = {part: cpu_seconds(pids) for part, pids in regcache_pids.items()}
+                        seconds[name] = fetch_in_parallel(f"{base}/v2/{REPOSITORY}/blobs/{digest}", clients, size, digest,
+                                                          timeout=600)
+                        if not cache_holds(storage, digest, timeout=300):
+                            raise TimeoutError(f"{name} did not store the blob")
+                        if name == "regcache":
+                            cpu = {part: (cpu_seconds(pids) - cpu_before[part]) / (size / 2**30)
+                                   for part, pids in regcache_pids.items()}
+                        after = upstream_requests(bench.upstream, digest)
+                        counts[name] = f"{after[0] - before[0]} / {after[1] - before[1]}"
+                    rows.append((link, clients, counts, seconds, cpu))
+                    print(f"{link}, {clients} client(s): done", flush=True)
         finally:
+            limit_upstream(None)
             alone.stop()
+        peaks = {"proxy": memory_mib(bench.proxy_pid)["VmHWM"],
+                 "data plane (largest process)": max(memory_mib(pid)["VmHWM"] for pid in bench.dataplane_pids)}
 
-    print(f"cold blob: {size / 2**20:.0f} MiB, a new one per row; upstream GETs / HEADs of it (from its access log), "
-          "and seconds until every client had it")
-    print(f"{'clients at once':>15}  {'registry:2 alone':>16}  {'regcache':>8}  {'(seconds: alone / regcache)':>28}")
-    for clients, alone_count, regcache_count, alone_seconds, regcache_seconds in rows:
-        print(f"{clients:>15}  {alone_count:>16}  {regcache_count:>8}  {alone_seconds:>13.1f} / {regcache_seconds:<12.1f}"
-              f"  (target: exactly {TARGET} GET)")
+    print(f"\ncold blob: {size / 2**20:.0f} MiB, a new one per row; seconds until every client had it; upstream "
+          "GETs / HEADs of it; regcache's CPU seconds per cold GiB (until the cache held it)")
+    print(f"{'link':>14} {'clients':>7} | {'seconds: alone':>14} {'regcache':>8} | {'GETs/HEADs: alone':>17} "
+          f"{'regcache':>8} | {'CPU s/GiB: proxy':>16} {'data plane':>10}")
+    for link, clients, counts, seconds, cpu in rows:
+        print(f"{link:>14} {clients:>7} | {seconds['registry:2 alone']:>14.2f} {seconds['regcache']:>8.2f} | "
+              f"{counts['registry:2 alone']:>17} {counts['regcache']:>8} | {cpu['proxy']:>16.2f} {cpu['data plane']:>10.2f}")
+    print("peak RSS, MiB: " + ", ".join(f"{part} {mib:.0f}" for part, mib in peaks.items()))
 
 
 if __name__ == "__main__":

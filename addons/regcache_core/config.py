@@ -575,10 +575,11 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
         Setting("REGCACHE_SPOOL_MAX_DISK", "10G", parse_size,
                 "disk for spools of cold blobs being fetched (see docs/how-it-works.md); past it, concurrent "
                 "fetches go upstream each",
-                "Concurrent fetches of one cold blob make one upstream fetch: the first starts the proxy's own "
-                "download to <REGCACHE_DATA_DIR>/spools/, and every fetch is served from there by the data plane "
-                "while it grows (needs REGCACHE_DATAPLANE on); a client leaving cuts nobody else. Sizes like "
-                "512M, 50G."),
+                "Concurrent GETs of one cold blob make one upstream fetch: the first starts the proxy's own "
+                "download to <REGCACHE_DATA_DIR>/spools/; clients and the cache are all sent to the data plane, "
+                "which sends the file while it grows, and the cache stores the blob from it (needs "
+                "REGCACHE_DATAPLANE on; off, cold layers stream through the proxy); a client leaving cuts nobody "
+                "else. Sizes like 512M, 50G."),
     )),
     ("Tags, manifests and upstream outages", "", (
         Setting("REGCACHE_TAG_TTL", "60", _seconds, "seconds a tag's digest is served without asking upstream",

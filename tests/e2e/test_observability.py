@@ -1,4 +1,7 @@
-"""End to end: /metrics after a known sequence of requests, /ready and /live, through `regcache up`."""
+"""End to end: /metrics after a known sequence of requests, /ready and /live, through `regcache up`.
+
+The data plane is off here: every blob is the proxy's own flow, streamed from the cache (the
+data plane's records in the metrics are test_dataplane's)."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, upstream) -> Stack:
-    stack = docker_io_stack(tmp_path_factory.mktemp("stack"), upstream, PORT).start()
+    stack = docker_io_stack(tmp_path_factory.mktemp("stack"), upstream, PORT, {"REGCACHE_DATAPLANE": "false"}).start()
     yield stack
     assert stack.stop() == 0
 

@@ -129,6 +129,8 @@ def test_upstream_access_log_shows_what_the_cache_fetched(stack, upstream, image
     pulls of the small image went there through the egress listener."""
     image = images["small"]
     pull(DOCKER_IO, image.reference, tmp_path / "pulled")
-    fetched = upstream.requests_for(f"/v2/{image.name}/blobs/", "GET")
-    assert {line.path.rsplit("/", 1)[1] for line in fetched} >= set(image.blob_digests)
-    assert all(line.status == 200 for line in fetched)
+    # Its blobs only: other tests ask this upstream for blobs it does not have in that repository.
+    fetched = [line for line in upstream.requests_for(f"/v2/{image.name}/blobs/", "GET")
+               if line.path.rsplit("/", 1)[1] in image.blob_digests]
+    assert {line.path.rsplit("/", 1)[1] for line in fetched} == set(image.blob_digests)
+    assert all(line.status == 200 for line in fetched), [line for line in fetched if line.status != 200]

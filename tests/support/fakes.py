@@ -121,6 +121,10 @@ class TokenServer(_Server):
         return {"token": {"realm": f"{self.url}/token", "service": self.SERVICE, "issuer": self.ISSUER,
                           "rootcertbundle": str(self.root_bundle)}}
 
+    def bearer(self, user: str, scope: str) -> str:
+        """An Authorization header for `user` and one scope, as this server would issue it."""
+        return f"Bearer {self._token(user, (scope,))}"
+
     def granted_requests_for(self, scope: str) -> int:
         return sum(scope in scopes for user, scopes in self.requests if user is not None)
 

@@ -72,6 +72,7 @@ PORT_BASES = {
     "test_slow_clients": 7800,  # not 7600: test_outages' upstream (6600 + UPSTREAM_OFFSET)
     "test_spool_download": 8100,  # its upstream and CDN only; no stack
     "test_stack_lifetime": 8500,
+    "test_cold": 8200,  # a token upstream on 9200, its token server 9201 and CDN 9202
 }
 UPSTREAM_OFFSET = 1000
 
@@ -322,9 +323,11 @@ def push_image(image: TestImage, registry: str, creds: str | None = None) -> Non
     image.blob_digests = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
 
 
-def push_index(image: MultiArchImage, registry_url: str, creds: str | None = None) -> None:
+def push_index(image: MultiArchImage, registry_url: str, creds: str | None = None,
+               authorization: str | None = None) -> None:
     """PUT an OCI image index of `image`'s pushed platform images under its tag, as
-    `docker buildx` does; records its digest on the image."""
+    `docker buildx` does; records its digest on the image. `creds` go as Basic; a token
+    upstream wants an `authorization` of its own (a Bearer token)."""
     index = json.dumps({
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
@@ -334,7 +337,9 @@ def push_index(image: MultiArchImage, registry_url: str, creds: str | None = Non
             for architecture, platform in image.platforms.items()
         ],
     }).encode()
-    auth = {"Authorization": "Basic " + base64.b64encode(creds.encode()).decode()} if creds else {}
+    if creds:
+        authorization = "Basic " + base64.b64encode(creds.encode()).decode()
+    auth = {"Authorization": authorization} if authorization else {}
     status, _, body = http_get(f"{registry_url}/v2/{image.name}/manifests/{image.tag}", method="PUT", data=index,
                                headers={"Content-Type": OCI_INDEX, **auth})
     assert status == 201, body
@@ -591,16 +596,16 @@ def storage_bytes(root: Path) -> int:
 def raw_exchange(port: int, data: bytes, timeout: float = 10.0, source: str | None = None) -> bytes:
     """Send bytes as they are (no HTTP library to tidy them), from address `source` if given,
     and return all that comes back until the server closes the connection."""
-    received = b""
+    received = bytearray()  # bytes += bytes would copy a 100 MiB answer 1600 times
     source_address = (source, 0) if source else None
     with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=source_address) as conn:
         conn.sendall(data)
         try:
-            while chunk := conn.recv(65536):
+            while chunk := conn.recv(1 << 20):
                 received += chunk
         except ConnectionResetError:
             pass  # a server dropping a bad client may reset rather than close
-    return received
+    return bytes(received)
 
 
 def raw_request(first_line: str, *headers: str, host: str, close: bool = True) -> bytes:
@@ -624,6 +629,45 @@ def split_responses(reply: bytes, methods: list[str]) -> list[tuple[int, dict[st
         reply = reply[length:]
     assert reply == b"", f"bytes after the last answer: {reply[:200]!r}"
     return answers
+
+
+def get_following_the_307(port: int, path: str, host: str, timeout: float = 120) -> tuple[int, dict[str, str], bytes]:
+    """A blob GET from regcache on raw sockets, as a registry client makes it: the proxy's answer,
+    and when it is a 307 to the data plane, that URL's (on loopback, at its port). Returns the
+    last answer's status, headers and body as received (a connection cut short leaves it short)."""
+    first = raw_exchange(port, raw_request(f"GET {path} HTTP/1.1", host=host), timeout)
+    [(status, headers, body)] = split_responses(first, ["GET"])
+    if status != 307:
+        return status, headers, body
+    location = urlsplit(headers["location"])
+    reply = raw_exchange(location.port, raw_request(f"GET {location.path}?{location.query} HTTP/1.1",
+                                                    host=location.netloc), timeout)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    return int(status_line.split()[1]), {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, body
+
+
+def at_once(count: int, work) -> list:
+    """work(index) in `count` threads started together (as many clients of a rollout); their results."""
+    results: list = [None] * count
+    start = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        start.wait()
+        results[index] = work(index)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def blob_bytes(upstream: Upstream, digest: str) -> bytes:
+    """A blob as the upstream stores it."""
+    hex_digest = digest.split(":")[1]
+    return (upstream.storage / "docker/registry/v2/blobs/sha256" / hex_digest[:2] / hex_digest / "data").read_bytes()
 
 
 def docker_io_stack(workdir: Path, upstream: Upstream, port: int, settings: dict | None = None,

@@ -23,7 +23,6 @@ from regcache_core.mitm.drain import Drain
 from regcache_core.mitm.hits import HitMarker
 from regcache_core.mitm.manifest_responder import ManifestResponder
 from regcache_core.mitm.request_path import RequestPath
-from regcache_core.mitm.single_flight import SingleFlight
 from regcache_core.mitm.spec_answers import SpecAnswers
 from regcache_core.mitm.tasks import ScheduledTasks
 from regcache_core.mitm.services import Services
@@ -351,17 +350,17 @@ class Step:
 
 def request_path(asked: list, access=None, route=None, on_route=None) -> RequestPath:
     access_step, route_step = Step(asked, "access", access), Step(asked, "route", route, on_route)
-    steps = {name: Step(asked, name) for name in ("handoff", "single flight", "manifests")}
+    steps = {name: Step(asked, name) for name in ("handoff", "single flight", "cold blobs", "manifests")}
     return RequestPath(SimpleNamespace(check=access_step), SimpleNamespace(route=route_step),
                        SimpleNamespace(answer=steps["handoff"]), SimpleNamespace(answer=steps["single flight"]),
-                       SimpleNamespace(answer=steps["manifests"]))
+                       SimpleNamespace(answer=steps["cold blobs"]), SimpleNamespace(answer=steps["manifests"]))
 
 
 @pytest.mark.parametrize("access, route, on_route, expected", [
     ("refused", None, None, ["access"]),
     (None, "refused", None, ["access", "route"]),
     (None, None, lambda n: setattr(n, "egress", object()), ["access", "route", "single flight"]),
-    (None, None, lambda n: setattr(n, "target", object()), ["access", "route", "handoff", "manifests"]),
+    (None, None, lambda n: setattr(n, "target", object()), ["access", "route", "handoff", "cold blobs", "manifests"]),
     (None, None, None, ["access", "route"]),  # a redirect a cache follows: on to its target
 ])
 def test_the_request_path_asks_its_steps_in_order_and_stops_at_the_first_answer(access, route, on_route, expected):

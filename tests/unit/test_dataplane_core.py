@@ -13,7 +13,7 @@ import pytest
 
 from regcache_core.config import DEFAULTS, parse_config
 from regcache_core.dataplane.grants import GRANT_LIFETIME, Grant, GrantSigner, load_or_create_key
-from regcache_core.dataplane.handoff import SmallBlob, client_base_url, warm_blob_answer
+from regcache_core.dataplane.handoff import COLD, SmallBlob, client_base_url, warm_blob_answer
 from regcache_core.dataplane.records import RecordSender, receive_records
 from regcache_core.dataplane.storage import warm_blob
 from regcache_core.observe.pull_log import from_json, pull_record, to_json
@@ -118,8 +118,9 @@ def test_how_warm_blobs_are_answered(tmp_path, changes, size, answer):
         assert (got.headers["Docker-Content-Digest"], got.headers["ETag"]) == (DIGEST, f'"{DIGEST}"')
         # Range and conditional requests go to the cache, which answers them.
         assert warm_blob_answer(config, GrantSigner(KEY), target_of(config), "h:5000", True) is None
-    # Not linked in that repository.
-    assert warm_blob_answer(config, GrantSigner(KEY), target_of(config, "library/small"), "h:5000", False) is None
+    # Not linked in that repository: cold there (with the data plane on).
+    cold = warm_blob_answer(config, GrantSigner(KEY), target_of(config, "library/small"), "h:5000", False)
+    assert cold is (COLD if answer else None)
 
 
 def test_a_public_url_replaces_the_client_host(tmp_path):

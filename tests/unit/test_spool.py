@@ -12,7 +12,7 @@ import time
 import pytest
 
 from regcache_core.spool.blob_heads import BlobHead, HeadFlights, blob_head
-from regcache_core.spool.table import SpoolBroken, SpoolTable, open_spool, read_spool, spool_path
+from regcache_core.spool.table import HOLD_BACK, WRITABLE, SpoolBroken, SpoolProgress, SpoolTable, spool_path
 
 BLOB = os.urandom(3 << 20)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
@@ -24,12 +24,18 @@ def run(coroutine):
     return asyncio.run(asyncio.wait_for(coroutine, 30))
 
 
-async def read_all(path, size=len(BLOB), digest=DIGEST, **options) -> bytes:
-    fd = await open_spool(path)
-    try:
-        return b"".join([chunk async for chunk in read_spool(fd, size, digest, **options)])
-    finally:
-        os.close(fd)
+async def read_all(path, size=len(BLOB), sent: list | None = None, **options) -> bytes:
+    """What a data-plane reader sends of a spool: the bytes up to each end `ready` gives (it
+    sends them by sendfile; read here). `sent` gets how many bytes went so far."""
+    sent = [] if sent is None else sent
+    with open(path, "rb") as file:
+        progress = SpoolProgress(file.fileno(), size, **options)
+        data = b""
+        while len(data) < size:
+            end = await progress.ready(len(data))
+            data += os.pread(file.fileno(), end - len(data), len(data))
+            sent.append(len(data))
+        return data
 
 
 async def spooling(table: SpoolTable, written: bytes):
@@ -111,9 +117,15 @@ def test_a_download_ending_short_or_hashing_wrong_fails_its_spool(tmp_path, body
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
         spool, writer = await spooling(table, BLOB[:CHUNK])
+        sent = []
+        reader = asyncio.create_task(read_all(spool.path, sent=sent))
+        await until(lambda: sent)  # the reader has the file open
         if body == "other bytes":
             await writer.write(bytes(len(BLOB) - CHUNK))
         await table.finish(spool)
+        with pytest.raises(SpoolBroken, match="download failed"):
+            await reader
+        assert max(sent, default=0) <= len(BLOB) - HOLD_BACK, "the last bytes of a spool that hashed wrong never went"
         assert not await table.follow(spool)
         await until(lambda: len(table) == 0)
         assert not spool.path.exists()
@@ -154,8 +166,9 @@ def test_spools_of_an_earlier_run_are_removed_at_start(tmp_path):
     assert list((tmp_path / "spools").iterdir()) == []
 
 
-def grow(path, data: bytes, pause: float, unlink_at: int | None = None) -> threading.Thread:
-    """Another process's writer, as the proxy is to a data-plane worker: appends in chunks."""
+def grow(path, data: bytes, pause: float, unlink_at: int | None = None, seal: bool = True) -> threading.Thread:
+    """Another process's writer, as the proxy is to a data-plane worker: appends in chunks, then
+    seals the file (read-only) as a download whose bytes checked."""
     def write() -> None:
         with open(path, "wb", buffering=0) as f:
             for offset in range(0, len(data), CHUNK):
@@ -164,6 +177,8 @@ def grow(path, data: bytes, pause: float, unlink_at: int | None = None) -> threa
                     return
                 f.write(data[offset:offset + CHUNK])
                 time.sleep(pause)
+            if seal:
+                os.fchmod(f.fileno(), 0o444)
 
     path.touch()
     thread = threading.Thread(target=write, daemon=True)
@@ -184,23 +199,20 @@ def test_a_reader_cuts_when_the_file_is_unlinked_short(tmp_path):
         run(read_all(path))
 
 
-def test_a_reader_holds_the_last_bytes_back_when_they_hash_wrong(tmp_path):
+def test_a_reader_holds_the_last_bytes_back_until_the_spool_is_sealed(tmp_path):
     path = spool_path(tmp_path, KEY)
-    wrong = BLOB[:-1] + bytes([BLOB[-1] ^ 1])
-    grow(path, wrong, 0)
-    yielded = []
+    grow(path, BLOB, 0, seal=False).join()
+    sent = []
 
     async def scenario():
-        fd = await open_spool(path)
-        try:
-            async for chunk in read_spool(fd, len(BLOB), DIGEST):
-                yielded.append(chunk)
-        finally:
-            os.close(fd)
+        reader = asyncio.create_task(read_all(path, sent=sent))
+        await until(lambda: sent and sent[-1] == len(BLOB) - HOLD_BACK)
+        await asyncio.sleep(0.1)
+        assert not reader.done(), "every byte is there, but not yet checked"
+        os.chmod(path, os.stat(path).st_mode & ~WRITABLE)
+        assert await reader == BLOB
 
-    with pytest.raises(SpoolBroken, match="hash"):
-        run(scenario())
-    assert sum(map(len, yielded)) < len(BLOB), "the last chunk was not passed on"
+    run(scenario())
 
 
 def test_a_reader_cuts_a_spool_that_stops_growing(tmp_path):

@@ -42,5 +42,14 @@ def refused(refusal: Refusal) -> web.Response:
     return web.Response(status=refusal.status, body=refusal.body(), content_type="application/json")
 
 
+def refuse_stranger(request: web.Request) -> web.Response | None:
+    """A refusal for a client outside REGCACHE_CLIENTS: the proxy let it through its own check,
+    but a data-plane URL can be handed on."""
+    client = request.remote or ""
+    if request.app[CLIENTS].allows(client):
+        return None
+    return refused(Refusal(403, "DENIED", f"{client} is not in the networks allowed to use this regcache"))
+
+
 def denied() -> web.Response:
     return refused(Refusal(403, "DENIED", "not a data-plane URL issued by this regcache, or it expired"))

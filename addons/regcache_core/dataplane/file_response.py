@@ -1,5 +1,5 @@
 """Sending one open file as registry:2 sends a blob: its headers, Range and conditional requests,
-the bytes by sendfile.
+the bytes by sendfile; or a spool's file while its download writes it (spool/table.py).
 
 The file is opened before anything is sent, and only the open file is read: a blob the cache
 evicts (unlinks) meanwhile is still sent whole. If fewer bytes come than its size said (the
@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import BinaryIO
 
 from aiohttp import web
+
+from ..spool.table import SpoolBroken
 
 # Bytes per sendfile call, each of which must finish within SEND_TIMEOUT: a client reading
 # slower than ~55 KB/s is cut off. Smaller calls were measured slower (2 MiB: no faster than
@@ -99,8 +102,11 @@ def _if_range_holds(request: web.BaseRequest, etag: str, modified: int) -> bool:
     return since is not None and modified <= since.timestamp()
 
 
-async def send(request: web.BaseRequest, file: BinaryIO, plan: Plan, on_sent) -> tuple[web.StreamResponse, str | None]:
+async def send(request: web.BaseRequest, file: BinaryIO, plan: Plan, on_sent,
+               ready: Callable[[int], Awaitable[int]] | None = None) -> tuple[web.StreamResponse, str | None]:
     """Answer with `plan`, its bytes read from `file` by sendfile; calls `on_sent(n)` as bytes go.
+    `ready(offset)`, for a file still being written (a spool), waits until bytes past `offset`
+    may be sent and says up to where; it raises SpoolBroken when they never may.
 
     Returns the response, and why the transfer failed (the connection is cut then) or None.
     """
@@ -113,8 +119,9 @@ async def send(request: web.BaseRequest, file: BinaryIO, plan: Plan, on_sent) ->
         while request.method != "HEAD" and offset < end:
             if transport is None or transport.is_closing():
                 raise ConnectionResetError("the client closed the connection")
+            limit = end if ready is None else await ready(offset)
             async with asyncio.timeout(SEND_TIMEOUT):
-                sent = await loop.sendfile(transport, file, offset, min(SEND_CHUNK, end - offset))
+                sent = await loop.sendfile(transport, file, offset, min(SEND_CHUNK, limit - offset))
             if sent == 0:
                 raise ConnectionAbortedError(f"the file ended at byte {offset} of {end}: it was cut short")
             offset += sent
@@ -123,7 +130,7 @@ async def send(request: web.BaseRequest, file: BinaryIO, plan: Plan, on_sent) ->
     except TimeoutError:
         return response, _cut(transport, file, offset, on_sent,
                               f"the client did not read {SEND_CHUNK >> 20} MiB in {SEND_TIMEOUT:.0f}s")
-    except OSError as e:
+    except (OSError, SpoolBroken) as e:
         return response, _cut(transport, file, offset, on_sent, str(e) or type(e).__name__)
     return response, None
 

@@ -19,7 +19,10 @@ from pathlib import Path
 
 from ..access.signing import FieldSigner
 
-GRANT_PATHS = {"blob": "/_regcache/blob", "spool": "/_regcache/spool"}  # the data plane's path for each kind
+# The data plane's path for each kind: a warm blob from a cache's storage; a cold blob from its
+# download's spool, for a cache's fetch ("spool") or for a client ("cold").
+GRANT_PATHS = {"blob": "/_regcache/blob", "spool": "/_regcache/spool", "cold": "/_regcache/cold"}
+CACHE_RESULTS = ("hit", "miss")  # what a client's transfer was, for its pull record
 GRANT_LIFETIME = 300  # seconds: clients follow a 307 at once; containerd's resumed Range GETs come soon after
 KEY_FILE = "dataplane.key"
 KEY_BYTES = 32
@@ -34,28 +37,34 @@ class Grant:
     digest: str
     size: int  # bytes
     expires: int  # unix seconds
+    cache: str = "hit"  # the pull record's mark: "miss" for the client whose request brought a cold blob
 
 
 class GrantSigner:
     def __init__(self, key: bytes, clock=time.time) -> None:
         self._fields = FieldSigner(key, clock)
 
-    def grant(self, kind: str, registry: str, repository: str, digest: str, size: int) -> Grant:
+    def grant(self, kind: str, registry: str, repository: str, digest: str, size: int, cache: str = "hit") -> Grant:
         """A grant for these, expiring GRANT_LIFETIME seconds from now."""
-        return Grant(kind, registry, repository, digest, size, self._fields.now() + GRANT_LIFETIME)
+        return Grant(kind, registry, repository, digest, size, self._fields.now() + GRANT_LIFETIME, cache)
 
     def query(self, grant: Grant) -> str:
         fields = {"kind": grant.kind, "registry": grant.registry, "repository": grant.repository,
-                  "digest": grant.digest, "size": str(grant.size)}
+                  "digest": grant.digest, "size": str(grant.size), "cache": grant.cache}
         return self._fields.query(fields, grant.expires)
+
+    def url(self, base: str, grant: Grant) -> str:
+        """The data-plane URL of `grant`, on `base` (`http://host:port`)."""
+        return f"{base}{GRANT_PATHS[grant.kind]}?{self.query(grant)}"
 
     def verify(self, query: str, kind: str) -> Grant | None:
         """The grant a query carries; None when unsigned, altered, expired or of another kind."""
         fields = self._fields.verify(query)
-        if fields is None or fields.get("kind") != kind or not _SIZE.fullmatch(fields.get("size", "")):
+        if (fields is None or fields.get("kind") != kind or not _SIZE.fullmatch(fields.get("size", ""))
+                or fields.get("cache") not in CACHE_RESULTS):
             return None
         return Grant(kind, fields.get("registry", ""), fields.get("repository", ""), fields.get("digest", ""),
-                     int(fields["size"]), int(fields["exp"]))
+                     int(fields["size"]), int(fields["exp"]), fields["cache"])
 
 
 def load_or_create_key(data_dir: Path) -> bytes:

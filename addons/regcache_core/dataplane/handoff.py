@@ -1,5 +1,6 @@
 """Which client blob GETs the proxy hands to the data plane, and the URL it sends them to; which
-small warm blobs it answers itself."""
+small warm blobs it answers itself; which blobs its cache does not hold (cold: their GETs follow
+the proxy's download, mitm/cold_blobs.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,20 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import Config, DataPlane
 from ..routing import Target, strip_port
 from .file_response import blob_headers
-from .grants import GRANT_PATHS, GrantSigner
+from .grants import GrantSigner
 from .storage import warm_blob
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?\.?")
+
+
+class Cold:
+    """The cache does not hold the blob for that repository."""
+
+
+COLD = Cold()
 
 
 @dataclass(frozen=True)
@@ -28,18 +36,18 @@ class SmallBlob:
 
 
 def warm_blob_answer(config: Config, signer: GrantSigner, target: Target, host: str,
-                     conditional: bool) -> str | SmallBlob | None:
+                     conditional: bool) -> str | SmallBlob | Cold | None:
     """How the proxy answers a client's GET of the blob `target`, asked for at Host `host`: the
-    data-plane URL to redirect to; a SmallBlob; or None, when it goes to the cache as it came
-    (the data plane is off, the registry's storage is unknown, the blob is not warm for that
-    repository, or it is small and the request `conditional` or a Range, which the cache
-    answers). Blocking (file system): call it in a thread."""
+    data-plane URL to redirect to; a SmallBlob; COLD when the cache does not hold it for that
+    repository; or None, when it goes to the cache as it came (the data plane is off, the
+    registry's storage is unknown, or the blob is small and the request `conditional` or a
+    Range, which the cache answers). Blocking (file system): call it in a thread."""
     dataplane, storage = config.dataplane, target.registry.storage
     if dataplane is None or storage is None or target.kind != "blob":
         return None
     path = warm_blob(storage, target.repository, target.reference)
     if path is None:
-        return None
+        return COLD
     try:
         with open(path, "rb") as file:
             status = os.fstat(file.fileno())
@@ -53,11 +61,16 @@ def warm_blob_answer(config: Config, signer: GrantSigner, target: Target, host: 
                                  | {"Content-Type": "application/octet-stream"})
     except OSError:
         return None  # evicted just now
-    base = dataplane.url or client_base_url(host, dataplane.port)
+    base = client_url_base(dataplane, host)
     if base is None:
         return None
-    grant = signer.grant("blob", target.registry.name, target.repository, target.reference, status.st_size)
-    return f"{base}{GRANT_PATHS['blob']}?{signer.query(grant)}"
+    return signer.url(base, signer.grant("blob", target.registry.name, target.repository, target.reference, status.st_size))
+
+
+def client_url_base(dataplane: DataPlane, host: str) -> str | None:
+    """Where the data-plane URLs given to a client that asked at Host `host` lead: to
+    REGCACHE_DATAPLANE_URL, or the host name it used; None for a Host that is no host name."""
+    return dataplane.url or client_base_url(host, dataplane.port)
 
 
 def client_base_url(host: str, port: int) -> str | None:

@@ -1,10 +1,12 @@
 """The data plane's HTTP server: sends what a grant names, nothing else.
 
 GET and HEAD of `/_regcache/blob?<grant>` send a warm blob from its cache's storage (see
-storage.py) with registry:2's headers, to addresses in REGCACHE_CLIENTS only; of `/_regcache/spool?<grant>`, a cold blob from the spool
-of the proxy's fetch of it (spool_reader.py). Every request leaves a pull record, handed to `records`
-(the worker sends them to the proxy): a blob sent is a cache hit by the data plane, with the
-bytes actually sent; a refusal names what was wrong.
+storage.py) with registry:2's headers, to addresses in REGCACHE_CLIENTS only; of
+`/_regcache/cold?<grant>` (a client's) and `/_regcache/spool?<grant>` (a cache's fetch), a cold
+blob from the spool of the proxy's download of it (spool_reader.py). Every client request leaves
+a pull record, handed to `records` (the worker sends them to the proxy): a blob sent is marked
+as its grant says (a warm one is a cache hit), with the bytes actually sent; a refusal names
+what was wrong.
 """
 
 from __future__ import annotations
@@ -20,21 +22,18 @@ from ..access.clients import ClientNetworks
 from ..config import Config
 from ..observe.pull_log import PullRecord
 from ..routing import Refusal
-from .exchange import CLIENTS, CONFIG, EXCHANGE, RECORDS, SIGNER, Exchange, Handler, denied, refused
+from .exchange import CLIENTS, CONFIG, EXCHANGE, RECORDS, SIGNER, Exchange, Handler, denied, refuse_stranger, refused
 from .file_response import open_file, plan, send
 from .grants import GRANT_PATHS, GrantSigner
-from .spool_reader import serve_spool
+from .spool_reader import serve_cold, serve_spool
 from .storage import warm_blob
 
 BACKEND = "dataplane"  # the pull records' backend for what the data plane sent
 KEEPALIVE_TIMEOUT = 30.0  # seconds an idle connection (or one whose request head is not in yet) stays open
 async def serve_blob(request: web.Request) -> web.StreamResponse:
     exchange: Exchange = request[EXCHANGE]
-    # Clients only: the proxy let this one through its own check, but a grant can be handed on.
-    # (Spool grants are the caches', which need not be among the clients.)
-    client = request.remote or ""
-    if not request.app[CLIENTS].allows(client):
-        return refused(Refusal(403, "DENIED", f"{client} is not in the networks allowed to use this regcache"))
+    if (refusal := refuse_stranger(request)) is not None:
+        return refusal
     grant = request.app[SIGNER].verify(request.rel_url.raw_query_string, "blob")
     if grant is None:
         return denied()
@@ -61,6 +60,7 @@ async def serve_blob(request: web.Request) -> web.StreamResponse:
 ROUTES: dict[str, Handler] = {
     GRANT_PATHS["blob"]: serve_blob,
     GRANT_PATHS["spool"]: serve_spool,
+    GRANT_PATHS["cold"]: serve_cold,
 }
 
 
@@ -88,9 +88,10 @@ def record_of(request: web.Request, exchange: Exchange, status: int, now: float)
     return pull_log.pull_record(
         started=exchange.started, finished=now, client=request.remote or "",
         registry=grant.registry if grant else None, repository=grant.repository if grant else None,
-        kind=grant.kind if grant else None, reference=grant.digest if grant else None,
+        # Warm or cold, what the client asked for is a blob.
+        kind="blob" if grant else None, reference=grant.digest if grant else None,
         method=request.method, status=status, sent=exchange.sent,
-        backend=BACKEND if exchange.served else None, cache="hit" if exchange.served else None,
+        backend=BACKEND if exchange.served else None, cache=grant.cache if exchange.served else None,
         error=exchange.error,
     )
 

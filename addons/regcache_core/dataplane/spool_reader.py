@@ -1,74 +1,73 @@
-"""The data plane's spool route: `GET`/`HEAD /_regcache/spool?<signed spool grant>`.
+"""The data plane's spool routes: a cold blob from the spool file the proxy's download writes
+(see spool.py), while it grows: at once, not after the whole download.
 
-A cache's fetch of a cold blob is sent here (see spool.py), and gets the blob from the spool
-file the proxy's download writes, while it grows: at once, not after the whole download. The
-answer carries registry:2's blob headers and the grant's size as Content-Length; when the
-spool can never be whole (the download failed, the proxy died, the bytes hash wrong) the
-connection is cut, so no short body passes for a complete one.
+- `GET`/`HEAD /_regcache/cold?<signed cold grant>`: a client's GET of a blob its cache does not
+  hold, sent here by the proxy (mitm/cold_blobs.py). Clients only (REGCACHE_CLIENTS), with a
+  pull record as for a warm blob: its `cache` is the grant's ("miss" for the client whose
+  request brought the blob, "hit" for the others).
+- `GET`/`HEAD /_regcache/spool?<signed spool grant>`: a cache's fetch of a cold blob, sent here
+  from the egress listener (mitm/single_flight.py). No pull record (the client's own request
+  has one), only a log line; the cache need not be among the clients.
 
-These are a cache's fetches, not a client's pulls: they leave no pull record (the client's own
-request, through the proxy, has one), only a log line.
+The answer carries registry:2's blob headers and the grant's size as Content-Length, and the
+bytes go by sendfile as the download writes them, the last ones only once the proxy sealed the
+spool (every byte there, hashing to the digest). When the spool can never be whole (the
+download failed, the proxy died, the bytes hash wrong) the connection is cut, so no short body
+passes for a complete one. No Range: a spool is sent whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from aiohttp import web
 
 from ..routing import Refusal
-from ..spool.table import SPOOL_DIR, SpoolBroken, describe, open_spool, read_spool, spool_path
-from .exchange import CONFIG, EXCHANGE, SIGNER, denied, refused
+from ..spool.table import SPOOL_DIR, SpoolProgress, describe, spool_path
+from .exchange import CONFIG, EXCHANGE, SIGNER, Exchange, denied, refuse_stranger, refused
+from .file_response import Plan, send
 
 logger = logging.getLogger(__name__)
-
-WRITE_TIMEOUT = 60.0  # seconds a cache may take to read one chunk (up to 1 MiB) before it is cut
 
 
 async def serve_spool(request: web.Request) -> web.StreamResponse:
     request[EXCHANGE].recorded = False
-    grant = request.app[SIGNER].verify(request.rel_url.raw_query_string, "spool")
+    return await _serve(request, "spool")
+
+
+async def serve_cold(request: web.Request) -> web.StreamResponse:
+    if (refusal := refuse_stranger(request)) is not None:
+        return refusal
+    return await _serve(request, "cold")
+
+
+async def _serve(request: web.Request, kind: str) -> web.StreamResponse:
+    exchange: Exchange = request[EXCHANGE]
+    grant = request.app[SIGNER].verify(request.rel_url.raw_query_string, kind)
     if grant is None:
         return denied()
+    exchange.grant = grant
     key = (grant.registry, grant.repository, grant.digest)
     try:
-        fd = await open_spool(spool_path(request.app[CONFIG].data_dir / SPOOL_DIR, key))
+        file = await asyncio.to_thread(open, spool_path(request.app[CONFIG].data_dir / SPOOL_DIR, key), "rb")
     except FileNotFoundError:
         return refused(Refusal(404, "BLOB_UNKNOWN", "this spool is gone; fetch the blob again"))
+    exchange.served = True
+    progress = SpoolProgress(file.fileno(), grant.size)
+    headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": grant.digest,
+               "ETag": f'"{grant.digest}"', "Docker-Distribution-API-Version": "registry/2.0",
+               "Content-Length": str(grant.size)}
     try:
-        return await send_spool(request, fd, grant.size, grant.digest, describe(key))
+        response, exchange.error = await send(request, file, Plan(200, headers, 0, grant.size), exchange.count,
+                                              progress.ready)
     finally:
-        os.close(fd)
-
-
-async def send_spool(request: web.Request, fd: int, size: int, digest: str, what: str) -> web.StreamResponse:
-    response = web.StreamResponse(headers={
-        "Content-Type": "application/octet-stream",
-        "Docker-Content-Digest": digest,
-        "ETag": f'"{digest}"',
-        "Docker-Distribution-API-Version": "registry/2.0",
-    })
-    response.content_length = size
-    await response.prepare(request)
-    if request.method == "HEAD":
-        return response
-    sent = 0
-    try:
-        async for chunk in read_spool(fd, size, digest):
-            async with asyncio.timeout(WRITE_TIMEOUT):
-                await response.write(chunk)
-            sent += len(chunk)
-    except (SpoolBroken, TimeoutError, ConnectionError) as e:
-        reason = f"the client read nothing for {WRITE_TIMEOUT:.0f}s" if isinstance(e, TimeoutError) else str(e) or type(e).__name__
+        file.close()
+    if request.method == "GET":
         # A warning when the blob can never be whole (the data plane logs warnings only): it
-        # says why the clients behind that cache failed.
-        level = logging.WARNING if isinstance(e, SpoolBroken) else logging.INFO
-        logger.log(level, "spool of %s to %s cut after %d of %d bytes: %s", what, request.remote, sent, size, reason)
-        if request.transport is not None:
-            request.transport.abort()  # the connection ends short of Content-Length
-        return response
-    await response.write_eof()
-    logger.info("spool of %s to %s: sent %d bytes, whole", what, request.remote, sent)
+        # says why the pulls of that layer failed.
+        level = logging.WARNING if progress.broken else logging.INFO
+        outcome = f"cut after {exchange.sent} of {grant.size} bytes: {exchange.error}" if exchange.error else \
+            f"sent {exchange.sent} bytes, whole"
+        logger.log(level, "%s of %s to %s: %s", kind, describe(key), request.remote, outcome)
     return response

@@ -10,7 +10,9 @@ has learnt: the tag cache (tags.py) and the manifests in memory (manifests.py).
   fetches the new manifest. No answer in time (or an upstream known to be down, or an error
   status) serves the last known digest at once, marked `stale`.
 - Only a client whose Accept names the media type held is answered this way; others, and
-  anything not known, go to the cache as they came.
+  anything not known, go to the cache as they came: one at a time per reference, the others
+  waiting for the first one's answer and planned again from it (one upstream HEAD and GET per
+  cold tag however many pull it at once).
 
 What is learnt comes from the answers the cache gives clients (`learn`). No mitmproxy here.
 """
@@ -18,6 +20,7 @@ What is learnt comes from the answers the cache gives clients (`learn`). No mitm
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,6 +31,10 @@ from .tags import TagEntry, TagStore
 from ..upstream.auth import UpstreamAuthError
 from ..upstream.client import NoAnswer, UpstreamClient
 from ..upstream.signals import UpstreamAnswers
+
+# Seconds a request for a reference the cache is being asked for waits for that answer, then goes
+# to the cache itself: well within containerd's 30 s for response headers, and never a 503.
+FIRST_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,33 @@ class ManifestFront:
         self.upstream = upstream  # credentials, and where what the upstream answered is reported
         self.state = upstream.state
         self._revalidations: dict[tuple[str, str, str, str], asyncio.Task] = {}
+        self._asked: dict[tuple[str, str, str], asyncio.Event] = {}  # references at the cache, by their first request
 
     async def plan(self, registry: Registry, repository: str, reference: str, accept_lines: list[str]) -> Plan | None:
-        """How to answer a GET or HEAD of a manifest ourselves; None sends it to the cache as it came."""
+        """How to answer a GET or HEAD of a manifest ourselves; None sends it to the cache as it came.
+
+        A request that cannot be planned while another one for the same reference is at the
+        cache waits for that one's answer (`answered`), up to FIRST_WAIT seconds, and is planned
+        again: a cold tag that many pull at once costs the cache, and so the upstream, one
+        request, not one per client. The first one's caller must call `answered`."""
+        if (plan := await self._plan(registry, repository, reference, accept_lines)) is not None:
+            return plan
+        key = (registry.name, repository, reference)
+        if (asked := self._asked.get(key)) is None:
+            self._asked[key] = asyncio.Event()
+            return None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FIRST_WAIT):
+                await asked.wait()
+        return await self._plan(registry, repository, reference, accept_lines)
+
+    def answered(self, registry: Registry, repository: str, reference: str) -> None:
+        """The cache answered a request for this reference planned None (or it failed): the
+        requests waiting for it are planned again, from what `learn` took from the answer."""
+        if (asked := self._asked.pop((registry.name, repository, reference), None)) is not None:
+            asked.set()
+
+    async def _plan(self, registry: Registry, repository: str, reference: str, accept_lines: list[str]) -> Plan | None:
         accepted = accepted_types(accept_lines)
         if ":" in reference:
             manifest = self.manifests.get(registry.name, reference)

@@ -15,6 +15,7 @@ from ..upstream.redirects import RedirectSigner
 from .admin import Admin
 from .client_access import ClientAccess
 from .client_limits import ConnectionLimits
+from .cold_blobs import ColdBlobs
 from .budget import DiskBudget
 from .drain import Drain
 from .dataplane import DataPlaneHandoff, DataPlaneRecords
@@ -42,8 +43,9 @@ def make_addons() -> list:
     recorder = Recorder(metrics, {"pull log": services.log_pull, "metrics": metrics.observe, "disk budget": budget.record})
     access, router, handoff = ClientAccess(settings), Router(settings, signer), DataPlaneHandoff(settings)
     single_flight = SingleFlight(settings, services, metrics)
+    cold_blobs = ColdBlobs(settings, services, metrics)
     manifests = ManifestResponder(services)
-    # Hooks run in this order; tests/test_addon.py's test_hook_order pins what matters. What a
+    # Hooks run in this order; tests/unit/test_addon.py's test_hook_order pins what matters. What a
     # request's head decides is RequestPath's, in one function (request_path.py); the addons
     # after it observe. Services are built when the config loads (right after Settings) and
     # closed once, by their owner. Router maps a redirect target's address before
@@ -60,10 +62,11 @@ def make_addons() -> list:
         ConnectionLimits(settings),
         access,
         router,
-        RequestPath(access, router, handoff, single_flight, manifests),
+        RequestPath(access, router, handoff, single_flight, cold_blobs, manifests),
         handoff,
         UpstreamRequests(settings, services, signer),
         single_flight,
+        cold_blobs,
         manifests,
         hits,
         SpecAnswers(),
@@ -71,6 +74,6 @@ def make_addons() -> list:
         recorder,
         DataPlaneRecords(settings, recorder.deliver),
         Admin(settings, metrics, budget, services.upstream_state),
-        Drain(settings),
+        Drain(settings, services.downloads_running),
         WebView(settings),
     ]

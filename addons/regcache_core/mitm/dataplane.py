@@ -1,5 +1,6 @@
 """The proxy's side of the data plane (regcache_core/dataplane/): DataPlaneHandoff answers a GET
-of a warm blob with a 307 to it (or, a small one, with its bytes); DataPlaneRecords takes the
+of a warm blob with a 307 to it (or, a small one, with its bytes), and notes the GETs and HEADs
+of blobs the cache does not hold, for ColdBlobs (cold_blobs.py); DataPlaneRecords takes the
 data plane's pull records and hands them to the same sinks as the proxy's own (pull log,
 metrics)."""
 
@@ -12,7 +13,8 @@ from collections.abc import Callable
 from mitmproxy import http
 
 from ..dataplane.grants import GrantSigner, load_or_create_key
-from ..dataplane.handoff import SmallBlob, warm_blob_answer
+from ..dataplane.handoff import COLD, SmallBlob, warm_blob_answer
+from ..dataplane.storage import warm_blob
 from ..dataplane.records import receive_records, records_socket
 from ..observe.pull_log import PullRecord
 from .answers import Answer
@@ -26,7 +28,8 @@ CONDITIONAL_HEADERS = ("range", "if-match", "if-none-match", "if-modified-since"
 
 class DataPlaneHandoff:
     """A client's GET of a warm blob gets a 307 to the data plane, signed for that blob; a small
-    one is answered from the cache's storage right here."""
+    one is answered from the cache's storage right here. A GET or HEAD of a blob the cache does
+    not hold is noted `cold_blob` (a GET only without Range or conditions: the cache answers those)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -41,13 +44,20 @@ class DataPlaneHandoff:
         target = flow_note.target
         request = flow.request
         if (self.signer is None or target is None or target.kind != "blob"
-                or request.method != "GET" or target.registry.storage is None):
+                or request.method not in ("GET", "HEAD") or target.registry.storage is None):
             return None
         if request.stream or "transfer-encoding" in request.headers:
             return None  # a request with a body to stream can't be answered here (see answers.send_answer); it streams
+        if request.method == "HEAD":
+            if await asyncio.to_thread(warm_blob, target.registry.storage, target.repository, target.reference) is None:
+                flow_note.cold_blob = True
+            return None
         conditional = any(name in request.headers for name in CONDITIONAL_HEADERS)
         answer = await asyncio.to_thread(warm_blob_answer, self.settings.config, self.signer, target,
                                          flow_note.client_host, conditional)
+        if answer is COLD:
+            flow_note.cold_blob = not conditional
+            return None
         if isinstance(answer, SmallBlob):
             flow_note.cache = "hit"
             return Answer(http.Response.make(200, answer.body, answer.headers))

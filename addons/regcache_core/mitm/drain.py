@@ -3,8 +3,9 @@
 mitmproxy's own SIGTERM handler shuts down at once, cutting every transfer. This one closes the
 client listener (no new connections; the egress listeners stay, so caches can finish fetching
 what those pulls need), then shuts down once no client request has been in flight for QUIET
-seconds (counted from the last one's end, so an idle proxy stops at once), or after
-REGCACHE_STOP_GRACE seconds at the latest. A pull is several requests in a row on a kept-alive
+seconds (counted from the last one's end, so an idle proxy stops at once) and no download of a
+cold blob is under way (clients read its spool from the data plane, which stops after the
+proxy), or after REGCACHE_STOP_GRACE seconds at the latest. A pull is several requests in a row on a kept-alive
 connection, hence a quiet spell rather than the first idle moment.
 
 Then, before mitmproxy shuts down, it closes the connections still open (a cache's idle
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Callable
 
 from mitmproxy import ctx, http
 from mitmproxy.proxy.mode_specs import ProxyMode
@@ -31,8 +33,9 @@ CLOSE_TIMEOUT = 2.0  # seconds the connections left at the end get to close
 
 
 class Drain:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, downloads_running: Callable[[], int]) -> None:
         self.settings = settings
+        self.downloads_running = downloads_running  # the services'
         self.in_flight: set[str] = set()  # ids of client flows not finished yet
         self.last_finished = 0.0  # event loop time the last client flow ended
         self.task: asyncio.Task | None = None
@@ -74,14 +77,17 @@ class Drain:
         config = self.settings.config
         egress = [m for m in ctx.options.mode if config.egress_registry(ProxyMode.parse(m).listen_port()) is not None]
         ctx.options.update(mode=egress)  # mitmproxy stops the client listener; open connections stay
-        if self.in_flight:  # an idle proxy stops at once, and quietly
-            report(f"regcache: stopping; {len(self.in_flight)} requests in flight get up to {config.stop_grace}s to finish")
+        if self.in_flight or self.downloads_running():  # an idle proxy stops at once, and quietly
+            report(f"regcache: stopping; {len(self.in_flight)} requests in flight and {self.downloads_running()} "
+                   f"downloads get up to {config.stop_grace}s to finish")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.stop_grace
-        while loop.time() < deadline and (self.in_flight or loop.time() - self.last_finished < QUIET):
+        while loop.time() < deadline and (self.in_flight or self.downloads_running()
+                                          or loop.time() - self.last_finished < QUIET):
             await asyncio.sleep(0.1)
-        if self.in_flight:
-            report(f"regcache: stop grace of {config.stop_grace}s over; cutting {len(self.in_flight)} requests")
+        if self.in_flight or self.downloads_running():
+            report(f"regcache: stop grace of {config.stop_grace}s over; cutting {len(self.in_flight)} requests and "
+                   f"{self.downloads_running()} downloads")
 
     async def _close_connections(self) -> None:
         connections = ctx.master.addons.get("proxyserver").connections

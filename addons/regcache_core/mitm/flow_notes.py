@@ -46,6 +46,7 @@ class FlowNote:
     answered_by: AnsweredBy = AnsweredBy.BACKEND
     injected: bool = False  # the request's Authorization header is ours, not redacted yet
     in_flight: bool = False  # counted in the in-flight gauge, not finished yet
+    cold_blob: bool = False  # a client's GET or HEAD of a blob its cache does not hold (mitm/cold_blobs.py)
     head_flight: Key | None = None  # the spool key of a blob HEAD that goes upstream for concurrent ones
     deadline: float | None = None  # monotonic time by which the upstream must answer
     deadline_passed: bool = False

@@ -6,12 +6,13 @@ from __future__ import annotations
 from mitmproxy import http
 
 from ..observe.hits import InFlight
-from .flow_notes import note
+from .flow_notes import AnsweredBy, note
 
 
 class HitMarker:
     """Marks each client manifest or blob request of a cached registry as a hit, miss or stale;
-    requests already marked (answered from what regcache learnt) keep their mark."""
+    requests already marked (answered from what regcache learnt) keep their mark, and a blob HEAD
+    answered from what spools know (mitm/cold_blobs.py) is neither: the cache was not asked."""
 
     def __init__(self) -> None:
         self.in_flight = InFlight()
@@ -19,7 +20,8 @@ class HitMarker:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         flow_note = note(flow)
         target = flow_note.target
-        if target and target.registry.cache and target.kind in ("manifest", "blob") and flow_note.cache is None:
+        if (target and target.registry.cache and target.kind in ("manifest", "blob") and flow_note.cache is None
+                and flow_note.answered_by is not AnsweredBy.SPOOL):
             self.in_flight.started(flow.id, target.registry.name, target.repository, target.reference)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

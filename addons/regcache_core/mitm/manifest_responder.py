@@ -46,6 +46,12 @@ class ManifestResponder:
             self.services.manifests.learn(target.registry, target.repository, target.reference, response.headers, body)
         elif refusal := self.services.manifests.outage_answer(target.registry, target.reference, response.status_code):
             refuse(flow, refusal)
+        self.services.manifests.answered(target.registry, target.repository, target.reference)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        target = _cached_manifest(flow)
+        if target is not None and note(flow).answered_by is AnsweredBy.BACKEND and self.services.manifests is not None:
+            self.services.manifests.answered(target.registry, target.repository, target.reference)
 
 
 def answer_from_memory(plan: Plan, method: str) -> http.Response:

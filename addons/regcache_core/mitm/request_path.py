@@ -12,6 +12,7 @@ from mitmproxy import http
 
 from .answers import Answer, send_answer
 from .client_access import ClientAccess
+from .cold_blobs import ColdBlobs
 from .dataplane import DataPlaneHandoff
 from .flow_notes import note
 from .manifest_responder import ManifestResponder
@@ -21,11 +22,12 @@ from .single_flight import SingleFlight
 
 class RequestPath:
     def __init__(self, access: ClientAccess, router: Router, handoff: DataPlaneHandoff, single_flight: SingleFlight,
-                 manifests: ManifestResponder) -> None:
+                 cold_blobs: ColdBlobs, manifests: ManifestResponder) -> None:
         self.access = access
         self.router = router
         self.handoff = handoff
         self.single_flight = single_flight
+        self.cold_blobs = cold_blobs
         self.manifests = manifests
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -45,7 +47,9 @@ class RequestPath:
             # A cache asks its upstream: a blob fetch goes to its spool, a blob HEAD may be known.
             return await self.single_flight.answer(flow)
         if flow_note.target is not None:
-            # A client: a warm blob from the data plane (a small one from here), a cached
+            # A client: a warm blob from the data plane (a small one from here), a cold one
+            # following its download (a HEAD of it answered as the upstream answers), a cached
             # registry's manifest from memory; else its cache or upstream answers.
-            return await self.handoff.answer(flow) or await self.manifests.answer(flow)
+            return (await self.handoff.answer(flow) or await self.cold_blobs.answer(flow)
+                    or await self.manifests.answer(flow))
         return None

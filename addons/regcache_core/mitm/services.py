@@ -46,6 +46,10 @@ class BlobFlights(Protocol):
 
     def head_answered(self, key: Key, status: int | None, headers: Mapping[str, str]) -> None: ...
 
+    async def upstream_head(self, registry: Registry, repository: str, digest: str) -> tuple[int | None, Mapping[str, str]]: ...
+
+    def downloads_running(self) -> int: ...
+
     def close(self) -> None: ...
 
 
@@ -64,6 +68,14 @@ class Spools:
 
     def head_answered(self, key: Key, status: int | None, headers: Mapping[str, str]) -> None:
         self.heads.answered(key, status, headers)
+
+    async def upstream_head(self, registry: Registry, repository: str, digest: str) -> tuple[int | None, Mapping[str, str]]:
+        """The upstream's own answer to a HEAD of the blob, asked as a download asks (never a download)."""
+        return await self.downloads.head(registry, repository, digest)
+
+    def downloads_running(self) -> int:
+        """Downloads not finished yet: clients and caches may be reading their spools."""
+        return len(self.downloads.running)
 
     def close(self) -> None:
         self.downloads.close()
@@ -103,6 +115,10 @@ class Services:
         self._close_config()
         self.upstream_state.close()
         await self.upstream_client.close()
+
+    def downloads_running(self) -> int:
+        """For the drain: cold downloads whose readers are on the data plane."""
+        return 0 if self.blobs is None else self.blobs.downloads_running()
 
     def log_pull(self, record: PullRecord) -> None:
         """A Recorder sink: the pull log."""

@@ -9,10 +9,11 @@ import logging
 
 from mitmproxy import http
 
-from ..dataplane.grants import GRANT_PATHS, GrantSigner, load_or_create_key
+from ..dataplane.grants import GrantSigner, load_or_create_key
 from ..dataplane.handoff import client_base_url
 from ..observe.metrics import Metrics
 from ..routing import Target
+from ..spool.blob_heads import BlobHead
 from ..spool.table import Key, Spool, describe
 from .answers import Answer
 from .flow_notes import AnsweredBy, note
@@ -60,10 +61,8 @@ class SingleFlight:
         if goes_for_others:
             note(flow).head_flight = key
         elif head is not None:
-            response = http.Response.make(200, b"", head.headers())
-            response.headers["Content-Length"] = str(head.size)  # what a GET would send; make() set 0
             logger.info("blob HEAD for %s: %s answered from what regcache knows", egress.registry.name, describe(key))
-            return Answer(response, AnsweredBy.SPOOL)  # not an upstream request: no credentials, nothing counted
+            return head_answer(head)  # not an upstream request: no credentials, nothing counted
         return None
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -84,14 +83,20 @@ class SingleFlight:
                     describe(spool.key), spool.state.value, spool.size)
         # Not an upstream request: no credentials, no upstream fetch counted, no miss (the
         # download counts its own).
-        return Answer(http.Response.make(307, b"", {"Location": f"{base}{GRANT_PATHS['spool']}?{self.grants.query(grant)}"}),
-                      AnsweredBy.SPOOL)
+        return Answer(http.Response.make(307, b"", {"Location": self.grants.url(base, grant)}), AnsweredBy.SPOOL)
 
 
 def _take_head_flight(flow: http.HTTPFlow) -> Key | None:
     flow_note = note(flow)
     key, flow_note.head_flight = flow_note.head_flight, None
     return key
+
+
+def head_answer(head: BlobHead) -> Answer:
+    """A blob HEAD answered from what regcache knows of the blob."""
+    response = http.Response.make(200, b"", head.headers())
+    response.headers["Content-Length"] = str(head.size)  # what a GET would send; make() set 0
+    return Answer(response, AnsweredBy.SPOOL)
 
 
 def spool_key(target: Target) -> Key:

@@ -47,8 +47,8 @@ class Metrics:
             "regcache_upstream_errors", "Upstream requests that got no HTTP answer (refused, reset, timed out, bad TLS).",
             ("registry",), registry=self.registry)
         self.spool_followers = Counter(
-            "regcache_spool_followers", "Caches' upstream fetches of a blob sent to its spool on the data plane (the "
-            "proxy's one download of it) instead of going upstream.", ("registry",), registry=self.registry)
+            "regcache_spool_followers", "Fetches of a cold blob sent to its spool on the data plane (the proxy's one "
+            "download of it): caches' upstream fetches, and clients' GETs.", ("registry",), registry=self.registry)
         self.token_fetches = Counter(
             "regcache_token_fetches", "Bearer token requests to an upstream's token realm, by outcome (ok, denied, error).",
             ("registry", "outcome"), registry=self.registry)

@@ -17,12 +17,14 @@ miss (hit_tracking.py) and counts in the upstream metrics like any fetch through
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 import aiohttp
+from multidict import CIMultiDict
 
 from ..config import Registry, is_local
 from ..upstream.redirects import TooManyRedirects, follow_redirects, may_lead_to, redirect_location, resolve_destination
@@ -35,6 +37,7 @@ from ..upstream.signals import UpstreamAnswers
 logger = logging.getLogger(__name__)
 
 BODY_STALL = 30.0  # seconds without a byte of the body, then the download fails (readers wait longer)
+WRITES_AHEAD = 4  # chunks (up to READ_CHUNK each) read but not yet written, at most
 POOL_SIZE = 64  # downloads at once, to all upstreams (a pool of their own: they are long)
 
 
@@ -52,6 +55,7 @@ class SpoolDownloads:
         self.blob_fetched = blob_fetched  # (registry, repository, digest): InFlight.upstream_blob_fetch
         self.timeout = timeout
         self.client = UpstreamClient(pool_size=POOL_SIZE)
+        self.running: set[asyncio.Task] = set()  # downloads not finished: clients may be reading their spools
 
     async def follow(self, registry: Registry, repository: str, digest: str) -> Spool | None:
         """The spool an egress GET of this blob is served from, its download started by the first
@@ -61,6 +65,8 @@ class SpoolDownloads:
         spool, new = self.table.claim((registry.name, repository, digest))
         if new:
             spool.task = asyncio.get_running_loop().create_task(self._download(registry, spool))
+            self.running.add(spool.task)
+            spool.task.add_done_callback(self.running.discard)
         return spool if await self.table.follow(spool) else None
 
     def close(self) -> None:
@@ -72,7 +78,7 @@ class SpoolDownloads:
     async def _download(self, registry: Registry, spool: Spool) -> None:
         _, repository, digest = spool.key
         try:
-            response = await self._answer(registry, repository, digest)
+            response, _ = await self._answer(registry, repository, digest, "GET")
         except (UpstreamAuthError, NoAnswer, DownloadRefused) as e:
             logger.info("not spooling %s: %s; fetches go upstream", describe(spool.key), e)
             self.table.decline(spool)
@@ -91,8 +97,14 @@ class SpoolDownloads:
                 if writer is None:
                     return
                 self.blob_fetched(registry.name, repository, digest)
+                # The next chunks are read while the last ones are written and hashed, a few at most.
+                writes: collections.deque[asyncio.Future] = collections.deque()
                 while chunk := await self._next_chunk(response):
-                    await writer.write(chunk)
+                    writes.append(writer.write(chunk))
+                    if len(writes) > WRITES_AHEAD:
+                        await writes.popleft()
+                for write in writes:
+                    await write
             await self.table.finish(spool)
             logger.info("upstream fetch for %s: GET %s, %d bytes, for its spool", registry.name, describe(spool.key),
                         writer.received)
@@ -103,21 +115,40 @@ class SpoolDownloads:
             reason = "the body stalled" if isinstance(e, TimeoutError) else describe_error(e)
             self.table.fail(spool, reason)
 
-    async def _answer(self, registry: Registry, repository: str, digest: str) -> aiohttp.ClientResponse:
-        """The upstream's answer to GET of the blob, its redirects followed, headers read: within
-        the upstream timeout as a whole. Raises NoAnswer (the upstream is marked down),
-        UpstreamAuthError or DownloadRefused."""
+    async def head(self, registry: Registry, repository: str, digest: str) -> tuple[int | None, Mapping[str, str]]:
+        """The upstream's answer to a HEAD of the blob, made as a download's GET is (credentials,
+        redirects followed where they may lead): status and headers; None and no headers when
+        there was no usable answer. A redirect's target (a CDN) names no digest: the upstream
+        did, by redirecting the HEAD of that digest, so its 200 is given the header."""
+        try:
+            response, redirected = await self._answer(registry, repository, digest, "HEAD")
+        except (UpstreamAuthError, NoAnswer, DownloadRefused) as e:
+            logger.info("blob HEAD of %s: no answer from upstream (%s)", describe((registry.name, repository, digest)), e)
+            return None, {}
+        response.release()
+        headers = CIMultiDict(response.headers)
+        if redirected and response.status == 200:
+            headers.setdefault("Docker-Content-Digest", digest)
+        return response.status, headers
+
+    async def _answer(self, registry: Registry, repository: str, digest: str,
+                      method: str) -> tuple[aiohttp.ClientResponse, bool]:
+        """The upstream's answer to `method` of the blob, its redirects followed, headers read, and
+        whether it came from a redirect's target: within the upstream timeout as a whole. Raises
+        NoAnswer (the upstream is marked down), UpstreamAuthError or DownloadRefused."""
         answered = False  # once the upstream answered, a redirect target failing says nothing of it
+        redirected = False
 
         async def fetch(url: str, redirected_from: str | None) -> tuple[aiohttp.ClientResponse, str | None]:
-            nonlocal answered
-            if redirected_from is None:
-                response = await self._get(url, {"Authorization": authorization} if authorization else {})
+            nonlocal answered, redirected
+            redirected = redirected_from is not None
+            if not redirected:
+                response = await self._send(method, url, {"Authorization": authorization} if authorization else {})
                 self.upstream.answered(registry, repository, response.status, response.headers)
                 answered = True
             else:
                 # A redirect target gets no credentials, as when the caches follow one through us.
-                response = await self._get(url, {}, await self._checked_address(registry, url))
+                response = await self._send(method, url, {}, await self._checked_address(registry, url))
                 self.upstream.answered_elsewhere(registry, response.status)
             if (location := redirect_location(response.status, response.headers)) is not None:
                 response.release()
@@ -126,15 +157,17 @@ class SpoolDownloads:
         try:
             async with bounded(self.timeout):
                 authorization = await self.upstream.authorization(registry, repository)
-                return await follow_redirects(f"{registry.upstream}/v2/{repository}/blobs/{digest}", fetch)
+                response = await follow_redirects(f"{registry.upstream}/v2/{repository}/blobs/{digest}", fetch)
+                return response, redirected
         except TooManyRedirects as e:
             raise DownloadRefused(str(e)) from None
         except NoAnswer as e:
             self.upstream.failed(registry, None if e.answered or answered else e.reason)
             raise
 
-    async def _get(self, url: str, headers: dict[str, str], address: str | None = None) -> aiohttp.ClientResponse:
-        """GET `url`, connected to `address` when given (the name stays in Host and TLS's SNI)."""
+    async def _send(self, method: str, url: str, headers: dict[str, str],
+                    address: str | None = None) -> aiohttp.ClientResponse:
+        """`method url`, connected to `address` when given (the name stays in Host and TLS's SNI)."""
         parts = urlsplit(url)
         options = {}
         if address is not None:
@@ -143,7 +176,7 @@ class SpoolDownloads:
             url = parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
             if parts.scheme == "https":
                 options["server_hostname"] = parts.hostname
-        return await self.client.session().get(url, headers=headers, allow_redirects=False, **options)
+        return await self.client.session().request(method, url, headers=headers, allow_redirects=False, **options)
 
     async def _checked_address(self, registry: Registry, url: str) -> str | None:
         """Where a redirect to `url` connects; DownloadRefused where it may not lead (redirects.py)."""

@@ -2,30 +2,33 @@
 
 registry:2 2.8 as a cache fetches every cold blob twice from its upstream (one GET streams to
 the client, a background one stores), and once more for every client that asks while it is in
-flight. All of these reach the proxy's egress listener for that registry. There the first GET of
-a blob starts a **download** that the proxy owns (spool_download.py): it goes upstream with our
-credentials and writes the blob's 200 body to a spool file. Every egress GET of the blob, the
-first included, waits until the download has its answer's headers, then is sent to the data
-plane, which streams the spool file while it grows (`read_spool`, served by
-dataplane/spool_reader.py). No requester leads: a client that goes away (a Ctrl-C on `docker
-pull`, which makes registry:2 cancel its fetch) cuts only its own transfer, and the download
-goes on to the end for the others, and for the pulls that come next. When the download got no
-body to spool (an error, a 404, the disk bound reached), the GETs go upstream themselves, as
-without spools.
+flight. So the first GET of a blob the cache does not hold, a client's (mitm/cold_blobs.py) or
+one of the cache's on its egress listener (mitm/single_flight.py), starts a **download** that the
+proxy owns (spool_download.py): it goes upstream with our credentials and writes the blob's 200
+body to a spool file. Every GET of the blob, the first included, waits until the download has its
+answer's headers, then is sent to the data plane, which sends the spool file while it grows
+(`SpoolProgress`, dataplane/spool_reader.py): clients directly, and the cache, asked to store the
+blob, by its egress fetches. No requester leads: a client that goes away (a Ctrl-C on `docker
+pull`) cuts only its own transfer, and the download goes on to the end for the others, and for
+the pulls that come next. When the download got no body to spool (an error, a 404, the disk
+bound reached), the GETs go to the cache and upstream as without spools.
 
 Spools are keyed by (registry, repository, digest), not by digest alone: a follower in another
 repository would get bytes the upstream never said that repository holds.
 
 The spool file protocol between the proxy (the one writer) and the data-plane workers (readers,
-in other processes):
+in other processes, sending the file with sendfile: they never see the bytes):
 - the file only grows; a reader knows the blob's size and digest (its grant says) and stops at
   the size;
-- the writer unlinks the file when the download fails, so a reader that has fewer bytes than
-  expected, sees no growth and finds `st_nlink == 0` knows the rest will never come, and cuts
-  its connection: never a short body passed off as complete. A reader that sees no growth for
-  STALL_TIMEOUT (the proxy died) cuts too;
-- the writer hashes what it writes and fails a spool whose bytes hash wrong; readers hash what
-  they send too, hold the last bytes back until the hash checks, and cut on a mismatch;
+- the writer hashes what it writes; once every byte is written and hashes to the digest, it
+  makes the file read-only (`seal`), in place: its mode, read from the open file, is what tells
+  a reader the bytes checked. A reader sends the bytes as they arrive but holds the last
+  HOLD_BACK back until the file is sealed, so no client ever gets a whole body that the digest
+  did not check;
+- the writer unlinks the file when the download fails (or its bytes hash wrong), so a reader
+  waiting for more bytes that finds `st_nlink == 0` on a file that is not sealed knows the rest
+  will never come, and cuts its connection: never a short body passed off as complete. A reader
+  that sees no growth for STALL_TIMEOUT (the proxy died) cuts too;
 - a completed spool lingers LINGER seconds after it completed or last got a follower
   (registry:2 commits the blob into its storage just after its own fetch ends, and requests in
   that window would otherwise go upstream again), then is removed. Spools left by an earlier
@@ -45,7 +48,6 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +59,9 @@ LINGER = 30.0  # seconds a completed spool stays after its last use
 FOLLOW_WAIT = 60.0  # seconds a GET waits for the download's answer headers, then goes upstream itself
 STALL_TIMEOUT = 60.0  # seconds a reader waits for a spool that does not grow, then cuts
 READ_POLL = 0.02  # seconds between a reader's looks at a spool it has caught up with
-READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 20  # bytes the download reads from the upstream at a time
+HOLD_BACK = 1 << 20  # the last bytes a reader sends only once the spool is sealed
+WRITABLE = 0o222  # a sealed spool file has none of these mode bits
 
 Key = tuple[str, str, str]  # registry name, repository, digest
 
@@ -93,6 +97,7 @@ class Spool:
     writer: SpoolWriter | None = None
     timer: asyncio.TimerHandle | None = None
     task: asyncio.Task | None = None  # the download that writes it
+    cache_asked: bool = False  # its cache was asked to store the blob (cache_fill.py)
 
     @property
     def servable(self) -> bool:
@@ -108,9 +113,10 @@ class SpoolWriter:
         self._hasher = hasher
         self.received = 0  # bytes written
 
-    async def write(self, chunk: bytes) -> None:
-        """Raises OSError when the write failed (disk full)."""
-        await asyncio.get_running_loop().run_in_executor(self.spool.executor, self._write, chunk)
+    def write(self, chunk: bytes) -> asyncio.Future:
+        """Queues the chunk's write; the future raises OSError when it failed (disk full). Writes
+        happen in the order queued."""
+        return asyncio.get_running_loop().run_in_executor(self.spool.executor, self._write, chunk)
 
     def _write(self, chunk: bytes) -> None:
         self._file.write(chunk)
@@ -120,8 +126,10 @@ class SpoolWriter:
     def digest(self) -> str:
         return f"{self._hasher.name}:{self._hasher.hexdigest()}"
 
-    def close(self) -> None:
-        """In the spool's thread, after the writes queued before."""
+    def seal(self) -> None:
+        """Every byte is written and checked: make the file read-only, the mark readers wait for,
+        and close it (in the spool's thread, after the writes queued before)."""
+        os.fchmod(self._file.fileno(), os.fstat(self._file.fileno()).st_mode & ~WRITABLE)
         self._file.close()
 
     def discard(self) -> None:
@@ -180,7 +188,7 @@ class SpoolTable:
             return None
         try:
             hasher = hashlib.new(spool.key[2].partition(":")[0])
-            file = await asyncio.get_running_loop().run_in_executor(spool.executor, open, spool.path, "wb", 0)
+            file = await asyncio.get_running_loop().run_in_executor(spool.executor, open_for_writing, spool.path)
         except (OSError, ValueError) as e:
             logger.warning("not spooling %s: %s", describe(spool.key), e)
             self.decline(spool)
@@ -193,18 +201,19 @@ class SpoolTable:
         return spool.writer
 
     async def finish(self, spool: Spool) -> None:
-        """The download's body ended: a spool with every byte, hashing to its digest, completes;
-        else it fails."""
+        """The download's body ended: a spool with every byte, hashing to its digest, is sealed
+        and completes; else it fails."""
         writer = spool.writer
-        await asyncio.get_running_loop().run_in_executor(spool.executor, writer.close)
         if writer.received != spool.size:
             self.fail(spool, f"{writer.received} of {spool.size} bytes")
         elif writer.digest() != spool.key[2]:
             self.fail(spool, f"the bytes hash to {writer.digest()[:19]}")
-        elif spool.state is State.SPOOLING:
-            spool.state = State.COMPLETE
-            logger.info("spooled %s: complete, %d bytes", describe(spool.key), spool.size)
-            self._linger_from_now(spool)
+        else:
+            await asyncio.get_running_loop().run_in_executor(spool.executor, writer.seal)
+            if spool.state is State.SPOOLING:
+                spool.state = State.COMPLETE
+                logger.info("spooled %s: complete, %d bytes", describe(spool.key), spool.size)
+                self._linger_from_now(spool)
 
     def decline(self, spool: Spool) -> None:
         """No spool for this blob (no body, or not spooled): waiting GETs go upstream."""
@@ -264,6 +273,13 @@ class SpoolTable:
             spool.timer = None
 
 
+def open_for_writing(path: Path):
+    """The spool file, empty, unbuffered, and writable whatever the umask: not sealed."""
+    file = open(path, "wb", 0)
+    os.fchmod(file.fileno(), 0o600)
+    return file
+
+
 def remove_file(path: Path) -> None:
     path.unlink(missing_ok=True)
 
@@ -273,46 +289,38 @@ def describe(key: Key) -> str:
     return f"{registry}/{repository}@{digest[:19]}"
 
 
-async def open_spool(path: Path) -> int:
-    """A file descriptor of the spool, for read_spool (close it with os.close); FileNotFoundError
-    when there is none (never made, or removed after it lingered)."""
-    return await asyncio.get_running_loop().run_in_executor(None, os.open, path, os.O_RDONLY)
+def sealed(status: os.stat_result) -> bool:
+    return status.st_mode & WRITABLE == 0
 
 
-async def read_spool(fd: int, size: int, digest: str, stall_timeout: float = STALL_TIMEOUT,
-                     poll: float = READ_POLL) -> AsyncIterator[bytes]:
-    """The blob's bytes from its spool as they arrive, `size` in all, the last only once they hash
-    to `digest`. Raises SpoolBroken when that can never be (see the module's docstring). File
-    reads and hashing run in threads."""
-    loop = asyncio.get_running_loop()
-    algorithm, _, expected = digest.partition(":")
-    hasher = hashlib.new(algorithm)
-    offset, idle_since = 0, loop.time()
-    while offset < size:
-        chunk, linked = await loop.run_in_executor(None, _read_next, fd, offset, min(READ_CHUNK, size - offset), hasher)
-        if chunk:
-            offset += len(chunk)
-            idle_since = loop.time()
-            if offset == size and hasher.hexdigest() != expected:
-                raise SpoolBroken(f"the spooled bytes hash to {algorithm}:{hasher.hexdigest()[:12]}, not {digest[:19]}")
-            yield chunk
-        elif not linked:
-            raise SpoolBroken(f"the download failed after {offset} of {size} bytes")
-        elif loop.time() - idle_since > stall_timeout:
-            raise SpoolBroken(f"no growth for {stall_timeout:.0f}s after {offset} of {size} bytes")
-        else:
-            await asyncio.sleep(poll)
+class SpoolProgress:
+    """How far a reader of a spool file may send (see the module's docstring). The file's status
+    is read from the open file (fstat: no disk access), on the reader's event loop."""
 
+    def __init__(self, fd: int, size: int, stall_timeout: float = STALL_TIMEOUT, poll: float = READ_POLL) -> None:
+        self.fd, self.size = fd, size
+        self.stall_timeout, self.poll = stall_timeout, poll
+        self.broken: str | None = None  # why the spool can never be sent whole, once that is known
 
-def _read_next(fd: int, offset: int, count: int, hasher) -> tuple[bytes, bool]:
-    """(bytes at offset, hashed), or (b"", whether the file is still linked). A file that was
-    unlinked is read once more: bytes written before the unlink still count."""
-    chunk = os.pread(fd, count, offset)
-    if not chunk:
-        if os.fstat(fd).st_nlink > 0:
-            return b"", True
-        chunk = os.pread(fd, count, offset)
-        if not chunk:
-            return b"", False
-    hasher.update(chunk)
-    return chunk, True
+    async def ready(self, offset: int) -> int:
+        """The end of the bytes a reader that has sent `offset` of them may send now (more than
+        `offset`), once the download has written them. Raises SpoolBroken when they will never
+        all come, or hashed wrong."""
+        loop = asyncio.get_running_loop()
+        seen, idle_since = -1, loop.time()
+        while True:
+            status = os.fstat(self.fd)
+            end = self.size if sealed(status) else min(status.st_size, self.size - HOLD_BACK)
+            if end > offset:
+                return end
+            if status.st_nlink == 0 and not sealed(status):
+                self._break(f"the download failed after {status.st_size} of {self.size} bytes")
+            if status.st_size != seen:
+                seen, idle_since = status.st_size, loop.time()
+            elif loop.time() - idle_since > self.stall_timeout:
+                self._break(f"no growth for {self.stall_timeout:.0f}s after {status.st_size} of {self.size} bytes")
+            await asyncio.sleep(self.poll)
+
+    def _break(self, reason: str) -> None:
+        self.broken = reason
+        raise SpoolBroken(reason)
