@@ -125,8 +125,9 @@ def pull_record(flow: http.HTTPFlow, now: float) -> PullRecord:
         method=flow.request.method,
         status=status,
         sent=sent,
-        # A 307 to the data plane is answered by the proxy itself, like a refusal.
-        backend=target.backend if target and flow_note.answered_by not in (AnsweredBy.REGCACHE, AnsweredBy.DATA_PLANE) else None,
+        # Only what routing's backend answered names it: a 307 to the data plane, a refusal, a
+        # blob HEAD answered from the spools are the proxy's own answers.
+        backend=target.backend if target and not flow_note.answered else None,
         cache=flow_note.cache,
         error=flow.error.msg if flow.error else None,
     )
