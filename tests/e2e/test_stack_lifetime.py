@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -30,10 +31,17 @@ def descendants(pid: int) -> list[int]:
 
 
 def stalled_download(image) -> http.client.HTTPResponse:
-    """A pull in flight: the image's last layer (cold, so the proxy streams it from the cache,
-    which fetches it through the egress listener), of which the client read 1 MiB and stopped."""
+    """A pull in flight: the image's last layer (cold, so the proxy downloads it and the client
+    follows the 307 to the download's spool on the data plane), of which the client read 1 MiB
+    and stopped."""
     connection = http.client.HTTPConnection("127.0.0.1", PORT, timeout=60)
     connection.request("GET", f"/v2/{image.name}/blobs/{image.blob_digests[-1]}", headers={"Host": DOCKER_IO})
+    redirect = connection.getresponse()
+    redirect.read()
+    assert redirect.status == 307, "a cold layer follows its download on the data plane"
+    location = urlsplit(redirect.headers["Location"])
+    connection = http.client.HTTPConnection(location.hostname, location.port, timeout=60)
+    connection.request("GET", f"{location.path}?{location.query}")
     response = connection.getresponse()
     assert response.status == 200
     response.read(1 << 20)
