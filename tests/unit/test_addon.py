@@ -212,6 +212,42 @@ def test_pull_record_of_a_failed_exchange():
     assert record["backend"] == "http://127.0.0.1:5001"
 
 
+def marked(flow: http.HTTPFlow, response: http.Response | None, error: str | None = None) -> str | None:
+    """The pull log's `cache` for a client flow that HitMarker watched from its head to its end."""
+    hits = HitMarker()
+    hits.requestheaders(flow)
+    flow.response = response
+    if error:
+        flow.error = tflow.terr(error)
+        hits.error(flow)
+    else:
+        hits.response(flow)
+    return finished(flow)["cache"]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_an_answer_that_served_no_content_is_no_hit(method):
+    """regcache stats counts hits from these marks: a 500 of the cache, a 404, a failed exchange
+    and regcache's own 503 served nothing from the cache."""
+    blob = f"/v2/library/small/blobs/{DIGEST}"
+    assert marked(routed(client_flow(blob, method=method)), http.Response.make(200, b"")) == "hit"
+    assert marked(routed(client_flow(blob, method=method)), http.Response.make(304, b"")) == "hit"
+    for status in (500, 503, 404, 401):
+        assert marked(routed(client_flow(blob, method=method)), http.Response.make(status, b"{}")) is None, status
+    assert marked(routed(client_flow(blob, method=method)), None, error="Connection refused") is None
+
+
+def test_a_mark_set_before_the_answer_goes_when_the_answer_serves_nothing():
+    """A tag whose digest regcache knows is asked of the cache by that digest, marked a hit
+    before the cache answers; a 307 to the data plane keeps its mark (its transfer carries the bytes)."""
+    manifest = routed(client_flow("/v2/library/small/manifests/1.0"))
+    note(manifest).cache = "hit"
+    assert marked(manifest, http.Response.make(500, b"{}")) is None
+    cold = routed(client_flow(f"/v2/library/small/blobs/{DIGEST}"))
+    note(cold).cache = "miss"
+    assert marked(cold, http.Response.make(307, b"", {"Location": "http://127.0.0.1:5002/x"})) == "miss"
+
+
 def test_pull_record_holds_no_header_value():
     flow = routed(client_flow("/v2/library/small/manifests/1.0"))
     flow.request.headers["Authorization"] = "Bearer s3cret-token"

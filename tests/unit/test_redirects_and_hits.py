@@ -63,12 +63,14 @@ def test_tag_freshness_check_is_a_hit_but_a_fetch_by_the_resolved_digest_is_a_mi
 
 
 @pytest.mark.parametrize("status, served, result", [
-    (404, False, "hit"),  # the upstream brought nothing: no miss
+    (404, True, "hit"),  # the upstream brought nothing: no miss
     (304, True, "hit"),
     (None, True, "stale"),  # no answer, the cache served its own copy
     (503, True, "stale"),
     (429, True, "stale"),
-    (None, False, "hit"),  # nothing served: not stale either
+    (None, False, None),  # nothing served: no hit, not stale either
+    (404, False, None),  # the cache answered 404 too: nothing from the cache
+    (200, False, None),  # fetched, but the client got an error: no content served, no mark
 ])
 def test_an_upstream_answer_without_content_is_no_miss_and_a_failed_one_makes_a_served_copy_stale(status, served, result):
     table = InFlight()

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from mitmproxy import http
 
-from ..observe.hits import InFlight
+from ..observe.hits import InFlight, served_content
 from .flow_notes import AnsweredBy, note
 
 
 class HitMarker:
     """Marks each client manifest or blob request of a cached registry as a hit, miss or stale;
     requests already marked (answered from what regcache learnt) keep their mark, and a blob HEAD
-    answered from what spools know (mitm/cold_blobs.py) is neither: the cache was not asked."""
+    answered from what spools know (mitm/cold_blobs.py) is neither: the cache was not asked. An
+    answer that served no content has no mark, whoever set one (a manifest asked of the cache by
+    the digest regcache knows, which then fails)."""
 
     def __init__(self) -> None:
         self.in_flight = InFlight()
@@ -53,6 +55,9 @@ class HitMarker:
                                        status, blob=egress.kind == "blob")
 
     def _finish(self, flow: http.HTTPFlow) -> None:
-        served = flow.response is not None and 200 <= flow.response.status_code < 300
-        if result := self.in_flight.finished(flow.id, served):
+        served = flow.response is not None and served_content(flow.response.status_code)
+        result = self.in_flight.finished(flow.id, served)
+        if not served:
+            note(flow).cache = None
+        elif result is not None:
             note(flow).cache = result

@@ -11,6 +11,9 @@ answer for the same content (registry, repository, reference) decides what it wa
 - stale when the upstream failed (no answer, 429, 5xx) and the cache answered from its own copy;
 - else a hit.
 
+An answer that served no content (an error status, a refusal, a 404) is none of these: it
+served nothing from the cache, so `regcache stats` and the metrics must not count it as a hit.
+
 When a tag's HEAD answers with a digest, the client's request is also watched under that
 digest, because registry:2 then fetches the manifest by digest if it does not hold it.
 
@@ -27,6 +30,12 @@ from __future__ import annotations
 from ..upstream.redirects import REDIRECT_STATUSES
 
 Key = tuple[str, str, str]  # registry name, repository, reference (tag or digest)
+
+
+def served_content(status: int) -> bool:
+    """The answer gave the client content: a 2xx, a 304 (the client's copy is current) or a
+    redirect to where the content is (the data plane's 307)."""
+    return 200 <= status < 300 or status == 304 or status in REDIRECT_STATUSES
 
 
 def upstream_failed(status: int | None) -> bool:
@@ -70,7 +79,7 @@ class InFlight:
 
     def finished(self, flow_id: str, served: bool) -> str | None:
         """"hit", "miss" or "stale" for a watched client request (and forget it); None if it was
-        not watched. `served`: the client got the content (a 2xx), so a failed upstream made it stale."""
+        not watched or not `served` (the client got no content: see served_content)."""
         keys = self._keys.pop(flow_id, None)
         if keys is None:
             return None
@@ -82,9 +91,11 @@ class InFlight:
         missed, failed = flow_id in self._missed, flow_id in self._failed
         self._missed.discard(flow_id)
         self._failed.discard(flow_id)
+        if not served:
+            return None
         if missed:
             return "miss"
-        return "stale" if failed and served else "hit"
+        return "stale" if failed else "hit"
 
     def __len__(self) -> int:
         return len(self._keys)
