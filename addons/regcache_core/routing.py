@@ -51,6 +51,7 @@ class Target:
     reference: str | None  # tag or digest; None for ping and tags
     path: str  # what the backend is asked for: the client's path and query, without ns
     page: TagsPage | None = None  # for a cache's tags/list
+    by_ns: bool = False  # routed by `?ns=`, not by Host: its answers name the registry (OCI-Namespace)
 
     @property
     def goes_upstream(self) -> bool:
@@ -116,6 +117,8 @@ def route(config: Config, method: str, host: str, path: str, proxy_form: bool = 
         return registry
     forward_path = with_query(path_only, [(k, v) for k, v in params if k != "ns"])
     target = parse_api_path(registry, path_only, forward_path)
+    if isinstance(target, Target) and host_registry_name(config, host) is None:
+        target = replace(target, by_ns=True)
     if isinstance(target, Target) and target.kind == "tags" and registry.cache is not None:
         return page_of_tags(target, path_only, params)
     return target
@@ -158,12 +161,16 @@ def refuse_method(method: str) -> Refusal | None:
     return None
 
 
-def select_registry(config: Config, host: str, ns: str) -> Registry | Refusal:
-    """The registry named by the virtual host `<registry>.<domain>`, else by `?ns=`."""
+def host_registry_name(config: Config, host: str) -> str | None:
+    """The registry name in a virtual host `<registry>.<domain>`; None for any other host."""
     hostname = strip_port(host).lower().rstrip(".")  # "name." is the same host as "name"
     suffix = "." + config.domain
-    if hostname.endswith(suffix):
-        name = hostname[: -len(suffix)]
+    return hostname[: -len(suffix)] if hostname.endswith(suffix) else None
+
+
+def select_registry(config: Config, host: str, ns: str) -> Registry | Refusal:
+    """The registry named by the virtual host `<registry>.<domain>`, else by `?ns=`."""
+    if (name := host_registry_name(config, host)) is not None:
         return config.registry(name) or Refusal(
             404, "NAME_UNKNOWN", f"registry {_quote(name)} (host {_quote(host)}) is not mapped by this regcache"
         )

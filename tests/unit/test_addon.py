@@ -16,7 +16,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from tests.support.parts import REPO
 from regcache_core.mitm import make_addons
-from regcache_core.mitm.answers import send_answer
+from regcache_core.mitm.answers import Answer, refusal_answer, send_answer
 from regcache_core.mitm.budget import DiskBudget
 from regcache_core.mitm.client_limits import ConnectionLimits
 from regcache_core.mitm.drain import Drain
@@ -35,7 +35,7 @@ from regcache_core.mitm.settings import Settings
 from regcache_core.config import DEFAULTS, parse_config
 from regcache_core.observe.metrics import Metrics
 from regcache_core.upstream.redirects import RedirectSigner
-from regcache_core.routing import Target
+from regcache_core.routing import Refusal, Target
 
 ADDON_SCRIPT = REPO / "addons" / "regcache.py"
 CONFIG = parse_config({**DEFAULTS, "REGISTRY_DOMAIN": "regcache.test", "GHCR_CACHE": "none"})
@@ -246,6 +246,22 @@ def test_a_mark_set_before_the_answer_goes_when_the_answer_serves_nothing():
     cold = routed(client_flow(f"/v2/library/small/blobs/{DIGEST}"))
     note(cold).cache = "miss"
     assert marked(cold, http.Response.make(307, b"", {"Location": "http://127.0.0.1:5002/x"})) == "miss"
+
+
+@pytest.mark.parametrize("make_answer", [
+    lambda flow: setattr(flow, "response", http.Response.make(200, b"{}")),  # the backend's answer
+    lambda flow: send_answer(flow, refusal_answer(flow.request.method, Refusal(503, "UNAVAILABLE", "down"))),
+    lambda flow: send_answer(flow, Answer(http.Response.make(307, b"", {"Location": "http://127.0.0.1:5002/x"}))),
+])
+def test_an_answer_to_a_request_routed_by_ns_names_the_registry_and_one_routed_by_host_does_not(make_answer):
+    """The distribution spec's Registry Proxying: `OCI-Namespace` on answers to `?ns=` requests."""
+    answers = SpecAnswers()
+    for host, expected in (("127.0.0.1:5000", "docker.io"), (HUB, None)):
+        flow = routed(client_flow(f"/v2/library/small/blobs/{DIGEST}?ns=Docker.io", host))
+        make_answer(flow)
+        answers.responseheaders(flow)
+        asyncio.run(answers.response(flow))
+        assert flow.response.headers.get("OCI-Namespace") == expected, host
 
 
 def test_pull_record_holds_no_header_value():

@@ -38,7 +38,8 @@ def test_virtual_host_names_the_registry(host):
 
 
 def test_virtual_host_wins_over_ns():
-    assert target("/v2/library/small/manifests/1.0?ns=quay.io").registry.name == "docker.io"
+    by_host = target("/v2/library/small/manifests/1.0?ns=quay.io")
+    assert (by_host.registry.name, by_host.by_ns) == ("docker.io", False)
     unmapped = refusal("/v2/library/small/manifests/1.0?ns=docker.io", host="unmapped.io.regcache.test")
     assert (unmapped.status, unmapped.code) == (404, "NAME_UNKNOWN")
 
@@ -48,6 +49,7 @@ def test_ns_names_the_registry_on_any_host(host):
     decision = target("/v2/library/small/manifests/1.0?ns=Quay.io", host)
     assert decision.registry.name == "quay.io"
     assert decision.path == "/v2/library/small/manifests/1.0"
+    assert decision.by_ns  # its answers name the registry (OCI-Namespace)
 
 
 def test_uncached_registry_goes_to_its_upstream():

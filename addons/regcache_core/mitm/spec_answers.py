@@ -1,5 +1,5 @@
 """SpecAnswers: applies spec_answers.py to what caches answer, before the pull log and metrics
-see the answer."""
+see the answer, and names the registry of an answer to a request routed by `?ns=`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class SpecAnswers:
     """Replaces answers of a client request's backend where registry:2 differs from the spec."""
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        name_the_namespace(flow)  # a streamed answer's head is sent before `response`
         target = note(flow).target
         if target is not None and target.page is not None and flow.response.status_code == 200:
             length = flow.response.headers.get("Content-Length", "")
@@ -26,6 +27,10 @@ class SpecAnswers:
                 flow.response.stream = False  # the page is cut from the whole body
 
     async def response(self, flow: http.HTTPFlow) -> None:
+        await self._spec_answer(flow)
+        name_the_namespace(flow)  # on the answer as sent: regcache's own, a 307, a replaced one
+
+    async def _spec_answer(self, flow: http.HTTPFlow) -> None:
         target = note(flow).target
         if target is None or note(flow).upstream_request is not None or flow.response.stream:
             return
@@ -41,3 +46,11 @@ class SpecAnswers:
                 response.content, link = page
                 if link:
                     response.headers["Link"] = link
+
+
+def name_the_namespace(flow: http.HTTPFlow) -> None:
+    """The distribution spec's Registry Proxying: a registry serving `?ns=` says which namespace it
+    answered for in `OCI-Namespace`. Only for requests routed by `ns`: by Host, the name says it."""
+    target = note(flow).target
+    if target is not None and target.by_ns and flow.response is not None:
+        flow.response.headers["OCI-Namespace"] = target.registry.name
