@@ -18,8 +18,8 @@ import pytest
 from tests.support.clients import Containerd
 from tests.support.fakes import Cdn
 from tests.support.parts import (
-    MANIFEST_TYPES, PORT_BASES, REGCACHE, TEST_DOMAIN, UPSTREAM_OFFSET, docker_io_stack, http_get, pull, raw_exchange,
-    skopeo,
+    MANIFEST_TYPES, PORT_BASES, REGCACHE, TEST_DOMAIN, UPSTREAM_OFFSET, docker_io_stack, http_get, poll, pull,
+    raw_exchange, skopeo,
 )
 
 PORT = PORT_BASES["test_client_access"]
@@ -72,6 +72,18 @@ def test_an_address_outside_the_clients_is_refused_and_reaches_nothing(guarded, 
         "code": "DENIED", "message": "127.0.0.2 is not in the networks allowed to use this regcache"}
     assert path not in cache_log(guarded)
     assert len(upstream.access_log()) == upstream_before
+
+
+def test_refused_requests_are_each_counted_and_logged_once_a_minute_per_address(guarded, images):
+    path = f"/v2/{images['small'].name}/manifests/{images['small'].tag}"
+    request = f"GET {path} HTTP/1.1\r\nHost: {DOCKER_IO}\r\nConnection: close\r\n\r\n".encode()
+    refused = ("regcache_client_refusals_total", (("reason", "network"),))
+    before = guarded.metrics().get(refused, 0)
+    for _ in range(100):
+        assert raw_exchange(PORT, request, source="127.0.0.3").startswith(b"HTTP/1.1 403")
+    assert guarded.metrics()[refused] - before == 100
+    lines = poll(lambda: [line for line in guarded.output if "refused client 127.0.0.3:" in line], bool)
+    assert len(lines) == 1 and "not in REGCACHE_CLIENTS" in lines[0], lines
 
 
 def test_the_data_plane_refuses_an_address_outside_the_clients(guarded):

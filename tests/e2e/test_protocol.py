@@ -56,6 +56,19 @@ def test_a_missing_manifest_by_digest_is_404_manifest_unknown_not_the_caches_500
     assert upstream.requests_for(MISSING)  # the cache did ask its upstream: it was a real miss
 
 
+def test_an_answer_to_a_request_routed_by_ns_names_its_registry_in_oci_namespace_and_one_by_host_does_not(stack, images):
+    blob = images["small"].blob_digests[0]
+    for path in ("/v2/", "/v2/library/small/manifests/1.0", f"/v2/library/small/manifests/{MISSING}",
+                 f"/v2/library/small/blobs/{blob}"):  # regcache's own, the cache's, a replaced 500, a 307 or a blob
+        for method in ("GET", "HEAD"):
+            by_ns = raw_exchange(PORT, request(f"{method} {path}?ns=docker.io HTTP/1.1", host=f"127.0.0.1:{PORT}"))
+            by_host = raw_exchange(PORT, request(f"{method} {path}?ns=docker.io HTTP/1.1"))
+            [(status, headers, _)] = split_responses(by_ns, [method])
+            assert headers.get("oci-namespace") == "docker.io", (method, path, status)
+            [(status, headers, _)] = split_responses(by_host, [method])
+            assert "oci-namespace" not in headers, (method, path, status)
+
+
 def test_only_canonical_get_and_head_leave_the_proxy(stack, upstream):
     for method in ("get", "hEaD", "Get"):
         path = f"/v2/library/small/manifests/1.0?case={method}"

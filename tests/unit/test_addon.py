@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import logging
 from types import SimpleNamespace
 
+import bcrypt
 import pytest
 from mitmproxy import http
 from mitmproxy import io as mitmproxy_io
@@ -18,6 +20,7 @@ from tests.support.parts import REPO
 from regcache_core.mitm import make_addons
 from regcache_core.mitm.answers import Answer, refusal_answer, send_answer
 from regcache_core.mitm.budget import DiskBudget
+from regcache_core.mitm.client_access import ClientAccess
 from regcache_core.mitm.client_limits import ConnectionLimits
 from regcache_core.mitm.drain import Drain
 from regcache_core.mitm.hits import HitMarker
@@ -33,6 +36,7 @@ from regcache_core.mitm.recorder import ByteCounter, Recorder, pull_record
 from regcache_core.mitm.router import Router
 from regcache_core.mitm.settings import Settings
 from regcache_core.config import DEFAULTS, parse_config
+from regcache_core.observe.log_throttle import LogThrottle
 from regcache_core.observe.metrics import Metrics
 from regcache_core.upstream.redirects import RedirectSigner
 from regcache_core.routing import Refusal, Target
@@ -262,6 +266,44 @@ def test_an_answer_to_a_request_routed_by_ns_names_the_registry_and_one_routed_b
         answers.responseheaders(flow)
         asyncio.run(answers.response(flow))
         assert flow.response.headers.get("OCI-Namespace") == expected, host
+
+
+def test_refused_clients_are_each_counted_and_logged_once_a_minute_per_address(tmp_path, caplog):
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("alice:" + bcrypt.hashpw(b"a-pass", bcrypt.gensalt(4)).decode() + "\n")
+    settings, metrics, now = Settings(), Metrics(), [0.0]
+    settings.config = parse_config({**DEFAULTS, "REGISTRY_DOMAIN": "regcache.test", "REGCACHE_HTPASSWD": str(htpasswd),
+                                    "REGCACHE_CLIENTS": "10.0.0.0/8"})
+    access = ClientAccess(settings, metrics)
+    access.configure({"regcache_env_file"})
+    access.refusals = LogThrottle(clock=lambda: now[0])
+
+    def check(address: str, authorization: str | None = None) -> int | None:
+        flow = client_flow("/v2/")
+        flow.client_conn.peername = (address, 40000)
+        if authorization:
+            flow.request.headers["Authorization"] = authorization
+        answer = asyncio.run(access.check(flow))
+        return answer and answer.response.status_code
+
+    def refusals(reason: str) -> float:
+        return metrics.registry.get_sample_value("regcache_client_refusals_total", {"reason": reason}) or 0
+
+    caplog.set_level(logging.INFO, logger="regcache_core.mitm.client_access")
+    assert [check("192.0.2.7") for _ in range(100)] == [403] * 100
+    assert check("10.0.0.9") == 401  # a Basic client's first try: counted, not logged
+    wrong = "Basic " + base64.b64encode(b"alice:wrong").decode()
+    assert [check("10.0.0.9", wrong) for _ in range(3)] == [401] * 3
+    assert check("10.0.0.9", "Basic " + base64.b64encode(b"alice:a-pass").decode()) is None
+    now[0] = 61.0
+    assert check("192.0.2.7") == 403
+    assert (refusals("network"), refusals("credentials"), refusals("no_credentials")) == (101, 3, 1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused client 192.0.2.7: its address is not in REGCACHE_CLIENTS",
+        "refused client 10.0.0.9: wrong user name or password (REGCACHE_HTPASSWD)",
+        "refused client 192.0.2.7: its address is not in REGCACHE_CLIENTS (99 more since the last such line)",
+    ]
+    access.done()
 
 
 def test_pull_record_holds_no_header_value():

@@ -20,6 +20,9 @@ from .pull_log import PullRecord
 EXPOSITION_CONTENT_TYPE = CONTENT_TYPE_LATEST
 NONE = "none"  # label value for "not known" or "not applicable": refused requests, cache unknown
 TOKEN_OUTCOMES = ("ok", "denied", "error")  # got a token, 401/403 from the realm, no usable answer
+# Why a client was refused before routing: its address is outside REGCACHE_CLIENTS, its
+# credentials are wrong, or it sent none while REGCACHE_HTPASSWD is set (a client's first try).
+REFUSAL_REASONS = ("network", "credentials", "no_credentials")
 # From a cached manifest (milliseconds) to a big layer over a slow link (minutes).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -68,6 +71,10 @@ class Metrics:
         self.total_disk_budget = Gauge(
             "regcache_disk_budget_bytes", "The disk budget over all caches run here (REGCACHE_MAX_DISK).",
             registry=self.registry)
+        self.client_refusals = Counter(
+            "regcache_client_refusals", "Client requests refused before routing, by reason: network (403, outside "
+            "REGCACHE_CLIENTS), credentials (401, wrong ones), no_credentials (401, none sent: a client's first try).",
+            ("reason",), registry=self.registry)
         self.upstream_reachable = Gauge(
             "regcache_upstream_up", "1 while the registry's upstream answers, 0 while it cannot be reached (see /ready's body for why).",
             ("registry",), registry=self.registry)
@@ -99,6 +106,11 @@ class Metrics:
 
     def spool_follower(self, registry: str) -> None:
         self.spool_followers.labels(registry).inc()
+
+    def client_refused(self, reason: str) -> None:
+        if reason not in REFUSAL_REASONS:
+            raise ValueError(f"client refusal reason {reason!r} is not one of {REFUSAL_REASONS}")
+        self.client_refusals.labels(reason).inc()
 
     def token_fetch(self, registry: str, outcome: str) -> None:
         if outcome not in TOKEN_OUTCOMES:
