@@ -22,7 +22,7 @@ import pytest
 from tests.support.clients import Containerd
 from tests.support.parts import (
     MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, build_image, docker_io_stack,
-    http_get, poll,
+    http_get, poll, raw_exchange, raw_request, split_responses,
 )
 from regcache_core.commands.client_config import hosts_toml
 
@@ -159,13 +159,23 @@ def test_an_uncached_registrys_blackholed_upstream_costs_the_bound_once(outage_s
         check_uncached_outage(outage_stack, seen)
 
 
-def check_uncached_outage(stack: Stack, seen) -> None:
-    (status, _, _), took = timed(lambda: manifest(seen.name, seen.tag, host=GHCR))
-    assert status == 502 and took < BOUND + SLACK  # the exchange was under way: mitmproxy's 502
-    (status, _, body), took = timed(lambda: manifest(seen.name, seen.tag, host=GHCR))
-    assert status == 503 and took < SLACK
-    assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE" and "(timeout)" in body.decode()
-    assert len(warnings(stack, "of ghcr.io is unreachable (timeout)")) == 1
+def check_uncached_outage(stack: Stack, seen, reason: str = "timeout") -> None:
+    """The request that finds the upstream down and the next both get regcache's 503, framed as
+    registry JSON on raw sockets (the first used to get mitmproxy's HTML 502)."""
+    request = raw_request(f"GET /v2/{seen.name}/manifests/{seen.tag} HTTP/1.1", host=GHCR)
+    for bound in (BOUND + SLACK, SLACK):  # the exchange under way waits for the bound, the next not
+        reply, took = timed(lambda: raw_exchange(PORT, request))
+        [(status, headers, body)] = split_responses(reply, ["GET"])
+        assert status == 503 and took < bound and headers["content-type"] == "application/json", reply[:300]
+        error = json.loads(body)["errors"][0]
+        assert error["code"] == "UNAVAILABLE" and "ghcr.io" in error["message"] and f"({reason})" in error["message"]
+        assert "server" not in headers  # no mitmproxy page
+    assert len(warnings(stack, f"of ghcr.io is unreachable ({reason})")) == 1
+
+
+def test_an_uncached_registrys_stopped_upstream_is_503_json_from_the_first_request(outage_stack, module_upstream,
+                                                                                    cached, upstream_down):
+    check_uncached_outage(outage_stack, cached[0], "refused")
 
 
 def test_an_upstream_whose_name_does_not_resolve_is_said_so_at_once(outage_stack):

@@ -18,7 +18,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from tests.support.parts import REPO
 from regcache_core.mitm import make_addons
-from regcache_core.mitm.answers import Answer, refusal_answer, send_answer
+from regcache_core.mitm.answers import Answer, answer_after_failure, refusal_answer, send_answer
 from regcache_core.mitm.budget import DiskBudget
 from regcache_core.mitm.client_access import ClientAccess
 from regcache_core.mitm.client_limits import ConnectionLimits
@@ -29,7 +29,7 @@ from regcache_core.mitm.request_path import RequestPath
 from regcache_core.mitm.spec_answers import SpecAnswers
 from regcache_core.mitm.tasks import ScheduledTasks
 from regcache_core.mitm.services import Services
-from regcache_core.mitm.upstream_requests import UpstreamRequests
+from regcache_core.mitm.upstream_requests import UpstreamRequests, unreachable
 from regcache_core.mitm.web import WebView
 from regcache_core.mitm.flow_notes import note
 from regcache_core.mitm.recorder import ByteCounter, Recorder, pull_record
@@ -304,6 +304,21 @@ def test_refused_clients_are_each_counted_and_logged_once_a_minute_per_address(t
         "refused client 192.0.2.7: its address is not in REGCACHE_CLIENTS (99 more since the last such line)",
     ]
     access.done()
+
+
+def test_a_client_request_whose_upstream_failed_gets_registry_json_on_its_connection_not_mitmproxys_page(monkeypatch):
+    written = []
+    writer = SimpleNamespace(write=written.append, close=lambda: written.append(b"(closed)"))
+    monkeypatch.setattr("regcache_core.mitm.answers.client_writer", lambda flow: writer)
+    flow = routed(client_flow("/v2/x/manifests/1.0", host="ghcr.io.regcache.test:5000"))
+    flow.live, flow.error = True, tflow.terr("Connection refused")  # as in the error hook
+    answer_after_failure(flow, refusal_answer("GET", unreachable(CONFIG.registry("ghcr.io"), "refused")))
+    head, body = written[0].split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head
+    assert f"\r\ncontent-length: {len(body)}".encode() in head.lower() and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    assert "(refused)" in json.loads(body)["errors"][0]["message"] and written[1:] == [b"(closed)"]
+    assert flow.error.msg == flow.error.KILLED_MESSAGE  # so mitmproxy sends no page of its own after it
+    assert finished(flow)["status"] == 503
 
 
 def test_pull_record_holds_no_header_value():

@@ -71,6 +71,17 @@ def refuse(flow: http.HTTPFlow, refusal: Refusal) -> None:
     send_answer(flow, refusal_answer(flow.request.method, refusal))
 
 
+def answer_after_failure(flow: http.HTTPFlow, answer: Answer) -> None:
+    """From an `error` hook: answer a flow whose exchange failed with `answer` instead of
+    mitmproxy's HTML error page, and close the connection (the flow is killed, so mitmproxy sends
+    nothing more). HTTP/1 only: on HTTP/2 and 3 mitmproxy's own answer stays."""
+    if client_writer(flow) is None or not flow.killable:
+        return
+    answer_here(flow, answer.response, answer.by)
+    flow.response.headers["Connection"] = "close"
+    send_before_the_body(flow)
+
+
 def send_before_the_body(flow: http.HTTPFlow) -> None:
     """Send the flow's answer now and close the connection, leaving the request body unread.
 

@@ -13,7 +13,9 @@ the task is cancelled when no response head has arrived by the deadline: that bo
 connect and the wait for the first byte alike. A body that has started is not cut.
 
 While an upstream is known to be down, its requests are answered 503 at once: the caches then
-serve what they hold.
+serve what they hold. A client's request that finds it down (no answer, or none by the
+deadline) gets the same 503, not mitmproxy's HTML 502: written on the client's connection,
+which then closes (HTTP/1; on HTTP/2 the stream is reset).
 
 Redaction: mitmweb keeps flows, and mitmproxy saves them (save_stream_file, /flows/dump), so
 the header we added is redacted once the answer's headers (or an error) arrive, and when
@@ -30,12 +32,12 @@ import weakref
 from mitmproxy import http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from ..config import parse_ip
+from ..config import Registry, parse_ip
 from ..upstream.redirects import RedirectSigner, redirect_location
 from ..routing import Refusal
 from ..upstream.auth import UpstreamAuthError
 from ..upstream.state import failure_reason
-from .answers import refuse
+from .answers import answer_after_failure, refusal_answer, refuse
 from .flow_notes import AnsweredBy, FlowNote, note
 from .services import Services
 from .settings import Settings
@@ -61,8 +63,7 @@ class UpstreamRequests:
         if flow_note.answered or (target is None and flow_note.redirect is None):
             return
         if target is not None and (reason := self.services.upstream_state.reason_down(target.registry.name)):
-            refuse(flow, Refusal(503, "UNAVAILABLE", f"upstream {target.registry.upstream} of {target.registry.name}"
-                                                     f" cannot be reached ({reason}); regcache retries it in the background"))
+            refuse(flow, unreachable(target.registry, reason))
             return
         self._start_deadline(flow, flow_note)
         if target is None:
@@ -125,6 +126,9 @@ class UpstreamRequests:
             return  # an answer came, and was reported
         down = failure(flow, flow_note) if flow_note.upstream_request is not None else None
         self.services.upstream.failed(answers.registry, down)
+        if down is not None and flow_note.egress_for is None:
+            # A client's request, not a cache's fetch (a cache reads no error page).
+            answer_after_failure(flow, refusal_answer(flow.request.method, unreachable(answers.registry, down)))
 
     def done(self) -> None:
         # mitmproxy's Save writes the flows still in flight in its `done`, which runs after the scripts'.
@@ -167,6 +171,11 @@ class UpstreamRequests:
         note(flow).deadline_passed = True
         if (task := self._connections.get(flow.client_conn.id)) is not None:
             task.cancel(f"no answer from the upstream within {self.settings.config.upstream_timeout:g} s")
+
+
+def unreachable(registry: Registry, reason: str) -> Refusal:
+    return Refusal(503, "UNAVAILABLE", f"upstream {registry.upstream} of {registry.name} cannot be reached ({reason});"
+                                       " regcache retries it in the background")
 
 
 def failure(flow: http.HTTPFlow, flow_note: FlowNote) -> str | None:
