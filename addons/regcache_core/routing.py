@@ -78,6 +78,13 @@ class Refusal:
         return json.dumps({"errors": [{"code": self.code, "message": self.message}]}).encode()
 
 
+def upstream_unreachable(registry: Registry, reason: str, missing: str | None = None) -> Refusal:
+    """The 503 for a request that needs `registry`'s upstream while it cannot be reached (`reason`);
+    `missing`: the reference its cache does not hold, so that no user looks for a typo."""
+    then = f", and the cache does not hold {missing}" if missing else "; regcache retries it in the background"
+    return Refusal(503, "UNAVAILABLE", f"upstream {registry.upstream} of {registry.name} cannot be reached ({reason}){then}")
+
+
 def refuse_malformed(method: str, http_version: str, target: str, has_body: bool, multiplexed: bool = False) -> Refusal | None:
     """What is wrong with a request whatever its path: checked first, on every listener, so that
     nothing after it meets an unknown protocol, an unbounded or non-ASCII target, or a pull with

@@ -119,11 +119,28 @@ def check_outage_answers(stack: Stack, seen, unseen, reason: str) -> None:
     assert status == 503 and took < BOUND + SLACK
     error = json.loads(body)["errors"][0]
     assert error["code"] == "UNAVAILABLE" and "docker.io" in error["message"] and f"({reason})" in error["message"]
-    records = stack.pull_records_until(lambda rs: any(r["reference"] == unseen.tag for r in rs))
+    check_unseen_blob(unseen, reason)
+    records = stack.pull_records_until(lambda rs: any(r["reference"] == unseen.tag for r in rs)
+                                       and sum(r["reference"] == unseen.blob_digests[-1] for r in rs) >= 2)
     tag_records = [r for r in records if (r["repository"], r["reference"]) == (seen.name, seen.tag)]
     assert tag_records[-1]["cache"] == "stale"
+    failed = [r for r in records if r["reference"] in (unseen.tag, unseen.blob_digests[-1])]
+    assert failed and {(r["status"], r["cache"]) for r in failed} == {(503, None)}  # served nothing: no hit
     status, _, body = stack.admin("/ready")
     assert status == 200 and json.loads(body)["upstreams"]["docker.io"] == f"down: {reason}"
+
+
+def check_unseen_blob(unseen, reason: str) -> None:
+    """A blob the cache lacks, GET and HEAD on one connection: regcache's 503 JSON naming the
+    registry, framed by its own length (not registry:2's 500, at times with the blob's length)."""
+    path = f"/v2/{unseen.name}/blobs/{unseen.blob_digests[-1]}"
+    reply, took = timed(lambda: raw_exchange(PORT, raw_request(f"HEAD {path} HTTP/1.1", host=DOCKER_IO, close=False)
+                                             + raw_request(f"GET {path} HTTP/1.1", host=DOCKER_IO)))
+    (head_status, head_headers, _), (status, headers, body) = split_responses(reply, ["HEAD", "GET"])
+    assert head_status == status == 503 and took < BOUND + SLACK, reply[:300]
+    assert head_headers["content-length"] == headers["content-length"] == str(len(body))
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "UNAVAILABLE" and "docker.io" in error["message"] and f"({reason})" in error["message"]
 
 
 def test_upstream_stopped_cached_content_served_unseen_503_and_one_warning(outage_stack, cached, upstream_down):

@@ -22,6 +22,7 @@ from regcache_core.mitm.answers import Answer, answer_after_failure, refusal_ans
 from regcache_core.mitm.budget import DiskBudget
 from regcache_core.mitm.client_access import ClientAccess
 from regcache_core.mitm.client_limits import ConnectionLimits
+from regcache_core.mitm.cold_blobs import ColdBlobs
 from regcache_core.mitm.drain import Drain
 from regcache_core.mitm.hits import HitMarker
 from regcache_core.mitm.manifest_responder import ManifestResponder
@@ -29,7 +30,7 @@ from regcache_core.mitm.request_path import RequestPath
 from regcache_core.mitm.spec_answers import SpecAnswers
 from regcache_core.mitm.tasks import ScheduledTasks
 from regcache_core.mitm.services import Services
-from regcache_core.mitm.upstream_requests import UpstreamRequests, unreachable
+from regcache_core.mitm.upstream_requests import UpstreamRequests
 from regcache_core.mitm.web import WebView
 from regcache_core.mitm.flow_notes import note
 from regcache_core.mitm.recorder import ByteCounter, Recorder, pull_record
@@ -39,7 +40,7 @@ from regcache_core.config import DEFAULTS, parse_config
 from regcache_core.observe.log_throttle import LogThrottle
 from regcache_core.observe.metrics import Metrics
 from regcache_core.upstream.redirects import RedirectSigner
-from regcache_core.routing import Refusal, Target
+from regcache_core.routing import Refusal, Target, upstream_unreachable
 
 ADDON_SCRIPT = REPO / "addons" / "regcache.py"
 CONFIG = parse_config({**DEFAULTS, "REGISTRY_DOMAIN": "regcache.test", "GHCR_CACHE": "none"})
@@ -312,13 +313,42 @@ def test_a_client_request_whose_upstream_failed_gets_registry_json_on_its_connec
     monkeypatch.setattr("regcache_core.mitm.answers.client_writer", lambda flow: writer)
     flow = routed(client_flow("/v2/x/manifests/1.0", host="ghcr.io.regcache.test:5000"))
     flow.live, flow.error = True, tflow.terr("Connection refused")  # as in the error hook
-    answer_after_failure(flow, refusal_answer("GET", unreachable(CONFIG.registry("ghcr.io"), "refused")))
+    answer_after_failure(flow, refusal_answer("GET", upstream_unreachable(CONFIG.registry("ghcr.io"), "refused")))
     head, body = written[0].split(b"\r\n\r\n", 1)
     assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nConnection: close" in head
     assert f"\r\ncontent-length: {len(body)}".encode() in head.lower() and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
     assert "(refused)" in json.loads(body)["errors"][0]["message"] and written[1:] == [b"(closed)"]
     assert flow.error.msg == flow.error.KILLED_MESSAGE  # so mitmproxy sends no page of its own after it
     assert finished(flow)["status"] == 503
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_a_cold_blob_while_its_upstream_is_down_is_regcaches_503_not_sent_to_the_cache(method):
+    """The cache does not hold it and cannot fetch it: it would answer registry:2's 500."""
+    down = {"docker.io": None}
+
+    async def no_spool(*_):
+        down["docker.io"] = "refused"  # the download found it down
+        return None
+
+    async def no_head(_):
+        return None, False
+
+    services = SimpleNamespace(upstream_state=SimpleNamespace(reason_down=down.get),
+                               blobs=SimpleNamespace(follow=no_spool, head=no_head))
+    settings = Settings()
+    settings.config = parse_config({**DEFAULTS, "REGISTRY_DOMAIN": "regcache.test", "GHCR_CACHE": "none"})
+    cold_blobs = ColdBlobs(settings, services, Metrics())
+    if method == "HEAD":
+        down["docker.io"] = "timeout"  # known down before the HEAD
+    flow = routed(client_flow(f"/v2/library/small/blobs/{DIGEST}", method=method))
+    note(flow).client_host, note(flow).cold_blob = HUB, True
+    answer = asyncio.run(cold_blobs.answer(flow))
+    body = refusal_answer("GET", upstream_unreachable(CONFIG.registry("docker.io"), down["docker.io"], DIGEST)).response.content
+    assert (answer.response.status_code, answer.response.headers["Content-Length"]) == (503, str(len(body)))
+    assert answer.response.content == (b"" if method == "HEAD" else body)
+    error = json.loads(body)["errors"][0]
+    assert error["code"] == "UNAVAILABLE" and "docker.io" in error["message"] and DIGEST in error["message"]
 
 
 def test_pull_record_holds_no_header_value():

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from ..config import Registry
 from .by_digest import Manifest, ManifestCache, matches, media_type
-from ..routing import DIGEST, Refusal
+from ..routing import DIGEST, Refusal, upstream_unreachable
 from .tags import TagEntry, TagStore
 from ..upstream.auth import UpstreamAuthError
 from ..upstream.client import NoAnswer, UpstreamClient
@@ -135,8 +135,7 @@ class ManifestFront:
         reason = self.state.reason_down(registry.name)
         if reason is None or status not in (404, 500):
             return None
-        return Refusal(503, "UNAVAILABLE", f"upstream {registry.upstream} of {registry.name} cannot be reached ({reason}),"
-                                           f" and the cache does not hold {reference}")
+        return upstream_unreachable(registry, reason, reference)
 
     def close(self) -> None:
         """Revalidations under way stop. The tag cache and the client are their owner's to close."""

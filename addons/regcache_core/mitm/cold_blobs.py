@@ -7,14 +7,17 @@
   The cache is asked once per download to store the blob (spool/cache_fill.py); its fetches get
   the same spool. The first client request to follow a download is the miss, the others hits,
   and the grant carries that mark to the data plane's pull record. With no spool to follow
-  (the upstream is down, the download got no 200 body, the blob would go past
-  REGCACHE_SPOOL_MAX_DISK) the GET goes to the cache as it came.
+  (the download got no 200 body, the blob would go past REGCACHE_SPOOL_MAX_DISK) the GET goes
+  to the cache as it came.
 - HEAD: answered from what spool/blob_heads.py knows (a spool's 200, a concurrent HEAD's, one of
   the last 30 s), else from one upstream HEAD made here with regcache's credentials and redirects
   followed as a download's (spool/download.py), which the HEADs that come meanwhile share: never
   a download (registry:2 2.8 fetches and stores a whole blob to answer a HEAD of it). An upstream
-  404 is answered 404; any other answer, or none, sends the HEAD to the cache as it came. Neither
+  404 is answered 404; any other answer sends the HEAD to the cache as it came. Neither
   hit nor miss in the pull log: the cache was not asked, and nothing fetched.
+- While the upstream is down (or found down by the download or the HEAD), both get regcache's
+  `503 UNAVAILABLE` naming the registry and why, as a manifest the cache lacks does: the cache
+  could only answer registry:2's 500 (its fetch fails), at times with the blob's length on it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from mitmproxy import http
 from ..dataplane.grants import GrantSigner, load_or_create_key
 from ..dataplane.handoff import client_url_base
 from ..observe.metrics import Metrics
-from ..routing import Refusal, Target
+from ..routing import Refusal, Target, upstream_unreachable
 from ..spool.blob_heads import blob_head
 from ..spool.cache_fill import ask_cache_to_store
 from ..spool.table import Spool, describe
@@ -72,7 +75,7 @@ class ColdBlobs:
             return None  # a Host that is no host name: the cache answers
         spool = await self.services.blobs.follow(target.registry, target.repository, target.reference)
         if spool is None:
-            return None
+            return self._unreachable(flow, target)
         # The first client to follow the download is the one the blob came from upstream for.
         first = not spool.cache_asked
         flow_note.cache = "miss" if first else "hit"
@@ -93,8 +96,8 @@ class ColdBlobs:
         logger.info("cold blob %s: clients follow its download; its cache is asked to store it", describe(spool.key))
 
     async def _answer_head(self, flow: http.HTTPFlow, target: Target) -> Answer | None:
-        if self.services.upstream_state.reason_down(target.registry.name):
-            return None  # the cache answers, from what it holds (UpstreamRequests answers its fetch)
+        if answer := self._unreachable(flow, target):
+            return answer
         blobs = self.services.blobs
         key = spool_key(target)
         head, goes_for_others = await blobs.head(key)
@@ -109,4 +112,11 @@ class ColdBlobs:
                 refusal = Refusal(404, "BLOB_UNKNOWN", f"{target.registry.upstream} does not have {target.reference} "
                                                        f"in {target.repository}")
                 return Answer(refusal_answer(flow.request.method, refusal).response, AnsweredBy.SPOOL)
-        return None if head is None else head_answer(head)
+        return self._unreachable(flow, target) if head is None else head_answer(head)
+
+    def _unreachable(self, flow: http.HTTPFlow, target: Target) -> Answer | None:
+        """regcache's 503 while the blob's upstream is down (the cache does not hold the blob); None
+        while it is up: the cache answers."""
+        if reason := self.services.upstream_state.reason_down(target.registry.name):
+            return refusal_answer(flow.request.method, upstream_unreachable(target.registry, reason, target.reference))
+        return None

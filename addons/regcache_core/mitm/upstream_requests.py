@@ -32,9 +32,9 @@ import weakref
 from mitmproxy import http
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
-from ..config import Registry, parse_ip
+from ..config import parse_ip
 from ..upstream.redirects import RedirectSigner, redirect_location
-from ..routing import Refusal
+from ..routing import Refusal, upstream_unreachable
 from ..upstream.auth import UpstreamAuthError
 from ..upstream.state import failure_reason
 from .answers import answer_after_failure, refusal_answer, refuse
@@ -63,7 +63,7 @@ class UpstreamRequests:
         if flow_note.answered or (target is None and flow_note.redirect is None):
             return
         if target is not None and (reason := self.services.upstream_state.reason_down(target.registry.name)):
-            refuse(flow, unreachable(target.registry, reason))
+            refuse(flow, upstream_unreachable(target.registry, reason))
             return
         self._start_deadline(flow, flow_note)
         if target is None:
@@ -128,7 +128,7 @@ class UpstreamRequests:
         self.services.upstream.failed(answers.registry, down)
         if down is not None and flow_note.egress_for is None:
             # A client's request, not a cache's fetch (a cache reads no error page).
-            answer_after_failure(flow, refusal_answer(flow.request.method, unreachable(answers.registry, down)))
+            answer_after_failure(flow, refusal_answer(flow.request.method, upstream_unreachable(answers.registry, down)))
 
     def done(self) -> None:
         # mitmproxy's Save writes the flows still in flight in its `done`, which runs after the scripts'.
@@ -171,11 +171,6 @@ class UpstreamRequests:
         note(flow).deadline_passed = True
         if (task := self._connections.get(flow.client_conn.id)) is not None:
             task.cancel(f"no answer from the upstream within {self.settings.config.upstream_timeout:g} s")
-
-
-def unreachable(registry: Registry, reason: str) -> Refusal:
-    return Refusal(503, "UNAVAILABLE", f"upstream {registry.upstream} of {registry.name} cannot be reached ({reason});"
-                                       " regcache retries it in the background")
 
 
 def failure(flow: http.HTTPFlow, flow_note: FlowNote) -> str | None:
