@@ -15,7 +15,7 @@ connect and the wait for the first byte alike. A body that has started is not cu
 While an upstream is known to be down, its requests are answered 503 at once: the caches then
 serve what they hold. A client's request that finds it down (no answer, or none by the
 deadline) gets the same 503, not mitmproxy's HTML 502: written on the client's connection,
-which then closes (HTTP/1; on HTTP/2 the stream is reset).
+which then closes (HTTP/1; over HTTP/2 mitmproxy's own 502 stays).
 
 Redaction: mitmweb keeps flows, and mitmproxy saves them (save_stream_file, /flows/dump), so
 the header we added is redacted once the answer's headers (or an error) arrive, and when
