@@ -120,11 +120,11 @@ def check_outage_answers(stack: Stack, seen, unseen, reason: str) -> None:
     error = json.loads(body)["errors"][0]
     assert error["code"] == "UNAVAILABLE" and "docker.io" in error["message"] and f"({reason})" in error["message"]
     check_unseen_blob(unseen, reason)
-    records = stack.pull_records_until(lambda rs: any(r["reference"] == unseen.tag for r in rs)
-                                       and sum(r["reference"] == unseen.blob_digests[-1] for r in rs) >= 2)
+    unseen_refs = {(unseen.name, unseen.tag), (unseen.name, unseen.blob_digests[-1])}
+    records = stack.pull_records_until(lambda rs: len([r for r in rs if (r["repository"], r["reference"]) in unseen_refs]) >= 3)
     tag_records = [r for r in records if (r["repository"], r["reference"]) == (seen.name, seen.tag)]
     assert tag_records[-1]["cache"] == "stale"
-    failed = [r for r in records if r["reference"] in (unseen.tag, unseen.blob_digests[-1])]
+    failed = [r for r in records if (r["repository"], r["reference"]) in unseen_refs]
     assert failed and {(r["status"], r["cache"]) for r in failed} == {(503, None)}  # served nothing: no hit
     status, _, body = stack.admin("/ready")
     assert status == 200 and json.loads(body)["upstreams"]["docker.io"] == f"down: {reason}"
