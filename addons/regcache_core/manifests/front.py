@@ -78,7 +78,12 @@ class ManifestFront:
             return plan
         key = (registry.name, repository, reference)
         if (asked := self._asked.get(key)) is None:
-            self._asked[key] = asyncio.Event()
+            self._asked[key] = asyncio.Event()  # from here on, later requests wait for this one
+            # The first look read the tag store in a thread, and may predate an answer learnt
+            # meanwhile (that answer's `answered` found no event to set): look again.
+            if (plan := await self._plan(registry, repository, reference, accept_lines)) is not None:
+                self.answered(registry, repository, reference)
+                return plan
             return None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FIRST_WAIT):
