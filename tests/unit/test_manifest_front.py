@@ -159,3 +159,81 @@ def test_a_tag_revalidation_reports_rate_limits_and_429s_like_every_upstream_ans
     assert (plan.cache, plan.digest) == ("stale", digest)  # the last known digest, at once
     assert metrics.get_sample_value("regcache_upstream_ratelimit_remaining", {"registry": "docker.io"}) == 0
     assert any("answered 429" in r.getMessage() for r in caplog.records)
+
+
+def cold_front(tmp_path) -> ManifestFront:
+    metrics = Metrics()
+
+    async def never(url):
+        await asyncio.sleep(3600)
+
+    return ManifestFront(TagCache(tmp_path, ttl=60), ManifestCache(1 << 20), SlowUpstream(None),
+                         UpstreamAnswers(NoAuth(), UpstreamState(metrics, never), metrics))
+
+
+def close(front: ManifestFront) -> None:
+    front.state.close()
+    front.close()
+    front.tags.close()
+
+
+def test_concurrent_requests_for_a_cold_tag_wait_for_the_first_ones_answer_and_are_planned_from_it(tmp_path):
+    async def run():
+        front = cold_front(tmp_path)
+        first = await front.plan(HUB, "library/small", "1.0", [OCI])  # to the cache
+        waiting = [asyncio.create_task(front.plan(HUB, "library/small", "1.0", [OCI])) for _ in range(5)]
+        await asyncio.sleep(0.1)
+        still_waiting = not any(task.done() for task in waiting)
+        digest, body, headers = manifest(b"{}")
+        front.learn(HUB, "library/small", "1.0", headers, body)
+        front.answered(HUB, "library/small", "1.0")
+        plans = await asyncio.gather(*waiting)
+        close(front)
+        return first, still_waiting, plans, digest
+
+    first, still_waiting, plans, digest = asyncio.run(run())
+    assert first is None and still_waiting
+    assert {(p.cache, p.digest, p.manifest is not None) for p in plans} == {("hit", digest, True)}
+
+
+class LaggingTags:
+    """A tag store whose next lookup answers what it held when asked, but only once let go."""
+
+    def __init__(self, tags: TagCache) -> None:
+        self.tags = tags
+        self.asked, self.go = asyncio.Event(), asyncio.Event()
+
+    async def get(self, registry, repository, tag):
+        entry = await self.tags.get(registry, repository, tag)
+        self.asked.set()
+        await self.go.wait()
+        self.get = self.tags.get  # later lookups as usual
+        return entry
+
+    def __getattr__(self, name):
+        return getattr(self.tags, name)
+
+
+def test_a_request_whose_lookup_predates_the_first_ones_answer_looks_again_instead_of_asking_the_cache(tmp_path):
+    """Seen in CI: 8 cold pulls, 2 tag HEADs upstream. A late request read the tag store (in a
+    thread) before the first answer was learnt and returned after its `answered` had gone."""
+    async def run():
+        front = cold_front(tmp_path)
+        first = await front.plan(HUB, "library/small", "1.0", [OCI])  # to the cache
+        front.tags = lagging = LaggingTags(front.tags)
+        late = asyncio.create_task(front.plan(HUB, "library/small", "1.0", [OCI]))
+        await lagging.asked.wait()  # it has looked: nothing known yet
+        digest, body, headers = manifest(b"{}")
+        front.learn(HUB, "library/small", "1.0", headers, body)
+        front.answered(HUB, "library/small", "1.0")
+        lagging.go.set()
+        plan = await late
+        waiting_left = dict(front._asked)
+        front.tags = lagging.tags
+        close(front)
+        return first, plan, digest, waiting_left
+
+    first, plan, digest, waiting_left = asyncio.run(run())
+    assert first is None
+    assert plan is not None and (plan.cache, plan.digest) == ("hit", digest), "answered from what was learnt"
+    assert waiting_left == {}, "nothing left for later requests to wait on"
