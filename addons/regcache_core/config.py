@@ -11,7 +11,8 @@ written from those declarations by `regcache config-docs`. The real environment 
     K8S_CACHE=http://127.0.0.1:5004       # its registry:2 cache, or "none" to pass through
     K8S_USERNAME= / K8S_PASSWORD=         # optional upstream credentials
     K8S_MAX_DISK=20G                      # optional: its cache's own disk budget
-    K8S_STORAGE=/caches/k8s               # optional: its cache's storage, as this machine sees it
+    K8S_STORAGE=/caches/k8s               # optional: its cache's storage, as this machine sees it,
+                                          # or s3://BUCKET/PREFIX: an S3-compatible object store
 
 Caches never talk to an upstream themselves: each cached registry's cache uses an egress
 listener of the proxy as its upstream, bound to REGCACHE_EGRESS_HOST, on port K_EGRESS_PORT if
@@ -75,6 +76,36 @@ class Setting:
 
 
 @dataclass(frozen=True)
+class ObjectStore:
+    """Where a cache keeps its blobs in an S3-compatible object store: K_STORAGE=s3://BUCKET/PREFIX."""
+
+    bucket: str
+    prefix: str  # registry:2's rootdirectory, without slashes at either end; "" for the bucket's root
+
+    def key(self, path: str) -> str:
+        """The object key of `path` (relative to the storage root, as registry:2 lays it out)."""
+        return f"{self.prefix}/{path}" if self.prefix else path
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+@dataclass(frozen=True)
+class S3Access:
+    """How regcache and its caches reach the object store: the AWS SDK's own variables."""
+
+    endpoint: str | None  # AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL; None: AWS S3 itself
+    region: str
+    access_key: str = field(repr=False)  # "": the SDK's own chain (instance role, ~/.aws)
+    secret_key: str = field(repr=False)
+    redirect: bool = False  # REGCACHE_S3_REDIRECT: warm blobs by presigned URLs of the store
+
+    def describe(self) -> str:
+        """Where the store is, for messages (never the credentials)."""
+        return self.endpoint or f"AWS S3 ({self.region})"
+
+
+@dataclass(frozen=True)
 class Registry:
     key: str  # the variable prefix, e.g. DOCKERHUB
     name: str  # what clients pull from, e.g. docker.io
@@ -85,7 +116,8 @@ class Registry:
     egress_port: int | None = None  # the proxy's egress listener for its cache; None when uncached
     repositories: tuple[str, ...] = ()  # glob patterns of the repositories served; empty: all
     max_disk: int | None = None  # bytes its cache's storage may hold (K_MAX_DISK); None: no budget of its own
-    storage: Path | None = None  # its cache's storage root (registry:2's filesystem); None: no data plane
+    storage: Path | None = None  # its cache's storage root (registry:2's filesystem); None: none on a filesystem
+    object_store: ObjectStore | None = None  # K_STORAGE=s3://...: its cache keeps blobs there instead
     token_realms: tuple[str, ...] = ()  # hosts besides the upstream's own domain that may issue its tokens
 
     @property
@@ -145,6 +177,7 @@ class Config:
     max_client_connections: int  # per client address, on every listener
     head_timeout: float  # seconds for a whole request head, from connect or the last answer
     cluster: Cluster | None  # None: one node, its state in this process
+    s3: S3Access  # for the caches whose K_STORAGE is s3://
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -231,6 +264,8 @@ def parse_config(values: Mapping[str, str]) -> Config:
         max_client_connections=read("REGCACHE_MAX_CONNECTIONS_PER_CLIENT"),
         head_timeout=read("REGCACHE_HEAD_TIMEOUT"),
         cluster=_cluster(read),
+        s3=S3Access(read("AWS_ENDPOINT_URL_S3") or read("AWS_ENDPOINT_URL"), read("AWS_REGION") or "us-east-1",
+                    read("AWS_ACCESS_KEY_ID"), read("AWS_SECRET_ACCESS_KEY"), read("REGCACHE_S3_REDIRECT")),
     )
 
 
@@ -318,18 +353,47 @@ def _registry(key: str, values: Mapping[str, str], default_egress_port: int, dat
         key, name, own("UPSTREAM"), cache, username, password, egress_port if cache else None,
         repositories=own("REPOSITORIES"),
         max_disk=own("MAX_DISK") if cache else None,
-        storage=_storage(key, own("STORAGE"), cache, data_dir),
+        **_storage(key, own("STORAGE"), cache, data_dir),
         token_realms=own("TOKEN_REALMS"),
     )
 
 
-def _storage(key: str, storage: Path | None, cache: str | None, data_dir: Path) -> Path | None:
-    """The cache's storage root: K_STORAGE, else where `regcache up` keeps a cache it runs."""
+def _storage(key: str, storage: Path | ObjectStore | None, cache: str | None, data_dir: Path) -> dict:
+    """The Registry's `storage` or `object_store`: K_STORAGE, else where `regcache up` keeps a
+    cache it runs."""
     if storage:
         if cache is None:
             raise ConfigError(f"{key}_STORAGE: set, but {key}_CACHE is none: a registry passed through has no storage")
-        return storage
-    return data_dir / key.lower() / "storage" if cache and is_local(cache) else None
+        if isinstance(storage, ObjectStore):
+            if not is_local(cache):
+                raise ConfigError(f"{key}_STORAGE: s3:// is for a cache `regcache up` runs; {key}_CACHE is elsewhere")
+            return {"object_store": storage}
+        return {"storage": storage}
+    return {"storage": data_dir / key.lower() / "storage" if cache and is_local(cache) else None}
+
+
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_KEY_PREFIX = re.compile(r"[A-Za-z0-9!_.*'()/-]{0,512}")
+
+
+def _storage_location(var: str, value: str) -> Path | ObjectStore | None:
+    """A directory, or s3://BUCKET/PREFIX; None when empty."""
+    if not value.lower().startswith("s3://"):
+        return _optional_path(var, value)
+    bucket, _, prefix = value[len("s3://"):].partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET.fullmatch(bucket) or ".." in bucket:
+        raise ConfigError(f"{var}: {bucket!r} is not an S3 bucket name (3-63 characters: a-z, 0-9, '.', '-')")
+    if not _KEY_PREFIX.fullmatch(prefix) or "//" in prefix:
+        raise ConfigError(f"{var}: {prefix!r} is not a key prefix such as regcache/dockerhub (letters, digits, "
+                          "/ and !_.*'()- only)")
+    return ObjectStore(bucket, prefix)
+
+
+def _region(var: str, value: str) -> str:
+    if value and not re.fullmatch(r"[a-z0-9-]{1,64}", value):
+        raise ConfigError(f"{var}: {value!r} is not a region name such as us-east-1")
+    return value
 
 
 def _domain(var: str, value: str) -> str:
@@ -695,6 +759,27 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
                 "Required with REGCACHE_REDIS_URL. Peers' signed requests pass REGCACHE_CLIENTS and htpasswd; "
                 "unsigned ones never do.", empty_means="one node"),
     )),
+    ("Object storage (K_STORAGE=s3://...)",
+     "The AWS SDK's own variables, read from .env or the environment; used only by caches whose K_STORAGE is "
+     "s3://BUCKET/PREFIX. The credentials go to registry:2 in its environment, never in a file or the process "
+     "list. See docs/storage-s3.md for AWS S3, Ceph RGW, SeaweedFS and MinIO, and the permissions needed.", (
+        Setting("AWS_ENDPOINT_URL_S3", "", _optional_url,
+                "the S3 API's base URL, for a store other than AWS S3 (Ceph RGW, SeaweedFS, MinIO): "
+                "`https://s3.example.com:8333`, no path; buckets are then addressed by path",
+                empty_means="`AWS_ENDPOINT_URL`'s value"),
+        Setting("AWS_ENDPOINT_URL", "", _optional_url, "the same, for every AWS service (the SDK's fallback)",
+                empty_means="AWS S3 in `AWS_REGION`"),
+        Setting("AWS_REGION", "", _region, "the store's region (any name a store other than AWS S3 accepts)",
+                empty_means="us-east-1"),
+        Setting("AWS_ACCESS_KEY_ID", "", _text, "the access key regcache and its caches sign with",
+                empty_means="the SDK's own chain (instance role, web identity, ~/.aws)"),
+        Setting("AWS_SECRET_ACCESS_KEY", "", _text, "its secret key", empty_means="the SDK's own chain",
+                strip=False),
+        Setting("REGCACHE_S3_REDIRECT", "false", _bool,
+                "warm layers by a 307 to a presigned URL of the object (valid 5 minutes): bytes never touch regcache",
+                "Only where every client can reach the store at AWS_ENDPOINT_URL_S3 (or AWS S3) itself. `false`: "
+                "the data plane streams the object from the store (clients reach only regcache)."),
+    )),
     ("Disk", "", (
         Setting("REGCACHE_MAX_DISK", "", _optional_size,
                 "disk budget over all caches run here, e.g. `50G`; past it, the least recently pulled blobs (and "
@@ -735,8 +820,11 @@ REGISTRY_SETTINGS: tuple[Setting, ...] = (
             "Use it when K_USERNAME can read private repositories that not every client should.", empty_means="all"),
     Setting("MAX_DISK", "", _optional_size, "a disk budget of registry K's cache alone, e.g. `20G` (see "
             "`REGCACHE_MAX_DISK`)", empty_means="none"),
-    Setting("STORAGE", "", _optional_path,
-            "the cache's storage root (registry:2's rootdirectory) as this machine sees it, read by the data plane",
+    Setting("STORAGE", "", _storage_location,
+            "the cache's storage root (registry:2's rootdirectory) as this machine sees it, read by the data plane; "
+            "or `s3://BUCKET/PREFIX`: an S3-compatible object store (see docs/storage-s3.md)",
+            "s3:// is for a cache `regcache up` runs: it writes registry:2's s3 driver config, creates the bucket "
+            "if missing and checks at start that it can write there. The store is reached as the AWS_* settings say.",
             empty_means="`<data dir>/<key in lower case>/storage` for caches `regcache up` runs (where it puts "
             "them); none for others, whose layers all stream through the proxy"),
     Setting("TOKEN_REALMS", "", _host_names,

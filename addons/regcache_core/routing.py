@@ -85,6 +85,13 @@ def upstream_unreachable(registry: Registry, reason: str, missing: str | None = 
     return Refusal(503, "UNAVAILABLE", f"upstream {registry.upstream} of {registry.name} cannot be reached ({reason}){then}")
 
 
+def store_unreachable(registry: Registry, where: str, reason: str) -> Refusal:
+    """The 503 for a request that needs the object store `registry`'s cache keeps blobs in, while
+    it cannot be reached: containerd then falls back to its next host."""
+    return Refusal(503, "UNAVAILABLE", f"the object store {where} of {registry.name}'s cache cannot be reached "
+                                       f"({reason}); regcache retries it in the background")
+
+
 def refuse_malformed(method: str, http_version: str, target: str, has_body: bool, multiplexed: bool = False) -> Refusal | None:
     """What is wrong with a request whatever its path: checked first, on every listener, so that
     nothing after it meets an unknown protocol, an unbounded or non-ASCII target, or a pull with

@@ -5,6 +5,7 @@ Plain class, no pytest: the unit lane runs it without root, the e2e lane inside 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -102,6 +103,26 @@ class S3Server:
         except OSError:
             return False
         return True
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str] | None:
+        """Every object key in `bucket` under `prefix`; None when the bucket does not exist."""
+        return asyncio.run(self._keys(bucket, prefix))
+
+    async def _keys(self, bucket: str, prefix: str) -> list[str] | None:
+        from aiobotocore.session import get_session
+        from botocore.exceptions import ClientError
+
+        async with get_session().create_client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                               aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY) as s3:
+            keys = []
+            try:
+                async for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                    keys += [item["Key"] for item in page.get("Contents", [])]
+            except ClientError as e:
+                if e.response["Error"]["Code"] == "NoSuchBucket":
+                    return None
+                raise
+            return keys
 
     def stop(self) -> None:
         """TERM, then KILL after STOP_GRACE seconds: the same data serves the next start."""

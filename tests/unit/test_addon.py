@@ -491,7 +491,8 @@ def request_path(asked: list, access=None, route=None, on_route=None) -> Request
     access_step, route_step = Step(asked, "access", access), Step(asked, "route", route, on_route)
     steps = {name: Step(asked, name) for name in ("handoff", "single flight", "cold blobs", "manifests")}
     return RequestPath(SimpleNamespace(check=access_step), SimpleNamespace(route=route_step),
-                       SimpleNamespace(answer=steps["handoff"]), SimpleNamespace(answer=steps["single flight"]),
+                       SimpleNamespace(answer=steps["handoff"], store_down=lambda flow: asked.append("store down")),
+                       SimpleNamespace(answer=steps["single flight"]),
                        SimpleNamespace(answer=steps["cold blobs"]), SimpleNamespace(answer=steps["manifests"]))
 
 
@@ -499,7 +500,8 @@ def request_path(asked: list, access=None, route=None, on_route=None) -> Request
     ("refused", None, None, ["access"]),
     (None, "refused", None, ["access", "route"]),
     (None, None, lambda n: setattr(n, "egress", object()), ["access", "route", "single flight"]),
-    (None, None, lambda n: setattr(n, "target", object()), ["access", "route", "handoff", "cold blobs", "manifests"]),
+    (None, None, lambda n: setattr(n, "target", object()), ["access", "route", "handoff", "cold blobs", "manifests",
+                                                                      "store down"]),
     (None, None, None, ["access", "route"]),  # a redirect a cache follows: on to its target
 ])
 def test_the_request_path_asks_its_steps_in_order_and_stops_at_the_first_answer(access, route, on_route, expected):

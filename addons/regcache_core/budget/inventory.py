@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from ..stack.caches import local_backends
+from ..stack.caches import filesystem_backends
 from ..config import Config
 from ..observe.stats import human_bytes, table
 from .disk import free_bytes
@@ -15,7 +15,7 @@ from .usage import UsageStore, usage_file
 
 def disk_usage(config: Config) -> dict:
     caches = []
-    for backend in local_backends(config):
+    for backend in filesystem_backends(config):
         storage = scan(backend.storage)
         caches.append({
             "registry": backend.registry.name,
@@ -35,7 +35,7 @@ def holdings(config: Config) -> dict:
     store = UsageStore(path) if path.exists() else None
     try:
         caches = []
-        for backend in local_backends(config):
+        for backend in filesystem_backends(config):
             pulls = store.last_pulls(backend.registry.name) if store else {}
             repositories = []
             for name, repository in sorted(scan(backend.storage).repositories.items()):

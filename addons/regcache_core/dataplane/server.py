@@ -21,10 +21,12 @@ from ..observe import pull_log
 from ..access.clients import ClientNetworks
 from ..config import Config
 from ..observe.pull_log import PullRecord
+from ..objectstore.blobs import StoredBlobs
 from ..routing import Refusal
 from .exchange import CLIENTS, CONFIG, EXCHANGE, RECORDS, SIGNER, Exchange, Handler, denied, refuse_stranger, refused
 from .file_response import open_file, plan, send
 from .grants import GRANT_PATHS, GrantSigner
+from .object_reader import STORED_BLOBS, send_object
 from .spool_reader import serve_cold, serve_spool
 from .storage import warm_blob
 
@@ -39,6 +41,8 @@ async def serve_blob(request: web.Request) -> web.StreamResponse:
         return denied()
     exchange.grant = grant
     registry = request.app[CONFIG].registry(grant.registry)
+    if registry is not None and registry.object_store is not None:
+        return await send_object(request, exchange, grant, registry)
     storage = registry.storage if registry else None
     path = storage and await asyncio.to_thread(warm_blob, storage, grant.repository, grant.digest)
     opened = path and await asyncio.to_thread(open_file, path)
@@ -100,6 +104,9 @@ def make_app(config: Config, signer: GrantSigner, records: Callable[[PullRecord]
     app = web.Application(middlewares=[recorded], handler_args={"keepalive_timeout": KEEPALIVE_TIMEOUT})
     app[CONFIG], app[SIGNER], app[RECORDS] = config, signer, records
     app[CLIENTS] = ClientNetworks(config.client_networks)
+    if any(r.object_store for r in config.registries):
+        blobs = app[STORED_BLOBS] = StoredBlobs(config.s3, config.upstream_timeout)
+        app.on_cleanup.append(lambda _: blobs.close())
     for path, handler in ROUTES.items():
         app.router.add_get(path, handler)  # and HEAD
     return app

@@ -41,7 +41,7 @@ def make_addons() -> list:
     services = Services(settings, metrics, hits.in_flight.upstream_blob_fetch)
     budget = DiskBudget(settings, metrics)
     recorder = Recorder(metrics, {"pull log": services.log_pull, "metrics": metrics.observe, "disk budget": budget.record})
-    access, router, handoff = ClientAccess(settings, metrics), Router(settings, signer), DataPlaneHandoff(settings)
+    access, router, handoff = ClientAccess(settings, metrics), Router(settings, signer), DataPlaneHandoff(settings, services)
     single_flight = SingleFlight(settings, services, metrics)
     cold_blobs = ColdBlobs(settings, services, metrics)
     manifests = ManifestResponder(services)

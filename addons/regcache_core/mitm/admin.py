@@ -49,7 +49,8 @@ class Admin:
         disks = await asyncio.to_thread(self.budget.disk_states)
         upstreams = self.services.upstream_state.states([r.name for r in registries])
         return await readiness(proxy_serves, backends, upstreams, disks=disks,
-                               shared_state=self.services.shared_state_detail())
+                               shared_state=self.services.shared_state_detail(),
+                               object_store=self.services.object_store_detail())
 
     async def _live(self) -> Answer:
         return Answer.json(200, {"live": True})

@@ -17,7 +17,7 @@ from ..budget import report
 from ..budget.disk import DiskWatch
 from ..budget.enforce import CacheBudget, enforce, summary
 from ..budget.usage import UsageStore, usage_file
-from ..stack.caches import local_backends
+from ..stack.caches import filesystem_backends
 from ..observe.metrics import Metrics
 from ..observe.pull_log import PullRecord
 from .flow_notes import note
@@ -50,7 +50,7 @@ class DiskBudget:
     def configure(self, updated: set[str]) -> None:
         if (config := self.settings.loaded(updated)) is None:
             return
-        self.caches = [CacheBudget(b.registry.name, b.storage, b.registry.max_disk) for b in local_backends(config)]
+        self.caches = [CacheBudget(b.registry.name, b.storage, b.registry.max_disk) for b in filesystem_backends(config)]
         self.disk_watch = DiskWatch(config.min_free_disk)
         if config.max_disk is not None:
             self.metrics.total_disk_budget.set(config.max_disk)

@@ -27,8 +27,12 @@ import logging
 
 from mitmproxy import http
 
+from botocore.exceptions import ClientError
+
 from ..dataplane.grants import GrantSigner, load_or_create_key
 from ..dataplane.handoff import client_url_base
+from ..dataplane.storage import warm_blob
+from ..objectstore.client import StoreUnreachable
 from ..observe.metrics import Metrics
 from ..routing import Refusal, Target, upstream_unreachable
 from ..spool.blob_heads import blob_head
@@ -90,10 +94,21 @@ class ColdBlobs:
 
     def _ask_cache_to_store(self, target: Target, spool: Spool) -> None:
         task = asyncio.get_running_loop().create_task(ask_cache_to_store(
-            target.backend, target.registry.storage, target.repository, target.reference, spool.size))
+            target.backend, lambda: self._stored(target), target.repository, target.reference, spool.size))
         self.stores.add(task)
         task.add_done_callback(self.stores.discard)
         logger.info("cold blob %s: clients follow its download; its cache is asked to store it", describe(spool.key))
+
+    async def _stored(self, target: Target) -> bool:
+        """Whether the cache's storage (a filesystem or an object store) holds the blob now."""
+        registry = target.registry
+        if registry.object_store is None:
+            return await asyncio.to_thread(warm_blob, registry.storage, target.repository, target.reference) is not None
+        try:
+            return await self.services.stored_blobs.warm(registry.object_store, target.repository,
+                                                         target.reference) is not None
+        except (StoreUnreachable, ClientError):
+            return False
 
     async def _answer_head(self, flow: http.HTTPFlow, target: Target) -> Answer | None:
         if answer := self._unreachable(flow, target):

@@ -49,7 +49,8 @@ class RequestPath:
         if flow_note.target is not None:
             # A client: a warm blob from the data plane (a small one from here), a cold one
             # following its download (a HEAD of it answered as the upstream answers), a cached
-            # registry's manifest from memory; else its cache or upstream answers.
+            # registry's manifest from memory; else its cache or upstream answers (unless the
+            # object store it keeps blobs in is down).
             return (await self.handoff.answer(flow) or await self.cold_blobs.answer(flow)
-                    or await self.manifests.answer(flow))
+                    or await self.manifests.answer(flow) or self.handoff.store_down(flow))
         return None

@@ -25,6 +25,8 @@ from ..manifests.by_digest import ManifestCache
 from ..manifests.front import ManifestFront
 from ..manifests.tags import TagCache
 from ..observe.metrics import Metrics
+from ..objectstore.blobs import StoredBlobs
+from ..objectstore.health import StoreHealth
 from ..observe.pull_log import PullLog, PullRecord
 from ..spool.blob_heads import BlobHead, HeadFlights
 from ..spool.download import SpoolDownloads
@@ -97,6 +99,8 @@ class Services:
         self.blobs: BlobFlights | None = None  # with the data plane only
         self.pull_log: PullLog | None = None
         self.shared_state: RedisLink | None = None  # with replicas only
+        self.stored_blobs: StoredBlobs | None = None  # with caches on an object store only
+        self.store_health: StoreHealth | None = None  # the same
         self._closing: set[asyncio.Task] = set()  # closes of an earlier config's links, kept: tasks are weakly held
 
     def configure(self, updated: set[str]) -> None:
@@ -118,6 +122,11 @@ class Services:
             self.blobs = Spools(SpoolDownloads(table, self.upstream, self.blob_fetched, config.upstream_timeout),
                                 HeadFlights(table))
         self.pull_log = PullLog(config.pull_log, config.pull_log_stdout)
+        if stores := [r.object_store for r in config.registries if r.object_store is not None]:
+            blobs = self.stored_blobs = StoredBlobs(config.s3, config.upstream_timeout)
+            self.store_health = StoreHealth(config.s3.describe(), lambda: blobs.probe(stores[0]),
+                                            self.metrics.object_store_up)
+            self.metrics.object_store_up(True)
 
     async def done(self) -> None:
         self._close_config()
@@ -134,6 +143,11 @@ class Services:
         if self.pull_log is not None:
             self.pull_log.write(record)
 
+    def _close_later(self, closing_call) -> None:
+        closing = asyncio.get_running_loop().create_task(closing_call)
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
     async def _fetch_token(self, url: str, headers: dict[str, str], timeout: float) -> tuple[int, list[str], bytes]:
         return await self.upstream_client.get(url, headers, timeout, MAX_TOKEN_RESPONSE)
 
@@ -141,13 +155,19 @@ class Services:
         """For /ready: "ok" or why replicas go on alone; None on one node."""
         return None if self.shared_state is None else self.shared_state.state()
 
+    def object_store_detail(self) -> str | None:
+        """For /ready: "up" or why the object store is down; None without caches on one."""
+        return None if self.store_health is None else self.store_health.state()
+
     def _close_config(self) -> None:
         """Close what the last config built."""
         if self.shared_state is not None:
-            closing = asyncio.get_running_loop().create_task(self.shared_state.close())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
+            self._close_later(self.shared_state.close())
             self.shared_state = None
+        if self.stored_blobs is not None:
+            self.store_health.close()
+            self._close_later(self.stored_blobs.close())
+            self.stored_blobs = self.store_health = None
         if self.blobs is not None:
             self.blobs.close()
             self.blobs = None

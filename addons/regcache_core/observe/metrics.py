@@ -81,6 +81,9 @@ class Metrics:
         self.shared_state = Gauge(
             "regcache_shared_state_up", "1 while the Redis that replicas share (REGCACHE_REDIS_URL) answers, 0 while "
             "each replica goes on with state of its own; absent on one node.", registry=self.registry)
+        self.object_store = Gauge(
+            "regcache_object_store_up", "1 while the object store of the caches on S3 (K_STORAGE=s3://) answers, 0 "
+            "while it cannot be reached; absent without such caches.", registry=self.registry)
 
     def observe(self, record: PullRecord) -> None:
         """Count one finished or failed client request."""
@@ -109,6 +112,9 @@ class Metrics:
 
     def shared_state_up(self, up: bool) -> None:
         self.shared_state.set(1 if up else 0)
+
+    def object_store_up(self, up: bool) -> None:
+        self.object_store.set(1 if up else 0)
 
     def spool_follower(self, registry: str) -> None:
         self.spool_followers.labels(registry).inc()

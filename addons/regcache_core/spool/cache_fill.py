@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
-
-from ..dataplane.storage import warm_blob
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +25,11 @@ FILL_RATE = 1 << 20  # bytes per second the cache reads the blob at, at least: t
 STORED_POLL = 0.25  # seconds between looks at the cache's storage
 
 
-async def ask_cache_to_store(cache: str, storage: Path, repository: str, digest: str, size: int) -> bool:
-    """Ask the cache at base URL `cache` (plain http, as regcache runs them), whose storage is at
-    `storage`, to fetch and store the blob; whether it did, within a time that grows with `size`."""
+async def ask_cache_to_store(cache: str, stored: Callable[[], Awaitable[bool]], repository: str, digest: str,
+                             size: int) -> bool:
+    """Ask the cache at base URL `cache` (plain http, as regcache runs them) to fetch and store
+    the blob; whether it did (`stored()` says when its storage holds it), within a time that
+    grows with `size`."""
     parts = urlsplit(cache)
     request = f"GET /v2/{repository}/blobs/{digest} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n"
     writer = None
@@ -42,7 +42,7 @@ async def ask_cache_to_store(cache: str, storage: Path, repository: str, digest:
             if status_line.split(" ")[1:2] != ["200"]:
                 logger.warning("the cache %s was asked to store %s and answered %s", cache, digest[:19], status_line)
                 return False
-            while await asyncio.to_thread(warm_blob, storage, repository, digest) is None:
+            while not await stored():
                 await asyncio.sleep(STORED_POLL)
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as e:
         logger.warning("the cache %s was asked to store %s and did not: %s", cache, digest[:19],

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..config import Config, Registry, is_local
+from ..config import Config, Registry, S3Access, is_local
 
 # Debian installs the registry:2 program as docker-registry; upstream builds call it registry.
 REGISTRY_PROGRAMS = ("registry", "docker-registry")
@@ -36,8 +36,9 @@ class CacheBackend:
         return self.root / "registry.log"
 
     @property
-    def storage(self) -> Path:
-        """Where it keeps blobs and manifests: the registry's `storage` (set for every local cache)."""
+    def storage(self) -> Path | None:
+        """Where it keeps blobs and manifests on a filesystem: the registry's `storage` (set for
+        every local cache but those on an object store)."""
         return self.registry.storage
 
 
@@ -53,21 +54,28 @@ def local_backends(config: Config) -> list[CacheBackend]:
     ]
 
 
+def filesystem_backends(config: Config) -> list[CacheBackend]:
+    """The caches run here that keep blobs on a filesystem: those the disk budget and `regcache
+    cache du|ls` read (not yet those on an object store)."""
+    return [b for b in local_backends(config) if b.storage is not None]
+
+
 def find_registry_program() -> str | None:
     return next(filter(None, map(shutil.which, REGISTRY_PROGRAMS)), None)
 
 
-def registry_config(backend: CacheBackend) -> dict:
+def registry_config(backend: CacheBackend, s3: S3Access) -> dict:
     """distribution's configuration for one pull-through cache.
 
-    It holds no credentials: the cache's upstream is the proxy's egress listener, which adds them.
+    It holds no credentials: the cache's upstream is the proxy's egress listener, which adds them,
+    and an object store's keys go in its environment (cache_environment).
     """
     cache = urlsplit(backend.registry.cache)
     return {
         "version": 0.1,
         "log": {"level": "info", "formatter": "text"},
         "storage": {
-            "filesystem": {"rootdirectory": str(backend.storage)},
+            **_driver(backend.registry, s3),
             # Lets the proxy's TTL scheduler delete expired content.
             "delete": {"enabled": True},
             # A pull cut short leaves a partial upload under _uploads: gone after an hour.
@@ -82,12 +90,39 @@ def registry_config(backend: CacheBackend) -> dict:
     }
 
 
-def write_registry_config(backend: CacheBackend) -> Path:
+def _driver(registry: Registry, s3: S3Access) -> dict:
+    """The storage driver's part: a filesystem root, or registry:2 2.8's s3 driver."""
+    store = registry.object_store
+    if store is None:
+        return {"filesystem": {"rootdirectory": str(registry.storage)}}
+    driver = {"bucket": store.bucket, "region": s3.region, "rootdirectory": f"/{store.prefix}"}
+    if s3.endpoint:
+        # With an endpoint 2.8 always addresses buckets by path; `secure` picks the scheme.
+        driver |= {"regionendpoint": s3.endpoint, "secure": s3.endpoint.startswith("https:")}
+    # regcache answers warm blob GETs itself (a presigned URL, when REGCACHE_S3_REDIRECT says so):
+    # what reaches the cache is streamed by it, so clients need not reach the store.
+    return {"s3": driver, "redirect": {"disable": True}}
+
+
+def cache_environment(registry: Registry, s3: S3Access) -> dict[str, str]:
+    """A cache's environment: PATH, and the object store's keys (registry:2's overrides of its
+    config), never in a file or its arguments. Nothing else of ours: our environment may hold
+    upstream passwords, which caches never need, and registry:2 2.8 panics at start when
+    AWS_CA_BUNDLE is set."""
+    env = {"PATH": os.environ.get("PATH", os.defpath)}
+    if registry.object_store is not None and s3.access_key:
+        env |= {"REGISTRY_STORAGE_S3_ACCESSKEY": s3.access_key, "REGISTRY_STORAGE_S3_SECRETKEY": s3.secret_key}
+    return env
+
+
+def write_registry_config(backend: CacheBackend, s3: S3Access) -> Path:
     """Write config.yml (JSON is valid YAML), readable by its owner only (it holds the HTTP secret)."""
-    backend.storage.mkdir(parents=True, exist_ok=True)
+    if backend.storage is not None:
+        backend.storage.mkdir(parents=True, exist_ok=True)
+    backend.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(backend.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(registry_config(backend), f, indent=2)
+        json.dump(registry_config(backend, s3), f, indent=2)
     os.chmod(backend.config_file, 0o600)
     return backend.config_file
 

@@ -1,0 +1,53 @@
+"""regcache's own S3 client: aiobotocore (aio-libs' asyncio wrapper of botocore: SigV4, presigned
+URLs, the AWS SDK's credential chain), with a deadline on every call, and what a failure means."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from ..config import S3Access
+from ..upstream.state import failure_reason
+
+
+class StoreUnreachable(Exception):
+    """No answer from the object store in time (or a 5xx: it cannot serve): it is down."""
+
+
+def client_context(access: S3Access, timeout: float):
+    """An async context manager giving an S3 client of the store `access` names. With an
+    endpoint, buckets are addressed by path, as registry:2 2.8 always does then."""
+    config = AioConfig(
+        connect_timeout=timeout, read_timeout=timeout, signature_version="s3v4",
+        retries={"mode": "standard", "total_max_attempts": 1},  # the caller decides; a retry would pass the deadline
+        s3={"addressing_style": "path"} if access.endpoint else None)
+    return get_session().create_client(
+        "s3", endpoint_url=access.endpoint, region_name=access.region, config=config,
+        aws_access_key_id=access.access_key or None, aws_secret_access_key=access.secret_key or None)
+
+
+async def within(timeout: float, call: Callable[[], Awaitable[Any]]) -> Any:
+    """`call()` within `timeout` seconds. Raises StoreUnreachable when the store gave no answer
+    it could serve with (no connection, a timeout, a 5xx); ClientError for a refusal (4xx)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await call()
+    except ClientError as e:
+        if status(e) >= 500:
+            raise StoreUnreachable(f"{status(e)} {error_code(e)}") from e
+        raise
+    except (TimeoutError, BotoCoreError, OSError) as e:
+        raise StoreUnreachable(failure_reason(e)) from e
+
+
+def status(error: ClientError) -> int:
+    return error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+
+
+def error_code(error: ClientError) -> str:
+    return error.response.get("Error", {}).get("Code", "") or str(status(error))

@@ -1,0 +1,202 @@
+"""Caches on S3-compatible object storage (DOCKERHUB_STORAGE=s3://BUCKET/PREFIX), against a real
+S3 server (SeaweedFS, tests/support/s3_server.py): `regcache up` creates the missing bucket and
+refuses wrong credentials in one line; pulls go through a cache whose blobs are in the bucket
+(once each); warm layers come by the data plane streaming the object (Range too) or by a
+presigned URL of the store; with the store stopped, warm pulls get 503 naming it and containerd
+falls back, and they are served again once it is back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.support.clients import Containerd
+from tests.support.parts import (
+    PORT_BASES, REGCACHE, TEST_DOMAIN, Stack, docker_io_stack, http_get, poll, pull, raw_exchange, raw_request,
+    split_responses,
+)
+from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
+from regcache_core.commands.client_config import hosts_toml
+
+PORT = PORT_BASES["test_s3_storage"]
+PRESIGNED_PORT = PORT + 100
+DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
+BUCKET, PREFIX = "regcache-test", "caches/hub"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> S3Server:
+    server = S3Server(tmp_path_factory.mktemp("s3")).start()
+    yield server
+    server.stop()
+
+
+def s3_settings(s3: S3Server, **more: str) -> dict:
+    return {"DOCKERHUB_STORAGE": f"s3://{BUCKET}/{PREFIX}", "AWS_ENDPOINT_URL_S3": s3.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, **more}
+
+
+@pytest.fixture(scope="module")
+def s3_stack(tmp_path_factory, upstream, s3) -> Stack:
+    assert s3.keys(BUCKET) is None  # no bucket yet: `regcache up` makes it
+    stack = docker_io_stack(tmp_path_factory.mktemp("s3-stack"), upstream, PORT, s3_settings(s3)).start()
+    yield stack
+    assert stack.stop() == 0
+    assert not [line for line in stack.output if "Traceback" in line], "\n".join(stack.output)
+
+
+def test_the_keys_reach_the_cache_in_its_environment_only(s3_stack):
+    config_file = s3_stack.data_dir / "dockerhub/config.yml"
+    config = json.loads(config_file.read_text())
+    assert config["storage"]["s3"]["bucket"] == BUCKET and config["storage"]["redirect"] == {"disable": True}
+    assert SECRET_KEY not in config_file.read_text() and config_file.stat().st_mode & 0o077 == 0
+    pid = s3_stack.child(next(p for p in ("docker-registry", "registry") if shutil.which(p)))
+    assert SECRET_KEY not in Path(f"/proc/{pid}/cmdline").read_text()
+    environ = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if v)
+    assert environ["REGISTRY_STORAGE_S3_SECRETKEY"] == SECRET_KEY and "AWS_CA_BUNDLE" not in environ
+
+
+def blob_keys(s3: S3Server, digest: str) -> list[str]:
+    return [k for k in s3.keys(BUCKET, PREFIX) if k.endswith(f"/blobs/sha256/{digest[7:9]}/{digest[7:]}/data")]
+
+
+def answer(port: int, path: str, *headers: str) -> tuple[int, dict, bytes]:
+    [reply] = split_responses(raw_exchange(port, raw_request(f"GET {path} HTTP/1.1", *headers, host=DOCKER_IO)), ["GET"])
+    return reply
+
+
+def follow(location: str, *headers: str) -> tuple[int, dict, bytes]:
+    where = urlsplit(location)
+    reply = raw_exchange(where.port, raw_request(f"GET {where.path}?{where.query} HTTP/1.1", *headers, host=where.netloc),
+                         timeout=60)
+    [result] = split_responses(reply, ["GET"])
+    return result
+
+
+@pytest.fixture(scope="module")
+def warm(s3_stack, s3, images, tmp_path_factory) -> dict:
+    """Both images pulled once, cold: the cache stored every blob in the bucket."""
+    for image in images.values():
+        assert pull(DOCKER_IO, image.reference, tmp_path_factory.mktemp("cold")) == image.manifest_digest
+        for digest in image.blob_digests:
+            assert poll(lambda: blob_keys(s3, digest), bool, timeout=30), f"{digest} never reached the bucket"
+    return images
+
+
+def test_the_missing_bucket_is_created_and_a_cold_then_warm_pull_keeps_each_blob_in_it_once(s3_stack, s3, warm,
+                                                                                              tmp_path):
+    keys = s3.keys(BUCKET, PREFIX)
+    # registry:2's layout, and its proxy scheduler's state, under the prefix
+    assert {k for k in keys if not k.startswith(f"{PREFIX}/docker/registry/v2/")} == {f"{PREFIX}/scheduler-state.json"}
+    assert not [k for k in keys if "regcache-write-check" in k]  # the start's check leaves nothing
+    before = len(s3_stack.pull_records())
+    for image in warm.values():
+        assert pull(DOCKER_IO, image.reference, tmp_path / image.name.replace("/", "_")) == image.manifest_digest
+        for digest in image.blob_digests:
+            assert len(blob_keys(s3, digest)) == 1
+    big = warm["big"]
+    records = s3_stack.records_of_pull(big, before)
+    layer = [r for r in records if r["reference"] == big.blob_digests[-1] and r["status"] == 200]
+    assert layer and all(r["backend"] == "dataplane" and r["cache"] == "hit" for r in layer)
+
+
+def test_a_warm_layer_is_streamed_from_the_store_by_the_data_plane_range_included(warm):
+    big = warm["big"]
+    layer = big.blob_digests[-1]
+    status, headers, _ = answer(PORT, f"/v2/{big.name}/blobs/{layer}")
+    assert status == 307 and urlsplit(headers["location"]).path == "/_regcache/blob"
+    status, headers, body = follow(headers["location"])
+    assert status == 200 and hashlib.sha256(body).hexdigest() == layer[7:]
+    assert headers["docker-content-digest"] == layer and int(headers["content-length"]) == len(body)
+
+    whole = body
+    status, headers, _ = answer(PORT, f"/v2/{big.name}/blobs/{layer}")
+    status, headers, part = follow(headers["location"], "Range: bytes=1000-1048575")
+    assert status == 206 and part == whole[1000:1048576]
+    assert headers["content-range"] == f"bytes 1000-1048575/{len(whole)}"
+    status, headers, tail = follow(answer(PORT, f"/v2/{big.name}/blobs/{layer}")[1]["location"], "Range: bytes=-100")
+    assert status == 206 and tail == whole[-100:]
+
+
+def test_a_small_warm_blob_is_answered_by_the_proxy_from_the_store(warm):
+    small = warm["small"]
+    config = small.blob_digests[0]
+    status, headers, body = answer(PORT, f"/v2/{small.name}/blobs/{config}")
+    assert status == 200 and hashlib.sha256(body).hexdigest() == config[7:]
+    assert headers["docker-content-digest"] == config
+
+
+def test_a_warm_layer_by_a_presigned_url_of_the_store(warm, upstream, s3, tmp_path):
+    """A second stack on the same bucket (another data dir), with REGCACHE_S3_REDIRECT: what the
+    first one stored is warm here too, and its layers are 307s to the store itself."""
+    stack = docker_io_stack(tmp_path / "presigned", upstream, PRESIGNED_PORT,
+                            s3_settings(s3, REGCACHE_S3_REDIRECT="true")).start()
+    try:
+        big = warm["big"]
+        layer = big.blob_digests[-1]
+        [(status, headers, _)] = split_responses(raw_exchange(PRESIGNED_PORT, raw_request(
+            f"GET /v2/{big.name}/blobs/{layer} HTTP/1.1", host=f"docker.io.{TEST_DOMAIN}:{PRESIGNED_PORT}")), ["GET"])
+        assert status == 307 and headers["location"].startswith(f"{s3.endpoint}/{BUCKET}/{PREFIX}/docker/registry/v2/blobs/")
+        assert "X-Amz-Signature=" in headers["location"]
+        status, _, body = http_get(headers["location"], timeout=60)
+        assert status == 200 and hashlib.sha256(body).hexdigest() == layer[7:]
+        status, _, part = http_get(headers["location"], headers={"Range": "bytes=5-9"})
+        assert status == 206 and part == body[5:10]
+        assert pull(f"docker.io.{TEST_DOMAIN}:{PRESIGNED_PORT}", big.reference, tmp_path / "pulled") == big.manifest_digest
+    finally:
+        assert stack.stop() == 0
+
+
+def test_wrong_credentials_are_one_clear_line_at_start(tmp_path, upstream, s3):
+    settings = docker_io_stack(tmp_path, upstream, PRESIGNED_PORT,
+                               s3_settings(s3, AWS_SECRET_ACCESS_KEY="not-the-secret")).settings
+    result = subprocess.run([*REGCACHE, "up"], cwd=tmp_path, env={**settings, "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"regcache: DOCKERHUB_STORAGE: s3://{BUCKET}/{PREFIX} at {s3.endpoint}: the store refused the credentials "
+        "(403 SignatureDoesNotMatch): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"]
+    assert "not-the-secret" not in result.stdout + result.stderr
+
+
+def test_with_the_store_stopped_warm_pulls_get_503_naming_it_and_containerd_falls_back(s3_stack, s3, warm, upstream,
+                                                                                      tmp_path):
+    big = warm["big"]
+    layer = big.blob_digests[-1]
+    s3.stop()
+    try:
+        status, _, body = answer(PORT, f"/v2/{big.name}/blobs/{layer}")
+        assert status == 503
+        [error] = json.loads(body)["errors"]
+        assert error["code"] == "UNAVAILABLE" and s3.endpoint in error["message"]
+        ready = json.loads(s3_stack.admin("/ready")[2])
+        assert ready["object_store"].startswith("down: ")
+        assert s3_stack.metrics()[("regcache_object_store_up", ())] == 0
+        # Again: at once, without another warning.
+        assert answer(PORT, f"/v2/{big.name}/blobs/{layer}")[0] == 503
+
+        containerd = Containerd(tmp_path / "containerd").start()
+        try:
+            hosts_dir = tmp_path / "certs.d"
+            (hosts_dir / "docker.io").mkdir(parents=True)
+            (hosts_dir / "docker.io/hosts.toml").write_text(hosts_toml(upstream.url, f"http://{DOCKER_IO}"))
+            result = containerd.pull(f"docker.io/{big.reference}", hosts_dir)
+            assert result.returncode == 0, result.stderr
+            assert containerd.image_digest(f"docker.io/{big.reference}") == big.manifest_digest
+        finally:
+            containerd.stop()
+    finally:
+        s3.start()
+    assert poll(lambda: answer(PORT, f"/v2/{big.name}/blobs/{layer}")[0], lambda status: status == 307, timeout=30) == 307
+    assert json.loads(s3_stack.admin("/ready")[2])["object_store"] == "up"
+    warnings = [line for line in s3_stack.output if "object store" in line]
+    assert [bool(re.search("unreachable", w)) for w in warnings] == [True, False], "\n".join(warnings)
+    assert "reachable again" in warnings[1]
