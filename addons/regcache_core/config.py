@@ -109,6 +109,15 @@ class DataPlane:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """Several replicas as one cache: the Redis they share, and the key their peer requests carry."""
+
+    redis_url: str = field(repr=False)  # may hold a password: never logged (see cluster/link.py's describe_url)
+    redis_timeout: float  # seconds, every Redis call
+    secret: bytes = field(repr=False)  # signs what one replica sends another
+
+
+@dataclass(frozen=True)
 class Config:
     domain: str
     port: int
@@ -135,6 +144,7 @@ class Config:
     admin_token: str = field(repr=False)  # the Bearer token /metrics and /ready ask for
     max_client_connections: int  # per client address, on every listener
     head_timeout: float  # seconds for a whole request head, from connect or the last answer
+    cluster: Cluster | None  # None: one node, its state in this process
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -220,6 +230,7 @@ def parse_config(values: Mapping[str, str]) -> Config:
         admin_token=read("REGCACHE_ADMIN_TOKEN"),
         max_client_connections=read("REGCACHE_MAX_CONNECTIONS_PER_CLIENT"),
         head_timeout=read("REGCACHE_HEAD_TIMEOUT"),
+        cluster=_cluster(read),
     )
 
 
@@ -237,6 +248,35 @@ def _dataplane(read) -> DataPlane:
         min_size=read("REGCACHE_DATAPLANE_MIN_SIZE"),
         workers=read("REGCACHE_DATAPLANE_WORKERS"),
     )
+
+
+def _cluster(read) -> Cluster | None:
+    redis_url, secret = read("REGCACHE_REDIS_URL"), read("REGCACHE_CLUSTER_SECRET")
+    if redis_url is None:
+        if secret:
+            raise ConfigError("REGCACHE_CLUSTER_SECRET: set, but REGCACHE_REDIS_URL is not; replicas need both")
+        return None
+    if len(secret) < 16:
+        raise ConfigError("REGCACHE_CLUSTER_SECRET: " + ("not set" if not secret else "shorter than 16 characters")
+                          + ", but REGCACHE_REDIS_URL is; give every replica one long random secret "
+                          "(e.g. `openssl rand -hex 32`)")
+    return Cluster(redis_url, read("REGCACHE_REDIS_TIMEOUT"), secret.encode())
+
+
+def _redis_url(var: str, value: str) -> str | None:
+    """redis://[[user]:password@]host[:port][/db] or rediss:// (TLS); None when empty."""
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"{var}: not a redis:// or rediss:// URL with a host, such as redis://redis:6379/0")
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise ConfigError(f"{var}: the path names a database by number (/0), not {parts.path!r}")
+    return value
 
 
 def misspelt_settings(names, keys: list[str]) -> list[str]:
@@ -636,6 +676,24 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
                 "mitmproxy 11.0 has none, so its UI stays on 127.0.0.1. Needed to bind the UI to another address "
                 "(`--set web_host=...`).",
                 empty_means="a token per run: `regcache up --web` prints the URL that logs in with it", strip=False),
+    )),
+    ("Replicas",
+     "Several regcache replicas behave as one cache when they share a Redis (state: tags, upstream state, "
+     "usage, who is downloading what) and their caches' storage (K_STORAGE on a shared volume). See "
+     "docs/cluster.md.", (
+        Setting("REGCACHE_REDIS_URL", "", _redis_url,
+                "the Redis (or Valkey) replicas share: `redis://[:password@]host:port/db`, `rediss://` for TLS",
+                "Give regcache an instance (or db) of its own with `maxmemory-policy noeviction`. While it cannot "
+                "be reached, each replica goes on with state of its own and says so once (log, /ready, "
+                "regcache_shared_state_up).",
+                empty_means="one node: its state stays in this process"),
+        Setting("REGCACHE_REDIS_TIMEOUT", "0.5", _seconds,
+                "seconds every Redis call gets; one that misses it counts as Redis being down"),
+        Setting("REGCACHE_CLUSTER_SECRET", "", _text,
+                "a secret all replicas share (16 characters or more, e.g. `openssl rand -hex 32`): it signs what "
+                "one replica sends another, and is the caches' registry:2 `http.secret`",
+                "Required with REGCACHE_REDIS_URL. Peers' signed requests pass REGCACHE_CLIENTS and htpasswd; "
+                "unsigned ones never do.", empty_means="one node"),
     )),
     ("Disk", "", (
         Setting("REGCACHE_MAX_DISK", "", _optional_size,

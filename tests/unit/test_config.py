@@ -205,3 +205,26 @@ def test_the_data_plane_settings():
 def test_bad_data_plane_settings_name_the_variable(changes, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         parse(**changes)
+
+
+def test_replicas_share_a_redis_and_a_secret():
+    assert parse().cluster is None  # one node
+    cluster = parse(REGCACHE_REDIS_URL="redis://:pw@redis:6379/1", REGCACHE_CLUSTER_SECRET="s" * 32).cluster
+    assert cluster.redis_url == "redis://:pw@redis:6379/1" and cluster.redis_timeout == 0.5
+    assert cluster.secret == b"s" * 32
+    assert "pw" not in repr(cluster) and "sss" not in repr(cluster)
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"REGCACHE_REDIS_URL": "http://redis:6379"}, "REGCACHE_REDIS_URL: not a redis:// or rediss:// URL"),
+    ({"REGCACHE_REDIS_URL": "redis://redis:6379/cache"}, "REGCACHE_REDIS_URL: the path names a database"),
+    ({"REGCACHE_REDIS_URL": "redis://redis:99999"}, "REGCACHE_REDIS_URL: not a redis://"),
+    ({"REGCACHE_REDIS_URL": "redis://redis"}, "REGCACHE_CLUSTER_SECRET: not set, but REGCACHE_REDIS_URL is"),
+    ({"REGCACHE_REDIS_URL": "redis://redis", "REGCACHE_CLUSTER_SECRET": "short"}, "shorter than 16 characters"),
+    ({"REGCACHE_CLUSTER_SECRET": "s" * 32}, "REGCACHE_CLUSTER_SECRET: set, but REGCACHE_REDIS_URL is not"),
+    ({"REGCACHE_REDIS_URL": "redis://redis", "REGCACHE_CLUSTER_SECRET": "s" * 32, "REGCACHE_REDIS_TIMEOUT": "0"},
+     "REGCACHE_REDIS_TIMEOUT"),
+])
+def test_bad_replica_settings_name_the_variable(changes, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse(**changes)

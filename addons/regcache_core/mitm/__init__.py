@@ -73,7 +73,7 @@ def make_addons() -> list:
         budget,
         recorder,
         DataPlaneRecords(settings, recorder.deliver),
-        Admin(settings, metrics, budget, services.upstream_state),
+        Admin(settings, metrics, budget, services),
         Drain(settings, services.downloads_running),
         WebView(settings),
     ]

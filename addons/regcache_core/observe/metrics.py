@@ -78,6 +78,9 @@ class Metrics:
         self.upstream_reachable = Gauge(
             "regcache_upstream_up", "1 while the registry's upstream answers, 0 while it cannot be reached (see /ready's body for why).",
             ("registry",), registry=self.registry)
+        self.shared_state = Gauge(
+            "regcache_shared_state_up", "1 while the Redis that replicas share (REGCACHE_REDIS_URL) answers, 0 while "
+            "each replica goes on with state of its own; absent on one node.", registry=self.registry)
 
     def observe(self, record: PullRecord) -> None:
         """Count one finished or failed client request."""
@@ -103,6 +106,9 @@ class Metrics:
 
     def upstream_up(self, registry: str, up: bool) -> None:
         self.upstream_reachable.labels(registry).set(1 if up else 0)
+
+    def shared_state_up(self, up: bool) -> None:
+        self.shared_state.set(1 if up else 0)
 
     def spool_follower(self, registry: str) -> None:
         self.spool_followers.labels(registry).inc()
