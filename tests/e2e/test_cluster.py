@@ -8,6 +8,7 @@ started again, and nothing left behind (processes, namespaces, interfaces) when 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 
@@ -51,7 +52,8 @@ def manifest_through_balancer(image) -> tuple[int, dict[str, str], bytes]:
 
 def test_each_replica_runs_in_a_namespace_of_its_own(cluster):
     for replica in cluster.replicas:
-        assert replica.admin("/ready")[0] == 200, replica.output[-20:]
+        status, _, body = replica.admin("/ready")
+        assert status == 200 and json.loads(body)["shared_state"] == "ok", (body, replica.output[-20:])
         assert accepts_connections(PORT, replica.address)
         # Its hosts file names the suite's hosts at the gateway, where the balancer is.
         assert replica.run("getent", "hosts", "docker.io.regcache.test").stdout.split()[0] == GATEWAY

@@ -8,13 +8,13 @@
         cluster.replicas[0].kill()                          # SIGKILL: the whole pod at once
         cluster.balancer.wait_for_rotation({1, 2})          # HAProxy's checks took it out
         cluster.replicas[0].start()                         # back: same address, same data dir
-        cluster.redis.stop(); cluster.redis.start()         # Redis down, then back (empty)
+        cluster.redis.kill(); cluster.redis.start()         # Redis gone, then back (empty)
 
 What runs where, for a port base B (a PORT_BASES entry). The test's own network namespace (the
 one tests/e2e/conftest.py made: the "gateway") gets a bridge `br0` at 10.77.0.1/24 and runs:
 - `cluster.upstream`: a parts.Upstream on 10.77.0.1:B+1000, empty until the test pushes to it;
-- `cluster.redis`: redis-server on 10.77.0.1:B+60 with a password (`cluster.redis.url`),
-  `maxmemory-policy noeviction`, nothing saved;
+- `cluster.redis`: a redis_server.RedisServer on 10.77.0.1:B+60 with a password
+  (`cluster.redis.url`), `maxmemory-policy noeviction`, nothing saved;
 - `cluster.balancer`: HAProxy on port B of every gateway address, passing TCP connections
   round-robin to the replicas' port B (an L4 balancer, as a Service is); a replica is in rotation
   while its /ready answers 200, as a Service's endpoints follow readiness. `cluster.host` is
@@ -26,7 +26,7 @@ of its own, joined to the bridge by a veth, at 10.77.0.(11+i) (`replica.address`
 is its own, so every replica uses the same ports, as pods do: clients on B, its cache on B+1,
 data plane on B+50, egress on B+80, its admin endpoint on its address at B+70 (with a token,
 which `replica.admin(path)` sends). Its settings, before the `settings` given (which win; an empty
-value means the setting's default, e.g. `"REGCACHE_REDIS_URL": ""` for no Redis):
+value means the setting's default: `"REGCACHE_REDIS_URL": "", "REGCACHE_CLUSTER_SECRET": ""` for none):
 REGCACHE_DATAPLANE_URL=http://<its address>:B+50 (a 307 names the replica that made it),
 DOCKERHUB_UPSTREAM=the upstream, DOCKERHUB_STORAGE=<cluster.storage>/dockerhub,
 REGCACHE_REDIS_URL=cluster.redis.url, REGCACHE_CLUSTER_SECRET (the same for all), one data-plane
@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 
 from .parts import TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, has_exited, poll, stop_process, wait_for_port
+from .redis_server import RedisServer
 
 BRIDGE = "br0"
 SUBNET = "10.77.0"
@@ -168,45 +169,6 @@ class Replica(Stack):
         return code
 
 
-class Redis:
-    """redis-server holding nothing on disk, with a password, refusing to evict (what regcache's data needs)."""
-
-    def __init__(self, root: Path, host: str, port: int) -> None:
-        self.root, self.host, self.port = root, host, port
-        self.password = secrets.token_hex(8)
-        self.url = f"redis://:{self.password}@{host}:{port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 10) -> "Redis":
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "redis.log", "ab") as log:
-            self.process = subprocess.Popen(
-                ["redis-server", "--bind", self.host, "--port", str(self.port), "--requirepass", self.password,
-                 "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction", "--dir", str(self.root)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        if not poll(self.ping, bool, timeout):
-            self.stop()
-            raise RuntimeError(f"redis-server did not answer PING within {timeout}s:\n{(self.root / 'redis.log').read_text()[-2000:]}")
-        return self
-
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection((self.host, self.port), timeout=1) as connection:
-                connection.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
-                reply = b""
-                while reply.count(b"\r\n") < 2 and (chunk := connection.recv(256)):
-                    reply += chunk
-                return reply == b"+OK\r\n+PONG\r\n"
-        except OSError:
-            return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        """SIGTERM, or SIGKILL to kill it. Its data is gone either way (nothing is saved)."""
-        if self.process:
-            stop_process(self.process, sig=sig)
-            self.process = None
-
-
 class Balancer:
     """HAProxy in TCP mode on `port`, round-robin over the replicas, each in rotation while its
     /ready answers 200 (checked every 0.5 s; out after 2 failures, back after 1 success). A
@@ -220,7 +182,7 @@ class Balancer:
         self.process: subprocess.Popen | None = None
 
     @property
-    def socket(self) -> Path:
+    def admin_socket(self) -> Path:
         return self.root / "admin.sock"
 
     def config(self) -> str:
@@ -228,7 +190,7 @@ class Balancer:
                           for i, (address, port, admin_port) in enumerate(self.replicas))
         return (
             "global\n"
-            f"  stats socket {self.socket} mode 600 level admin\n"
+            f"  stats socket {self.admin_socket} mode 600 level admin\n"
             "  log stdout format raw local0 info\n"
             "defaults\n"
             "  mode tcp\n  log global\n  option tcplog\n"
@@ -269,7 +231,7 @@ class Balancer:
         """Each replica's state as HAProxy's checks see it: "UP", "DOWN", or on the way ("UP 1/2")."""
         with socket.socket(socket.AF_UNIX) as connection:
             connection.settimeout(5)
-            connection.connect(str(self.socket))
+            connection.connect(str(self.admin_socket))
             connection.sendall(b"show stat\n")
             reply = b""
             while chunk := connection.recv(65536):
@@ -298,7 +260,7 @@ class Cluster:
         self.workdir, self.port = workdir, port
         self.storage = workdir / "storage"
         self.upstream = Upstream(workdir / "upstream", port + UPSTREAM_OFFSET, host=GATEWAY)
-        self.redis = Redis(workdir / "redis", GATEWAY, port + REDIS_OFFSET)
+        self.redis = RedisServer(workdir / "redis", port + REDIS_OFFSET, GATEWAY, password=secrets.token_hex(8))
         self.admin_token = secrets.token_hex(16)
         self.secret = secrets.token_hex(32)  # REGCACHE_CLUSTER_SECRET
         self.settings = settings or {}
