@@ -27,7 +27,7 @@ from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 from regcache_core.commands.client_config import hosts_toml
 
 PORT = PORT_BASES["test_s3_storage"]
-PRESIGNED_PORT = PORT + 100
+PRESIGNED_PORT = PORT + 100  # 9000
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
 BUCKET, PREFIX = "regcache-test", "caches/hub"
 

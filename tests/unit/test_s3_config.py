@@ -54,15 +54,15 @@ def test_registry2_gets_its_s3_driver_and_the_keys_in_its_environment_only(monke
     monkeypatch.setenv("AWS_CA_BUNDLE", "/etc/ssl/bundle.pem")
     config = parse(**S3, AWS_ENDPOINT_URL_S3="http://127.0.0.1:8333", REGCACHE_REGISTRIES="DOCKERHUB,GHCR")
     hub, ghcr = local_backends(config)
-    storage = registry_config(hub, config.s3)["storage"]
+    storage = registry_config(hub)["storage"]
     assert storage["s3"] == {"bucket": "team-cache", "region": "us-east-1", "rootdirectory": "/regcache/hub",
                              "regionendpoint": "http://127.0.0.1:8333", "secure": False}
     assert storage["redirect"] == {"disable": True}  # regcache decides how warm blobs go
-    assert "SECRET" not in repr(registry_config(hub, config.s3))
-    assert cache_environment(hub.registry, config.s3) == {
+    assert "SECRET" not in repr(registry_config(hub))
+    assert cache_environment(hub) == {
         "PATH": os.environ["PATH"], "REGISTRY_STORAGE_S3_ACCESSKEY": "AKID", "REGISTRY_STORAGE_S3_SECRETKEY": "SECRET"}
-    assert cache_environment(ghcr.registry, config.s3) == {"PATH": os.environ["PATH"]}
-    assert registry_config(ghcr, config.s3)["storage"]["filesystem"] == {"rootdirectory": str(ghcr.storage)}
+    assert cache_environment(ghcr) == {"PATH": os.environ["PATH"]}
+    assert registry_config(ghcr)["storage"]["filesystem"] == {"rootdirectory": str(ghcr.storage)}
     # The disk budget and `regcache cache du|ls` read filesystem caches only, for now.
     assert filesystem_backends(config) == [ghcr]
 
@@ -70,6 +70,6 @@ def test_registry2_gets_its_s3_driver_and_the_keys_in_its_environment_only(monke
 def test_without_keys_registry2_uses_the_sdk_chain_and_aws_s3_itself():
     config = parse(DOCKERHUB_STORAGE="s3://team-cache/hub", AWS_REGION="eu-west-3")
     [hub, *_] = local_backends(config)
-    assert registry_config(hub, config.s3)["storage"]["s3"] == {
+    assert registry_config(hub)["storage"]["s3"] == {
         "bucket": "team-cache", "region": "eu-west-3", "rootdirectory": "/hub"}
-    assert set(cache_environment(hub.registry, config.s3)) == {"PATH"}
+    assert set(cache_environment(hub)) == {"PATH"}

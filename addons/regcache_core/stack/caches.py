@@ -26,6 +26,7 @@ class CacheBackend:
     registry: Registry
     root: Path  # holds config.yml and registry.log (and storage/, unless K_STORAGE says otherwise)
     remoteurl: str  # the proxy's egress listener for this registry, never the upstream itself
+    s3: S3Access  # how it reaches its object store, when K_STORAGE is s3://
 
     @property
     def config_file(self) -> Path:
@@ -48,7 +49,7 @@ def local_backends(config: Config) -> list[CacheBackend]:
     A cache URL naming another host is somebody else's to run (a compose service, say).
     """
     return [
-        CacheBackend(r, config.data_dir / r.key.lower(), config.egress_url(r))
+        CacheBackend(r, config.data_dir / r.key.lower(), config.egress_url(r), config.s3)
         for r in config.registries
         if r.cache and is_local(r.cache)
     ]
@@ -64,7 +65,7 @@ def find_registry_program() -> str | None:
     return next(filter(None, map(shutil.which, REGISTRY_PROGRAMS)), None)
 
 
-def registry_config(backend: CacheBackend, s3: S3Access) -> dict:
+def registry_config(backend: CacheBackend) -> dict:
     """distribution's configuration for one pull-through cache.
 
     It holds no credentials: the cache's upstream is the proxy's egress listener, which adds them,
@@ -75,7 +76,7 @@ def registry_config(backend: CacheBackend, s3: S3Access) -> dict:
         "version": 0.1,
         "log": {"level": "info", "formatter": "text"},
         "storage": {
-            **_driver(backend.registry, s3),
+            **_driver(backend.registry, backend.s3),
             # Lets the proxy's TTL scheduler delete expired content.
             "delete": {"enabled": True},
             # A pull cut short leaves a partial upload under _uploads: gone after an hour.
@@ -104,25 +105,26 @@ def _driver(registry: Registry, s3: S3Access) -> dict:
     return {"s3": driver, "redirect": {"disable": True}}
 
 
-def cache_environment(registry: Registry, s3: S3Access) -> dict[str, str]:
+def cache_environment(backend: CacheBackend) -> dict[str, str]:
     """A cache's environment: PATH, and the object store's keys (registry:2's overrides of its
     config), never in a file or its arguments. Nothing else of ours: our environment may hold
     upstream passwords, which caches never need, and registry:2 2.8 panics at start when
     AWS_CA_BUNDLE is set."""
     env = {"PATH": os.environ.get("PATH", os.defpath)}
-    if registry.object_store is not None and s3.access_key:
+    s3 = backend.s3
+    if backend.registry.object_store is not None and s3.access_key:
         env |= {"REGISTRY_STORAGE_S3_ACCESSKEY": s3.access_key, "REGISTRY_STORAGE_S3_SECRETKEY": s3.secret_key}
     return env
 
 
-def write_registry_config(backend: CacheBackend, s3: S3Access) -> Path:
+def write_registry_config(backend: CacheBackend) -> Path:
     """Write config.yml (JSON is valid YAML), readable by its owner only (it holds the HTTP secret)."""
-    if backend.storage is not None:
+    backend.root.mkdir(parents=True, exist_ok=True)  # not made by the storage's mkdir when K_STORAGE is elsewhere
+    if backend.storage is not None:  # none for a cache on an object store
         backend.storage.mkdir(parents=True, exist_ok=True)
-    backend.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(backend.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(registry_config(backend, s3), f, indent=2)
+        json.dump(registry_config(backend), f, indent=2)
     os.chmod(backend.config_file, 0o600)
     return backend.config_file
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .caches import (INSTALL_HINT, CacheBackend, cache_environment, exit_reason, find_registry_program, local_backends,
                      write_registry_config)
-from ..config import Config, ConfigError, S3Access, prepare_directory
+from ..config import Config, ConfigError, prepare_directory
 from ..objectstore.bucket import prepare_bucket
 from .listeners import cannot_listen, proxy_listeners, proxy_modes
 from .parent_death import dies_with_this_process
@@ -71,7 +71,6 @@ class SupervisedCache:
 
     program: str
     backend: CacheBackend
-    s3: S3Access
     child: Child
     started: float
     backoff: float = FIRST_BACKOFF
@@ -88,7 +87,7 @@ class SupervisedCache:
             print(f"regcache: {self.child.exited()}; starting it again in {self.backoff:g}s", file=sys.stderr, flush=True)
             self.backoff = min(self.backoff * 2, MAX_BACKOFF)
         elif now >= self.restart_at:
-            self.child = _start_cache(self.program, self.backend, self.s3)
+            self.child = _start_cache(self.program, self.backend)
             self.started, self.restart_at = now, None
             print(f"regcache: {self.child.described} started again", file=sys.stderr, flush=True)
 
@@ -157,7 +156,7 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
         if config.dataplane is not None:
             children.append(_start_dataplane(env_file))
         for backend in backends:
-            children.append(_start_cache(program, backend, config.s3))
+            children.append(_start_cache(program, backend))
         record_pids()
         if not _wait_ready(children, stop):
             return 0 if stop.is_set() else 1
@@ -165,7 +164,7 @@ def up(config: Config, env_file: str, web: bool = False) -> int:
         # The proxy and the data plane are the stack: either exiting ends it. Caches are
         # started again (each serves one registry; the others go on meanwhile).
         essential = len(children) - len(backends)
-        caches = [SupervisedCache(program, backend, config.s3, child, time.monotonic())
+        caches = [SupervisedCache(program, backend, child, time.monotonic())
                   for backend, child in zip(backends, children[essential:])]
         while not stop.wait(0.5):
             if failed := _exited(children[:essential]):
@@ -192,8 +191,8 @@ def _mitmproxy_program(name: str) -> str | None:
     return str(beside_python) if beside_python.exists() else shutil.which(name)
 
 
-def _start_cache(program: str, backend: CacheBackend, s3: S3Access) -> Child:
-    config_file = write_registry_config(backend, s3)
+def _start_cache(program: str, backend: CacheBackend) -> Child:
+    config_file = write_registry_config(backend)
     with open(backend.log_file, "ab") as log:
         since = log.tell()  # the log is kept across runs: this run's lines start here
         process = subprocess.Popen(
@@ -203,7 +202,7 @@ def _start_cache(program: str, backend: CacheBackend, s3: S3Access) -> Child:
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # we forward Ctrl-C ourselves, in order
             preexec_fn=dies_with_this_process(),
-            env=cache_environment(backend.registry, s3),
+            env=cache_environment(backend),
         )
     return Child(f"cache for {backend.registry.name}", process, lambda: answers_http(f"{backend.registry.cache}/v2/"),
                  lambda: exit_reason(backend.log_file, since), backend.log_file)
