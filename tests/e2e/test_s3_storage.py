@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.clients import Containerd
 from tests.support.parts import (
-    PORT_BASES, REGCACHE, TEST_DOMAIN, Stack, docker_io_stack, http_get, poll, pull, raw_exchange, raw_request,
+    PORT_BASES, REGCACHE, TEST_DOMAIN, Stack, build_image, docker_io_stack, http_get, poll, pull, raw_exchange, raw_request,
     split_responses,
 )
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
@@ -28,6 +28,7 @@ from regcache_core.commands.client_config import hosts_toml
 
 PORT = PORT_BASES["test_s3_storage"]
 PRESIGNED_PORT = PORT + 100  # 9000
+BUDGET_PORT = PORT + 5  # its ports (+1, +50, +70, +80) miss the two stacks above
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
 BUCKET, PREFIX = "regcache-test", "caches/hub"
 
@@ -200,3 +201,41 @@ def test_with_the_store_stopped_warm_pulls_get_503_naming_it_and_containerd_fall
     warnings = [line for line in s3_stack.output if "object store" in line]
     assert [bool(re.search("unreachable", w)) for w in warnings] == [True, False], "\n".join(warnings)
     assert "reachable again" in warnings[1]
+
+
+def test_the_budget_evicts_from_the_bucket_and_cache_du_and_ls_read_it(upstream, s3, images, tmp_path):
+    """A stack of its own on another prefix with a 150 MiB budget: the session's 100 MiB image,
+    then one of 60 MiB; the least recently pulled goes from the bucket, with its links."""
+    prefix = "caches/budget"
+    second = build_image(tmp_path / "images", "library/second", [("layer.bin", 60 << 20)])
+    upstream.push(second)
+    stack = docker_io_stack(tmp_path / "budget", upstream, BUDGET_PORT,
+                            s3_settings(s3, DOCKERHUB_STORAGE=f"s3://{BUCKET}/{prefix}", DOCKERHUB_MAX_DISK="150M")).start()
+    host = f"docker.io.{TEST_DOMAIN}:{BUDGET_PORT}"
+    big = images["big"]
+
+    def stored(image) -> bool:
+        digest = image.blob_digests[-1]
+        return any(k.endswith(f"/{digest[7:]}/data") for k in s3.keys(BUCKET, prefix))
+
+    try:
+        assert pull(host, big.reference, tmp_path / "big") == big.manifest_digest
+        assert poll(lambda: stored(big), bool, timeout=30)
+        assert pull(host, second.reference, tmp_path / "second") == second.manifest_digest
+        evicted = poll(lambda: [line for line in stack.output if "disk budget: evicted" in line], bool, timeout=60)
+        assert "now 60.0 MiB of 150.0 MiB" in evicted[0], evicted
+        assert (stored(second), stored(big)) == (True, False)
+        keys = s3.keys(BUCKET, prefix)
+        assert not [k for k in keys if f"/repositories/{big.name}/_layers/sha256/{big.blob_digests[-1][7:]}/" in k]
+        assert sum(1 for k in keys if "/repositories/library/second/_layers/" in k) == len(second.blob_digests)
+
+        du = stack.command("cache", "du", "--json")
+        assert du.returncode == 0, du.stderr
+        [cache] = json.loads(du.stdout)["caches"]
+        assert cache["storage"] == f"s3://{BUCKET}/{prefix}" and cache["free_disk"] is None
+        assert 60 << 20 < cache["bytes"] <= 150 << 20
+        assert [r["repository"] for r in cache["repositories"]] == ["library/second"]
+        ls = stack.command("cache", "ls")
+        assert ls.returncode == 0 and "library/second" in ls.stdout and big.name not in ls.stdout, ls.stdout + ls.stderr
+    finally:
+        assert stack.stop() == 0

@@ -94,15 +94,20 @@ class S3Server:
         raise RuntimeError(f"weed's S3 API did not answer on {self.endpoint} within {timeout} s")
 
     def _answers(self) -> bool:
-        """The S3 API answers, and a bucket can be listed: the filer and a volume are up too.
-        An unsigned request gets 403 AccessDenied once the S3 gateway serves."""
+        """The S3 API answers (an unsigned request gets 403 AccessDenied), and the master can
+        place a file on a volume: until then writes and reads fail with 500s."""
         try:
             _NO_PROXY.open(self.endpoint + "/", timeout=2).close()
         except urllib.error.HTTPError as e:
-            return e.code == 403
+            if e.code != 403:
+                return False
         except OSError:
             return False
-        return True
+        try:
+            with _NO_PROXY.open(f"http://{self.host}:{self.master_port}/dir/assign", timeout=5) as answer:
+                return "fid" in json.loads(answer.read())
+        except (OSError, ValueError):
+            return False
 
     def keys(self, bucket: str, prefix: str = "") -> list[str] | None:
         """Every object key in `bucket` under `prefix`; None when the bucket does not exist."""

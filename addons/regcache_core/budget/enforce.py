@@ -9,14 +9,14 @@ from pathlib import Path
 
 from ..observe.stats import human_bytes
 from .eviction import CacheDisk, Evicted, apply, choose
-from .storage import scan
+from .storage import Tree, scan
 from .usage import UsageStore
 
 
 @dataclass(frozen=True)
 class CacheBudget:
     registry: str  # its name, e.g. docker.io
-    storage: Path  # registry:2's rootdirectory
+    storage: Path | Tree  # registry:2's rootdirectory: a directory, or an object store's (objectstore/tree.py)
     budget: int | None  # K_MAX_DISK
 
 

@@ -2,14 +2,14 @@
 REGCACHE_MAX_DISK, remove the least recently used blobs until under LOW_WATER of it, with the
 links and manifests that only they serve.
 
-registry:2 in proxy mode refuses DELETE, so this works on its filesystem, in the order that
-keeps it consistent for a running registry:2 (distribution 2.8's registry/storage and
-registry/proxy):
+registry:2 in proxy mode refuses DELETE, so this works on its storage (a filesystem, or the
+objects of an object store: storage.py's Tree), in the order that keeps it consistent for a
+running registry:2 (distribution 2.8's registry/storage and registry/proxy):
 - A blob goes with its `data` file first: registry:2 checks that file (`Stat`) before serving a
   blob, finds it gone and fetches the blob again (a miss). Removing the repositories' `_layers`
   links too leaves no link to a missing blob. A request already being answered keeps its open
-  file (Linux keeps an unlinked file until it is closed), and blobs in flight through the proxy
-  are skipped anyway (`busy`).
+  file (Linux keeps an unlinked file until it is closed), and blobs in flight are skipped
+  anyway (`busy`: through the proxy, or handed to a client by a URL that is still valid).
 - A manifest goes when every blob it names is gone and one of them went now (an index when its
   manifests went): its revision link, the tags pointing at it, and its data once no repository
   links it.
@@ -21,12 +21,11 @@ registry/proxy):
 from __future__ import annotations
 
 import heapq
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .storage import Blob, Repository, Storage, blob_dir
+from ..objectstore import layout
+from .storage import Blob, Repository, Storage
 
 LOW_WATER = 0.9  # evict down to this share of the budget, so the next pull does not evict again
 
@@ -92,7 +91,7 @@ def apply(cache: CacheDisk, busy: Callable[[str, str], bool]) -> Evicted:
         _remove_blob(storage, digest)
         for repository in storage.repositories.values():
             if digest in repository.layers:
-                _remove(_repository_dir(storage, repository) / "_layers" / _digest_path(digest))
+                storage.tree.remove(f"{_repository_dir(repository)}/_layers/{_digest_path(digest)}")
                 repository.layers.discard(digest)
         removed.append(storage.blobs.pop(digest))
     removed += _remove_orphaned_manifests(storage, {b.digest for b in removed})
@@ -121,31 +120,34 @@ def _remove_orphaned_manifests(storage: Storage, evicted: set[str]) -> list[Blob
 
 
 def _drop_manifest(storage: Storage, repository: Repository, digest: str) -> None:
-    manifests = _repository_dir(storage, repository) / "_manifests"
-    _remove(manifests / "revisions" / _digest_path(digest))
+    manifests = f"{_repository_dir(repository)}/_manifests"
+    storage.tree.remove(f"{manifests}/revisions/{_digest_path(digest)}")
     for tag, current in list(repository.tags.items()):
         if current == digest:
-            _remove(manifests / "tags" / tag)
+            storage.tree.remove(f"{manifests}/tags/{tag}")
             del repository.tags[tag]
-    for old in (manifests / "tags").glob(f"*/index/{_digest_path(digest)}"):
-        _remove(old)
+    for tag in _tags_indexing(storage, repository, digest):
+        storage.tree.remove(f"{manifests}/tags/{tag}/index/{_digest_path(digest)}")
     repository.manifests.discard(digest)
 
 
+def _tags_indexing(storage: Storage, repository: Repository, digest: str) -> set[str]:
+    """Tags whose history (`tags/<tag>/index/`) names the manifest: a tag may have moved on."""
+    index_link = f"/index/{_digest_path(digest)}/link"
+    tags = f"{_repository_dir(repository)}/_manifests/tags/"
+    return {path[len(tags):-len(index_link)] for path, _, _ in storage.tree.files(tags)
+            if path.endswith(index_link) and "/" not in path[len(tags):-len(index_link)]}
+
+
 def _remove_blob(storage: Storage, digest: str) -> None:
-    folder = blob_dir(storage.root, digest)
-    (folder / "data").unlink(missing_ok=True)  # first: registry:2 asks for this file
-    _remove(folder)
+    data = layout.blob_data(digest)
+    storage.tree.remove(data)  # first: registry:2 asks for this file
+    storage.tree.remove(data.rpartition("/")[0])
 
 
-def _repository_dir(storage: Storage, repository: Repository) -> Path:
-    return storage.root / "docker/registry/v2/repositories" / repository.name
+def _repository_dir(repository: Repository) -> str:
+    return f"docker/registry/v2/repositories/{repository.name}"
 
 
-def _digest_path(digest: str) -> Path:
-    algorithm, hex_digest = digest.split(":", 1)
-    return Path(algorithm) / hex_digest
-
-
-def _remove(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+def _digest_path(digest: str) -> str:
+    return digest.replace(":", "/", 1)

@@ -3,9 +3,13 @@ their storage (storage.py) and the usage store, without the stack having to run.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
+from pathlib import Path
 
-from ..stack.caches import filesystem_backends
+from ..objectstore.tree import ObjectTree
+from ..stack.caches import CacheBackend, local_backends
 from ..config import Config
 from ..observe.stats import human_bytes, table
 from .disk import free_bytes
@@ -13,16 +17,30 @@ from .storage import scan
 from .usage import UsageStore, usage_file
 
 
+@contextmanager
+def _tree(config: Config, backend: CacheBackend) -> Iterator[Path | ObjectTree]:
+    """Where the cache's storage is read: its directory, or its objects in an object store."""
+    if backend.storage is not None:
+        yield backend.storage
+        return
+    tree = ObjectTree(config.s3, backend.registry.object_store, config.upstream_timeout)
+    try:
+        yield tree
+    finally:
+        tree.close()
+
+
 def disk_usage(config: Config) -> dict:
     caches = []
-    for backend in filesystem_backends(config):
-        storage = scan(backend.storage)
+    for backend in local_backends(config):
+        with _tree(config, backend) as tree:
+            storage = scan(tree)
         caches.append({
             "registry": backend.registry.name,
-            "storage": str(backend.storage),
+            "storage": str(tree),
             "bytes": storage.total,
             "budget": backend.registry.max_disk,
-            "free_disk": free_bytes(backend.storage),
+            "free_disk": free_bytes(backend.storage) if backend.storage else None,  # an object store's is not ours
             "repositories": sorted(({"repository": name, "bytes": storage.bytes_of(r)}
                                     for name, r in storage.repositories.items()), key=lambda r: -r["bytes"]),
         })
@@ -35,10 +53,12 @@ def holdings(config: Config) -> dict:
     store = UsageStore(path) if path.exists() else None
     try:
         caches = []
-        for backend in filesystem_backends(config):
+        for backend in local_backends(config):
             pulls = store.last_pulls(backend.registry.name) if store else {}
             repositories = []
-            for name, repository in sorted(scan(backend.storage).repositories.items()):
+            with _tree(config, backend) as tree:
+                held = scan(tree)
+            for name, repository in sorted(held.repositories.items()):
                 tags = [{"tag": tag, "digest": digest,
                          "last_pulled": _iso(max(pulls.get((name, tag), 0), pulls.get((name, digest), 0)))}
                         for tag, digest in sorted(repository.tags.items())]
@@ -54,7 +74,8 @@ def format_du(usage: dict) -> str:
     rows = []
     for cache in usage["caches"]:
         budget = human_bytes(cache["budget"]) if cache["budget"] else "-"
-        rows.append((cache["registry"], human_bytes(cache["bytes"]), budget, human_bytes(cache["free_disk"])))
+        free = human_bytes(cache["free_disk"]) if cache["free_disk"] is not None else "-"
+        rows.append((cache["registry"], human_bytes(cache["bytes"]), budget, free))
         rows += [(f"  {r['repository']}", human_bytes(r["bytes"]), "", "") for r in cache["repositories"]]
     total_budget = human_bytes(usage["budget"]) if usage["budget"] else "-"
     rows.append(("all caches", human_bytes(usage["bytes"]), total_budget, ""))

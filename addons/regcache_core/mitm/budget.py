@@ -17,7 +17,10 @@ from ..budget import report
 from ..budget.disk import DiskWatch
 from ..budget.enforce import CacheBudget, enforce, summary
 from ..budget.usage import UsageStore, usage_file
-from ..stack.caches import filesystem_backends
+from ..objectstore.blobs import PRESIGNED_FOR
+from ..objectstore.client import StoreUnreachable
+from ..objectstore.tree import ObjectTree
+from ..stack.caches import local_backends
 from ..observe.metrics import Metrics
 from ..observe.pull_log import PullRecord
 from .flow_notes import note
@@ -27,6 +30,9 @@ logger = logging.getLogger(__name__)
 RUN_DELAY = 2.0  # seconds after a blob pull: registry:2 commits a fetched blob just after serving it
 RUN_EVERY = 30.0  # seconds between runs without pulls: the free-space warning needs no request
 TICK = 0.5  # seconds between looks at whether a run is due
+# A warm blob of an object store handed to a client by a URL (the data plane's, a presigned one)
+# is read after the proxy's answer: it stays for as long as such a URL is valid.
+HANDED_OUT_FOR = PRESIGNED_FOR
 
 
 class DiskBudget:
@@ -40,6 +46,8 @@ class DiskBudget:
         self.disk_watch = DiskWatch(0)
         self._sending: dict[str, tuple[str, str]] = {}  # flow id -> (registry, blob digest) in flight
         self._sending_lock = threading.Lock()  # the worker reads it while the event loop changes it
+        self._store_unreachable = False  # the last run found the object store down (warned once)
+        self._handed_out: dict[tuple[str, str], float] = {}  # (registry, digest) -> monotonic time its URLs expire
         # Uses not yet in the store, written together each tick: (registry, repository, reference) -> (kind, time).
         self._uses: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._uses_lock = threading.Lock()  # records come from the event loop and the data plane's thread
@@ -50,7 +58,12 @@ class DiskBudget:
     def configure(self, updated: set[str]) -> None:
         if (config := self.settings.loaded(updated)) is None:
             return
-        self.caches = [CacheBudget(b.registry.name, b.storage, b.registry.max_disk) for b in filesystem_backends(config)]
+        for old in self.caches:
+            if isinstance(old.storage, ObjectTree):
+                self.worker.submit(old.storage.close)  # its event loop is the worker's
+        self.caches = [CacheBudget(b.registry.name, b.storage or ObjectTree(config.s3, b.registry.object_store,
+                                                                           config.upstream_timeout),
+                                   b.registry.max_disk) for b in local_backends(config)]
         self.disk_watch = DiskWatch(config.min_free_disk)
         if config.max_disk is not None:
             self.metrics.total_disk_budget.set(config.max_disk)
@@ -75,6 +88,14 @@ class DiskBudget:
                 self._sending[flow.id] = (target.registry.name, target.reference)
 
     def response(self, flow: http.HTTPFlow) -> None:
+        flow_note = note(flow)
+        target = flow_note.target
+        if (target and target.kind == "blob" and target.registry.object_store is not None
+                and flow.response.status_code == 307 and not flow_note.cold_blob):  # a cold one is read from its spool
+            with self._sending_lock:
+                now = time.monotonic()
+                self._handed_out = {k: t for k, t in self._handed_out.items() if t > now}
+                self._handed_out[target.registry.name, target.reference] = now + HANDED_OUT_FOR
         self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -83,8 +104,10 @@ class DiskBudget:
     def record(self, record: PullRecord) -> None:
         """Recorder sink: a client's successful GET of a cached manifest or blob is a use of it."""
         registry = self.settings.config.registry(record.registry) if record.registry and self.settings.config else None
+        # A warm blob of an object store may be pulled by a presigned URL: its 307 is the use.
+        pulled = (200, 307) if registry and registry.object_store else (200,)
         if (registry is None or not registry.cache or record.kind not in ("blob", "manifest")
-                or (record.method, record.status) != ("GET", 200)):
+                or record.method != "GET" or record.status not in pulled):
             return
         with self._uses_lock:
             self._uses[record.registry, record.repository, record.reference] = (record.kind, time.time())
@@ -93,7 +116,8 @@ class DiskBudget:
 
     def disk_states(self) -> dict[str, str]:
         """Registry name -> "ok" or what is wrong with its cache's disk. Blocking: call in a thread."""
-        return {c.registry: self.disk_watch.check(c.registry, c.storage) for c in self.caches}
+        return {c.registry: self.disk_watch.check(c.registry, c.storage) for c in self.caches
+                if not isinstance(c.storage, ObjectTree)}  # an object store's room is not this machine's
 
     def _finish(self, flow: http.HTTPFlow) -> None:
         with self._sending_lock:
@@ -101,7 +125,8 @@ class DiskBudget:
 
     def _is_sending(self, registry: str, digest: str) -> bool:
         with self._sending_lock:
-            return (registry, digest) in self._sending.values()
+            return ((registry, digest) in self._sending.values()
+                    or self._handed_out.get((registry, digest), 0) > time.monotonic())
 
     async def _every(self) -> None:
         last = time.monotonic()
@@ -145,6 +170,11 @@ class DiskBudget:
                 self.metrics.budget_run(r.registry, r.used, r.budget, r.evicted.blobs, r.evicted.bytes)
             if line := summary(results, config.max_disk):
                 report(line)
+            self._store_unreachable = False
+        except StoreUnreachable as e:
+            if not self._store_unreachable:  # once until a run gets through: /ready and the proxy say the rest
+                logger.warning(f"regcache: disk budget: the object store cannot be reached ({e}); trying again later")
+            self._store_unreachable = True
         except Exception:
             logger.exception("regcache: disk budget run failed")
 

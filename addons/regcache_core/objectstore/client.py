@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
@@ -41,7 +42,7 @@ async def within(timeout: float, call: Callable[[], Awaitable[Any]]) -> Any:
         if status(e) >= 500:
             raise StoreUnreachable(f"{status(e)} {error_code(e)}") from e
         raise
-    except (TimeoutError, BotoCoreError, OSError) as e:
+    except (TimeoutError, BotoCoreError, OSError, aiohttp.ClientError) as e:  # aiohttp's: a pooled connection closed
         raise StoreUnreachable(failure_reason(e)) from e
 
 

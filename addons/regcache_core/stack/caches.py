@@ -55,12 +55,6 @@ def local_backends(config: Config) -> list[CacheBackend]:
     ]
 
 
-def filesystem_backends(config: Config) -> list[CacheBackend]:
-    """The caches run here that keep blobs on a filesystem: those the disk budget and `regcache
-    cache du|ls` read (not yet those on an object store)."""
-    return [b for b in local_backends(config) if b.storage is not None]
-
-
 def find_registry_program() -> str | None:
     return next(filter(None, map(shutil.which, REGISTRY_PROGRAMS)), None)
 
