@@ -19,6 +19,7 @@ from .cold_blobs import ColdBlobs
 from .budget import DiskBudget
 from .drain import Drain
 from .dataplane import DataPlaneHandoff, DataPlaneRecords
+from .head_bound import RequestHeadBound
 from .hits import HitMarker
 from .manifest_responder import ManifestResponder
 from .recorder import Recorder
@@ -60,6 +61,7 @@ def make_addons() -> list:
         services,
         MirrorDefaults(settings),
         ConnectionLimits(settings),
+        RequestHeadBound(settings, metrics),
         access,
         router,
         RequestPath(access, router, handoff, single_flight, cold_blobs, manifests),

@@ -21,8 +21,9 @@ EXPOSITION_CONTENT_TYPE = CONTENT_TYPE_LATEST
 NONE = "none"  # label value for "not known" or "not applicable": refused requests, cache unknown
 TOKEN_OUTCOMES = ("ok", "denied", "error")  # got a token, 401/403 from the realm, no usable answer
 # Why a client was refused before routing: its address is outside REGCACHE_CLIENTS, its
-# credentials are wrong, or it sent none while REGCACHE_HTPASSWD is set (a client's first try).
-REFUSAL_REASONS = ("network", "credentials", "no_credentials")
+# credentials are wrong, or it sent none while REGCACHE_HTPASSWD is set (a client's first try);
+# or its request head outgrew REGCACHE_MAX_REQUEST_HEAD (on any listener).
+REFUSAL_REASONS = ("network", "credentials", "no_credentials", "head_too_large")
 # From a cached manifest (milliseconds) to a big layer over a slow link (minutes).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -73,7 +74,8 @@ class Metrics:
             registry=self.registry)
         self.client_refusals = Counter(
             "regcache_client_refusals", "Client requests refused before routing, by reason: network (403, outside "
-            "REGCACHE_CLIENTS), credentials (401, wrong ones), no_credentials (401, none sent: a client's first try).",
+            "REGCACHE_CLIENTS), credentials (401, wrong ones), no_credentials (401, none sent: a client's first try), "
+            "head_too_large (431, a request head over REGCACHE_MAX_REQUEST_HEAD).",
             ("reason",), registry=self.registry)
         self.upstream_reachable = Gauge(
             "regcache_upstream_up", "1 while the registry's upstream answers, 0 while it cannot be reached (see /ready's body for why).",
