@@ -133,10 +133,7 @@ class RequestHeadBound:
     def configure(self, updated: set[str]) -> None:
         if (config := self.settings.loaded(updated)) is None:
             return
-        broken = check_mitmproxy(ctx.options)
-        if ctx.master.addons.get("nextlayer") is None:
-            broken = "it has no `nextlayer` addon"
-        if broken is not None:
+        if (broken := check_mitmproxy(ctx.options)) is not None:
             # Logged as an error, which stops mitmproxy during start-up (its errorcheck addon).
             logger.error("regcache: REGCACHE_MAX_REQUEST_HEAD cannot be enforced on mitmproxy %s, whose "
                          "HTTP/1 server is not shaped as regcache expects (%s)", version.VERSION, broken)
