@@ -74,6 +74,7 @@ PORT_BASES = {
     "test_stack_lifetime": 8500,
     "test_cold": 8200,  # a token upstream on 9200, its token server 9201 and CDN 9202
     "test_big_heads": 8600,
+    "test_dashboard": 8700,
 }
 UPSTREAM_OFFSET = 1000
 
