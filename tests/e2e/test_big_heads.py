@@ -23,11 +23,13 @@ BOUND = 64 << 10
 HEAD_START = f"GET /v2/ HTTP/1.1\r\nHost: {HUB}\r\nX-Padding: ".encode()
 ENDLESS_FOR = 256 << 20  # bytes an endless head sends at most before it gives up on an answer
 RSS_GROWTH_MIB = 16
+HEAD_TIMEOUT = 3  # seconds; a client that goes on sending after its 431 is closed then
 
 
 @pytest.fixture(scope="module")
 def bounded_stack(tmp_path_factory, upstream):
-    stack = docker_io_stack(tmp_path_factory.mktemp("big-heads"), upstream, PORT).start()
+    stack = docker_io_stack(tmp_path_factory.mktemp("big-heads"), upstream, PORT,
+                            {"REGCACHE_HEAD_TIMEOUT": str(HEAD_TIMEOUT)}).start()
     yield stack
     assert stack.stop() == 0
 
@@ -136,6 +138,17 @@ def test_endless_heads_get_431_while_memory_stays_flat_and_a_pull_goes_through(b
         ("regcache_client_refusals_total", (("reason", "head_too_large"),)), 0), lambda n: n >= refused_before + len(answers))
     assert refused == refused_before + len(answers)
     assert [line for line in bounded_stack.output if "a request head larger than 65536 bytes" in line]
+
+
+def test_a_client_sending_on_after_its_431_is_closed_by_its_head_deadline(bounded_stack):
+    """After the 431 the proxy reads and drops what comes (a close with unread bytes would reset
+    the connection before the client read its answer), but not for longer than the head deadline."""
+    with socket.create_connection(("127.0.0.1", PORT), timeout=30) as conn:
+        conn.sendall(HEAD_START)
+        deadline = time.monotonic() + HEAD_TIMEOUT + 30
+        with pytest.raises(OSError):  # the proxy closed it: a reset, as this client never reads
+            while time.monotonic() < deadline:
+                conn.sendall(b"a" * (1 << 16))
 
 
 @pytest.mark.parametrize("port", [PORT, EGRESS_PORT], ids=["client", "egress"])

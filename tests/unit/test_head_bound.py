@@ -3,16 +3,23 @@ with the events mitmproxy's connection handler sends it (a head in pieces, a 431
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
+
 import pytest
-from mitmproxy import connection
+from mitmproxy import connection, version
 from mitmproxy.options import Options
 from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layers.http import Http1Server, HTTPMode, HttpLayer, RequestEndOfMessage, RequestHeaders
+from mitmproxy.proxy.layers.http import Http1Server, HTTPMode, HttpLayer, RequestEndOfMessage, RequestHeaders, RequestProtocolError
+from mitmproxy.test import taddons
 
 from regcache_core.access.head_bound import head_over_bound
 from regcache_core.mitm import head_bound
-from regcache_core.mitm.head_bound import BoundedHttp1Server, bound_heads, check_mitmproxy, starting_http_layer
+from regcache_core.mitm.head_bound import (
+    BoundedHttp1Server, RequestHeadBound, bound_heads, check_mitmproxy, starting_http_layer,
+)
+from regcache_core.observe.metrics import Metrics
 
 HEAD = b"GET /v2/ HTTP/1.1\r\nHost: docker.io\r\n\r\n"
 
@@ -79,6 +86,9 @@ def test_bytes_sent_ahead_during_an_exchange_are_bounded_by_a_close():
     assert server.state == server.wait  # the request is in, its answer is not
     out = feed(server, conn, b"GET /v2/ HTTP/1.1\r\nX: " + b"a" * 100)
     assert [type(c) for c in out] == [commands.CloseConnection] and refused == [conn] and not sent(out)
+    conn.state = connection.ConnectionState.CLOSED
+    failed = [c.event for c in server.handle_event(events.ConnectionClosed(conn)) if hasattr(c, "event")]
+    assert [type(e) for e in failed] == [RequestProtocolError]  # the exchange under way fails, as mitmproxy fails it
 
 
 def test_an_http_layer_given_the_server_uses_it_and_a_multiplexed_client_keeps_its_own():
@@ -104,3 +114,19 @@ def test_check_mitmproxy_passes_here_and_says_why_when_the_shape_changed(monkeyp
     monkeypatch.undo()
     monkeypatch.setattr(head_bound, "bound_heads", lambda *args: None)
     assert "not a 431" in check_mitmproxy(Options())
+
+
+@pytest.mark.parametrize("broken", [None, "an over-bound head got [], not a 431"])
+def test_a_mitmproxy_the_bound_cannot_work_on_is_an_error_at_load(monkeypatch, caplog, broken):
+    """An error logged while mitmproxy starts makes it exit (its errorcheck addon)."""
+    monkeypatch.setattr(head_bound, "check_mitmproxy", lambda options: broken)
+    addon = RequestHeadBound(SimpleNamespace(loaded=lambda updated: SimpleNamespace(max_request_head=65536)), Metrics())
+    with taddons.context(), caplog.at_level(logging.ERROR):
+        addon.configure({"regcache_env_file"})
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    if broken is None:
+        assert addon.bound == 65536 and not errors
+    else:
+        assert addon.bound is None and errors == [
+            f"regcache: REGCACHE_MAX_REQUEST_HEAD cannot be enforced on mitmproxy {version.VERSION}, whose HTTP/1 "
+            f"server is not shaped as regcache expects ({broken})"]

@@ -6,7 +6,8 @@ mitmproxy has no such bound, and an addon sees a request only once its head is c
 check sits in mitmproxy's HTTP/1 server itself: `BoundedHttp1Server`, a subclass of its
 `Http1Server` that looks at the bytes it holds unparsed after each read. mitmproxy's `HttpLayer`
 takes the server a connection already has (`connections.setdefault`, as its client playback
-does), so the `next_layer` hook (plain HTTP) or `tls_established_client` (HTTP/1 negotiated over
+does), so the `next_layer` hook (plain HTTP; mitmproxy's own `nextlayer` addon, which runs after
+scripts, is asked to choose the layer first) or `tls_established_client` (HTTP/1 negotiated over
 TLS) gives each new one ours before it starts. HTTP/2 and 3 have their own header limits.
 
 Those are mitmproxy internals, checked at load: `check_mitmproxy` drives one through an
@@ -66,8 +67,7 @@ class BoundedHttp1Server(Http1Server):
 
     def wait(self, event: events.Event) -> layer.CommandGenerator[None]:
         if self._over_bound(event):
-            yield commands.CloseConnection(self.conn)
-            self.state = self.done
+            yield commands.CloseConnection(self.conn)  # its ConnectionClosed, here too, fails the exchange
         else:
             yield from super().wait(event)
 
