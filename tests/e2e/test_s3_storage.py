@@ -27,7 +27,7 @@ from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 from regcache_core.commands.client_config import hosts_toml
 
 PORT = PORT_BASES["test_s3_storage"]
-PRESIGNED_PORT = PORT + 100  # 9000
+PRESIGNED_PORT = PORT + 100
 BUDGET_PORT = PORT + 5  # its ports (+1, +50, +70, +80) miss the two stacks above
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
 BUCKET, PREFIX = "regcache-test", "caches/hub"

@@ -74,7 +74,9 @@ PORT_BASES = {
     "test_stack_lifetime": 8500,
     "test_cold": 8200,  # a token upstream on 9200, its token server 9201 and CDN 9202
     "test_cluster": 8600,  # HAProxy on 8600 and Redis on 8660 in the gateway; the replicas on 8600.. in their namespaces
-    "test_s3_storage": 8900,  # a second stack on 9000 (presigned); S3 on free ports
+    "test_big_heads": 8800,
+    "test_dashboard": 8900,
+    "test_s3_storage": 9300,  # a second stack on 9400 (presigned), a third on 9305; S3 on free ports
 }
 UPSTREAM_OFFSET = 1000
 
