@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -44,9 +45,12 @@ class BenchStack:
     """
 
     def __init__(self, blob_size: int, time_limit: float, settings: dict | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+                 args: tuple[str, ...] = (), before_stack: Callable[[Path], dict] | None = None) -> None:
         self.blob_size, self.time_limit = blob_size, time_limit
         self.settings, self.args = settings, args
+        # Starts what the stack needs inside the benchmark's namespaces (say an S3 server), given
+        # a folder of its own, and returns settings to add; its processes must end with this one's.
+        self.before_stack = before_stack
         self.workdir: Path | None = None
         self.upstream: Upstream | None = None
         self.stack: Stack | None = None
@@ -65,8 +69,8 @@ class BenchStack:
                 self.digest = push_blob(self.upstream.url, REPOSITORY, random_chunks(self.blob_size))
                 print(f"pushed a {self.blob_size / 2**20:.0f} MiB random blob to the upstream "
                       f"in {time.monotonic() - started:.1f}s", flush=True)
-            self.stack = docker_io_stack(self.workdir / "stack", self.upstream, PROXY_PORT, self.settings,
-                                         self.args).start()
+            settings = {**(self.settings or {}), **(self.before_stack(self.workdir) if self.before_stack else {})}
+            self.stack = docker_io_stack(self.workdir / "stack", self.upstream, PROXY_PORT, settings, self.args).start()
         except BaseException:
             self.__exit__(None, None, None)
             raise

@@ -1,8 +1,8 @@
-"""Sending a warm blob from an object store (K_STORAGE=s3://): the object is read by ranges
-(READ_CHUNK at a time, so memory per transfer stays bounded) and written to the client as it
-comes, with the same headers, Range and conditions as a file (file_response.plan). A store that
-stops answering, or a client that stops reading, cuts the connection: never a short body passed
-off as complete."""
+"""Sending a warm blob from an object store (K_STORAGE=s3://): the object (the range asked
+for) is read from the store and written to the client as it comes, memory per transfer bounded
+by the read buffer (objectstore/blobs.py's STREAM_BUFFER), with the same headers, Range and
+conditions as a file (file_response.plan). A store that stops answering, or a client that stops
+reading, cuts the connection: never a short body passed off as complete."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from aiohttp import web
 from botocore.exceptions import ClientError
 
 from ..config import Registry
-from ..objectstore.blobs import READ_CHUNK, StoredBlobs
+from ..objectstore.blobs import StoredBlobs
 from ..objectstore.client import StoreUnreachable
 from ..routing import Refusal, store_unreachable
 from .exchange import Exchange, refused
@@ -52,9 +52,11 @@ async def send_object(request: web.Request, exchange: Exchange, grant: Grant, re
             raise ConnectionAbortedError(f"the object ended at byte {answer.start + sent} of {answer.start + answer.count}")
         await response.write_eof()
     except TimeoutError:
-        exchange.error = f"the client did not take {READ_CHUNK >> 20} MiB in {SEND_TIMEOUT:.0f}s"
-    except (StoreUnreachable, ClientError, OSError) as e:
-        exchange.error = f"the object store: {e}" if isinstance(e, (StoreUnreachable, ClientError)) else str(e)
+        exchange.error = f"the client did not take what the store sent in {SEND_TIMEOUT:.0f}s"
+    except StoreUnreachable as e:
+        exchange.error = f"the object store: {e}"
+    except OSError as e:  # the client went, or the store answered otherwise
+        exchange.error = str(e)
     else:
         return response
     if request.transport is not None:
