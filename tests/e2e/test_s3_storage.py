@@ -3,7 +3,8 @@ S3 server (SeaweedFS, tests/support/s3_server.py): `regcache up` creates the mis
 refuses wrong credentials in one line; pulls go through a cache whose blobs are in the bucket
 (once each); warm layers come by the data plane streaming the object (Range too) or by a
 presigned URL of the store; with the store stopped, warm pulls get 503 naming it and containerd
-falls back, and they are served again once it is back.
+falls back, and they are served again once it is back; the budget evicts from the bucket; two
+replicas on one bucket share what either fetched.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.support.clients import Containerd
+from tests.support.cluster import GATEWAY, Cluster
 from tests.support.parts import (
     PORT_BASES, REGCACHE, TEST_DOMAIN, Stack, build_image, docker_io_stack, http_get, poll, pull, raw_exchange, raw_request,
     split_responses,
@@ -30,6 +32,7 @@ PORT = PORT_BASES["test_s3_storage"]
 PRESIGNED_PORT = PORT + 100
 BUDGET_PORT = PORT + 5  # its ports (+1, +50, +70, +80) miss the two stacks above
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
+REPLICAS_PORT = PORT_BASES["test_s3_storage[replicas]"]
 BUCKET, PREFIX = "regcache-test", "caches/hub"
 
 
@@ -77,7 +80,7 @@ def answer(port: int, path: str, *headers: str) -> tuple[int, dict, bytes]:
 def follow(location: str, *headers: str) -> tuple[int, dict, bytes]:
     where = urlsplit(location)
     reply = raw_exchange(where.port, raw_request(f"GET {where.path}?{where.query} HTTP/1.1", *headers, host=where.netloc),
-                         timeout=60)
+                         timeout=60, host=where.hostname)
     [result] = split_responses(reply, ["GET"])
     return result
 
@@ -239,3 +242,48 @@ def test_the_budget_evicts_from_the_bucket_and_cache_du_and_ls_read_it(upstream,
         assert ls.returncode == 0 and "library/second" in ls.stdout and big.name not in ls.stdout, ls.stdout + ls.stderr
     finally:
         assert stack.stop() == 0
+
+
+def test_two_replicas_on_one_bucket_a_blob_one_fetched_is_warm_on_the_other(tmp_path_factory, images):
+    """Two replicas (tests/support/cluster.py, with their Redis), their caches on one bucket and
+    prefix: a layer pulled cold through one is stored once, and the other sends it warm from the
+    store by its data plane, without asking the upstream."""
+    tmp_path = tmp_path_factory.mktemp("s3rep")  # short: a replica's data dir holds a unix socket
+    store = S3Server(tmp_path / "s3", bind="0.0.0.0").start()  # the replicas reach it at the gateway
+    prefix = "caches/replicas"
+    settings = {**s3_settings(store, DOCKERHUB_STORAGE=f"s3://{BUCKET}/{prefix}"),
+                "AWS_ENDPOINT_URL_S3": f"http://{GATEWAY}:{store.port}"}
+    try:
+        with Cluster(tmp_path / "cluster", REPLICAS_PORT, replicas=2, settings=settings) as cluster:
+            big = images["big"]
+            cluster.upstream.push(big)
+            layer = big.blob_digests[-1]
+            path = f"/v2/{big.name}/blobs/{layer}"
+            first, second = cluster.replicas
+
+            def from_replica(replica, *headers) -> tuple[int, dict, bytes]:
+                request = raw_request(f"GET {path} HTTP/1.1", *headers, host=f"docker.io.{TEST_DOMAIN}:{REPLICAS_PORT}")
+                [(status, answer_headers, body)] = split_responses(
+                    raw_exchange(REPLICAS_PORT, request, timeout=120, host=replica.address), ["GET"])
+                return status, answer_headers, body
+
+            status, headers, _ = from_replica(first)
+            assert status == 307 and urlsplit(headers["location"]).path == "/_regcache/cold"  # cold on the first
+            status, _, body = follow(headers["location"])
+            assert status == 200 and hashlib.sha256(body).hexdigest() == layer[7:]
+            assert poll(lambda: len([k for k in store.keys(BUCKET, prefix) if k.endswith(f"/{layer[7:]}/data")]),
+                        lambda count: count == 1, timeout=60)
+            fetched = len(cluster.upstream.requests_for(layer, "GET"))
+
+            status, headers, _ = from_replica(second)
+            location = urlsplit(headers["location"])
+            assert status == 307 and location.path == "/_regcache/blob"  # warm on the second
+            assert location.hostname == second.address
+            status, _, body = follow(headers["location"])
+            assert status == 200 and hashlib.sha256(body).hexdigest() == layer[7:]
+            status, _, part = follow(headers["location"], "Range: bytes=1048576-")
+            assert status == 206 and part == body[1 << 20:]
+            assert len(cluster.upstream.requests_for(layer, "GET")) == fetched  # nothing more upstream
+            assert len([k for k in store.keys(BUCKET, prefix) if k.endswith(f"/{layer[7:]}/data")]) == 1
+    finally:
+        store.stop()

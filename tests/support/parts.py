@@ -77,6 +77,7 @@ PORT_BASES = {
     "test_big_heads": 8800,
     "test_dashboard": 8900,
     "test_s3_storage": 9300,  # a second stack on 9400 (presigned), a third on 9305; S3 on free ports
+    "test_s3_storage[replicas]": 9700,  # a cluster (tests/support/cluster.py): HAProxy 9700, Redis 9760, upstream 10700
 }
 UPSTREAM_OFFSET = 1000
 
@@ -605,12 +606,13 @@ def storage_bytes(root: Path) -> int:
     return sum(path.lstat().st_size for path in root.rglob("*") if path.is_file())
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 10.0, source: str | None = None) -> bytes:
-    """Send bytes as they are (no HTTP library to tidy them), from address `source` if given,
-    and return all that comes back until the server closes the connection."""
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0, source: str | None = None,
+                 host: str = "127.0.0.1") -> bytes:
+    """Send bytes as they are (no HTTP library to tidy them) to `host`, from address `source`
+    if given, and return all that comes back until the server closes the connection."""
     received = bytearray()  # bytes += bytes would copy a 100 MiB answer 1600 times
     source_address = (source, 0) if source else None
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=source_address) as conn:
+    with socket.create_connection((host, port), timeout=timeout, source_address=source_address) as conn:
         conn.sendall(data)
         try:
             while chunk := conn.recv(1 << 20):

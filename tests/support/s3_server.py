@@ -47,9 +47,10 @@ class S3Server:
     """`port` is the S3 API's; weed's master, volume and filer take ports of their own (and
     each of those +10000 for gRPC), picked free once and kept across restarts."""
 
-    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1", bind: str | None = None) -> None:
         self.workdir = workdir
-        self.host = host
+        self.host = host  # where its parts reach one another, and `endpoint`'s host
+        self.bind = bind or host  # where it listens: 0.0.0.0 for peers on other addresses too
         # gRPC ports are +10000: keep the HTTP ones low enough.
         while True:
             ports = free_ports(4, host)
@@ -75,7 +76,7 @@ class S3Server:
             "name": "regcache", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}))
         self.process = subprocess.Popen(
-            [weed_program(), "server", f"-dir={data}", f"-ip={self.host}", f"-ip.bind={self.host}",
+            [weed_program(), "server", f"-dir={data}", f"-ip={self.host}", f"-ip.bind={self.bind}",
              f"-master.port={self.master_port}", f"-volume.port={self.volume_port}", f"-filer.port={self.filer_port}",
              "-master.volumeSizeLimitMB=256", "-volume.max=32",
              # Without it a restart waits ~20 s for a leader election.
