@@ -81,7 +81,9 @@ class S3Server:
              "-master.volumeSizeLimitMB=256", "-volume.max=32",
              # Without it a restart waits ~20 s for a leader election.
              "-master.electionTimeout=1s", "-volume.preStopSeconds=0",
-             "-s3", f"-s3.port={self.port}", f"-s3.config={identities}"],
+             "-s3", f"-s3.port={self.port}", f"-s3.config={identities}",
+             # Its Iceberg and Lance catalogs would listen on fixed ports (8181, 9101): off.
+             "-s3.port.iceberg=0", "-s3.port.lance=0"],
             stdout=self.log_file.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=self.workdir, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -142,3 +144,8 @@ class S3Server:
                 self.process.kill()
                 self.process.wait(10)
         self.process = None
+        # weed leaves a unix socket per part in /tmp, named by its ports (gRPC's are +10000).
+        for port in (self.port, self.master_port, self.volume_port, self.filer_port):
+            for socket_file in (*Path("/tmp").glob(f"seaweedfs-*-{port}.sock"),
+                                *Path("/tmp").glob(f"seaweedfs-*-{port + 10000}.sock")):
+                socket_file.unlink(missing_ok=True)
