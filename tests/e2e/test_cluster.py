@@ -4,6 +4,9 @@
 First the bed itself: every replica in its own namespace and reachable only on its bridge
 address, the balancer spreading connections and following readiness, a replica SIGKILLed and
 started again, and nothing left behind (processes, namespaces, interfaces) when it is stopped.
+
+Then what needs no shared state: the replicas' caches on one storage directory (an image
+pulled through one is warm on the others; registry:2's own expiry deletes nothing there).
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ import subprocess
 import pytest
 
 from tests.support.cluster import GATEWAY, Cluster
-from tests.support.parts import MANIFEST_TYPES, PORT_BASES, accepts_connections, pull, raw_exchange, raw_request, split_responses
+from tests.support.parts import (
+    MANIFEST_TYPES, PORT_BASES, accepts_connections, build_image, cache_holds, poll, pull, raw_exchange, raw_request,
+    split_responses,
+)
 
 PORT = PORT_BASES["test_cluster"]
 
@@ -32,7 +38,8 @@ def network_namespaces_of_processes() -> set[str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, images):
-    cluster = Cluster(tmp_path_factory.mktemp("cluster"), PORT)
+    # A budget, as replicas on shared storage should have: their registry:2s then never delete.
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"), PORT, settings={"REGCACHE_MAX_DISK": "10G"})
     with cluster:
         cluster.upstream.push(images["small"])
         namespaces = {namespace.identity for namespace in cluster.namespaces}
@@ -85,3 +92,62 @@ def test_a_replica_killed_leaves_the_rotation_and_comes_back(cluster, images, tm
     victim.start()
     cluster.balancer.wait_for_rotation({0, 1, 2})
     assert victim.admin("/ready")[0] == 200
+
+
+def fresh_image(cluster, workdir, name: str):
+    """An image of its own on the cluster's upstream, which no replica has seen."""
+    image = build_image(workdir, f"library/{name}", [("etc/motd", os.urandom(3000)), ("big.bin", 1 << 20)])
+    cluster.upstream.push(image)
+    return image
+
+
+def blob_gets(cluster, image) -> int:
+    return sum(len(cluster.upstream.requests_for(f"/blobs/{digest}", "GET")) for digest in image.blob_digests)
+
+
+def test_an_image_pulled_through_one_replica_is_warm_on_the_others(cluster, tmp_path):
+    image = fresh_image(cluster, tmp_path, "shared")
+    first, *others = cluster.replicas
+    assert pull(cluster.host, image.reference, tmp_path / "first", enter=first.pinned) == image.manifest_digest
+    fetched = blob_gets(cluster, image)
+    assert fetched >= len(image.blob_digests)
+    storage = cluster.storage / "dockerhub"
+    assert all(cache_holds(storage, digest) for digest in image.blob_digests)
+    for replica in others:
+        before = len(replica.pull_records())
+        assert pull(cluster.host, image.reference, tmp_path / f"from-{replica.index}", enter=replica.pinned) == image.manifest_digest
+        records = replica.records_of_pull(image, before)
+        assert {r["cache"] for r in records if r["kind"] == "blob" and r["method"] == "GET"} == {"hit"}, records
+    assert blob_gets(cluster, image) == fetched, "a replica fetched a blob another had stored on the shared storage"
+
+
+def test_registry_2_expiry_deletes_nothing_on_the_shared_storage(cluster, tmp_path):
+    """registry:2 2.8 schedules what it stores to expire 7 days later, in scheduler-state.json
+    on the storage, which it reads as it starts: an entry already due expires at once. Every
+    replica's registry:2 rewrites that one file with the entries it made itself, so the test
+    writes the image's entries, due long ago, while the replicas are stopped. Deleting is off
+    (the replicas have a budget): the blobs stay, and the image is still warm."""
+    image = fresh_image(cluster, tmp_path, "expiring")
+    assert pull(cluster.host, image.reference, tmp_path / "first") == image.manifest_digest
+    fetched = blob_gets(cluster, image)
+    storage = cluster.storage / "dockerhub"
+    assert all(cache_holds(storage, digest) for digest in image.blob_digests)
+    for replica in cluster.replicas:
+        assert replica.stop() == 0
+    due = [(digest, 0) for digest in image.blob_digests] + [(image.manifest_digest, 1)]  # EntryType: 0 blob, 1 manifest
+    (storage / "scheduler-state.json").write_text(json.dumps({
+        f"{image.name}@{digest}": {"Key": f"{image.name}@{digest}", "ExpiryData": "2000-01-01T00:00:00Z", "EntryType": kind}
+        for digest, kind in due}))
+    cluster.start_replicas(range(len(cluster.replicas)))
+    cluster.balancer.wait_for_rotation({0, 1, 2})
+
+    def expiry_errors() -> str:
+        return "".join(line for replica in cluster.replicas
+                       for line in (replica.data_dir / "dockerhub" / "registry.log").read_text().splitlines(keepends=True)
+                       if "Scheduler error returned from OnExpire" in line)
+
+    errors = poll(expiry_errors, lambda text: all(digest in text for digest, _ in due), timeout=20)
+    assert all(digest in errors for digest, _ in due), f"registry:2 did not expire the image: {errors}"
+    assert all(cache_holds(storage, digest, timeout=0) for digest in image.blob_digests)
+    assert pull(cluster.host, image.reference, tmp_path / "again") == image.manifest_digest
+    assert blob_gets(cluster, image) == fetched

@@ -36,7 +36,8 @@ hosts at the gateway (as a pod resolves a Service's name): Go clients resolve na
 
 `replica.kill()` SIGKILLs every process in its network namespace at once (a pod gone);
 `replica.stop()` is a SIGTERM, as a rolling update sends; `replica.run(*command)` runs a command
-where the replica runs (e.g. curl to a peer). Every wait here is bounded. `stop()`
+where the replica runs (e.g. curl to a peer); `pull(cluster.host, ref, dest, enter=replica.pinned)`
+pulls from that replica alone (the suite's test hosts at its address). Every wait here is bounded. `stop()`
 (leaving the `with` block) ends every process started, the namespaces with them, and deletes
 the bridge and veths, whatever point start() reached. Needs the e2e lane's namespaces (root).
 """
@@ -136,17 +137,34 @@ class NetworkNamespace:
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True, timeout=10)
 
 
+def hosts_naming_test_hosts_at(address: str) -> str:
+    """The suite's /etc/hosts with its test names at `address` instead of loopback."""
+    names = [name for line in Path("/etc/hosts").read_text().splitlines() if line.startswith("127.0.0.1")
+             for name in line.split()[1:] if name != "localhost"]
+    return f"127.0.0.1 localhost\n::1 localhost\n{address} {' '.join(names)}\n"
+
+
+def with_hosts(hosts_file: Path) -> tuple[str, ...]:
+    """A command prefix: the command runs in a mount namespace of its own with `hosts_file` as /etc/hosts."""
+    # The suite's /etc/hosts is a bind mount of a file deleted since (conftest.py): nothing can be
+    # mounted on a deleted file, so that mount goes first (in the new namespace only).
+    return ("unshare", "--mount", "sh", "-c", 'umount /etc/hosts && mount --bind "$0" /etc/hosts && exec "$@"',
+            str(hosts_file))
+
+
 class Replica(Stack):
     """One `regcache up` in a network namespace (and mount namespace) of its own."""
 
     def __init__(self, index: int, workdir: Path, settings: dict[str, str], namespace: NetworkNamespace,
                  hosts_file: Path) -> None:
-        # The suite's /etc/hosts is a bind mount of a file deleted since (conftest.py): nothing
-        # can be mounted on a deleted file, so that mount goes first (in this namespace only).
-        enter = ("nsenter", f"--net={namespace.path}", "unshare", "--mount", "sh", "-c",
-                 'umount /etc/hosts && mount --bind "$0" /etc/hosts && exec "$@"', str(hosts_file))
-        super().__init__(workdir, settings, enter=enter)
+        super().__init__(workdir, settings, enter=("nsenter", f"--net={namespace.path}", *with_hosts(hosts_file)))
         self.index, self.namespace = index, namespace
+        pinned_hosts = workdir.parent / f"pinned-to-{index}-hosts"
+        pinned_hosts.write_text(hosts_naming_test_hosts_at(namespace.address))
+        # A command prefix: a client in the gateway whose /etc/hosts names the suite's test hosts
+        # at this replica, e.g. `pull(cluster.host, ref, dest, enter=replica.pinned)`: it pulls
+        # from this replica alone, not through the balancer.
+        self.pinned = with_hosts(pinned_hosts)
 
     @property
     def address(self) -> str:
@@ -309,7 +327,7 @@ class Cluster:
         self.upstream.start()
         self.redis.start()
         hosts_file = self.workdir / "replica-hosts"
-        hosts_file.write_text(self._replica_hosts())
+        hosts_file.write_text(hosts_naming_test_hosts_at(GATEWAY))
         for index, namespace in enumerate(self.namespaces):
             namespace.create()
             self.replicas.append(Replica(index, self.workdir / f"replica-{index}", self.replica_settings(namespace),
@@ -336,12 +354,6 @@ class Cluster:
             thread.join()
         if failures:
             raise failures[0]
-
-    def _replica_hosts(self) -> str:
-        """The suite's /etc/hosts with its test names at the gateway instead of loopback."""
-        names = [name for line in Path("/etc/hosts").read_text().splitlines() if line.startswith("127.0.0.1")
-                 for name in line.split()[1:] if name != "localhost"]
-        return f"127.0.0.1 localhost\n::1 localhost\n{GATEWAY} {' '.join(names)}\n"
 
     def stop(self) -> None:
         """Every replica (SIGTERM, then whatever is left SIGKILLed), the balancer, Redis, the

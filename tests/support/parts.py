@@ -306,9 +306,11 @@ def build_image(workdir: Path, name: str, layer_files: list[tuple[str, bytes | i
     return TestImage(name, tag, layout)
 
 
-def skopeo(*args: str, hosts_env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def skopeo(*args: str, hosts_env: dict | None = None, timeout: float = 300,
+           enter: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`enter`: a command skopeo runs under, e.g. cluster.Replica.pinned."""
     return subprocess.run(
-        ["skopeo", "--insecure-policy", *args], capture_output=True, text=True, timeout=timeout, env=hosts_env
+        [*enter, "skopeo", "--insecure-policy", *args], capture_output=True, text=True, timeout=timeout, env=hosts_env
     )
 
 
@@ -349,11 +351,11 @@ def push_index(image: MultiArchImage, registry_url: str, creds: str | None = Non
     image.index_digest = "sha256:" + hashlib.sha256(index).hexdigest()
 
 
-def pull(registry_host: str, reference: str, destination: Path, *options: str) -> str:
+def pull(registry_host: str, reference: str, destination: Path, *options: str, enter: tuple[str, ...] = ()) -> str:
     """skopeo copy (with `options`, e.g. --all) of `reference` through the proxy into an OCI
     layout; returns the digest it stored: the image's manifest (or, with --all, its index)."""
     result = skopeo("copy", "--src-tls-verify=false", *options, f"docker://{registry_host}/{reference}",
-                    f"oci:{destination}")
+                    f"oci:{destination}", enter=enter)
     assert result.returncode == 0, result.stderr
     index = json.loads((destination / "index.json").read_text())
     return index["manifests"][0]["digest"]
