@@ -17,6 +17,8 @@ import subprocess
 
 import pytest
 
+from tests.support.clients import Containerd
+
 from tests.support.cluster import GATEWAY, Cluster
 from tests.support.parts import (
     MANIFEST_TYPES, PORT_BASES, accepts_connections, build_image, cache_holds, poll, pull, raw_exchange, raw_request,
@@ -151,3 +153,40 @@ def test_registry_2_expiry_deletes_nothing_on_the_shared_storage(cluster, tmp_pa
     assert all(cache_holds(storage, digest, timeout=0) for digest in image.blob_digests)
     assert pull(cluster.host, image.reference, tmp_path / "again") == image.manifest_digest
     assert blob_gets(cluster, image) == fetched
+
+
+def test_with_the_upstream_down_and_a_replica_down_the_other_two_serve_every_image_pulled_before(
+        cluster, images, tmp_path):
+    """Last in this module: it stops the upstream and kills replica 0 for good. skopeo pulls
+    through the balancer; containerd with a hosts.toml listing the three replicas in order
+    (the dead one first: it moves on to the next host) and the dead upstream as its server."""
+    pulled = [images["small"], fresh_image(cluster, tmp_path, "before-a"), fresh_image(cluster, tmp_path, "before-b")]
+    for image in pulled:
+        assert pull(cluster.host, image.reference, tmp_path / f"before-{image.name.replace('/', '_')}") == image.manifest_digest
+    # Stored by a replica's cache just after the pull (spool/cache_fill.py): a replica killed
+    # before that never stores it.
+    assert all(cache_holds(cluster.storage / "dockerhub", digest) for image in pulled for digest in image.blob_digests)
+    cluster.upstream.stop()
+    cluster.replicas[0].kill()
+    cluster.balancer.wait_for_rotation({1, 2})
+    before = {replica.index: len(replica.pull_records()) for replica in cluster.replicas[1:]}
+    for attempt in range(2):  # twice: each connection of a pull may go to either replica
+        for image in pulled:
+            destination = tmp_path / f"after-{attempt}-{image.name.replace('/', '_')}"
+            assert pull(cluster.host, image.reference, destination) == image.manifest_digest
+    hosts_dir = tmp_path / "certs.d"
+    (hosts_dir / "docker.io").mkdir(parents=True)
+    (hosts_dir / "docker.io/hosts.toml").write_text(f'server = "{cluster.upstream.url}"\n' + "".join(
+        f'[host."http://{replica.address}:{PORT}"]\n  capabilities = ["pull", "resolve"]\n' for replica in cluster.replicas))
+    containerd = Containerd(tmp_path / "containerd").start()
+    try:
+        for image in pulled:
+            result = containerd.pull(f"docker.io/{image.reference}", hosts_dir)
+            assert result.returncode == 0, result.stderr
+            assert containerd.image_digest(f"docker.io/{image.reference}") == image.manifest_digest
+            assert containerd.unpacked(f"docker.io/{image.reference}")
+    finally:
+        containerd.stop()
+    served = {replica.index for replica in cluster.replicas[1:]
+              if any(r["method"] == "GET" and r["status"] == 200 for r in replica.pull_records()[before[replica.index]:])}
+    assert served == {1, 2}
