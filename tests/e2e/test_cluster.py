@@ -22,10 +22,11 @@ from tests.support.clients import Containerd
 from tests.support.cluster import GATEWAY, Cluster
 from tests.support.parts import (
     MANIFEST_TYPES, PORT_BASES, accepts_connections, build_image, cache_holds, poll, pull, raw_exchange, raw_request,
-    split_responses,
+    Stack, split_responses,
 )
 
 PORT = PORT_BASES["test_cluster"]
+REGIONAL_A, REGIONAL_B = PORT + 200, PORT + 300  # regional caches' stacks in the gateway
 
 
 def network_namespaces_of_processes() -> set[str]:
@@ -153,6 +154,47 @@ def test_registry_2_expiry_deletes_nothing_on_the_shared_storage(cluster, tmp_pa
     assert all(cache_holds(storage, digest, timeout=0) for digest in image.blob_digests)
     assert pull(cluster.host, image.reference, tmp_path / "again") == image.manifest_digest
     assert blob_gets(cluster, image) == fetched
+
+
+def regional_cache(workdir, port: int, central: str) -> Stack:
+    """A regcache in the gateway whose docker.io upstream is the cluster (a central cache)."""
+    return Stack(workdir, {
+        "REGCACHE_PORT": str(port),
+        "REGCACHE_REGISTRIES": "DOCKERHUB",
+        "DOCKERHUB_UPSTREAM": f"http://{central}",
+        "DOCKERHUB_CACHE": f"http://127.0.0.1:{port + 1}",
+    })
+
+
+def test_regional_caches_whose_upstream_is_the_central_cluster(cluster, tmp_path):
+    """Two regional regcaches with the cluster as their upstream: the first's pull reaches the
+    real upstream once per blob, the second's is served warm by the central cache, and a
+    regional cache goes on serving what it holds while the central one is unreachable.
+    The central cache's 307s (to its data plane, to a cold blob's spool) name a replica's
+    address, which a regional cache follows like a CDN's."""
+    image = fresh_image(cluster, tmp_path, "regional")
+    first = regional_cache(tmp_path / "regional-a", REGIONAL_A, cluster.host).start()
+    second = regional_cache(tmp_path / "regional-b", REGIONAL_B, cluster.host).start()
+    try:
+        via_first = f"docker.io.regcache.test:{REGIONAL_A}"
+        assert pull(via_first, image.reference, tmp_path / "a") == image.manifest_digest
+        assert {digest: len(cluster.upstream.requests_for(f"/blobs/{digest}", "GET")) for digest in image.blob_digests} == {
+            digest: 1 for digest in image.blob_digests}
+        assert all(cache_holds(cluster.storage / "dockerhub", digest) for digest in image.blob_digests)
+        central_before = {replica.index: len(replica.pull_records()) for replica in cluster.replicas}
+        assert pull(f"docker.io.regcache.test:{REGIONAL_B}", image.reference, tmp_path / "b") == image.manifest_digest
+        assert blob_gets(cluster, image) == len(image.blob_digests)
+        central = [r for replica in cluster.replicas for r in replica.pull_records()[central_before[replica.index]:]
+                   if r["repository"] == image.name and r["kind"] == "blob" and r["method"] == "GET"]
+        assert central and {r["cache"] for r in central} == {"hit"}, central
+        cluster.balancer.stop()  # the central cache unreachable
+        try:
+            assert pull(via_first, image.reference, tmp_path / "a-alone") == image.manifest_digest
+        finally:
+            cluster.balancer.start()
+            cluster.balancer.wait_for_rotation({0, 1, 2})
+    finally:
+        assert first.stop() == 0 and second.stop() == 0
 
 
 def test_with_the_upstream_down_and_a_replica_down_the_other_two_serve_every_image_pulled_before(

@@ -230,11 +230,14 @@ class Balancer:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "haproxy.cfg"
         config.write_text(self.config())
+        self.admin_socket.unlink(missing_ok=True)  # a stopped one's; the new one is ready once it is there
         with open(self.root / "haproxy.log", "ab") as log:
             self.process = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)
         try:
             wait_for_port(self.port, timeout=timeout)
+            if not poll(self.admin_socket.exists, bool, timeout):
+                raise TimeoutError
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"haproxy did not start:\n{(self.root / 'haproxy.log').read_text()[-2000:]}") from None

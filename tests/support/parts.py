@@ -73,7 +73,7 @@ PORT_BASES = {
     "test_spool_download": 8100,  # its upstream and CDN only; no stack
     "test_stack_lifetime": 8500,
     "test_cold": 8200,  # a token upstream on 9200, its token server 9201 and CDN 9202
-    "test_cluster": 8600,  # HAProxy on 8600 and Redis on 8660 in the gateway; the replicas on 8600.. in their namespaces
+    "test_cluster": 8600,  # gateway: HAProxy 8600, Redis 8660, regional stacks 8800 and 8900; replicas: 8600.. in their namespaces
 }
 UPSTREAM_OFFSET = 1000
 
