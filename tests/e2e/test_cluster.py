@@ -26,7 +26,7 @@ from tests.support.parts import (
 )
 
 PORT = PORT_BASES["test_cluster"]
-REGIONAL_A, REGIONAL_B = PORT + 200, PORT + 300  # regional caches' stacks in the gateway
+REGIONAL_A, REGIONAL_B = PORT + 100, PORT + 105  # regional caches' stacks in the gateway: 5 apart, no port of one is the other's
 
 
 def network_namespaces_of_processes() -> set[str]:

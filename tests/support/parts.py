@@ -73,7 +73,9 @@ PORT_BASES = {
     "test_spool_download": 8100,  # its upstream and CDN only; no stack
     "test_stack_lifetime": 8500,
     "test_cold": 8200,  # a token upstream on 9200, its token server 9201 and CDN 9202
-    "test_cluster": 8600,  # gateway: HAProxy 8600, Redis 8660, regional stacks 8800 and 8900; replicas: 8600.. in their namespaces
+    "test_cluster": 8600,  # gateway: HAProxy 8600, Redis 8660, regional stacks 8700 and 8705; replicas: 8600.. in their namespaces
+    "test_big_heads": 8800,
+    "test_dashboard": 8900,
 }
 UPSTREAM_OFFSET = 1000
 
