@@ -73,6 +73,7 @@ PORT_BASES = {
     "test_spool_download": 8100,  # its upstream and CDN only; no stack
     "test_stack_lifetime": 8500,
     "test_cold": 8200,  # a token upstream on 9200, its token server 9201 and CDN 9202
+    "test_cluster_blobs": 8600,  # three replicas on 8600, 8602, 8604; upstream 9600, its slow link 9601, Redis 9602
 }
 UPSTREAM_OFFSET = 1000
 
