@@ -11,17 +11,22 @@ serves the blob from the shared storage.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 
 import pytest
 
+from regcache_core.config import DEFAULTS, parse_config
+from regcache_core.dataplane.grants import GRANT_PATHS, GrantSigner, grant_key
 from regcache_core.dataplane.server import BACKEND as DATAPLANE
+from regcache_core.spool.table import SPOOL_DIR, spool_path
 from tests.e2e.test_single_flight import layer_digest_in
 from tests.support.fakes import SlowLink
 from tests.support.parts import (
     PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, blob_bytes, build_image, cache_holds,
-    child_pids, docker_io_stack, get_following_the_307, has_exited, poll, skopeo,
+    child_pids, docker_io_stack, get_following_the_307, has_exited, poll, raw_exchange, raw_request, skopeo,
+    split_responses,
 )
 from tests.support.redis_server import RedisServer
 
@@ -69,6 +74,8 @@ def cluster(tmp_path_factory):
                 "REGCACHE_REDIS_URL": redis.url,
                 "REGCACHE_CLUSTER_SECRET": SECRET,
                 "REGCACHE_DATAPLANE_URL": f"http://127.0.0.1:{port + 50}",
+                # The test's clients come from 127.0.0.1; 127.0.0.3 stands for another replica's address.
+                "REGCACHE_CLIENTS": "127.0.0.1/32",
             }).start())
         yield upstream, link, replicas, shared, images
     finally:
@@ -124,6 +131,43 @@ def test_cold_pulls_spread_over_the_replicas_make_one_upstream_get_per_blob(clus
         assert {r["cache"] for r in records[before:] if r["status"] == 200} == {"hit"}, records[before:]
     for digest in image.blob_digests:
         assert gets_of(upstream, digest) == 1
+
+
+def test_a_peers_signed_request_passes_the_client_rules_an_unsigned_one_never(cluster):
+    """What a replica's cache fetches from another replica's data plane (a spool of a blob that one
+    downloads) is signed with the key derived from the shared secret: it passes REGCACHE_CLIENTS,
+    which the peer's address is not in; without that signature it gets nothing; and the client
+    routes still apply the client rules."""
+    _, _, replicas, _, _ = cluster
+    body = os.urandom(300_000)
+    digest = digest_of(body)
+    key = ("docker.io", "library/peer", digest)
+    path = spool_path(replicas[1].data_dir / SPOOL_DIR, key)
+    path.write_bytes(body)
+    os.chmod(path, 0o400)  # sealed: every byte there and checked
+    try:
+        # Signed as replica 2 signs (it never saw replica 1's data dir).
+        signer = GrantSigner(grant_key(parse_config({**DEFAULTS, **replicas[2].settings})))
+        dataplane = replica_port(1) + 50
+
+        def get(kind: str, query: str) -> tuple:
+            reply = raw_exchange(dataplane, raw_request(f"GET {GRANT_PATHS[kind]}?{query} HTTP/1.1",
+                                                        host=f"127.0.0.1:{dataplane}"), source="127.0.0.3")
+            [answer] = split_responses(reply, ["GET"])
+            return answer
+
+        query = signer.query(signer.grant("spool", *key, len(body)))
+        status, _, received = get("spool", query)
+        assert (status, received == body) == (200, True)
+        unsigned = query.rsplit("&sig=", 1)[0]
+        forged = GrantSigner(b"x" * 32).query(GrantSigner(b"x" * 32).grant("spool", *key, len(body)))
+        for refused in (unsigned, forged):
+            assert get("spool", refused)[0] == 403
+        cold = signer.query(signer.grant("cold", *key, len(body)))
+        status, _, received = get("cold", cold)  # a client's route: client rules apply
+        assert status == 403 and b"not in the networks allowed" in received
+    finally:
+        path.unlink()
 
 
 def kill_replica(stack: Stack) -> None:
