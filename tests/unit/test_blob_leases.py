@@ -130,6 +130,12 @@ class FakeSpools:
 REGISTRY = SimpleNamespace(name=KEY[0])
 
 
+async def listening() -> tuple[asyncio.Server, str]:
+    """A leader's data plane, as far as followers look: a port that accepts connections."""
+    server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
 def spooling(spool: Spool, size: int) -> None:
     """What the download does once the upstream's 200 came."""
     spool.size, spool.state = size, State.SPOOLING
@@ -140,7 +146,8 @@ def test_cluster_spools_one_download_for_two_replicas_then_takeover(redis_server
     async def main():
         links = [RedisLink(redis_server.url, 0.5) for _ in range(2)]
         a_local, b_local = FakeSpools(), FakeSpools()
-        a = ClusterSpools(a_local, BlobLeases(links[0], "http://a:5050", ttl=0.4), renew_every=0.1)
+        server, a_url = await listening()
+        a = ClusterSpools(a_local, BlobLeases(links[0], a_url, ttl=0.4), renew_every=0.1)
         b = ClusterSpools(b_local, BlobLeases(links[1], "http://b:5050", ttl=0.4), renew_every=0.1)
         spool = await a.follow(REGISTRY, KEY[1], KEY[2])
         assert isinstance(spool, Spool) and a_local.downloads.claimed == [KEY]
@@ -149,7 +156,7 @@ def test_cluster_spools_one_download_for_two_replicas_then_takeover(redis_server
         assert not following.done()  # b waits for a's size
         spooling(spool, 4096)
         peer = await asyncio.wait_for(following, 5)
-        assert peer == PeerSpool(KEY, 4096, "application/octet-stream", "http://a:5050")
+        assert peer == PeerSpool(KEY, 4096, "application/octet-stream", a_url)
         assert b_local.downloads.claimed == []
         # b's HEAD is answered from what a published, without the upstream.
         assert await b.head(KEY) == (BlobHead(KEY[2], 4096, "application/octet-stream"), False)
@@ -161,6 +168,7 @@ def test_cluster_spools_one_download_for_two_replicas_then_takeover(redis_server
         await asyncio.sleep(0.6)
         assert isinstance(await b.follow(REGISTRY, KEY[1], KEY[2]), Spool) and b_local.downloads.claimed == [KEY]
         b.close()
+        server.close()
         for link in links:
             await link.close()
 
@@ -193,7 +201,8 @@ def test_cluster_spools_redis_down_each_replica_on_its_own_then_back(redis_serve
     async def main():
         links = [RedisLink(redis_server.url, 0.3) for _ in range(2)]
         a_local, b_local = FakeSpools(), FakeSpools()
-        a = ClusterSpools(a_local, BlobLeases(links[0], "http://a:5050"), renew_every=0.05)
+        server, a_url = await listening()
+        a = ClusterSpools(a_local, BlobLeases(links[0], a_url), renew_every=0.05)
         b = ClusterSpools(b_local, BlobLeases(links[1], "http://b:5050"), renew_every=0.05)
         redis_server.pause()
         assert isinstance(await a.follow(REGISTRY, KEY[1], KEY[2]), Spool)
@@ -210,8 +219,35 @@ def test_cluster_spools_redis_down_each_replica_on_its_own_then_back(redis_serve
         spool = await a.follow(REGISTRY, other[1], other[2])
         spooling(spool, 10)
         assert await asyncio.wait_for(b.follow(REGISTRY, other[1], other[2]), 5) == PeerSpool(
-            other, 10, "application/octet-stream", "http://a:5050")  # cluster-wide again
+            other, 10, "application/octet-stream", a_url)  # cluster-wide again
         a.close()
+        b.close()
+        server.close()
+        for link in links:
+            await link.close()
+
+    asyncio.run(main())
+
+
+def test_cluster_spools_take_over_from_a_leader_whose_data_plane_is_gone(redis_server):
+    """A replica SIGKILLed keeps its leases until they expire; its data plane refuses connections
+    at once, so the next request takes the blob over instead of sending a client there."""
+    async def main():
+        links = [RedisLink(redis_server.url, 0.5) for _ in range(2)]
+        a_local, b_local = FakeSpools(), FakeSpools()
+        server, a_url = await listening()
+        a = ClusterSpools(a_local, BlobLeases(links[0], a_url), renew_every=0.05)
+        b = ClusterSpools(b_local, BlobLeases(links[1], "http://b:5050"), renew_every=0.05)
+        spooling(await a.follow(REGISTRY, KEY[1], KEY[2]), 10)
+        assert await asyncio.wait_for(b.follow(REGISTRY, KEY[1], KEY[2]), 5) == PeerSpool(
+            KEY, 10, "application/octet-stream", a_url)
+        for task in a.tasks:  # a dies: no more renewals, and nothing listens on its data plane
+            task.cancel()
+        server.close()
+        await server.wait_closed()
+        await asyncio.sleep(1.1)  # past REACHABLE_FOR: b looks again
+        assert isinstance(await asyncio.wait_for(b.follow(REGISTRY, KEY[1], KEY[2]), 5), Spool)
+        assert b_local.downloads.claimed == [KEY] and (await b.leases.leader(KEY)).dataplane == "http://b:5050"
         b.close()
         for link in links:
             await link.close()

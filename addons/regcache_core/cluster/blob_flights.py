@@ -10,7 +10,9 @@ lease (blob_leases.py):
 - held by another replica: the request waits until the leader published the size, then gets a
   PeerSpool: the caller sends it to the leader's data plane (REGCACHE_DATAPLANE_URL), with a
   grant signed with the key all replicas share (dataplane/grants.py). A lease whose leader
-  declined the blob (no 200, too big to spool) or died goes, and the next look takes it;
+  declined the blob (no 200, too big to spool) or died goes, and the next look takes it; so
+  does one whose leader's data plane accepts no connection (a replica that died holds its
+  leases for up to LEASE_TTL more, and clients sent to it would fail);
 - Redis down (the link says so at once): this replica's own spools, as one node.
 
 Blob HEADs: a HEAD of a blob another replica leads is answered from the size it published, and a
@@ -27,6 +29,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from ..config import Registry
 from ..spool.blob_heads import KNOWN_FOR, BlobHead, blob_head
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LEADER_POLL = 0.05  # seconds between looks at a lease whose leader has not published the size yet
+PROBE_TIMEOUT = 0.5  # seconds for a connection to a leader's data plane, before sending clients there
+REACHABLE_FOR = 1.0  # seconds a connection that opened vouches for that data plane
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class ClusterSpools:
         self.leases = leases
         self.follow_wait = follow_wait
         self.renew_every = renew_every
+        self._reached: dict[str, float] = {}  # data plane URL -> when a connection to it last opened
         self.tasks: set[asyncio.Task] = set()  # holding leases, sharing HEADs (kept: tasks are weakly held)
 
     async def follow(self, registry: Registry, repository: str, digest: str) -> Spool | PeerSpool | None:
@@ -84,11 +90,33 @@ class ClusterSpools:
                 return None
             # Our own lease with no spool here: the spool just went and its release is on its way.
             if taken is not None and taken.size is not None and not self.leases.mine(taken):
-                return PeerSpool(key, taken.size, taken.content_type or "application/octet-stream", taken.dataplane)
+                if await self._reachable(taken.dataplane):
+                    return PeerSpool(key, taken.size, taken.content_type or "application/octet-stream", taken.dataplane)
+                # Dead, most likely (its lease outlives it by up to LEASE_TTL): clients sent there
+                # would fail, so the blob is taken over now.
+                logger.info("cold blob %s: the data plane of the replica downloading it, %s, does not answer; "
+                            "downloading it here", describe(key), taken.dataplane)
+                await self.leases.evict(key, taken)
+                continue
             await asyncio.sleep(LEADER_POLL)
         logger.info("cold blob %s: its leader published nothing within %.0fs; downloading it here too",
                     describe(key), self.follow_wait)
         return None
+
+    async def _reachable(self, dataplane: str) -> bool:
+        """Whether a connection to that data plane opens (at most once a REACHABLE_FOR per data plane)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._reached.get(dataplane, -REACHABLE_FOR) < REACHABLE_FOR:
+            return True
+        parts = urlsplit(dataplane)
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                _, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        self._reached[dataplane] = now
+        return True
 
     def _lead(self, lease: Lease, spool: Spool) -> None:
         task = asyncio.get_running_loop().create_task(self._hold(lease, spool))

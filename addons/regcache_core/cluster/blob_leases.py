@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..spool.blob_heads import BlobHead
 from .link import RedisLink
@@ -49,6 +49,7 @@ class Leader:
     dataplane: str  # base URL, http://host:port
     size: int | None = None
     content_type: str | None = None
+    raw: bytes = field(default=b"", compare=False)  # the value as read, for `evict`
 
     def value(self) -> str:
         return json.dumps({"owner": self.owner, "dataplane": self.dataplane, "size": self.size,
@@ -62,7 +63,7 @@ class Leader:
             fields = json.loads(value)
             size = fields.get("size")
             return cls(str(fields["owner"]), str(fields["dataplane"]), size if isinstance(size, int) else None,
-                       fields.get("type"))
+                       fields.get("type"), value)
         except (ValueError, KeyError, TypeError, AttributeError):
             return None  # not a value regcache wrote: nobody's
 
@@ -114,6 +115,11 @@ class BlobLeases:
         """The spool went: the next request for the blob, anywhere, may take the lease."""
         name = lease_name(lease.key)
         await self.link.call(lambda r: r.eval(_RELEASE, 1, name, lease.value))
+
+    async def evict(self, key: Key, leader: Leader) -> None:
+        """Delete another replica's lease, found unreachable, unless it changed since it was read."""
+        name = lease_name(key)
+        await self.link.call(lambda r: r.eval(_RELEASE, 1, name, leader.raw))
 
     async def known_head(self, key: Key) -> tuple[Leader | None, BlobHead | None]:
         """Who leads `key`, and the upstream's 200 to a HEAD of it that a replica shared lately, in
