@@ -11,6 +11,7 @@ replica sends another is signed: it passes the client rules, and nothing unsigne
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -25,7 +26,8 @@ from tests.e2e.test_single_flight import layer_digest_in
 from tests.support.cluster import DATAPLANE_OFFSET, GATEWAY, Cluster, Replica
 from tests.support.fakes import SlowLink
 from tests.support.parts import (
-    PORT_BASES, UPSTREAM_OFFSET, at_once, blob_bytes, build_image, cache_holds, get_following_the_307, poll, skopeo,
+    PORT_BASES, UPSTREAM_OFFSET, at_once, blob_bytes, build_image, cache_holds, get_following_the_307, poll,
+    raw_exchange, raw_request, skopeo, split_responses,
 )
 
 PORT = PORT_BASES["test_cluster_blobs"]
@@ -137,6 +139,54 @@ def test_a_peers_signed_request_passes_the_client_rules_an_unsigned_one_never(wo
         assert status == "403" and b"not in the networks allowed" in said
     finally:
         path.unlink()
+
+
+def test_a_cold_blob_head_on_each_replica_makes_one_upstream_head(world, tmp_path):
+    """The first replica's HEAD goes upstream; its 200 is shared through Redis, and answers the
+    others' (no download either)."""
+    cluster, _ = world
+    image = build_image(tmp_path, "library/heads", [("h.bin", 1 << 20)])
+    cluster.upstream.push(image)
+    layer = image.blob_digests[-1]
+    heads_before = len(cluster.upstream.requests_for(layer, "HEAD"))  # the push's own
+    for replica in cluster.replicas:
+        request = raw_request(f"HEAD /v2/{image.name}/blobs/{layer} HTTP/1.1", host=f"docker.io.regcache.test:{PORT}")
+        [(status, headers, _)] = split_responses(raw_exchange(PORT, request, address=replica.address), ["HEAD"])
+        assert (status, headers["docker-content-digest"]) == (200, layer), replica.index
+    assert len(cluster.upstream.requests_for(layer, "HEAD")) - heads_before == 1
+    assert upstream_gets(cluster, layer) == 0
+
+
+def test_with_redis_down_every_pull_completes_and_back_it_is_one_get_per_blob_again(world, tmp_path):
+    cluster, _ = world
+    alone = build_image(tmp_path, "library/alone", [("a.bin", 2 << 20), ("b.bin", 3 << 20)])
+    together = build_image(tmp_path, "library/together", [("a.bin", 2 << 20), ("b.bin", 3 << 20)])
+    for image in (alone, together):
+        cluster.upstream.push(image)
+
+    def pull_on_every_replica(image) -> None:
+        results = at_once(len(cluster.replicas), lambda i: {
+            digest: get_blob(cluster.replicas[i], image, digest) for digest in image.blob_digests})
+        for result in results:
+            for digest, (status, _, body) in result.items():
+                assert (status, digest_of(body)) == (200, digest)
+
+    def shared_state() -> list[str]:
+        return [json.loads(replica.admin("/ready")[2])["shared_state"] for replica in cluster.replicas]
+
+    cluster.redis.kill()
+    try:
+        pull_on_every_replica(alone)  # each replica on its own: no pull fails
+        for digest in alone.blob_digests:
+            assert 1 <= upstream_gets(cluster, digest) <= len(cluster.replicas)
+        assert all(state.startswith("down") for state in shared_state())
+    finally:
+        cluster.redis.start()
+    states = poll(shared_state, lambda states: states == ["ok"] * len(cluster.replicas), timeout=30)
+    assert states == ["ok"] * len(cluster.replicas)
+    pull_on_every_replica(together)
+    for digest in together.blob_digests:
+        assert upstream_gets(cluster, digest) == 1, "cluster-wide again"
 
 
 def test_a_leader_killed_midway_cuts_its_readers_and_another_replica_takes_over(world):

@@ -253,3 +253,19 @@ def test_cluster_spools_take_over_from_a_leader_whose_data_plane_is_gone(redis_s
             await link.close()
 
     asyncio.run(main())
+
+
+def test_cluster_spools_requests_on_the_leader_meanwhile_follow_its_spool(redis_server):
+    """Requests on one replica that ask Redis while the first one takes the lease find that one's
+    spool (they must not wait for a lease this replica holds)."""
+    async def main():
+        link = RedisLink(redis_server.url, 0.5)
+        local = FakeSpools()
+        a = ClusterSpools(local, BlobLeases(link, "http://a:5050"), renew_every=0.05)
+        spools = await asyncio.wait_for(asyncio.gather(*(a.follow(REGISTRY, KEY[1], KEY[2]) for _ in range(8))), 5)
+        assert all(spool is spools[0] and isinstance(spool, Spool) for spool in spools)
+        assert local.downloads.claimed == [KEY]
+        a.close()
+        await link.close()
+
+    asyncio.run(main())

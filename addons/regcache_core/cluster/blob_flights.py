@@ -11,7 +11,7 @@ lease (blob_leases.py):
   PeerSpool: the caller sends it to the leader's data plane (REGCACHE_DATAPLANE_URL), with a
   grant signed with the key all replicas share (dataplane/grants.py). A lease whose leader
   declined the blob (no 200, too big to spool) or died goes, and the next look takes it; so
-  does one whose leader's data plane accepts no connection (a replica that died holds its
+  does one whose leader's data plane refuses connections (a replica that died holds its
   leases for up to LEASE_TTL more, and clients sent to it would fail);
 - Redis down (the link says so at once): this replica's own spools, as one node.
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LEADER_POLL = 0.05  # seconds between looks at a lease whose leader has not published the size yet
-PROBE_TIMEOUT = 0.5  # seconds for a connection to a leader's data plane, before sending clients there
+PROBE_TIMEOUT = 1.0  # seconds for a connection to a leader's data plane, before sending clients there
 REACHABLE_FOR = 1.0  # seconds a connection that opened vouches for that data plane
 
 
@@ -83,11 +83,14 @@ class ClusterSpools:
         took the lease and started the download), or the leader published nothing in time."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.follow_wait
+        table = self.local.downloads.table
         while loop.time() < deadline:
             taken = await self.leases.take(key)
             if isinstance(taken, Lease):
                 self._lead(taken, self.local.downloads.claim(registry, key))
                 return None
+            if table.get(key) is not None:
+                return None  # a request here took the lease while this one asked Redis: its spool
             # Our own lease with no spool here: the spool just went and its release is on its way.
             if taken is not None and taken.size is not None and not self.leases.mine(taken):
                 if await self._reachable(taken.dataplane):
@@ -104,7 +107,10 @@ class ClusterSpools:
         return None
 
     async def _reachable(self, dataplane: str) -> bool:
-        """Whether a connection to that data plane opens (at most once a REACHABLE_FOR per data plane)."""
+        """False when a connection to that data plane is refused (or finds no host): nothing
+        serves there. Looked at most once a REACHABLE_FOR per data plane. No answer in
+        PROBE_TIMEOUT counts as reachable: a busy event loop (this one) must not take a live
+        leader's blob over; a leader gone silent loses its lease when it expires."""
         now = asyncio.get_running_loop().time()
         if now - self._reached.get(dataplane, -REACHABLE_FOR) < REACHABLE_FOR:
             return True
@@ -112,9 +118,11 @@ class ClusterSpools:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT):
                 _, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
-        except (OSError, TimeoutError):
+            writer.close()
+        except TimeoutError:
+            pass
+        except OSError:
             return False
-        writer.close()
         self._reached[dataplane] = now
         return True
 
