@@ -74,7 +74,9 @@ PORT_BASES = {
     "test_stack_lifetime": 8500,
     "test_cold": 8200,  # a token upstream on 9200, its token server 9201 and CDN 9202
     "test_cluster": 8600,  # HAProxy on 8600 and Redis on 8660 in the gateway; the replicas on 8600.. in their namespaces
-    "test_cluster_blobs": 8800,  # the same bed; its slow link to the upstream on 9801
+    "test_big_heads": 8800,
+    "test_dashboard": 8900,
+    "test_cluster_blobs": 9300,  # the cluster bed (tests/support/cluster.py); its slow link to the upstream on 10301
 }
 UPSTREAM_OFFSET = 1000
 

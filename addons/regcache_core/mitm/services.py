@@ -106,6 +106,7 @@ class Services:
         if (config := self.settings.loaded(updated)) is None:
             return
         self._close_config()
+        self.metrics.registries_known([r.name for r in config.registries])
         if config.cluster is not None:
             self.shared_state = RedisLink(config.cluster.redis_url, config.cluster.redis_timeout,
                                           self.metrics.shared_state_up)
