@@ -6,13 +6,14 @@ replica takes over; with Redis down each replica downloads on its own."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 
 import pytest
 
 from regcache_core.cluster import link as link_module
 from regcache_core.cluster.blob_flights import ClusterSpools, PeerSpool
-from regcache_core.cluster.blob_leases import BlobLeases, Lease, Leader
+from regcache_core.cluster.blob_leases import LEASE_TTL, BlobLeases, Lease, Leader
 from regcache_core.cluster.link import RedisLink, SharedStateDown
 from regcache_core.spool.blob_heads import BlobHead
 from regcache_core.spool.table import Spool, State
@@ -130,67 +131,68 @@ class FakeSpools:
 REGISTRY = SimpleNamespace(name=KEY[0])
 
 
-async def listening() -> tuple[asyncio.Server, str]:
-    """A leader's data plane, as far as followers look: a port that accepts connections."""
-    server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
-    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-
-
 def spooling(spool: Spool, size: int) -> None:
     """What the download does once the upstream's 200 came."""
     spool.size, spool.state = size, State.SPOOLING
     spool.decided.set()
 
 
-def test_cluster_spools_one_download_for_two_replicas_then_takeover(redis_server):
-    async def main():
-        links = [RedisLink(redis_server.url, 0.5) for _ in range(2)]
-        a_local, b_local = FakeSpools(), FakeSpools()
-        server, a_url = await listening()
-        a = ClusterSpools(a_local, BlobLeases(links[0], a_url, ttl=0.4), renew_every=0.1)
-        b = ClusterSpools(b_local, BlobLeases(links[1], "http://b:5050", ttl=0.4), renew_every=0.1)
-        spool = await a.follow(REGISTRY, KEY[1], KEY[2])
-        assert isinstance(spool, Spool) and a_local.downloads.claimed == [KEY]
-        following = asyncio.ensure_future(b.follow(REGISTRY, KEY[1], KEY[2]))
-        await asyncio.sleep(0.2)
-        assert not following.done()  # b waits for a's size
-        spooling(spool, 4096)
-        peer = await asyncio.wait_for(following, 5)
-        assert peer == PeerSpool(KEY, 4096, "application/octet-stream", a_url)
-        assert b_local.downloads.claimed == []
-        # b's HEAD is answered from what a published, without the upstream.
-        assert await b.head(KEY) == (BlobHead(KEY[2], 4096, "application/octet-stream"), False)
-        await asyncio.sleep(0.6)  # a renews past the lease's expiry
-        assert await b.follow(REGISTRY, KEY[1], KEY[2]) == peer
-        # a dies: it renews no more, its lease expires, and b's next request takes it over.
-        for task in a.tasks:
-            task.cancel()
-        await asyncio.sleep(0.6)
-        assert isinstance(await b.follow(REGISTRY, KEY[1], KEY[2]), Spool) and b_local.downloads.claimed == [KEY]
+@contextlib.asynccontextmanager
+async def two_replicas(redis_url: str, redis_timeout: float = 0.5, ttl: float = LEASE_TTL, renew_every: float = 0.05):
+    """Replicas a and b on fake local spools (`a.local`, `b.local`), each with a Redis link of its
+    own; a's data plane is a port that accepts connections (`a_url`, `server`), b's is nowhere."""
+    server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
+    a_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    links = [RedisLink(redis_url, redis_timeout) for _ in range(2)]
+    a = ClusterSpools(FakeSpools(), BlobLeases(links[0], a_url, ttl=ttl), renew_every=renew_every)
+    b = ClusterSpools(FakeSpools(), BlobLeases(links[1], "http://b:5050", ttl=ttl), renew_every=renew_every)
+    try:
+        yield SimpleNamespace(a=a, b=b, a_url=a_url, server=server, links=links)
+    finally:
+        a.close()
         b.close()
         server.close()
         for link in links:
             await link.close()
+
+
+def test_cluster_spools_one_download_for_two_replicas_then_takeover(redis_server):
+    async def main():
+        async with two_replicas(redis_server.url, ttl=0.4, renew_every=0.1) as bed:
+            a, b = bed.a, bed.b
+            spool = await a.follow(REGISTRY, KEY[1], KEY[2])
+            assert isinstance(spool, Spool) and a.local.downloads.claimed == [KEY]
+            following = asyncio.ensure_future(b.follow(REGISTRY, KEY[1], KEY[2]))
+            await asyncio.sleep(0.2)
+            assert not following.done()  # b waits for a's size
+            spooling(spool, 4096)
+            peer = await asyncio.wait_for(following, 5)
+            assert peer == PeerSpool(KEY, 4096, "application/octet-stream", bed.a_url)
+            assert b.local.downloads.claimed == []
+            # b's HEAD is answered from what a published, without the upstream.
+            assert await b.head(KEY) == (BlobHead(KEY[2], 4096, "application/octet-stream"), False)
+            await asyncio.sleep(0.6)  # a renews past the lease's expiry
+            assert await b.follow(REGISTRY, KEY[1], KEY[2]) == peer
+            # a dies: it renews no more, its lease expires, and b's next request takes it over.
+            for task in a.tasks:
+                task.cancel()
+            await asyncio.sleep(0.6)
+            assert isinstance(await b.follow(REGISTRY, KEY[1], KEY[2]), Spool)
+            assert b.local.downloads.claimed == [KEY]
 
     asyncio.run(main())
 
 
 def test_cluster_spools_release_when_the_spool_goes(redis_server):
     async def main():
-        links = [RedisLink(redis_server.url, 0.5) for _ in range(2)]
-        a_local, b_local = FakeSpools(), FakeSpools()
-        a = ClusterSpools(a_local, BlobLeases(links[0], "http://a:5050"), renew_every=0.05)
-        b = ClusterSpools(b_local, BlobLeases(links[1], "http://b:5050"), renew_every=0.05)
-        spool = await a.follow(REGISTRY, KEY[1], KEY[2])
-        spool.state = State.GONE  # declined: no 200 from the upstream
-        spool.decided.set()
-        del a_local.downloads.spools[KEY]
-        await asyncio.wait_for(asyncio.gather(*a.tasks), 5)
-        assert await a.leases.leader(KEY) is None
-        assert isinstance(await b.follow(REGISTRY, KEY[1], KEY[2]), Spool)  # b tries itself
-        b.close()
-        for link in links:
-            await link.close()
+        async with two_replicas(redis_server.url) as bed:
+            spool = await bed.a.follow(REGISTRY, KEY[1], KEY[2])
+            spool.state = State.GONE  # declined: no 200 from the upstream
+            spool.decided.set()
+            del bed.a.local.downloads.spools[KEY]
+            await asyncio.wait_for(asyncio.gather(*bed.a.tasks), 5)
+            assert await bed.a.leases.leader(KEY) is None
+            assert isinstance(await bed.b.follow(REGISTRY, KEY[1], KEY[2]), Spool)  # b tries itself
 
     asyncio.run(main())
 
@@ -199,32 +201,23 @@ def test_cluster_spools_redis_down_each_replica_on_its_own_then_back(redis_serve
     monkeypatch.setattr(link_module, "PROBE_INTERVAL", 0.05)
 
     async def main():
-        links = [RedisLink(redis_server.url, 0.3) for _ in range(2)]
-        a_local, b_local = FakeSpools(), FakeSpools()
-        server, a_url = await listening()
-        a = ClusterSpools(a_local, BlobLeases(links[0], a_url), renew_every=0.05)
-        b = ClusterSpools(b_local, BlobLeases(links[1], "http://b:5050"), renew_every=0.05)
-        redis_server.pause()
-        assert isinstance(await a.follow(REGISTRY, KEY[1], KEY[2]), Spool)
-        assert isinstance(await b.follow(REGISTRY, KEY[1], KEY[2]), Spool)  # no pull waits on Redis
-        assert a_local.downloads.claimed == b_local.downloads.claimed == [KEY]
-        with pytest.raises(SharedStateDown):
-            await links[0].call(lambda r: r.ping())
-        redis_server.resume()
-        for _ in range(100):
-            if all(link.up for link in links):
-                break
-            await asyncio.sleep(0.05)
-        other = (KEY[0], KEY[1], "sha256:" + "cd" * 32)
-        spool = await a.follow(REGISTRY, other[1], other[2])
-        spooling(spool, 10)
-        assert await asyncio.wait_for(b.follow(REGISTRY, other[1], other[2]), 5) == PeerSpool(
-            other, 10, "application/octet-stream", a_url)  # cluster-wide again
-        a.close()
-        b.close()
-        server.close()
-        for link in links:
-            await link.close()
+        async with two_replicas(redis_server.url, redis_timeout=0.3) as bed:
+            a, b = bed.a, bed.b
+            redis_server.pause()
+            assert isinstance(await a.follow(REGISTRY, KEY[1], KEY[2]), Spool)
+            assert isinstance(await b.follow(REGISTRY, KEY[1], KEY[2]), Spool)  # no pull waits on Redis
+            assert a.local.downloads.claimed == b.local.downloads.claimed == [KEY]
+            with pytest.raises(SharedStateDown):
+                await bed.links[0].call(lambda r: r.ping())
+            redis_server.resume()
+            for _ in range(100):
+                if all(link.up for link in bed.links):
+                    break
+                await asyncio.sleep(0.05)
+            other = (KEY[0], KEY[1], "sha256:" + "cd" * 32)
+            spooling(await a.follow(REGISTRY, other[1], other[2]), 10)
+            assert await asyncio.wait_for(b.follow(REGISTRY, other[1], other[2]), 5) == PeerSpool(
+                other, 10, "application/octet-stream", bed.a_url)  # cluster-wide again
 
     asyncio.run(main())
 
@@ -233,24 +226,19 @@ def test_cluster_spools_take_over_from_a_leader_whose_data_plane_is_gone(redis_s
     """A replica SIGKILLed keeps its leases until they expire; its data plane refuses connections
     at once, so the next request takes the blob over instead of sending a client there."""
     async def main():
-        links = [RedisLink(redis_server.url, 0.5) for _ in range(2)]
-        a_local, b_local = FakeSpools(), FakeSpools()
-        server, a_url = await listening()
-        a = ClusterSpools(a_local, BlobLeases(links[0], a_url), renew_every=0.05)
-        b = ClusterSpools(b_local, BlobLeases(links[1], "http://b:5050"), renew_every=0.05)
-        spooling(await a.follow(REGISTRY, KEY[1], KEY[2]), 10)
-        assert await asyncio.wait_for(b.follow(REGISTRY, KEY[1], KEY[2]), 5) == PeerSpool(
-            KEY, 10, "application/octet-stream", a_url)
-        for task in a.tasks:  # a dies: no more renewals, and nothing listens on its data plane
-            task.cancel()
-        server.close()
-        await server.wait_closed()
-        await asyncio.sleep(1.1)  # past REACHABLE_FOR: b looks again
-        assert isinstance(await asyncio.wait_for(b.follow(REGISTRY, KEY[1], KEY[2]), 5), Spool)
-        assert b_local.downloads.claimed == [KEY] and (await b.leases.leader(KEY)).dataplane == "http://b:5050"
-        b.close()
-        for link in links:
-            await link.close()
+        async with two_replicas(redis_server.url) as bed:
+            a, b = bed.a, bed.b
+            spooling(await a.follow(REGISTRY, KEY[1], KEY[2]), 10)
+            assert await asyncio.wait_for(b.follow(REGISTRY, KEY[1], KEY[2]), 5) == PeerSpool(
+                KEY, 10, "application/octet-stream", bed.a_url)
+            for task in a.tasks:  # a dies: no more renewals, and nothing listens on its data plane
+                task.cancel()
+            bed.server.close()
+            await bed.server.wait_closed()
+            await asyncio.sleep(1.1)  # past REACHABLE_FOR: b looks again
+            assert isinstance(await asyncio.wait_for(b.follow(REGISTRY, KEY[1], KEY[2]), 5), Spool)
+            assert b.local.downloads.claimed == [KEY]
+            assert (await b.leases.leader(KEY)).dataplane == "http://b:5050"
 
     asyncio.run(main())
 
@@ -259,13 +247,10 @@ def test_cluster_spools_requests_on_the_leader_meanwhile_follow_its_spool(redis_
     """Requests on one replica that ask Redis while the first one takes the lease find that one's
     spool (they must not wait for a lease this replica holds)."""
     async def main():
-        link = RedisLink(redis_server.url, 0.5)
-        local = FakeSpools()
-        a = ClusterSpools(local, BlobLeases(link, "http://a:5050"), renew_every=0.05)
-        spools = await asyncio.wait_for(asyncio.gather(*(a.follow(REGISTRY, KEY[1], KEY[2]) for _ in range(8))), 5)
-        assert all(spool is spools[0] and isinstance(spool, Spool) for spool in spools)
-        assert local.downloads.claimed == [KEY]
-        a.close()
-        await link.close()
+        async with two_replicas(redis_server.url) as bed:
+            spools = await asyncio.wait_for(asyncio.gather(*(bed.a.follow(REGISTRY, KEY[1], KEY[2])
+                                                             for _ in range(8))), 5)
+            assert all(spool is spools[0] and isinstance(spool, Spool) for spool in spools)
+            assert bed.a.local.downloads.claimed == [KEY]
 
     asyncio.run(main())
