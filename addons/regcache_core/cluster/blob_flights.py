@@ -91,16 +91,17 @@ class ClusterSpools:
                 return None
             if table.get(key) is not None:
                 return None  # a request here took the lease while this one asked Redis: its spool
-            # Our own lease with no spool here: the spool just went and its release is on its way.
             if taken is not None and taken.size is not None and not self.leases.mine(taken):
                 if await self._reachable(taken.dataplane):
                     return PeerSpool(key, taken.size, taken.content_type or "application/octet-stream", taken.dataplane)
-                # Dead, most likely (its lease outlives it by up to LEASE_TTL): clients sent there
-                # would fail, so the blob is taken over now.
-                logger.info("cold blob %s: the data plane of the replica downloading it, %s, does not answer; "
+                # Gone (its lease outlives it by up to LEASE_TTL): clients sent there would fail,
+                # so the blob is taken over now.
+                logger.info("cold blob %s: the data plane of the replica downloading it, %s, refuses connections; "
                             "downloading it here", describe(key), taken.dataplane)
                 await self.leases.evict(key, taken)
                 continue
+            # The leader has no size to publish yet; or the lease is this replica's with no spool
+            # here (the spool just went, its release is on its way); or it went meanwhile.
             await asyncio.sleep(LEADER_POLL)
         logger.info("cold blob %s: its leader published nothing within %.0fs; downloading it here too",
                     describe(key), self.follow_wait)
