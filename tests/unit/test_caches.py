@@ -26,7 +26,8 @@ def test_a_cache_on_storage_of_its_own_keeps_its_config_and_log_in_the_data_dir(
 
 
 def test_replicas_caches_share_one_http_secret_derived_from_the_cluster_secret(tmp_path):
-    cluster = {"REGCACHE_REDIS_URL": "redis://10.0.0.5:6379/0", "REGCACHE_CLUSTER_SECRET": "s" * 32}
+    cluster = {"REGCACHE_REDIS_URL": "redis://10.0.0.5:6379/0", "REGCACHE_CLUSTER_SECRET": "s" * 32,
+               "REGCACHE_DATAPLANE_URL": "http://10.0.0.7:5050"}
     replicas = [backend(tmp_path / name, **cluster) for name in ("a", "b")]
     secrets = {registry_config(replica)["http"]["secret"] for replica in replicas}
     assert len(secrets) == 1 and "s" * 32 not in secrets.pop()

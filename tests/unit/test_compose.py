@@ -22,7 +22,7 @@ PROXY = "registry-cache"
 CACHES = {"DOCKERHUB": "registry-dockerhub", "GHCR": "registry-ghcr", "QUAY": "registry-quay"}
 REGCACHE_UP = ["regcache", "up"]
 REPLICAS = REPO / "deploy" / "compose" / "replicas.yml"  # the example of two replicas
-REPLICA_SECRETS = {"REGCACHE_CLUSTER_SECRET": "c" * 64, "REDIS_PASSWORD": "p" * 32}
+REPLICA_SECRETS = {"REGCACHE_CLUSTER_SECRET": "c" * 64, "REDIS_PASSWORD": "p" * 32, "REGCACHE_HOST": "cache.example.com"}
 
 
 def credentials(key: str) -> tuple[str, str]:
@@ -148,7 +148,7 @@ def test_image_runs_regcache_up_and_never_gets_the_env_file():
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory) -> dict:
-    """deploy/compose/replicas.yml resolved, from the repository's root with .env.example and its two secrets."""
+    """deploy/compose/replicas.yml resolved, from the repository's root with .env.example and its three settings."""
     directory = tmp_path_factory.mktemp("compose-replicas")
     secrets = "".join(f"{name}={value}\n" for name, value in REPLICA_SECRETS.items())
     (directory / ".env").write_text((REPO / ".env.example").read_text() + secrets)
@@ -179,9 +179,10 @@ def test_two_replicas_share_redis_and_the_caches_volume_each_on_ports_of_its_own
         # It runs every cache itself, on the shared volume, with a budget (its only evictor).
         assert [backend.storage.parent for backend in local_backends(config)] == [Path("/cache")] * len(config.registries)
         assert config.max_disk is not None
-        # A 307 names the client's host with this replica's data-plane port: published as it is.
+        # A 307 names this replica's data plane on the Docker host: published as it is.
         ports = [(str(p["published"]), str(p["target"])) for p in service["ports"]]
         assert ports == [(str(config.port),) * 2, (str(config.dataplane.port),) * 2]
+        assert config.dataplane.url == f"http://{REPLICA_SECRETS['REGCACHE_HOST']}:{config.dataplane.port}"
         published += [host for host, _ in ports]
     assert len(data_volumes) == 2 and len(set(published)) == 4
     command = services["redis"]["command"]
