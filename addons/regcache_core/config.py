@@ -21,7 +21,8 @@ proxy adds credentials there.
 
 The data plane (REGCACHE_DATAPLANE_*) sends warm blobs straight from a cache's storage: the
 proxy answers a warm blob GET with a 307 to it. It needs the storage root of each cache
-(K_STORAGE); for the caches `regcache up` runs that is <data dir>/<key lower>/storage.
+(K_STORAGE); for the caches `regcache up` runs that is where it puts them, by default
+<data dir>/<key lower>/storage (replicas point it at one shared volume).
 """
 
 from __future__ import annotations
@@ -235,6 +236,11 @@ def parse_config(values: Mapping[str, str]) -> Config:
     admin_port = read("REGCACHE_ADMIN_PORT")
     dataplane = _dataplane(read) if read("REGCACHE_DATAPLANE") else None
     _check_ports_differ(port, admin_port, dataplane, registries, get)
+    cluster = _cluster(read)
+    if cluster is not None and dataplane is not None and dataplane.url is None:
+        # Other replicas send a cold blob's requests to the spool of the replica downloading it.
+        raise ConfigError("REGCACHE_DATAPLANE_URL: not set, but REGCACHE_REDIS_URL is; give each replica the URL "
+                          "where clients and the other replicas reach its own data plane (e.g. http://POD-IP:5050)")
     admin_host = read("REGCACHE_ADMIN_HOST")
     if not is_loopback_host(admin_host) and not read("REGCACHE_ADMIN_TOKEN"):
         raise ConfigError(f"REGCACHE_ADMIN_TOKEN: not set, but REGCACHE_ADMIN_HOST ({admin_host}) is not loopback;"
@@ -266,7 +272,7 @@ def parse_config(values: Mapping[str, str]) -> Config:
         max_client_connections=read("REGCACHE_MAX_CONNECTIONS_PER_CLIENT"),
         head_timeout=read("REGCACHE_HEAD_TIMEOUT"),
         max_request_head=read("REGCACHE_MAX_REQUEST_HEAD"),
-        cluster=_cluster(read),
+        cluster=cluster,
         s3=S3Access(read("AWS_ENDPOINT_URL_S3") or read("AWS_ENDPOINT_URL"), read("AWS_REGION") or "us-east-1",
                     read("AWS_ACCESS_KEY_ID"), read("AWS_SECRET_ACCESS_KEY"), read("REGCACHE_S3_REDIRECT")),
     )
@@ -664,6 +670,8 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
         Setting("REGCACHE_DATAPLANE_URL", "", _optional_url,
                 "public base URL for its 307s (`http://host:port`, no path), where clients reach the data plane "
                 "elsewhere: NAT, a port-forward, a Kubernetes Service",
+                "Required with replicas (REGCACHE_REDIS_URL), one per replica: the other replicas send a cold "
+                "blob's requests to the data plane of the replica downloading it.",
                 empty_means="the host name the client used, on `REGCACHE_DATAPLANE_PORT`"),
         Setting("REGCACHE_DATAPLANE_MIN_SIZE", "256k", parse_size,
                 "smaller warm blobs are answered by the proxy from the cache's storage (the 307 costs the client "
@@ -836,9 +844,13 @@ REGISTRY_SETTINGS: tuple[Setting, ...] = (
             "`REGCACHE_MAX_DISK`)", empty_means="none"),
     Setting("STORAGE", "", _storage_location,
             "the cache's storage root (registry:2's rootdirectory) as this machine sees it, read by the data plane; "
-            "or `s3://BUCKET/PREFIX`: an S3-compatible object store (see docs/storage-s3.md)",
-            "s3:// is for a cache `regcache up` runs: it writes registry:2's s3 driver config, creates the bucket "
-            "if missing and checks at start that it can write there. The store is reached as the AWS_* settings say.",
+            "for a cache `regcache up` runs, also where it puts it; or `s3://BUCKET/PREFIX`: an S3-compatible "
+            "object store (see docs/storage-s3.md)",
+            "Replicas may all point one registry's K_STORAGE at one directory of a shared volume (NFS, a "
+            "ReadWriteMany volume), or at one bucket and prefix: what one stored is warm on all. See "
+            "docs/cluster.md. s3:// is for a cache `regcache up` runs: it writes registry:2's s3 driver config, "
+            "creates the bucket if missing and checks at start that it can write there; the store is reached "
+            "as the AWS_* settings say.",
             empty_means="`<data dir>/<key in lower case>/storage` for caches `regcache up` runs (where it puts "
             "them); none for others, whose layers all stream through the proxy"),
     Setting("TOKEN_REALMS", "", _host_names,

@@ -29,8 +29,8 @@ from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 from regcache_core.commands.client_config import hosts_toml
 
 PORT = PORT_BASES["test_s3_storage"]
-PRESIGNED_PORT = PORT + 100
-BUDGET_PORT = PORT + 5  # its ports (+1, +50, +70, +80) miss the two stacks above
+PRESIGNED_PORT = PORT + 3  # its ports (+1, +50, +70, +80) miss the first stack's
+BUDGET_PORT = PORT + 5  # the same
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
 REPLICAS_PORT = PORT_BASES["test_s3_storage[replicas]"]
 BUCKET, PREFIX = "regcache-test", "caches/hub"
@@ -80,7 +80,7 @@ def answer(port: int, path: str, *headers: str) -> tuple[int, dict, bytes]:
 def follow(location: str, *headers: str) -> tuple[int, dict, bytes]:
     where = urlsplit(location)
     reply = raw_exchange(where.port, raw_request(f"GET {where.path}?{where.query} HTTP/1.1", *headers, host=where.netloc),
-                         timeout=60, host=where.hostname)
+                         timeout=60, address=where.hostname)
     [result] = split_responses(reply, ["GET"])
     return result
 
@@ -264,7 +264,7 @@ def test_two_replicas_on_one_bucket_a_blob_one_fetched_is_warm_on_the_other(tmp_
             def from_replica(replica, *headers) -> tuple[int, dict, bytes]:
                 request = raw_request(f"GET {path} HTTP/1.1", *headers, host=f"docker.io.{TEST_DOMAIN}:{REPLICAS_PORT}")
                 [(status, answer_headers, body)] = split_responses(
-                    raw_exchange(REPLICAS_PORT, request, timeout=120, host=replica.address), ["GET"])
+                    raw_exchange(REPLICAS_PORT, request, timeout=120, address=replica.address), ["GET"])
                 return status, answer_headers, body
 
             status, headers, _ = from_replica(first)
