@@ -7,6 +7,7 @@ registry upstream, and the upstream's access log says what reached it.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import threading
@@ -17,8 +18,8 @@ import pytest
 from regcache_core.dataplane.server import BACKEND as DATAPLANE
 from tests.support.fakes import Cdn, SlowLink
 from tests.support.parts import (
-    PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, blob_bytes, cache_holds, docker_io_stack,
-    get_following_the_307, poll, skopeo,
+    PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, blob_bytes, cache_holds, child_pids,
+    command_line, docker_io_stack, get_following_the_307, poll, skopeo,
 )
 
 PORT = PORT_BASES["test_single_flight"]
@@ -161,6 +162,40 @@ def test_upstream_killed_midway_fails_every_follower_and_leaves_no_spool(tmp_pat
     result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{destination}")
     assert result.returncode == 0, result.stderr
     assert layer_digest_in(destination, layer) == layer
+
+
+def test_the_download_worker_killed_midway_cuts_every_reader_and_the_next_pull_is_whole(tmp_path, images, slow_upstream,
+                                                                                        slow_stack):
+    """The proxy's download worker (the process that moves a cold layer's bytes into its spool)
+    is SIGKILLed mid-layer: every reader is cut short, never given a wrong byte; the proxy goes
+    on, and the next pull starts a new worker and is whole."""
+    registry, _ = slow_upstream
+    image = images["big"]
+    layer = image.blob_digests[-1]
+    host, stack = SLOW_HOST, slow_stack
+    spools = stack.data_dir / "spools"
+    raw: list = []
+    getter = threading.Thread(target=lambda: raw.extend(
+        get_at_once(OWN_UPSTREAM_PORT, host, f"/v2/{image.name}/blobs/{layer}", 4)))
+    getter.start()
+    halfway = poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(
+        10 << 20 < size < 80 << 20 for size in sizes), timeout=60)
+    assert halfway, "the layer was never spooled"
+    proxy = stack.child("mitmdump")
+    [worker] = [pid for pid in child_pids(proxy) if "regcache_core.spool.worker" in command_line(pid)]
+    os.kill(worker, signal.SIGKILL)
+    getter.join(180)
+    whole = blob_bytes(registry, layer)
+    assert len(raw) == 4
+    for status, headers, body in raw:  # every reader cut short, never a wrong byte
+        assert (status, headers["content-length"]) == (200, str(len(whole)))
+        assert len(body) < len(whole) and body == whole[:len(body)]
+    assert poll(lambda: list(spools.iterdir()), lambda files: not files) == []
+    destination = tmp_path / "after"
+    result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{destination}")
+    assert result.returncode == 0, result.stderr
+    assert layer_digest_in(destination, layer) == layer
+    assert stack.child("mitmdump") == proxy, "the proxy went on"
 
 
 def test_the_client_that_started_a_cold_pull_leaving_midway_cuts_no_other_pull(tmp_path, images, slow_upstream, slow_stack):

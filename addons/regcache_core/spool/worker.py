@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
@@ -228,6 +229,10 @@ async def serve(connection: socket.socket, worker_factory: Callable[[Callable[[d
 def main(argv: list[str]) -> int:
     parent, fd = int(argv[1]), int(argv[2])
     die_with_parent(parent)
+    # Its life is the proxy's: a signal to the proxy's process group (a drain's SIGTERM) is not
+    # for it, while its downloads still have readers.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="regcache download worker: %(message)s")
     asyncio.run(serve(socket.socket(fileno=fd)))
     return 0
