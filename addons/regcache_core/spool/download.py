@@ -50,6 +50,7 @@ class SpoolDownloads:
         self.blob_fetched = blob_fetched  # (registry, repository, digest): InFlight.upstream_blob_fetch
         self.timeout = timeout
         self.worker = WorkerLink()
+        self.worker.start_soon()
         self.running: set[asyncio.Task] = set()  # downloads not finished: clients may be reading their spools
 
     async def follow(self, registry: Registry, repository: str, digest: str) -> Spool | None:

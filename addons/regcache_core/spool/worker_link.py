@@ -109,19 +109,34 @@ class WorkerLink:
         self.worker: WorkerProcess | None = None
         self._ids = itertools.count(1)
         self._starting = asyncio.Lock()
+        self._warming: asyncio.Task | None = None
+        self._closed = False
+
+    def start_soon(self) -> None:
+        """Start the worker now, when there is a running event loop, so that the first cold
+        download does not wait for Python to start."""
+        with contextlib.suppress(RuntimeError):
+            self._warming = asyncio.get_running_loop().create_task(self._started())  # kept: tasks are weakly held
 
     async def exchange(self, **fetch) -> Exchange:
         """A new exchange, its fetch sent (see worker.py for the fields)."""
-        async with self._starting:
-            if self.worker is None or not self.worker.alive:
-                self.worker = await start_worker()
-        exchange = Exchange(self.worker, next(self._ids))
-        self.worker.exchanges[exchange.id] = exchange
+        worker = await self._started()
+        exchange = Exchange(worker, next(self._ids))
+        worker.exchanges[exchange.id] = exchange
         exchange.send("fetch", **fetch)
         return exchange
 
+    async def _started(self) -> WorkerProcess:
+        async with self._starting:
+            if self.worker is None or not self.worker.alive:
+                self.worker = await start_worker()
+                if self._closed:  # closed while it started
+                    self.worker.close()
+            return self.worker
+
     def close(self) -> None:
         """Stop the worker (sync: mitmproxy calls `done` from sync code too); its exchanges are lost."""
+        self._closed = True
         if self.worker is not None:
             self.worker.close()
 
