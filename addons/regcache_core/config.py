@@ -50,6 +50,7 @@ _SIZE = re.compile(r"([0-9]{1,15})\s*(?:([kmgt])i?b?)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # Repository names (lower case, digits, separators) with fnmatch's wildcards; `*` also matches "/".
 _REPOSITORY_PATTERN = re.compile(r"[a-z0-9._/*?\[\]-]{1,255}")
+MIN_REQUEST_HEAD = 8 << 10  # bytes: a pull's request line and headers with a bearer token (JWTs run to a few kB)
 _SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -109,6 +110,15 @@ class DataPlane:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """Several replicas as one cache: the Redis they share, and the key their peer requests carry."""
+
+    redis_url: str = field(repr=False)  # may hold a password: never logged (see cluster/link.py's describe_url)
+    redis_timeout: float  # seconds, every Redis call
+    secret: bytes = field(repr=False)  # signs what one replica sends another
+
+
+@dataclass(frozen=True)
 class Config:
     domain: str
     port: int
@@ -135,6 +145,8 @@ class Config:
     admin_token: str = field(repr=False)  # the Bearer token /metrics and /ready ask for
     max_client_connections: int  # per client address, on every listener
     head_timeout: float  # seconds for a whole request head, from connect or the last answer
+    max_request_head: int  # bytes of one request head, request line and blank line included
+    cluster: Cluster | None  # None: one node, its state in this process
 
     def registry(self, name: str) -> Registry | None:
         return next((r for r in self.registries if r.name == name), None)
@@ -220,6 +232,8 @@ def parse_config(values: Mapping[str, str]) -> Config:
         admin_token=read("REGCACHE_ADMIN_TOKEN"),
         max_client_connections=read("REGCACHE_MAX_CONNECTIONS_PER_CLIENT"),
         head_timeout=read("REGCACHE_HEAD_TIMEOUT"),
+        max_request_head=read("REGCACHE_MAX_REQUEST_HEAD"),
+        cluster=_cluster(read),
     )
 
 
@@ -237,6 +251,35 @@ def _dataplane(read) -> DataPlane:
         min_size=read("REGCACHE_DATAPLANE_MIN_SIZE"),
         workers=read("REGCACHE_DATAPLANE_WORKERS"),
     )
+
+
+def _cluster(read) -> Cluster | None:
+    redis_url, secret = read("REGCACHE_REDIS_URL"), read("REGCACHE_CLUSTER_SECRET")
+    if redis_url is None:
+        if secret:
+            raise ConfigError("REGCACHE_CLUSTER_SECRET: set, but REGCACHE_REDIS_URL is not; replicas need both")
+        return None
+    if len(secret) < 16:
+        raise ConfigError("REGCACHE_CLUSTER_SECRET: " + ("not set" if not secret else "shorter than 16 characters")
+                          + ", but REGCACHE_REDIS_URL is; give every replica one long random secret "
+                          "(e.g. `openssl rand -hex 32`)")
+    return Cluster(redis_url, read("REGCACHE_REDIS_TIMEOUT"), secret.encode())
+
+
+def _redis_url(var: str, value: str) -> str | None:
+    """redis://[[user]:password@]host[:port][/db] or rediss:// (TLS); None when empty."""
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ConfigError(f"{var}: not a redis:// or rediss:// URL with a host, such as redis://redis:6379/0")
+    if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise ConfigError(f"{var}: the path names a database by number (/0), not {parts.path!r}")
+    return value
 
 
 def misspelt_settings(names, keys: list[str]) -> list[str]:
@@ -432,6 +475,13 @@ def parse_size(var: str, value: str) -> int:
     return int(match[1]) * _SIZE_UNITS[(match[2] or "").lower()]
 
 
+def _head_size(var: str, value: str) -> int:
+    size = parse_size(var, value)
+    if size < MIN_REQUEST_HEAD:
+        raise ConfigError(f"{var}: {value!r} is too small for a pull's request head: give at least {MIN_REQUEST_HEAD // 1024}k")
+    return size
+
+
 def _optional_size(var: str, value: str) -> int | None:
     """A size of at least 1 byte, or None when the value is empty."""
     if not value:
@@ -616,6 +666,10 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
         Setting("REGCACHE_HEAD_TIMEOUT", "10", _positive,
                 "seconds a connection gets to send a whole request head (from connect, or from its last answer)",
                 "A connection that sends nothing, or a slow head, is closed."),
+        Setting("REGCACHE_MAX_REQUEST_HEAD", "64k", _head_size,
+                "the largest request head a client may send (request line and headers; `64k`, `16k`, ...)",
+                "A larger one gets 431 and its connection is closed (all listeners, HTTP/1); refusals are "
+                "logged once a minute per address. Registries' own front doors allow about as much."),
     )),
     ("Admin endpoint and mitmweb", "", (
         Setting("REGCACHE_ADMIN_HOST", "127.0.0.1", _ip_address,
@@ -636,6 +690,24 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
                 "mitmproxy 11.0 has none, so its UI stays on 127.0.0.1. Needed to bind the UI to another address "
                 "(`--set web_host=...`).",
                 empty_means="a token per run: `regcache up --web` prints the URL that logs in with it", strip=False),
+    )),
+    ("Replicas",
+     "Several regcache replicas behave as one cache when they share a Redis (state: tags, upstream state, "
+     "usage, who is downloading what) and their caches' storage (K_STORAGE on a shared volume). See "
+     "docs/cluster.md.", (
+        Setting("REGCACHE_REDIS_URL", "", _redis_url,
+                "the Redis (or Valkey) replicas share: `redis://[:password@]host:port/db`, `rediss://` for TLS",
+                "Give regcache an instance (or db) of its own with `maxmemory-policy noeviction`. While it cannot "
+                "be reached, each replica goes on with state of its own and says so once (log, /ready, "
+                "regcache_shared_state_up).",
+                empty_means="one node: its state stays in this process"),
+        Setting("REGCACHE_REDIS_TIMEOUT", "0.5", _seconds,
+                "seconds every Redis call gets; one that misses it counts as Redis being down"),
+        Setting("REGCACHE_CLUSTER_SECRET", "", _text,
+                "a secret all replicas share (16 characters or more, e.g. `openssl rand -hex 32`): it signs what "
+                "one replica sends another, and is the caches' registry:2 `http.secret`",
+                "Required with REGCACHE_REDIS_URL. Peers' signed requests pass REGCACHE_CLIENTS and htpasswd; "
+                "unsigned ones never do.", empty_means="one node"),
     )),
     ("Disk", "", (
         Setting("REGCACHE_MAX_DISK", "", _optional_size,

@@ -34,6 +34,7 @@ def test_defaults_cache_the_three_big_registries():
     assert config.spool_max_disk == 10 << 30
     assert all(r.backend == r.cache for r in config.registries)
     assert (config.tag_ttl, config.manifest_cache_bytes, config.upstream_timeout) == (60, 8 << 20, 5)
+    assert config.max_request_head == 64 << 10
 
 
 def test_env_file_is_read_and_the_real_environment_wins(tmp_path):
@@ -134,6 +135,8 @@ def test_credentials_come_in_pairs_and_stay_out_of_repr():
     ({"REGCACHE_UPSTREAM_TIMEOUT": "-1"}, "REGCACHE_UPSTREAM_TIMEOUT", "not a number of seconds"),
     ({"REGCACHE_MANIFEST_CACHE": "lots"}, "REGCACHE_MANIFEST_CACHE", "not a size"),
     ({"REGCACHE_SPOOL_MAX_DISK": "lots"}, "REGCACHE_SPOOL_MAX_DISK", "not a size"),
+    ({"REGCACHE_MAX_REQUEST_HEAD": "4k"}, "REGCACHE_MAX_REQUEST_HEAD", "too small for a pull's request head: give at least 8k"),
+    ({"REGCACHE_MAX_REQUEST_HEAD": "lots"}, "REGCACHE_MAX_REQUEST_HEAD", "not a size"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(changes, variable, says):
     with pytest.raises(ConfigError) as raised:
@@ -203,5 +206,28 @@ def test_the_data_plane_settings():
     ({"GHCR_CACHE": "none", "GHCR_STORAGE": "/x"}, "GHCR_STORAGE: set, but GHCR_CACHE is none"),
 ])
 def test_bad_data_plane_settings_name_the_variable(changes, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        parse(**changes)
+
+
+def test_replicas_share_a_redis_and_a_secret():
+    assert parse().cluster is None  # one node
+    cluster = parse(REGCACHE_REDIS_URL="redis://:pw@redis:6379/1", REGCACHE_CLUSTER_SECRET="s" * 32).cluster
+    assert cluster.redis_url == "redis://:pw@redis:6379/1" and cluster.redis_timeout == 0.5
+    assert cluster.secret == b"s" * 32
+    assert "pw" not in repr(cluster) and "sss" not in repr(cluster)
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"REGCACHE_REDIS_URL": "http://redis:6379"}, "REGCACHE_REDIS_URL: not a redis:// or rediss:// URL"),
+    ({"REGCACHE_REDIS_URL": "redis://redis:6379/cache"}, "REGCACHE_REDIS_URL: the path names a database"),
+    ({"REGCACHE_REDIS_URL": "redis://redis:99999"}, "REGCACHE_REDIS_URL: not a redis://"),
+    ({"REGCACHE_REDIS_URL": "redis://redis"}, "REGCACHE_CLUSTER_SECRET: not set, but REGCACHE_REDIS_URL is"),
+    ({"REGCACHE_REDIS_URL": "redis://redis", "REGCACHE_CLUSTER_SECRET": "short"}, "shorter than 16 characters"),
+    ({"REGCACHE_CLUSTER_SECRET": "s" * 32}, "REGCACHE_CLUSTER_SECRET: set, but REGCACHE_REDIS_URL is not"),
+    ({"REGCACHE_REDIS_URL": "redis://redis", "REGCACHE_CLUSTER_SECRET": "s" * 32, "REGCACHE_REDIS_TIMEOUT": "0"},
+     "REGCACHE_REDIS_TIMEOUT"),
+])
+def test_bad_replica_settings_name_the_variable(changes, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         parse(**changes)

@@ -11,7 +11,7 @@ from mitmproxy import ctx
 from ..observe.admin import AdminServer, Answer, readiness
 from ..observe.metrics import EXPOSITION_CONTENT_TYPE, Metrics
 from .budget import DiskBudget
-from ..upstream.state import UpstreamStatus
+from .services import Services
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -20,11 +20,11 @@ logger = logging.getLogger(__name__)
 class Admin:
     """Serves /metrics, /ready and /live on REGCACHE_ADMIN_HOST:REGCACHE_ADMIN_PORT (see admin.py)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, budget: DiskBudget, upstream_state: UpstreamStatus) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, budget: DiskBudget, services: Services) -> None:
         self.settings = settings
         self.metrics = metrics
         self.budget = budget
-        self.upstream_state = upstream_state
+        self.services = services
         self.server = AdminServer({"/metrics": self._metrics, "/ready": self._ready, "/live": self._live}, open_paths=("/live",))
 
     async def running(self) -> None:
@@ -47,7 +47,9 @@ class Admin:
         registries = self.settings.config.registries
         backends = {r.name: r.cache for r in registries if r.cache}
         disks = await asyncio.to_thread(self.budget.disk_states)
-        return await readiness(proxy_serves, backends, self.upstream_state.states([r.name for r in registries]), disks=disks)
+        upstreams = self.services.upstream_state.states([r.name for r in registries])
+        return await readiness(proxy_serves, backends, upstreams, disks=disks,
+                               shared_state=self.services.shared_state_detail())
 
     async def _live(self) -> Answer:
         return Answer.json(200, {"live": True})

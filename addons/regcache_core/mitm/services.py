@@ -3,7 +3,7 @@
 The upstream client (and its deadline), the upstream state, what upstream answers tell
 (UpstreamAnswers: metrics, state, auth, rate limits), upstream auth with its token store, the
 tag cache with the manifests in memory (ManifestFront), the spools with their downloads and
-blob HEADs, and the pull log. Built here when the config loads (the ones of an earlier config
+blob HEADs, the pull log, and with replicas (REGCACHE_REDIS_URL) the link to their shared Redis. Built here when the config loads (the ones of an earlier config
 closed first), and closed here once when mitmproxy stops; no addon configures or closes them.
 Addons look them up when a request needs them, so no addon's `configure` depends on another's.
 
@@ -15,9 +15,11 @@ of them on shared state behind the same interfaces.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+from ..cluster.link import RedisLink
 from ..config import Registry
 from ..manifests.by_digest import ManifestCache
 from ..manifests.front import ManifestFront
@@ -94,11 +96,18 @@ class Services:
         self.manifests: ManifestFront | None = None
         self.blobs: BlobFlights | None = None  # with the data plane only
         self.pull_log: PullLog | None = None
+        self.shared_state: RedisLink | None = None  # with replicas only
+        self._closing: set[asyncio.Task] = set()  # closes of an earlier config's links, kept: tasks are weakly held
 
     def configure(self, updated: set[str]) -> None:
         if (config := self.settings.loaded(updated)) is None:
             return
         self._close_config()
+        self.metrics.registries_known([r.name for r in config.registries])
+        if config.cluster is not None:
+            self.shared_state = RedisLink(config.cluster.redis_url, config.cluster.redis_timeout,
+                                          self.metrics.shared_state_up)
+            self.metrics.shared_state_up(True)
         self.upstream_client.timeout = config.upstream_timeout
         auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), self._fetch_token, on_token_fetch=self.metrics.token_fetch,
                             challenge_timeout=config.upstream_timeout)
@@ -113,6 +122,7 @@ class Services:
 
     async def done(self) -> None:
         self._close_config()
+        await asyncio.gather(*self._closing)
         self.upstream_state.close()
         await self.upstream_client.close()
 
@@ -128,8 +138,17 @@ class Services:
     async def _fetch_token(self, url: str, headers: dict[str, str], timeout: float) -> tuple[int, list[str], bytes]:
         return await self.upstream_client.get(url, headers, timeout, MAX_TOKEN_RESPONSE)
 
+    def shared_state_detail(self) -> str | None:
+        """For /ready: "ok" or why replicas go on alone; None on one node."""
+        return None if self.shared_state is None else self.shared_state.state()
+
     def _close_config(self) -> None:
         """Close what the last config built."""
+        if self.shared_state is not None:
+            closing = asyncio.get_running_loop().create_task(self.shared_state.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            self.shared_state = None
         if self.blobs is not None:
             self.blobs.close()
             self.blobs = None

@@ -80,12 +80,14 @@ async def probe_backend(url: str, timeout: float = BACKEND_TIMEOUT) -> str:
 
 
 async def readiness(proxy_serves: bool, backends: dict[str, str], upstreams: dict[str, str],
-                    timeout: float = BACKEND_TIMEOUT, disks: dict[str, str] | None = None) -> Answer:
+                    timeout: float = BACKEND_TIMEOUT, disks: dict[str, str] | None = None,
+                    shared_state: str | None = None) -> Answer:
     """200 when the proxy serves and every backend (name -> base URL) answers, else 503.
 
     `upstreams` (name -> "up" or "down: <reason>") is shown, not judged. `disks` (name -> "ok"
     or what is wrong) says whether a cache run here can store more; an answering cache whose
-    disk cannot is reported with that reason.
+    disk cannot is reported with that reason. `shared_state` (replicas only: "ok" or why each
+    replica goes on alone) is shown, not judged: Redis trouble never stops a pull.
     """
     results = await asyncio.gather(*(probe_backend(url, timeout) for url in backends.values()))
     checks = dict(zip(backends, results))
@@ -95,6 +97,8 @@ async def readiness(proxy_serves: bool, backends: dict[str, str], upstreams: dic
     ready = proxy_serves and all(result == "ok" for result in checks.values())
     document = {"ready": ready, "proxy": "ok" if proxy_serves else "not serving", "backends": checks,
                 "upstreams": upstreams}
+    if shared_state is not None:
+        document["shared_state"] = shared_state
     return Answer.json(200 if ready else 503, document)
 
 

@@ -1,0 +1,1 @@
+"""Several replicas as one cache: the Redis they share (link.py) and what lives there."""
