@@ -51,16 +51,23 @@ class Upstream:
     """Serves the blob: `body` as its bytes, the first `pause_after` of them, then waits for
     `go`; the Authorization headers it got in `authorizations`."""
 
-    def __init__(self, body: bytes = BLOB, pause_after: int | None = None) -> None:
-        self.body, self.pause_after = body, pause_after
+    def __init__(self, body: bytes = BLOB, pause_after: int | None = None, trickle: bool = False) -> None:
+        self.body, self.pause_after, self.trickle = body, pause_after, trickle
         self.go = asyncio.Event()
         self.authorizations: list[str | None] = []
+        self.sent = 0
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
         self.authorizations.append(request.headers.get("Authorization"))
         response = web.StreamResponse(headers={"Content-Length": str(len(self.body)),
                                                "Content-Type": "application/octet-stream"})
         await response.prepare(request)
+        if self.trickle:  # 4 KiB every 50 ms, until `go`
+            while not self.go.is_set():
+                await response.write(self.body[self.sent:self.sent + 4096])
+                self.sent += 4096
+                await asyncio.sleep(0.05)
+            return response
         split = len(self.body) if self.pause_after is None else self.pause_after
         await response.write(self.body[:split])
         if split < len(self.body):
@@ -175,3 +182,17 @@ def test_the_worker_ends_with_its_link(tmp_path):
         assert await asyncio.wait_for(process.wait(), 10) is not None
 
     scenario(tmp_path, Upstream(), body)
+
+
+def test_a_trickling_body_reaches_the_spool_file_before_a_mib_of_it_came(tmp_path):
+    """The worker writes what arrives a MiB at a time, but never holds a slow body's bytes back
+    long: readers see them (a reader cuts a spool that does not grow)."""
+    upstream = Upstream(trickle=True)
+
+    async def body(downloads, registry, answers):
+        spool = await downloads.follow(registry, REPOSITORY, DIGEST)
+        await until(lambda: spool.path.stat().st_size > 0, timeout=30)
+        assert upstream.sent < 1 << 20
+        assert BLOB.startswith(spool.path.read_bytes())
+
+    scenario(tmp_path, upstream, body)

@@ -50,7 +50,8 @@ from ..upstream.client import describe as describe_error
 from ..upstream.redirects import TooManyRedirects, follow_redirects, may_lead_to, redirect_location, resolve_destination
 
 BODY_STALL = 30.0  # seconds without a byte of the body, then the download fails (readers wait longer)
-READ_CHUNK = 1 << 20  # bytes read from the upstream at a time, at most
+READ_CHUNK = 1 << 20  # bytes read from the upstream at a time at most, and written at a time at least
+FLUSH_EVERY = 0.2  # seconds a slow body's bytes wait for the rest of their MiB, at most (readers wait for them)
 WRITES_AHEAD = 4  # chunks read but not yet written and hashed, at most
 POOL_SIZE = 64  # exchanges at once, to all upstreams (downloads are long)
 MESSAGE_LIMIT = 1 << 20  # bytes of one JSON line (an answer's headers)
@@ -160,7 +161,9 @@ class Worker:
     async def _write(response: aiohttp.ClientResponse, path: str, size: int, algorithm: str) -> tuple[int, str]:
         """The body into `path` and its hash: bytes written and digest. The next chunks are read
         while the last ones are written and hashed in a thread (hashlib and writes release the
-        GIL), a few at most."""
+        GIL), a few at most. What arrives is handed to the thread a MiB at a time, or what came in
+        FLUSH_EVERY: from a link slower than this machine, reads return a few KiB each, and a
+        handoff per read cost more CPU than the bytes."""
         hasher = hashlib.new(algorithm)
         fd = os.open(path, os.O_WRONLY)  # no O_CREAT: a file the proxy removed is a failed spool
         received = 0
@@ -175,17 +178,31 @@ class Worker:
         writes: collections.deque[asyncio.Future] = collections.deque()
         with ThreadPoolExecutor(1, "regcache-spool-write") as executor:
             try:
+                batch: list[bytes] = []
+                batched, flush_at = 0, 0.0
                 while True:
-                    async with asyncio.timeout(BODY_STALL):
-                        chunk = await response.content.read(READ_CHUNK)
-                    if not chunk:
+                    try:
+                        async with asyncio.timeout_at(flush_at if batch else loop.time() + BODY_STALL):
+                            chunk = await response.content.read(READ_CHUNK)
+                    except TimeoutError:
+                        if not batch:
+                            raise
+                        chunk = None  # the batch waited long enough: what came goes to the file
+                    if chunk:
+                        received += len(chunk)
+                        if received > size:
+                            raise ValueError(f"the body is longer than its {size} bytes")
+                        if not batch:
+                            flush_at = loop.time() + FLUSH_EVERY
+                        batch.append(chunk)
+                        batched += len(chunk)
+                    if batch and (not chunk or batched >= READ_CHUNK or loop.time() >= flush_at):
+                        writes.append(loop.run_in_executor(executor, write, b"".join(batch)))
+                        batch, batched = [], 0
+                        if len(writes) > WRITES_AHEAD:
+                            await writes.popleft()
+                    if chunk == b"":
                         break
-                    received += len(chunk)
-                    if received > size:
-                        raise ValueError(f"the body is longer than its {size} bytes")
-                    writes.append(loop.run_in_executor(executor, write, chunk))
-                    if len(writes) > WRITES_AHEAD:
-                        await writes.popleft()
                 for pending in writes:
                     await pending
             finally:
