@@ -152,12 +152,9 @@ class SpoolDownloads:
                         raise NoAnswer(event["reason"], event["answered"])
                     else:  # lost: the worker died
                         raise NoAnswer(event["reason"], answered=True)
-        except NoAnswer as e:
-            self.upstream.failed(registry, None if e.answered or answered else e.reason)
-            if exchange is not None:
-                exchange.close()
-            raise
-        except BaseException:
+        except BaseException as e:
+            if isinstance(e, NoAnswer):
+                self.upstream.failed(registry, None if e.answered or answered else e.reason)
             if exchange is not None:
                 exchange.close()
             raise

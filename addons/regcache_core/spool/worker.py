@@ -37,7 +37,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -226,14 +226,14 @@ async def checked_address(registry: Registry, url: str) -> str:
     return destination.address
 
 
-async def serve(connection: socket.socket, worker_factory: Callable[[Callable[[dict], None]], Worker] = Worker) -> None:
+async def serve(connection: socket.socket) -> None:
     """Handle the proxy's messages on `connection` until the proxy closes it."""
     reader, writer = await asyncio.open_connection(sock=connection, limit=MESSAGE_LIMIT)
 
     def tell(event: dict) -> None:
         writer.write(json.dumps(event).encode() + b"\n")
 
-    worker = worker_factory(tell)
+    worker = Worker(tell)
     try:
         while line := await reader.readline():
             worker.handle(json.loads(line))
