@@ -20,7 +20,8 @@ proxy adds credentials there.
 
 The data plane (REGCACHE_DATAPLANE_*) sends warm blobs straight from a cache's storage: the
 proxy answers a warm blob GET with a 307 to it. It needs the storage root of each cache
-(K_STORAGE); for the caches `regcache up` runs that is <data dir>/<key lower>/storage.
+(K_STORAGE); for the caches `regcache up` runs that is where it puts them, by default
+<data dir>/<key lower>/storage (replicas point it at one shared volume).
 """
 
 from __future__ import annotations
@@ -202,6 +203,11 @@ def parse_config(values: Mapping[str, str]) -> Config:
     admin_port = read("REGCACHE_ADMIN_PORT")
     dataplane = _dataplane(read) if read("REGCACHE_DATAPLANE") else None
     _check_ports_differ(port, admin_port, dataplane, registries, get)
+    cluster = _cluster(read)
+    if cluster is not None and dataplane is not None and dataplane.url is None:
+        # Other replicas send a cold blob's requests to the spool of the replica downloading it.
+        raise ConfigError("REGCACHE_DATAPLANE_URL: not set, but REGCACHE_REDIS_URL is; give each replica the URL "
+                          "where clients and the other replicas reach its own data plane (e.g. http://POD-IP:5050)")
     admin_host = read("REGCACHE_ADMIN_HOST")
     if not is_loopback_host(admin_host) and not read("REGCACHE_ADMIN_TOKEN"):
         raise ConfigError(f"REGCACHE_ADMIN_TOKEN: not set, but REGCACHE_ADMIN_HOST ({admin_host}) is not loopback;"
@@ -233,7 +239,7 @@ def parse_config(values: Mapping[str, str]) -> Config:
         max_client_connections=read("REGCACHE_MAX_CONNECTIONS_PER_CLIENT"),
         head_timeout=read("REGCACHE_HEAD_TIMEOUT"),
         max_request_head=read("REGCACHE_MAX_REQUEST_HEAD"),
-        cluster=_cluster(read),
+        cluster=cluster,
     )
 
 
@@ -600,6 +606,8 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
         Setting("REGCACHE_DATAPLANE_URL", "", _optional_url,
                 "public base URL for its 307s (`http://host:port`, no path), where clients reach the data plane "
                 "elsewhere: NAT, a port-forward, a Kubernetes Service",
+                "Required with replicas (REGCACHE_REDIS_URL), one per replica: the other replicas send a cold "
+                "blob's requests to the data plane of the replica downloading it.",
                 empty_means="the host name the client used, on `REGCACHE_DATAPLANE_PORT`"),
         Setting("REGCACHE_DATAPLANE_MIN_SIZE", "256k", parse_size,
                 "smaller warm blobs are answered by the proxy from the cache's storage (the 307 costs the client "
@@ -750,7 +758,10 @@ REGISTRY_SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_DISK", "", _optional_size, "a disk budget of registry K's cache alone, e.g. `20G` (see "
             "`REGCACHE_MAX_DISK`)", empty_means="none"),
     Setting("STORAGE", "", _optional_path,
-            "the cache's storage root (registry:2's rootdirectory) as this machine sees it, read by the data plane",
+            "the cache's storage root (registry:2's rootdirectory) as this machine sees it, read by the data plane; "
+            "for a cache `regcache up` runs, also where it puts it",
+            "Replicas may all point one registry's K_STORAGE at one directory of a shared volume (NFS, a "
+            "ReadWriteMany volume): what one stored is warm on all. See docs/cluster.md.",
             empty_means="`<data dir>/<key in lower case>/storage` for caches `regcache up` runs (where it puts "
             "them); none for others, whose layers all stream through the proxy"),
     Setting("TOKEN_REALMS", "", _host_names,
