@@ -49,6 +49,7 @@ class RedisLink:
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                            retry=Retry(NoBackoff(), 0), max_connections=MAX_CONNECTIONS)
         self.down_reason: str | None = None
+        self.outages = 0  # times it went down: a listener that saw one may have missed messages
         self._probe: asyncio.Task | None = None
 
     @property
@@ -80,6 +81,7 @@ class RedisLink:
         if not self.up:
             return
         self.down_reason = reason
+        self.outages += 1
         logger.warning("regcache: shared state at %s unreachable (%s); each replica goes on with state of its own "
                        "until it is back", self.where, reason)
         self.on_change(False)

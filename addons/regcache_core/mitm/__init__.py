@@ -39,7 +39,7 @@ def make_addons() -> list:
     metrics = Metrics()
     hits = HitMarker()
     services = Services(settings, metrics, hits.in_flight.upstream_blob_fetch)
-    budget = DiskBudget(settings, metrics)
+    budget = DiskBudget(settings, metrics, services)
     recorder = Recorder(metrics, {"pull log": services.log_pull, "metrics": metrics.observe, "disk budget": budget.record})
     access, router, handoff = ClientAccess(settings, metrics), Router(settings, signer), DataPlaneHandoff(settings)
     single_flight = SingleFlight(settings, services, metrics)

@@ -63,6 +63,8 @@ class UpstreamState:
         self._retry_every = retry_every
         self._down: dict[str, str] = {}  # registry name -> reason
         self._probes: dict[str, asyncio.Task] = {}
+        # (registry, upstream, reason or None when back) on each change: how replicas tell each other
+        self.on_change: Callable[[str, str, str | None], None] = lambda registry, upstream, reason: None
 
     def reason_down(self, registry: str) -> str | None:
         """Why `registry`'s upstream is down, or None while it is up (or not known to be down)."""
@@ -74,6 +76,7 @@ class UpstreamState:
             return
         self._down[registry] = reason
         self.metrics.upstream_up(registry, False)
+        self.on_change(registry, upstream, reason)
         _warn("upstream %s of %s is unreachable (%s): serving what the cache holds; retrying every %g s",
               upstream, registry, reason, self._retry_every)
         self._probes[registry] = asyncio.get_running_loop().create_task(self._retry(registry, upstream))
@@ -83,6 +86,7 @@ class UpstreamState:
         self.metrics.upstream_up(registry, True)
         if self._down.pop(registry, None) is None:
             return
+        self.on_change(registry, upstream, None)
         _warn("upstream %s of %s is reachable again", upstream, registry)
         if (probe := self._probes.pop(registry, None)) is not None and probe is not asyncio.current_task():
             probe.cancel()
