@@ -84,6 +84,7 @@ def registry_config(backend: CacheBackend) -> dict:
 
 def write_registry_config(backend: CacheBackend) -> Path:
     """Write config.yml (JSON is valid YAML), readable by its owner only (it holds the HTTP secret)."""
+    backend.root.mkdir(parents=True, exist_ok=True)  # not made by the storage's mkdir when K_STORAGE is elsewhere
     backend.storage.mkdir(parents=True, exist_ok=True)
     fd = os.open(backend.config_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
