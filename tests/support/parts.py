@@ -73,6 +73,8 @@ PORT_BASES = {
     "test_spool_download": 8100,  # its upstream and CDN only; no stack
     "test_stack_lifetime": 8500,
     "test_cold": 8200,  # a token upstream on 9200, its token server 9201 and CDN 9202
+    "test_cluster_state": 8600,  # a token upstream on 9600, its token server 9601, CDN 9602, redis-server 9603
+    "test_cluster_state[second replica]": 8700,
 }
 UPSTREAM_OFFSET = 1000
 

@@ -21,6 +21,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.asyncio.retry import Retry
 
+from ..observe import warn
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -82,7 +84,7 @@ class RedisLink:
             return
         self.down_reason = reason
         self.outages += 1
-        logger.warning("regcache: shared state at %s unreachable (%s); each replica goes on with state of its own "
+        warn(logger, "regcache: shared state at %s unreachable (%s); each replica goes on with state of its own "
                        "until it is back", self.where, reason)
         self.on_change(False)
         self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
@@ -97,7 +99,7 @@ class RedisLink:
                 continue
             self.down_reason = None
             self._probe = None
-            logger.warning("regcache: shared state at %s is back; replicas share state again", self.where)
+            warn(logger, "regcache: shared state at %s is back; replicas share state again", self.where)
             self.on_change(True)
             return
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from ..observe import warn
 from ..observe.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class UpstreamState:
         self._down[registry] = reason
         self.metrics.upstream_up(registry, False)
         self.on_change(registry, upstream, reason)
-        _warn("upstream %s of %s is unreachable (%s): serving what the cache holds; retrying every %g s",
+        warn(logger, "upstream %s of %s is unreachable (%s): serving what the cache holds; retrying every %g s",
               upstream, registry, reason, self._retry_every)
         self._probes[registry] = asyncio.get_running_loop().create_task(self._retry(registry, upstream))
 
@@ -87,7 +87,7 @@ class UpstreamState:
         if self._down.pop(registry, None) is None:
             return
         self.on_change(registry, upstream, None)
-        _warn("upstream %s of %s is reachable again", upstream, registry)
+        warn(logger, "upstream %s of %s is reachable again", upstream, registry)
         if (probe := self._probes.pop(registry, None)) is not None and probe is not asyncio.current_task():
             probe.cancel()
 
@@ -110,11 +110,3 @@ class UpstreamState:
             else:
                 self._probes.pop(registry, None)
                 self.answered(registry, upstream)
-
-
-def _warn(message: str, *args) -> None:
-    logger.warning(message, *args)
-    # mitmproxy's terminal log prints without flushing; a pipe or a container's log would hold
-    # the line back until some buffer fills.
-    sys.stdout.flush()
-    sys.stderr.flush()

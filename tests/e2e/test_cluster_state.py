@@ -1,0 +1,143 @@
+"""End to end: two `regcache up` replicas sharing one redis-server and one cache storage
+(K_STORAGE), in front of one token upstream (its blobs redirected to a CDN, as Docker Hub does).
+Tags, cold manifests and the upstream's state are the cluster's: what reached the upstream is
+read from its access log, whichever replica the clients asked. Redis killed under load fails
+no pull and is said once per replica; once it is back, the replicas share state again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.support.fakes import Cdn, TokenServer
+from tests.support.parts import (
+    MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, build_image,
+    build_multiarch_image, docker_io_stack, http_get, poll, push_index, skopeo,
+)
+from tests.support.redis_server import RedisServer
+
+PORT = PORT_BASES["test_cluster_state"]
+PORTS = (PORT, PORT_BASES["test_cluster_state[second replica]"])
+UPSTREAM_PORT = PORT + UPSTREAM_OFFSET
+USER, PASSWORD = "cluster-user", "cluster-password"
+TTL = 3.0
+REDIS_DOWN = "unreachable"  # in the link's warning line
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(token upstream, the two replicas, redis-server, token server)."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    token_server = TokenServer(tmp / "auth", UPSTREAM_PORT + 1, {USER: PASSWORD}).start()
+    cdn = Cdn(tmp / "upstream" / "storage", UPSTREAM_PORT + 2).start()
+    upstream = Upstream(tmp / "upstream", UPSTREAM_PORT, {"auth": token_server.registry_auth(),
+                                                          "middleware": cdn.registry_middleware()},
+                        f"{USER}:{PASSWORD}").start()
+    redis = RedisServer(tmp / "redis", UPSTREAM_PORT + 3).start()
+    settings = {"DOCKERHUB_USERNAME": USER, "DOCKERHUB_PASSWORD": PASSWORD, "REGCACHE_TAG_TTL": str(TTL),
+                "DOCKERHUB_STORAGE": str(tmp / "shared-storage"), "REGCACHE_REDIS_URL": redis.url,
+                "REGCACHE_CLUSTER_SECRET": "e2e-cluster-secret-0123456789"}
+    replicas = []
+    try:
+        for index, port in enumerate(PORTS):
+            replicas.append(docker_io_stack(tmp / f"replica-{index}", upstream, port, settings).start())
+        yield upstream, replicas, redis, token_server
+    finally:
+        for replica in replicas:
+            replica.stop()
+        for part in (upstream, cdn, token_server, redis):
+            part.stop()
+
+
+def host(port: int) -> str:
+    return f"docker.io.{TEST_DOMAIN}:{port}"
+
+
+def manifest(port: int, name: str, reference: str) -> tuple[int, dict, bytes]:
+    return http_get(f"http://127.0.0.1:{port}/v2/{name}/manifests/{reference}", host=host(port),
+                    headers={"Accept": MANIFEST_TYPES})
+
+
+def pulled_digest(port: int, reference: str, destination) -> tuple[int, str, str | None]:
+    """skopeo copy through one replica: (exit status, its error output, the manifest digest it stored)."""
+    result = skopeo("copy", "--src-tls-verify=false", f"docker://{host(port)}/{reference}", f"oci:{destination}", timeout=180)
+    if result.returncode != 0:
+        return result.returncode, result.stderr, None
+    return 0, "", json.loads((destination / "index.json").read_text())["manifests"][0]["digest"]
+
+
+def manifest_requests(upstream: Upstream, since: int, references) -> tuple[list, list]:
+    asked = [line for line in upstream.access_log()[since:]
+             if "/manifests/" in line.path and line.path.rsplit("/", 1)[1] in references]
+    return [line for line in asked if line.method == "HEAD"], [line for line in asked if line.method == "GET"]
+
+
+def cold_pulls_over_the_replicas(upstream: Upstream, token_server: TokenServer, tmp_path, name: str) -> None:
+    """8 concurrent cold pulls of a multi-arch tag, alternately through each replica: every one
+    gets the right digest; at most one HEAD and one GET upstream per manifest for them all."""
+    image = build_multiarch_image(tmp_path / "image", name, "1.0", ["amd64", "arm64"])
+    for platform in image.platforms.values():
+        upstream.push(platform)
+    push_index(image, upstream.url, authorization=token_server.bearer(USER, f"repository:{image.name}:pull,push"))
+    amd64 = image.platforms["amd64"]
+    since = len(upstream.access_log())
+    results = at_once(8, lambda i: pulled_digest(PORTS[i % 2], image.reference, tmp_path / f"pulled-{i}"))
+    assert results == [(0, "", amd64.manifest_digest)] * 8
+    for references in ((image.tag, image.index_digest), (amd64.manifest_digest,)):
+        heads, gets = manifest_requests(upstream, since, references)
+        assert len(heads) <= 1 and len(gets) <= 1, (references, heads, gets)
+
+
+def test_tag_gets_over_the_replicas_ask_upstream_nothing_within_the_ttl_and_once_after(world, tmp_path):
+    upstream, replicas, _, _ = world
+    image = build_image(tmp_path / "image", "library/shared-tag", [("etc/content", b"shared tag")])
+    upstream.push(image)
+    assert pulled_digest(PORTS[0], image.reference, tmp_path / "first") == (0, "", image.manifest_digest)
+    since = len(upstream.access_log())
+    answers = [manifest(PORTS[i % 2], image.name, image.tag) for i in range(50)]
+    assert {(status, headers["Docker-Content-Digest"]) for status, headers, _ in answers} == {(200, image.manifest_digest)}
+    assert upstream.access_log()[since:] == [], "a tag learnt by one replica is fresh on the other"
+    time.sleep(TTL + 0.5)
+    since = len(upstream.access_log())
+    answers = at_once(50, lambda i: manifest(PORTS[i % 2], image.name, image.tag))
+    assert {(status, headers["Docker-Content-Digest"]) for status, headers, _ in answers} == {(200, image.manifest_digest)}
+    asked = [(line.method, line.path) for line in upstream.access_log()[since:]]
+    assert asked == [("HEAD", f"/v2/{image.name}/manifests/{image.tag}")], "one revalidation for the cluster"
+
+
+def test_concurrent_cold_pulls_over_the_replicas_make_one_upstream_request_per_manifest(world, tmp_path):
+    upstream, _, _, token_server = world
+    cold_pulls_over_the_replicas(upstream, token_server, tmp_path, "library/rollout")
+
+
+def test_redis_killed_under_load_fails_no_pull_is_said_once_and_sharing_resumes_when_it_is_back(world, tmp_path):
+    upstream, replicas, redis, token_server = world
+    image = build_image(tmp_path / "image", "library/under-load", [("etc/content", b"under load")])
+    upstream.push(image)
+    assert pulled_digest(PORTS[0], image.reference, tmp_path / "warm")[0] == 0
+    lines_before = [len(replica.output) for replica in replicas]
+
+    def pull_while(index: int) -> list:
+        got = []
+        for round_ in range(6):
+            got.append(pulled_digest(PORTS[index % 2], image.reference, tmp_path / f"load-{index}-{round_}"))
+            got.append(manifest(PORTS[index % 2], image.name, image.tag)[0])
+            if index == 0 and round_ == 1:
+                redis.kill()
+        return got
+
+    results = at_once(4, pull_while)
+    assert {r for got in results for r in got} == {(0, "", image.manifest_digest), 200}, "no pull failed"
+    for replica in replicas:
+        status, _, body = replica.admin("/ready")
+        assert status == 200 and json.loads(body)["shared_state"].startswith("down")
+    redis.start()
+    for replica in replicas:
+        poll(lambda: json.loads(replica.admin("/ready")[2])["shared_state"], lambda state: state == "ok", timeout=30)
+    for replica, before in zip(replicas, lines_before):
+        said = [line for line in replica.output[before:] if "shared state" in line]
+        assert [REDIS_DOWN in line for line in said] == [True, False], said  # once down, once back
+    cold_pulls_over_the_replicas(upstream, token_server, tmp_path, "library/after-redis")
