@@ -2,20 +2,23 @@
 (K_STORAGE), in front of one token upstream (its blobs redirected to a CDN, as Docker Hub does).
 Tags, cold manifests and the upstream's state are the cluster's: what reached the upstream is
 read from its access log, whichever replica the clients asked. Redis killed under load fails
-no pull and is said once per replica; once it is back, the replicas share state again.
+no pull and is said once per replica; once it is back, the replicas share state again. The disk
+budget evicts what the cluster pulled least recently from the storage the replicas share.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 
 from tests.support.fakes import Cdn, TokenServer
 from tests.support.parts import (
-    MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, build_image,
-    build_multiarch_image, docker_io_stack, http_get, poll, push_index, skopeo,
+    MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Upstream, at_once, build_image, build_multiarch_image,
+    cache_holds, docker_io_stack, http_get, poll, push_index, skopeo, storage_bytes,
 )
 from tests.support.redis_server import RedisServer
 
@@ -24,6 +27,7 @@ PORTS = (PORT, PORT_BASES["test_cluster_state[second replica]"])
 UPSTREAM_PORT = PORT + UPSTREAM_OFFSET
 USER, PASSWORD = "cluster-user", "cluster-password"
 TTL = 3.0
+BUDGET = 40 << 20  # three of the budget test's 11 MiB images fit, four do not: one goes
 REDIS_DOWN = "unreachable"  # in the link's warning line
 
 
@@ -38,7 +42,7 @@ def world(tmp_path_factory):
                         f"{USER}:{PASSWORD}").start()
     redis = RedisServer(tmp / "redis", UPSTREAM_PORT + 3).start()
     settings = {"DOCKERHUB_USERNAME": USER, "DOCKERHUB_PASSWORD": PASSWORD, "REGCACHE_TAG_TTL": str(TTL),
-                "DOCKERHUB_STORAGE": str(tmp / "shared-storage"), "REGCACHE_REDIS_URL": redis.url,
+                "DOCKERHUB_STORAGE": str(tmp / "shared-storage"), "REGCACHE_MAX_DISK": "40M", "REGCACHE_REDIS_URL": redis.url,
                 "REGCACHE_CLUSTER_SECRET": "e2e-cluster-secret-0123456789"}
     replicas = []
     try:
@@ -141,3 +145,33 @@ def test_redis_killed_under_load_fails_no_pull_is_said_once_and_sharing_resumes_
         said = [line for line in replica.output[before:] if "shared state" in line]
         assert [REDIS_DOWN in line for line in said] == [True, False], said  # once down, once back
     cold_pulls_over_the_replicas(upstream, token_server, tmp_path, "library/after-redis")
+
+
+def test_the_budget_evicts_what_the_cluster_pulled_least_recently_from_the_shared_storage(world, tmp_path):
+    """p is pulled through the first replica, q through the second, r through the first; then p
+    again through the second and q through the first, and w pushes the storage past the budget.
+    By the cluster's pulls r goes; by either replica's own, p or q would."""
+    upstream, replicas, _, _ = world
+    storage = Path(replicas[0].settings["DOCKERHUB_STORAGE"])
+    images = {}
+    for name in "pqrw":
+        images[name] = build_image(tmp_path / name, f"library/budget-{name}", [("layer.bin", 11 << 20)])
+        upstream.push(images[name])
+
+    def held(name: str) -> bool:
+        return cache_holds(storage, images[name].blob_digests[-1], timeout=0)
+
+    pulled = {}
+    for step, (name, replica) in enumerate((("p", 0), ("q", 1), ("r", 0), ("p", 1), ("q", 0), ("w", 1))):
+        pulled[name, replica] = time.time()
+        assert pulled_digest(PORTS[replica], images[name].reference, tmp_path / f"pull-{step}") == (0, "", images[name].manifest_digest)
+        assert poll(lambda: held(name), bool, timeout=30)
+    assert poll(lambda: storage_bytes(storage), lambda used: used <= BUDGET, timeout=60, every=0.5) <= BUDGET
+    evicted = poll(lambda: [(index, line) for index, replica in enumerate(replicas) for line in replica.output
+                            if "disk budget: evicted" in line], bool)
+    assert [held(name) for name in "pqrw"] == [True, True, False, True], ("r was the cluster's least recently pulled", evicted)
+    # `regcache cache ls` on the first replica says when p was last pulled: through the second
+    ls = json.loads(replicas[0].command("cache", "ls", "--json").stdout)
+    [p] = [r for r in ls["caches"][0]["repositories"] if r["repository"] == images["p"].name]
+    [tag] = p["tags"]
+    assert datetime.fromisoformat(tag["last_pulled"]).timestamp() >= int(pulled["p", 1])

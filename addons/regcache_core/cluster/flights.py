@@ -56,6 +56,12 @@ class SharedFlights:
             self._ending.add(ending)
             ending.add_done_callback(self._ending.discard)
 
+    def close(self) -> None:
+        """Answers to requests planned here reach the next config's front: end what this one holds."""
+        for reference in list(self._held):
+            self.answered(reference)
+        self.local.close()
+
     async def revalidation(self, key: tuple[str, ...], revalidate: Callable[[], Awaitable[str]]) -> str:
         try:
             async with asyncio.timeout(FIRST_WAIT):

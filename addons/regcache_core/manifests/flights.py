@@ -34,6 +34,10 @@ class ReferenceFlights(Protocol):
         """`revalidate()`'s outcome, run once for the requests that want it at the same time."""
         ...
 
+    def close(self) -> None:
+        """The front is done (a new config): nobody waits on this one any more."""
+        ...
+
 
 class LocalFlights:
     def __init__(self) -> None:
@@ -57,3 +61,7 @@ class LocalFlights:
 
     async def revalidation(self, key: tuple[str, ...], revalidate: Callable[[], Awaitable[str]]) -> str:
         return await revalidate()  # the front shares one task among this process's requests
+
+    def close(self) -> None:
+        for reference in list(self._asked):
+            self.answered(reference)

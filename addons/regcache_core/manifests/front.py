@@ -135,9 +135,11 @@ class ManifestFront:
         return upstream_unreachable(registry, reason, reference)
 
     def close(self) -> None:
-        """Revalidations under way stop. The tag cache and the client are their owner's to close."""
+        """Revalidations under way stop, and nobody waits for this front's answers any more. The tag
+        cache and the client are their owner's to close."""
         for task in self._revalidations.values():
             task.cancel()
+        self.flights.close()
 
     def _serve(self, registry: Registry, entry: TagEntry, cache: str) -> Plan:
         return Plan(entry.digest, self.manifests.get(registry.name, entry.digest), cache)
