@@ -2,7 +2,7 @@
 (K_STORAGE), in front of one token upstream (its blobs redirected to a CDN, as Docker Hub does).
 Tags, cold manifests and the upstream's state are the cluster's: what reached the upstream is
 read from its access log, whichever replica the clients asked. Redis killed under load fails
-no pull and is said once per replica; once it is back, the replicas share state again. The disk
+(or paused) no pull and is said once per replica; once it is back, the replicas share state again. The disk
 budget evicts what the cluster pulled least recently from the storage the replicas share.
 """
 
@@ -117,9 +117,12 @@ def test_concurrent_cold_pulls_over_the_replicas_make_one_upstream_request_per_m
     cold_pulls_over_the_replicas(upstream, token_server, tmp_path, "library/rollout")
 
 
-def test_redis_killed_under_load_fails_no_pull_is_said_once_and_sharing_resumes_when_it_is_back(world, tmp_path):
+@pytest.mark.parametrize("outage", ["killed", "paused"])
+def test_redis_gone_under_load_fails_no_pull_is_said_once_and_sharing_resumes_when_it_is_back(world, tmp_path, outage):
+    """Killed: connections refused. Paused (SIGSTOP): it accepts connections and answers nothing,
+    so the call that finds it so waits REGCACHE_REDIS_TIMEOUT, and no other call does."""
     upstream, replicas, redis, token_server = world
-    image = build_image(tmp_path / "image", "library/under-load", [("etc/content", b"under load")])
+    image = build_image(tmp_path / "image", f"library/redis-{outage}", [("etc/content", outage.encode())])
     upstream.push(image)
     assert pulled_digest(PORTS[0], image.reference, tmp_path / "warm")[0] == 0
     lines_before = [len(replica.output) for replica in replicas]
@@ -130,21 +133,26 @@ def test_redis_killed_under_load_fails_no_pull_is_said_once_and_sharing_resumes_
             got.append(pulled_digest(PORTS[index % 2], image.reference, tmp_path / f"load-{index}-{round_}"))
             got.append(manifest(PORTS[index % 2], image.name, image.tag)[0])
             if index == 0 and round_ == 1:
-                redis.kill()
+                redis.kill() if outage == "killed" else redis.pause()
         return got
 
-    results = at_once(4, pull_while)
-    assert {r for got in results for r in got} == {(0, "", image.manifest_digest), 200}, "no pull failed"
-    for replica in replicas:
-        status, _, body = replica.admin("/ready")
-        assert status == 200 and json.loads(body)["shared_state"].startswith("down")
-    redis.start()
+    try:
+        results = at_once(4, pull_while)
+        assert {r for got in results for r in got} == {(0, "", image.manifest_digest), 200}, "no pull failed"
+        for replica in replicas:
+            status, _, body = replica.admin("/ready")
+            assert status == 200 and json.loads(body)["shared_state"].startswith("down")
+    finally:
+        if redis.process is None:  # killed
+            redis.start()
+        else:
+            redis.resume()
     for replica in replicas:
         poll(lambda: json.loads(replica.admin("/ready")[2])["shared_state"], lambda state: state == "ok", timeout=30)
     for replica, before in zip(replicas, lines_before):
         said = [line for line in replica.output[before:] if "shared state" in line]
         assert [REDIS_DOWN in line for line in said] == [True, False], said  # once down, once back
-    cold_pulls_over_the_replicas(upstream, token_server, tmp_path, "library/after-redis")
+    cold_pulls_over_the_replicas(upstream, token_server, tmp_path, f"library/after-redis-{outage}")
 
 
 def test_the_budget_evicts_what_the_cluster_pulled_least_recently_from_the_shared_storage(world, tmp_path):
