@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from regcache_core.budget.inventory import holdings
+from regcache_core.budget.usage import UsageStore, usage_file
 from regcache_core.cluster import leases as leases_module
 from regcache_core.cluster import link as link_module
 from regcache_core.cluster import upstream as upstream_module
@@ -20,6 +22,7 @@ from regcache_core.cluster.link import RedisLink
 from regcache_core.cluster.tags import SharedTags
 from regcache_core.cluster.upstream import SharedUpstreamState
 from regcache_core.cluster.usage import EVICTION, SharedUsage, read_last_pulls
+from regcache_core.config import load_config
 from regcache_core.manifests.by_digest import ManifestCache
 from regcache_core.manifests.front import ManifestFront
 from regcache_core.manifests.tags import TagCache
@@ -261,3 +264,32 @@ def test_usage_records_are_the_clusters_and_one_replica_at_a_time_evicts(redis_s
     assert blobs == {"sha256:" + "1" * 64: 200.0} and pulls == {(REPO, "1.0"): 100.0}
     assert b_first is None and b_then is not None
     assert read_last_pulls(redis_server.url, 0.3, ["docker.io", "quay.io"]) == {"docker.io": {(REPO, "1.0"): 100.0}, "quay.io": {}}
+
+
+def test_cache_ls_reads_the_clusters_last_pulls_and_this_replicas_own_while_redis_is_down(redis_server, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    config = load_config(environ={"REGCACHE_DATA_DIR": str(data_dir), "REGCACHE_REDIS_URL": redis_server.url,
+                                  "REGCACHE_CLUSTER_SECRET": "unit-cluster-secret-0123"}, env_file="/nonexistent/.env")
+    tags = config.registries[0].storage / "docker/registry/v2/repositories" / REPO / "_manifests/tags/1.0/current"
+    tags.mkdir(parents=True)
+    (tags / "link").write_text("sha256:" + "a" * 64)
+    store = UsageStore(usage_file(data_dir))
+    store.record([(config.registries[0].name, REPO, "1.0", "manifest", 100.0)])  # this replica's own pull
+    store.close()
+
+    async def record_elsewhere():
+        link = RedisLink(redis_server.url, 0.3)
+        await SharedUsage(link).record([(config.registries[0].name, REPO, "1.0", "manifest", 200.0)])  # another replica's
+        await link.close()
+
+    def last_pulled() -> str:
+        [cache] = [c for c in holdings(config)["caches"] if c["registry"] == config.registries[0].name]
+        [repository] = [r for r in cache["repositories"] if r["repository"] == REPO]
+        return repository["tags"][0]["last_pulled"]
+
+    asyncio.run(record_elsewhere())
+    shared = last_pulled()
+    redis_server.stop()
+    own = last_pulled()
+    assert (shared, own) == ("1970-01-01T00:03:20+00:00", "1970-01-01T00:01:40+00:00")
+    assert "shared state unreachable" in capsys.readouterr().err
