@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
 from scripts.bench_manifests import cpu_seconds, latencies, percentile, pull_seconds
-from scripts.bench_setup import TimeLimit
-from tests.support.parts import TEST_DOMAIN, Upstream, build_image, docker_io_stack, enter_private_namespaces
+from scripts.bench_setup import private_and_bounded
+from tests.support.parts import TEST_DOMAIN, Upstream, build_image, docker_io_stack
 from tests.support.redis_server import RedisServer
 
 ONE_NODE_PORT, REPLICA_PORT, UPSTREAM_PORT, REDIS_PORT = 5000, 5200, 6000, 6003
@@ -33,14 +31,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--time-limit", type=float, default=600)
     args = parser.parse_args()
-    enter_private_namespaces([HOST])
-
-    def over_time(*_):
-        raise TimeLimit(f"over the time limit of {args.time_limit:.0f}s; cleaning up")
-
-    signal.signal(signal.SIGALRM, over_time)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM; cleaning up"))
-    signal.alarm(int(args.time_limit))
+    private_and_bounded([HOST], args.time_limit)
     workdir = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
     parts = []
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fakes import Cdn, TokenServer
+from tests.support.fakes import TokenServer, token_upstream
 from tests.support.parts import (
     MANIFEST_TYPES, PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Upstream, at_once, build_image, build_multiarch_image,
     cache_holds, docker_io_stack, http_get, poll, push_index, skopeo, storage_bytes,
@@ -35,11 +35,7 @@ REDIS_DOWN = "unreachable"  # in the link's warning line
 def world(tmp_path_factory):
     """(token upstream, the two replicas, redis-server, token server)."""
     tmp = tmp_path_factory.mktemp("cluster")
-    token_server = TokenServer(tmp / "auth", UPSTREAM_PORT + 1, {USER: PASSWORD}).start()
-    cdn = Cdn(tmp / "upstream" / "storage", UPSTREAM_PORT + 2).start()
-    upstream = Upstream(tmp / "upstream", UPSTREAM_PORT, {"auth": token_server.registry_auth(),
-                                                          "middleware": cdn.registry_middleware()},
-                        f"{USER}:{PASSWORD}").start()
+    upstream, token_server, cdn = token_upstream(tmp, UPSTREAM_PORT, USER, PASSWORD)
     redis = RedisServer(tmp / "redis", UPSTREAM_PORT + 3).start()
     settings = {"DOCKERHUB_USERNAME": USER, "DOCKERHUB_PASSWORD": PASSWORD, "REGCACHE_TAG_TTL": str(TTL),
                 "DOCKERHUB_STORAGE": str(tmp / "shared-storage"), "REGCACHE_MAX_DISK": "40M", "REGCACHE_REDIS_URL": redis.url,
