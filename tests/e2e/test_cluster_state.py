@@ -95,6 +95,11 @@ def test_tag_gets_over_the_replicas_ask_upstream_nothing_within_the_ttl_and_once
     upstream, replicas, _, _ = world
     image = build_image(tmp_path / "image", "library/shared-tag", [("etc/content", b"shared tag")])
     upstream.push(image)
+    # Each replica learns the upstream's challenge (`GET /v2/`) with its first request there, as
+    # one in service has: the second one's, with another image, before counting.
+    other = build_image(tmp_path / "other", "library/other-tag", [("etc/content", b"other tag")])
+    upstream.push(other)
+    assert pulled_digest(PORTS[1], other.reference, tmp_path / "other-pull") == (0, "", other.manifest_digest)
     assert pulled_digest(PORTS[0], image.reference, tmp_path / "first") == (0, "", image.manifest_digest)
     since = len(upstream.access_log())
     answers = [manifest(PORTS[i % 2], image.name, image.tag) for i in range(50)]
