@@ -50,6 +50,7 @@ _SIZE = re.compile(r"([0-9]{1,15})\s*(?:([kmgt])i?b?)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # Repository names (lower case, digits, separators) with fnmatch's wildcards; `*` also matches "/".
 _REPOSITORY_PATTERN = re.compile(r"[a-z0-9._/*?\[\]-]{1,255}")
+MIN_REQUEST_HEAD = 8 << 10  # bytes: a pull's request line and headers with a bearer token (JWTs run to a few kB)
 _SECONDS = re.compile(r"[0-9]{1,9}(?:\.[0-9]{1,6})?")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -144,6 +145,7 @@ class Config:
     admin_token: str = field(repr=False)  # the Bearer token /metrics and /ready ask for
     max_client_connections: int  # per client address, on every listener
     head_timeout: float  # seconds for a whole request head, from connect or the last answer
+    max_request_head: int  # bytes of one request head, request line and blank line included
     cluster: Cluster | None  # None: one node, its state in this process
 
     def registry(self, name: str) -> Registry | None:
@@ -230,6 +232,7 @@ def parse_config(values: Mapping[str, str]) -> Config:
         admin_token=read("REGCACHE_ADMIN_TOKEN"),
         max_client_connections=read("REGCACHE_MAX_CONNECTIONS_PER_CLIENT"),
         head_timeout=read("REGCACHE_HEAD_TIMEOUT"),
+        max_request_head=read("REGCACHE_MAX_REQUEST_HEAD"),
         cluster=_cluster(read),
     )
 
@@ -472,6 +475,13 @@ def parse_size(var: str, value: str) -> int:
     return int(match[1]) * _SIZE_UNITS[(match[2] or "").lower()]
 
 
+def _head_size(var: str, value: str) -> int:
+    size = parse_size(var, value)
+    if size < MIN_REQUEST_HEAD:
+        raise ConfigError(f"{var}: {value!r} is too small for a pull's request head: give at least {MIN_REQUEST_HEAD // 1024}k")
+    return size
+
+
 def _optional_size(var: str, value: str) -> int | None:
     """A size of at least 1 byte, or None when the value is empty."""
     if not value:
@@ -656,6 +666,10 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
         Setting("REGCACHE_HEAD_TIMEOUT", "10", _positive,
                 "seconds a connection gets to send a whole request head (from connect, or from its last answer)",
                 "A connection that sends nothing, or a slow head, is closed."),
+        Setting("REGCACHE_MAX_REQUEST_HEAD", "64k", _head_size,
+                "the largest request head a client may send (request line and headers; `64k`, `16k`, ...)",
+                "A larger one gets 431 and its connection is closed (all listeners, HTTP/1); refusals are "
+                "logged once a minute per address. Registries' own front doors allow about as much."),
     )),
     ("Admin endpoint and mitmweb", "", (
         Setting("REGCACHE_ADMIN_HOST", "127.0.0.1", _ip_address,

@@ -36,14 +36,15 @@ def serving(stack):
     (request("GET /v2/ HTTP/1.1", host=""), b"NAME_UNKNOWN"),
     (request("GET /v2/ HTTP/1.1", f"Host: ghcr.io.{TEST_DOMAIN}"), b"NAME_UNKNOWN"),  # two Host headers
     (request("GET /v2/" + "a" * 300 + "/manifests/1.0 HTTP/1.1"), b"NAME_INVALID"),
-    (request("GET /v2/" + "a" * 200_000 + "/manifests/1.0 HTTP/1.1"), b"longer than 16384"),
+    (request("GET /v2/" + "a" * 20_000 + "/manifests/1.0 HTTP/1.1"), b"longer than 16384"),
+    (request("GET /v2/" + "a" * 200_000 + "/manifests/1.0 HTTP/1.1"), b"request head is larger than 65536 bytes"),
     (request("GET /v2/library/small/manifests/1.0%00 HTTP/1.1"), b"MANIFEST_UNKNOWN"),
     (b"HELLO THERE\r\n\r\n", b"400 Bad Request"),
     (bytes(range(1, 256)) + b"\r\n\r\n", b"400 Bad Request"),
     (b"GET /v2/ SPDY/9\r\n\r\n", b"400 Bad Request"),
     (request(f"CONNECT {CACHE} HTTP/1.1", host=CACHE), b"400 Bad Request"),
     (request("GET /v2/ HTTP/1.1", "Content-Length: 5", "Transfer-Encoding: chunked"), b"400 Bad Request"),
-], ids=["garbage-host", "empty-host", "two-hosts", "overlong-name", "overlong-path", "nul-in-tag", "not-http", "binary",
+], ids=["garbage-host", "empty-host", "two-hosts", "overlong-name", "overlong-path", "overlong-head", "nul-in-tag", "not-http", "binary",
         "unknown-protocol", "connect", "smuggling"])
 def test_bad_request_gets_a_clear_answer(serving, data, answer):
     reply = raw_exchange(serving.port, data)

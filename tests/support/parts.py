@@ -73,8 +73,11 @@ PORT_BASES = {
     "test_spool_download": 8100,  # its upstream and CDN only; no stack
     "test_stack_lifetime": 8500,
     "test_cold": 8200,  # a token upstream on 9200, its token server 9201 and CDN 9202
-    "test_cluster_state": 8600,  # a token upstream on 9600, its token server 9601, CDN 9602, redis-server 9603
-    "test_cluster_state[second replica]": 8700,
+    "test_cluster": 8600,  # HAProxy on 8600 and Redis on 8660 in the gateway; the replicas on 8600.. in their namespaces
+    "test_big_heads": 8800,
+    "test_dashboard": 8900,
+    "test_cluster_state": 9000,  # a token upstream on 10000, its token server 10001, CDN 10002, redis-server 10003
+    "test_cluster_state[second replica]": 9300,
 }
 UPSTREAM_OFFSET = 1000
 
@@ -177,12 +180,14 @@ class Upstream:
     """A plain `registry` (registry:2's program) on loopback: what Docker Hub is to a user.
 
     `extra` adds configuration sections, e.g. `auth` (see htpasswd_auth, fakes.TokenServer)
-    or `middleware` (fakes.Cdn); `creds` ("user:password") is what pushes to it use.
+    or `middleware` (fakes.Cdn); `creds` ("user:password") is what pushes to it use; `host` is the
+    address it listens on (a cluster's bridge address, see cluster.py).
     """
 
-    def __init__(self, root: Path, port: int, extra: dict | None = None, creds: str | None = None) -> None:
-        self.root, self.port = root, port
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, root: Path, port: int, extra: dict | None = None, creds: str | None = None,
+                 host: str = "127.0.0.1") -> None:
+        self.root, self.port, self.host = root, port, host
+        self.url = f"http://{host}:{port}"
         self.extra, self.creds = extra or {}, creds
         self.process: subprocess.Popen | None = None
 
@@ -197,12 +202,12 @@ class Upstream:
             "version": 0.1,
             "log": {"level": "warn"},
             "storage": {"filesystem": {"rootdirectory": str(self.storage)}},
-            "http": {"addr": f"127.0.0.1:{self.port}"},
+            "http": {"addr": f"{self.host}:{self.port}"},
             **self.extra,
         }))
         with open(self.root / "registry.log", "ab") as log:  # the child keeps its own copy
             self.process = subprocess.Popen([REGISTRY_PROGRAM, "serve", str(config)], stdout=log, stderr=log)
-        wait_for_port(self.port)
+        wait_for_port(self.port, self.host)
         return self
 
     def stop(self) -> None:
@@ -211,7 +216,7 @@ class Upstream:
             self.process = None
 
     def push(self, image: "TestImage") -> None:
-        push_image(image, f"127.0.0.1:{self.port}", self.creds)
+        push_image(image, f"{self.host}:{self.port}", self.creds)
 
     def access_log(self) -> list[AccessLine]:
         return read_access_log(self.root / "registry.log")
@@ -452,10 +457,12 @@ def memory_mib(pid: int) -> dict[str, float]:
 class Stack:
     """`regcache up`, run the way a user runs it, with settings passed as environment."""
 
-    def __init__(self, workdir: Path, settings: dict[str, str], args: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: Path, settings: dict[str, str], args: tuple[str, ...] = (),
+                 enter: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         port = int(settings.get("REGCACHE_PORT", "5000"))
         self.args = args  # extra arguments of `regcache up`, e.g. --web
+        self.enter = enter  # a command that runs `regcache up` where it belongs, e.g. in a namespace (cluster.py)
         self.settings = {
             "REGISTRY_DOMAIN": TEST_DOMAIN,
             "REGCACHE_DATA_DIR": str(workdir / "data"),
@@ -482,7 +489,7 @@ class Stack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **self.settings}
         self.process = subprocess.Popen(
-            [*REGCACHE, "up", *self.args],
+            [*self.enter, *REGCACHE, "up", *self.args],
             cwd=self.workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         ready = threading.Event()
@@ -551,7 +558,11 @@ class Stack:
         return int(self.settings["REGCACHE_ADMIN_PORT"])
 
     def admin(self, path: str) -> tuple[int, dict, bytes]:
-        return http_get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=10)
+        """GET `path` of its admin endpoint, with its REGCACHE_ADMIN_TOKEN if it has one."""
+        host = self.settings.get("REGCACHE_ADMIN_HOST", "127.0.0.1")
+        token = self.settings.get("REGCACHE_ADMIN_TOKEN")
+        return http_get(f"http://{host}:{self.admin_port}{path}", timeout=10,
+                        headers={"Authorization": f"Bearer {token}"} if token else None)
 
     def metrics(self) -> dict[tuple[str, tuple], float]:
         """/metrics as {(sample name, sorted label items): value}."""

@@ -20,22 +20,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    """`password`: clients must AUTH with it (`url` holds it), as production Redis wants."""
+
+    def __init__(self, workdir: Path, port: int | None = None, host: str = "127.0.0.1", password: str | None = None) -> None:
         self.workdir = workdir
         self.host = host
         self.port = port or free_port(host)
+        self.password = password
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"redis://{f':{self.password}@' if self.password else ''}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
         program = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [program, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
-             "--maxmemory-policy", "noeviction", "--dir", str(self.workdir)],
+             "--maxmemory-policy", "noeviction", "--dir", str(self.workdir),
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=(self.workdir / "redis.log").open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -43,8 +47,9 @@ class RedisServer:
                 raise RuntimeError(f"redis-server exited at start: {(self.workdir / 'redis.log').read_text()[-500:]}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    auth = f"AUTH {self.password}\r\n".encode() if self.password else b""
+                    s.sendall(auth + b"PING\r\n")
+                    if s.recv(32).endswith(b"+PONG\r\n"):  # after AUTH's +OK (one read short of it: try again)
                         return self
             except OSError:
                 time.sleep(0.02)

@@ -29,7 +29,7 @@ def test_describe_url_never_shows_the_password():
 def test_calls_go_through_within_the_deadline(redis_server):
     async def main():
         changes = []
-        link = RedisLink(redis_server.url, 0.5, changes.append)
+        link = RedisLink(redis_server.url, 2.0, changes.append)
         await link.call(lambda r: r.set("k", "v"))
         assert await link.call(lambda r: r.get("k")) == b"v"
         assert link.up and link.state() == "ok" and changes == []
@@ -46,15 +46,13 @@ def test_redis_paused_then_back(redis_server, monkeypatch, caplog):
         changes = []
         link = RedisLink(redis_server.url.replace("redis://", "redis://:pw-canary@"), 0.3, changes.append)
         redis_server.pause()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         with pytest.raises(SharedStateDown):
-            await link.call(lambda r: r.get("k"))
-        assert loop.time() - started < 2  # the deadline, not redis-py's own retries
-        started = loop.time()
-        with pytest.raises(SharedStateDown):  # while down: at once, no deadline paid
-            await link.call(lambda r: r.get("k"))
-        assert loop.time() - started < 0.05
+            async with asyncio.timeout(10):  # the test's bound: the link's own deadline ends it first
+                await link.call(lambda r: r.get("k"))
+        asked = []
+        with pytest.raises(SharedStateDown):  # while down: at once, Redis is not asked
+            await link.call(lambda r: asked.append(r))
+        assert asked == []
         assert changes == [False] and link.state().startswith("down (no answer in time)")
         redis_server.resume()
         for _ in range(100):
@@ -76,7 +74,7 @@ def test_redis_stopped(redis_server, monkeypatch):
     monkeypatch.setattr(link_module, "PROBE_INTERVAL", 0.05)
 
     async def main():
-        link = RedisLink(redis_server.url, 0.3)
+        link = RedisLink(redis_server.url, 2.0)
         await link.call(lambda r: r.ping())
         redis_server.stop()
         with pytest.raises(SharedStateDown):

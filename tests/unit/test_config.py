@@ -34,6 +34,7 @@ def test_defaults_cache_the_three_big_registries():
     assert config.spool_max_disk == 10 << 30
     assert all(r.backend == r.cache for r in config.registries)
     assert (config.tag_ttl, config.manifest_cache_bytes, config.upstream_timeout) == (60, 8 << 20, 5)
+    assert config.max_request_head == 64 << 10
 
 
 def test_env_file_is_read_and_the_real_environment_wins(tmp_path):
@@ -134,6 +135,8 @@ def test_credentials_come_in_pairs_and_stay_out_of_repr():
     ({"REGCACHE_UPSTREAM_TIMEOUT": "-1"}, "REGCACHE_UPSTREAM_TIMEOUT", "not a number of seconds"),
     ({"REGCACHE_MANIFEST_CACHE": "lots"}, "REGCACHE_MANIFEST_CACHE", "not a size"),
     ({"REGCACHE_SPOOL_MAX_DISK": "lots"}, "REGCACHE_SPOOL_MAX_DISK", "not a size"),
+    ({"REGCACHE_MAX_REQUEST_HEAD": "4k"}, "REGCACHE_MAX_REQUEST_HEAD", "too small for a pull's request head: give at least 8k"),
+    ({"REGCACHE_MAX_REQUEST_HEAD": "lots"}, "REGCACHE_MAX_REQUEST_HEAD", "not a size"),
 ])
 def test_a_bad_value_is_one_line_naming_the_variable(changes, variable, says):
     with pytest.raises(ConfigError) as raised:

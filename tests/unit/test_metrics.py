@@ -78,3 +78,28 @@ def test_exposition_is_the_prometheus_text_format_of_this_registry_only():
     assert 'regcache_requests_total{cache="none",kind="blob",registry="docker.io",status="200"} 1.0' in text
     assert "process_resident_memory_bytes" in text
     assert "python_gc_objects_collected_total" not in text  # the global default registry stays out
+
+
+def test_sent_bytes_by_path_tell_the_data_plane_from_the_proxy():
+    metrics = Metrics()
+    metrics.observe(record(bytes=700, backend="dataplane", cache="hit"))
+    metrics.observe(record(bytes=300))  # a cache's answer, through the proxy
+    metrics.observe(record(bytes=50, backend=None, status=307))  # the proxy's own answer
+    assert value(metrics, "regcache_sent_bytes_total", registry="docker.io", path="dataplane") == 700
+    assert value(metrics, "regcache_sent_bytes_total", registry="docker.io", path="proxy") == 350
+
+
+def test_spool_downloads_running_are_read_when_scraped():
+    metrics = Metrics()
+    running = [0]
+    metrics.watch_spool_downloads(lambda: running[0])
+    running[0] = 3
+    assert "regcache_spool_downloads_running 3.0" in metrics.exposition().decode()
+
+
+def test_rare_events_are_at_0_before_the_first_one():
+    metrics = Metrics()
+    metrics.registries_known(["docker.io", "ghcr.io"])
+    assert value(metrics, "regcache_upstream_errors_total", registry="ghcr.io") == 0
+    assert value(metrics, "regcache_spool_followers_total", registry="docker.io") == 0
+    assert value(metrics, "regcache_client_refusals_total", reason="head_too_large") == 0

@@ -28,7 +28,7 @@ from .grants import GRANT_PATHS, GrantSigner
 from .spool_reader import serve_cold, serve_spool
 from .storage import warm_blob
 
-BACKEND = "dataplane"  # the pull records' backend for what the data plane sent
+BACKEND = pull_log.DATAPLANE_BACKEND
 KEEPALIVE_TIMEOUT = 30.0  # seconds an idle connection (or one whose request head is not in yet) stays open
 async def serve_blob(request: web.Request) -> web.StreamResponse:
     exchange: Exchange = request[EXCHANGE]

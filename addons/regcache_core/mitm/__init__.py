@@ -19,6 +19,7 @@ from .cold_blobs import ColdBlobs
 from .budget import DiskBudget
 from .drain import Drain
 from .dataplane import DataPlaneHandoff, DataPlaneRecords
+from .head_bound import RequestHeadBound
 from .hits import HitMarker
 from .manifest_responder import ManifestResponder
 from .recorder import Recorder
@@ -39,6 +40,7 @@ def make_addons() -> list:
     metrics = Metrics()
     hits = HitMarker()
     services = Services(settings, metrics, hits.in_flight.upstream_blob_fetch)
+    metrics.watch_spool_downloads(services.downloads_running)
     budget = DiskBudget(settings, metrics, services)
     recorder = Recorder(metrics, {"pull log": services.log_pull, "metrics": metrics.observe, "disk budget": budget.record})
     access, router, handoff = ClientAccess(settings, metrics), Router(settings, signer), DataPlaneHandoff(settings)
@@ -60,6 +62,7 @@ def make_addons() -> list:
         services,
         MirrorDefaults(settings),
         ConnectionLimits(settings),
+        RequestHeadBound(settings, metrics),
         access,
         router,
         RequestPath(access, router, handoff, single_flight, cold_blobs, manifests),

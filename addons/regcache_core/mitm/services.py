@@ -114,6 +114,7 @@ class Services:
         if (config := self.settings.loaded(updated)) is None:
             return
         self._close_config()
+        self.metrics.registries_known([r.name for r in config.registries])
         tags = TagCache(config.data_dir / TAG_STORE, config.tag_ttl)
         flights = None
         if config.cluster is not None:

@@ -12,17 +12,20 @@ and exception class names: all bounded, so no client can make the series count g
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .pull_log import PullRecord
+from .pull_log import DATAPLANE_BACKEND, PullRecord
 
 EXPOSITION_CONTENT_TYPE = CONTENT_TYPE_LATEST
 NONE = "none"  # label value for "not known" or "not applicable": refused requests, cache unknown
 TOKEN_OUTCOMES = ("ok", "denied", "error")  # got a token, 401/403 from the realm, no usable answer
 # Why a client was refused before routing: its address is outside REGCACHE_CLIENTS, its
-# credentials are wrong, or it sent none while REGCACHE_HTPASSWD is set (a client's first try).
-REFUSAL_REASONS = ("network", "credentials", "no_credentials")
+# credentials are wrong, or it sent none while REGCACHE_HTPASSWD is set (a client's first try);
+# or its request head outgrew REGCACHE_MAX_REQUEST_HEAD (on any listener).
+REFUSAL_REASONS = ("network", "credentials", "no_credentials", "head_too_large")
 # From a cached manifest (milliseconds) to a big layer over a slow link (minutes).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -37,12 +40,19 @@ class Metrics:
             client, registry=self.registry)
         self.bytes = Counter(
             "regcache_response_bytes", "Body bytes sent to clients.", client, registry=self.registry)
+        self.sent_bytes = Counter(
+            "regcache_sent_bytes", "Body bytes sent to clients, by path: dataplane (blobs the data plane's sendfile "
+            "workers sent from a cache or a spool) or proxy (all else, sent by mitmproxy).",
+            ("registry", "path"), registry=self.registry)
         self.duration = Histogram(
             "regcache_request_duration_seconds", "From request arrival to the last byte sent (or the failure).",
             ("registry", "kind", "cache"), buckets=DURATION_BUCKETS, registry=self.registry)
         self.in_flight = Gauge(
             "regcache_requests_in_flight", "Client requests routed to a backend and not finished yet.",
             registry=self.registry)
+        self.spool_downloads = Gauge(
+            "regcache_spool_downloads_running", "Cold blobs the proxy is downloading from upstream into a spool, "
+            "followed on the data plane.", registry=self.registry)
         self.upstream_fetches = Counter(
             "regcache_upstream_fetches", "Requests regcache itself sent to an upstream registry, by answer status.",
             ("registry", "status"), registry=self.registry)
@@ -73,8 +83,11 @@ class Metrics:
             registry=self.registry)
         self.client_refusals = Counter(
             "regcache_client_refusals", "Client requests refused before routing, by reason: network (403, outside "
-            "REGCACHE_CLIENTS), credentials (401, wrong ones), no_credentials (401, none sent: a client's first try).",
+            "REGCACHE_CLIENTS), credentials (401, wrong ones), no_credentials (401, none sent: a client's first try), "
+            "head_too_large (431, a request head over REGCACHE_MAX_REQUEST_HEAD).",
             ("reason",), registry=self.registry)
+        for reason in REFUSAL_REASONS:  # at 0 from the start: a dashboard's rate() then shows 0, not "no data"
+            self.client_refusals.labels(reason)
         self.upstream_reachable = Gauge(
             "regcache_upstream_up", "1 while the registry's upstream answers, 0 while it cannot be reached (see /ready's body for why).",
             ("registry",), registry=self.registry)
@@ -88,7 +101,14 @@ class Metrics:
         labels = (registry, kind, str(record.status), cache)
         self.requests.labels(*labels).inc()
         self.bytes.labels(*labels).inc(record.bytes)
+        self.sent_bytes.labels(registry, "dataplane" if record.backend == DATAPLANE_BACKEND else "proxy").inc(record.bytes)
         self.duration.labels(registry, kind, cache).observe(record.duration_ms / 1000)
+
+    def registries_known(self, registries: list[str]) -> None:
+        """The configured registries' counters of rare events, at 0 until one happens."""
+        for registry in registries:
+            self.upstream_errors.labels(registry)
+            self.spool_followers.labels(registry)
 
     def request_started(self) -> None:
         self.in_flight.inc()
@@ -109,6 +129,10 @@ class Metrics:
 
     def shared_state_up(self, up: bool) -> None:
         self.shared_state.set(1 if up else 0)
+
+    def watch_spool_downloads(self, running: Callable[[], int]) -> None:
+        """Read the number of spool downloads running when scraped."""
+        self.spool_downloads.set_function(running)
 
     def spool_follower(self, registry: str) -> None:
         self.spool_followers.labels(registry).inc()

@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
 
+DATAPLANE_BACKEND = "dataplane"  # the backend of records of blobs the data plane sent
+
 
 @dataclass(frozen=True)
 class PullRecord:
