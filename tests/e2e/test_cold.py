@@ -17,7 +17,7 @@ import pytest
 from regcache_core.dataplane.server import BACKEND as DATAPLANE
 from tests.e2e.test_clients import docker_pull
 from tests.support.clients import Containerd
-from tests.support.fakes import Cdn, token_upstream
+from tests.support.fakes import Cdn, TokenServer
 from tests.support.parts import (
     PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, build_image, build_multiarch_image, cache_holds,
     docker_io_stack, push_index, raw_exchange, raw_request, skopeo, split_responses,
@@ -33,7 +33,11 @@ USER, PASSWORD = "cold-user", "cold-password"
 def world(tmp_path_factory):
     """(token upstream, stack caching it with our credentials, CDN)."""
     tmp = tmp_path_factory.mktemp("cold")
-    upstream, token_server, cdn = token_upstream(tmp, UPSTREAM_PORT, USER, PASSWORD)
+    token_server = TokenServer(tmp / "auth", UPSTREAM_PORT + 1, {USER: PASSWORD}).start()
+    cdn = Cdn(tmp / "upstream" / "storage", UPSTREAM_PORT + 2).start()
+    upstream = Upstream(tmp / "upstream", UPSTREAM_PORT, {"auth": token_server.registry_auth(),
+                                                          "middleware": cdn.registry_middleware()},
+                        f"{USER}:{PASSWORD}").start()
     stack = docker_io_stack(tmp / "stack", upstream, PORT, {"DOCKERHUB_USERNAME": USER,
                                                             "DOCKERHUB_PASSWORD": PASSWORD}).start()
     yield upstream, stack, cdn, token_server

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from .parts import OCI_INDEX, Upstream
+from .parts import OCI_INDEX
 
 
 def _b64url(data: bytes) -> str:
@@ -346,13 +346,3 @@ class SlowLink:
             except OSError:
                 pass
             end.close()
-
-
-def token_upstream(root: Path, port: int, user: str, password: str) -> tuple[Upstream, TokenServer, Cdn]:
-    """An upstream as Docker Hub is, started: Bearer tokens from a token server on port+1 (for
-    `user`), its blobs redirected to a CDN on port+2. Stop all three."""
-    token_server = TokenServer(root / "auth", port + 1, {user: password}).start()
-    cdn = Cdn(root / "upstream" / "storage", port + 2).start()
-    upstream = Upstream(root / "upstream", port, {"auth": token_server.registry_auth(),
-                                                  "middleware": cdn.registry_middleware()}, f"{user}:{password}").start()
-    return upstream, token_server, cdn

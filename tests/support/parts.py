@@ -76,8 +76,7 @@ PORT_BASES = {
     "test_cluster": 8600,  # HAProxy on 8600 and Redis on 8660 in the gateway; the replicas on 8600.. in their namespaces
     "test_big_heads": 8800,
     "test_dashboard": 8900,
-    "test_cluster_state": 9000,  # a token upstream on 10000, its token server 10001, CDN 10002, redis-server 10003
-    "test_cluster_state[second replica]": 9300,
+    "test_cluster_state": 9000,  # HAProxy on 9000 and Redis on 9060 in the gateway, the upstream on 10000
 }
 UPSTREAM_OFFSET = 1000
 
