@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 RUN_DELAY = 2.0  # seconds after a blob pull: registry:2 commits a fetched blob just after serving it
 RUN_EVERY = 30.0  # seconds between runs without pulls: the free-space warning needs no request
 TICK = 0.5  # seconds between looks at whether a run is due
+LOOP_WAIT = 10.0  # seconds the worker waits for a Redis call on the event loop (which has its own, shorter, deadline)
 
 
 class DiskBudget:
@@ -79,6 +80,7 @@ class DiskBudget:
             self._timer.cancel()
         if self._queued_run is not None:
             self._queued_run.cancel()  # a run not started yet would only delay the exit
+        self._loop = None  # stopping: the last tick's uses go to this replica's store only
         self.worker.submit(self._write_uses)  # the last tick's
         self.worker.shutdown(wait=False)
 
@@ -164,10 +166,13 @@ class DiskBudget:
 
     def _on_loop(self, call):
         """Run a Redis call (a coroutine) on the event loop and wait for it, from the worker.
-        Raises SharedStateDown, also when the loop cannot run it in time (it is stopping)."""
+        Raises SharedStateDown, also when the loop cannot run it (it is stopping)."""
+        if (loop := self._loop) is None:
+            call.close()
+            raise SharedStateDown("stopping")
         try:
-            return asyncio.run_coroutine_threadsafe(call, self._loop).result(self.services.shared_state.timeout * 2 + 1)
-        except TimeoutError:
+            return asyncio.run_coroutine_threadsafe(call, loop).result(LOOP_WAIT)
+        except (TimeoutError, RuntimeError):  # RuntimeError: the loop is closed
             raise SharedStateDown("no answer in time") from None
 
     def _run(self) -> None:
