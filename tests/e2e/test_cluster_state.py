@@ -90,6 +90,12 @@ def cold_pulls_over_the_replicas(cluster: Cluster, tmp_path, name: str) -> None:
 
 
 def test_tag_gets_over_the_replicas_ask_upstream_nothing_within_the_ttl_and_once_after(cluster, tmp_path):
+    # A replica asks the upstream for its challenge (`GET /v2/`) with its first request there, as
+    # every replica in service has done: each one's, with an image of its own, before counting.
+    for replica in cluster.replicas:
+        own = build_image(tmp_path / f"own-{replica.index}", f"library/own-{replica.index}", [("etc/content", b"own")])
+        cluster.upstream.push(own)
+        pull_from(replica.address, own)
     image = build_image(tmp_path / "image", "library/shared-tag", [("etc/content", b"shared tag")])
     cluster.upstream.push(image)
     pull_from(cluster.replicas[0].address, image)
