@@ -116,6 +116,29 @@ def test_concurrent_cold_pulls_over_the_replicas_make_one_upstream_request_per_m
     cold_pulls_over_the_replicas(cluster, tmp_path, "library/rollout")
 
 
+def test_an_upstream_found_down_by_one_replica_is_down_on_all_and_back_likewise(cluster):
+    """Replica 0 finds the upstream gone (a cold manifest its cache must fetch); the others are
+    told, ask nothing of it and say so once; a probe's answer brings it back on all."""
+    lines_before = [len(replica.output) for replica in cluster.replicas]
+
+    def upstream_states() -> list[str]:
+        return [json.loads(replica.admin("/ready")[2])["upstreams"]["docker.io"] for replica in cluster.replicas]
+
+    cluster.upstream.stop()
+    try:
+        status, _, _ = manifest(cluster.replicas[0].address, "library/unseen", "1.0")
+        assert status == 503
+        assert poll(upstream_states, lambda states: all(s.startswith("down") for s in states)) == ["down: refused"] * 3
+    finally:
+        cluster.upstream.start()
+    assert poll(upstream_states, lambda states: states == ["up"] * 3, timeout=30) == ["up"] * 3
+    for replica, before in zip(cluster.replicas, lines_before):
+        said = [line for line in replica.output[before:] if "upstream http://" in line]
+        assert ["unreachable" in line for line in said] == [True, False], said  # once down, once back
+        asked = [r for r in replica.pull_records() if r["repository"] == "library/unseen"]
+        assert len(asked) == (1 if replica.index == 0 else 0)
+
+
 @pytest.mark.parametrize("outage", ["killed", "paused"])
 def test_redis_gone_under_load_fails_no_pull_is_said_once_and_sharing_resumes_when_it_is_back(cluster, tmp_path, outage):
     """Killed: connections refused. Paused (SIGSTOP): it accepts connections and answers nothing,
