@@ -202,6 +202,11 @@ def parse_config(values: Mapping[str, str]) -> Config:
     admin_port = read("REGCACHE_ADMIN_PORT")
     dataplane = _dataplane(read) if read("REGCACHE_DATAPLANE") else None
     _check_ports_differ(port, admin_port, dataplane, registries, get)
+    cluster = _cluster(read)
+    if cluster is not None and dataplane is not None and dataplane.url is None:
+        # Other replicas send a cold blob's requests to the spool of the replica downloading it.
+        raise ConfigError("REGCACHE_DATAPLANE_URL: not set, but REGCACHE_REDIS_URL is; give each replica the URL "
+                          "where clients and the other replicas reach its own data plane (e.g. http://POD-IP:5050)")
     admin_host = read("REGCACHE_ADMIN_HOST")
     if not is_loopback_host(admin_host) and not read("REGCACHE_ADMIN_TOKEN"):
         raise ConfigError(f"REGCACHE_ADMIN_TOKEN: not set, but REGCACHE_ADMIN_HOST ({admin_host}) is not loopback;"
@@ -233,7 +238,7 @@ def parse_config(values: Mapping[str, str]) -> Config:
         max_client_connections=read("REGCACHE_MAX_CONNECTIONS_PER_CLIENT"),
         head_timeout=read("REGCACHE_HEAD_TIMEOUT"),
         max_request_head=read("REGCACHE_MAX_REQUEST_HEAD"),
-        cluster=_cluster(read),
+        cluster=cluster,
     )
 
 
@@ -600,6 +605,8 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
         Setting("REGCACHE_DATAPLANE_URL", "", _optional_url,
                 "public base URL for its 307s (`http://host:port`, no path), where clients reach the data plane "
                 "elsewhere: NAT, a port-forward, a Kubernetes Service",
+                "Required with replicas (REGCACHE_REDIS_URL), one per replica: the other replicas send a cold "
+                "blob's requests to the data plane of the replica downloading it.",
                 empty_means="the host name the client used, on `REGCACHE_DATAPLANE_PORT`"),
         Setting("REGCACHE_DATAPLANE_MIN_SIZE", "256k", parse_size,
                 "smaller warm blobs are answered by the proxy from the cache's storage (the 307 costs the client "

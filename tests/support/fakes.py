@@ -295,13 +295,16 @@ class SlowLink:
 
     CHUNK = 64 << 10
 
-    def __init__(self, port: int, target_port: int, rate: float) -> None:
-        self.port, self.target_port, self.rate = port, target_port, rate
-        self.url = f"http://127.0.0.1:{port}"
+    def __init__(self, port: int, target_port: int, rate: float, host: str = "127.0.0.1", bind: str | None = None) -> None:
+        """Relays `host`:`port` to `host`:`target_port`, listening on `bind` (default `host`; "" for
+        every address, one not there yet too)."""
+        self.port, self.target_port, self.rate, self.host = port, target_port, rate, host
+        self.bind = host if bind is None else bind
+        self.url = f"http://{host}:{port}"
         self._listener: socket.socket | None = None
 
     def start(self) -> "SlowLink":
-        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener = socket.create_server((self.bind, self.port))
         threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
         return self
 
@@ -323,7 +326,7 @@ class SlowLink:
             except OSError:
                 return  # stopped
             try:
-                target = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                target = socket.create_connection((self.host, self.target_port), timeout=5)
             except OSError:
                 client.close()
                 continue

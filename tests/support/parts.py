@@ -77,6 +77,7 @@ PORT_BASES = {
     "test_big_heads": 8800,
     "test_dashboard": 8900,
     "test_cluster_state": 9000,  # HAProxy on 9000 and Redis on 9060 in the gateway, the upstream on 10000
+    "test_cluster_blobs": 9300,  # the cluster bed (tests/support/cluster.py); its slow link to the upstream on 10301
 }
 UPSTREAM_OFFSET = 1000
 
@@ -605,12 +606,13 @@ def storage_bytes(root: Path) -> int:
     return sum(path.lstat().st_size for path in root.rglob("*") if path.is_file())
 
 
-def raw_exchange(port: int, data: bytes, timeout: float = 10.0, source: str | None = None) -> bytes:
-    """Send bytes as they are (no HTTP library to tidy them), from address `source` if given,
-    and return all that comes back until the server closes the connection."""
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0, source: str | None = None,
+                 address: str = "127.0.0.1") -> bytes:
+    """Send bytes as they are (no HTTP library to tidy them) to `address`, from address `source`
+    if given, and return all that comes back until the server closes the connection."""
     received = bytearray()  # bytes += bytes would copy a 100 MiB answer 1600 times
     source_address = (source, 0) if source else None
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=source_address) as conn:
+    with socket.create_connection((address, port), timeout=timeout, source_address=source_address) as conn:
         conn.sendall(data)
         try:
             while chunk := conn.recv(1 << 20):
@@ -643,17 +645,19 @@ def split_responses(reply: bytes, methods: list[str]) -> list[tuple[int, dict[st
     return answers
 
 
-def get_following_the_307(port: int, path: str, host: str, timeout: float = 120) -> tuple[int, dict[str, str], bytes]:
-    """A blob GET from regcache on raw sockets, as a registry client makes it: the proxy's answer,
-    and when it is a 307 to the data plane, that URL's (on loopback, at its port). Returns the
-    last answer's status, headers and body as received (a connection cut short leaves it short)."""
-    first = raw_exchange(port, raw_request(f"GET {path} HTTP/1.1", host=host), timeout)
+def get_following_the_307(port: int, path: str, host: str, timeout: float = 120,
+                          address: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+    """A blob GET from regcache at `address` on raw sockets, as a registry client makes it: the
+    proxy's answer, and when it is a 307 to the data plane, that URL's (at its host and port).
+    Returns the last answer's status, headers and body as received (a connection cut short
+    leaves it short)."""
+    first = raw_exchange(port, raw_request(f"GET {path} HTTP/1.1", host=host), timeout, address=address)
     [(status, headers, body)] = split_responses(first, ["GET"])
     if status != 307:
         return status, headers, body
     location = urlsplit(headers["location"])
     reply = raw_exchange(location.port, raw_request(f"GET {location.path}?{location.query} HTTP/1.1",
-                                                    host=location.netloc), timeout)
+                                                    host=location.netloc), timeout, address=location.hostname)
     head, _, body = reply.partition(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
     return int(status_line.split()[1]), {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}, body

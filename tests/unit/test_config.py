@@ -212,7 +212,8 @@ def test_bad_data_plane_settings_name_the_variable(changes, says):
 
 def test_replicas_share_a_redis_and_a_secret():
     assert parse().cluster is None  # one node
-    cluster = parse(REGCACHE_REDIS_URL="redis://:pw@redis:6379/1", REGCACHE_CLUSTER_SECRET="s" * 32).cluster
+    cluster = parse(REGCACHE_REDIS_URL="redis://:pw@redis:6379/1", REGCACHE_CLUSTER_SECRET="s" * 32,
+                    REGCACHE_DATAPLANE_URL="http://10.0.0.7:5050").cluster
     assert cluster.redis_url == "redis://:pw@redis:6379/1" and cluster.redis_timeout == 0.5
     assert cluster.secret == b"s" * 32
     assert "pw" not in repr(cluster) and "sss" not in repr(cluster)
@@ -227,6 +228,9 @@ def test_replicas_share_a_redis_and_a_secret():
     ({"REGCACHE_CLUSTER_SECRET": "s" * 32}, "REGCACHE_CLUSTER_SECRET: set, but REGCACHE_REDIS_URL is not"),
     ({"REGCACHE_REDIS_URL": "redis://redis", "REGCACHE_CLUSTER_SECRET": "s" * 32, "REGCACHE_REDIS_TIMEOUT": "0"},
      "REGCACHE_REDIS_TIMEOUT"),
+    # Each replica's data plane serves the cold blobs it downloads to the others.
+    ({"REGCACHE_REDIS_URL": "redis://redis", "REGCACHE_CLUSTER_SECRET": "s" * 32},
+     "REGCACHE_DATAPLANE_URL: not set, but REGCACHE_REDIS_URL is"),
 ])
 def test_bad_replica_settings_name_the_variable(changes, says):
     with pytest.raises(ConfigError, match=re.escape(says)):

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from regcache_core.config import DEFAULTS, parse_config
-from regcache_core.dataplane.grants import GRANT_LIFETIME, Grant, GrantSigner, load_or_create_key
+from regcache_core.dataplane.grants import GRANT_LIFETIME, Grant, GrantSigner, grant_key, load_or_create_key
 from regcache_core.dataplane.handoff import COLD, SmallBlob, client_base_url, warm_blob_answer
 from regcache_core.dataplane.records import RecordSender, receive_records
 from regcache_core.dataplane.storage import warm_blob
@@ -50,6 +50,24 @@ def test_the_key_is_made_once_and_kept_private(tmp_path):
     assert load_or_create_key(tmp_path) == keys[0]
     assert stat.S_IMODE((tmp_path / "dataplane.key").stat().st_mode) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["dataplane.key"]  # no drafts left
+
+
+def test_replicas_sign_with_a_key_from_their_shared_secret_one_node_with_its_own(tmp_path):
+    def config(data_dir: Path, **changes: str):
+        return parse_config({**DEFAULTS, "REGCACHE_DATA_DIR": str(data_dir), **changes})
+
+    replica = {"REGCACHE_REDIS_URL": "redis://redis", "REGCACHE_CLUSTER_SECRET": "s" * 32}
+    a = grant_key(config(tmp_path / "a", REGCACHE_DATAPLANE_URL="http://10.0.0.1:5050", **replica))
+    b = grant_key(config(tmp_path / "b", REGCACHE_DATAPLANE_URL="http://10.0.0.2:5050", **replica))
+    assert a == b and len(a) == 32 and b"s" * 16 not in a
+    # So a grant one replica signed opens the other's data plane.
+    grant = GrantSigner(a).grant("spool", "docker.io", "library/big", DIGEST, 5)
+    assert GrantSigner(b).verify(GrantSigner(a).query(grant), "spool") == grant
+    other = grant_key(config(tmp_path / "c", REGCACHE_DATAPLANE_URL="http://10.0.0.3:5050",
+                             REGCACHE_REDIS_URL="redis://redis", REGCACHE_CLUSTER_SECRET="t" * 32))
+    assert GrantSigner(other).verify(GrantSigner(a).query(grant), "spool") is None
+    assert grant_key(config(tmp_path / "d")) == load_or_create_key(tmp_path / "d") != a
+    assert not (tmp_path / "a" / "dataplane.key").exists()
 
 
 def store(root: Path, repository: str, digest: str, data: bytes, link: str | None = None) -> Path:

@@ -4,12 +4,17 @@ The data plane is not a second router: it serves exactly what a grant names (one
 spool, of one repository of one registry, of one size), until the grant expires. Every access
 rule the proxy applies when it hands out the URL therefore holds for the data plane too.
 
-The proxy and every data-plane worker sign and check with one key, kept in the data dir
-(`load_or_create_key`): whichever process starts first creates it.
+The proxy and every data-plane worker sign and check with one key (`grant_key`). On one node it
+is kept in the data dir (`load_or_create_key`): whichever process starts first creates it. With
+replicas it is derived from REGCACHE_CLUSTER_SECRET, so every replica's data plane accepts the
+grants any replica signs: a replica sends the requests for a blob another one is downloading to
+that one's data plane (cluster/blob_flights.py).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
 import secrets
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..access.signing import FieldSigner
+from ..config import Config
 
 # The data plane's path for each kind: a warm blob from a cache's storage; a cold blob from its
 # download's spool, for a cache's fetch ("spool") or for a client ("cold").
@@ -65,6 +71,14 @@ class GrantSigner:
             return None
         return Grant(kind, fields.get("registry", ""), fields.get("repository", ""), fields.get("digest", ""),
                      int(fields["size"]), int(fields["exp"]), fields["cache"])
+
+
+def grant_key(config: Config) -> bytes:
+    """The key grants are signed and checked with: the replicas' shared one, or this node's own."""
+    if config.cluster is not None:
+        # Derived, not the secret itself: the secret is also the caches' http.secret.
+        return hmac.new(config.cluster.secret, b"regcache data-plane grants", hashlib.sha256).digest()
+    return load_or_create_key(config.data_dir)
 
 
 def load_or_create_key(data_dir: Path) -> bytes:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from ..config import Config
 from ..stack.parent_death import dies_with_this_process
-from .grants import GrantSigner, load_or_create_key
+from .grants import GrantSigner, grant_key
 from .records import RecordSender, records_socket
 from .server import make_app
 
@@ -78,7 +78,7 @@ async def _serve(config: Config, serving) -> None:
     dataplane = config.dataplane
     records = RecordSender(records_socket(config.data_dir))
     sending = asyncio.create_task(records.run())
-    runner = web.AppRunner(make_app(config, GrantSigner(load_or_create_key(config.data_dir)), records),
+    runner = web.AppRunner(make_app(config, GrantSigner(grant_key(config)), records),
                            access_log=None, shutdown_timeout=STOP_TIMEOUT, handle_signals=False)
     await runner.setup()
     stop = asyncio.Event()

@@ -27,7 +27,8 @@ import logging
 
 from mitmproxy import http
 
-from ..dataplane.grants import GrantSigner, load_or_create_key
+from ..cluster.blob_flights import PeerSpool
+from ..dataplane.grants import GrantSigner, grant_key
 from ..dataplane.handoff import client_url_base
 from ..observe.metrics import Metrics
 from ..routing import Refusal, Target, upstream_unreachable
@@ -53,7 +54,7 @@ class ColdBlobs:
 
     def configure(self, updated: set[str]) -> None:
         if (config := self.settings.loaded(updated)) is not None and config.dataplane is not None:
-            self.grants = GrantSigner(load_or_create_key(config.data_dir))
+            self.grants = GrantSigner(grant_key(config))
 
     def done(self) -> None:
         for task in self.stores:
@@ -76,8 +77,13 @@ class ColdBlobs:
         spool = await self.services.blobs.follow(target.registry, target.repository, target.reference)
         if spool is None:
             return self._unreachable(flow, target)
-        # The first client to follow the download is the one the blob came from upstream for.
-        first = not spool.cache_asked
+        if isinstance(spool, PeerSpool):
+            # Another replica downloads it, and its cache stores it in the storage replicas share;
+            # that replica's first follower is the miss.
+            base, first = spool.dataplane, False
+        else:
+            # The first client to follow the download is the one the blob came from upstream for.
+            first = not spool.cache_asked
         flow_note.cache = "miss" if first else "hit"
         grant = self.grants.grant("cold", target.registry.name, target.repository, target.reference, spool.size,
                                   flow_note.cache)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from ..dataplane.grants import GrantSigner, load_or_create_key
+from ..dataplane.grants import GrantSigner, grant_key
 from ..dataplane.handoff import COLD, SmallBlob, warm_blob_answer
 from ..dataplane.storage import warm_blob
 from ..dataplane.records import receive_records, records_socket
@@ -37,7 +37,7 @@ class DataPlaneHandoff:
 
     def configure(self, updated: set[str]) -> None:
         if (config := self.settings.loaded(updated)) is not None:
-            self.signer = GrantSigner(load_or_create_key(config.data_dir)) if config.dataplane else None
+            self.signer = GrantSigner(grant_key(config)) if config.dataplane else None
 
     async def answer(self, flow: http.HTTPFlow) -> Answer | None:
         flow_note = note(flow)

@@ -3,16 +3,17 @@
 The upstream client (and its deadline), the upstream state, what upstream answers tell
 (UpstreamAnswers: metrics, state, auth, rate limits), upstream auth with its token store, the
 tag cache with the manifests in memory (ManifestFront), the spools with their downloads and
-blob HEADs, the pull log, and with replicas (REGCACHE_REDIS_URL) the link to their shared Redis. Built here when the config loads (the ones of an earlier config
-closed first), and closed here once when mitmproxy stops; no addon configures or closes them.
+blob HEADs (with replicas, cluster-wide: cluster/blob_flights.py), the pull log, and with replicas
+(REGCACHE_REDIS_URL) the link to their shared Redis. Built here when the config loads (the ones of
+an earlier config closed first), and closed here once when mitmproxy stops; no addon configures or closes them.
 Addons look them up when a request needs them, so no addon's `configure` depends on another's.
 
 Addons see them through narrow interfaces: UpstreamStatus (upstream/state.py), UpstreamAnswers
 (upstream/signals.py), TagStore (manifests/tags.py), ReferenceFlights (manifests/flights.py),
 BlobFlights (here) and the pull log as a Recorder sink. On one node their implementations live
 in this process; with replicas (`config.cluster`) the upstream state, the tags, the reference
-flights and the usage records are the shared ones of cluster/, each going on with this
-replica's own while Redis is down.
+flights, the blob flights and the usage records are the shared ones of cluster/, each going on
+with this replica's own while Redis is down.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+from ..cluster.blob_flights import ClusterSpools, PeerSpool
+from ..cluster.blob_leases import BlobLeases
 from ..cluster.flights import SharedFlights
 from ..cluster.leases import Leases, replica_id
 from ..cluster.link import RedisLink
@@ -49,7 +52,7 @@ TAG_STORE = "tags"  # folder in the data dir
 class BlobFlights(Protocol):
     """One upstream fetch per cold blob: the spool a cache's GET follows, and blob HEADs."""
 
-    async def follow(self, registry: Registry, repository: str, digest: str) -> Spool | None: ...
+    async def follow(self, registry: Registry, repository: str, digest: str) -> Spool | PeerSpool | None: ...
 
     async def head(self, key: Key) -> tuple[BlobHead | None, bool]: ...
 
@@ -136,6 +139,8 @@ class Services:
             table = SpoolTable(config.data_dir / SPOOL_DIR, config.spool_max_disk)
             self.blobs = Spools(SpoolDownloads(table, self.upstream, self.blob_fetched, config.upstream_timeout),
                                 HeadFlights(table))
+            if self.shared_state is not None:
+                self.blobs = ClusterSpools(self.blobs, BlobLeases(self.shared_state, config.dataplane.url))
         self.pull_log = PullLog(config.pull_log, config.pull_log_stdout)
 
     async def done(self) -> None:

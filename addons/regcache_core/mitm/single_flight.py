@@ -9,7 +9,8 @@ import logging
 
 from mitmproxy import http
 
-from ..dataplane.grants import GrantSigner, load_or_create_key
+from ..cluster.blob_flights import PeerSpool
+from ..dataplane.grants import GrantSigner, grant_key
 from ..dataplane.handoff import client_base_url
 from ..observe.metrics import Metrics
 from ..routing import Target
@@ -36,7 +37,7 @@ class SingleFlight:
 
     def configure(self, updated: set[str]) -> None:
         if (config := self.settings.loaded(updated)) is not None and config.dataplane is not None:
-            self.grants = GrantSigner(load_or_create_key(config.data_dir))
+            self.grants = GrantSigner(grant_key(config))
 
     async def answer(self, flow: http.HTTPFlow) -> Answer | None:
         """A cache's blob fetch: a 307 to its spool, or a HEAD's answer that is known."""
@@ -74,13 +75,18 @@ class SingleFlight:
         if (key := _take_head_flight(flow)) is not None:
             self.services.blobs.head_answered(key, None, {})
 
-    def _send_to_spool(self, egress: Target, spool: Spool, base: str) -> Answer:
-        """A 307 to the data plane on the host name the cache used for this listener (the data
-        plane binds every interface by default), never REGCACHE_DATAPLANE_URL: that is for clients."""
+    def _send_to_spool(self, egress: Target, spool: Spool | PeerSpool, base: str) -> Answer:
+        """A 307 to this replica's data plane on the host name the cache used for this listener (the
+        data plane binds every interface by default), never REGCACHE_DATAPLANE_URL: that is for
+        clients; or to the data plane of the replica downloading the blob, at its URL."""
         grant = self.grants.grant("spool", egress.registry.name, egress.repository, egress.reference, spool.size)
         self.metrics.spool_follower(egress.registry.name)
-        logger.info("spool follower for %s: %s sent to the data plane (%s, %d bytes)", egress.registry.name,
-                    describe(spool.key), spool.state.value, spool.size)
+        if isinstance(spool, PeerSpool):
+            base, where = spool.dataplane, f"the data plane of the replica downloading it, {spool.dataplane}"
+        else:
+            where = f"the data plane ({spool.state.value})"
+        logger.info("spool follower for %s: %s sent to %s, %d bytes", egress.registry.name, describe(spool.key),
+                    where, spool.size)
         # Not an upstream request: no credentials, no upstream fetch counted, no miss (the
         # download counts its own).
         return Answer(http.Response.make(307, b"", {"Location": self.grants.url(base, grant)}), AnsweredBy.SPOOL)

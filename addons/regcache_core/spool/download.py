@@ -28,7 +28,7 @@ from multidict import CIMultiDict
 
 from ..config import Registry, is_local
 from ..upstream.redirects import TooManyRedirects, follow_redirects, may_lead_to, redirect_location, resolve_destination
-from .table import READ_CHUNK, Spool, SpoolTable, describe
+from .table import READ_CHUNK, Key, Spool, SpoolTable, describe
 from ..upstream.auth import UpstreamAuthError
 from ..upstream.client import NoAnswer, UpstreamClient, bounded
 from ..upstream.client import describe as describe_error
@@ -62,12 +62,17 @@ class SpoolDownloads:
         GET; None: the GET goes upstream itself (its upstream is down, or the blob is not spooled)."""
         if self.upstream.state.reason_down(registry.name):
             return None  # UpstreamDeadlines answers the GET 503 at once
-        spool, new = self.table.claim((registry.name, repository, digest))
+        spool = self.claim(registry, (registry.name, repository, digest))
+        return spool if await self.table.follow(spool) else None
+
+    def claim(self, registry: Registry, key: Key) -> Spool:
+        """The spool of `key`, its download started when it is new."""
+        spool, new = self.table.claim(key)
         if new:
             spool.task = asyncio.get_running_loop().create_task(self._download(registry, spool))
             self.running.add(spool.task)
             spool.task.add_done_callback(self.running.discard)
-        return spool if await self.table.follow(spool) else None
+        return spool
 
     def close(self) -> None:
         """Every download stops and every spool goes. Sync: mitmproxy calls `done` from sync code too."""
