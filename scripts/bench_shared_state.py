@@ -45,7 +45,8 @@ def main() -> None:
         stacks = {
             "one node": docker_io_stack(workdir / "one", upstream, ONE_NODE_PORT, settings).start(),
             "replica (Redis)": docker_io_stack(workdir / "replica", upstream, REPLICA_PORT, {
-                **settings, "REGCACHE_REDIS_URL": redis.url, "REGCACHE_CLUSTER_SECRET": "bench-secret-0123456789"}).start(),
+                **settings, "REGCACHE_REDIS_URL": redis.url, "REGCACHE_CLUSTER_SECRET": "bench-secret-0123456789",
+                "REGCACHE_DATAPLANE_URL": f"http://127.0.0.1:{REPLICA_PORT + 50}"}).start(),
         }
         parts += stacks.values()
         paths = {"tag": f"/v2/{image.name}/manifests/{image.tag}", "digest": f"/v2/{image.name}/manifests/{image.manifest_digest}"}

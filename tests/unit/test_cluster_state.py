@@ -269,7 +269,8 @@ def test_usage_records_are_the_clusters_and_one_replica_at_a_time_evicts(redis_s
 def test_cache_ls_reads_the_clusters_last_pulls_and_this_replicas_own_while_redis_is_down(redis_server, tmp_path, capsys):
     data_dir = tmp_path / "data"
     config = load_config(environ={"REGCACHE_DATA_DIR": str(data_dir), "REGCACHE_REDIS_URL": redis_server.url,
-                                  "REGCACHE_CLUSTER_SECRET": "unit-cluster-secret-0123"}, env_file="/nonexistent/.env")
+                                  "REGCACHE_CLUSTER_SECRET": "unit-cluster-secret-0123",
+                                  "REGCACHE_DATAPLANE_URL": "http://127.0.0.1:5050"}, env_file="/nonexistent/.env")
     tags = config.registries[0].storage / "docker/registry/v2/repositories" / REPO / "_manifests/tags/1.0/current"
     tags.mkdir(parents=True)
     (tags / "link").write_text("sha256:" + "a" * 64)
