@@ -2,6 +2,7 @@
 # The docker.io, ghcr.io and quay.io caches run as registry:2 services of docker-compose.yml;
 # docker-registry (registry:2's program, as Debian ships it) is here so that `regcache up` can
 # also run any extra cache whose URL in .env is loopback.
+# /cache: where replicas mount the volume they share (deploy/compose/replicas.yml, deploy/kubernetes/).
 # BASE: any image with Python 3.11+ and pip on Debian 12, as `python` and `pip`; the compose
 # test builds on one made offline-capable from a debootstrap of bookworm.
 ARG BASE=python:3.11-slim-bookworm
@@ -11,7 +12,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends docker-registry \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --create-home regcache \
- && mkdir /data && chown regcache /data
+ && mkdir /data /cache && chown regcache /data /cache
 
 WORKDIR /app
 COPY pyproject.toml README.md ./

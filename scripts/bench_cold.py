@@ -8,8 +8,8 @@ GET it at once, first from a plain registry:2 pull-through cache of the same ups
 (registry:2 alone), then through regcache (following its 307 as registry clients do). Every
 client's bytes are hashed and checked. Printed per row: the seconds until every client had the
 blob; the upstream's GETs and HEADs of it (from its access log, once each cache has stored it:
-registry:2's own second fetch included); the CPU seconds the proxy and the data plane (parent
-and workers) spent per GiB of cold blob, from the first client request to the cache holding it;
+registry:2's own second fetch included); the CPU seconds the proxy, the data plane (parent
+and workers) and the proxy's download worker spent per GiB of cold blob, from the first client request to the cache holding it;
 at the end, their peak RSS.
 
 The rate limit is tc's `tbf` under an `htb` class that only the upstream's answers go through
@@ -79,7 +79,8 @@ def main() -> None:
     rows = []
     with BenchStack(0, args.time_limit) as bench:
         alone = Upstream(bench.workdir / "alone", ALONE_PORT, {"proxy": {"remoteurl": bench.upstream.url}}).start()
-        regcache_pids = {"proxy": [bench.proxy_pid], "data plane": bench.dataplane_pids}
+        regcache_pids = {"proxy": [bench.proxy_pid], "data plane": bench.dataplane_pids,
+                         "download worker": [bench.download_worker_pid]}
         try:
             for link, mbit in links:
                 for clients in (int(n) for n in args.clients.split(",")):
@@ -108,15 +109,17 @@ def main() -> None:
             limit_upstream(None)
             alone.stop()
         peaks = {"proxy": memory_mib(bench.proxy_pid)["VmHWM"],
+                 "download worker": memory_mib(bench.download_worker_pid)["VmHWM"],
                  "data plane (largest process)": max(memory_mib(pid)["VmHWM"] for pid in bench.dataplane_pids)}
 
     print(f"\ncold blob: {size / 2**20:.0f} MiB, a new one per row; seconds until every client had it; upstream "
           "GETs / HEADs of it; regcache's CPU seconds per cold GiB (until the cache held it)")
     print(f"{'link':>14} {'clients':>7} | {'seconds: alone':>14} {'regcache':>8} | {'GETs/HEADs: alone':>17} "
-          f"{'regcache':>8} | {'CPU s/GiB: proxy':>16} {'data plane':>10}")
+          f"{'regcache':>8} | {'CPU s/GiB: proxy':>16} {'data plane':>10} {'download worker':>15}")
     for link, clients, counts, seconds, cpu in rows:
         print(f"{link:>14} {clients:>7} | {seconds['registry:2 alone']:>14.2f} {seconds['regcache']:>8.2f} | "
-              f"{counts['registry:2 alone']:>17} {counts['regcache']:>8} | {cpu['proxy']:>16.2f} {cpu['data plane']:>10.2f}")
+              f"{counts['registry:2 alone']:>17} {counts['regcache']:>8} | {cpu['proxy']:>16.2f} {cpu['data plane']:>10.2f} "
+              f"{cpu['download worker']:>15.2f}")
     print("peak RSS, MiB: " + ", ".join(f"{part} {mib:.0f}" for part, mib in peaks.items()))
 
 

@@ -22,7 +22,7 @@ from urllib.parse import urljoin, urlsplit
 
 from tests.support.parts import (
     REGISTRY_PROGRAM, TEST_DOMAIN, Stack, Upstream, cache_holds, child_pids, command_line, docker_io_stack,
-    enter_private_namespaces, push_blob, random_chunks, wait_for_port,
+    enter_private_namespaces, poll, push_blob, random_chunks, wait_for_port,
 )
 
 PROXY_PORT, UPSTREAM_PORT = 5000, 6000  # regcache's defaults: the benchmark has a network of its own
@@ -114,6 +114,15 @@ class BenchStack:
         """The data plane's parent process, then its workers."""
         parent = next(pid for pid in child_pids(self.stack.process.pid) if "regcache_core.dataplane" in command_line(pid))
         return [parent, *child_pids(parent)]
+
+    @property
+    def download_worker_pid(self) -> int:
+        """The proxy's download worker (started with the proxy's configuration)."""
+        pids = poll(lambda: [pid for pid in child_pids(self.proxy_pid) if "regcache_core.spool.worker" in command_line(pid)],
+                    bool, timeout=10)
+        if not pids:
+            raise LookupError("the proxy runs no download worker")
+        return pids[0]
 
     def wait_cached(self, timeout: float = 60) -> None:
         if not cache_holds(self.stack.data_dir / "dockerhub" / "storage", self.digest, timeout):

@@ -20,7 +20,8 @@ proxy adds credentials there.
 
 The data plane (REGCACHE_DATAPLANE_*) sends warm blobs straight from a cache's storage: the
 proxy answers a warm blob GET with a 307 to it. It needs the storage root of each cache
-(K_STORAGE); for the caches `regcache up` runs that is <data dir>/<key lower>/storage.
+(K_STORAGE); for the caches `regcache up` runs that is where it puts them, by default
+<data dir>/<key lower>/storage (replicas point it at one shared volume).
 """
 
 from __future__ import annotations
@@ -757,7 +758,10 @@ REGISTRY_SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_DISK", "", _optional_size, "a disk budget of registry K's cache alone, e.g. `20G` (see "
             "`REGCACHE_MAX_DISK`)", empty_means="none"),
     Setting("STORAGE", "", _optional_path,
-            "the cache's storage root (registry:2's rootdirectory) as this machine sees it, read by the data plane",
+            "the cache's storage root (registry:2's rootdirectory) as this machine sees it, read by the data plane; "
+            "for a cache `regcache up` runs, also where it puts it",
+            "Replicas may all point one registry's K_STORAGE at one directory of a shared volume (NFS, a "
+            "ReadWriteMany volume): what one stored is warm on all. See docs/cluster.md.",
             empty_means="`<data dir>/<key in lower case>/storage` for caches `regcache up` runs (where it puts "
             "them); none for others, whose layers all stream through the proxy"),
     Setting("TOKEN_REALMS", "", _host_names,

@@ -7,6 +7,7 @@ registry upstream, and the upstream's access log says what reached it.
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import threading
@@ -17,8 +18,8 @@ import pytest
 from regcache_core.dataplane.server import BACKEND as DATAPLANE
 from tests.support.fakes import Cdn, SlowLink
 from tests.support.parts import (
-    PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, blob_bytes, cache_holds, docker_io_stack,
-    get_following_the_307, poll, skopeo,
+    PORT_BASES, TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, blob_bytes, cache_holds, child_pids,
+    command_line, docker_io_stack, get_following_the_307, poll, skopeo,
 )
 
 PORT = PORT_BASES["test_single_flight"]
@@ -128,6 +129,48 @@ def slow_stack(tmp_path, slow_upstream):
 SLOW_HOST = f"docker.io.{TEST_DOMAIN}:{OWN_UPSTREAM_PORT}"
 
 
+def gets_in_background(path: str, count: int) -> tuple[threading.Thread, list]:
+    """`count` raw GETs of `path` from the slow stack, following the 307, started together in a
+    thread: the thread, and the list their answers go to."""
+    answers: list = []
+    thread = threading.Thread(target=lambda: answers.extend(get_at_once(OWN_UPSTREAM_PORT, SLOW_HOST, path, count)))
+    thread.start()
+    return thread, answers
+
+
+def spooling_between(spools: Path, low: int, high: int) -> list[int]:
+    """The sizes of the spool files once one of them is between `low` and `high` bytes (empty: never)."""
+    return poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(
+        low < size < high for size in sizes), timeout=60)
+
+
+def cold_gets_under_way(images, slow_upstream, slow_stack, count: int, up_to: int):
+    """`count` raw GETs of the big image's layer from the slow stack, under way once its spool
+    holds more than 10 MiB and less than `up_to` bytes: (registry, image, layer, spools, the
+    GETs' thread, their answers)."""
+    registry, _ = slow_upstream
+    image = images["big"]
+    layer = image.blob_digests[-1]
+    spools = slow_stack.data_dir / "spools"
+    getter, answers = gets_in_background(f"/v2/{image.name}/blobs/{layer}", count)
+    assert spooling_between(spools, 10 << 20, up_to), "the layer was never spooled"
+    return registry, image, layer, spools, getter, answers
+
+
+def assert_cut_short(answers: list, whole: bytes) -> None:
+    """Every reader cut short of the blob's length, never given a wrong byte."""
+    for status, headers, body in answers:
+        assert (status, headers["content-length"]) == (200, str(len(whole)))
+        assert len(body) < len(whole) and body == whole[:len(body)]
+
+
+def assert_next_pull_whole(tmp_path: Path, image, layer: str) -> None:
+    destination = tmp_path / "after"
+    result = skopeo("copy", "--src-tls-verify=false", f"docker://{SLOW_HOST}/{image.reference}", f"oci:{destination}")
+    assert result.returncode == 0, result.stderr
+    assert layer_digest_in(destination, layer) == layer
+
+
 def test_upstream_killed_midway_fails_every_follower_and_leaves_no_spool(tmp_path, images, slow_upstream, slow_stack):
     registry, _ = slow_upstream
     image = images["big"]
@@ -138,12 +181,8 @@ def test_upstream_killed_midway_fails_every_follower_and_leaves_no_spool(tmp_pat
     pulls = threading.Thread(target=lambda: results.extend(
         pull_at_once(host, image.reference, [tmp_path / f"pulled-{i}" for i in range(4)])))
     pulls.start()
-    raw: list = []
-    getter = threading.Thread(target=lambda: raw.extend(
-        get_at_once(OWN_UPSTREAM_PORT, host, f"/v2/{image.name}/blobs/{layer}", 4)))
-    getter.start()
-    halfway = poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(
-        10 << 20 < size < 80 << 20 for size in sizes), timeout=60)
+    getter, raw = gets_in_background(f"/v2/{image.name}/blobs/{layer}", 4)
+    halfway = spooling_between(spools, 10 << 20, 80 << 20)
     followers = poll(lambda: metric_sum(stack, "regcache_spool_followers_total"), lambda n: n >= 8, timeout=10)
     assert halfway and followers >= 8, (halfway, followers)
     registry.process.kill()  # SIGKILL: the upstream is gone mid-layer
@@ -151,16 +190,27 @@ def test_upstream_killed_midway_fails_every_follower_and_leaves_no_spool(tmp_pat
     pulls.join(180)
     getter.join(180)
     assert [r.returncode != 0 for r in results] == [True] * 4, [r.stdout for r in results]
-    whole = blob_bytes(registry, layer)
-    for status, headers, body in raw:  # every reader cut short, never a wrong byte
-        assert (status, headers["content-length"]) == (200, str(len(whole)))
-        assert len(body) < len(whole) and body == whole[:len(body)]
+    assert_cut_short(raw, blob_bytes(registry, layer))
     assert poll(lambda: list(spools.iterdir()), lambda files: not files) == []
     registry.start()
-    destination = tmp_path / "after"
-    result = skopeo("copy", "--src-tls-verify=false", f"docker://{host}/{image.reference}", f"oci:{destination}")
-    assert result.returncode == 0, result.stderr
-    assert layer_digest_in(destination, layer) == layer
+    assert_next_pull_whole(tmp_path, image, layer)
+
+
+def test_the_download_worker_killed_midway_cuts_every_reader_and_the_next_pull_is_whole(tmp_path, images, slow_upstream,
+                                                                                        slow_stack):
+    """The proxy's download worker (the process that moves a cold layer's bytes into its spool)
+    is SIGKILLed mid-layer: every reader is cut short, never given a wrong byte; the proxy goes
+    on, and the next pull starts a new worker and is whole."""
+    registry, image, layer, spools, getter, raw = cold_gets_under_way(images, slow_upstream, slow_stack, 4, 80 << 20)
+    proxy = slow_stack.child("mitmdump")
+    [worker] = [pid for pid in child_pids(proxy) if "regcache_core.spool.worker" in command_line(pid)]
+    os.kill(worker, signal.SIGKILL)
+    getter.join(180)
+    assert len(raw) == 4
+    assert_cut_short(raw, blob_bytes(registry, layer))
+    assert poll(lambda: list(spools.iterdir()), lambda files: not files) == []
+    assert_next_pull_whole(tmp_path, image, layer)
+    assert slow_stack.child("mitmdump") == proxy, "the proxy went on"
 
 
 def test_the_client_that_started_a_cold_pull_leaving_midway_cuts_no_other_pull(tmp_path, images, slow_upstream, slow_stack):
@@ -183,11 +233,11 @@ def test_the_client_that_started_a_cold_pull_leaving_midway_cuts_no_other_pull(t
         others = threading.Thread(target=lambda: results.extend(
             pull_at_once(host, image.reference, [tmp_path / f"pulled-{i}" for i in range(3)])))
         others.start()
-        # The first pull's fetch and registry:2's own, then one per other pull (skopeo fetches
-        # the config after the layers).
-        followers = poll(lambda: metric_sum(stack, "regcache_spool_followers_total"), lambda n: n >= 5, timeout=30)
+        # The first pull's fetch, then one per other pull (skopeo fetches the config after the
+        # layers; the cache is asked to store the layer once the download is complete).
+        followers = poll(lambda: metric_sum(stack, "regcache_spool_followers_total"), lambda n: n >= 4, timeout=30)
         sizes = [f.stat().st_size for f in spools.iterdir()]
-        assert followers >= 5 and all(size < 90 << 20 for size in sizes), (followers, sizes)
+        assert followers >= 4 and all(size < 90 << 20 for size in sizes), (followers, sizes)
     finally:
         first.kill()  # SIGKILL mid-layer: its connection to regcache is gone at once
         first.wait()
@@ -239,17 +289,7 @@ def test_sigterm_midway_lets_the_download_and_its_readers_finish(images, slow_up
     """The stack gets SIGTERM while a client reads a cold layer from the data plane and the
     proxy's download of it is still under way: the proxy stops taking connections but waits for
     the download, the client gets the whole layer, and the stack exits 0."""
-    registry, _ = slow_upstream
-    image = images["big"]
-    layer = image.blob_digests[-1]
-    spools = slow_stack.data_dir / "spools"
-    raw: list = []
-    getter = threading.Thread(target=lambda: raw.extend(
-        get_at_once(OWN_UPSTREAM_PORT, SLOW_HOST, f"/v2/{image.name}/blobs/{layer}", 1)))
-    getter.start()
-    started = poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(
-        10 << 20 < size < 60 << 20 for size in sizes), timeout=60)
-    assert started, "the layer was never spooled"
+    registry, _, layer, _, getter, raw = cold_gets_under_way(images, slow_upstream, slow_stack, 1, 60 << 20)
     slow_stack.process.send_signal(signal.SIGTERM)
     getter.join(120)
     [(status, _, body)] = raw

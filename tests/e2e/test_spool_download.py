@@ -63,7 +63,6 @@ class Downloads:
         self.auth.store.close()
         await asyncio.gather(*(s.task for s in spools if s.task), return_exceptions=True)
         await self.client.close()
-        await self.downloads.closing
 
 
 def run(scenario, tmp_path, upstream_url):

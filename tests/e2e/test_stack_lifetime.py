@@ -62,9 +62,11 @@ def test_regcache_up_leaves_nothing_running_however_it_ends_and_the_next_one_ser
     settings = {"REGCACHE_STOP_GRACE": str(GRACE)}
     first = docker_io_stack(tmp_path, upstream, PORT, settings).start()
     try:
-        # regcache up, the proxy, the data plane's parent and each of its workers, the cache.
-        stack = [first.process.pid, *descendants(first.process.pid)]
-        assert len(stack) == 4 + os.cpu_count()
+        # regcache up, the proxy and its download worker, the data plane's parent and each of
+        # its workers, the cache (the download worker starts as the proxy loads its settings).
+        stack = poll(lambda: [first.process.pid, *descendants(first.process.pid)],
+                     lambda pids: len(pids) == 5 + os.cpu_count(), timeout=10)
+        assert len(stack) == 5 + os.cpu_count(), stack
         in_flight = stalled_download(images["big"])
         try:
             end(first)

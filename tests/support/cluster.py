@@ -25,20 +25,25 @@ Replica i (`cluster.replicas[i]`, a parts.Stack) is a whole `regcache up` in a n
 of its own, joined to the bridge by a veth, at 10.77.0.(11+i) (`replica.address`). Its loopback
 is its own, so every replica uses the same ports, as pods do: clients on B, its cache on B+1,
 data plane on B+50, egress on B+80, its admin endpoint on its address at B+70 (with a token,
-which `replica.admin(path)` sends). Its settings, before the `settings` given (which win; an empty
-value means the setting's default: `"REGCACHE_REDIS_URL": "", "REGCACHE_CLUSTER_SECRET": ""` for none):
-REGCACHE_DATAPLANE_URL=http://<its address>:B+50 (a 307 names the replica that made it),
-DOCKERHUB_UPSTREAM=the upstream, DOCKERHUB_STORAGE=<cluster.storage>/dockerhub,
+which `replica.admin(path)` sends). Its settings, before the `settings` given (which win; an
+empty value means the setting's default: `"REGCACHE_REDIS_URL": "", "REGCACHE_CLUSTER_SECRET": ""`
+for no shared state): REGCACHE_DATAPLANE_URL=http://<its address>:B+50 (a 307 names the replica
+that made it), DOCKERHUB_UPSTREAM=the upstream, DOCKERHUB_STORAGE=<cluster.storage>/dockerhub,
 REGCACHE_REDIS_URL=cluster.redis.url, REGCACHE_CLUSTER_SECRET (the same for all), one data-plane
 worker. It runs in a mount namespace of its own too, whose /etc/hosts names the suite's test
 hosts at the gateway (as a pod resolves a Service's name): Go clients resolve names only through
-/etc/hosts (field notes §4), and from a replica 127.0.0.1 is its own loopback.
+/etc/hosts, and from a replica 127.0.0.1 is its own loopback.
 
-`replica.kill()` SIGKILLs every process in its network namespace at once (a pod gone);
-`replica.stop()` is a SIGTERM, as a rolling update sends; `replica.run(*command)` runs a command
-where the replica runs (e.g. curl to a peer). Every wait here is bounded. `stop()`
-(leaving the `with` block) ends every process started, the namespaces with them, and deletes
-the bridge and veths, whatever point start() reached. Needs the e2e lane's namespaces (root).
+- `replica.kill()` SIGKILLs every process in its network namespace at once (a pod gone);
+  `replica.stop()` is a SIGTERM, as a rolling update sends; `replica.start()` or
+  `cluster.start_replicas(indexes)` (several at once) starts it again.
+- `replica.run(*command)` runs a command where the replica runs (e.g. curl to a peer).
+- `pull(cluster.host, ref, dest, enter=replica.pinned)` pulls from that replica alone, not
+  through the balancer (the suite's test hosts at its address, for that command only).
+
+Every wait here is bounded. `stop()` (leaving the `with` block) ends every process started, the
+namespaces with them, and deletes the bridge and veths, whatever point start() reached. Needs
+the e2e lane's namespaces (root).
 """
 
 from __future__ import annotations
@@ -49,11 +54,10 @@ import secrets
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
-from .parts import TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, has_exited, poll, stop_process, wait_for_port
+from .parts import TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, has_exited, poll, stop_process, wait_for_port
 from .redis_server import RedisServer
 
 BRIDGE = "br0"
@@ -136,17 +140,34 @@ class NetworkNamespace:
         subprocess.run(["ip", "link", "del", self.veth], capture_output=True, timeout=10)
 
 
+def hosts_naming_test_hosts_at(address: str) -> str:
+    """The suite's /etc/hosts with its test names at `address` instead of loopback."""
+    names = [name for line in Path("/etc/hosts").read_text().splitlines() if line.startswith("127.0.0.1")
+             for name in line.split()[1:] if name != "localhost"]
+    return f"127.0.0.1 localhost\n::1 localhost\n{address} {' '.join(names)}\n"
+
+
+def with_hosts(hosts_file: Path) -> tuple[str, ...]:
+    """A command prefix: the command runs in a mount namespace of its own with `hosts_file` as /etc/hosts."""
+    # The suite's /etc/hosts is a bind mount of a file deleted since (conftest.py): nothing can be
+    # mounted on a deleted file, so that mount goes first (in the new namespace only).
+    return ("unshare", "--mount", "sh", "-c", 'umount /etc/hosts && mount --bind "$0" /etc/hosts && exec "$@"',
+            str(hosts_file))
+
+
 class Replica(Stack):
     """One `regcache up` in a network namespace (and mount namespace) of its own."""
 
     def __init__(self, index: int, workdir: Path, settings: dict[str, str], namespace: NetworkNamespace,
                  hosts_file: Path) -> None:
-        # The suite's /etc/hosts is a bind mount of a file deleted since (conftest.py): nothing
-        # can be mounted on a deleted file, so that mount goes first (in this namespace only).
-        enter = ("nsenter", f"--net={namespace.path}", "unshare", "--mount", "sh", "-c",
-                 'umount /etc/hosts && mount --bind "$0" /etc/hosts && exec "$@"', str(hosts_file))
-        super().__init__(workdir, settings, enter=enter)
+        super().__init__(workdir, settings, enter=("nsenter", f"--net={namespace.path}", *with_hosts(hosts_file)))
         self.index, self.namespace = index, namespace
+        pinned_hosts = workdir.parent / f"pinned-to-{index}-hosts"
+        pinned_hosts.write_text(hosts_naming_test_hosts_at(namespace.address))
+        # A command prefix: a client in the gateway whose /etc/hosts names the suite's test hosts
+        # at this replica, e.g. `pull(cluster.host, ref, dest, enter=replica.pinned)`: it pulls
+        # from this replica alone, not through the balancer.
+        self.pinned = with_hosts(pinned_hosts)
 
     @property
     def address(self) -> str:
@@ -212,11 +233,14 @@ class Balancer:
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root / "haproxy.cfg"
         config.write_text(self.config())
+        self.admin_socket.unlink(missing_ok=True)  # a stopped one's; the new one is ready once it is there
         with open(self.root / "haproxy.log", "ab") as log:
             self.process = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL)
         try:
             wait_for_port(self.port, timeout=timeout)
+            if not poll(self.admin_socket.exists, bool, timeout):
+                raise TimeoutError
         except TimeoutError:
             self.stop()
             raise RuntimeError(f"haproxy did not start:\n{(self.root / 'haproxy.log').read_text()[-2000:]}") from None
@@ -309,7 +333,7 @@ class Cluster:
         self.upstream.start()
         self.redis.start()
         hosts_file = self.workdir / "replica-hosts"
-        hosts_file.write_text(self._replica_hosts())
+        hosts_file.write_text(hosts_naming_test_hosts_at(GATEWAY))
         for index, namespace in enumerate(self.namespaces):
             namespace.create()
             self.replicas.append(Replica(index, self.workdir / f"replica-{index}", self.replica_settings(namespace),
@@ -319,29 +343,19 @@ class Cluster:
         self.balancer.wait_for_rotation(set(range(len(self.replicas))))
 
     def start_replicas(self, indexes) -> None:
-        """Start these replicas at once (each is minutes of CPU-bound start-up work on a loaded
-        machine when done one after the other); raises the first failure."""
-        failures: list[BaseException] = []
+        """Start these replicas at once (one after the other takes minutes of CPU-bound start-up
+        work on a loaded machine); raises the first failure."""
+        replicas = [self.replicas[i] for i in indexes]
 
-        def start(replica: Replica) -> None:
+        def start(k: int) -> BaseException | None:
             try:
-                replica.start(timeout=START_TIMEOUT)
+                replicas[k].start(timeout=START_TIMEOUT)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-                failures.append(e)
+                return e
+            return None
 
-        threads = [threading.Thread(target=start, args=(self.replicas[i],)) for i in indexes]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if failures:
+        if failures := [failure for failure in at_once(len(replicas), start) if failure]:
             raise failures[0]
-
-    def _replica_hosts(self) -> str:
-        """The suite's /etc/hosts with its test names at the gateway instead of loopback."""
-        names = [name for line in Path("/etc/hosts").read_text().splitlines() if line.startswith("127.0.0.1")
-                 for name in line.split()[1:] if name != "localhost"]
-        return f"127.0.0.1 localhost\n::1 localhost\n{GATEWAY} {' '.join(names)}\n"
 
     def stop(self) -> None:
         """Every replica (SIGTERM, then whatever is left SIGKILLed), the balancer, Redis, the

@@ -73,7 +73,7 @@ PORT_BASES = {
     "test_spool_download": 8100,  # its upstream and CDN only; no stack
     "test_stack_lifetime": 8500,
     "test_cold": 8200,  # a token upstream on 9200, its token server 9201 and CDN 9202
-    "test_cluster": 8600,  # HAProxy on 8600 and Redis on 8660 in the gateway; the replicas on 8600.. in their namespaces
+    "test_cluster": 8600,  # gateway: HAProxy 8600, Redis 8660, regional stacks 8700 and 8705; replicas: 8600.. in their namespaces
     "test_big_heads": 8800,
     "test_dashboard": 8900,
     "test_cluster_state": 9000,  # HAProxy on 9000 and Redis on 9060 in the gateway, the upstream on 10000
@@ -310,9 +310,11 @@ def build_image(workdir: Path, name: str, layer_files: list[tuple[str, bytes | i
     return TestImage(name, tag, layout)
 
 
-def skopeo(*args: str, hosts_env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def skopeo(*args: str, hosts_env: dict | None = None, timeout: float = 300,
+           enter: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """`enter`: a command skopeo runs under, e.g. cluster.Replica.pinned."""
     return subprocess.run(
-        ["skopeo", "--insecure-policy", *args], capture_output=True, text=True, timeout=timeout, env=hosts_env
+        [*enter, "skopeo", "--insecure-policy", *args], capture_output=True, text=True, timeout=timeout, env=hosts_env
     )
 
 
@@ -353,11 +355,11 @@ def push_index(image: MultiArchImage, registry_url: str, creds: str | None = Non
     image.index_digest = "sha256:" + hashlib.sha256(index).hexdigest()
 
 
-def pull(registry_host: str, reference: str, destination: Path, *options: str) -> str:
+def pull(registry_host: str, reference: str, destination: Path, *options: str, enter: tuple[str, ...] = ()) -> str:
     """skopeo copy (with `options`, e.g. --all) of `reference` through the proxy into an OCI
     layout; returns the digest it stored: the image's manifest (or, with --all, its index)."""
     result = skopeo("copy", "--src-tls-verify=false", *options, f"docker://{registry_host}/{reference}",
-                    f"oci:{destination}")
+                    f"oci:{destination}", enter=enter)
     assert result.returncode == 0, result.stderr
     index = json.loads((destination / "index.json").read_text())
     return index["manifests"][0]["digest"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
@@ -20,6 +21,8 @@ from regcache_core.config import DEFAULTS, parse_config
 PROXY = "registry-cache"
 CACHES = {"DOCKERHUB": "registry-dockerhub", "GHCR": "registry-ghcr", "QUAY": "registry-quay"}
 REGCACHE_UP = ["regcache", "up"]
+REPLICAS = REPO / "deploy" / "compose" / "replicas.yml"  # the example of two replicas
+REPLICA_SECRETS = {"REGCACHE_CLUSTER_SECRET": "c" * 64, "REDIS_PASSWORD": "p" * 32, "REGCACHE_HOST": "cache.example.com"}
 
 
 def credentials(key: str) -> tuple[str, str]:
@@ -38,9 +41,9 @@ def project_dir(tmp_path_factory):
     return directory
 
 
-def docker_compose(project_dir, *args: str) -> subprocess.CompletedProcess:
+def docker_compose(project_dir, *args: str, file: Path = REPO / "docker-compose.yml") -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["docker-compose", "-f", str(REPO / "docker-compose.yml"), "--project-directory", str(project_dir), *args],
+        ["docker-compose", "-f", str(file), "--project-directory", str(project_dir), *args],
         capture_output=True, text=True, timeout=60,
     )
 
@@ -141,3 +144,47 @@ def test_image_runs_regcache_up_and_never_gets_the_env_file():
     # .dockerignore lists what the build may see, after excluding everything.
     patterns = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert patterns[0] == "*" and not [p for p in patterns if p.startswith("!.env")]
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory) -> dict:
+    """deploy/compose/replicas.yml resolved, from the repository's root with .env.example and its three settings."""
+    directory = tmp_path_factory.mktemp("compose-replicas")
+    secrets = "".join(f"{name}={value}\n" for name, value in REPLICA_SECRETS.items())
+    (directory / ".env").write_text((REPO / ".env.example").read_text() + secrets)
+    result = docker_compose(directory, "config", file=REPLICAS)
+    assert result.returncode == 0, result.stderr
+    return YAML(typ="safe").load(result.stdout)
+
+
+def test_the_replicas_example_wants_its_secrets_in_env(tmp_path):
+    (tmp_path / ".env").write_text((REPO / ".env.example").read_text())
+    result = docker_compose(tmp_path, "config", "-q", file=REPLICAS)
+    assert result.returncode != 0 and "set REDIS_PASSWORD in .env" in result.stderr
+
+
+def test_two_replicas_share_redis_and_the_caches_volume_each_on_ports_of_its_own(replicas):
+    services = replicas["services"]
+    assert set(services) == {"regcache-a", "regcache-b", "redis"}
+    data_volumes, published = set(), []
+    for name in ("regcache-a", "regcache-b"):
+        service = services[name]
+        assert service["command"] == REGCACHE_UP
+        config = parse_config({**DEFAULTS, **service["environment"]})
+        assert config.cluster.redis_url == f"redis://:{REPLICA_SECRETS['REDIS_PASSWORD']}@redis:6379/0"
+        assert config.cluster.secret == REPLICA_SECRETS["REGCACHE_CLUSTER_SECRET"].encode()
+        mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+        assert mounts["/cache"] == "caches" and str(config.data_dir) == "/data"
+        data_volumes.add(mounts["/data"])
+        # It runs every cache itself, on the shared volume, with a budget (its only evictor).
+        assert [backend.storage.parent for backend in local_backends(config)] == [Path("/cache")] * len(config.registries)
+        assert config.max_disk is not None
+        # A 307 names this replica's data plane on the Docker host: published as it is.
+        ports = [(str(p["published"]), str(p["target"])) for p in service["ports"]]
+        assert ports == [(str(config.port),) * 2, (str(config.dataplane.port),) * 2]
+        assert config.dataplane.url == f"http://{REPLICA_SECRETS['REGCACHE_HOST']}:{config.dataplane.port}"
+        published += [host for host, _ in ports]
+    assert len(data_volumes) == 2 and len(set(published)) == 4
+    command = services["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert command[command.index("--requirepass") + 1] == REPLICA_SECRETS["REDIS_PASSWORD"]

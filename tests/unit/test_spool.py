@@ -39,11 +39,17 @@ async def read_all(path, size=len(BLOB), sent: list | None = None, **options) ->
 
 
 async def spooling(table: SpoolTable, written: bytes):
-    """A spool of KEY whose download got its 200 and wrote `written` so far: (spool, writer)."""
+    """A spool of KEY whose download got its 200 and wrote `written` so far."""
     spool, _ = table.claim(KEY)
-    writer = await table.start(spool, len(BLOB), "application/octet-stream")
-    await writer.write(written)
-    return spool, writer
+    assert await table.start(spool, len(BLOB), "application/octet-stream")
+    append(spool, written)
+    return spool
+
+
+def append(spool, data: bytes) -> None:
+    """What the download worker does with a spool's body: appends to the file the proxy made."""
+    with open(spool.path, "ab", 0) as file:
+        file.write(data)
 
 
 async def until(condition, timeout=5.0) -> None:
@@ -62,13 +68,14 @@ def test_gets_wait_for_the_downloads_headers_then_follow_its_spool_while_it_grow
         follower = asyncio.create_task(table.follow(spool))
         await asyncio.sleep(0.05)
         assert not follower.done(), "a GET waits for the download's answer headers"
-        writer = await table.start(spool, len(BLOB), "application/vnd.oci.image.layer.v1.tar")
+        assert await table.start(spool, len(BLOB), "application/vnd.oci.image.layer.v1.tar")
         assert await follower
         assert table.get(KEY) is spool and spool.content_type == "application/vnd.oci.image.layer.v1.tar"
         reader = asyncio.create_task(read_all(spool.path))
         for offset in range(0, len(BLOB), CHUNK):
-            await writer.write(BLOB[offset:offset + CHUNK])
-        await table.finish(spool)
+            append(spool, BLOB[offset:offset + CHUNK])
+            await asyncio.sleep(0)
+        await table.finish(spool, len(BLOB), DIGEST)
         assert await reader == BLOB
         assert await table.follow(table.claim(KEY)[0]), "a completed spool serves GETs while it lingers"
         await until(lambda: len(table) == 0)
@@ -98,7 +105,7 @@ def test_gets_go_upstream_themselves_when_the_download_has_no_body(tmp_path, out
 def test_a_download_failing_midway_cuts_its_readers_and_leaves_no_file(tmp_path):
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
-        spool, _ = await spooling(table, BLOB[:CHUNK * 3])
+        spool = await spooling(table, BLOB[:CHUNK * 3])
         reader = asyncio.create_task(read_all(spool.path))
         await asyncio.sleep(0.1)
         assert not reader.done(), "a reader waits for a spool that is still growing"
@@ -116,13 +123,15 @@ def test_a_download_failing_midway_cuts_its_readers_and_leaves_no_file(tmp_path)
 def test_a_download_ending_short_or_hashing_wrong_fails_its_spool(tmp_path, body):
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
-        spool, writer = await spooling(table, BLOB[:CHUNK])
+        spool = await spooling(table, BLOB[:CHUNK])
         sent = []
         reader = asyncio.create_task(read_all(spool.path, sent=sent))
         await until(lambda: sent)  # the reader has the file open
         if body == "other bytes":
-            await writer.write(bytes(len(BLOB) - CHUNK))
-        await table.finish(spool)
+            append(spool, bytes(len(BLOB) - CHUNK))
+            await table.finish(spool, len(BLOB), "sha256:" + hashlib.sha256(BLOB[:CHUNK] + bytes(len(BLOB) - CHUNK)).hexdigest())
+        else:
+            await table.finish(spool, CHUNK, DIGEST)
         with pytest.raises(SpoolBroken, match="download failed"):
             await reader
         assert max(sent, default=0) <= len(BLOB) - HOLD_BACK, "the last bytes of a spool that hashed wrong never went"
@@ -137,15 +146,15 @@ def test_over_the_disk_bound_a_blob_is_not_spooled_and_gets_go_upstream(tmp_path
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=len(BLOB) + 10)
         first, _ = table.claim(KEY)
-        assert await table.start(first, len(BLOB), None) is not None
+        assert await table.start(first, len(BLOB), None)
         other = ("docker.io", "library/big", "sha256:" + "0" * 64)
         second, _ = table.claim(other)
         follower = asyncio.create_task(table.follow(second))
         await asyncio.sleep(0.01)
-        assert await table.start(second, 11, None) is None, "both would be over the bound"
+        assert not await table.start(second, 11, None), "both would be over the bound"
         assert not await follower
         await until(lambda: len(table) == 1)
-        assert await table.start(table.claim(other)[0], None, None) is None, "no Content-Length, no spool"
+        assert not await table.start(table.claim(other)[0], None, None), "no Content-Length, no spool"
 
     run(scenario())
 

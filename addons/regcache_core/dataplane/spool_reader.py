@@ -1,5 +1,5 @@
 """The data plane's spool routes: a cold blob from the spool file the proxy's download writes
-(see spool.py), while it grows: at once, not after the whole download.
+(see spool/table.py), while it grows: at once, not after the whole download.
 
 - `GET`/`HEAD /_regcache/cold?<signed cold grant>`: a client's GET of a blob its cache does not
   hold, sent here by the proxy (mitm/cold_blobs.py). Clients only (REGCACHE_CLIENTS), with a

@@ -4,8 +4,9 @@
 - GET: the client follows the proxy's download of the blob (the services' `blobs`, one download
   per blob whatever asks: clients and the cache's own fetches): a 307 to the data plane's
   `/_regcache/cold` for the blob's spool, which it sends by sendfile as the download writes it.
-  The cache is asked once per download to store the blob (spool/cache_fill.py); its fetches get
-  the same spool. The first client request to follow a download is the miss, the others hits,
+  The cache is asked once per download to store the blob (spool/cache_fill.py), once the
+  download is complete and checked: while it runs, the cores go to the clients' transfers, and
+  the cache then reads the whole spool from the page cache; its fetches get the same spool. The first client request to follow a download is the miss, the others hits,
   and the grant carries that mark to the data plane's pull record. With no spool to follow
   (the download got no 200 body, the blob would go past REGCACHE_SPOOL_MAX_DISK) the GET goes
   to the cache as it came.
@@ -34,7 +35,7 @@ from ..observe.metrics import Metrics
 from ..routing import Refusal, Target, upstream_unreachable
 from ..spool.blob_heads import blob_head
 from ..spool.cache_fill import ask_cache_to_store
-from ..spool.table import Spool, describe
+from ..spool.table import Spool, State, describe
 from .answers import Answer, refusal_answer
 from .flow_notes import AnsweredBy, note
 from .services import Services
@@ -95,11 +96,19 @@ class ColdBlobs:
                                                     "Docker-Content-Digest": target.reference}), AnsweredBy.DATA_PLANE)
 
     def _ask_cache_to_store(self, target: Target, spool: Spool) -> None:
-        task = asyncio.get_running_loop().create_task(ask_cache_to_store(
-            target.backend, target.registry.storage, target.repository, target.reference, spool.size))
+        task = asyncio.get_running_loop().create_task(self._store_once_downloaded(target, spool))
         self.stores.add(task)
         task.add_done_callback(self.stores.discard)
-        logger.info("cold blob %s: clients follow its download; its cache is asked to store it", describe(spool.key))
+        logger.info("cold blob %s: clients follow its download; its cache is asked to store it once it is complete",
+                    describe(spool.key))
+
+    @staticmethod
+    async def _store_once_downloaded(target: Target, spool: Spool) -> None:
+        if spool.task is not None:
+            await asyncio.wait([spool.task])  # the download is nobody's: waiting never cancels it
+        if spool.state is State.COMPLETE:
+            await ask_cache_to_store(target.backend, target.registry.storage, target.repository, target.reference,
+                                     spool.size)
 
     async def _answer_head(self, flow: http.HTTPFlow, target: Target) -> Answer | None:
         if answer := self._unreachable(flow, target):

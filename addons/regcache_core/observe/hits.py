@@ -19,7 +19,7 @@ digest, because registry:2 then fetches the manifest by digest if it does not ho
 
 Blobs are counted by their bytes: a blob GET that brings content makes one client request
 for that blob a miss (the earliest one not yet a miss), since with single-flight spools
-(spool.py) one upstream fetch serves every concurrent client, and those others got nothing from
+(spool/table.py) one upstream fetch serves every concurrent client, and those others got nothing from
 upstream for them. Fetches served from a spool are not upstream requests (the addon does not
 report them); the spool's download, the proxy's own request, reports what it fetched
 (`upstream_blob_fetch`).

@@ -1,7 +1,7 @@
 """Blob HEADs on the egress listeners, answered without the upstream where the answer is known.
 
 registry:2 asks its upstream for a blob's size (a HEAD) before every fetch of a blob it does not
-hold, so N concurrent cold pulls made N upstream HEADs besides the one GET (spool.py). What a
+hold, so N concurrent cold pulls made N upstream HEADs besides the one GET (spool/table.py). What a
 blob's HEAD answers is fixed by the blob, whose digest names its bytes: 200 with its
 Content-Length, Docker-Content-Digest and Content-Type (the distribution spec's "Checking if
 content exists"). So on an egress listener:

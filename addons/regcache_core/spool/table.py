@@ -4,7 +4,7 @@ registry:2 2.8 as a cache fetches every cold blob twice from its upstream (one G
 the client, a background one stores), and once more for every client that asks while it is in
 flight. So the first GET of a blob the cache does not hold, a client's (mitm/cold_blobs.py) or
 one of the cache's on its egress listener (mitm/single_flight.py), starts a **download** that the
-proxy owns (spool_download.py): it goes upstream with our credentials and writes the blob's 200
+proxy owns (download.py): it goes upstream with our credentials and writes the blob's 200
 body to a spool file. Every GET of the blob, the first included, waits until the download has its
 answer's headers, then is sent to the data plane, which sends the spool file while it grows
 (`SpoolProgress`, dataplane/spool_reader.py): clients directly, and the cache, asked to store the
@@ -16,16 +16,17 @@ bound reached), the GETs go to the cache and upstream as without spools.
 Spools are keyed by (registry, repository, digest), not by digest alone: a follower in another
 repository would get bytes the upstream never said that repository holds.
 
-The spool file protocol between the proxy (the one writer) and the data-plane workers (readers,
-in other processes, sending the file with sendfile: they never see the bytes):
-- the file only grows; a reader knows the blob's size and digest (its grant says) and stops at
-  the size;
-- the writer hashes what it writes; once every byte is written and hashes to the digest, it
-  makes the file read-only (`seal`), in place: its mode, read from the open file, is what tells
+The spool file protocol between the proxy, its download worker (worker.py: the one writer, in
+a process of its own) and the data-plane workers (readers, in other processes, sending the file
+with sendfile: they never see the bytes):
+- the proxy makes the file, empty, before any reader is sent to it; it only grows; a reader
+  knows the blob's size and digest (its grant says) and stops at the size;
+- the download worker hashes what it writes and tells the proxy the digest; once every byte is
+  written and hashes to the blob's digest, the proxy makes the file read-only (`seal`), in place: its mode, read from the open file, is what tells
   a reader the bytes checked. A reader sends the bytes as they arrive but holds the last
   HOLD_BACK back until the file is sealed, so no client ever gets a whole body that the digest
   did not check;
-- the writer unlinks the file when the download fails (or its bytes hash wrong), so a reader
+- the proxy unlinks the file when the download fails (or its bytes hash wrong), so a reader
   waiting for more bytes that finds `st_nlink == 0` on a file that is not sealed knows the rest
   will never come, and cuts its connection: never a short body passed off as complete. A reader
   that sees no growth for STALL_TIMEOUT (the proxy died) cuts too;
@@ -34,9 +35,8 @@ in other processes, sending the file with sendfile: they never see the bytes):
   that window would otherwise go upstream again), then is removed. Spools left by an earlier
   run are removed at start.
 
-Writes and hashing run in one thread per spool (an executor of one worker), so they keep their
-order and the event loop never blocks; the download awaits each write, so no more than a chunk
-waits in memory. Disk use is bounded: over `max_disk`, a blob is not spooled and its GETs go
+The proxy's file operations (make, seal, unlink) run in one thread per spool (an executor of one
+worker), so they keep their order and the event loop never blocks. Disk use is bounded: over `max_disk`, a blob is not spooled and its GETs go
 upstream each.
 """
 
@@ -59,7 +59,6 @@ LINGER = 30.0  # seconds a completed spool stays after its last use
 FOLLOW_WAIT = 60.0  # seconds a GET waits for the download's answer headers, then goes upstream itself
 STALL_TIMEOUT = 60.0  # seconds a reader waits for a spool that does not grow, then cuts
 READ_POLL = 0.02  # seconds between a reader's looks at a spool it has caught up with
-READ_CHUNK = 1 << 20  # bytes the download reads from the upstream at a time
 HOLD_BACK = 1 << 20  # the last bytes a reader sends only once the spool is sealed
 WRITABLE = 0o222  # a sealed spool file has none of these mode bits
 
@@ -94,7 +93,7 @@ class Spool:
     content_type: str = "application/octet-stream"  # as the upstream sent it
     decided: asyncio.Event = field(default_factory=asyncio.Event)
     executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "regcache-spool"))
-    writer: SpoolWriter | None = None
+    file: SpoolFile | None = None
     timer: asyncio.TimerHandle | None = None
     task: asyncio.Task | None = None  # the download that writes it
     cache_asked: bool = False  # its cache was asked to store the blob (cache_fill.py)
@@ -104,36 +103,22 @@ class Spool:
         return self.state in (State.SPOOLING, State.COMPLETE)
 
 
-class SpoolWriter:
-    """Appends the download's body to the spool file and hashes it, in the spool's own thread."""
+class SpoolFile:
+    """The proxy's handle on a spool file that the download worker writes (download.py): made
+    empty before any reader is sent to it, sealed or removed by the proxy (in the spool's thread)."""
 
-    def __init__(self, spool: Spool, file, hasher) -> None:
+    def __init__(self, spool: Spool, file) -> None:
         self.spool = spool
         self._file = file
-        self._hasher = hasher
-        self.received = 0  # bytes written
-
-    def write(self, chunk: bytes) -> asyncio.Future:
-        """Queues the chunk's write; the future raises OSError when it failed (disk full). Writes
-        happen in the order queued."""
-        return asyncio.get_running_loop().run_in_executor(self.spool.executor, self._write, chunk)
-
-    def _write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
-        self._hasher.update(chunk)
-        self.received += len(chunk)
-
-    def digest(self) -> str:
-        return f"{self._hasher.name}:{self._hasher.hexdigest()}"
 
     def seal(self) -> None:
         """Every byte is written and checked: make the file read-only, the mark readers wait for,
-        and close it (in the spool's thread, after the writes queued before)."""
+        and close it."""
         os.fchmod(self._file.fileno(), os.fstat(self._file.fileno()).st_mode & ~WRITABLE)
         self._file.close()
 
     def discard(self) -> None:
-        """Close and unlink the file: readers that lack bytes then cut (in the spool's thread)."""
+        """Close and unlink the file: readers that lack bytes then cut."""
         self._file.close()
         remove_file(self.spool.path)
 
@@ -177,39 +162,38 @@ class SpoolTable:
         """The spool of `key`, if there is one (in any state)."""
         return self._spools.get(key)
 
-    async def start(self, spool: Spool, size: int | None, content_type: str | None) -> SpoolWriter | None:
-        """The download got a 200 of `size` bytes: a writer for its body, or None when it is not
-        spooled (size unknown, over the disk bound, a digest hashlib does not know); GETs then
-        go upstream."""
+    async def start(self, spool: Spool, size: int | None, content_type: str | None) -> bool:
+        """The download got a 200 of `size` bytes: its spool file, empty, made, and True; or False
+        when it is not spooled (size unknown, over the disk bound, a digest hashlib does not
+        know); GETs then go upstream."""
         if size is None or self.disk_in_use + size > self.max_disk:
             logger.info("not spooling %s (%s): fetches go upstream", describe(spool.key),
                         "no Content-Length" if size is None else f"{size} bytes, over REGCACHE_SPOOL_MAX_DISK")
             self.decline(spool)
-            return None
+            return False
         try:
-            hasher = hashlib.new(spool.key[2].partition(":")[0])
+            hashlib.new(spool.key[2].partition(":")[0])
             file = await asyncio.get_running_loop().run_in_executor(spool.executor, open_for_writing, spool.path)
         except (OSError, ValueError) as e:
             logger.warning("not spooling %s: %s", describe(spool.key), e)
             self.decline(spool)
-            return None
+            return False
         spool.size, spool.state = size, State.SPOOLING
         spool.content_type = content_type or spool.content_type
-        spool.writer = SpoolWriter(spool, file, hasher)
+        spool.file = SpoolFile(spool, file)
         spool.decided.set()
         logger.info("spooling %s: %d bytes from upstream", describe(spool.key), size)
-        return spool.writer
+        return True
 
-    async def finish(self, spool: Spool) -> None:
-        """The download's body ended: a spool with every byte, hashing to its digest, is sealed
-        and completes; else it fails."""
-        writer = spool.writer
-        if writer.received != spool.size:
-            self.fail(spool, f"{writer.received} of {spool.size} bytes")
-        elif writer.digest() != spool.key[2]:
-            self.fail(spool, f"the bytes hash to {writer.digest()[:19]}")
+    async def finish(self, spool: Spool, received: int, digest: str) -> None:
+        """The download's body ended, `received` bytes of it written, hashing to `digest`: a spool
+        with every byte, hashing to its key's digest, is sealed and completes; else it fails."""
+        if received != spool.size:
+            self.fail(spool, f"{received} of {spool.size} bytes")
+        elif digest != spool.key[2]:
+            self.fail(spool, f"the bytes hash to {digest[:19]}")
         else:
-            await asyncio.get_running_loop().run_in_executor(spool.executor, writer.seal)
+            await asyncio.get_running_loop().run_in_executor(spool.executor, spool.file.seal)
             if spool.state is State.SPOOLING:
                 spool.state = State.COMPLETE
                 logger.info("spooled %s: complete, %d bytes", describe(spool.key), spool.size)
@@ -252,13 +236,13 @@ class SpoolTable:
         self._remove(spool)
 
     def _remove(self, spool: Spool) -> None:
-        """Unlink the file after the writes queued before, then forget the key: until then a new
-        spool of it would share the file name."""
+        """Unlink the file (after a seal under way), then forget the key: until then a new spool
+        of it would share the file name."""
         self._cancel_timer(spool)
-        if spool.writer is None:
+        if spool.file is None:
             self._forget(spool)
             return
-        future = asyncio.wrap_future(spool.executor.submit(spool.writer.discard))
+        future = asyncio.wrap_future(spool.executor.submit(spool.file.discard))
         future.add_done_callback(lambda _: self._forget(spool))
 
     def _forget(self, spool: Spool) -> None:

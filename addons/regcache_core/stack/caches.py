@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import re
@@ -26,6 +28,8 @@ class CacheBackend:
     registry: Registry
     root: Path  # holds config.yml and registry.log (and storage/, unless K_STORAGE says otherwise)
     remoteurl: str  # the proxy's egress listener for this registry, never the upstream itself
+    http_secret: str  # registry:2's http.secret: the same on every replica whose caches share storage
+    expiry_deletes: bool  # registry:2's own 7-day expiry deletes: only for a cache without a disk budget
 
     @property
     def config_file(self) -> Path:
@@ -46,11 +50,23 @@ def local_backends(config: Config) -> list[CacheBackend]:
 
     A cache URL naming another host is somebody else's to run (a compose service, say).
     """
+    secret = http_secret(config)
     return [
-        CacheBackend(r, config.data_dir / r.key.lower(), config.egress_url(r))
+        CacheBackend(r, config.data_dir / r.key.lower(), config.egress_url(r), secret,
+                     expiry_deletes=config.max_disk is None and r.max_disk is None)
         for r in config.registries
         if r.cache and is_local(r.cache)
     ]
+
+
+def http_secret(config: Config) -> str:
+    """registry:2's `http.secret`, which signs the upload state it hands out: instances on one
+    storage behind a load balancer must share it (distribution's docs), so replicas derive it
+    from REGCACHE_CLUSTER_SECRET (the secret itself stays out of registry:2's config); a single
+    node gets a random one per start."""
+    if config.cluster is None:
+        return secrets.token_hex(16)
+    return hmac.new(config.cluster.secret, b"registry:2 http.secret", hashlib.sha256).hexdigest()
 
 
 def find_registry_program() -> str | None:
@@ -61,6 +77,15 @@ def registry_config(backend: CacheBackend) -> dict:
     """distribution's configuration for one pull-through cache.
 
     It holds no credentials: the cache's upstream is the proxy's egress listener, which adds them.
+
+    registry:2 (distribution 2.8) schedules every blob and manifest it stores to expire 7 days
+    later, whether pulled since or not, and has no setting for it (`proxy.ttl` came in 3.0). Its
+    expiry deletes through the repository's blob store, which refuses while `storage.delete` is
+    off: it logs "Scheduler error returned from OnExpire" and forgets the entry. So a cache
+    with a disk budget (K_MAX_DISK, REGCACHE_MAX_DISK) has deleting off, and the budget is its
+    only evictor (least recently pulled first; budget/eviction.py works on the files): nothing
+    in use goes at 7 days, and no replica's registry:2 removes content from under the others on
+    shared storage. A cache without a budget keeps the 7-day expiry, its only bound.
     """
     cache = urlsplit(backend.registry.cache)
     return {
@@ -68,15 +93,13 @@ def registry_config(backend: CacheBackend) -> dict:
         "log": {"level": "info", "formatter": "text"},
         "storage": {
             "filesystem": {"rootdirectory": str(backend.storage)},
-            # Lets the proxy's TTL scheduler delete expired content.
-            "delete": {"enabled": True},
+            "delete": {"enabled": backend.expiry_deletes},
             # A pull cut short leaves a partial upload under _uploads: gone after an hour.
             "maintenance": {"uploadpurging": {"enabled": True, "age": "1h", "interval": "10m", "dryrun": False}},
         },
         "http": {
             "addr": f"[{cache.hostname}]:{cache.port or 80}" if ":" in cache.hostname else f"{cache.hostname}:{cache.port or 80}",
-            # A fixed secret per start; one instance per cache, so nothing else must share it.
-            "secret": secrets.token_hex(16),
+            "secret": backend.http_secret,
         },
         "proxy": {"remoteurl": backend.remoteurl},
     }

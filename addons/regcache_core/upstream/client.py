@@ -1,6 +1,6 @@
 """The requests regcache makes to upstreams itself, with aiohttp: a tag's HEAD, a probe of a
 down upstream, a registry's `GET /v2/` challenge, a token fetch (and, on a client of their
-own, spools' downloads: spool_download.py). One pool of connections for all of them; each request is bounded as a whole (name lookup, connect, TLS, the answer) by its
+own, spools' downloads, in the download worker: spool/worker.py). One pool of connections for all of them; each request is bounded as a whole (name lookup, connect, TLS, the answer) by its
 timeout, its connect by CONNECT_TIMEOUT, and a GET's body by a size cap.
 
 Redirects carry credentials only where they were meant to go: a GET follows a redirect to the

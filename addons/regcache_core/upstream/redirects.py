@@ -20,7 +20,7 @@ one connects to the address that was checked (resolve_destination).
 
 What a redirect is (REDIRECT_STATUSES with a Location: `redirect_location`) is the same for
 every exchange with an upstream: the ones through the proxy, token fetches and challenges
-(upstream/client.py) and spools' downloads (spool/download.py); the last two follow redirects
+(upstream/client.py) and spools' downloads (spool/worker.py); the last two follow redirects
 with `follow_redirects`, up to MAX_REDIRECTS hops.
 """
 
