@@ -20,15 +20,14 @@ import os
 import shutil
 import signal
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from scripts.bench_setup import TimeLimit, mitmproxy_floor, nginx_front_door
+from scripts.bench_setup import mitmproxy_floor, nginx_front_door, private_and_bounded
 from tests.support.parts import (
-    MANIFEST_TYPES, TEST_DOMAIN, Upstream, build_image, docker_io_stack, enter_private_namespaces, skopeo,
+    MANIFEST_TYPES, TEST_DOMAIN, Upstream, build_image, docker_io_stack, skopeo,
     stop_process,
 )
 
@@ -138,14 +137,7 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=30, help="how far away the upstream is, for the pulls")
     parser.add_argument("--time-limit", type=float, default=600)
     args = parser.parse_args()
-    enter_private_namespaces([HOST])
-
-    def over_time(*_):
-        raise TimeLimit(f"over the time limit of {args.time_limit:.0f}s; cleaning up")
-
-    signal.signal(signal.SIGALRM, over_time)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM; cleaning up"))
-    signal.alarm(int(args.time_limit))
+    private_and_bounded([HOST], args.time_limit)
     workdir = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
     upstream = relay = stack = nginx = alone = floor = None
     try:

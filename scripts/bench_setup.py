@@ -37,6 +37,19 @@ class TimeLimit(SystemExit):
     """Ends the benchmark with a message, running every clean-up on the way out."""
 
 
+def private_and_bounded(hostnames: list[str], time_limit: float) -> None:
+    """Moves the benchmark into private namespaces with `hostnames` on loopback, and ends it
+    (clean-ups run) after `time_limit` seconds or on SIGTERM."""
+    enter_private_namespaces(hostnames)
+
+    def over_time(*_) -> None:
+        raise TimeLimit(f"over the time limit of {time_limit:.0f}s; cleaning up")
+
+    signal.signal(signal.SIGALRM, over_time)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM; cleaning up"))
+    signal.alarm(int(time_limit))
+
+
 class BenchStack:
     """Upstream registry holding one random blob of `blob_size` bytes (none if 0), and `regcache up`
     caching it, with `settings` and `args` added (e.g. --web).
@@ -57,10 +70,7 @@ class BenchStack:
         self.digest = ""
 
     def __enter__(self) -> "BenchStack":
-        enter_private_namespaces([f"docker.io.{TEST_DOMAIN}"])
-        signal.signal(signal.SIGALRM, self._over_time)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped by SIGTERM; cleaning up"))
-        signal.alarm(int(self.time_limit))
+        private_and_bounded([f"docker.io.{TEST_DOMAIN}"], self.time_limit)
         try:
             self.workdir = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
             self.upstream = Upstream(self.workdir / "upstream", UPSTREAM_PORT).start()
@@ -84,9 +94,6 @@ class BenchStack:
             self.upstream.stop()
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def _over_time(self, *_) -> None:
-        raise TimeLimit(f"over the time limit of {self.time_limit:.0f}s; cleaning up")
 
     @property
     def proxy_url(self) -> str:

@@ -76,6 +76,7 @@ PORT_BASES = {
     "test_cluster": 8600,  # gateway: HAProxy 8600, Redis 8660, regional stacks 8700 and 8705; replicas: 8600.. in their namespaces
     "test_big_heads": 8800,
     "test_dashboard": 8900,
+    "test_cluster_state": 9000,  # HAProxy on 9000 and Redis on 9060 in the gateway, the upstream on 10000
     "test_cluster_blobs": 9300,  # the cluster bed (tests/support/cluster.py); its slow link to the upstream on 10301
     "test_s3_storage": 9400,  # stacks on 9400, 9403 (presigned) and 9405 (budget), each at +0, +1, +50, +70, +80; S3 on free ports
     "test_s3_storage[replicas]": 9700,  # a cluster (tests/support/cluster.py): HAProxy 9700, Redis 9760, upstream 10700

@@ -228,7 +228,7 @@ def test_a_request_whose_lookup_predates_the_first_ones_answer_looks_again_inste
         front.answered(HUB, "library/small", "1.0")
         lagging.go.set()
         plan = await late
-        waiting_left = dict(front._asked)
+        waiting_left = dict(front.flights._asked)
         front.tags = lagging.tags
         close(front)
         return first, plan, digest, waiting_left

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..observe.stats import human_bytes
 from .eviction import CacheDisk, Evicted, apply, choose
 from .storage import Tree, scan
-from .usage import UsageStore
+from .usage import UsageRecords
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class CacheResult:
     budget: int | None
 
 
-def enforce(caches: list[CacheBudget], total_budget: int | None, usage: UsageStore,
+def enforce(caches: list[CacheBudget], total_budget: int | None, usage: UsageRecords,
             busy: Callable[[str, str], bool]) -> list[CacheResult]:
     disks = [CacheDisk(c.registry, scan(c.storage), c.budget, usage.blob_last_use(c.registry)) for c in caches]
     choose(disks, total_budget, busy)

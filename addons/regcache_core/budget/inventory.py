@@ -1,13 +1,17 @@
 """What the caches run here hold, for `regcache cache du` and `regcache cache ls`: read from
-their storage (storage.py) and the usage store, without the stack having to run."""
+their storage (storage.py) and the usage store (with replicas: the cluster's, in Redis), without
+the stack having to run."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..cluster.link import SharedStateDown
+from ..cluster.usage import read_last_pulls
 from ..objectstore.tree import ObjectTree
 from ..stack.caches import CacheBackend, local_backends
 from ..config import Config
@@ -48,13 +52,25 @@ def disk_usage(config: Config) -> dict:
 
 
 def holdings(config: Config) -> dict:
-    """Per cache: repositories, the tags they hold and when each was last pulled through regcache."""
+    """Per cache: repositories, the tags they hold and when each was last pulled through regcache
+    (through any replica, with replicas)."""
+    backends = local_backends(config)
+    shared = None
+    if config.cluster is not None:
+        try:
+            shared = read_last_pulls(config.cluster.redis_url, config.cluster.redis_timeout,
+                                     [b.registry.name for b in backends])
+        except SharedStateDown as e:
+            print(f"regcache: shared state unreachable ({e}): last pulls as this replica recorded them", file=sys.stderr)
     path = usage_file(config.data_dir)
-    store = UsageStore(path) if path.exists() else None
+    store = UsageStore(path) if shared is None and path.exists() else None
     try:
         caches = []
-        for backend in local_backends(config):
-            pulls = store.last_pulls(backend.registry.name) if store else {}
+        for backend in backends:
+            if shared is not None:
+                pulls = shared[backend.registry.name]
+            else:
+                pulls = store.last_pulls(backend.registry.name) if store else {}
             repositories = []
             with _tree(config, backend) as tree:
                 held = scan(tree)

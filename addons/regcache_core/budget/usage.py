@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS last_use (
@@ -18,6 +19,12 @@ CREATE TABLE IF NOT EXISTS last_use (
     PRIMARY KEY (registry, repository, reference)
 )
 """
+
+
+class UsageRecords(Protocol):
+    """What eviction ranks blobs by: UsageStore's, or with replicas the cluster's (cluster/usage.py)."""
+
+    def blob_last_use(self, registry: str) -> dict[str, float]: ...
 
 
 def usage_file(data_dir: Path) -> Path:

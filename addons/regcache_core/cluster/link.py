@@ -21,6 +21,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.asyncio.retry import Retry
 
+from ..observe import warn
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -49,6 +51,7 @@ class RedisLink:
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                            retry=Retry(NoBackoff(), 0), max_connections=MAX_CONNECTIONS)
         self.down_reason: str | None = None
+        self.outages = 0  # times it went down: a listener that saw one may have missed messages
         self._probe: asyncio.Task | None = None
 
     @property
@@ -80,7 +83,8 @@ class RedisLink:
         if not self.up:
             return
         self.down_reason = reason
-        logger.warning("regcache: shared state at %s unreachable (%s); each replica goes on with state of its own "
+        self.outages += 1
+        warn(logger, "regcache: shared state at %s unreachable (%s); each replica goes on with state of its own "
                        "until it is back", self.where, reason)
         self.on_change(False)
         self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
@@ -95,7 +99,7 @@ class RedisLink:
                 continue
             self.down_reason = None
             self._probe = None
-            logger.warning("regcache: shared state at %s is back; replicas share state again", self.where)
+            warn(logger, "regcache: shared state at %s is back; replicas share state again", self.where)
             self.on_change(True)
             return
 

@@ -12,7 +12,7 @@ has learnt: the tag cache (tags.py) and the manifests in memory (manifests.py).
 - Only a client whose Accept names the media type held is answered this way; others, and
   anything not known, go to the cache as they came: one at a time per reference, the others
   waiting for the first one's answer and planned again from it (one upstream HEAD and GET per
-  cold tag however many pull it at once).
+  cold tag however many pull it at once; flights.py, for one process or for the cluster).
 
 What is learnt comes from the answers the cache gives clients (`learn`). No mitmproxy here.
 """
@@ -20,21 +20,17 @@ What is learnt comes from the answers the cache gives clients (`learn`). No mitm
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..config import Registry
 from .by_digest import Manifest, ManifestCache, matches, media_type
+from .flights import LocalFlights, ReferenceFlights
 from ..routing import DIGEST, Refusal, upstream_unreachable
 from .tags import TagEntry, TagStore
 from ..upstream.auth import UpstreamAuthError
 from ..upstream.client import NoAnswer, UpstreamClient
 from ..upstream.signals import UpstreamAnswers
-
-# Seconds a request for a reference the cache is being asked for waits for that answer, then goes
-# to the cache itself: well within containerd's 30 s for response headers, and never a 503.
-FIRST_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -58,14 +54,15 @@ def accepted_types(accept_lines: list[str]) -> set[str]:
 
 
 class ManifestFront:
-    def __init__(self, tags: TagStore, manifests: ManifestCache, client: UpstreamClient, upstream: UpstreamAnswers) -> None:
+    def __init__(self, tags: TagStore, manifests: ManifestCache, client: UpstreamClient, upstream: UpstreamAnswers,
+                 flights: ReferenceFlights | None = None) -> None:
         self.tags = tags
         self.manifests = manifests
         self.client = client  # the tag HEADs, within its deadline
         self.upstream = upstream  # credentials, and where what the upstream answered is reported
         self.state = upstream.state
+        self.flights = flights or LocalFlights()
         self._revalidations: dict[tuple[str, str, str, str], asyncio.Task] = {}
-        self._asked: dict[tuple[str, str, str], asyncio.Event] = {}  # references at the cache, by their first request
 
     async def plan(self, registry: Registry, repository: str, reference: str, accept_lines: list[str]) -> Plan | None:
         """How to answer a GET or HEAD of a manifest ourselves; None sends it to the cache as it came.
@@ -77,24 +74,19 @@ class ManifestFront:
         if (plan := await self._plan(registry, repository, reference, accept_lines)) is not None:
             return plan
         key = (registry.name, repository, reference)
-        if (asked := self._asked.get(key)) is None:
-            self._asked[key] = asyncio.Event()  # from here on, later requests wait for this one
-            # The first look read the tag store in a thread, and may predate an answer learnt
-            # meanwhile (that answer's `answered` found no event to set): look again.
+        if await self.flights.first(key):
+            # The first look read the tag store in a thread (or Redis), and may predate an answer
+            # learnt meanwhile (that answer's `answered` found nobody waiting): look again.
             if (plan := await self._plan(registry, repository, reference, accept_lines)) is not None:
-                self.answered(registry, repository, reference)
+                self.flights.answered(key)
                 return plan
             return None
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FIRST_WAIT):
-                await asked.wait()
         return await self._plan(registry, repository, reference, accept_lines)
 
     def answered(self, registry: Registry, repository: str, reference: str) -> None:
         """The cache answered a request for this reference planned None (or it failed): the
         requests waiting for it are planned again, from what `learn` took from the answer."""
-        if (asked := self._asked.pop((registry.name, repository, reference), None)) is not None:
-            asked.set()
+        self.flights.answered((registry.name, repository, reference))
 
     async def _plan(self, registry: Registry, repository: str, reference: str, accept_lines: list[str]) -> Plan | None:
         accepted = accepted_types(accept_lines)
@@ -143,9 +135,11 @@ class ManifestFront:
         return upstream_unreachable(registry, reason, reference)
 
     def close(self) -> None:
-        """Revalidations under way stop. The tag cache and the client are their owner's to close."""
+        """Revalidations under way stop, and nobody waits for this front's answers any more. The tag
+        cache and the client are their owner's to close."""
         for task in self._revalidations.values():
             task.cancel()
+        self.flights.close()
 
     def _serve(self, registry: Registry, entry: TagEntry, cache: str) -> Plan:
         return Plan(entry.digest, self.manifests.get(registry.name, entry.digest), cache)
@@ -155,9 +149,20 @@ class ManifestFront:
         task = self._revalidations.get(key)
         if task is None:
             task = self._revalidations[key] = asyncio.get_running_loop().create_task(
-                self._head(registry, repository, tag, accept))
+                self.flights.revalidation(key, lambda: self._revalidate(registry, repository, tag, accept)))
             task.add_done_callback(lambda _: self._revalidations.pop(key, None))
-        return await asyncio.shield(task)
+        outcome = await asyncio.shield(task)
+        # Outcomes are text, so that another replica can read them: "<digest>", "gone", "failed <why>".
+        if outcome.startswith("failed "):
+            raise RevalidationFailed(outcome.removeprefix("failed "))
+        return None if outcome == "gone" else outcome
+
+    async def _revalidate(self, registry: Registry, repository: str, tag: str, accept: str) -> str:
+        try:
+            digest = await self._head(registry, repository, tag, accept)
+        except RevalidationFailed as e:
+            return f"failed {e}"
+        return "gone" if digest is None else digest
 
     async def _head(self, registry: Registry, repository: str, tag: str, accept: str) -> str | None:
         """The digest the upstream's tag names now (None: no such tag); RevalidationFailed when

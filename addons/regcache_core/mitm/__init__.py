@@ -41,7 +41,7 @@ def make_addons() -> list:
     hits = HitMarker()
     services = Services(settings, metrics, hits.in_flight.upstream_blob_fetch)
     metrics.watch_spool_downloads(services.downloads_running)
-    budget = DiskBudget(settings, metrics)
+    budget = DiskBudget(settings, metrics, services)
     recorder = Recorder(metrics, {"pull log": services.log_pull, "metrics": metrics.observe, "disk budget": budget.record})
     access, router, handoff = ClientAccess(settings, metrics), Router(settings, signer), DataPlaneHandoff(settings, services)
     single_flight = SingleFlight(settings, services, metrics)

@@ -1,14 +1,21 @@
 """DiskBudget: records each client pull of cached content (a Recorder sink) and runs the disk
 budget and the caches' free-space checks (regcache_core/budget/) in a thread of its own, never
-on mitmproxy's event loop."""
+on mitmproxy's event loop.
+
+With replicas, pulls are recorded in Redis too (cluster/usage.py; the ones Redis missed while
+down are sent when it is back), eviction ranks by the cluster's records, and a run takes the
+eviction lease first: one replica at a time evicts from the storage they share. While Redis is
+down a replica runs alone on its own records, as one node."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from mitmproxy import http
@@ -17,6 +24,8 @@ from ..budget import report
 from ..budget.disk import DiskWatch
 from ..budget.enforce import CacheBudget, enforce, summary
 from ..budget.usage import UsageStore, usage_file
+from ..cluster.link import SharedStateDown
+from ..cluster.usage import EVICTION, SharedUsage
 from ..objectstore.blobs import PRESIGNED_FOR
 from ..objectstore.client import StoreUnreachable
 from ..objectstore.tree import ObjectTree
@@ -24,6 +33,7 @@ from ..stack.caches import local_backends
 from ..observe.metrics import Metrics
 from ..observe.pull_log import PullRecord
 from .flow_notes import note
+from .services import Services
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -33,12 +43,14 @@ TICK = 0.5  # seconds between looks at whether a run is due
 # A warm blob of an object store handed to a client by a URL (the data plane's, a presigned one)
 # is read after the proxy's answer: it stays for as long as such a URL is valid.
 HANDED_OUT_FOR = PRESIGNED_FOR
+LOOP_WAIT = 10.0  # seconds the worker waits for a Redis call on the event loop (which has its own, shorter, deadline)
 
 
 class DiskBudget:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, services: Services) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.services = services  # with replicas: the shared usage records and the eviction lease
         # One thread: the usage store's SQLite connection belongs to it, and runs never overlap.
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="regcache-budget")
         self.usage: UsageStore | None = None
@@ -54,6 +66,8 @@ class DiskBudget:
         self._queued_run: Future | None = None
         self._blob_pulled: float | None = None  # monotonic time of a blob pull no run has followed yet
         self._timer: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # where Redis calls run, for the worker
+        self._unshared: dict[tuple[str, str, str], tuple[str, float]] = {}  # uses Redis has not had (the worker's)
 
     def configure(self, updated: set[str]) -> None:
         if (config := self.settings.loaded(updated)) is None:
@@ -71,6 +85,7 @@ class DiskBudget:
             self.worker.submit(self._open_usage, config)
 
     async def running(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._timer = asyncio.create_task(self._every())
 
     def done(self) -> None:
@@ -78,6 +93,7 @@ class DiskBudget:
             self._timer.cancel()
         if self._queued_run is not None:
             self._queued_run.cancel()  # a run not started yet would only delay the exit
+        self._loop = None  # stopping: the last tick's uses go to this replica's store only
         self.worker.submit(self._write_uses)  # the last tick's
         self.worker.shutdown(wait=False)
 
@@ -156,6 +172,33 @@ class DiskBudget:
                 self.usage.record((*key, kind, used) for key, (kind, used) in uses.items())
         except sqlite3.Error as e:
             logger.error(f"regcache: cannot record a pull in {usage_file(self.settings.config.data_dir)}: {e}")
+        self._share_uses(uses)
+
+    def _share_uses(self, uses: dict[tuple[str, str, str], tuple[str, float]]) -> None:
+        if (shared := self.services.shared_usage) is None:
+            self._unshared = {}
+            return
+        for key, (kind, used) in uses.items():
+            if key not in self._unshared or self._unshared[key][1] < used:
+                self._unshared[key] = (kind, used)
+        if not self._unshared:
+            return
+        try:
+            self._on_loop(shared.record([(*key, kind, used) for key, (kind, used) in self._unshared.items()]))
+        except SharedStateDown:
+            return  # kept for the next tick
+        self._unshared = {}
+
+    def _on_loop(self, call):
+        """Run a Redis call (a coroutine) on the event loop and wait for it, from the worker.
+        Raises SharedStateDown, also when the loop cannot run it (it is stopping)."""
+        if (loop := self._loop) is None:
+            call.close()
+            raise SharedStateDown("stopping")
+        try:
+            return asyncio.run_coroutine_threadsafe(call, loop).result(LOOP_WAIT)
+        except (TimeoutError, RuntimeError):  # RuntimeError: the loop is closed
+            raise SharedStateDown("no answer in time") from None
 
     def _run(self) -> None:
         self._queued_run = None
@@ -165,7 +208,21 @@ class DiskBudget:
             config = self.settings.config
             if self.usage is None or (config.max_disk is None and all(c.budget is None for c in self.caches)):
                 return
-            results = enforce(self.caches, config.max_disk, self.usage, self._is_sending)
+            lease = None
+            records = self.usage
+            if (leases := self.services.leases) is not None:
+                try:
+                    if (lease := self._on_loop(leases.take(EVICTION))) is None:
+                        return  # another replica is running the budget over the storage they share
+                    records = ClusterRecords(self._on_loop, self.services.shared_usage, self.usage)
+                except SharedStateDown:
+                    pass  # this replica alone, on its own records
+            try:
+                results = enforce(self.caches, config.max_disk, records, self._is_sending)
+            finally:
+                if lease is not None:
+                    with contextlib.suppress(SharedStateDown):  # it lapses by itself
+                        self._on_loop(lease.end())
             for r in results:
                 self.metrics.budget_run(r.registry, r.used, r.budget, r.evicted.blobs, r.evicted.bytes)
             if line := summary(results, config.max_disk):
@@ -178,3 +235,18 @@ class DiskBudget:
         except Exception:
             logger.exception("regcache: disk budget run failed")
 
+
+class ClusterRecords:
+    """The usage records a run ranks by, with replicas: the cluster's, or this replica's own if
+    Redis goes away mid-run."""
+
+    def __init__(self, on_loop: Callable, shared: SharedUsage, own: UsageStore) -> None:
+        self.on_loop = on_loop  # DiskBudget._on_loop
+        self.shared = shared
+        self.own = own
+
+    def blob_last_use(self, registry: str) -> dict[str, float]:
+        try:
+            return self.on_loop(self.shared.blob_last_use(registry))
+        except SharedStateDown:
+            return self.own.blob_last_use(registry)

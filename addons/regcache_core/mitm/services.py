@@ -9,9 +9,11 @@ an earlier config closed first), and closed here once when mitmproxy stops; no a
 Addons look them up when a request needs them, so no addon's `configure` depends on another's.
 
 Addons see them through narrow interfaces: UpstreamStatus (upstream/state.py), UpstreamAnswers
-(upstream/signals.py), TagStore (manifests/tags.py), BlobFlights (here) and the pull log as a
-Recorder sink. One node's implementations live in this process; replicas put some of them on
-shared state behind the same interfaces.
+(upstream/signals.py), TagStore (manifests/tags.py), ReferenceFlights (manifests/flights.py),
+BlobFlights (here) and the pull log as a Recorder sink. On one node their implementations live
+in this process; with replicas (`config.cluster`) the upstream state, the tags, the reference
+flights, the blob flights and the usage records are the shared ones of cluster/, each going on
+with this replica's own while Redis is down.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ from typing import Protocol
 
 from ..cluster.blob_flights import ClusterSpools, PeerSpool
 from ..cluster.blob_leases import BlobLeases
+from ..cluster.flights import SharedFlights
+from ..cluster.leases import Leases, replica_id
 from ..cluster.link import RedisLink
+from ..cluster.tags import SharedTags
+from ..cluster.upstream import SharedUpstreamState
+from ..cluster.usage import SharedUsage
 from ..config import Registry
 from ..manifests.by_digest import ManifestCache
 from ..manifests.front import ManifestFront
@@ -37,7 +44,7 @@ from ..spool.table import SPOOL_DIR, Key, Spool, SpoolTable
 from ..upstream.auth import MAX_TOKEN_RESPONSE, TokenStore, UpstreamAuth
 from ..upstream.client import UpstreamClient
 from ..upstream.signals import UpstreamAnswers
-from ..upstream.state import UpstreamState
+from ..upstream.state import UpstreamState, UpstreamStatus
 from .settings import Settings
 
 TOKEN_STORE = "upstream-tokens"  # folder in the data dir
@@ -95,13 +102,17 @@ class Services:
         self.blob_fetched = blob_fetched  # (registry, repository, digest): HitMarker's InFlight.upstream_blob_fetch
         # For the process's life:
         self.upstream_client = UpstreamClient()  # token fetches, challenges, tag HEADs, probes
-        self.upstream_state = UpstreamState(metrics, self.upstream_client.ping)
+        self.own_upstream_state = UpstreamState(metrics, self.upstream_client.ping)
+        self.upstream_state: UpstreamStatus = self.own_upstream_state  # with replicas, the shared one
+        self.replica = replica_id()  # who holds a lease, who sent a message
         # For one config:
         self.upstream: UpstreamAnswers | None = None
         self.manifests: ManifestFront | None = None
         self.blobs: BlobFlights | None = None  # with the data plane only
         self.pull_log: PullLog | None = None
-        self.shared_state: RedisLink | None = None  # with replicas only
+        self.shared_state: RedisLink | None = None  # with replicas only:
+        self.leases: Leases | None = None
+        self.shared_usage: SharedUsage | None = None
         self.stored_blobs: StoredBlobs | None = None  # with caches on an object store only
         self.store_health: StoreHealth | None = None  # the same
         self._closing: set[asyncio.Task] = set()  # closes of an earlier config's links, kept: tasks are weakly held
@@ -111,16 +122,23 @@ class Services:
             return
         self._close_config()
         self.metrics.registries_known([r.name for r in config.registries])
+        tags = TagCache(config.data_dir / TAG_STORE, config.tag_ttl)
+        flights = None
         if config.cluster is not None:
-            self.shared_state = RedisLink(config.cluster.redis_url, config.cluster.redis_timeout,
-                                          self.metrics.shared_state_up)
+            link = self.shared_state = RedisLink(config.cluster.redis_url, config.cluster.redis_timeout,
+                                                 self.metrics.shared_state_up)
             self.metrics.shared_state_up(True)
+            self.leases = Leases(link, self.replica)
+            self.shared_usage = SharedUsage(link)
+            self.upstream_state = SharedUpstreamState(link, self.own_upstream_state, self.replica)
+            tags = SharedTags(link, tags)
+            flights = SharedFlights(self.leases, tags.flush)
         self.upstream_client.timeout = config.upstream_timeout
         auth = UpstreamAuth(TokenStore(config.data_dir / TOKEN_STORE), self._fetch_token, on_token_fetch=self.metrics.token_fetch,
                             challenge_timeout=config.upstream_timeout)
         self.upstream = UpstreamAnswers(auth, self.upstream_state, self.metrics)
-        self.manifests = ManifestFront(TagCache(config.data_dir / TAG_STORE, config.tag_ttl),
-                                       ManifestCache(config.manifest_cache_bytes), self.upstream_client, self.upstream)
+        self.manifests = ManifestFront(tags, ManifestCache(config.manifest_cache_bytes), self.upstream_client,
+                                       self.upstream, flights)
         if config.dataplane is not None:
             table = SpoolTable(config.data_dir / SPOOL_DIR, config.spool_max_disk)
             self.blobs = Spools(SpoolDownloads(table, self.upstream, self.blob_fetched, config.upstream_timeout),
@@ -137,7 +155,7 @@ class Services:
     async def done(self) -> None:
         self._close_config()
         await asyncio.gather(*self._closing)
-        self.upstream_state.close()
+        self.own_upstream_state.close()
         await self.upstream_client.close()
 
     def downloads_running(self) -> int:
@@ -168,8 +186,10 @@ class Services:
     def _close_config(self) -> None:
         """Close what the last config built."""
         if self.shared_state is not None:
+            self.upstream_state.close()
+            self.upstream_state = self.own_upstream_state
             self._close_later(self.shared_state.close())
-            self.shared_state = None
+            self.shared_state = self.leases = self.shared_usage = None
         if self.stored_blobs is not None:
             self.store_health.close()
             self._close_later(self.stored_blobs.close())

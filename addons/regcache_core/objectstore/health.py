@@ -13,7 +13,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from ..upstream.state import RETRY_EVERY, _warn
+from ..observe import warn
+from ..upstream.state import RETRY_EVERY
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class StoreHealth:
         if not first:
             return
         self._on_change(False)
-        _warn("the object store %s is unreachable (%s): warm pulls of its caches get 503; retrying every %g s",
+        warn(logger, "the object store %s is unreachable (%s): warm pulls of its caches get 503; retrying every %g s",
               self.where, reason, self._retry_every)
         self._retrying = asyncio.get_running_loop().create_task(self._retry())
 
@@ -57,4 +58,4 @@ class StoreHealth:
             else:
                 self.reason, self._retrying = None, None
                 self._on_change(True)
-                _warn("the object store %s is reachable again", self.where)
+                warn(logger, "the object store %s is reachable again", self.where)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from ..observe import warn
 from ..observe.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,8 @@ class UpstreamState:
         self._retry_every = retry_every
         self._down: dict[str, str] = {}  # registry name -> reason
         self._probes: dict[str, asyncio.Task] = {}
+        # (registry, upstream, reason or None when back) on each change: how replicas tell each other
+        self.on_change: Callable[[str, str, str | None], None] = lambda registry, upstream, reason: None
 
     def reason_down(self, registry: str) -> str | None:
         """Why `registry`'s upstream is down, or None while it is up (or not known to be down)."""
@@ -74,7 +76,8 @@ class UpstreamState:
             return
         self._down[registry] = reason
         self.metrics.upstream_up(registry, False)
-        _warn("upstream %s of %s is unreachable (%s): serving what the cache holds; retrying every %g s",
+        self.on_change(registry, upstream, reason)
+        warn(logger, "upstream %s of %s is unreachable (%s): serving what the cache holds; retrying every %g s",
               upstream, registry, reason, self._retry_every)
         self._probes[registry] = asyncio.get_running_loop().create_task(self._retry(registry, upstream))
 
@@ -83,7 +86,8 @@ class UpstreamState:
         self.metrics.upstream_up(registry, True)
         if self._down.pop(registry, None) is None:
             return
-        _warn("upstream %s of %s is reachable again", upstream, registry)
+        self.on_change(registry, upstream, None)
+        warn(logger, "upstream %s of %s is reachable again", upstream, registry)
         if (probe := self._probes.pop(registry, None)) is not None and probe is not asyncio.current_task():
             probe.cancel()
 
@@ -106,11 +110,3 @@ class UpstreamState:
             else:
                 self._probes.pop(registry, None)
                 self.answered(registry, upstream)
-
-
-def _warn(message: str, *args) -> None:
-    logger.warning(message, *args)
-    # mitmproxy's terminal log prints without flushing; a pipe or a container's log would hold
-    # the line back until some buffer fills.
-    sys.stdout.flush()
-    sys.stderr.flush()

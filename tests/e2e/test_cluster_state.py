@@ -1,0 +1,206 @@
+"""Replicas' shared state (issue 19), end to end on the cluster test bed (tests/support/cluster.py):
+three `regcache up` in network namespaces of their own behind HAProxy, one redis-server, one
+upstream, one cache storage.
+
+Tags, cold manifests and the disk budget are the cluster's: what reached the upstream is read
+from its access log, whichever replicas the balancer sent the clients to. Redis killed or
+paused under load fails no pull and is said once per replica; once it is back, the replicas
+share state again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from datetime import datetime
+
+import pytest
+
+from tests.support.cluster import Cluster
+from tests.support.parts import (
+    MANIFEST_TYPES, PORT_BASES, Upstream, at_once, build_image, build_multiarch_image, cache_holds, http_get, poll,
+    push_index, skopeo, storage_bytes,
+)
+
+PORT = PORT_BASES["test_cluster_state"]
+TTL = 3.0
+BUDGET = 40 << 20  # three of the budget test's 11 MiB images fit, four do not: one goes
+REDIS_DOWN = "unreachable"  # in the link's warning line
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with Cluster(tmp_path_factory.mktemp("cluster-state"), PORT,
+                 settings={"REGCACHE_TAG_TTL": str(TTL), "REGCACHE_MAX_DISK": "40M"}) as cluster:
+        yield cluster
+
+
+def manifest(address: str, name: str, reference: str) -> tuple[int, dict, bytes]:
+    """A manifest GET on a connection of its own: through the balancer (127.0.0.1), or to one replica."""
+    return http_get(f"http://{address}:{PORT}/v2/{name}/manifests/{reference}", host=f"docker.io.regcache.test:{PORT}",
+                    headers={"Accept": MANIFEST_TYPES})
+
+
+def pulled_digest(cluster: Cluster, reference: str, destination) -> tuple[int, str, str | None]:
+    """skopeo copy through the balancer: (exit status, its error output, the manifest digest it stored)."""
+    result = skopeo("copy", "--src-tls-verify=false", f"docker://{cluster.host}/{reference}", f"oci:{destination}", timeout=180)
+    if result.returncode != 0:
+        return result.returncode, result.stderr, None
+    return 0, "", json.loads((destination / "index.json").read_text())["manifests"][0]["digest"]
+
+
+def pull_from(address: str, image) -> None:
+    """A pull from one replica, as a client makes it: the manifest by tag, then each blob (a warm
+    or cold one's 307 to that replica's data plane followed), every digest checked."""
+    status, _, body = manifest(address, image.name, image.tag)
+    assert (status, "sha256:" + hashlib.sha256(body).hexdigest()) == (200, image.manifest_digest)
+    for digest in image.blob_digests:
+        status, _, blob = http_get(f"http://{address}:{PORT}/v2/{image.name}/blobs/{digest}",
+                                   host=f"docker.io.regcache.test:{PORT}", timeout=120)
+        assert (status, "sha256:" + hashlib.sha256(blob).hexdigest()) == (200, digest)
+
+
+def manifest_requests(upstream: Upstream, since: int, references) -> tuple[list, list]:
+    asked = [line for line in upstream.access_log()[since:]
+             if "/manifests/" in line.path and line.path.rsplit("/", 1)[1] in references]
+    return [line for line in asked if line.method == "HEAD"], [line for line in asked if line.method == "GET"]
+
+
+def asked_by_each_replica(cluster: Cluster, name: str) -> list[int]:
+    return [replica.index for replica in cluster.replicas
+            if replica.pull_records_until(lambda records: any(r["repository"] == name for r in records), timeout=5)]
+
+
+def cold_pulls_over_the_replicas(cluster: Cluster, tmp_path, name: str) -> None:
+    """8 concurrent cold pulls of a multi-arch tag through the balancer: every one gets the right
+    digest; at most one HEAD and one GET upstream per manifest for them all."""
+    image = build_multiarch_image(tmp_path / "image", name, "1.0", ["amd64", "arm64"])
+    for platform in image.platforms.values():
+        cluster.upstream.push(platform)
+    push_index(image, cluster.upstream.url)
+    amd64 = image.platforms["amd64"]
+    since = len(cluster.upstream.access_log())
+    results = at_once(8, lambda i: pulled_digest(cluster, image.reference, tmp_path / f"pulled-{i}"))
+    assert results == [(0, "", amd64.manifest_digest)] * 8
+    assert asked_by_each_replica(cluster, image.name) == [0, 1, 2]
+    for references in ((image.tag, image.index_digest), (amd64.manifest_digest,)):
+        heads, gets = manifest_requests(cluster.upstream, since, references)
+        assert len(heads) <= 1 and len(gets) <= 1, (references, heads, gets)
+
+
+def test_tag_gets_over_the_replicas_ask_upstream_nothing_within_the_ttl_and_once_after(cluster, tmp_path):
+    # A replica asks the upstream for its challenge (`GET /v2/`) with its first request there, as
+    # every replica in service has done: each one's, with an image of its own, before counting.
+    for replica in cluster.replicas:
+        own = build_image(tmp_path / f"own-{replica.index}", f"library/own-{replica.index}", [("etc/content", b"own")])
+        cluster.upstream.push(own)
+        pull_from(replica.address, own)
+    image = build_image(tmp_path / "image", "library/shared-tag", [("etc/content", b"shared tag")])
+    cluster.upstream.push(image)
+    pull_from(cluster.replicas[0].address, image)
+    since = len(cluster.upstream.access_log())
+    answers = [manifest("127.0.0.1", image.name, image.tag) for _ in range(50)]
+    assert {(status, headers["Docker-Content-Digest"]) for status, headers, _ in answers} == {(200, image.manifest_digest)}
+    assert asked_by_each_replica(cluster, image.name) == [0, 1, 2]
+    assert cluster.upstream.access_log()[since:] == [], "a tag learnt by one replica is fresh on the others"
+    time.sleep(TTL + 0.5)
+    since = len(cluster.upstream.access_log())
+    answers = at_once(50, lambda _: manifest("127.0.0.1", image.name, image.tag))
+    assert {(status, headers["Docker-Content-Digest"]) for status, headers, _ in answers} == {(200, image.manifest_digest)}
+    asked = [(line.method, line.path) for line in cluster.upstream.access_log()[since:]]
+    assert asked == [("HEAD", f"/v2/{image.name}/manifests/{image.tag}")], "one revalidation for the cluster"
+
+
+def test_concurrent_cold_pulls_over_the_replicas_make_one_upstream_request_per_manifest(cluster, tmp_path):
+    cold_pulls_over_the_replicas(cluster, tmp_path, "library/rollout")
+
+
+def test_an_upstream_found_down_by_one_replica_is_down_on_all_and_back_likewise(cluster):
+    """Replica 0 finds the upstream gone (a cold manifest its cache must fetch); the others are
+    told, ask nothing of it and say so once; a probe's answer brings it back on all."""
+    lines_before = [len(replica.output) for replica in cluster.replicas]
+
+    def upstream_states() -> list[str]:
+        return [json.loads(replica.admin("/ready")[2])["upstreams"]["docker.io"] for replica in cluster.replicas]
+
+    cluster.upstream.stop()
+    try:
+        status, _, _ = manifest(cluster.replicas[0].address, "library/unseen", "1.0")
+        assert status == 503
+        assert poll(upstream_states, lambda states: all(s.startswith("down") for s in states)) == ["down: refused"] * 3
+    finally:
+        cluster.upstream.start()
+    assert poll(upstream_states, lambda states: states == ["up"] * 3, timeout=30) == ["up"] * 3
+    for replica, before in zip(cluster.replicas, lines_before):
+        said = [line for line in replica.output[before:] if "upstream http://" in line]
+        assert ["unreachable" in line for line in said] == [True, False], said  # once down, once back
+        asked = [r for r in replica.pull_records() if r["repository"] == "library/unseen"]
+        assert len(asked) == (1 if replica.index == 0 else 0)
+
+
+@pytest.mark.parametrize("outage", ["killed", "paused"])
+def test_redis_gone_under_load_fails_no_pull_is_said_once_and_sharing_resumes_when_it_is_back(cluster, tmp_path, outage):
+    """Killed: connections refused. Paused (SIGSTOP): it accepts connections and answers nothing,
+    so the call that finds it so waits REGCACHE_REDIS_TIMEOUT, and no other call does."""
+    image = build_image(tmp_path / "image", f"library/redis-{outage}", [("etc/content", outage.encode())])
+    cluster.upstream.push(image)
+    assert pulled_digest(cluster, image.reference, tmp_path / "warm")[0] == 0
+    lines_before = [len(replica.output) for replica in cluster.replicas]
+
+    def pull_while(index: int) -> list:
+        got = []
+        for round_ in range(6):
+            got.append(pulled_digest(cluster, image.reference, tmp_path / f"load-{index}-{round_}"))
+            got.append(manifest("127.0.0.1", image.name, image.tag)[0])
+            if index == 0 and round_ == 1:
+                cluster.redis.kill() if outage == "killed" else cluster.redis.pause()
+        return got
+
+    try:
+        results = at_once(4, pull_while)
+        assert {r for got in results for r in got} == {(0, "", image.manifest_digest), 200}, "no pull failed"
+        for replica in cluster.replicas:
+            shared_state = poll(lambda: json.loads(replica.admin("/ready")[2])["shared_state"], lambda state: state.startswith("down"))
+            assert shared_state.startswith("down"), (replica.index, shared_state)
+    finally:
+        if cluster.redis.process is None:  # killed
+            cluster.redis.start()
+        else:
+            cluster.redis.resume()
+    for replica in cluster.replicas:
+        shared_state = poll(lambda: json.loads(replica.admin("/ready")[2])["shared_state"], lambda state: state == "ok", timeout=30)
+        assert shared_state == "ok", (replica.index, shared_state)
+    for replica, before in zip(cluster.replicas, lines_before):
+        said = [line for line in replica.output[before:] if "shared state" in line]
+        assert [REDIS_DOWN in line for line in said] == [True, False], said  # once down, once back
+    cold_pulls_over_the_replicas(cluster, tmp_path, f"library/after-redis-{outage}")
+
+
+def test_the_budget_evicts_what_the_cluster_pulled_least_recently_from_the_shared_storage(cluster, tmp_path):
+    """p is pulled through replica 0, q through replica 1, r through replica 0; then p again
+    through 1 and q through 0, and w through 2 pushes the storage past the budget. By the
+    cluster's pulls r goes; by any replica's own, p or q would (or none, on replica 2)."""
+    storage = cluster.storage / "dockerhub"
+    images = {}
+    for name in "pqrw":
+        images[name] = build_image(tmp_path / name, f"library/budget-{name}", [("layer.bin", 11 << 20)])
+        cluster.upstream.push(images[name])
+
+    def held(name: str) -> bool:
+        return cache_holds(storage, images[name].blob_digests[-1], timeout=0)
+
+    pulled = {}
+    for name, replica in (("p", 0), ("q", 1), ("r", 0), ("p", 1), ("q", 0), ("w", 2)):
+        pulled[name, replica] = time.time()
+        pull_from(cluster.replicas[replica].address, images[name])
+        assert poll(lambda: held(name), bool, timeout=30)
+    assert poll(lambda: storage_bytes(storage), lambda used: used <= BUDGET, timeout=60, every=0.5) <= BUDGET
+    evicted = poll(lambda: [(replica.index, line) for replica in cluster.replicas for line in replica.output
+                            if "disk budget: evicted" in line], bool)
+    assert [held(name) for name in "pqrw"] == [True, True, False, True], ("r was the cluster's least recently pulled", evicted)
+    # `regcache cache ls` on replica 0 says when p was last pulled: through replica 1
+    ls = json.loads(cluster.replicas[0].command("cache", "ls", "--json").stdout)
+    [p] = [r for r in ls["caches"][0]["repositories"] if r["repository"] == images["p"].name]
+    [tag] = p["tags"]
+    assert datetime.fromisoformat(tag["last_pulled"]).timestamp() >= int(pulled["p", 1])
