@@ -41,6 +41,18 @@ def upstream_requests(upstream: Upstream, digest: str, settle: float = 1.0) -> t
     return counts
 
 
+def cold_pulls(upstream: Upstream, base: str, storage: Path, digest: str, clients: int, size: int) -> tuple[float, str]:
+    """`clients` GET the cold blob `digest` at once from the registry at `base` (following 307s,
+    each checking its bytes); returns the seconds until the last had it, and the upstream's
+    "GETs / HEADs" of it, counted once the cache (its storage at `storage`) has stored it."""
+    before = upstream_requests(upstream, digest)
+    seconds = fetch_in_parallel(f"{base}/v2/{REPOSITORY}/blobs/{digest}", clients, size, digest, timeout=600)
+    if not cache_holds(storage, digest, timeout=300):
+        raise TimeoutError(f"{base} did not store the blob in {storage} within 300s")
+    after = upstream_requests(upstream, digest)
+    return seconds, f"{after[0] - before[0]} / {after[1] - before[1]}"
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """User and system CPU seconds of these processes so far (utime and stime of /proc/PID/stat)."""
     total = 0
@@ -92,17 +104,11 @@ def main() -> None:
                         ("registry:2 alone", alone.url, alone.storage),
                         ("regcache", f"http://docker.io.{TEST_DOMAIN}:{PROXY_PORT}", bench.stack.data_dir / "dockerhub" / "storage"),
                     ):
-                        before = upstream_requests(bench.upstream, digest)
                         cpu_before = {part: cpu_seconds(pids) for part, pids in regcache_pids.items()}
-                        seconds[name] = fetch_in_parallel(f"{base}/v2/{REPOSITORY}/blobs/{digest}", clients, size, digest,
-                                                          timeout=600)
-                        if not cache_holds(storage, digest, timeout=300):
-                            raise TimeoutError(f"{name} did not store the blob")
+                        seconds[name], counts[name] = cold_pulls(bench.upstream, base, storage, digest, clients, size)
                         if name == "regcache":
                             cpu = {part: (cpu_seconds(pids) - cpu_before[part]) / (size / 2**30)
                                    for part, pids in regcache_pids.items()}
-                        after = upstream_requests(bench.upstream, digest)
-                        counts[name] = f"{after[0] - before[0]} / {after[1] - before[1]}"
                     rows.append((link, clients, counts, seconds, cpu))
                     print(f"{link}, {clients} client(s): done", flush=True)
         finally:

@@ -251,16 +251,20 @@ class Balancer:
             stop_process(self.process)
             self.process = None
 
-    def states(self) -> dict[int, str]:
-        """Each replica's state as HAProxy's checks see it: "UP", "DOWN", or on the way ("UP 1/2")."""
+    def command(self, line: str) -> str:
+        """One command on HAProxy's admin socket (e.g. "disable server replicas/replica-1"); its reply."""
         with socket.socket(socket.AF_UNIX) as connection:
             connection.settimeout(5)
             connection.connect(str(self.admin_socket))
-            connection.sendall(b"show stat\n")
+            connection.sendall(f"{line}\n".encode())
             reply = b""
             while chunk := connection.recv(65536):
                 reply += chunk
-        rows = csv.DictReader(reply.decode().removeprefix("# ").splitlines())
+        return reply.decode()
+
+    def states(self) -> dict[int, str]:
+        """Each replica's state as HAProxy's checks see it: "UP", "DOWN", or on the way ("UP 1/2")."""
+        rows = csv.DictReader(self.command("show stat").removeprefix("# ").splitlines())
         return {int(row["svname"].removeprefix("replica-")): row["status"]
                 for row in rows if row["pxname"] == "replicas" and row["svname"].startswith("replica-")}
 
