@@ -5,10 +5,10 @@ bridge, one redis-server, HAProxy in front, one shared storage).
     sudo .venv/bin/python -m scripts.bench_cluster [--requests 100] [--rounds 2] [--size-mib 128] [--time-limit 900]
 
 1. Manifest GETs by tag, fresh within the TTL, from 32 clients on kept-alive connections: through
-   one node without Redis (its own loopback), through HAProxy with one replica in rotation (the
-   others in maintenance) and with all three. Printed: GETs per second, p50/p99, the proxy CPU
-   per GET (the sum of every replica's mitmdump CPU time over the GETs), what that makes per CPU
-   second of one core, and HAProxy's CPU per GET. Rounds alternate between the targets, so that
+   one node without Redis (its own loopback), straight to one replica, through HAProxy with one
+   replica in rotation (the others in maintenance) and with all three. Printed: GETs per second,
+   p50/p99, the proxy CPU per GET (the sum of every replica's mitmdump CPU time over the GETs),
+   what that makes per CPU second of one core, and HAProxy's CPU per GET. Rounds alternate between the targets, so that
    load from elsewhere on the machine falls on all alike.
 2. A cold blob (a new random one each) GET by --clients clients at once, following the 307s:
    through HAProxy (the clients spread round-robin over the replicas), from the single node, and
@@ -86,11 +86,12 @@ def main() -> None:
         replicas = set(range(len(cluster.replicas)))
         node_proxy, balancer = [node.child("mitmdump")], [cluster.balancer.process.pid]
         replica_proxies = [replica.child("mitmdump") for replica in cluster.replicas]
-        # name: (port, rotation (None: not the cluster), the proxies whose CPU counts)
+        # name: (address, port, HAProxy's rotation (None: HAProxy not in the way), the proxies whose CPU counts)
         targets = {
-            "one node, no Redis": (NODE_PORT, None, node_proxy),
-            "1 replica, HAProxy": (CLUSTER_PORT, {0}, replica_proxies),
-            f"{len(replicas)} replicas, HAProxy": (CLUSTER_PORT, replicas, replica_proxies),
+            "one node, no Redis": ("127.0.0.1", NODE_PORT, None, node_proxy),
+            "1 replica, direct": (cluster.replicas[0].address, CLUSTER_PORT, None, replica_proxies),
+            "1 replica, HAProxy": ("127.0.0.1", CLUSTER_PORT, {0}, replica_proxies),
+            f"{len(replicas)} replicas, HAProxy": ("127.0.0.1", CLUSTER_PORT, replicas, replica_proxies),
         }
         for port in (NODE_PORT, CLUSTER_PORT):  # the tag known, and every proxy past its first, slower requests
             pull_seconds(f"{HOST}:{port}", image.reference, workdir)
@@ -98,12 +99,12 @@ def main() -> None:
         measured = {name: {"latencies": [], "wall": 0.0, "proxy": 0.0, "haproxy": 0.0} for name in targets}
         load_during = []
         for _ in range(args.rounds):
-            for name, (port, rotation, proxies) in targets.items():
+            for name, (address, port, rotation, proxies) in targets.items():
                 if rotation is not None:
                     put_in_rotation(cluster, rotation)
                 proxy_before, balancer_before = cpu_seconds(proxies), cpu_seconds(balancer)
                 started = time.perf_counter()
-                values = latencies(port, f"{HOST}:{port}", tag_path, MANIFEST_CLIENTS, args.requests)
+                values = latencies(port, f"{HOST}:{port}", tag_path, MANIFEST_CLIENTS, args.requests, address)
                 figures = measured[name]
                 figures["wall"] += time.perf_counter() - started
                 figures["latencies"] += values
@@ -135,7 +136,7 @@ def main() -> None:
     for name, figures in measured.items():
         count = len(figures["latencies"])
         per_get = figures["proxy"] / count
-        haproxy = f"{figures['haproxy'] / count * 1000:12.3f} ms" if targets[name][1] is not None else ""
+        haproxy = f"{figures['haproxy'] / count * 1000:12.3f} ms" if targets[name][2] is not None else ""
         print(f"{name:<22} {count / figures['wall']:7.0f} {percentile(figures['latencies'], 0.5) * 1000:7.2f} "
               f"{percentile(figures['latencies'], 0.99) * 1000:7.2f} | {per_get * 1000:10.3f} ms "
               f"{1 / per_get:14.0f} | {haproxy:>15}")

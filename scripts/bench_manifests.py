@@ -71,13 +71,14 @@ class DelayRelay:
         await asyncio.gather(pipe(client_reader, upstream_writer, True), pipe(upstream_reader, client_writer, False))
 
 
-def latencies(port: int, host: str | None, path: str, clients: int, requests: int) -> list[float]:
-    """Seconds per GET of `path`, `requests` per client, each client on one kept-alive connection."""
+def latencies(port: int, host: str | None, path: str, clients: int, requests: int,
+              address: str = "127.0.0.1") -> list[float]:
+    """Seconds per GET of `path` at `address`, `requests` per client, each client on one kept-alive connection."""
     results: list[float] = []
     errors: list[BaseException] = []
 
     def client() -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection = http.client.HTTPConnection(address, port, timeout=30)
         headers = {"Accept": MANIFEST_TYPES, **({"Host": host} if host else {})}
         try:
             for _ in range(requests):
