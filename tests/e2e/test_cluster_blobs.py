@@ -23,6 +23,7 @@ from regcache_core.dataplane.grants import GRANT_PATHS, GrantSigner, grant_key
 from regcache_core.dataplane.server import BACKEND as DATAPLANE
 from regcache_core.spool.table import SPOOL_DIR, spool_path
 from tests.e2e.test_single_flight import layer_digest_in
+from tests.support.clients import Containerd
 from tests.support.cluster import DATAPLANE_OFFSET, GATEWAY, Cluster, Replica
 from tests.support.fakes import SlowLink
 from tests.support.parts import (
@@ -105,6 +106,38 @@ def test_cold_pulls_spread_over_the_replicas_make_one_upstream_get_per_blob(worl
         assert [r["cache"] for r in records[before:] if r["status"] == 200] == ["hit"] * len(image.blob_digests)
     for digest in image.blob_digests:
         assert upstream_gets(cluster, digest) == 1
+
+
+def test_containerd_and_skopeo_pulling_one_cold_image_at_once_make_one_upstream_get_per_blob(world, tmp_path):
+    """containerd, with a hosts.toml listing the three replicas (the first answers, the 307s lead
+    to whichever replica leads each blob), and seven skopeo copies through HAProxy, at once."""
+    cluster, _ = world
+    image = build_image(tmp_path / "image", "library/mixed", [("a.bin", 2 << 20), ("b.bin", 6 << 20)])
+    cluster.upstream.push(image)
+    hosts_dir = tmp_path / "certs.d"
+    (hosts_dir / "docker.io").mkdir(parents=True)
+    (hosts_dir / "docker.io/hosts.toml").write_text(f'server = "{cluster.upstream.url}"\n' + "".join(
+        f'[host."http://{replica.address}:{replica.port}"]\n  capabilities = ["pull", "resolve"]\n'
+        for replica in cluster.replicas))
+    containerd = Containerd(tmp_path / "containerd").start()
+    try:
+        def pull(index: int):
+            if index == 0:
+                return containerd.pull(f"docker.io/{image.reference}", hosts_dir)
+            return skopeo("copy", "--src-tls-verify=false", f"docker://{cluster.host}/{image.reference}",
+                          f"oci:{tmp_path / f'pulled-{index}'}", timeout=180)
+
+        results = at_once(8, pull)
+        assert all(result.returncode == 0 for result in results), [r.stderr for r in results if r.returncode]
+        assert containerd.image_digest(f"docker.io/{image.reference}") == image.manifest_digest
+        assert containerd.unpacked(f"docker.io/{image.reference}")
+    finally:
+        containerd.stop()
+    for index in range(1, 8):
+        for digest in image.blob_digests:
+            assert layer_digest_in(tmp_path / f"pulled-{index}", digest) == digest
+    for digest in image.blob_digests:
+        assert upstream_gets(cluster, digest) == 1, f"{digest[:19]}: {cluster.upstream.requests_for(digest)}"
 
 
 def test_a_peers_signed_request_passes_the_client_rules_an_unsigned_one_never(world, tmp_path):
