@@ -78,10 +78,8 @@ class DataPlaneHandoff:
 
     async def _from_object_store(self, flow: http.HTTPFlow, target: Target) -> Answer | None:
         blobs, health, request = self.services.stored_blobs, self.services.store_health, flow.request
-        if blobs is None or target.kind != "blob" or request.method not in ("GET", "HEAD"):
-            return self.store_down(flow)
-        if health.reason is not None:
-            return self.store_down(flow)
+        if blobs is None or target.kind != "blob" or request.method not in ("GET", "HEAD") or health.reason is not None:
+            return self.store_down(flow)  # None while the store is up: the cache answers
         if request.stream or "transfer-encoding" in request.headers:
             return None  # as above
         conditional = any(name in request.headers for name in CONDITIONAL_HEADERS)
