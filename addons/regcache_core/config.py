@@ -247,6 +247,9 @@ def parse_config(values: Mapping[str, str]) -> Config:
     if not is_loopback_host(admin_host) and not read("REGCACHE_ADMIN_TOKEN"):
         raise ConfigError(f"REGCACHE_ADMIN_TOKEN: not set, but REGCACHE_ADMIN_HOST ({admin_host}) is not loopback;"
                           " set a token (e.g. `openssl rand -hex 32`) that /metrics and /ready will ask for")
+    if read("AWS_SESSION_TOKEN") and not (read("AWS_ACCESS_KEY_ID") and read("AWS_SECRET_ACCESS_KEY")):
+        raise ConfigError("AWS_SESSION_TOKEN: set without AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; a session "
+                          "token comes with the temporary keys it belongs to")
     return Config(
         domain=read("REGISTRY_DOMAIN"),
         port=port,

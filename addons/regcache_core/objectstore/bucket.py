@@ -44,7 +44,7 @@ async def _prepare(access: S3Access, store: ObjectStore, timeout: float) -> None
                 await within(timeout, put)
             await within(timeout, lambda: s3.delete_object(Bucket=store.bucket, Key=check))
         except StoreRefused as e:
-            raise _Refused(_refusal(e)) from None
+            raise _Refused(_refusal(e, access)) from None
 
 
 async def _create(s3, access: S3Access, store: ObjectStore, timeout: float) -> None:
@@ -57,12 +57,12 @@ async def _create(s3, access: S3Access, store: ObjectStore, timeout: float) -> N
             raise _Refused(f"the bucket is missing and cannot be created: {_refusal(e)}") from None
 
 
-def _refusal(error: StoreRefused) -> str:
+def _refusal(error: StoreRefused, access: S3Access | None = None) -> str:
     code = error.code
     said = f"{error.status} {code}"
     if code in _CREDENTIALS:
-        return (f"the store refused the credentials ({said}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(and AWS_SESSION_TOKEN, which temporary credentials need and which expires)")
+        token = " and AWS_SESSION_TOKEN (temporary credentials expire)" if access and access.session_token else ""
+        return f"the store refused the credentials ({said}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY{token}"
     if code == "AccessDenied" or error.status == 403:
         return (f"access denied ({said}): the credentials need s3:PutObject, s3:GetObject, s3:DeleteObject and "
                 "s3:ListBucket there (docs/storage-s3.md)")
