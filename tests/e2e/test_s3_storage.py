@@ -171,15 +171,22 @@ def test_concurrent_gets_of_a_warm_layer_share_one_read_of_the_store_and_later_o
     assert store_reads(s3) == before + 1  # the copy, not the store
 
 
-def test_a_copy_whose_bytes_are_not_the_blob_s_is_never_sent_whole(s3_stack, s3, upstream, tmp_path):
-    """The object in the store altered (same size): the copy written from it does not hash to the
-    digest, so the GETs reading it are cut short, and nothing of it stays."""
+def test_a_cold_layer_s_spool_is_kept_as_its_copy_and_a_copy_of_other_bytes_is_never_sent_whole(
+        s3_stack, s3, upstream, tmp_path):
+    """A cold pull's spool (its bytes checked) becomes the layer's copy: its first warm GET reads
+    nothing from the store. Then the object in the store altered (same size), the copy gone: the
+    copy written from it does not hash to the digest, so the GETs reading it are cut short, and
+    nothing of it stays."""
     image = build_image(tmp_path / "images", "library/altered", [("layer.bin", 3 << 20)])
     upstream.push(image)
     assert pull(DOCKER_IO, image.reference, tmp_path / "cold") == image.manifest_digest
     layer = image.blob_digests[-1]
     assert poll(lambda: blob_keys(s3, layer), bool, timeout=60)
     [key] = blob_keys(s3, layer)
+    assert (s3_stack.data_dir / COPIES_DIR / layer.replace(":", "-")) in copies_of(s3_stack)
+    before = store_reads(s3)
+    status, _, body = get_following_the_307(PORT, f"/v2/{image.name}/blobs/{layer}", DOCKER_IO)
+    assert status == 200 and hashlib.sha256(body).hexdigest() == layer[7:] and store_reads(s3) == before
     original = s3.get(BUCKET, key)
     for copy in copies_of(s3_stack):
         copy.unlink()

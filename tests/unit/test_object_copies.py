@@ -13,7 +13,7 @@ import os
 import pytest
 
 from regcache_core.objectstore.client import StoreUnreachable
-from regcache_core.objectstore.copies import LocalCopies
+from regcache_core.objectstore.copies import LocalCopies, adopt
 from regcache_core.spool.table import HOLD_BACK, SpoolBroken
 
 BLOB = os.urandom(3 << 20)
@@ -164,3 +164,23 @@ def test_the_least_recently_served_copies_go_to_make_room_and_a_blob_over_the_bo
     assert asyncio.run(run()) is None
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock") == sorted(
         d.replace(":", "-") for d in (digests[0], digests[2]))
+
+
+def test_a_sealed_spool_is_kept_as_the_copy_by_a_second_link(tmp_path):
+    spool = tmp_path / "spool"
+    spool.write_bytes(BLOB)
+    spool.chmod(0o400)  # sealed: its bytes checked (spool/table.py)
+    copies = tmp_path / "copies"
+    assert adopt(copies, 64 << 20, spool, DIGEST, len(BLOB))
+    assert not adopt(copies, 64 << 20, spool, DIGEST, len(BLOB))  # it has one
+    assert not adopt(copies, len(BLOB) - 1, spool, "sha256:" + "0" * 64, len(BLOB))  # it would not fit
+    spool.unlink()  # the spool goes after it lingered: the copy stays
+
+    async def run():
+        store = Store()
+        copy = await LocalCopies(copies, 64 << 20).open(DIGEST, len(BLOB), store.read, start=True)
+        copy.file.close()
+        return copy.progress, store.reads
+
+    assert asyncio.run(run()) == (None, 0)
+    assert (copies / DIGEST.replace(":", "-")).read_bytes() == BLOB

@@ -18,23 +18,28 @@ One file per digest in the copies folder (in the data dir), shared by the worker
   (SpoolProgress), so a copy's whole body is never sent unless the digest checked it;
 - disk use is bounded: before a copy starts, the least recently served sealed copies go until the
   new one fits (under a lock file, so workers never evict at once); a blob larger than the
-  bound gets no copy and streams from the store.
+  bound gets no copy and streams from the store;
+- a cold blob's spool, once sealed (its bytes checked: spool/table.py), becomes its copy by a
+  second link to the same file (`adopt`, from the proxy): the blob's first warm GET needs no
+  read from the store either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import logging
 import os
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..spool.table import SpoolProgress, sealed, WRITABLE
+from ..config import Config
+from ..spool.table import WRITABLE, Key, SpoolProgress, sealed
 from .client import StoreUnreachable
 
 logger = logging.getLogger(__name__)
@@ -117,9 +122,8 @@ class LocalCopies:
         """A new copy's file, locked and linked to its name: (for writing, for reading); None
         when another worker started one first, or the copies in use leave no room."""
         path = self._path(digest)
-        with open(self.directory / LOCK_FILE, "ab") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            if not self._make_room(size):
+        with _copies_lock(self.directory):
+            if not _make_room(self.directory, self.max_disk, size):
                 logger.warning("no local copy of %s (%d bytes): copies being written hold REGCACHE_S3_COPIES_MAX_DISK",
                                digest[:19], size)
                 return None
@@ -136,21 +140,6 @@ class LocalCopies:
                 return writer, open(path, "rb")
             finally:
                 temporary.unlink()
-
-    def _make_room(self, size: int) -> bool:
-        """Remove the least recently served sealed copies until `size` more bytes fit; False when
-        they cannot (copies being written hold the rest). Under the lock file."""
-        copies = []
-        for entry in os.scandir(self.directory):
-            if entry.name != LOCK_FILE and entry.is_file(follow_symlinks=False):
-                copies.append((entry.stat(follow_symlinks=False), entry.path))
-        in_use = sum(status.st_size for status, _ in copies)
-        for status, path in sorted((c for c in copies if sealed(c[0])), key=lambda c: c[0].st_mtime):
-            if in_use + size <= self.max_disk:
-                break
-            _unlink_if_same(Path(path), status)
-            in_use -= status.st_size
-        return in_use + size <= self.max_disk
 
     async def _write(self, digest: str, size: int, writer: BinaryIO, read: Callable[[], AsyncIterator[bytes]]) -> None:
         hasher = hashlib.new(digest.partition(":")[0])
@@ -176,6 +165,61 @@ class LocalCopies:
             await asyncio.to_thread(_discard, writer, self._path(digest))
             if not isinstance(e, Exception):
                 raise
+
+
+def spool_keeper(config: Config) -> Callable[[Key, Path, int], None] | None:
+    """For the proxy's SpoolTable: keeps each sealed spool of a cache on an object store as the
+    blob's copy; None when there are no copies to make."""
+    on_store = {r.name for r in config.registries if r.object_store is not None}
+    if not config.s3.copies_max_disk or not on_store:
+        return None
+    directory = config.data_dir / COPIES_DIR
+
+    def keep(key: Key, path: Path, size: int) -> None:
+        if key[0] in on_store:
+            adopt(directory, config.s3.copies_max_disk, path, key[2], size)
+    return keep
+
+
+def adopt(directory: Path, max_disk: int, sealed_file: Path, digest: str, size: int) -> bool:
+    """Keep a sealed spool of a blob (spool/table.py: every byte there, hashing to `digest`) as its
+    copy, by a second link to the same file (no byte copied), when the blob has none and it fits.
+    Whether it did. Blocking: for the spool's own thread."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _copies_lock(directory):
+        if not _make_room(directory, max_disk, size):
+            return False
+        try:
+            os.link(sealed_file, directory / digest.replace(":", "-"))
+        except FileExistsError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _copies_lock(directory: Path) -> Iterator[None]:
+    """Held while copies are removed to make room and a new one is made: one process at a time."""
+    with open(directory / LOCK_FILE, "ab") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def _make_room(directory: Path, max_disk: int, size: int) -> bool:
+    """Remove the least recently served sealed copies until `size` more bytes fit; False when
+    they cannot (copies being written hold the rest). Under the lock file."""
+    if size > max_disk:
+        return False
+    copies = []
+    for entry in os.scandir(directory):
+        if entry.name != LOCK_FILE and entry.is_file(follow_symlinks=False):
+            copies.append((entry.stat(follow_symlinks=False), entry.path))
+    in_use = sum(status.st_size for status, _ in copies)
+    for status, path in sorted((c for c in copies if sealed(c[0])), key=lambda c: c[0].st_mtime):
+        if in_use + size <= max_disk:
+            break
+        _unlink_if_same(Path(path), status)
+        in_use -= status.st_size
+    return in_use + size <= max_disk
 
 
 def _append(writer: BinaryIO, hasher, chunks: list[bytes]) -> int:
