@@ -27,6 +27,7 @@ One file per digest in the copies folder (in the data dir), shared by the worker
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -34,6 +35,7 @@ import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -46,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 COPIES_DIR = "object-copies"  # folder in the data dir
 LOCK_FILE = ".lock"
-WRITE_BATCH = 1 << 20  # bytes gathered before one write (and hash) in a thread
+WRITE_BATCH = 1 << 20  # bytes gathered before they are written (and hashed) in a thread
+BATCHES_IN_FLIGHT = 8  # batches read but not yet written and hashed, at most: the memory a copy holds
 
 
 @dataclass
@@ -143,15 +146,31 @@ class LocalCopies:
 
     async def _write(self, digest: str, size: int, writer: BinaryIO, read: Callable[[], AsyncIterator[bytes]]) -> None:
         hasher = hashlib.new(digest.partition(":")[0])
+        # Writing and hashing each in a thread of its own, in order, while the next bytes are read
+        # (hashing is the slowest of the three): readers get bytes as soon as they are written,
+        # and only the seal waits for the hash.
+        writing, hashing = ThreadPoolExecutor(1, "regcache-copy-write"), ThreadPoolExecutor(1, "regcache-copy-hash")
+        loop = asyncio.get_running_loop()
+        in_flight: collections.deque[asyncio.Future] = collections.deque()
         written, batch, batched = 0, [], 0
+
+        def hand_on() -> None:
+            in_flight.append(loop.run_in_executor(writing, _append, writer, batch))
+            in_flight.append(loop.run_in_executor(hashing, _hash, hasher, batch))
+
         try:
             async for chunk in read():
                 batch.append(chunk)
                 batched += len(chunk)
                 if batched >= WRITE_BATCH:
-                    written += await asyncio.to_thread(_append, writer, hasher, batch)
-                    batch, batched = [], 0
-            written += await asyncio.to_thread(_append, writer, hasher, batch)
+                    hand_on()
+                    written, batch, batched = written + batched, [], 0
+                    while len(in_flight) > 2 * BATCHES_IN_FLIGHT:
+                        await in_flight.popleft()
+            hand_on()
+            written += batched
+            while in_flight:
+                await in_flight.popleft()
             if written != size:
                 raise OSError(f"the object ended after {written} of {size} bytes")
             if f"{hasher.name}:{hasher.hexdigest()}" != digest:
@@ -162,9 +181,13 @@ class LocalCopies:
                 self.on_unreachable(str(e))
             if not isinstance(e, asyncio.CancelledError):
                 logger.warning("the local copy of %s failed: %s", digest[:19], e or type(e).__name__)
+            await asyncio.gather(*in_flight, return_exceptions=True)  # no thread writes once it is discarded
             await asyncio.to_thread(_discard, writer, self._path(digest))
             if not isinstance(e, Exception):
                 raise
+        finally:
+            writing.shutdown(wait=False)
+            hashing.shutdown(wait=False)
 
 
 def spool_keeper(config: Config) -> Callable[[Key, Path, int], None] | None:
@@ -222,16 +245,17 @@ def _make_room(directory: Path, max_disk: int, size: int) -> bool:
     return in_use + size <= max_disk
 
 
-def _append(writer: BinaryIO, hasher, chunks: list[bytes]) -> int:
-    """Write `chunks` at the end of the file and hash them; how many bytes. In a thread."""
-    count = 0
+def _append(writer: BinaryIO, chunks: list[bytes]) -> None:
+    """Write `chunks` at the end of the file. In the copy's writing thread."""
     for chunk in chunks:
         view = memoryview(chunk)
         while view:
             view = view[os.write(writer.fileno(), view):]
+
+
+def _hash(hasher, chunks: list[bytes]) -> None:
+    for chunk in chunks:
         hasher.update(chunk)
-        count += len(chunk)
-    return count
 
 
 def _seal(writer: BinaryIO) -> None:
