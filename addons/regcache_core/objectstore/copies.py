@@ -96,7 +96,7 @@ class LocalCopies:
         await asyncio.gather(*self._writing, return_exceptions=True)
 
     def _path(self, digest: str) -> Path:
-        return self.directory / digest.replace(":", "-")
+        return self.directory / copy_name(digest)
 
     def _look(self, digest: str, size: int) -> Copy | None:
         path = self._path(digest)
@@ -213,10 +213,15 @@ def adopt(directory: Path, max_disk: int, sealed_file: Path, digest: str, size: 
         if not _make_room(directory, max_disk, size):
             return False
         try:
-            os.link(sealed_file, directory / digest.replace(":", "-"))
+            os.link(sealed_file, directory / copy_name(digest))
         except FileExistsError:
             return False
     return True
+
+
+def copy_name(digest: str) -> str:
+    """The file name of a blob's copy: `sha256-<hex>`."""
+    return digest.replace(":", "-")
 
 
 @contextlib.contextmanager
