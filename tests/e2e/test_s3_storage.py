@@ -4,7 +4,11 @@ refuses wrong credentials in one line; pulls go through a cache whose blobs are 
 (once each); warm layers come by the data plane streaming the object (Range too) or by a
 presigned URL of the store; with the store stopped, warm pulls get 503 naming it and containerd
 falls back, and they are served again once it is back; the budget evicts from the bucket; two
-replicas on one bucket share what either fetched.
+replicas on one bucket share what either fetched. The data plane's local copies: 8 concurrent
+GETs make one read of the object (the S3 server's own request counts), later ones none, a cold
+pull's spool is kept as the copy, a copy of other bytes is never sent whole, and with copies off
+each GET reads the store. A session token signs regcache's calls and is in no output; a
+data-plane worker that cannot reach the store takes it down in /ready.
 """
 
 from __future__ import annotations
