@@ -2,7 +2,7 @@
 (objectstore/copies.py) a whole GET is sent the blob's copy by sendfile, while one read from the
 store writes it or once it is written, and a Range GET the copy when there is one; otherwise the
 object (the range asked for) is streamed from the store and written to the client as it comes,
-memory per transfer bounded by the read buffer (objectstore/blobs.py's STREAM_BUFFER). The same
+memory per transfer bounded by the read buffers (objectstore/body.py). The same
 headers, Range and conditions as a file (file_response.plan) either way. A store that stops
 answering, or a client that stops reading, cuts the connection: never a short body passed off as
 complete. A store that does not answer is reported to the proxy (STORE_DOWN), whose health of it
@@ -67,8 +67,10 @@ async def _stream(request: web.Request, exchange: Exchange, blobs: StoredBlobs, 
         return response
     sent = 0
     try:
-        async for chunk in blobs.stream(store, blob, answer.start, answer.count):
-            part = chunk[:answer.count - sent]
+        async for piece in blobs.stream(store, blob, answer.start, answer.count):
+            # A copy: the transport may keep what it could not send yet, and the piece's buffer
+            # is filled again once the next piece is asked for.
+            part = bytes(piece)
             async with asyncio.timeout(SEND_TIMEOUT):
                 await response.write(part)
             sent += len(part)

@@ -14,12 +14,11 @@ import aiohttp
 
 from ..config import ObjectStore, S3Access
 from . import layout
+from .body import body_pieces
 from ..upstream.state import failure_reason
 from .client import StoreRefused, StoreUnreachable, client_context, within
 
 PRESIGNED_FOR = 300  # seconds a presigned URL is valid: as long as a data-plane grant
-STREAM_BUFFER = 4 << 20  # bytes a stream reads ahead of what was written: aiohttp pauses reading past 2x this,
-                         # so memory per transfer stays bounded
 
 
 @dataclass(frozen=True)
@@ -95,12 +94,12 @@ class StoredBlobs:
         return await s3.generate_presigned_url("get_object", Params={"Bucket": store.bucket, "Key": blob.key},
                                                ExpiresIn=PRESIGNED_FOR)
 
-    async def stream(self, store: ObjectStore, blob: StoredBlob, start: int, count: int) -> AsyncIterator[bytes]:
+    async def stream(self, store: ObjectStore, blob: StoredBlob, start: int, count: int) -> AsyncIterator[memoryview]:
         """Bytes `start` to `start + count` of the object, as they arrive, each read within the
-        deadline. Read by a presigned URL with a plain aiohttp session: 1.3-1.5x the bytes
-        per second of botocore's streaming body on these machines, and a larger read buffer
-        lets the store's bytes arrive while the last chunk is written. Raises StoreUnreachable,
-        or OSError when the store answers otherwise (the object went, say)."""
+        deadline, in pieces each valid until the next is asked for (body.py: received into a
+        few buffers, reused). Read by a presigned URL with a plain aiohttp session: 1.3-1.5x
+        the bytes per second of botocore's streaming body on these machines. Raises
+        StoreUnreachable, or OSError when the store answers otherwise (the object went, say)."""
         url = await self.presigned_url(store, blob)
         if self._http is None:
             # The CA bundle botocore trusts (AWS_CA_BUNDLE), for a store behind a private CA.
@@ -108,17 +107,17 @@ class StoredBlobs:
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=trusted),
                 timeout=aiohttp.ClientTimeout(sock_connect=self.timeout, sock_read=self.timeout),
-                read_bufsize=STREAM_BUFFER, auto_decompress=False)
+                auto_decompress=False)
         try:
             async with self._http.get(url, headers={"Range": f"bytes={start}-{start + count - 1}"}) as answer:
                 if answer.status >= 500:
                     raise StoreUnreachable(f"answered {answer.status}")
                 if answer.status != 206:
                     raise OSError(f"the object store answered {answer.status} for {blob.key}")
-                # What has arrived, as it is (up to the read buffer): joining it into fixed-size
-                # chunks cost a copy of every byte.
-                while chunk := await answer.content.readany():
-                    yield chunk
+                if answer.content_length != count:
+                    raise OSError(f"the object store answered {answer.content_length} bytes for {count}")
+                async for piece in body_pieces(answer, count, self.timeout):
+                    yield piece
         except (aiohttp.ClientError, TimeoutError) as e:
             raise StoreUnreachable(failure_reason(e)) from e
 

@@ -27,7 +27,6 @@ One file per digest in the copies folder (in the data dir), shared by the worker
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import fcntl
 import hashlib
@@ -48,8 +47,6 @@ logger = logging.getLogger(__name__)
 
 COPIES_DIR = "object-copies"  # folder in the data dir
 LOCK_FILE = ".lock"
-WRITE_BATCH = 1 << 20  # bytes gathered before they are written (and hashed) in a thread
-BATCHES_IN_FLIGHT = 8  # batches read but not yet written and hashed, at most: the memory a copy holds
 
 
 @dataclass
@@ -144,33 +141,23 @@ class LocalCopies:
             finally:
                 temporary.unlink()
 
-    async def _write(self, digest: str, size: int, writer: BinaryIO, read: Callable[[], AsyncIterator[bytes]]) -> None:
+    async def _write(self, digest: str, size: int, writer: BinaryIO,
+                     read: Callable[[], AsyncIterator[bytes | memoryview]]) -> None:
         hasher = hashlib.new(digest.partition(":")[0])
-        # Writing and hashing each in a thread of its own, in order, while the next bytes are read
-        # (hashing is the slowest of the three): readers get bytes as soon as they are written,
-        # and only the seal waits for the hash.
+        # Each piece written and hashed at once, each in a thread of its own, while the store's
+        # next bytes arrive (body.py: into other buffers): readers get bytes as soon as they are
+        # written, and only the seal waits for the hash. A piece is done with before the next is
+        # asked for: its buffer is then filled again.
         writing, hashing = ThreadPoolExecutor(1, "regcache-copy-write"), ThreadPoolExecutor(1, "regcache-copy-hash")
         loop = asyncio.get_running_loop()
-        in_flight: collections.deque[asyncio.Future] = collections.deque()
-        written, batch, batched = 0, [], 0
-
-        def hand_on() -> None:
-            in_flight.append(loop.run_in_executor(writing, _append, writer, batch))
-            in_flight.append(loop.run_in_executor(hashing, _hash, hasher, batch))
-
+        in_flight: list[asyncio.Future] = []
+        written = 0
         try:
-            async for chunk in read():
-                batch.append(chunk)
-                batched += len(chunk)
-                if batched >= WRITE_BATCH:
-                    hand_on()
-                    written, batch, batched = written + batched, [], 0
-                    while len(in_flight) > 2 * BATCHES_IN_FLIGHT:
-                        await in_flight.popleft()
-            hand_on()
-            written += batched
-            while in_flight:
-                await in_flight.popleft()
+            async for piece in read():
+                in_flight = [loop.run_in_executor(writing, _append, writer, piece),
+                             loop.run_in_executor(hashing, hasher.update, piece)]
+                await asyncio.gather(*in_flight)
+                written += len(piece)
             if written != size:
                 raise OSError(f"the object ended after {written} of {size} bytes")
             if f"{hasher.name}:{hasher.hexdigest()}" != digest:
@@ -250,17 +237,11 @@ def _make_room(directory: Path, max_disk: int, size: int) -> bool:
     return in_use + size <= max_disk
 
 
-def _append(writer: BinaryIO, chunks: list[bytes]) -> None:
-    """Write `chunks` at the end of the file. In the copy's writing thread."""
-    for chunk in chunks:
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(writer.fileno(), view):]
-
-
-def _hash(hasher, chunks: list[bytes]) -> None:
-    for chunk in chunks:
-        hasher.update(chunk)
+def _append(writer: BinaryIO, piece: bytes | memoryview) -> None:
+    """Write `piece` at the end of the file. In the copy's writing thread."""
+    view = memoryview(piece)
+    while view:
+        view = view[os.write(writer.fileno(), view):]
 
 
 def _seal(writer: BinaryIO) -> None:
