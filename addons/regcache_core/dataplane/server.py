@@ -109,6 +109,7 @@ def make_app(config: Config, signer: GrantSigner, records: Callable[[PullRecord]
     app[CLIENTS] = ClientNetworks(config.client_networks)
     if any(r.object_store for r in config.registries):
         blobs = app[STORED_BLOBS] = StoredBlobs(config.s3, config.upstream_timeout)
+        app.on_startup.append(lambda _: blobs.open())
         app.on_cleanup.append(lambda _: blobs.close())
         app[STORE_DOWN] = store_down
         if config.s3.copies_max_disk:

@@ -44,6 +44,23 @@ class StoredBlobs:
                 self._client = await self._context.__aenter__()
         return self._client
 
+    def _streams(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            # The CA bundle botocore trusts (AWS_CA_BUNDLE), for a store behind a private CA.
+            trusted = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=trusted),
+                timeout=aiohttp.ClientTimeout(sock_connect=self.timeout, sock_read=self.timeout),
+                auto_decompress=False)
+        return self._http
+
+    async def open(self) -> None:
+        """Make the clients now (the data plane's workers, at start): botocore's service models
+        and the CA bundle take a few tenths of a second of CPU to load, which a worker's first
+        GET would otherwise wait for. Nothing is asked of the store."""
+        await self._s3()
+        self._streams()
+
     async def close(self) -> None:
         if self._http is not None:
             http, self._http = self._http, None
@@ -101,15 +118,8 @@ class StoredBlobs:
         the bytes per second of botocore's streaming body on these machines. Raises
         StoreUnreachable, or OSError when the store answers otherwise (the object went, say)."""
         url = await self.presigned_url(store, blob)
-        if self._http is None:
-            # The CA bundle botocore trusts (AWS_CA_BUNDLE), for a store behind a private CA.
-            trusted = ssl.create_default_context(cafile=os.environ.get("AWS_CA_BUNDLE") or None)
-            self._http = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=trusted),
-                timeout=aiohttp.ClientTimeout(sock_connect=self.timeout, sock_read=self.timeout),
-                auto_decompress=False)
         try:
-            async with self._http.get(url, headers={"Range": f"bytes={start}-{start + count - 1}"}) as answer:
+            async with self._streams().get(url, headers={"Range": f"bytes={start}-{start + count - 1}"}) as answer:
                 if answer.status >= 500:
                     raise StoreUnreachable(f"answered {answer.status}")
                 if answer.status != 206:

@@ -34,7 +34,6 @@ import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -144,18 +143,17 @@ class LocalCopies:
     async def _write(self, digest: str, size: int, writer: BinaryIO,
                      read: Callable[[], AsyncIterator[bytes | memoryview]]) -> None:
         hasher = hashlib.new(digest.partition(":")[0])
-        # Each piece written and hashed at once, each in a thread of its own, while the store's
-        # next bytes arrive (body.py: into other buffers): readers get bytes as soon as they are
-        # written, and only the seal waits for the hash. A piece is done with before the next is
-        # asked for: its buffer is then filled again.
-        writing, hashing = ThreadPoolExecutor(1, "regcache-copy-write"), ThreadPoolExecutor(1, "regcache-copy-hash")
+        # Each piece written and hashed at once, in two threads (the loop's pool: threads already
+        # started; starting two per copy showed in profiles), while the store's next bytes arrive
+        # (body.py: into other buffers): readers get bytes as soon as they are written. A piece
+        # is done with before the next is asked for: its buffer is then filled again.
         loop = asyncio.get_running_loop()
         in_flight: list[asyncio.Future] = []
         written = 0
         try:
             async for piece in read():
-                in_flight = [loop.run_in_executor(writing, _append, writer, piece),
-                             loop.run_in_executor(hashing, hasher.update, piece)]
+                in_flight = [loop.run_in_executor(None, _append, writer, piece),
+                             loop.run_in_executor(None, hasher.update, piece)]
                 await asyncio.gather(*in_flight)
                 written += len(piece)
             if written != size:
@@ -172,9 +170,6 @@ class LocalCopies:
             await asyncio.to_thread(_discard, writer, self._path(digest))
             if not isinstance(e, Exception):
                 raise
-        finally:
-            writing.shutdown(wait=False)
-            hashing.shutdown(wait=False)
 
 
 def spool_keeper(config: Config) -> Callable[[Key, Path, int], None] | None:
@@ -238,7 +233,7 @@ def _make_room(directory: Path, max_disk: int, size: int) -> bool:
 
 
 def _append(writer: BinaryIO, piece: bytes | memoryview) -> None:
-    """Write `piece` at the end of the file. In the copy's writing thread."""
+    """Write `piece` at the end of the file. In a thread."""
     view = memoryview(piece)
     while view:
         view = view[os.write(writer.fileno(), view):]
