@@ -269,6 +269,26 @@ def test_an_upstream_unreachable_from_one_replica_only_stays_up_on_the_others_an
     assert ["unreachable" in line for line in said] == [True, True, False], said  # a down; b's blip down and back
 
 
+def test_a_replica_tells_the_others_what_it_found_never_what_it_was_told(redis_server, tmp_path):
+    """b's own changes are sent after b was told another replica's word: what b sends is its own
+    state (up), not the hint it is checking."""
+    now = [1000.0]
+
+    async def run():
+        b = Replica("b", redis_server.url, tmp_path, now, SlowUpstream(None))
+        await eventually(lambda: False, within=0.2)
+        b.state.went_down("docker.io", HUB.upstream, "timeout")
+        b.state.answered("docker.io", HUB.upstream)
+        b.own_state.told_down("docker.io", HUB.upstream, "refused at another replica")  # before the sends run
+        checked = await eventually(lambda: b.state.reason_down("docker.io") is None)
+        await eventually(lambda: False, within=0.2)  # the sends done
+        held = await b.link.call(lambda r: r.hgetall(upstream_module.DOWN))
+        await b.close()
+        return checked, held
+
+    assert asyncio.run(run()) == (True, {})
+
+
 def test_an_upstream_change_seen_while_redis_was_down_reaches_the_others_when_it_is_back(redis_server, tmp_path):
     now = [1000.0]
 

@@ -75,7 +75,7 @@ class SharedUpstreamState:
     async def _send(self, registry: str) -> None:
         """Tell Redis and the replicas this replica's state of `registry` as it is now (so that
         sends racing each other all say the latest)."""
-        reason = self.own.reason_down(registry)
+        reason = self.own.found_down(registry)
         upstream = self._upstreams[registry]
 
         async def send(r) -> None:

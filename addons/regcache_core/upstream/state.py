@@ -77,6 +77,12 @@ class UpstreamState:
             return None
         return upstream.reason or upstream.hint
 
+    def found_down(self, registry: str) -> str | None:
+        """Why this replica found `registry`'s upstream down; None while it is up here, or only
+        another replica's word is being checked: what this replica tells the others."""
+        upstream = self._registries.get(registry)
+        return None if upstream is None else upstream.reason
+
     def went_down(self, registry: str, upstream: str, reason: str) -> None:
         self._of(registry, upstream).failed(reason)
 
