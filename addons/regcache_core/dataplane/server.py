@@ -22,11 +22,12 @@ from ..access.clients import ClientNetworks
 from ..config import Config
 from ..observe.pull_log import PullRecord
 from ..objectstore.blobs import StoredBlobs
+from ..objectstore.copies import COPIES_DIR, LocalCopies
 from ..routing import Refusal
 from .exchange import CLIENTS, CONFIG, EXCHANGE, RECORDS, SIGNER, Exchange, Handler, denied, refuse_stranger, refused
 from .file_response import open_file, plan, send
 from .grants import GRANT_PATHS, GrantSigner
-from .object_reader import STORED_BLOBS, send_object
+from .object_reader import LOCAL_COPIES, STORE_DOWN, STORED_BLOBS, send_object
 from .spool_reader import serve_cold, serve_spool
 from .storage import warm_blob
 
@@ -100,13 +101,19 @@ def record_of(request: web.Request, exchange: Exchange, status: int, now: float)
     )
 
 
-def make_app(config: Config, signer: GrantSigner, records: Callable[[PullRecord], None]) -> web.Application:
+def make_app(config: Config, signer: GrantSigner, records: Callable[[PullRecord], None],
+             store_down: Callable[[str], None]) -> web.Application:
+    """`records(record)` takes each pull record, `store_down(reason)` each failure to reach the object store."""
     app = web.Application(middlewares=[recorded], handler_args={"keepalive_timeout": KEEPALIVE_TIMEOUT})
     app[CONFIG], app[SIGNER], app[RECORDS] = config, signer, records
     app[CLIENTS] = ClientNetworks(config.client_networks)
     if any(r.object_store for r in config.registries):
         blobs = app[STORED_BLOBS] = StoredBlobs(config.s3, config.upstream_timeout)
         app.on_cleanup.append(lambda _: blobs.close())
+        app[STORE_DOWN] = store_down
+        if config.s3.copies_max_disk:
+            copies = app[LOCAL_COPIES] = LocalCopies(config.data_dir / COPIES_DIR, config.s3.copies_max_disk, store_down)
+            app.on_cleanup.insert(0, lambda _: copies.close())
     for path, handler in ROUTES.items():
         app.router.add_get(path, handler)  # and HEAD
     return app

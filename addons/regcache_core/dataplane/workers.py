@@ -78,7 +78,7 @@ async def _serve(config: Config, serving) -> None:
     dataplane = config.dataplane
     records = RecordSender(records_socket(config.data_dir))
     sending = asyncio.create_task(records.run())
-    runner = web.AppRunner(make_app(config, GrantSigner(grant_key(config)), records),
+    runner = web.AppRunner(make_app(config, GrantSigner(grant_key(config)), records, records.store_down),
                            access_log=None, shutdown_timeout=STOP_TIMEOUT, handle_signals=False)
     await runner.setup()
     stop = asyncio.Event()

@@ -28,13 +28,11 @@ import logging
 
 from mitmproxy import http
 
-from botocore.exceptions import ClientError
-
 from ..cluster.blob_flights import PeerSpool
 from ..dataplane.grants import GrantSigner, grant_key
 from ..dataplane.handoff import client_url_base
 from ..dataplane.storage import warm_blob
-from ..objectstore.client import StoreUnreachable
+from ..objectstore.client import StoreRefused, StoreUnreachable
 from ..observe.metrics import Metrics
 from ..routing import Refusal, Target, upstream_unreachable
 from ..spool.blob_heads import blob_head
@@ -121,7 +119,7 @@ class ColdBlobs:
         try:
             return await self.services.stored_blobs.warm(registry.object_store, target.repository,
                                                          target.reference) is not None
-        except (StoreUnreachable, ClientError):
+        except (StoreUnreachable, StoreRefused):
             return False
 
     async def _answer_head(self, flow: http.HTTPFlow, target: Target) -> Answer | None:

@@ -48,6 +48,7 @@ import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,10 +127,14 @@ class SpoolFile:
 class SpoolTable:
     """The spools of one proxy, by key. Lives on the proxy's event loop."""
 
-    def __init__(self, directory: Path, max_disk: int, linger: float = LINGER, follow_wait: float = FOLLOW_WAIT) -> None:
+    def __init__(self, directory: Path, max_disk: int, linger: float = LINGER, follow_wait: float = FOLLOW_WAIT,
+                 keep: Callable[[Key, Path, int], None] | None = None) -> None:
         self.directory = directory
         self.max_disk = max_disk
         self.linger, self.follow_wait = linger, follow_wait
+        # (key, path, size), in the spool's thread once it is sealed: may keep the file (a second
+        # link to it: objectstore/copies.py's adopt) before the spool goes
+        self.keep = keep
         self._spools: dict[Key, Spool] = {}
         # Blocking, but once, at start, before any request: spools of an earlier run are useless.
         shutil.rmtree(directory, ignore_errors=True)
@@ -193,7 +198,13 @@ class SpoolTable:
         elif digest != spool.key[2]:
             self.fail(spool, f"the bytes hash to {digest[:19]}")
         else:
-            await asyncio.get_running_loop().run_in_executor(spool.executor, spool.file.seal)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(spool.executor, spool.file.seal)
+            if self.keep is not None:
+                try:
+                    await loop.run_in_executor(spool.executor, self.keep, spool.key, spool.path, spool.size)
+                except OSError as e:
+                    logger.warning("could not keep the spool of %s: %s", describe(spool.key), e)
             if spool.state is State.SPOOLING:
                 spool.state = State.COMPLETE
                 logger.info("spooled %s: complete, %d bytes", describe(spool.key), spool.size)
