@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from regcache_core.objectstore.body import BUFFERS, READ_BUFFER, body_pieces
+from regcache_core.http_body import BUFFERS, READ_BUFFER
+from regcache_core.objectstore.body import body_pieces
 from regcache_core.objectstore.client import StoreUnreachable
 
 BODY = os.urandom((5 << 20) + 12345)
