@@ -1,6 +1,7 @@
-"""An object's body received into reused buffers (objectstore/body.py), from a real HTTP server
-on loopback: every byte in order however it arrives and however slowly it is taken, at most
-BUFFERS buffers, and a body cut short or stalled fails as the store being unreachable."""
+"""An object's body received into reused buffers (objectstore/body.py on http_body.py), from a
+real HTTP server on loopback: every byte in order however it arrives and however slowly it is
+taken, at most BUFFERS buffers, and a body cut short or stalled fails as the store being
+unreachable."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ async def served(answer, get):
         await runner.cleanup()
 
 
-def sending(body: bytes, declared: int, pause_every: int = 0, stall: float = 0):
+def sending(body: bytes, declared: int, pause_every: int = 0, stall: float = 0, close: bool = False):
     async def answer(request):
         response = web.StreamResponse(headers={"Content-Length": str(declared)})
         await response.prepare(request)
@@ -45,14 +46,16 @@ def sending(body: bytes, declared: int, pause_every: int = 0, stall: float = 0):
                 await asyncio.sleep(0.06)  # past FLUSH_AFTER: a part-filled buffer is handed out
         if stall:
             await asyncio.sleep(stall)
-        if len(body) < declared:
+        if close or len(body) < declared:
             request.transport.close()
         return response
     return answer
 
 
-@pytest.mark.parametrize("pause_every", [0, 3])
-def test_every_byte_comes_in_order_in_pieces_of_reused_buffers(pause_every):
+@pytest.mark.parametrize("pause_every, close", [(0, False), (3, False), (0, True)])
+def test_every_byte_comes_in_order_in_pieces_of_reused_buffers(pause_every, close):
+    """`close`: the store closes the connection right after the whole body, before the reader
+    took it all (the connection is no longer read once the body is whole: no failure)."""
     async def get(session, url):
         async with session.get(url) as response:
             digest, pieces, buffers = hashlib.sha256(), 0, set()
@@ -65,7 +68,7 @@ def test_every_byte_comes_in_order_in_pieces_of_reused_buffers(pause_every):
                 await asyncio.sleep(0.002)  # a slow taker: the others fill meanwhile
             return digest.hexdigest(), pieces, len(buffers)
 
-    digest, pieces, buffers = asyncio.run(served(sending(BODY, len(BODY), pause_every), get))
+    digest, pieces, buffers = asyncio.run(served(sending(BODY, len(BODY), pause_every, close=close), get))
     assert digest == hashlib.sha256(BODY).hexdigest()
     assert pieces >= len(BODY) // READ_BUFFER and buffers <= BUFFERS
 
