@@ -149,6 +149,7 @@ class BufferedBody(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.received < self.size:
-            failure = self.failure_type(f"the connection to {self.peer} closed after {self.received} of {self.size} bytes")
+            failure = self.failure_type(
+                f"the connection to {self.peer} closed after {self.received} of {self.size} bytes")
             failure.__cause__ = exc
             self._fail(failure)
