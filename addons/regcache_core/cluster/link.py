@@ -42,10 +42,12 @@ def describe_url(url: str) -> str:
 
 
 class RedisLink:
-    def __init__(self, url: str, timeout: float, on_change: Callable[[bool], None] = lambda up: None) -> None:
+    def __init__(self, url: str, timeout: float, on_change: Callable[[bool], None] = lambda up: None,
+                 quiet: bool = False) -> None:
         self.where = describe_url(url)
         self.timeout = timeout
         self.on_change = on_change  # (up): the metric
+        self.quiet = quiet  # a data-plane worker's: its replica's proxy says when Redis goes and comes back
         # No retries of its own: one deadline per call is the whole budget, and a failure goes to
         # the per-replica state at once.
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
@@ -84,8 +86,9 @@ class RedisLink:
             return
         self.down_reason = reason
         self.outages += 1
-        warn(logger, "regcache: shared state at %s unreachable (%s); each replica goes on with state of its own "
-                       "until it is back", self.where, reason)
+        if not self.quiet:
+            warn(logger, "regcache: shared state at %s unreachable (%s); each replica goes on with state of its own "
+                         "until it is back", self.where, reason)
         self.on_change(False)
         self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
 
@@ -99,7 +102,8 @@ class RedisLink:
                 continue
             self.down_reason = None
             self._probe = None
-            warn(logger, "regcache: shared state at %s is back; replicas share state again", self.where)
+            if not self.quiet:
+                warn(logger, "regcache: shared state at %s is back; replicas share state again", self.where)
             self.on_change(True)
             return
 
