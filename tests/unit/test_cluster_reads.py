@@ -1,16 +1,23 @@
 """Reads in flight of the whole cluster (cluster/reads.py), against a real redis-server: a send
 registered by one process is seen by another's budget while it lasts, and no longer once it
 ended; a reader that dies (renews no more) is counted no more past its deadline; Redis down,
-sends go on unregistered."""
+sends go on unregistered. And which of the proxy's flows it registers (mitm/budget.py)."""
 
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
+from mitmproxy.test import tflow, tutils
 
 from regcache_core.cluster.link import RedisLink
 from regcache_core.cluster.reads import ClusterReads, reads_key
+from regcache_core.mitm.budget import DiskBudget
+from regcache_core.mitm.flow_notes import note
+from regcache_core.mitm.settings import Settings
+from regcache_core.observe.metrics import Metrics
+from regcache_core.routing import Target
 from tests.support.redis_server import RedisServer
 
 BLOB = ("docker.io", "sha256:" + "cd" * 32)
@@ -90,3 +97,32 @@ def test_redis_down_sends_go_on_unregistered(redis_server):
         return sent, link.up
 
     assert asyncio.run(main()) == (True, False)
+
+
+class RecordedReads:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[str, str]]] = []
+
+    def started(self, registry: str, digest: str) -> None:
+        self.calls.append(("started", (registry, digest)))
+
+    def ended(self, blob) -> None:
+        self.calls.append(("ended", blob))
+
+
+@pytest.mark.parametrize("status", [200, 307])
+def test_the_proxy_registers_a_blob_it_sends_until_its_flow_ends_and_no_307(status):
+    reads = RecordedReads()
+    budget = DiskBudget(Settings(), Metrics(), SimpleNamespace(reads=reads))
+    registry = SimpleNamespace(name=BLOB[0], cache="http://127.0.0.1:5001", object_store=None)
+    flow = tflow.tflow(resp=tutils.tresp(status_code=status))
+    note(flow).target = Target(registry, "blob", "library/app", BLOB[1], f"/v2/library/app/blobs/{BLOB[1]}")
+    budget.requestheaders(flow)
+    budget.responseheaders(flow)
+    sending = list(reads.calls)
+    budget.response(flow)
+    budget.worker.shutdown()
+    if status == 200:
+        assert (sending, reads.calls[len(sending):]) == ([("started", BLOB)], [("ended", BLOB)])
+    else:
+        assert reads.calls == []
