@@ -18,16 +18,8 @@ from regcache_core.cluster.lease import HeldLease
 from regcache_core.cluster.link import RedisLink, SharedStateDown
 from regcache_core.spool.blob_heads import BlobHead
 from regcache_core.spool.table import Spool, State
-from tests.support.redis_server import RedisServer
 
 KEY = ("docker.io", "library/app", "sha256:" + "ab" * 32)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def test_one_replica_takes_the_lease_the_others_see_where_it_publishes(redis_server):

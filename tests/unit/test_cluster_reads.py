@@ -18,16 +18,8 @@ from regcache_core.mitm.flow_notes import note
 from regcache_core.mitm.settings import Settings
 from regcache_core.observe.metrics import Metrics
 from regcache_core.routing import Target
-from tests.support.redis_server import RedisServer
 
 BLOB = ("docker.io", "sha256:" + "cd" * 32)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def test_a_send_is_seen_by_every_replica_while_it_lasts(redis_server):
