@@ -69,6 +69,7 @@ class ClusterReads:
         self._writing = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()  # writes and the renewal, kept: tasks are weakly held
         self._renewal: asyncio.Task | None = None  # from the first read on
+        self._closed = False
 
     @contextlib.asynccontextmanager
     async def read(self, registry: str, digest: str) -> AsyncIterator[None]:
@@ -103,7 +104,9 @@ class ClusterReads:
         return bool(await self.link.call(lambda r: r.eval(_READERS, 1, reads_key((registry, digest)))))
 
     def close(self) -> None:
-        """Stop renewing: this process's entries expire by themselves."""
+        """Stop renewing: this process's entries expire by themselves (sends still under way,
+        from before a configuration changed, are not told to Redis any more)."""
+        self._closed = True
         for task in self._tasks:
             task.cancel()
 
@@ -129,7 +132,10 @@ class ClusterReads:
         if self._renewal is None:
             self._renewal = self._later(self._renew())
 
-    def _later(self, call) -> asyncio.Task:
+    def _later(self, call) -> asyncio.Task | None:
+        if self._closed:  # its link is closed too
+            call.close()
+            return None
         task = asyncio.get_running_loop().create_task(call)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

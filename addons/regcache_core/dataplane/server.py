@@ -36,6 +36,8 @@ from .storage import warm_blob
 BACKEND = pull_log.DATAPLANE_BACKEND
 KEEPALIVE_TIMEOUT = 30.0  # seconds an idle connection (or one whose request head is not in yet) stays open
 READS = web.AppKey("reads", ClusterReads)  # with replicas only
+
+
 async def serve_blob(request: web.Request) -> web.StreamResponse:
     exchange: Exchange = request[EXCHANGE]
     if (refusal := refuse_stranger(request)) is not None:
