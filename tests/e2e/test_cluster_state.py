@@ -11,18 +11,13 @@ share state again.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
-import re
-import socket
 import time
 from datetime import datetime
-from urllib.parse import urlsplit
 
 import pytest
-import redis
 
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, SlowReader
 from tests.support.parts import (
     MANIFEST_TYPES, PORT_BASES, Upstream, at_once, build_image, build_multiarch_image, cache_holds, http_get, poll,
     push_index, skopeo, storage_bytes,
@@ -211,52 +206,6 @@ def test_the_budget_evicts_what_the_cluster_pulled_least_recently_from_the_share
     assert datetime.fromisoformat(tag["last_pulled"]).timestamp() >= int(pulled["p", 1])
 
 
-class SlowReader:
-    """A client reading one blob from a replica's data plane as slowly as it likes: the replica
-    answers the blob's GET with a 307 there, and the body is read on a raw socket with a small
-    receive buffer, only when `read` is called (the data plane waits for it meanwhile)."""
-
-    def __init__(self, replica_address: str, image, digest: str) -> None:
-        connection = http.client.HTTPConnection(replica_address, PORT, timeout=30)
-        connection.request("GET", f"/v2/{image.name}/blobs/{digest}", headers={"Host": f"docker.io.regcache.test:{PORT}"})
-        answer = connection.getresponse()
-        location = urlsplit(answer.getheader("Location", ""))
-        connection.close()
-        assert (answer.status, location.path) == (307, "/_regcache/blob"), answer.headers  # a warm blob, by the data plane
-        self.digest = digest
-        self.socket = socket.socket()
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
-        self.socket.settimeout(60)
-        self.socket.connect((location.hostname, location.port))
-        self.socket.sendall(f"GET {location.path}?{location.query} HTTP/1.1\r\nHost: {location.netloc}\r\n\r\n".encode())
-        self.head, self.body = b"", b""
-        while b"\r\n\r\n" not in self.head:
-            self.head += self.socket.recv(65536)
-        self.head, _, self.body = self.head.partition(b"\r\n\r\n")
-        assert self.head.startswith(b"HTTP/1.1 200"), self.head
-        self.size = int(re.search(rb"(?i)content-length: *(\d+)", self.head).group(1))
-
-    def read_to_the_end(self) -> str:
-        while len(self.body) < self.size:
-            chunk = self.socket.recv(1 << 20)
-            assert chunk, f"cut after {len(self.body)} of {self.size} bytes"
-            self.body += chunk
-        self.socket.close()
-        return "sha256:" + hashlib.sha256(self.body).hexdigest()
-
-    def close(self) -> None:
-        self.socket.close()
-
-
-def reads_registered(cluster: Cluster, digest: str) -> bool:
-    """Whether some replica's send of the blob is registered in Redis (cluster/reads.py)."""
-    client = redis.Redis.from_url(cluster.redis.url, socket_timeout=5)
-    try:
-        return bool(client.zcard(f"regcache:reading:docker.io@{digest}"))
-    finally:
-        client.close()
-
-
 def test_the_budget_never_evicts_a_blob_another_replica_sends_and_a_dead_replicas_sends_expire(cluster, tmp_path):
     """Replica 1's data plane sends x's 24 MiB layer to a slow client while pulls through replica 0
     push the shared storage past the budget with x the least recently pulled: x stays (a newer
@@ -285,9 +234,9 @@ def test_the_budget_never_evicts_a_blob_another_replica_sends_and_a_dead_replica
         return sum("disk budget: evicted" in line for replica in cluster.replicas for line in replica.output)
 
     pull("x", b)
-    reader = SlowReader(b.address, images["x"], layer("x"))
+    reader = SlowReader(b.address, PORT, images["x"], layer("x"))
     try:
-        assert poll(lambda: reads_registered(cluster, layer("x")), bool)
+        assert poll(lambda: cluster.reads_registered(layer("x")), bool)
         before = evictions()
         for name in "yz":  # whatever was stored before goes first; then x (24 MiB) or y must go too
             pull(name, a)
@@ -297,18 +246,18 @@ def test_the_budget_never_evicts_a_blob_another_replica_sends_and_a_dead_replica
         assert reader.read_to_the_end() == layer("x")
     finally:
         reader.close()
-    assert not poll(lambda: reads_registered(cluster, layer("x")), lambda registered: not registered)
+    assert not poll(lambda: cluster.reads_registered(layer("x")), lambda registered: not registered)
     for name in "uv":  # now x, read last before them, is the least recently pulled: it goes
         pull(name, a)
     assert poll(lambda: held("x"), lambda holds: not holds, timeout=60, every=0.5) is False
 
     pull("k", b)
-    reader = SlowReader(b.address, images["k"], layer("k"))
+    reader = SlowReader(b.address, PORT, images["k"], layer("k"))
     try:
-        assert poll(lambda: reads_registered(cluster, layer("k")), bool)
+        assert poll(lambda: cluster.reads_registered(layer("k")), bool)
         b.kill()
         # Its send renews no more: within READ_TTL (6 s) it is counted no more, and k goes.
-        assert not poll(lambda: reads_registered(cluster, layer("k")), lambda registered: not registered, timeout=30)
+        assert not poll(lambda: cluster.reads_registered(layer("k")), lambda registered: not registered, timeout=30)
         for name in "mn":
             pull(name, a)
         assert poll(lambda: held("k"), lambda holds: not holds, timeout=60, every=0.5) is False
