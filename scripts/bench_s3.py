@@ -9,7 +9,11 @@ Cases, taking turns run by run:
 - registry:2, redirect on: a plain registry:2 on the same bucket and prefix with redirects on
   (its default), followed to the store's presigned URL;
 - regcache presigned: a second `regcache up` on the same bucket with REGCACHE_S3_REDIRECT=true;
-- regcache data plane: the first, whose data plane streams the object from the store.
+- regcache data plane, first read: the first, its data plane's local copy removed before each
+  run, so the N clients' GETs read the object from the store (once, shared) into a new copy;
+- regcache data plane, repeated: the same with the copy there (REGCACHE_S3_COPIES_MAX_DISK);
+- regcache data plane, no copies: a third `regcache up` with REGCACHE_S3_COPIES_MAX_DISK=0,
+  whose data plane streams the object from the store for each GET.
 Each client follows one redirect as registry clients do. MB/s counts all N transfers over the
 wall time until the last ends; the median of the repeats is printed, with the issue's targets:
 presigned at least registry:2's redirect, the data plane at least 1.3x registry:2 without.
@@ -24,13 +28,16 @@ import os
 import statistics
 import subprocess
 import time
+from pathlib import Path
 
 from scripts.bench_setup import BenchStack, CACHE_PORT, PROXY_PORT, REPOSITORY, fetch, fetch_in_parallel, mb_per_s
-from tests.support.parts import REGISTRY_PROGRAM, TEST_DOMAIN, docker_io_stack, stop_process, wait_for_port
+from regcache_core.objectstore.copies import COPIES_DIR
+from tests.support.parts import REGISTRY_PROGRAM, TEST_DOMAIN, Stack, docker_io_stack, stop_process, wait_for_port
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 
 BUCKET, PREFIX = "bench", "hub"
 PRESIGNED_PORT = PROXY_PORT + 200
+NO_COPIES_PORT = PROXY_PORT + 300
 REDIRECTING_PORT = PROXY_PORT + 90  # the plain registry:2 with redirects on
 TARGET_PRESIGNED, TARGET_DATAPLANE = 1.0, 1.3
 
@@ -74,37 +81,54 @@ def run_cases(bench: BenchStack, servers: list, size: int, args) -> list[str]:
     fetch(bench.proxy_url, bench.digest, timeout=300)  # cold: the cache stores it in the bucket
     wait_stored(s3, bench.digest)
     fetch(bench.proxy_url, bench.digest, timeout=300)  # warm: the data plane's bytes checked too
-    presigned = docker_io_stack(bench.workdir / "presigned", bench.upstream, PRESIGNED_PORT, {
-        **bench.stack.settings, "REGCACHE_PORT": str(PRESIGNED_PORT), "REGCACHE_DATA_DIR": str(bench.workdir / "presigned/data"),
-        "DOCKERHUB_CACHE": f"http://127.0.0.1:{PRESIGNED_PORT + 1}", "REGCACHE_EGRESS_PORT": str(PRESIGNED_PORT + 80),
-        "REGCACHE_ADMIN_PORT": str(PRESIGNED_PORT + 70), "REGCACHE_DATAPLANE_PORT": str(PRESIGNED_PORT + 50),
-        "REGCACHE_S3_REDIRECT": "true"}).start()
-    servers.append(presigned)
+    servers.append(second_stack(bench, "presigned", PRESIGNED_PORT, REGCACHE_S3_REDIRECT="true"))
+    servers.append(second_stack(bench, "no-copies", NO_COPIES_PORT, REGCACHE_S3_COPIES_MAX_DISK="0"))
     servers.append(plain_registry(bench, s3))
     path = f"/v2/{REPOSITORY}/blobs/{bench.digest}"
-    cases = {
-        "registry:2, redirect off": f"http://127.0.0.1:{CACHE_PORT}{path}",
-        "registry:2, redirect on": f"http://127.0.0.1:{REDIRECTING_PORT}{path}",
-        "regcache presigned": f"http://docker.io.{TEST_DOMAIN}:{PRESIGNED_PORT}{path}",
-        "regcache data plane": bench.proxy_url,
+    copies = bench.stack.data_dir / COPIES_DIR
+    cases = {  # name: (URL, what to do before each run)
+        "registry:2, redirect off": (f"http://127.0.0.1:{CACHE_PORT}{path}", None),
+        "registry:2, redirect on": (f"http://127.0.0.1:{REDIRECTING_PORT}{path}", None),
+        "regcache presigned": (f"http://docker.io.{TEST_DOMAIN}:{PRESIGNED_PORT}{path}", None),
+        "regcache data plane, first read": (bench.proxy_url, lambda: remove_copies(copies)),
+        "regcache data plane, repeated": (bench.proxy_url, None),
+        "regcache data plane, no copies": (f"http://docker.io.{TEST_DOMAIN}:{NO_COPIES_PORT}{path}", None),
     }
-    for url in cases.values():
+    for url, _ in cases.values():
         fetch(url, bench.digest, timeout=300)  # each case's bytes are the blob's
     for clients in [int(n) for n in args.clients.split(",")]:
         runs = {name: [] for name in cases}
         for _ in range(args.repeats):
-            for name, url in cases.items():
+            for name, (url, before) in cases.items():
+                if before is not None:
+                    before()
                 runs[name].append(fetch_in_parallel(url, clients, size, timeout=300))
         speeds = {name: mb_per_s(size * clients, statistics.median(times)) for name, times in runs.items()}
         for name in cases:
-            rows.append(f"{clients} client(s), {name:26}: {speeds[name]:7.1f} MB/s "
+            rows.append(f"{clients} client(s), {name:32}: {speeds[name]:7.1f} MB/s "
                         f"(runs {', '.join(f'{mb_per_s(size * clients, r):.0f}' for r in runs[name])})")
         rows.append(f"{clients} client(s): presigned / registry:2 redirect on "
-                    f"{speeds['regcache presigned'] / speeds['registry:2, redirect on']:.2f}x (target >= "
-                    f"{TARGET_PRESIGNED}x); data plane / registry:2 redirect off "
-                    f"{speeds['regcache data plane'] / speeds['registry:2, redirect off']:.2f}x "
-                    f"(target >= {TARGET_DATAPLANE}x)")
+                    f"{speeds['regcache presigned'] / speeds['registry:2, redirect on']:.2f}x "
+                    f"(target >= {TARGET_PRESIGNED}x)")
+        for name in ("regcache data plane, first read", "regcache data plane, repeated", "regcache data plane, no copies"):
+            ratio = speeds[name] / speeds["registry:2, redirect off"]
+            rows.append(f"{clients} client(s): {name[len('regcache '):]} / registry:2 redirect off {ratio:.2f}x "
+                        f"(target >= {TARGET_DATAPLANE}x: {'met' if ratio >= TARGET_DATAPLANE else 'not met'})")
     return rows
+
+
+def second_stack(bench: BenchStack, name: str, port: int, **settings: str) -> Stack:
+    """Another `regcache up` on the same bucket and prefix (so the blob is warm there), with `settings`."""
+    return docker_io_stack(bench.workdir / name, bench.upstream, port, {
+        **bench.stack.settings, "REGCACHE_PORT": str(port), "REGCACHE_DATA_DIR": str(bench.workdir / name / "data"),
+        "DOCKERHUB_CACHE": f"http://127.0.0.1:{port + 1}", "REGCACHE_EGRESS_PORT": str(port + 80),
+        "REGCACHE_ADMIN_PORT": str(port + 70), "REGCACHE_DATAPLANE_PORT": str(port + 50), **settings}).start()
+
+
+def remove_copies(folder: Path) -> None:
+    """The data plane's local copies gone: the next GET reads the object from the store."""
+    for copy in folder.glob("sha256-*"):
+        copy.unlink()
 
 
 def wait_stored(s3: S3Server, digest: str, timeout: float = 120) -> None:

@@ -101,6 +101,8 @@ class S3Access:
     access_key: str = field(repr=False)  # "": the SDK's own chain (instance role, ~/.aws)
     secret_key: str = field(repr=False)
     redirect: bool = False  # REGCACHE_S3_REDIRECT: warm blobs by presigned URLs of the store
+    session_token: str = field(default="", repr=False)  # AWS_SESSION_TOKEN: temporary credentials (STS)
+    copies_max_disk: int = 0  # REGCACHE_S3_COPIES_MAX_DISK: bytes of the data plane's local copies; 0: none
 
     def describe(self) -> str:
         """Where the store is, for messages (never the credentials)."""
@@ -245,6 +247,9 @@ def parse_config(values: Mapping[str, str]) -> Config:
     if not is_loopback_host(admin_host) and not read("REGCACHE_ADMIN_TOKEN"):
         raise ConfigError(f"REGCACHE_ADMIN_TOKEN: not set, but REGCACHE_ADMIN_HOST ({admin_host}) is not loopback;"
                           " set a token (e.g. `openssl rand -hex 32`) that /metrics and /ready will ask for")
+    if read("AWS_SESSION_TOKEN") and not (read("AWS_ACCESS_KEY_ID") and read("AWS_SECRET_ACCESS_KEY")):
+        raise ConfigError("AWS_SESSION_TOKEN: set without AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; a session "
+                          "token comes with the temporary keys it belongs to")
     return Config(
         domain=read("REGISTRY_DOMAIN"),
         port=port,
@@ -274,7 +279,8 @@ def parse_config(values: Mapping[str, str]) -> Config:
         max_request_head=read("REGCACHE_MAX_REQUEST_HEAD"),
         cluster=cluster,
         s3=S3Access(read("AWS_ENDPOINT_URL_S3") or read("AWS_ENDPOINT_URL"), read("AWS_REGION") or "us-east-1",
-                    read("AWS_ACCESS_KEY_ID"), read("AWS_SECRET_ACCESS_KEY"), read("REGCACHE_S3_REDIRECT")),
+                    read("AWS_ACCESS_KEY_ID"), read("AWS_SECRET_ACCESS_KEY"), read("REGCACHE_S3_REDIRECT"),
+                    read("AWS_SESSION_TOKEN"), read("REGCACHE_S3_COPIES_MAX_DISK")),
     )
 
 
@@ -797,10 +803,24 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
                 empty_means="the SDK's own chain (instance role, web identity, ~/.aws)"),
         Setting("AWS_SECRET_ACCESS_KEY", "", _text, "its secret key", empty_means="the SDK's own chain",
                 strip=False),
+        Setting("AWS_SESSION_TOKEN", "", _text,
+                "the session token of temporary credentials (STS AssumeRole, IRSA), with the two keys above",
+                "regcache signs with it and its caches get it in their environment (registry:2 2.8's s3 driver "
+                "has no config key for it), never in a file or a log. Temporary credentials expire: restart "
+                "with fresh ones, or leave the three empty for the SDK's own chain.",
+                empty_means="long-lived keys"),
         Setting("REGCACHE_S3_REDIRECT", "false", _bool,
                 "warm layers by a 307 to a presigned URL of the object (valid 5 minutes): bytes never touch regcache",
                 "Only where every client can reach the store at AWS_ENDPOINT_URL_S3 (or AWS S3) itself. `false`: "
                 "the data plane streams the object from the store (clients reach only regcache)."),
+        Setting("REGCACHE_S3_COPIES_MAX_DISK", "10G", _size_or_zero,
+                "disk for the data plane's local copies of warm blobs (in the data dir); past it, the least "
+                "recently served copies go",
+                "A whole GET of a blob with no copy reads the object from the store once into a copy while it "
+                "is sent, and concurrent GETs of it follow that one read; later GETs (Range too) are sent from "
+                "the copy, its bytes checked against the digest as they were written. A copy is served only "
+                "while the store holds the blob for the repository asked. `0`: no copies, every GET streams "
+                "the object from the store."),
     )),
     ("Disk", "", (
         Setting("REGCACHE_MAX_DISK", "", _optional_size,

@@ -116,9 +116,15 @@ def test_concurrent_cold_pulls_over_the_replicas_make_one_upstream_request_per_m
     cold_pulls_over_the_replicas(cluster, tmp_path, "library/rollout")
 
 
+def upstream_changes_said(replica, since: int) -> list[str]:
+    """The replica's warning lines about its upstream since line `since`: one per change of its state."""
+    return [line for line in replica.output[since:] if "upstream http://" in line]
+
+
 def test_an_upstream_found_down_by_one_replica_is_down_on_all_and_back_likewise(cluster):
     """Replica 0 finds the upstream gone (a cold manifest its cache must fetch); the others are
-    told, ask nothing of it and say so once; a probe's answer brings it back on all."""
+    told, skip it, check it with one probe each (no pull), find it down too and say so once; a
+    probe's answer brings it back on all."""
     lines_before = [len(replica.output) for replica in cluster.replicas]
 
     def upstream_states() -> list[str]:
@@ -133,10 +139,46 @@ def test_an_upstream_found_down_by_one_replica_is_down_on_all_and_back_likewise(
         cluster.upstream.start()
     assert poll(upstream_states, lambda states: states == ["up"] * 3, timeout=30) == ["up"] * 3
     for replica, before in zip(cluster.replicas, lines_before):
-        said = [line for line in replica.output[before:] if "upstream http://" in line]
+        said = upstream_changes_said(replica, before)
         assert ["unreachable" in line for line in said] == [True, False], said  # once down, once back
         asked = [r for r in replica.pull_records() if r["repository"] == "library/unseen"]
         assert len(asked) == (1 if replica.index == 0 else 0)
+
+
+def test_an_upstream_unreachable_from_one_replica_alone_is_down_there_and_nothing_flaps(cluster, tmp_path):
+    """Replica 0's own route to the upstream is cut (the others' is not): it finds the upstream
+    down and serves what the cache holds; the others are told, check with a probe of their own,
+    and keep pulling new images from the upstream, turn after turn. Each replica
+    changes state only where it must: replica 0 down once and back once, the others never."""
+    cut, others = cluster.replicas[0], cluster.replicas[1:]
+    before = build_image(tmp_path / "before", "library/before-cut", [("etc/content", b"before")])
+    cluster.upstream.push(before)
+    pull_from(others[0].address, before)
+    lines_before = [len(replica.output) for replica in cluster.replicas]
+
+    def upstream_states() -> list[str]:
+        return [json.loads(replica.admin("/ready")[2])["upstreams"]["docker.io"] for replica in cluster.replicas]
+
+    with cut.cut_from(cluster.upstream.host, cluster.upstream.port):
+        status, _, _ = manifest(cut.address, "library/unseen-from-the-cut-one", "1.0")
+        assert status == 503
+        assert poll(upstream_states, lambda states: states[0].startswith("down") and states[1:] == ["up", "up"])[1:] == ["up", "up"]
+        for turn in range(3):  # over two of replica 0's probes (every 5 s), each failing
+            image = build_image(tmp_path / f"turn-{turn}", "library/while-cut", [("etc/content", f"turn {turn}".encode())],
+                                tag=f"turn-{turn}")
+            cluster.upstream.push(image)
+            time.sleep(TTL + 0.5)
+            for replica in others:
+                pull_from(replica.address, image)  # cold: from the upstream, every digest checked
+            pull_from(cut.address, before)  # what the cache holds, served where the upstream is down
+            states = upstream_states()
+            assert states[0].startswith("down") and states[1:] == ["up", "up"], (turn, states)
+        cut_said = upstream_changes_said(cut, lines_before[0])
+        assert ["unreachable" in line for line in cut_said] == [True], cut_said
+    assert poll(upstream_states, lambda states: states == ["up"] * 3, timeout=30) == ["up"] * 3
+    for replica, since in zip(cluster.replicas, lines_before):
+        said = upstream_changes_said(replica, since)
+        assert ["unreachable" in line for line in said] == ([True, False] if replica is cut else []), (replica.index, said)
 
 
 @pytest.mark.parametrize("outage", ["killed", "paused"])

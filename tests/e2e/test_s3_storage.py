@@ -4,7 +4,11 @@ refuses wrong credentials in one line; pulls go through a cache whose blobs are 
 (once each); warm layers come by the data plane streaming the object (Range too) or by a
 presigned URL of the store; with the store stopped, warm pulls get 503 naming it and containerd
 falls back, and they are served again once it is back; the budget evicts from the bucket; two
-replicas on one bucket share what either fetched.
+replicas on one bucket share what either fetched. The data plane's local copies: 8 concurrent
+GETs make one read of the object (the S3 server's own request counts), later ones none, a cold
+pull's spool is kept as the copy, a copy of other bytes is never sent whole, and with copies off
+each GET reads the store. A session token signs regcache's calls and is in no output; a
+data-plane worker that cannot reach the store takes it down in /ready.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,11 +27,12 @@ import pytest
 from tests.support.clients import Containerd
 from tests.support.cluster import GATEWAY, Cluster, SlowReader
 from tests.support.parts import (
-    PORT_BASES, REGCACHE, TEST_DOMAIN, Stack, build_image, docker_io_stack, http_get, poll, pull, raw_exchange, raw_request,
-    split_responses,
+    PORT_BASES, REGCACHE, TEST_DOMAIN, Stack, build_image, docker_io_stack, get_following_the_307, http_get, poll, pull,
+    raw_exchange, raw_request, split_responses,
 )
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 from regcache_core.commands.client_config import hosts_toml
+from regcache_core.objectstore.copies import COPIES_DIR
 
 PORT = PORT_BASES["test_s3_storage"]
 PRESIGNED_PORT = PORT + 3  # its ports (+1, +50, +70, +80) miss the first stack's
@@ -130,6 +136,90 @@ def test_a_warm_layer_is_streamed_from_the_store_by_the_data_plane_range_include
     assert status == 206 and tail == whole[-100:]
 
 
+def copies_of(stack: Stack) -> list[Path]:
+    """The data plane's local copies of warm blobs (objectstore/copies.py)."""
+    return sorted((stack.data_dir / COPIES_DIR).glob("sha256-*"))
+
+
+def store_reads(s3: S3Server) -> int:
+    """The object reads the S3 server answered: the data plane's (and registry:2's) ranged GETs."""
+    return s3.requests(BUCKET, "GET", 206)
+
+
+def get_at_once(port: int, path: str, clients: int) -> list[tuple[int, dict, bytes]]:
+    """`clients` GETs of `path` at once, each following its 307 as a registry client does."""
+    with ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(lambda _: get_following_the_307(port, path, f"docker.io.{TEST_DOMAIN}:{port}"),
+                             range(clients)))
+
+
+def test_concurrent_gets_of_a_warm_layer_share_one_read_of_the_store_and_later_ones_are_sent_its_local_copy(
+        s3_stack, s3, warm):
+    big = warm["big"]
+    layer = big.blob_digests[-1]
+    path = f"/v2/{big.name}/blobs/{layer}"
+    for copy in copies_of(s3_stack):
+        copy.unlink()  # earlier tests made one: this test's first GETs find none
+    before = store_reads(s3)
+    answers = get_at_once(PORT, path, 8)
+    assert [(status, hashlib.sha256(body).hexdigest()) for status, _, body in answers] == [(200, layer[7:])] * 8
+    assert store_reads(s3) == before + 1
+    [copy] = copies_of(s3_stack)
+    assert copy.name == layer.replace(":", "-") and copy.stat().st_mode & 0o777 == 0o400  # sealed, its owner's only
+
+    answers = get_at_once(PORT, path, 8)
+    assert [(status, hashlib.sha256(body).hexdigest()) for status, _, body in answers] == [(200, layer[7:])] * 8
+    status, headers, _ = answer(PORT, path)
+    status, headers, part = follow(headers["location"], "Range: bytes=7-1000006")
+    assert status == 206 and hashlib.sha256(part).digest() == hashlib.sha256(answers[0][2][7:1000007]).digest()
+    assert store_reads(s3) == before + 1  # the copy, not the store
+
+
+def test_a_cold_layer_s_spool_is_kept_as_its_copy_and_a_copy_of_other_bytes_is_never_sent_whole(
+        s3_stack, s3, upstream, tmp_path):
+    """A cold pull's spool (its bytes checked) becomes the layer's copy: its first warm GET reads
+    nothing from the store. Then the object in the store altered (same size), the copy gone: the
+    copy written from it does not hash to the digest, so the GETs reading it are cut short, and
+    nothing of it stays."""
+    image = build_image(tmp_path / "images", "library/altered", [("layer.bin", 3 << 20)])
+    upstream.push(image)
+    assert pull(DOCKER_IO, image.reference, tmp_path / "cold") == image.manifest_digest
+    layer = image.blob_digests[-1]
+    assert poll(lambda: blob_keys(s3, layer), bool, timeout=60)
+    [key] = blob_keys(s3, layer)
+    assert (s3_stack.data_dir / COPIES_DIR / layer.replace(":", "-")) in copies_of(s3_stack)
+    before = store_reads(s3)
+    status, _, body = get_following_the_307(PORT, f"/v2/{image.name}/blobs/{layer}", DOCKER_IO)
+    assert status == 200 and hashlib.sha256(body).hexdigest() == layer[7:] and store_reads(s3) == before
+    original = s3.get(BUCKET, key)
+    for copy in copies_of(s3_stack):
+        copy.unlink()
+    s3.put(BUCKET, key, original[:-1] + bytes([original[-1] ^ 1]))
+    try:
+        answers = get_at_once(PORT, f"/v2/{image.name}/blobs/{layer}", 2)
+        assert [(status, len(body) < len(original)) for status, _, body in answers] == [(200, True)] * 2
+        assert copies_of(s3_stack) == []
+        assert any("the local copy of" in line and "hash to" in line for line in s3_stack.output)
+    finally:
+        s3.put(BUCKET, key, original)
+    status, _, body = get_following_the_307(PORT, f"/v2/{image.name}/blobs/{layer}", DOCKER_IO)
+    assert status == 200 and body == original  # put right in the store: a copy of it serves
+
+
+def test_with_copies_turned_off_each_get_streams_the_object_from_the_store(warm, upstream, s3, tmp_path):
+    stack = docker_io_stack(tmp_path / "no-copies", upstream, PRESIGNED_PORT,
+                            s3_settings(s3, REGCACHE_S3_COPIES_MAX_DISK="0")).start()
+    try:
+        big = warm["big"]
+        layer = big.blob_digests[-1]
+        before = store_reads(s3)
+        answers = get_at_once(PRESIGNED_PORT, f"/v2/{big.name}/blobs/{layer}", 2)
+        assert [(status, hashlib.sha256(body).hexdigest()) for status, _, body in answers] == [(200, layer[7:])] * 2
+        assert store_reads(s3) == before + 2 and copies_of(stack) == []
+    finally:
+        assert stack.stop() == 0
+
+
 def test_a_small_warm_blob_is_answered_by_the_proxy_from_the_store(warm):
     small = warm["small"]
     config = small.blob_digests[0]
@@ -157,6 +247,21 @@ def test_a_warm_layer_by_a_presigned_url_of_the_store(warm, upstream, s3, tmp_pa
         assert pull(f"docker.io.{TEST_DOMAIN}:{PRESIGNED_PORT}", big.reference, tmp_path / "pulled") == big.manifest_digest
     finally:
         assert stack.stop() == 0
+
+
+def test_a_session_token_signs_regcache_s_calls_and_is_in_no_output(tmp_path, upstream, s3):
+    """SeaweedFS knows no session tokens (its identities are static keys): its refusal of the
+    token, with keys it accepts, shows that regcache signs with it. registry:2 gets it in its
+    environment (tests/unit/test_s3_config.py): 2.8's s3 driver has no config key for it."""
+    token = "FwoGZXIvYXdzEXAMPLE-session-token"
+    settings = docker_io_stack(tmp_path, upstream, PRESIGNED_PORT, s3_settings(s3, AWS_SESSION_TOKEN=token)).settings
+    result = subprocess.run([*REGCACHE, "up"], cwd=tmp_path, env={**settings, "PATH": "/usr/bin:/bin"},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert "the store refused the credentials" in line and "AWS_SESSION_TOKEN" in line, line
+    assert token not in result.stdout + result.stderr
+    assert not [f for f in tmp_path.rglob("*") if f.is_file() and token.encode() in f.read_bytes()]
 
 
 def test_wrong_credentials_are_one_clear_line_at_start(tmp_path, upstream, s3):
@@ -204,6 +309,27 @@ def test_with_the_store_stopped_warm_pulls_get_503_naming_it_and_containerd_fall
     warnings = [line for line in s3_stack.output if "object store" in line]
     assert [bool(re.search("unreachable", w)) for w in warnings] == [True, False], "\n".join(warnings)
     assert "reachable again" in warnings[1]
+
+
+def test_a_data_plane_worker_that_cannot_reach_the_store_takes_it_down_in_ready(s3_stack, s3, warm):
+    """The proxy hands a warm layer to the data plane, then the store stops: the worker's failure,
+    not the proxy's own calls, takes the store down (/ready, 503s), until the probe finds it back."""
+    big = warm["big"]
+    path = f"/v2/{big.name}/blobs/{big.blob_digests[-1]}"
+    status, headers, _ = answer(PORT, path)
+    assert status == 307 and json.loads(s3_stack.admin("/ready")[2])["object_store"] == "up"
+    s3.stop()
+    try:
+        status, _, body = follow(headers["location"])
+        assert status == 503 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+        ready = poll(lambda: json.loads(s3_stack.admin("/ready")[2])["object_store"],
+                     lambda state: state != "up", timeout=10)
+        assert ready.startswith("down: a data-plane worker: ")
+        assert answer(PORT, path)[0] == 503  # the proxy's answer, at once
+    finally:
+        s3.start()
+    assert poll(lambda: json.loads(s3_stack.admin("/ready")[2])["object_store"], lambda state: state == "up",
+                timeout=30) == "up"
 
 
 def test_the_budget_evicts_from_the_bucket_and_cache_du_and_ls_read_it(upstream, s3, images, tmp_path):

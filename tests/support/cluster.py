@@ -38,6 +38,8 @@ hosts at the gateway (as a pod resolves a Service's name): Go clients resolve na
   `replica.stop()` is a SIGTERM, as a rolling update sends; `replica.start()` or
   `cluster.start_replicas(indexes)` (several at once) starts it again.
 - `replica.run(*command)` runs a command where the replica runs (e.g. curl to a peer).
+- `with replica.cut_from(cluster.upstream.host, cluster.upstream.port):` resets that replica's
+  connections to the upstream alone (an iptables rule in its namespace, gone with the block).
 - `pull(cluster.host, ref, dest, enter=replica.pinned)` pulls from that replica alone, not
   through the balancer (the suite's test hosts at its address, for that command only).
 
@@ -48,6 +50,7 @@ the e2e lane's namespaces (root).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import http.client
@@ -182,6 +185,17 @@ class Replica(Stack):
     def run(self, *command: str, timeout: float = 30) -> subprocess.CompletedProcess:
         """A command where this replica runs (its network, its /etc/hosts), e.g. curl to a peer."""
         return subprocess.run([*self.enter, *command], capture_output=True, text=True, timeout=timeout)
+
+    @contextlib.contextmanager
+    def cut_from(self, host: str, port: int):
+        """Within the block, this replica's connections to host:port are reset (a rule in its own
+        namespace), as when its node's route there is broken while the others' is not."""
+        rule = ("OUTPUT", "-p", "tcp", "-d", host, "--dport", str(port), "-j", "REJECT", "--reject-with", "tcp-reset")
+        run("nsenter", f"--net={self.namespace.path}", "iptables", "-A", *rule)
+        try:
+            yield
+        finally:
+            run("nsenter", f"--net={self.namespace.path}", "iptables", "-D", *rule)
 
     def kill(self) -> None:
         """SIGKILL every process of this replica at once, as when its pod or node dies."""

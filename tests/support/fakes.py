@@ -17,6 +17,7 @@ import json
 import re
 import socket
 import socketserver
+import ssl
 import threading
 import time
 import uuid
@@ -26,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from .parts import OCI_INDEX
@@ -49,6 +50,18 @@ def _certificate(subject: str, key, issuer: str, issuer_key, ca: bool) -> x509.C
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .sign(issuer_key, hashes.SHA256())
     )
+
+
+def self_signed_tls(directory: Path) -> ssl.SSLContext:
+    """A server-side TLS context with a new self-signed certificate (its files in `directory`)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    certificate = _certificate("regcache test server", key, "regcache test server", key, ca=False)
+    (directory / "server.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (directory / "server.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(directory / "server.pem", directory / "server.key")
+    return context
 
 
 class _Server:

@@ -53,11 +53,11 @@ class S3Server:
         self.bind = bind or host  # where it listens: 0.0.0.0 for peers on other addresses too
         # gRPC ports are +10000: keep the HTTP ones low enough.
         while True:
-            ports = free_ports(4, host)
+            ports = free_ports(5, host)
             if max(ports) < 55535:
                 break
         self.port = port or ports[0]
-        self.master_port, self.volume_port, self.filer_port = ports[1:]
+        self.master_port, self.volume_port, self.filer_port, self.metrics_port = ports[1:]
         self.process: subprocess.Popen | None = None
 
     @property
@@ -83,7 +83,9 @@ class S3Server:
              "-master.electionTimeout=1s", "-volume.preStopSeconds=0",
              "-s3", f"-s3.port={self.port}", f"-s3.config={identities}",
              # Its Iceberg and Lance catalogs would listen on fixed ports (8181, 9101): off.
-             "-s3.port.iceberg=0", "-s3.port.lance=0"],
+             "-s3.port.iceberg=0", "-s3.port.lance=0",
+             # Its Prometheus metrics count the S3 requests it answered, by method and status.
+             f"-metricsPort={self.metrics_port}"],
             stdout=self.log_file.open("ab"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=self.workdir, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -111,6 +113,30 @@ class S3Server:
                 return "fid" in json.loads(answer.read())
         except (OSError, ValueError):
             return False
+
+    def requests(self, bucket: str, method: str, status: int) -> int:
+        """How many `method` requests of objects in `bucket` it answered with `status` so far."""
+        with _NO_PROXY.open(f"http://{self.host}:{self.metrics_port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        wanted = f'SeaweedFS_s3_request_total{{bucket="{bucket}",code="{status}",type="{method}"}} '
+        return sum(int(float(line[len(wanted):])) for line in text.splitlines() if line.startswith(wanted))
+
+    def get(self, bucket: str, key: str) -> bytes:
+        return asyncio.run(self._call(lambda s3: s3.get_object(Bucket=bucket, Key=key), read_body=True))
+
+    def put(self, bucket: str, key: str, body: bytes) -> None:
+        asyncio.run(self._call(lambda s3: s3.put_object(Bucket=bucket, Key=key, Body=body)))
+
+    async def _call(self, call, read_body: bool = False):
+        from aiobotocore.session import get_session
+
+        async with get_session().create_client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                               aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY) as s3:
+            answer = await call(s3)
+            if read_body:
+                async with answer["Body"] as body:
+                    return await body.read()
+            return answer
 
     def keys(self, bucket: str, prefix: str = "") -> list[str] | None:
         """Every object key in `bucket` under `prefix`; None when the bucket does not exist."""

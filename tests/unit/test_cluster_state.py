@@ -44,24 +44,33 @@ def redis_server(tmp_path, monkeypatch):
     server.stop()
 
 
-async def never_answers(url):
-    await asyncio.sleep(3600)
-
-
 class Replica:
-    """One replica's shared state, as Services builds it."""
+    """One replica's shared state, as Services builds it. Its upstream probe answers while
+    `reachable` (this replica's own route to the upstream); it probes on its own only once an
+    hour, so what makes it probe here is what it is told."""
 
     def __init__(self, name: str, url: str, directory: Path, now: list[float], upstream: SlowUpstream,
                  lease_ttl: float = leases_module.LEASE_TTL) -> None:
         self.name = name
         self.link = RedisLink(url, 0.3)
-        metrics = Metrics()
-        self.own_state = UpstreamState(metrics, never_answers, retry_every=3600)
+        self.metrics = Metrics()
+        metrics = self.metrics
+        self.reachable = True
+        self.probes = 0
+        self.own_state = UpstreamState(metrics, self._probe, retry_every=3600)
         self.state = SharedUpstreamState(self.link, self.own_state, name)
         self.leases = Leases(self.link, name, lease_ttl)
         self.tags = SharedTags(self.link, TagCache(directory / name, ttl=60, clock=lambda: now[0]))
         self.front = ManifestFront(self.tags, ManifestCache(1 << 20), upstream,
                                    UpstreamAnswers(NoAuth(), self.state, metrics), SharedFlights(self.leases, self.tags.flush))
+
+    async def _probe(self, url: str) -> None:
+        self.probes += 1
+        if not self.reachable:
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    def upstream_up(self) -> float:
+        return self.metrics.registry.get_sample_value("regcache_upstream_up", {"registry": "docker.io"})
 
     async def plan(self, reference: str = "1.0"):
         return await self.front.plan(HUB, REPO, reference, [OCI])
@@ -202,24 +211,82 @@ def test_with_redis_paused_a_request_pays_the_deadline_once_and_pulls_go_on(redi
     assert {(p.cache, p.digest) for p in later} == {("hit", digest)}
 
 
-def test_an_upstream_down_on_one_replica_is_down_on_all_and_back_likewise(redis_server, tmp_path):
+def test_an_upstream_found_down_by_one_replica_is_checked_by_each_other_and_down_where_it_is_unreachable(redis_server, tmp_path):
+    """Truly down: replica a finds it, b is told and skips it at once, its own probe fails too;
+    back: b's answer tells a, whose probe then answers at once. A replica started later checks
+    what Redis holds."""
     now = [1000.0]
 
     async def run():
         a, b = (Replica(n, redis_server.url, tmp_path, now, SlowUpstream(None)) for n in "ab")
         await eventually(lambda: False, within=0.2)  # both listening
+        a.reachable = b.reachable = False
         a.state.went_down("docker.io", HUB.upstream, "timeout")
-        told_down = await eventually(lambda: b.state.reason_down("docker.io") == "timeout")
-        b.state.answered("docker.io", HUB.upstream)  # b's probe got an answer
-        told_up = await eventually(lambda: a.state.reason_down("docker.io") is None)
-        c = Replica("c", redis_server.url, tmp_path, now, SlowUpstream(None))  # a replica started later
+        b_down = await eventually(lambda: b.state.reason_down("docker.io") == "refused")
+        b_checked = (b.probes, b.upstream_up())
+        a.reachable = b.reachable = True
+        b.state.answered("docker.io", HUB.upstream)  # a request of b's got an answer
+        a_up = await eventually(lambda: a.state.reason_down("docker.io") is None)
+        a.reachable = False
         a.state.went_down("docker.io", HUB.upstream, "refused")
-        started_later = await eventually(lambda: c.state.reason_down("docker.io") == "refused")
+        c = Replica("c", redis_server.url, tmp_path, now, SlowUpstream(None))  # a replica started later
+        c.reachable = False
+        c_down = await eventually(lambda: c.state.reason_down("docker.io") == "refused")
         for replica in (a, b, c):
             await replica.close()
-        return told_down, told_up, started_later
+        return b_down, b_checked, a_up, a.probes, c_down
 
-    assert asyncio.run(run()) == (True, True, True)
+    assert asyncio.run(run()) == (True, (1, 0), True, 1, True)
+
+
+def test_an_upstream_unreachable_from_one_replica_only_stays_up_on_the_others_and_down_on_it(redis_server, tmp_path, caplog):
+    """Replica a's own route to the upstream is cut: b is told, checks once, finds it up and says
+    nothing; b's own changes never bring it back on a, whose probe it makes ask at once."""
+    now = [1000.0]
+    caplog.set_level(logging.WARNING)
+
+    async def run():
+        a, b = (Replica(n, redis_server.url, tmp_path, now, SlowUpstream(None)) for n in "ab")
+        await eventually(lambda: False, within=0.2)
+        a.reachable = False
+        a.state.went_down("docker.io", HUB.upstream, "refused")
+        b_checked = await eventually(lambda: b.probes == 1 and b.state.reason_down("docker.io") is None)
+        b_state = (b.state.states(["docker.io"]), b.upstream_up())
+        b.reachable = False  # a blip of b's own: down and back on b
+        b.state.went_down("docker.io", HUB.upstream, "timeout")
+        b.reachable = True
+        b.state.answered("docker.io", HUB.upstream)
+        a_asked = await eventually(lambda: a.probes >= 1)  # told "back" by b: a probes now, and stays down
+        a_state = (a.state.states(["docker.io"]), a.upstream_up())
+        for replica in (a, b):
+            await replica.close()
+        return b_checked, b_state, a_asked, a_state
+
+    b_checked, b_state, a_asked, a_state = asyncio.run(run())
+    assert b_checked and b_state == ({"docker.io": "up"}, None)
+    assert a_asked and a_state == ({"docker.io": "down: refused"}, 0)
+    said = [r.getMessage() for r in caplog.records if "upstream " in r.getMessage()]
+    assert ["unreachable" in line for line in said] == [True, True, False], said  # a down; b's blip down and back
+
+
+def test_a_replica_tells_the_others_what_it_found_never_what_it_was_told(redis_server, tmp_path):
+    """b's own changes are sent after b was told another replica's word: what b sends is its own
+    state (up), not the hint it is checking."""
+    now = [1000.0]
+
+    async def run():
+        b = Replica("b", redis_server.url, tmp_path, now, SlowUpstream(None))
+        await eventually(lambda: False, within=0.2)
+        b.state.went_down("docker.io", HUB.upstream, "timeout")
+        b.state.answered("docker.io", HUB.upstream)
+        b.own_state.told_down("docker.io", HUB.upstream, "refused at another replica")  # before the sends run
+        checked = await eventually(lambda: b.state.reason_down("docker.io") is None)
+        await eventually(lambda: False, within=0.2)  # the sends done
+        held = await b.link.call(lambda r: r.hgetall(upstream_module.DOWN))
+        await b.close()
+        return checked, held
+
+    assert asyncio.run(run()) == (True, {})
 
 
 def test_an_upstream_change_seen_while_redis_was_down_reaches_the_others_when_it_is_back(redis_server, tmp_path):
@@ -230,16 +297,17 @@ def test_an_upstream_change_seen_while_redis_was_down_reaches_the_others_when_it
         await eventually(lambda: False, within=0.2)
         redis_server.stop()
         await eventually(lambda: False, within=0.2)
+        a.reachable = b.reachable = False
         a.state.went_down("docker.io", HUB.upstream, "timeout")
-        alone = (a.state.reason_down("docker.io"), b.state.reason_down("docker.io"))
+        alone = (a.state.reason_down("docker.io"), b.state.reason_down("docker.io"), b.probes)
         redis_server.start()
-        told = await eventually(lambda: b.state.reason_down("docker.io") == "timeout")
+        told = await eventually(lambda: b.state.reason_down("docker.io") == "refused")
         for replica in (a, b):
             await replica.close()
         return alone, told
 
     alone, told = asyncio.run(run())
-    assert alone == ("timeout", None) and told
+    assert alone == ("timeout", None, 0) and told
 
 
 def test_usage_records_are_the_clusters_and_one_replica_at_a_time_evicts(redis_server):

@@ -200,3 +200,24 @@ def test_a_datagram_that_is_no_record_is_ignored():
     assert from_json(to_json(good)) == good
     assert from_json(to_json(good).replace('"status":404', '"status":"404"')) is None
     assert from_json(to_json(good).replace('"bytes":0', '"bytes":true')) is None
+
+
+def test_a_workers_notice_that_the_store_is_down_reaches_the_proxy_once_a_second_at_most(tmp_path):
+    received, notices = [], []
+    now = [0.0]
+
+    async def exchange() -> None:
+        transport = await receive_records(tmp_path / "records.sock", received.append, notices.append)
+        sender = RecordSender(tmp_path / "records.sock", clock=lambda: now[0])
+        task = asyncio.create_task(sender.run())
+        sender.store_down("timed out")
+        sender.store_down("timed out again")  # within the second: not sent
+        now[0] = 1.5
+        sender.store_down("503 ServiceUnavailable")
+        await sender.flush(5)
+        await asyncio.sleep(0.1)
+        task.cancel()
+        transport.close()
+
+    asyncio.run(exchange())
+    assert notices == ["timed out", "503 ServiceUnavailable"] and received == []

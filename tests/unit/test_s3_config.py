@@ -43,6 +43,8 @@ def test_an_s3_url_is_an_object_store_and_the_sdk_variables_say_how_to_reach_it(
     ({"AWS_ENDPOINT_URL_S3": "http://key:secret@s3.example"}, "AWS_ENDPOINT_URL_S3: has '@' in it"),
     ({"AWS_REGION": "EU WEST"}, "AWS_REGION: 'EU WEST' is not a region name"),
     ({"REGCACHE_S3_REDIRECT": "maybe"}, "REGCACHE_S3_REDIRECT: 'maybe' is not true or false"),
+    ({"AWS_SESSION_TOKEN": "TOKEN"}, "AWS_SESSION_TOKEN: set without AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+    ({"REGCACHE_S3_COPIES_MAX_DISK": "lots"}, "REGCACHE_S3_COPIES_MAX_DISK:"),
 ])
 def test_bad_object_store_settings_are_named(changes, message):
     with pytest.raises(ConfigError) as raised:
@@ -71,3 +73,20 @@ def test_without_keys_registry2_uses_the_sdk_chain_and_aws_s3_itself():
     assert registry_config(hub)["storage"]["s3"] == {
         "bucket": "team-cache", "region": "eu-west-3", "rootdirectory": "/hub"}
     assert set(cache_environment(hub)) == {"PATH"}
+
+
+def test_a_session_token_reaches_registry2_with_its_keys_in_the_sdk_variables_it_reads():
+    """registry:2 2.8's s3 driver has no `sessiontoken` key: with none in its config, its credential
+    chain reads AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN."""
+    config = parse(**S3, AWS_SESSION_TOKEN="TOKEN")
+    [hub, *_] = local_backends(config)
+    assert config.s3.session_token == "TOKEN" and "TOKEN" not in repr(config)
+    assert "TOKEN" not in repr(registry_config(hub)) and "AKID" not in repr(registry_config(hub))
+    assert cache_environment(hub) == {"PATH": os.environ["PATH"], "AWS_ACCESS_KEY_ID": "AKID",
+                                      "AWS_SECRET_ACCESS_KEY": "SECRET", "AWS_SESSION_TOKEN": "TOKEN"}
+
+
+def test_local_copies_are_on_by_default_and_zero_turns_them_off():
+    assert parse(**S3).s3.copies_max_disk == 10 << 30
+    assert parse(**S3, REGCACHE_S3_COPIES_MAX_DISK="512M").s3.copies_max_disk == 512 << 20
+    assert parse(**S3, REGCACHE_S3_COPIES_MAX_DISK="0").s3.copies_max_disk == 0

@@ -12,7 +12,9 @@ import time
 import pytest
 
 from regcache_core.spool.blob_heads import BlobHead, HeadFlights, blob_head
-from regcache_core.spool.table import HOLD_BACK, WRITABLE, SpoolBroken, SpoolProgress, SpoolTable, spool_path
+from regcache_core.spool.table import (
+    HOLD_BACK, WRITABLE, SpoolBroken, SpoolProgress, SpoolTable, clients_done, clients_reading, hold_as_reader, spool_path,
+)
 
 BLOB = os.urandom(3 << 20)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
@@ -229,6 +231,35 @@ def test_a_reader_cuts_a_spool_that_stops_growing(tmp_path):
     path.write_bytes(BLOB[:CHUNK])  # a writer that died: the file stays, and never grows
     with pytest.raises(SpoolBroken, match="no growth"):
         run(read_all(path, stall_timeout=0.3))
+
+
+def test_a_clients_reader_marks_the_spool_file_until_it_closes_it(tmp_path):
+    path = tmp_path / "spool"
+    path.write_bytes(BLOB)
+    assert not clients_reading(path)
+    with open(path, "rb") as first, open(path, "rb") as second:
+        hold_as_reader(first.fileno())
+        hold_as_reader(second.fileno())
+        assert clients_reading(path)
+        first.close()
+        assert clients_reading(path), "the second still reads"
+    assert not clients_reading(path)
+    assert not clients_reading(tmp_path / "removed")
+
+
+def test_the_caches_store_waits_for_the_clients_readers_for_a_bounded_time(tmp_path):
+    async def scenario():
+        table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
+        spool = await spooling(table, BLOB)
+        with open(spool.path, "rb") as reader:
+            hold_as_reader(reader.fileno())
+            await clients_done(spool, wait=0.3)  # returns, though a reader still holds it
+            asyncio.get_running_loop().call_later(0.2, reader.close)
+            await clients_done(spool, wait=60)  # returns once the reader is done, not after 60 s
+            assert reader.closed
+        table.close()
+
+    run(scenario())
 
 
 def test_blob_heads_are_answered_from_a_spool_a_concurrent_head_or_a_recent_one(tmp_path):

@@ -3,8 +3,8 @@
 Redis trouble never fails a pull: every call has a deadline (REGCACHE_REDIS_TIMEOUT), and a call
 that fails or misses it marks the link down. While it is down, calls raise SharedStateDown at once
 (no request pays the deadline again) and the callers go on with their per-replica state; a probe
-asks Redis again every PROBE_INTERVAL seconds and marks the link up when it answers. Each change
-is said once: a warning line, the `regcache_shared_state_up` gauge, and `/ready`'s detail.
+asks Redis again every PROBE_INTERVAL seconds and marks the link up when it answers (reachability.py).
+Each change is said once: a warning line, the `regcache_shared_state_up` gauge, and `/ready`'s detail.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from redis.asyncio.retry import Retry
 
 from ..observe import warn
+from ..reachability import Reachability, exception_text
 
 logger = logging.getLogger(__name__)
 
@@ -52,63 +53,51 @@ class RedisLink:
         # the per-replica state at once.
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                            retry=Retry(NoBackoff(), 0), max_connections=MAX_CONNECTIONS)
-        self.down_reason: str | None = None
         self.outages = 0  # times it went down: a listener that saw one may have missed messages
-        self._probe: asyncio.Task | None = None
+        self.reachability = Reachability(self._ping, PROBE_INTERVAL, self._went_down, self._came_back, _reason)
 
     @property
     def up(self) -> bool:
-        return self.down_reason is None
+        return self.reachability.up
 
     def state(self) -> str:
         """For /ready: "ok", or why replicas go on alone."""
-        return "ok" if self.up else f"down ({self.down_reason}): each replica uses state of its own"
+        return "ok" if self.up else f"down ({self.reachability.reason}): each replica uses state of its own"
 
     async def call(self, operation: Callable[[redis.Redis], Awaitable[T]]) -> T:
         """`operation(client)` within the deadline; SharedStateDown when Redis cannot answer."""
         if not self.up:
-            raise SharedStateDown(self.down_reason)
+            raise SharedStateDown(self.reachability.reason)
         try:
             async with asyncio.timeout(self.timeout):
                 return await operation(self.client)
         except (RedisError, OSError, TimeoutError) as e:
-            self._went_down(_reason(e))
-            raise SharedStateDown(self.down_reason) from None
+            self.reachability.failed(_reason(e))
+            raise SharedStateDown(self.reachability.reason) from None
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
+        self.reachability.close()
         with contextlib.suppress(RedisError, OSError):
             await self.client.aclose()
 
     def _went_down(self, reason: str) -> None:
-        if not self.up:
-            return
-        self.down_reason = reason
         self.outages += 1
         if not self.quiet:
             warn(logger, "regcache: shared state at %s unreachable (%s); each replica goes on with state of its own "
                          "until it is back", self.where, reason)
         self.on_change(False)
-        self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
 
-    async def _probe_until_up(self) -> None:
-        while True:
-            await asyncio.sleep(PROBE_INTERVAL)
-            try:
-                async with asyncio.timeout(self.timeout):
-                    await self.client.ping()
-            except (RedisError, OSError, TimeoutError):
-                continue
-            self.down_reason = None
-            self._probe = None
-            if not self.quiet:
-                warn(logger, "regcache: shared state at %s is back; replicas share state again", self.where)
-            self.on_change(True)
-            return
+    def _came_back(self) -> None:
+        if not self.quiet:
+            warn(logger, "regcache: shared state at %s is back; replicas share state again", self.where)
+        self.on_change(True)
+
+    async def _ping(self) -> None:
+        async with asyncio.timeout(self.timeout):
+            await self.client.ping()
 
 
 def _reason(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "no answer in time"
-    return str(error) or type(error).__name__
+    return exception_text(error)

@@ -1,16 +1,22 @@
 """UpstreamStatus (upstream/state.py) shared by the replicas: an upstream found down by one is
-known down by all at once, and back likewise, so no other replica pays the deadline to find out.
+skipped by the others at once, so no other replica pays the deadline to find out, but each
+replica's own network decides whether it is down there.
 
-Redis holds the upstreams known down (`regcache:upstreams-down`: registry -> upstream and reason),
-and each change is published on `regcache:upstream`; every replica listens and takes it into
-its own UpstreamState, which answers every question without a Redis call (the request path
-asks it for each upstream exchange) and goes on alone while Redis is down. A change made while
-Redis is down is sent when it is back; then the replica takes Redis's view again.
+Redis holds the upstreams found down (`regcache:upstreams-down`: registry -> upstream and reason,
+written by the last replica whose own state of it changed), and each replica publishes its own
+changes on `regcache:upstream`. What a replica hears is a hint, never its state
+(reachability.py): told "down", it skips the upstream (serving what its cache holds) while one
+probe of its own (`GET /v2/`, bounded like every upstream exchange) checks; the probe's failure
+makes the upstream down on this replica too (its own warning, gauge and message), its answer
+ends the hint and nothing is said. Told "back", a replica that has it down probes at once. So a
+replica whose own route to the upstream is cut keeps it down for itself, while the others,
+whose probes answer, keep pulling from it: no flapping, and the others pay one probe per change
+of the cut replica's state.
 
-Every replica whose state says down probes the upstream itself, as one node does: a probe is one
-`GET /v2/` every 5 s (no pull, nothing metered), so N replicas cost N of them, and no lease is
-needed to make sure somebody probes when the replica that found the outage has gone. The first
-probe answered brings the upstream back for the whole cluster.
+Every replica whose state says down probes the upstream every 5 s, as one node does: N replicas
+cost N probes (no pull, nothing metered), and no lease is needed to make sure somebody probes
+when the replica that found the outage has gone. While Redis is down each replica goes on alone;
+a change made meanwhile is sent when it is back, then Redis's view is taken as hints.
 """
 
 from __future__ import annotations
@@ -35,7 +41,6 @@ class SharedUpstreamState:
         self.replica = replica  # to tell its own messages
         self._upstreams: dict[str, str] = {}  # registry -> upstream base URL, as changes named them
         self._unsent: set[str] = set()  # registries whose change Redis has not been told
-        self._hearing = False  # a change taken from another replica is not sent back
         self._sending: set[asyncio.Task] = set()
         own.on_change = self._changed
         self._listener = asyncio.get_running_loop().create_task(self._listen())
@@ -63,8 +68,6 @@ class SharedUpstreamState:
 
     def _changed(self, registry: str, upstream: str, reason: str | None) -> None:
         self._upstreams[registry] = upstream
-        if self._hearing:
-            return
         sending = asyncio.get_running_loop().create_task(self._send(registry))
         self._sending.add(sending)
         sending.add_done_callback(self._sending.discard)
@@ -72,7 +75,7 @@ class SharedUpstreamState:
     async def _send(self, registry: str) -> None:
         """Tell Redis and the replicas this replica's state of `registry` as it is now (so that
         sends racing each other all say the latest)."""
-        reason = self.own.reason_down(registry)
+        reason = self.own.found_down(registry)
         upstream = self._upstreams[registry]
 
         async def send(r) -> None:
@@ -92,15 +95,11 @@ class SharedUpstreamState:
             self._unsent.discard(registry)
 
     def _hear(self, registry: str, upstream: str, reason: str | None) -> None:
-        """Another replica's view of `registry`'s upstream (or Redis's) becomes this one's."""
-        self._hearing = True
-        try:
-            if reason is not None and self.own.reason_down(registry) is None:
-                self.own.went_down(registry, upstream, reason)
-            elif reason is None and self.own.reason_down(registry) is not None:
-                self.own.answered(registry, upstream)
-        finally:
-            self._hearing = False
+        """Another replica's view of `registry`'s upstream (or Redis's): a hint this one checks."""
+        if reason is None:
+            self.own.told_up(registry, upstream)
+        else:
+            self.own.told_down(registry, upstream, f"{reason} at another replica")
 
     async def _listen(self) -> None:
         while True:

@@ -25,11 +25,12 @@ from ..cluster.reads import ClusterReads
 from ..config import Config
 from ..observe.pull_log import PullRecord
 from ..objectstore.blobs import StoredBlobs
+from ..objectstore.copies import COPIES_DIR, LocalCopies
 from ..routing import Refusal
 from .exchange import CLIENTS, CONFIG, EXCHANGE, RECORDS, SIGNER, Exchange, Handler, denied, refuse_stranger, refused
 from .file_response import open_file, plan, send
 from .grants import GRANT_PATHS, Grant, GrantSigner
-from .object_reader import STORED_BLOBS, send_object
+from .object_reader import LOCAL_COPIES, STORE_DOWN, STORED_BLOBS, send_object
 from .spool_reader import serve_cold, serve_spool
 from .storage import warm_blob
 
@@ -120,7 +121,9 @@ def record_of(request: web.Request, exchange: Exchange, status: int, now: float)
 
 
 def make_app(config: Config, signer: GrantSigner, records: Callable[[PullRecord], None],
-             reads: ClusterReads | None = None) -> web.Application:
+             store_down: Callable[[str], None], reads: ClusterReads | None = None) -> web.Application:
+    """`records(record)` takes each pull record, `store_down(reason)` each failure to reach the object
+    store; `reads`, with replicas, registers the stored blobs sent (cluster/reads.py)."""
     app = web.Application(middlewares=[recorded], handler_args={"keepalive_timeout": KEEPALIVE_TIMEOUT})
     app[CONFIG], app[SIGNER], app[RECORDS] = config, signer, records
     if reads is not None:
@@ -129,6 +132,10 @@ def make_app(config: Config, signer: GrantSigner, records: Callable[[PullRecord]
     if any(r.object_store for r in config.registries):
         blobs = app[STORED_BLOBS] = StoredBlobs(config.s3, config.upstream_timeout)
         app.on_cleanup.append(lambda _: blobs.close())
+        app[STORE_DOWN] = store_down
+        if config.s3.copies_max_disk:
+            copies = app[LOCAL_COPIES] = LocalCopies(config.data_dir / COPIES_DIR, config.s3.copies_max_disk, store_down)
+            app.on_cleanup.insert(0, lambda _: copies.close())
     for path, handler in ROUTES.items():
         app.router.add_get(path, handler)  # and HEAD
     return app

@@ -24,7 +24,7 @@ import logging
 from aiohttp import web
 
 from ..routing import Refusal
-from ..spool.table import SPOOL_DIR, SpoolProgress, describe, spool_path
+from ..spool.table import SPOOL_DIR, SpoolProgress, describe, hold_as_reader, spool_path
 from .exchange import CONFIG, EXCHANGE, SIGNER, Exchange, denied, refuse_stranger, refused
 from .file_response import Plan, send
 
@@ -54,6 +54,8 @@ async def _serve(request: web.Request, kind: str) -> web.StreamResponse:
     except FileNotFoundError:
         return refused(Refusal(404, "BLOB_UNKNOWN", "this spool is gone; fetch the blob again"))
     exchange.served = True
+    if kind == "cold":
+        hold_as_reader(file.fileno())  # the cache's store of the blob waits for the clients' transfers
     progress = SpoolProgress(file.fileno(), grant.size)
     headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": grant.digest,
                "ETag": f'"{grant.digest}"', "Docker-Distribution-API-Version": "registry/2.0",

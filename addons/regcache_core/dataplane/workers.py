@@ -84,7 +84,7 @@ async def _serve(config: Config, serving) -> None:
     if config.cluster is not None:
         link = RedisLink(config.cluster.redis_url, config.cluster.redis_timeout, quiet=True)
         reads = ClusterReads(link)
-    runner = web.AppRunner(make_app(config, GrantSigner(grant_key(config)), records, reads),
+    runner = web.AppRunner(make_app(config, GrantSigner(grant_key(config)), records, records.store_down, reads),
                            access_log=None, shutdown_timeout=STOP_TIMEOUT, handle_signals=False)
     await runner.setup()
     stop = asyncio.Event()

@@ -75,7 +75,7 @@ def make_addons() -> list:
         SpecAnswers(),
         budget,
         recorder,
-        DataPlaneRecords(settings, recorder.deliver),
+        DataPlaneRecords(settings, recorder.deliver, services),
         Admin(settings, metrics, budget, services),
         Drain(settings, services.downloads_running),
         WebView(settings),

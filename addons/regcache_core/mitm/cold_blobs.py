@@ -5,8 +5,9 @@
   per blob whatever asks: clients and the cache's own fetches): a 307 to the data plane's
   `/_regcache/cold` for the blob's spool, which it sends by sendfile as the download writes it.
   The cache is asked once per download to store the blob (spool/cache_fill.py), once the
-  download is complete and checked: while it runs, the cores go to the clients' transfers, and
-  the cache then reads the whole spool from the page cache; its fetches get the same spool. The first client request to follow a download is the miss, the others hits,
+  download is complete and checked and its clients have it (spool/table.py's clients_done, a
+  few seconds at most): while they read, the cores go to their transfers, and the cache then
+  reads the whole spool from the page cache; its fetches get the same spool. The first client request to follow a download is the miss, the others hits,
   and the grant carries that mark to the data plane's pull record. With no spool to follow
   (the download got no 200 body, the blob would go past REGCACHE_SPOOL_MAX_DISK) the GET goes
   to the cache as it came.
@@ -28,18 +29,16 @@ import logging
 
 from mitmproxy import http
 
-from botocore.exceptions import ClientError
-
 from ..cluster.blob_flights import PeerSpool
 from ..dataplane.grants import GrantSigner, grant_key
 from ..dataplane.handoff import client_url_base
 from ..dataplane.storage import warm_blob
-from ..objectstore.client import StoreUnreachable
+from ..objectstore.client import StoreRefused, StoreUnreachable
 from ..observe.metrics import Metrics
 from ..routing import Refusal, Target, upstream_unreachable
 from ..spool.blob_heads import blob_head
 from ..spool.cache_fill import ask_cache_to_store
-from ..spool.table import Spool, State, describe
+from ..spool.table import Spool, State, clients_done, describe
 from .answers import Answer, refusal_answer
 from .flow_notes import AnsweredBy, note
 from .services import Services
@@ -110,6 +109,7 @@ class ColdBlobs:
         if spool.task is not None:
             await asyncio.wait([spool.task])  # the download is nobody's: waiting never cancels it
         if spool.state is State.COMPLETE:
+            await clients_done(spool)  # the clients' transfers first
             await ask_cache_to_store(target.backend, lambda: self._stored(target), target.repository, target.reference,
                                      spool.size)
 
@@ -121,7 +121,7 @@ class ColdBlobs:
         try:
             return await self.services.stored_blobs.warm(registry.object_store, target.repository,
                                                          target.reference) is not None
-        except (StoreUnreachable, ClientError):
+        except (StoreUnreachable, StoreRefused):
             return False
 
     async def _answer_head(self, flow: http.HTTPFlow, target: Target) -> Answer | None:

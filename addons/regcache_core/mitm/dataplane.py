@@ -2,7 +2,7 @@
 of a warm blob with a 307 to it (or, a small one, with its bytes), and notes the GETs and HEADs
 of blobs the cache does not hold, for ColdBlobs (cold_blobs.py); DataPlaneRecords takes the
 data plane's pull records and hands them to the same sinks as the proxy's own (pull log,
-metrics)."""
+metrics), and its workers' notices that the object store did not answer to the store's health."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from botocore.exceptions import ClientError
 from mitmproxy import http
 
 from ..dataplane.grants import GrantSigner, grant_key
@@ -18,7 +17,7 @@ from ..dataplane.handoff import COLD, Cold, SmallBlob, warm_blob_answer
 from ..dataplane.storage import warm_blob
 from ..dataplane.records import receive_records, records_socket
 from ..objectstore.answers import warm_object_answer
-from ..objectstore.client import StoreUnreachable
+from ..objectstore.client import StoreRefused, StoreUnreachable
 from ..observe.pull_log import PullRecord
 from ..routing import Target, store_unreachable
 from .answers import Answer, refusal_answer
@@ -93,7 +92,7 @@ class DataPlaneHandoff:
         except StoreUnreachable as e:
             health.went_down(str(e))
             return self.store_down(flow)
-        except ClientError:
+        except StoreRefused:
             return None  # refused (a permission, say): the cache answers, as it can
         if isinstance(answer, str) and self.settings.config.s3.redirect:
             note(flow).cache = "hit"
@@ -117,11 +116,13 @@ class DataPlaneHandoff:
 
 class DataPlaneRecords:
     """Receives the data plane's pull records (see dataplane/records.py) and hands each to
-    `deliver` (Recorder.deliver: the sinks the proxy's own records go to)."""
+    `deliver` (Recorder.deliver: the sinks the proxy's own records go to); a worker's notice that
+    the object store did not answer takes it down as the proxy's own failures do."""
 
-    def __init__(self, settings: Settings, deliver: Callable[[PullRecord], None]) -> None:
+    def __init__(self, settings: Settings, deliver: Callable[[PullRecord], None], services: Services) -> None:
         self.settings = settings
         self.deliver = deliver
+        self.services = services
         self.transport: asyncio.DatagramTransport | None = None
 
     async def running(self) -> None:
@@ -130,9 +131,13 @@ class DataPlaneRecords:
             return
         path = records_socket(config.data_dir)
         try:
-            self.transport = await receive_records(path, self.deliver)
+            self.transport = await receive_records(path, self.deliver, self._store_down)
         except OSError as e:
             logger.error(f"regcache: cannot receive the data plane's pull records at {path}: {e}")
+
+    def _store_down(self, reason: str) -> None:
+        if self.services.store_health is not None:
+            self.services.store_health.went_down(f"a data-plane worker: {reason}")
 
     def done(self) -> None:
         if self.transport is not None:

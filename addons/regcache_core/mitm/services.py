@@ -37,6 +37,7 @@ from ..manifests.front import ManifestFront
 from ..manifests.tags import TagCache
 from ..observe.metrics import Metrics
 from ..objectstore.blobs import StoredBlobs
+from ..objectstore.copies import spool_keeper
 from ..objectstore.health import StoreHealth
 from ..observe.pull_log import PullLog, PullRecord
 from ..spool.blob_heads import BlobHead, HeadFlights
@@ -143,7 +144,7 @@ class Services:
         self.manifests = ManifestFront(tags, ManifestCache(config.manifest_cache_bytes), self.upstream_client,
                                        self.upstream, flights)
         if config.dataplane is not None:
-            table = SpoolTable(config.data_dir / SPOOL_DIR, config.spool_max_disk)
+            table = SpoolTable(config.data_dir / SPOOL_DIR, config.spool_max_disk, keep=spool_keeper(config))
             self.blobs = Spools(SpoolDownloads(table, self.upstream, self.blob_fetched, config.upstream_timeout),
                                 HeadFlights(table))
             if self.shared_state is not None:

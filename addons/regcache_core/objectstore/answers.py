@@ -16,7 +16,7 @@ async def warm_object_answer(config: Config, blobs: StoredBlobs, signer: GrantSi
                              host: str, conditional: bool) -> str | SmallBlob | Cold | None:
     """The URL to redirect to, a SmallBlob, COLD, or None when the cache answers as it would (a
     small blob asked with Range or a condition; neither presigned URLs nor the data plane on).
-    Raises StoreUnreachable when the store does not answer, ClientError when it refuses."""
+    Raises StoreUnreachable when the store does not answer, StoreRefused when it refuses."""
     store, dataplane = target.registry.object_store, config.dataplane
     if not config.s3.redirect and signer is None:
         return None

@@ -11,12 +11,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
-from botocore.exceptions import ClientError
 
 from ..config import ObjectStore, S3Access
 from . import layout
 from ..upstream.state import failure_reason
-from .client import StoreUnreachable, client_context, status, within
+from .client import StoreRefused, StoreUnreachable, client_context, within
 
 PRESIGNED_FOR = 300  # seconds a presigned URL is valid: as long as a data-plane grant
 STREAM_BUFFER = 4 << 20  # bytes a stream reads ahead of what was written: aiohttp pauses reading past 2x this,
@@ -56,7 +55,7 @@ class StoredBlobs:
 
     async def warm(self, store: ObjectStore, repository: str, digest: str) -> StoredBlob | None:
         """The blob's data object when the cache holds it and `repository` may serve it, else
-        None. Raises StoreUnreachable when the store does not answer."""
+        None. Raises StoreUnreachable when the store does not answer, StoreRefused when it refuses."""
         if not layout.valid(repository, digest):
             return None
         s3 = await self._s3()
@@ -133,7 +132,7 @@ async def _unless_missing(call, refusals_too: bool = False):
     """The call's result, or None when the store says the object (or bucket) is not there."""
     try:
         return await call
-    except ClientError as e:
-        if status(e) == 404 or refusals_too:
+    except StoreRefused as e:
+        if e.missing or refusals_too:
             return None
         raise

@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 
-from botocore.exceptions import ClientError
-
 from ..config import ObjectStore, S3Access
-from .client import StoreUnreachable, client_context, error_code, status, within
+from .client import StoreRefused, StoreUnreachable, client_context, within
 
 # What a refusal's code means for the operator.
 _CREDENTIALS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"}
@@ -39,13 +37,13 @@ async def _prepare(access: S3Access, store: ObjectStore, timeout: float) -> None
         try:
             try:
                 await within(timeout, put)
-            except ClientError as e:
-                if error_code(e) != "NoSuchBucket":
+            except StoreRefused as e:
+                if e.code != "NoSuchBucket":
                     raise
                 await _create(s3, access, store, timeout)
                 await within(timeout, put)
             await within(timeout, lambda: s3.delete_object(Bucket=store.bucket, Key=check))
-        except ClientError as e:
+        except StoreRefused as e:
             raise _Refused(_refusal(e, access)) from None
 
 
@@ -54,17 +52,18 @@ async def _create(s3, access: S3Access, store: ObjectStore, timeout: float) -> N
     where = {} if access.region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": access.region}}
     try:
         await within(timeout, lambda: s3.create_bucket(Bucket=store.bucket, **where))
-    except ClientError as e:
-        if error_code(e) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-            raise _Refused(f"the bucket is missing and cannot be created: {_refusal(e, None)}") from None
+    except StoreRefused as e:
+        if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise _Refused(f"the bucket is missing and cannot be created: {_refusal(e)}") from None
 
 
-def _refusal(error: ClientError, access: S3Access | None) -> str:
-    code = error_code(error)
-    said = f"{status(error)} {code}"
+def _refusal(error: StoreRefused, access: S3Access | None = None) -> str:
+    code = error.code
+    said = f"{error.status} {code}"
     if code in _CREDENTIALS:
-        return f"the store refused the credentials ({said}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-    if code == "AccessDenied" or status(error) == 403:
+        token = " and AWS_SESSION_TOKEN (temporary credentials expire)" if access and access.session_token else ""
+        return f"the store refused the credentials ({said}): check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY{token}"
+    if code == "AccessDenied" or error.status == 403:
         return (f"access denied ({said}): the credentials need s3:PutObject, s3:GetObject, s3:DeleteObject and "
                 "s3:ListBucket there (docs/storage-s3.md)")
-    return f"refused ({said}: {error.response.get('Error', {}).get('Message', '')})"
+    return f"refused ({said}: {error.message})"

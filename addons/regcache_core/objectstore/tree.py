@@ -7,10 +7,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
-from botocore.exceptions import ClientError
-
 from ..config import ObjectStore, S3Access
-from .client import client_context, status, within
+from .client import StoreRefused, client_context, within
 
 DELETE_BATCH = 1000  # keys per DeleteObjects call: the API's limit
 
@@ -65,8 +63,8 @@ class ObjectTree:
                 return await body.read(limit)
         try:
             return await within(self.timeout, get)
-        except ClientError as e:
-            if status(e) == 404:
+        except StoreRefused as e:
+            if e.missing:
                 return None
             raise
 

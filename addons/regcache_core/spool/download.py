@@ -8,7 +8,7 @@ even when every GET that followed it has gone: the blob is cold and was asked fo
 of it (a client's retry after Ctrl-C, the next node of a rollout, registry:2's own store) gets it
 from the spool while it lingers, and Docker Hub meters what we fetch. It is bounded: the blob must
 fit REGCACHE_SPOOL_MAX_DISK, the answer's headers come within REGCACHE_UPSTREAM_TIMEOUT (token,
-redirects and all), and a body that stops for BODY_STALL seconds (worker.py) fails the spool.
+redirects and all), and a body that stops for BODY_STALL seconds (body.py) fails the spool.
 
 The bytes never cross the proxy: the download worker (worker.py, a process of the proxy's own)
 makes the exchange and writes and hashes the body; the proxy decides everything else from what

@@ -30,6 +30,11 @@ with sendfile: they never see the bytes):
   waiting for more bytes that finds `st_nlink == 0` on a file that is not sealed knows the rest
   will never come, and cuts its connection: never a short body passed off as complete. A reader
   that sees no growth for STALL_TIMEOUT (the proxy died) cuts too;
+- a client's reader holds a shared lock (flock) on its open file, and the proxy asks the cache
+  to store a complete spool (cache_fill.py) once no client's reader holds one, or READERS_WAIT
+  seconds after it completed: registry:2 reads, hashes and writes the whole blob again, which
+  on a busy machine slowed the clients' transfers it overlapped, and its copy can wait a few
+  seconds (its fetch still comes well within LINGER, so it follows the spool);
 - a completed spool lingers LINGER seconds after it completed or last got a follower
   (registry:2 commits the blob into its storage just after its own fetch ends, and requests in
   that window would otherwise go upstream again), then is removed. Spools left by an earlier
@@ -43,11 +48,14 @@ upstream each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +68,8 @@ FOLLOW_WAIT = 60.0  # seconds a GET waits for the download's answer headers, the
 STALL_TIMEOUT = 60.0  # seconds a reader waits for a spool that does not grow, then cuts
 READ_POLL = 0.02  # seconds between a reader's looks at a spool it has caught up with
 HOLD_BACK = 1 << 20  # the last bytes a reader sends only once the spool is sealed
+READERS_WAIT = 10.0  # seconds a complete spool's store by the cache waits for its clients' readers, at most
+READERS_POLL = 0.1  # seconds between looks at whether clients still read a spool
 WRITABLE = 0o222  # a sealed spool file has none of these mode bits
 
 Key = tuple[str, str, str]  # registry name, repository, digest
@@ -126,10 +136,14 @@ class SpoolFile:
 class SpoolTable:
     """The spools of one proxy, by key. Lives on the proxy's event loop."""
 
-    def __init__(self, directory: Path, max_disk: int, linger: float = LINGER, follow_wait: float = FOLLOW_WAIT) -> None:
+    def __init__(self, directory: Path, max_disk: int, linger: float = LINGER, follow_wait: float = FOLLOW_WAIT,
+                 keep: Callable[[Key, Path, int], None] | None = None) -> None:
         self.directory = directory
         self.max_disk = max_disk
         self.linger, self.follow_wait = linger, follow_wait
+        # (key, path, size), in the spool's thread once it is sealed: may keep the file (a second
+        # link to it: objectstore/copies.py's adopt) before the spool goes
+        self.keep = keep
         self._spools: dict[Key, Spool] = {}
         # Blocking, but once, at start, before any request: spools of an earlier run are useless.
         shutil.rmtree(directory, ignore_errors=True)
@@ -193,7 +207,13 @@ class SpoolTable:
         elif digest != spool.key[2]:
             self.fail(spool, f"the bytes hash to {digest[:19]}")
         else:
-            await asyncio.get_running_loop().run_in_executor(spool.executor, spool.file.seal)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(spool.executor, spool.file.seal)
+            if self.keep is not None:
+                try:
+                    await loop.run_in_executor(spool.executor, self.keep, spool.key, spool.path, spool.size)
+                except OSError as e:
+                    logger.warning("could not keep the spool of %s: %s", describe(spool.key), e)
             if spool.state is State.SPOOLING:
                 spool.state = State.COMPLETE
                 logger.info("spooled %s: complete, %d bytes", describe(spool.key), spool.size)
@@ -266,6 +286,36 @@ def open_for_writing(path: Path):
 
 def remove_file(path: Path) -> None:
     path.unlink(missing_ok=True)
+
+
+def hold_as_reader(fd: int) -> None:
+    """A client's reader marks the spool file it has open (fd) until it closes it. Best effort:
+    while the proxy looks (a moment), the mark is not taken, and the store need not wait for it."""
+    with contextlib.suppress(BlockingIOError):
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+
+def clients_reading(path: Path) -> bool:
+    """Whether a client's reader holds the spool file at `path` open (blocking: call it in a thread)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and the lock with it
+    return False
+
+
+async def clients_done(spool: Spool, wait: float = READERS_WAIT) -> None:
+    """Returns once no client's reader holds the spool's file, or after `wait` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while loop.time() < deadline and await asyncio.to_thread(clients_reading, spool.path):
+        await asyncio.sleep(READERS_POLL)
 
 
 def describe(key: Key) -> str:

@@ -14,7 +14,7 @@ bytes are right, accounting, logging) stays in the proxy. Over FD, JSON lines. T
   credentials to a redirect's target), all within `timeout` seconds;
 - `{"op": "write", "id", "path", "size", "algorithm"}`: the final answer was a GET's 200 the
   proxy spools: write its body into `path` (the proxy made the file; a file that is gone means
-  the spool failed) and hash it;
+  the spool failed) and hash it (body.py);
 - `{"op": "drop", "id"}`: stop that exchange (whatever it was doing) and forget it.
 
 It tells, for each id: `{"event": "answer", "status", "headers", "redirected", "final"}` for
@@ -28,17 +28,13 @@ final answer. An answer that is not written (a HEAD, an error, a spool declined)
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -48,11 +44,8 @@ from ..stack.parent_death import die_with_parent
 from ..upstream.client import NoAnswer, UpstreamClient, bounded
 from ..upstream.client import describe as describe_error
 from ..upstream.redirects import TooManyRedirects, follow_redirects, may_lead_to, redirect_location, resolve_destination
+from .body import receive_body
 
-BODY_STALL = 30.0  # seconds without a byte of the body, then the download fails (readers wait longer)
-READ_CHUNK = 1 << 20  # bytes read from the upstream at a time at most, and written at a time at least
-FLUSH_EVERY = 0.2  # seconds a slow body's bytes wait for the rest of their MiB, at most (readers wait for them)
-WRITES_AHEAD = 4  # chunks read but not yet written and hashed, at most
 POOL_SIZE = 64  # exchanges at once, to all upstreams (downloads are long)
 MESSAGE_LIMIT = 1 << 20  # bytes of one JSON line (an answer's headers)
 
@@ -114,7 +107,7 @@ class Worker:
             decision = self.decisions[id] = asyncio.get_running_loop().create_future()
             write = await decision
             try:
-                received, digest = await self._write(response, write["path"], write["size"], write["algorithm"])
+                received, digest = await receive_body(response, write["path"], write["size"], write["algorithm"])
             except Exception as e:  # the upstream, the network or the disk failed
                 reason = "the body stalled" if isinstance(e, TimeoutError) else describe_error(e)
                 self.tell({"id": id, "event": "failed", "reason": reason})
@@ -156,60 +149,6 @@ class Worker:
             if parts.scheme == "https":
                 options["server_hostname"] = parts.hostname
         return await self.client.session().request(method, url, headers=headers, allow_redirects=False, **options)
-
-    @staticmethod
-    async def _write(response: aiohttp.ClientResponse, path: str, size: int, algorithm: str) -> tuple[int, str]:
-        """The body into `path` and its hash: bytes written and digest. The next chunks are read
-        while the last ones are written and hashed in a thread (hashlib and writes release the
-        GIL), a few at most. What arrives is handed to the thread a MiB at a time, or what came in
-        FLUSH_EVERY: from a link slower than this machine, reads return a few KiB each, and a
-        handoff per read cost more CPU than the bytes."""
-        hasher = hashlib.new(algorithm)
-        fd = os.open(path, os.O_WRONLY)  # no O_CREAT: a file the proxy removed is a failed spool
-        received = 0
-
-        def write(chunk: bytes) -> None:
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view):]
-            hasher.update(chunk)
-
-        loop = asyncio.get_running_loop()
-        writes: collections.deque[asyncio.Future] = collections.deque()
-        with ThreadPoolExecutor(1, "regcache-spool-write") as executor:
-            try:
-                batch: list[bytes] = []
-                batched, flush_at = 0, 0.0
-                while True:
-                    try:
-                        async with asyncio.timeout_at(flush_at if batch else loop.time() + BODY_STALL):
-                            chunk = await response.content.read(READ_CHUNK)
-                    except TimeoutError:
-                        if not batch:
-                            raise
-                        chunk = None  # the batch waited long enough: what came goes to the file
-                    if chunk:
-                        received += len(chunk)
-                        if received > size:
-                            raise ValueError(f"the body is longer than its {size} bytes")
-                        if not batch:
-                            flush_at = loop.time() + FLUSH_EVERY
-                        batch.append(chunk)
-                        batched += len(chunk)
-                    if batch and (not chunk or batched >= READ_CHUNK or loop.time() >= flush_at):
-                        writes.append(loop.run_in_executor(executor, write, b"".join(batch)))
-                        batch, batched = [], 0
-                        if len(writes) > WRITES_AHEAD:
-                            await writes.popleft()
-                    if chunk == b"":
-                        break
-                for pending in writes:
-                    await pending
-            finally:
-                for pending in writes:
-                    pending.cancel()
-                executor.submit(os.close, fd)
-        return received, f"{algorithm}:{hasher.hexdigest()}"
 
 
 async def checked_address(registry: Registry, url: str) -> str:

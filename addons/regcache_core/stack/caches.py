@@ -129,9 +129,14 @@ def cache_environment(backend: CacheBackend) -> dict[str, str]:
     AWS_CA_BUNDLE is set."""
     env = {"PATH": os.environ.get("PATH", os.defpath)}
     s3 = backend.s3
-    if backend.registry.object_store is not None and s3.access_key:
-        env |= {"REGISTRY_STORAGE_S3_ACCESSKEY": s3.access_key, "REGISTRY_STORAGE_S3_SECRETKEY": s3.secret_key}
-    return env
+    if backend.registry.object_store is None or not s3.access_key:
+        return env
+    if s3.session_token:
+        # 2.8's s3 driver has no key for a session token (3.0 added `sessiontoken`): with none in its
+        # config its credential chain reads the AWS SDK's variables, the token with them.
+        return env | {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+                      "AWS_SESSION_TOKEN": s3.session_token}
+    return env | {"REGISTRY_STORAGE_S3_ACCESSKEY": s3.access_key, "REGISTRY_STORAGE_S3_SECRETKEY": s3.secret_key}
 
 
 def write_registry_config(backend: CacheBackend) -> Path:

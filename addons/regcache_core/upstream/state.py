@@ -4,13 +4,15 @@ An upstream goes down when an exchange with it gets no HTTP answer in time (time
 name lookup failed, ...). While it is down nobody waits for it: requests that need it fail at
 once, cached content is served as it is, and one background probe per registry (`probe`, a
 `GET /v2/` bounded like every upstream exchange) asks again every RETRY_EVERY seconds. Any
-HTTP answer brings it back. One WARNING line when it goes down and one when it is back, never
-one per request; /ready's body and the `regcache_upstream_up` gauge show the state.
+HTTP answer brings it back (reachability.py). One WARNING line when it goes down and one when it
+is back, never one per request; /ready's body and the `regcache_upstream_up` gauge show the state.
+
+What other replicas say (cluster/upstream.py) is a hint this replica checks with a probe of its
+own (`told_down`, `told_up`): its own network decides.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -18,6 +20,7 @@ from typing import Protocol
 
 from ..observe import warn
 from ..observe.metrics import Metrics
+from ..reachability import Reachability
 
 logger = logging.getLogger(__name__)
 
@@ -61,52 +64,75 @@ class UpstreamState:
         self.metrics = metrics
         self._probe = probe  # (upstream base URL) -> None once it answers; raises why not
         self._retry_every = retry_every
-        self._down: dict[str, str] = {}  # registry name -> reason
-        self._probes: dict[str, asyncio.Task] = {}
-        # (registry, upstream, reason or None when back) on each change: how replicas tell each other
+        self._registries: dict[str, Reachability] = {}  # registry name -> its upstream's
+        self._upstreams: dict[str, str] = {}  # registry name -> its upstream base URL, as last named
+        # (registry, upstream, reason or None when back) on each change this process found: how
+        # replicas tell each other
         self.on_change: Callable[[str, str, str | None], None] = lambda registry, upstream, reason: None
 
     def reason_down(self, registry: str) -> str | None:
-        """Why `registry`'s upstream is down, or None while it is up (or not known to be down)."""
-        return self._down.get(registry)
+        """Why `registry`'s upstream is down, or None while it is up (or not known to be down).
+        While another replica's word is being checked, that word: nobody waits meanwhile."""
+        if (upstream := self._registries.get(registry)) is None:
+            return None
+        return upstream.reason or upstream.hint
+
+    def found_down(self, registry: str) -> str | None:
+        """Why this replica found `registry`'s upstream down; None while it is up here, or only
+        another replica's word is being checked: what this replica tells the others."""
+        upstream = self._registries.get(registry)
+        return None if upstream is None else upstream.reason
 
     def went_down(self, registry: str, upstream: str, reason: str) -> None:
-        if registry in self._down:
-            self._down[registry] = reason
-            return
-        self._down[registry] = reason
-        self.metrics.upstream_up(registry, False)
-        self.on_change(registry, upstream, reason)
-        warn(logger, "upstream %s of %s is unreachable (%s): serving what the cache holds; retrying every %g s",
-              upstream, registry, reason, self._retry_every)
-        self._probes[registry] = asyncio.get_running_loop().create_task(self._retry(registry, upstream))
+        self._of(registry, upstream).failed(reason)
 
     def answered(self, registry: str, upstream: str) -> None:
         """The upstream gave an HTTP answer (any status): it is reachable."""
         self.metrics.upstream_up(registry, True)
-        if self._down.pop(registry, None) is None:
-            return
-        self.on_change(registry, upstream, None)
-        warn(logger, "upstream %s of %s is reachable again", upstream, registry)
-        if (probe := self._probes.pop(registry, None)) is not None and probe is not asyncio.current_task():
-            probe.cancel()
+        self._of(registry, upstream).answered()
+
+    def told_down(self, registry: str, upstream: str, hint: str) -> None:
+        """Another replica found it down: skip it while a probe of this replica's checks."""
+        self._of(registry, upstream).told_down(hint)
+
+    def told_up(self, registry: str, upstream: str) -> None:
+        """Another replica found it back: if it is down here, probe it now."""
+        self._of(registry, upstream).told_up()
 
     def states(self, registries: list[str]) -> dict[str, str]:
-        """registry name -> "up" or "down: <reason>", for /ready."""
-        return {name: f"down: {self._down[name]}" if name in self._down else "up" for name in registries}
+        """registry name -> "up", "down: <reason>" or "checking: <another replica's word>", for /ready."""
+        states = {}
+        for name in registries:
+            upstream = self._registries.get(name)
+            if upstream is not None and upstream.reason is not None:
+                states[name] = f"down: {upstream.reason}"
+            elif upstream is not None and upstream.hint is not None:
+                states[name] = f"checking: {upstream.hint}"
+            else:
+                states[name] = "up"
+        return states
 
     def close(self) -> None:
-        for probe in self._probes.values():
-            probe.cancel()
-        self._probes.clear()
+        for upstream in self._registries.values():
+            upstream.close()
 
-    async def _retry(self, registry: str, upstream: str) -> None:
-        while registry in self._down:
-            await asyncio.sleep(self._retry_every)
-            try:
-                await self._probe(upstream)
-            except Exception as e:  # noqa: BLE001 - any failure means: still down
-                self._down[registry] = failure_reason(e)
-            else:
-                self._probes.pop(registry, None)
-                self.answered(registry, upstream)
+    def _of(self, registry: str, upstream: str) -> Reachability:
+        self._upstreams[registry] = upstream
+        if (reachability := self._registries.get(registry)) is None:
+            reachability = self._registries[registry] = Reachability(
+                lambda: self._probe(self._upstreams[registry]), self._retry_every,
+                lambda reason: self._went_down(registry, reason), lambda: self._came_back(registry), failure_reason)
+        return reachability
+
+    def _went_down(self, registry: str, reason: str) -> None:
+        upstream = self._upstreams[registry]
+        self.metrics.upstream_up(registry, False)
+        self.on_change(registry, upstream, reason)
+        warn(logger, "upstream %s of %s is unreachable (%s): serving what the cache holds; retrying every %g s",
+             upstream, registry, reason, self._retry_every)
+
+    def _came_back(self, registry: str) -> None:
+        upstream = self._upstreams[registry]
+        self.metrics.upstream_up(registry, True)
+        self.on_change(registry, upstream, None)
+        warn(logger, "upstream %s of %s is reachable again", upstream, registry)
