@@ -26,7 +26,10 @@ from .link import RedisLink, SharedStateDown
 
 PREFIX = "regcache:lease:"
 LEASE_TTL = 3.0  # seconds a lease outlives its holder
-DONE_LINGER = 5.0  # seconds an outcome stays readable
+# Seconds an outcome stays readable: enough for the waiters polling now (POLL apart, each look
+# within the link's deadline), and short because a replica that finds it later takes it as fresh:
+# a revalidation's outcome read 5 s on stretched a 3 s tag TTL to 8.
+DONE_LINGER = 1.0
 POLL = 0.05  # seconds between a waiter's looks
 
 _HELD = "held "
