@@ -17,7 +17,7 @@ from datetime import datetime
 
 import pytest
 
-from tests.support.cluster import Cluster
+from tests.support.cluster import Cluster, SlowReader
 from tests.support.parts import (
     MANIFEST_TYPES, PORT_BASES, Upstream, at_once, build_image, build_multiarch_image, cache_holds, http_get, poll,
     push_index, skopeo, storage_bytes,
@@ -246,3 +246,62 @@ def test_the_budget_evicts_what_the_cluster_pulled_least_recently_from_the_share
     [p] = [r for r in ls["caches"][0]["repositories"] if r["repository"] == images["p"].name]
     [tag] = p["tags"]
     assert datetime.fromisoformat(tag["last_pulled"]).timestamp() >= int(pulled["p", 1])
+
+
+def test_the_budget_never_evicts_a_blob_another_replica_sends_and_a_dead_replicas_sends_expire(cluster, tmp_path):
+    """Replica 1's data plane sends x's 24 MiB layer to a slow client while pulls through replica 0
+    push the shared storage past the budget with x the least recently pulled: x stays (a newer
+    blob goes instead), and the client gets every byte. Once that read ended and newer pulls
+    came, x goes. Then replica 1 is SIGKILLed while it sends k: its registration expires by
+    itself and k goes too."""
+    storage = cluster.storage / "dockerhub"
+    images = {}
+    for name, size in (("x", 24 << 20), ("y", 11 << 20), ("z", 11 << 20), ("u", 11 << 20), ("v", 11 << 20),
+                       ("k", 24 << 20), ("m", 11 << 20), ("n", 11 << 20)):
+        images[name] = build_image(tmp_path / name, f"library/reads-{name}", [("layer.bin", size)])
+        cluster.upstream.push(images[name])
+    a, b = cluster.replicas[0], cluster.replicas[1]
+
+    def layer(name: str) -> str:
+        return images[name].blob_digests[-1]
+
+    def held(name: str) -> bool:
+        return cache_holds(storage, layer(name), timeout=0)
+
+    def pull(name: str, replica) -> None:
+        pull_from(replica.address, images[name])
+        assert poll(lambda: held(name), bool, timeout=30)
+
+    def evictions() -> int:
+        return sum("disk budget: evicted" in line for replica in cluster.replicas for line in replica.output)
+
+    pull("x", b)
+    reader = SlowReader(b.address, PORT, images["x"], layer("x"))
+    try:
+        assert poll(lambda: cluster.reads_registered(layer("x")), bool)
+        before = evictions()
+        for name in "yz":  # whatever was stored before goes first; then x (24 MiB) or y must go too
+            pull(name, a)
+        assert poll(lambda: storage_bytes(storage), lambda used: used <= BUDGET, timeout=60, every=0.5) <= BUDGET
+        assert poll(evictions, lambda count: count > before) > before  # the line may come just after
+        assert [held(name) for name in "xyz"] == [True, False, True], "y went, not x, which replica 1 was sending"
+        assert reader.read_to_the_end() == layer("x")
+    finally:
+        reader.close()
+    assert not poll(lambda: cluster.reads_registered(layer("x")), lambda registered: not registered)
+    for name in "uv":  # now x, read last before them, is the least recently pulled: it goes
+        pull(name, a)
+    assert poll(lambda: held("x"), lambda holds: not holds, timeout=60, every=0.5) is False
+
+    pull("k", b)
+    reader = SlowReader(b.address, PORT, images["k"], layer("k"))
+    try:
+        assert poll(lambda: cluster.reads_registered(layer("k")), bool)
+        b.kill()
+        # Its send renews no more: within READ_TTL (6 s) it is counted no more, and k goes.
+        assert not poll(lambda: cluster.reads_registered(layer("k")), lambda registered: not registered, timeout=30)
+        for name in "mn":
+            pull(name, a)
+        assert poll(lambda: held("k"), lambda holds: not holds, timeout=60, every=0.5) is False
+    finally:
+        reader.close()

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.support.clients import Containerd
-from tests.support.cluster import GATEWAY, Cluster
+from tests.support.cluster import GATEWAY, Cluster, SlowReader
 from tests.support.parts import (
     PORT_BASES, REGCACHE, TEST_DOMAIN, Stack, build_image, docker_io_stack, get_following_the_307, http_get, poll, pull,
     raw_exchange, raw_request, split_responses,
@@ -375,7 +375,8 @@ def test_the_budget_evicts_from_the_bucket_and_cache_du_and_ls_read_it(upstream,
 def test_two_replicas_on_one_bucket_a_blob_one_fetched_is_warm_on_the_other(tmp_path_factory, images):
     """Two replicas (tests/support/cluster.py, with their Redis), their caches on one bucket and
     prefix: a layer pulled cold through one is stored once, and the other sends it warm from the
-    store by its data plane, without asking the upstream."""
+    store by its data plane, without asking the upstream, registered for every replica's budget
+    while it does."""
     tmp_path = tmp_path_factory.mktemp("s3rep")  # short: a replica's data dir holds a unix socket
     store = S3Server(tmp_path / "s3", bind="0.0.0.0").start()  # the replicas reach it at the gateway
     prefix = "caches/replicas"
@@ -413,5 +414,13 @@ def test_two_replicas_on_one_bucket_a_blob_one_fetched_is_warm_on_the_other(tmp_
             assert status == 206 and part == body[1 << 20:]
             assert len(cluster.upstream.requests_for(layer, "GET")) == fetched  # nothing more upstream
             assert len([k for k in store.keys(BUCKET, prefix) if k.endswith(f"/{layer[7:]}/data")]) == 1
+            # While the second's data plane streams the object, no replica's budget evicts it.
+            reader = SlowReader(second.address, REPLICAS_PORT, big, layer)
+            try:
+                assert poll(lambda: cluster.reads_registered(layer), bool)
+                assert reader.read_to_the_end() == layer
+            finally:
+                reader.close()
+            assert not poll(lambda: cluster.reads_registered(layer), lambda registered: not registered)
     finally:
         store.stop()

@@ -52,13 +52,19 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import http.client
 import os
+import re
 import secrets
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import redis
 
 from .parts import TEST_DOMAIN, UPSTREAM_OFFSET, Stack, Upstream, at_once, has_exited, poll, stop_process, wait_for_port
 from .redis_server import RedisServer
@@ -389,8 +395,52 @@ class Cluster:
             subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, timeout=10)
             self._bridge = False
 
+    def reads_registered(self, digest: str) -> bool:
+        """Whether some replica's send of the blob is registered in Redis (cluster/reads.py)."""
+        client = redis.Redis.from_url(self.redis.url, socket_timeout=5)
+        try:
+            return bool(client.zcard(f"regcache:reading:docker.io@{digest}"))
+        finally:
+            client.close()
+
     def __enter__(self) -> "Cluster":
         return self.start()
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
+
+
+class SlowReader:
+    """A client reading one blob from a replica's data plane as slowly as it likes: the replica
+    answers the blob's GET with a 307 there, and the body is read on a raw socket with a small
+    receive buffer, only in `read_to_the_end` (the data plane waits for it meanwhile)."""
+
+    def __init__(self, replica_address: str, port: int, image, digest: str) -> None:
+        connection = http.client.HTTPConnection(replica_address, port, timeout=30)
+        connection.request("GET", f"/v2/{image.name}/blobs/{digest}", headers={"Host": f"docker.io.{TEST_DOMAIN}:{port}"})
+        answer = connection.getresponse()
+        location = urlsplit(answer.getheader("Location", ""))
+        connection.close()
+        assert (answer.status, location.path) == (307, "/_regcache/blob"), answer.headers  # a warm blob, by the data plane
+        self.socket = socket.socket()
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        self.socket.settimeout(60)
+        self.socket.connect((location.hostname, location.port))
+        self.socket.sendall(f"GET {location.path}?{location.query} HTTP/1.1\r\nHost: {location.netloc}\r\n\r\n".encode())
+        self.head, self.body = b"", b""
+        while b"\r\n\r\n" not in self.head:
+            self.head += self.socket.recv(65536)
+        self.head, _, self.body = self.head.partition(b"\r\n\r\n")
+        assert self.head.startswith(b"HTTP/1.1 200"), self.head
+        self.size = int(re.search(rb"(?i)content-length: *(\d+)", self.head).group(1))
+
+    def read_to_the_end(self) -> str:
+        while len(self.body) < self.size:
+            chunk = self.socket.recv(1 << 20)
+            assert chunk, f"cut after {len(self.body)} of {self.size} bytes"
+            self.body += chunk
+        self.socket.close()
+        return "sha256:" + hashlib.sha256(self.body).hexdigest()
+
+    def close(self) -> None:
+        self.socket.close()

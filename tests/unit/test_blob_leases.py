@@ -13,20 +13,13 @@ import pytest
 
 from regcache_core.cluster import link as link_module
 from regcache_core.cluster.blob_flights import ClusterSpools, PeerSpool
-from regcache_core.cluster.blob_leases import LEASE_TTL, BlobLeases, Lease, Leader
+from regcache_core.cluster.blob_leases import LEASE_TTL, BlobLeases, Leader
+from regcache_core.cluster.lease import HeldLease
 from regcache_core.cluster.link import RedisLink, SharedStateDown
 from regcache_core.spool.blob_heads import BlobHead
 from regcache_core.spool.table import Spool, State
-from tests.support.redis_server import RedisServer
 
 KEY = ("docker.io", "library/app", "sha256:" + "ab" * 32)
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def test_one_replica_takes_the_lease_the_others_see_where_it_publishes(redis_server):
@@ -34,7 +27,7 @@ def test_one_replica_takes_the_lease_the_others_see_where_it_publishes(redis_ser
         a_link, b_link = RedisLink(redis_server.url, 0.5), RedisLink(redis_server.url, 0.5)
         a, b = BlobLeases(a_link, "http://10.0.0.1:5050"), BlobLeases(b_link, "http://10.0.0.2:5050")
         lease = await a.take(KEY)
-        assert isinstance(lease, Lease)
+        assert isinstance(lease, HeldLease)
         seen = await b.take(KEY)
         assert seen == Leader(a.me.owner, "http://10.0.0.1:5050") and seen.size is None and not b.mine(seen)
         assert await a.publish(lease, 1234, "application/vnd.oci.image.layer.v1.tar+gzip")
@@ -42,10 +35,10 @@ def test_one_replica_takes_the_lease_the_others_see_where_it_publishes(redis_ser
         assert (seen.dataplane, seen.size, seen.content_type) == ("http://10.0.0.1:5050", 1234,
                                                                   "application/vnd.oci.image.layer.v1.tar+gzip")
         assert (await b.known_head(KEY))[0] == seen
-        assert await a.renew(lease)
-        await a.release(lease)
+        assert await lease.renew()
+        await lease.release()
         assert await b.leader(KEY) is None
-        assert isinstance(await b.take(KEY), Lease)  # free again: the next one takes it
+        assert isinstance(await b.take(KEY), HeldLease)  # free again: the next one takes it
         await a_link.close()
         await b_link.close()
 
@@ -57,15 +50,15 @@ def test_a_dead_leaders_lease_expires_and_another_takes_over(redis_server):
         a_link, b_link = RedisLink(redis_server.url, 0.5), RedisLink(redis_server.url, 0.5)
         a, b = BlobLeases(a_link, "http://a:5050", ttl=0.3), BlobLeases(b_link, "http://b:5050", ttl=0.3)
         dead = await a.take(KEY)
-        assert isinstance(dead, Lease)
+        assert isinstance(dead, HeldLease)
         assert isinstance(await b.take(KEY), Leader)
         await asyncio.sleep(0.5)  # a renews no more: SIGKILLed
         successor = await b.take(KEY)
-        assert isinstance(successor, Lease)
+        assert isinstance(successor, HeldLease)
         # The old leader, back, cannot renew, publish or release its successor's lease.
-        assert not await a.renew(dead)
+        assert not await dead.renew()
         assert not await a.publish(dead, 10, "x")
-        await a.release(dead)
+        await dead.release()
         assert (await a.leader(KEY)).dataplane == "http://b:5050"
         await a_link.close()
         await b_link.close()
@@ -80,7 +73,7 @@ def test_renewal_keeps_the_lease_past_its_expiry(redis_server):
         lease = await a.take(KEY)
         for _ in range(6):
             await asyncio.sleep(0.1)
-            assert await a.renew(lease)
+            assert await lease.renew()
         assert isinstance(await b.take(KEY), Leader)  # 0.6 s after: still a's
         await link.close()
 

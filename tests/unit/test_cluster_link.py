@@ -11,14 +11,6 @@ import pytest
 
 from regcache_core.cluster import link as link_module
 from regcache_core.cluster.link import RedisLink, SharedStateDown, describe_url
-from tests.support.redis_server import RedisServer
-
-
-@pytest.fixture
-def redis_server(tmp_path):
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
 
 
 def test_describe_url_never_shows_the_password():

@@ -9,7 +9,8 @@ running registry:2 (distribution 2.8's registry/storage and registry/proxy):
   blob, finds it gone and fetches the blob again (a miss). Removing the repositories' `_layers`
   links too leaves no link to a missing blob. A request already being answered keeps its open
   file (Linux keeps an unlinked file until it is closed), and blobs in flight are skipped
-  anyway (`busy`: through the proxy, or handed to a client by a URL that is still valid).
+  anyway (`busy`: through the proxy, or handed to a client by a URL that is still valid; with
+  replicas, sent by any replica).
 - A manifest goes when every blob it names is gone and one of them went now (an index when its
   manifests went): its revision link, the tags pointing at it, and its data once no repository
   links it.
@@ -53,16 +54,18 @@ class CacheDisk:
 
 def choose(caches: list[CacheDisk], total_budget: int | None, busy: Callable[[str, str], bool]) -> None:
     """Fill each cache's `evict`: first for caches over their own budget, then, least recently
-    used across all caches, until their total is under REGCACHE_MAX_DISK's low-water mark."""
+    used across all caches, until their total is under REGCACHE_MAX_DISK's low-water mark. A blob
+    is asked about (`busy`: it may ask Redis) only when its turn comes."""
     used = {c.registry: c.storage.total for c in caches}
-    queues = {c.registry: [x for x in c.candidates() if not busy(c.registry, x[1])] for c in caches}
+    queues = {c.registry: c.candidates() for c in caches}
     for cache in caches:
         if cache.budget is not None and used[cache.registry] > cache.budget:
             queue = queues[cache.registry]
             while queue and used[cache.registry] > cache.budget * LOW_WATER:
                 _, digest, size = queue.pop(0)
-                cache.evict.append(digest)
-                used[cache.registry] -= size
+                if not busy(cache.registry, digest):
+                    cache.evict.append(digest)
+                    used[cache.registry] -= size
     if total_budget is None or sum(used.values()) <= total_budget:
         return
     by_registry = {c.registry: c for c in caches}
@@ -70,8 +73,9 @@ def choose(caches: list[CacheDisk], total_budget: int | None, busy: Callable[[st
     for _, registry, digest, size in merged:
         if sum(used.values()) <= total_budget * LOW_WATER:
             break
-        by_registry[registry].evict.append(digest)
-        used[registry] -= size
+        if not busy(registry, digest):
+            by_registry[registry].evict.append(digest)
+            used[registry] -= size
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ from urllib.parse import urlsplit
 from ..config import Registry
 from ..spool.blob_heads import KNOWN_FOR, BlobHead, blob_head
 from ..spool.table import FOLLOW_WAIT, Key, Spool, describe
-from .blob_leases import RENEW_EVERY, BlobLeases, Lease
+from .blob_leases import RENEW_EVERY, BlobLeases
+from .lease import HeldLease
 from .link import SharedStateDown
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class ClusterSpools:
         table = self.local.downloads.table
         while loop.time() < deadline:
             taken = await self.leases.take(key)
-            if isinstance(taken, Lease):
+            if isinstance(taken, HeldLease):
                 self._lead(taken, self.local.downloads.claim(registry, key))
                 return None
             if table.get(key) is not None:
@@ -127,12 +128,12 @@ class ClusterSpools:
         self._reached[dataplane] = now
         return True
 
-    def _lead(self, lease: Lease, spool: Spool) -> None:
+    def _lead(self, lease: HeldLease, spool: Spool) -> None:
         task = asyncio.get_running_loop().create_task(self._hold(lease, spool))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _hold(self, lease: Lease, spool: Spool) -> None:
+    async def _hold(self, lease: HeldLease, spool: Spool) -> None:
         """Publish, renew, release: the lease follows the spool's life on this replica."""
         table = self.local.downloads.table
         published = False
@@ -141,7 +142,7 @@ class ClusterSpools:
                 if spool.servable and not published:
                     ours = published = await self.leases.publish(lease, spool.size, spool.content_type)
                 else:
-                    ours = await self.leases.renew(lease)
+                    ours = await lease.renew()
             except SharedStateDown:
                 ours = True  # each replica on its own meanwhile; renewed again once Redis is back
             if not ours:
@@ -154,7 +155,7 @@ class ClusterSpools:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(spool.decided.wait(), self.renew_every)
         with contextlib.suppress(SharedStateDown):
-            await self.leases.release(lease)
+            await lease.release()  # the next request for the blob, anywhere, may take it
 
     async def head(self, key: Key) -> tuple[BlobHead | None, bool]:
         if self.local.downloads.table.get(key) is None:

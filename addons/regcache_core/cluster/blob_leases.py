@@ -11,10 +11,10 @@ spool goes. Every other replica waits until the size is published and sends the 
 to the leader's data plane. A leader that dies stops renewing: its lease expires within LEASE_TTL
 and the next request for the blob, on any replica, takes it over.
 
-Only the taker renews, publishes or releases: each of these compares the whole value it wrote (a
-script, atomic in Redis), so a leader whose lease expired (paused, cut from Redis) never
-overwrites its successor's. Redis trouble is the link's (link.py): SharedStateDown, and the
-caller goes on with its own spools.
+Only the taker renews, publishes or releases, each only while the lease holds the value it wrote
+(lease.py), so a leader whose lease expired (paused, cut from Redis) never overwrites its
+successor's. Redis trouble is the link's (link.py): SharedStateDown, and the caller goes on with
+its own spools.
 """
 
 from __future__ import annotations
@@ -24,18 +24,13 @@ import secrets
 from dataclasses import dataclass, field
 
 from ..spool.blob_heads import BlobHead
+from .lease import HeldLease, delete_unchanged, take
 from .link import RedisLink
 
 LEASE_TTL = 5.0  # seconds a lease outlives its leader's last renewal
 RENEW_EVERY = 1.5  # seconds between renewals: a few chances before the lease expires
 KEY_PREFIX = "regcache:blob-lease:"
 HEAD_PREFIX = "regcache:blob-head:"
-
-# Each compares the lease's value with the one its taker wrote (ARGV[1]) before touching it.
-_RENEW = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0"
-_REPLACE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) "
-            "return 1 end return 0")
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 Key = tuple[str, str, str]  # registry name, repository, digest, as spools' (spool/table.py)
 
@@ -68,58 +63,30 @@ class Leader:
             return None  # not a value regcache wrote: nobody's
 
 
-@dataclass
-class Lease:
-    """A lease this replica holds, with the value it last wrote."""
-
-    key: Key
-    value: str
-
-
 class BlobLeases:
     def __init__(self, link: RedisLink, dataplane: str, ttl: float = LEASE_TTL) -> None:
         self.link = link
         self.me = Leader(secrets.token_hex(8), dataplane)
-        self.ttl_ms = int(ttl * 1000)
+        self.ttl = ttl
 
-    async def take(self, key: Key) -> Lease | Leader | None:
+    async def take(self, key: Key) -> HeldLease | Leader | None:
         """The lease on `key` if it was free (this replica leads), else the leader's value; None
         when the lease went between the two looks (ask again). Raises SharedStateDown."""
-        value = self.me.value()
-        name = lease_name(key)
-        taken, current = await self.link.call(lambda r: _set_or_get(r, name, value, self.ttl_ms))
-        if taken:
-            return Lease(key, value)
-        return Leader.parse(current)
+        taken = await take(self.link, lease_name(key), self.me.value(), self.ttl)
+        return taken if isinstance(taken, HeldLease) else Leader.parse(taken)
 
     async def leader(self, key: Key) -> Leader | None:
         """Who leads `key` now, if anyone. Raises SharedStateDown."""
         return Leader.parse(await self.link.call(lambda r: r.get(lease_name(key))))
 
-    async def renew(self, lease: Lease) -> bool:
-        """Whether the lease is still ours (and now expires LEASE_TTL from now)."""
-        name = lease_name(lease.key)
-        return bool(await self.link.call(lambda r: r.eval(_RENEW, 1, name, lease.value, self.ttl_ms)))
-
-    async def publish(self, lease: Lease, size: int, content_type: str) -> bool:
+    async def publish(self, lease: HeldLease, size: int, content_type: str) -> bool:
         """Tell the others the spool's size and type (they sign grants with them); whether the lease
         is still ours."""
-        value = Leader(self.me.owner, self.me.dataplane, size, content_type).value()
-        name = lease_name(lease.key)
-        replaced = await self.link.call(lambda r: r.eval(_REPLACE, 1, name, lease.value, value, self.ttl_ms))
-        if replaced:
-            lease.value = value
-        return bool(replaced)
-
-    async def release(self, lease: Lease) -> None:
-        """The spool went: the next request for the blob, anywhere, may take the lease."""
-        name = lease_name(lease.key)
-        await self.link.call(lambda r: r.eval(_RELEASE, 1, name, lease.value))
+        return await lease.replace(Leader(self.me.owner, self.me.dataplane, size, content_type).value())
 
     async def evict(self, key: Key, leader: Leader) -> None:
         """Delete another replica's lease, found unreachable, unless it changed since it was read."""
-        name = lease_name(key)
-        await self.link.call(lambda r: r.eval(_RELEASE, 1, name, leader.raw))
+        await delete_unchanged(self.link, lease_name(key), leader.raw)
 
     async def known_head(self, key: Key) -> tuple[Leader | None, BlobHead | None]:
         """Who leads `key`, and the upstream's 200 to a HEAD of it that a replica shared lately, in
@@ -134,13 +101,6 @@ class BlobLeases:
 
     def mine(self, leader: Leader) -> bool:
         return leader.owner == self.me.owner
-
-
-async def _set_or_get(client, name: str, value: str, ttl_ms: int) -> tuple[bool, bytes | None]:
-    """SET NX, and the value that stopped it, in one round trip."""
-    async with client.pipeline(transaction=True) as pipe:
-        taken, current = await pipe.set(name, value, nx=True, px=ttl_ms).get(name).execute()
-    return bool(taken), current
 
 
 def _parse_head(digest: str, value: bytes | None) -> BlobHead | None:

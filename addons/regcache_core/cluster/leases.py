@@ -1,16 +1,16 @@
-"""Leases on the shared Redis: one replica at a time does a thing for the whole cluster (asks
-upstream about a cold reference, revalidates a tag, runs the disk budget), the others wait for
-what it found.
+"""Leases on the shared Redis (lease.py) for things one replica at a time does for the whole
+cluster (asks upstream about a cold reference, revalidates a tag, runs the disk budget), while
+the others wait for what it found.
 
-A lease is a key set if absent with an expiry (SET NX PX), renewed while its holder works, so a
-holder that dies loses it within LEASE_TTL seconds and a waiter takes over. The holder ends it
-with an outcome (a short text, kept DONE_LINGER seconds for the waiters to read) or none (the
-key goes: the next one to try takes it). Waiters poll the key every POLL seconds: a cold fetch
-takes tens of milliseconds at least, and polling needs no connection of its own nor messages
-that a reconnection could lose.
+A lease lives LEASE_TTL seconds past its holder's last renewal (every third of it), so a holder
+that dies loses it within LEASE_TTL and a waiter takes over. The holder ends it with an outcome
+(a short text, kept DONE_LINGER seconds for the waiters to read) or none (the key goes: the next
+one to try takes it). Waiters poll the key every POLL seconds: a cold fetch takes tens of
+milliseconds at least, and polling needs no connection of its own nor messages that a
+reconnection could lose.
 
-Every call goes through the link (cluster/link.py): while Redis is down they raise SharedStateDown
-at once and callers do the thing themselves, as one replica would.
+While Redis is down every call raises SharedStateDown at once and callers do the thing
+themselves, as one replica would.
 """
 
 from __future__ import annotations
@@ -21,27 +21,19 @@ import os
 import secrets
 import socket
 
+from . import lease
 from .link import RedisLink, SharedStateDown
 
 PREFIX = "regcache:lease:"
 LEASE_TTL = 3.0  # seconds a lease outlives its holder
-DONE_LINGER = 5.0  # seconds an outcome stays readable
+# Seconds an outcome stays readable: enough for the waiters polling now (POLL apart, each look
+# within the link's deadline), and short because a replica that finds it later takes it as fresh:
+# a revalidation's outcome read 5 s on stretched a 3 s tag TTL to 8.
+DONE_LINGER = 1.0
 POLL = 0.05  # seconds between a waiter's looks
 
 _HELD = "held "
 _DONE = "done "
-
-# Renew or end the lease only while this holder still has it: once it lapsed, another may hold it.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_END = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
-"""
 
 
 def replica_id() -> str:
@@ -52,27 +44,23 @@ def replica_id() -> str:
 class Lease:
     """Held by this replica until `end`; renewed meanwhile."""
 
-    def __init__(self, leases: Leases, key: str) -> None:
-        self._leases = leases
-        self.key = key
+    def __init__(self, held: lease.HeldLease) -> None:
+        self.held = held
         self._renewal = asyncio.get_running_loop().create_task(self._renew())
 
     async def end(self, outcome: str | None = None) -> None:
         """Stop renewing; leave `outcome` for the waiters, or free the lease. Never raises: a
         lease that cannot be ended lapses by itself."""
         self._renewal.cancel()
-        leases = self._leases
-        ended = "" if outcome is None else _DONE + outcome
         with contextlib.suppress(SharedStateDown):
-            await leases.link.call(lambda r: r.eval(_END, 1, self.key, leases.holder, ended, int(DONE_LINGER * 1000)))
+            if outcome is None:
+                await self.held.release()
+            else:
+                await self.held.replace(_DONE + outcome, DONE_LINGER)
 
     async def _renew(self) -> None:
-        leases = self._leases
         with contextlib.suppress(SharedStateDown):
-            while True:
-                await asyncio.sleep(leases.ttl / 3)
-                if not await leases.link.call(lambda r: r.eval(_RENEW, 1, self.key, leases.holder, leases.ttl_ms)):
-                    return  # lapsed (a pause longer than the TTL): someone else may hold it now
+            await self.held.keep(self.held.ttl / 3)
 
 
 class Leases:
@@ -81,17 +69,11 @@ class Leases:
         self.holder = _HELD + owner
         self.ttl = ttl
 
-    @property
-    def ttl_ms(self) -> int:
-        return int(self.ttl * 1000)
-
     async def take(self, name: str) -> Lease | None:
         """The lease on `name` for this replica, or None while another holds it (or its outcome
         lingers). Raises SharedStateDown."""
-        key = PREFIX + name
-        if await self.link.call(lambda r: r.set(key, self.holder, nx=True, px=self.ttl_ms)):
-            return Lease(self, key)
-        return None
+        taken = await lease.take(self.link, PREFIX + name, self.holder, self.ttl)
+        return Lease(taken) if isinstance(taken, lease.HeldLease) else None
 
     async def outcome(self, name: str) -> str | None:
         """Wait while another replica holds the lease on `name`: its outcome, or None when the

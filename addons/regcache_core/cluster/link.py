@@ -43,10 +43,12 @@ def describe_url(url: str) -> str:
 
 
 class RedisLink:
-    def __init__(self, url: str, timeout: float, on_change: Callable[[bool], None] = lambda up: None) -> None:
+    def __init__(self, url: str, timeout: float, on_change: Callable[[bool], None] = lambda up: None,
+                 quiet: bool = False) -> None:
         self.where = describe_url(url)
         self.timeout = timeout
         self.on_change = on_change  # (up): the metric
+        self.quiet = quiet  # a data-plane worker's: its replica's proxy says when Redis goes and comes back
         # No retries of its own: one deadline per call is the whole budget, and a failure goes to
         # the per-replica state at once.
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
@@ -80,12 +82,14 @@ class RedisLink:
 
     def _went_down(self, reason: str) -> None:
         self.outages += 1
-        warn(logger, "regcache: shared state at %s unreachable (%s); each replica goes on with state of its own "
-                       "until it is back", self.where, reason)
+        if not self.quiet:
+            warn(logger, "regcache: shared state at %s unreachable (%s); each replica goes on with state of its own "
+                         "until it is back", self.where, reason)
         self.on_change(False)
 
     def _came_back(self) -> None:
-        warn(logger, "regcache: shared state at %s is back; replicas share state again", self.where)
+        if not self.quiet:
+            warn(logger, "regcache: shared state at %s is back; replicas share state again", self.where)
         self.on_change(True)
 
     async def _ping(self) -> None:

@@ -12,13 +12,16 @@ what was wrong.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from ..observe import pull_log
 from ..access.clients import ClientNetworks
+from ..cluster.reads import ClusterReads
 from ..config import Config
 from ..observe.pull_log import PullRecord
 from ..objectstore.blobs import StoredBlobs
@@ -26,13 +29,16 @@ from ..objectstore.copies import COPIES_DIR, LocalCopies
 from ..routing import Refusal
 from .exchange import CLIENTS, CONFIG, EXCHANGE, RECORDS, SIGNER, Exchange, Handler, denied, refuse_stranger, refused
 from .file_response import open_file, plan, send
-from .grants import GRANT_PATHS, GrantSigner
+from .grants import GRANT_PATHS, Grant, GrantSigner
 from .object_reader import LOCAL_COPIES, STORE_DOWN, STORED_BLOBS, send_object
 from .spool_reader import serve_cold, serve_spool
 from .storage import warm_blob
 
 BACKEND = pull_log.DATAPLANE_BACKEND
 KEEPALIVE_TIMEOUT = 30.0  # seconds an idle connection (or one whose request head is not in yet) stays open
+READS = web.AppKey("reads", ClusterReads)  # with replicas only
+
+
 async def serve_blob(request: web.Request) -> web.StreamResponse:
     exchange: Exchange = request[EXCHANGE]
     if (refusal := refuse_stranger(request)) is not None:
@@ -42,9 +48,22 @@ async def serve_blob(request: web.Request) -> web.StreamResponse:
         return denied()
     exchange.grant = grant
     registry = request.app[CONFIG].registry(grant.registry)
-    if registry is not None and registry.object_store is not None:
-        return await send_object(request, exchange, grant, registry)
-    storage = registry.storage if registry else None
+    async with reading(request, grant):
+        if registry is not None and registry.object_store is not None:
+            return await send_object(request, exchange, grant, registry)
+        return await send_file(request, exchange, grant, registry.storage if registry else None)
+
+
+def reading(request: web.Request, grant: Grant) -> contextlib.AbstractAsyncContextManager:
+    """With replicas, a GET of a stored blob is registered for the cluster while it is sent, so
+    that no replica's disk budget evicts the blob meanwhile (cluster/reads.py)."""
+    reads = request.app.get(READS)
+    if reads is None or request.method != "GET":
+        return contextlib.nullcontext()
+    return reads.read(grant.registry, grant.digest)
+
+
+async def send_file(request: web.Request, exchange: Exchange, grant: Grant, storage: Path | None) -> web.StreamResponse:
     path = storage and await asyncio.to_thread(warm_blob, storage, grant.repository, grant.digest)
     opened = path and await asyncio.to_thread(open_file, path)
     if not opened or opened[1].st_size != grant.size:
@@ -102,10 +121,13 @@ def record_of(request: web.Request, exchange: Exchange, status: int, now: float)
 
 
 def make_app(config: Config, signer: GrantSigner, records: Callable[[PullRecord], None],
-             store_down: Callable[[str], None]) -> web.Application:
-    """`records(record)` takes each pull record, `store_down(reason)` each failure to reach the object store."""
+             store_down: Callable[[str], None], reads: ClusterReads | None = None) -> web.Application:
+    """`records(record)` takes each pull record, `store_down(reason)` each failure to reach the object
+    store; `reads`, with replicas, registers the stored blobs sent (cluster/reads.py)."""
     app = web.Application(middlewares=[recorded], handler_args={"keepalive_timeout": KEEPALIVE_TIMEOUT})
     app[CONFIG], app[SIGNER], app[RECORDS] = config, signer, records
+    if reads is not None:
+        app[READS] = reads
     app[CLIENTS] = ClientNetworks(config.client_networks)
     if any(r.object_store for r in config.registries):
         blobs = app[STORED_BLOBS] = StoredBlobs(config.s3, config.upstream_timeout)

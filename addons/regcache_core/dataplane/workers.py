@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from ..cluster.link import RedisLink
+from ..cluster.reads import ClusterReads
 from ..config import Config
 from ..stack.parent_death import dies_with_this_process
 from .grants import GrantSigner, grant_key
@@ -78,7 +80,11 @@ async def _serve(config: Config, serving) -> None:
     dataplane = config.dataplane
     records = RecordSender(records_socket(config.data_dir))
     sending = asyncio.create_task(records.run())
-    runner = web.AppRunner(make_app(config, GrantSigner(grant_key(config)), records, records.store_down),
+    link = reads = None
+    if config.cluster is not None:
+        link = RedisLink(config.cluster.redis_url, config.cluster.redis_timeout, quiet=True)
+        reads = ClusterReads(link)
+    runner = web.AppRunner(make_app(config, GrantSigner(grant_key(config)), records, records.store_down, reads),
                            access_log=None, shutdown_timeout=STOP_TIMEOUT, handle_signals=False)
     await runner.setup()
     stop = asyncio.Event()
@@ -93,6 +99,9 @@ async def _serve(config: Config, serving) -> None:
         await runner.cleanup()
         await records.flush(RECORDS_FLUSH_TIMEOUT)
         sending.cancel()
+        if link is not None:
+            reads.close()
+            await link.close()
 
 
 def configure_logging() -> None:

@@ -3,9 +3,10 @@ budget and the caches' free-space checks (regcache_core/budget/) in a thread of 
 on mitmproxy's event loop.
 
 With replicas, pulls are recorded in Redis too (cluster/usage.py; the ones Redis missed while
-down are sent when it is back), eviction ranks by the cluster's records, and a run takes the
-eviction lease first: one replica at a time evicts from the storage they share. While Redis is
-down a replica runs alone on its own records, as one node."""
+down are sent when it is back), eviction ranks by the cluster's records, a run takes the
+eviction lease first (one replica at a time evicts from the storage they share), and it skips
+blobs any replica is sending (cluster/reads.py: this proxy registers its own sends there). While
+Redis is down a replica runs alone on its own records and its own sends, as one node."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ..budget.disk import DiskWatch
 from ..budget.enforce import CacheBudget, enforce, summary
 from ..budget.usage import UsageStore, usage_file
 from ..cluster.link import SharedStateDown
+from ..cluster.reads import Blob, ClusterReads
 from ..cluster.usage import EVICTION, SharedUsage
 from ..objectstore.blobs import PRESIGNED_FOR
 from ..objectstore.client import StoreUnreachable
@@ -58,6 +60,7 @@ class DiskBudget:
         self.disk_watch = DiskWatch(0)
         self._sending: dict[str, tuple[str, str]] = {}  # flow id -> (registry, blob digest) in flight
         self._sending_lock = threading.Lock()  # the worker reads it while the event loop changes it
+        self._registered: dict[str, tuple[ClusterReads, Blob]] = {}  # flow id -> its send, told to the cluster
         self._store_unreachable = False  # the last run found the object store down (warned once)
         self._handed_out: dict[tuple[str, str], float] = {}  # (registry, digest) -> monotonic time its URLs expire
         # Uses not yet in the store, written together each tick: (registry, repository, reference) -> (kind, time).
@@ -103,6 +106,15 @@ class DiskBudget:
             with self._sending_lock:
                 self._sending[flow.id] = (target.registry.name, target.reference)
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """With replicas, a blob this proxy sends is registered for every replica's budget."""
+        if flow.response.status_code == 200 and (reads := self.services.reads) is not None:
+            with self._sending_lock:
+                blob = self._sending.get(flow.id)
+            if blob is not None:
+                reads.started(*blob)
+                self._registered[flow.id] = (reads, blob)
+
     def response(self, flow: http.HTTPFlow) -> None:
         flow_note = note(flow)
         target = flow_note.target
@@ -138,11 +150,26 @@ class DiskBudget:
     def _finish(self, flow: http.HTTPFlow) -> None:
         with self._sending_lock:
             self._sending.pop(flow.id, None)
+        if (registered := self._registered.pop(flow.id, None)) is not None:
+            reads, blob = registered
+            reads.ended(blob)
 
     def _is_sending(self, registry: str, digest: str) -> bool:
         with self._sending_lock:
             return ((registry, digest) in self._sending.values()
                     or self._handed_out.get((registry, digest), 0) > time.monotonic())
+
+    def _busy(self, registry: str, digest: str) -> bool:
+        """Whether a pull reads the blob now: on this replica, or with replicas on any (a send
+        registered in Redis); while Redis is down, on this replica only."""
+        if self._is_sending(registry, digest):
+            return True
+        if (reads := self.services.reads) is None:
+            return False
+        try:
+            return self._on_loop(reads.read_anywhere(registry, digest))
+        except SharedStateDown:
+            return False
 
     async def _every(self) -> None:
         last = time.monotonic()
@@ -218,7 +245,7 @@ class DiskBudget:
                 except SharedStateDown:
                     pass  # this replica alone, on its own records
             try:
-                results = enforce(self.caches, config.max_disk, records, self._is_sending)
+                results = enforce(self.caches, config.max_disk, records, self._busy)
             finally:
                 if lease is not None:
                     with contextlib.suppress(SharedStateDown):  # it lapses by itself

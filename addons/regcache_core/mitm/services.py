@@ -26,6 +26,7 @@ from ..cluster.blob_flights import ClusterSpools, PeerSpool
 from ..cluster.blob_leases import BlobLeases
 from ..cluster.flights import SharedFlights
 from ..cluster.leases import Leases, replica_id
+from ..cluster.reads import ClusterReads
 from ..cluster.link import RedisLink
 from ..cluster.tags import SharedTags
 from ..cluster.upstream import SharedUpstreamState
@@ -114,6 +115,7 @@ class Services:
         self.shared_state: RedisLink | None = None  # with replicas only:
         self.leases: Leases | None = None
         self.shared_usage: SharedUsage | None = None
+        self.reads: ClusterReads | None = None  # the blobs the proxy sends, for every replica's budget
         self.stored_blobs: StoredBlobs | None = None  # with caches on an object store only
         self.store_health: StoreHealth | None = None  # the same
         self._closing: set[asyncio.Task] = set()  # closes of an earlier config's links, kept: tasks are weakly held
@@ -131,6 +133,7 @@ class Services:
             self.metrics.shared_state_up(True)
             self.leases = Leases(link, self.replica)
             self.shared_usage = SharedUsage(link)
+            self.reads = ClusterReads(link)
             self.upstream_state = SharedUpstreamState(link, self.own_upstream_state, self.replica)
             tags = SharedTags(link, tags)
             flights = SharedFlights(self.leases, tags.flush)
@@ -189,8 +192,9 @@ class Services:
         if self.shared_state is not None:
             self.upstream_state.close()
             self.upstream_state = self.own_upstream_state
+            self.reads.close()
             self._close_later(self.shared_state.close())
-            self.shared_state = self.leases = self.shared_usage = None
+            self.shared_state = self.leases = self.shared_usage = self.reads = None
         if self.stored_blobs is not None:
             self.store_health.close()
             self._close_later(self.stored_blobs.close())

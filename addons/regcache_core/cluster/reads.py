@@ -1,0 +1,142 @@
+"""Reads in flight of the whole cluster: which stored blobs some replica is sending right now, so
+that the disk budget, run by one replica over the storage they all share, never evicts a blob
+another replica reads (on a shared filesystem another node's open file can vanish under it; on
+an object store a deleted object cannot be read further).
+
+Each process that sends stored blobs (the proxy, each data-plane worker) registers them, per
+blob a sorted set `regcache:reading:<registry>@<digest>` whose members are the readers (a token
+of each process) scored by a deadline: READ_TTL seconds after the reader's last renewal, on
+Redis's own clock (replicas' clocks may differ). A process renews all its reads in one round
+trip every RENEW_EVERY seconds while they last, and removes its member when its last read of
+the blob ends. A reader that dies renews no more: its deadline passes, the evicting replica
+counts it no more, and the key itself expires READ_TTL after the last renewal of any reader.
+
+Redis down: registering and renewing are skipped (each process's reads are registered again at
+the first renewal Redis answers) and the budget checks only its own replica's reads, as one node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections import Counter
+from collections.abc import AsyncIterator
+
+from .link import RedisLink, SharedStateDown
+
+PREFIX = "regcache:reading:"
+READ_TTL = 6.0  # seconds a read stays registered past its reader's last renewal
+RENEW_EVERY = 2.0  # seconds between renewals: a few chances before the deadline
+
+Blob = tuple[str, str]  # registry name, digest
+
+# KEYS: the blobs' sets; ARGV: the reader, READ_TTL in ms. Each blob's deadline for this reader is
+# Redis's time plus READ_TTL, and its key lives as long as its latest deadline.
+_REGISTER = """
+local now = redis.call('TIME')
+local deadline = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[2])
+for _, key in ipairs(KEYS) do
+  redis.call('ZADD', key, deadline, ARGV[1])
+  redis.call('PEXPIRE', key, ARGV[2])
+end
+return 1
+"""
+# KEYS[1]: a blob's set. Drops the readers whose deadline passed; how many are left.
+_READERS = """
+local now = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now[1] * 1000 + math.floor(now[2] / 1000))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+def reads_key(blob: Blob) -> str:
+    registry, digest = blob
+    return f"{PREFIX}{registry}@{digest}"
+
+
+class ClusterReads:
+    """This process's reads of stored blobs, registered for the cluster while they last."""
+
+    def __init__(self, link: RedisLink, ttl: float = READ_TTL, renew_every: float = RENEW_EVERY) -> None:
+        self.link = link
+        self.reader = secrets.token_hex(8)
+        self.ttl_ms = int(ttl * 1000)
+        self.renew_every = renew_every
+        self.reading: Counter[Blob] = Counter()
+        # One change reaches Redis at a time, and each writes what `reading` says then: a read
+        # that starts again while the end of the last one is on its way is never left unregistered.
+        self._writing = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()  # writes and the renewal, kept: tasks are weakly held
+        self._renewal: asyncio.Task | None = None  # from the first read on
+        self._closed = False
+
+    @contextlib.asynccontextmanager
+    async def read(self, registry: str, digest: str) -> AsyncIterator[None]:
+        """Around a send of a stored blob: registered before it starts (within the link's deadline;
+        not at all while Redis is down), unregistered after it ends."""
+        blob = (registry, digest)
+        self.reading[blob] += 1
+        try:
+            if self.reading[blob] == 1:
+                self._renewing()
+                await self._write(blob)
+            yield
+        finally:
+            self.ended(blob)
+
+    def started(self, registry: str, digest: str) -> None:
+        """A send began (for hooks that cannot wait): registered soon."""
+        blob = (registry, digest)
+        self.reading[blob] += 1
+        if self.reading[blob] == 1:
+            self._renewing()
+            self._later(self._write(blob))
+
+    def ended(self, blob: Blob) -> None:
+        self.reading[blob] -= 1
+        if self.reading[blob] <= 0:
+            del self.reading[blob]
+            self._later(self._write(blob))
+
+    async def read_anywhere(self, registry: str, digest: str) -> bool:
+        """Whether any replica is reading the blob now. Raises SharedStateDown."""
+        return bool(await self.link.call(lambda r: r.eval(_READERS, 1, reads_key((registry, digest)))))
+
+    def close(self) -> None:
+        """Stop renewing: this process's entries expire by themselves (sends still under way,
+        from before a configuration changed, are not told to Redis any more)."""
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+
+    async def _write(self, blob: Blob) -> None:
+        """Tell Redis whether this process reads `blob`, as `reading` says now."""
+        with contextlib.suppress(SharedStateDown):
+            async with self._writing:
+                key = reads_key(blob)
+                if blob in self.reading:
+                    await self.link.call(lambda r: r.eval(_REGISTER, 1, key, self.reader, self.ttl_ms))
+                else:
+                    await self.link.call(lambda r: r.zrem(key, self.reader))
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.renew_every)
+            with contextlib.suppress(SharedStateDown):
+                async with self._writing:
+                    if keys := [reads_key(blob) for blob in self.reading]:
+                        await self.link.call(lambda r: r.eval(_REGISTER, len(keys), *keys, self.reader, self.ttl_ms))
+
+    def _renewing(self) -> None:
+        if self._renewal is None:
+            self._renewal = self._later(self._renew())
+
+    def _later(self, call) -> asyncio.Task | None:
+        if self._closed:  # its link is closed too
+            call.close()
+            return None
+        task = asyncio.get_running_loop().create_task(call)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task

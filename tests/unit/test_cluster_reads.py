@@ -1,0 +1,120 @@
+"""Reads in flight of the whole cluster (cluster/reads.py), against a real redis-server: a send
+registered by one process is seen by another's budget while it lasts, and no longer once it
+ended; a reader that dies (renews no more) is counted no more past its deadline; Redis down,
+sends go on unregistered. And which of the proxy's flows it registers (mitm/budget.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+from mitmproxy.test import tflow, tutils
+
+from regcache_core.cluster.link import RedisLink
+from regcache_core.cluster.reads import ClusterReads, reads_key
+from regcache_core.mitm.budget import DiskBudget
+from regcache_core.mitm.flow_notes import note
+from regcache_core.mitm.settings import Settings
+from regcache_core.observe.metrics import Metrics
+from regcache_core.routing import Target
+
+BLOB = ("docker.io", "sha256:" + "cd" * 32)
+
+
+def test_a_send_is_seen_by_every_replica_while_it_lasts(redis_server):
+    async def main():
+        a_link, b_link = RedisLink(redis_server.url, 0.5), RedisLink(redis_server.url, 0.5)
+        a, b = ClusterReads(a_link, ttl=0.6, renew_every=0.1), ClusterReads(b_link)
+        seen = []
+        async with a.read(*BLOB):
+            async with a.read(*BLOB):  # a second send of the same blob by the same process
+                seen.append(await b.read_anywhere(*BLOB))
+            await asyncio.sleep(1.0)  # renewed past its TTL
+            seen.append(await b.read_anywhere(*BLOB))
+        await asyncio.sleep(0.1)  # the end is told in a task of its own
+        seen.append(await b.read_anywhere(*BLOB))
+        a.close()
+        await a_link.close()
+        await b_link.close()
+        return seen
+
+    assert asyncio.run(main()) == [True, True, False]
+
+
+def test_a_send_that_ends_and_starts_again_stays_registered(redis_server):
+    async def main():
+        link = RedisLink(redis_server.url, 0.5)
+        a, b = ClusterReads(link), ClusterReads(link)
+        a.started(*BLOB)
+        a.ended(BLOB)
+        a.started(*BLOB)  # the three writes are on their way, in this order
+        await asyncio.sleep(0.2)
+        seen = await b.read_anywhere(*BLOB)
+        a.close()
+        await link.close()
+        return seen
+
+    assert asyncio.run(main())
+
+
+def test_a_dead_readers_send_expires_by_itself(redis_server):
+    async def main():
+        link = RedisLink(redis_server.url, 0.5)
+        dying, other = ClusterReads(link, ttl=0.4, renew_every=0.1), ClusterReads(link)
+        dying.started(*BLOB)
+        await asyncio.sleep(0.2)
+        before = await other.read_anywhere(*BLOB)
+        dying.close()  # SIGKILLed: no renewal, no end
+        await asyncio.sleep(0.6)
+        after = await other.read_anywhere(*BLOB)
+        ttl = await link.call(lambda r: r.pttl(reads_key(BLOB)))
+        await link.close()
+        return before, after, ttl
+
+    before, after, ttl = asyncio.run(main())
+    assert (before, after, ttl) == (True, False, -2)  # -2: the key is gone
+
+
+def test_redis_down_sends_go_on_unregistered(redis_server):
+    async def main():
+        link = RedisLink(redis_server.url, 0.3)
+        reads = ClusterReads(link)
+        redis_server.stop()
+        sent = False
+        async with reads.read(*BLOB):
+            sent = True
+        reads.close()
+        await link.close()
+        return sent, link.up
+
+    assert asyncio.run(main()) == (True, False)
+
+
+class RecordedReads:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[str, str]]] = []
+
+    def started(self, registry: str, digest: str) -> None:
+        self.calls.append(("started", (registry, digest)))
+
+    def ended(self, blob) -> None:
+        self.calls.append(("ended", blob))
+
+
+@pytest.mark.parametrize("status", [200, 307])
+def test_the_proxy_registers_a_blob_it_sends_until_its_flow_ends_and_no_307(status):
+    reads = RecordedReads()
+    budget = DiskBudget(Settings(), Metrics(), SimpleNamespace(reads=reads))
+    registry = SimpleNamespace(name=BLOB[0], cache="http://127.0.0.1:5001", object_store=None)
+    flow = tflow.tflow(resp=tutils.tresp(status_code=status))
+    note(flow).target = Target(registry, "blob", "library/app", BLOB[1], f"/v2/library/app/blobs/{BLOB[1]}")
+    budget.requestheaders(flow)
+    budget.responseheaders(flow)
+    sending = list(reads.calls)
+    budget.response(flow)
+    budget.worker.shutdown()
+    if status == 200:
+        assert (sending, reads.calls[len(sending):]) == ([("started", BLOB)], [("ended", BLOB)])
+    else:
+        assert reads.calls == []
