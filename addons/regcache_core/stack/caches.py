@@ -97,8 +97,7 @@ def registry_config(backend: CacheBackend) -> dict:
         "storage": {
             **_driver(backend.registry, backend.s3),
             "delete": {"enabled": backend.expiry_deletes},
-            # A pull cut short leaves a partial upload under _uploads: gone after an hour.
-            "maintenance": {"uploadpurging": {"enabled": True, "age": "1h", "interval": "10m", "dryrun": False}},
+            "maintenance": {"uploadpurging": _upload_purging(backend.registry)},
         },
         "http": {
             "addr": f"[{cache.hostname}]:{cache.port or 80}" if ":" in cache.hostname else f"{cache.hostname}:{cache.port or 80}",
@@ -106,6 +105,17 @@ def registry_config(backend: CacheBackend) -> dict:
         },
         "proxy": {"remoteurl": backend.remoteurl},
     }
+
+
+def _upload_purging(registry: Registry) -> dict:
+    """A pull cut short leaves a partial upload under _uploads: on a filesystem it goes after an
+    hour. Not on an object store: 2.8's purger walks every repository's keys and panics ("index
+    out of range [0] with length 0", purgeuploads.go) on a key that ends in "/", which stores
+    that list empty folders return (SeaweedFS does, for a folder whose files were deleted). Its
+    first run comes at a random minute of the first hour, so such a cache died within the hour."""
+    if registry.object_store is not None:
+        return {"enabled": False}
+    return {"enabled": True, "age": "1h", "interval": "10m", "dryrun": False}
 
 
 def _driver(registry: Registry, s3: S3Access) -> dict:
