@@ -7,10 +7,10 @@
   The cache is asked once per download to store the blob (spool/cache_fill.py), once the
   download is complete and checked and its clients have it (spool/table.py's clients_done, a
   few seconds at most): while they read, the cores go to their transfers, and the cache then
-  reads the whole spool from the page cache; its fetches get the same spool. The first client request to follow a download is the miss, the others hits,
-  and the grant carries that mark to the data plane's pull record. With no spool to follow
-  (the download got no 200 body, the blob would go past REGCACHE_SPOOL_MAX_DISK) the GET goes
-  to the cache as it came.
+  reads the whole spool from the page cache; its fetches get the same spool. The first client
+  request to follow a download is the miss, the others hits, and the grant carries that mark to
+  the data plane's pull record. With no spool to follow (the download got no 200 body, the blob
+  would go past REGCACHE_SPOOL_MAX_DISK) the GET goes to the cache as it came.
 - HEAD: answered from what spool/blob_heads.py knows (a spool's 200, a concurrent HEAD's, one of
   the last 30 s), else from one upstream HEAD made here with regcache's credentials and redirects
   followed as a download's (spool/download.py), which the HEADs that come meanwhile share: never
