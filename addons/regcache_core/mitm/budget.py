@@ -24,12 +24,13 @@ from mitmproxy import http
 from ..budget import report
 from ..budget.disk import DiskWatch
 from ..budget.enforce import CacheBudget, enforce, summary
+from ..budget.uploads import MAX_AGE, SWEEP_EVERY, sweep
 from ..budget.usage import UsageStore, usage_file
 from ..cluster.link import SharedStateDown
 from ..cluster.reads import Blob, ClusterReads
 from ..cluster.usage import EVICTION, SharedUsage
 from ..objectstore.blobs import PRESIGNED_FOR
-from ..objectstore.client import StoreUnreachable
+from ..objectstore.client import StoreRefused, StoreUnreachable
 from ..objectstore.tree import ObjectTree
 from ..stack.caches import local_backends
 from ..observe.metrics import Metrics
@@ -173,11 +174,15 @@ class DiskBudget:
 
     async def _every(self) -> None:
         last = time.monotonic()
+        swept = None  # the first tick sweeps
         while True:
             await asyncio.sleep(TICK)
             if self._uses:
                 self.worker.submit(self._write_uses)
             now, pulled = time.monotonic(), self._blob_pulled
+            if swept is None or now - swept >= SWEEP_EVERY:
+                swept = now
+                self.worker.submit(self._sweep_uploads)
             if (pulled is not None and now - pulled >= RUN_DELAY) or now - last >= RUN_EVERY:
                 self._blob_pulled, last = None, now
                 if self._queued_run is None:  # a slow run is not queued again behind itself
@@ -261,6 +266,22 @@ class DiskBudget:
             self._store_unreachable = True
         except Exception:
             logger.exception("regcache: disk budget run failed")
+
+
+    def _sweep_uploads(self) -> None:
+        """Partial uploads left in the caches on an object store (budget/uploads.py)."""
+        for cache in self.caches:
+            if not isinstance(tree := cache.storage, ObjectTree):
+                continue  # on a filesystem registry:2's own purger removes them
+            try:
+                if removed := sweep(tree, time.time()):
+                    report(f"regcache: {cache.registry}: removed {len(removed)} partial uploads older than "
+                           f"{MAX_AGE / 3600:g} h from {tree}")
+            except (StoreUnreachable, StoreRefused) as e:
+                logger.warning(f"regcache: {cache.registry}: cannot remove old partial uploads from {tree} ({e}); "
+                               f"trying again in {SWEEP_EVERY / 3600:g} h")
+            except Exception:
+                logger.exception(f"regcache: {cache.registry}: removing old partial uploads failed")
 
 
 class ClusterRecords:
