@@ -5,10 +5,11 @@ refuses wrong credentials in one line; pulls go through a cache whose blobs are 
 presigned URL of the store; with the store stopped, warm pulls get 503 naming it and containerd
 falls back, and they are served again once it is back; the budget evicts from the bucket; old
 partial uploads are removed from it; two replicas on one bucket share what either fetched. The
-data plane's local copies: 8 concurrent GETs make one read of the object (the S3 server's own request counts), later ones none, a cold
-pull's spool is kept as the copy, a copy of other bytes is never sent whole, and with copies off
-each GET reads the store. A session token signs regcache's calls and is in no output; a
-data-plane worker that cannot reach the store takes it down in /ready.
+data plane's local copies: 8 concurrent GETs make one read of the object (the S3 server's own
+request counts), later ones none, a cold pull's spool is kept as the copy, a copy of other bytes
+is never sent whole, and with copies off each GET reads the store. A session token signs
+regcache's calls and is in no output; a data-plane worker that cannot reach the store takes it
+down in /ready.
 """
 
 from __future__ import annotations
@@ -391,7 +392,7 @@ def test_partial_uploads_older_than_hours_are_removed_from_the_bucket_at_start_a
         assert poll(lambda: [k for k in s3.keys(BUCKET, old) if not k.endswith("/")], lambda keys: not keys,
                     timeout=60) == []
         assert set(s3.keys(BUCKET, fresh)) >= {f"{fresh}/startedat", f"{fresh}/data"}
-        assert [line for line in stack.output if "removed 1 partial uploads older than 6 h" in line], stack.output
+        assert [line for line in stack.output if "removed 1 partial upload older than 6 h" in line], stack.output
         small = warm["small"]
         host = f"docker.io.{TEST_DOMAIN}:{PRESIGNED_PORT}"
         assert pull(host, small.reference, tmp_path / "pulled") == small.manifest_digest

@@ -275,8 +275,9 @@ class DiskBudget:
                 continue  # on a filesystem registry:2's own purger removes them
             try:
                 if removed := sweep(tree, time.time()):
-                    report(f"regcache: {cache.registry}: removed {len(removed)} partial uploads older than "
-                           f"{MAX_AGE / 3600:g} h from {tree}")
+                    uploads = "partial upload" if len(removed) == 1 else "partial uploads"
+                    report(f"regcache: {cache.registry}: removed {len(removed)} {uploads} older than {MAX_AGE / 3600:g} h "
+                           f"from {tree}")
             except (StoreUnreachable, StoreRefused) as e:
                 logger.warning(f"regcache: {cache.registry}: cannot remove old partial uploads from {tree} ({e}); "
                                f"trying again in {SWEEP_EVERY / 3600:g} h")
