@@ -1,6 +1,6 @@
 """DiskBudget: records each client pull of cached content (a Recorder sink) and runs the disk
-budget and the caches' free-space checks (regcache_core/budget/) in a thread of its own, never
-on mitmproxy's event loop.
+budget, the caches' free-space checks and, for caches on an object store, the removal of old
+partial uploads (regcache_core/budget/) in a thread of its own, never on mitmproxy's event loop.
 
 With replicas, pulls are recorded in Redis too (cluster/usage.py; the ones Redis missed while
 down are sent when it is back), eviction ranks by the cluster's records, a run takes the
@@ -266,7 +266,6 @@ class DiskBudget:
             self._store_unreachable = True
         except Exception:
             logger.exception("regcache: disk budget run failed")
-
 
     def _sweep_uploads(self) -> None:
         """Partial uploads left in the caches on an object store (budget/uploads.py)."""
