@@ -5,8 +5,9 @@ partial uploads (regcache_core/budget/) in a thread of its own, never on mitmpro
 With replicas, pulls are recorded in Redis too (cluster/usage.py; the ones Redis missed while
 down are sent when it is back), eviction ranks by the cluster's records, a run takes the
 eviction lease first (one replica at a time evicts from the storage they share), and it skips
-blobs any replica is sending (cluster/reads.py: this proxy registers its own sends there). While
-Redis is down a replica runs alone on its own records and its own sends, as one node."""
+blobs any replica is sending or handed out by a URL still valid (cluster/reads.py: this proxy
+registers its own sends and URLs there). While Redis is down a replica runs alone on its own
+records and its own sends, as one node."""
 
 from __future__ import annotations
 
@@ -125,6 +126,8 @@ class DiskBudget:
                 now = time.monotonic()
                 self._handed_out = {k: t for k, t in self._handed_out.items() if t > now}
                 self._handed_out[target.registry.name, target.reference] = now + HANDED_OUT_FOR
+            if (reads := self.services.reads) is not None:  # the replica evicting may be another
+                reads.handed_out(target.registry.name, target.reference, HANDED_OUT_FOR)
         self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
