@@ -409,7 +409,7 @@ def test_two_replicas_on_one_bucket_a_blob_one_fetched_is_warm_on_the_other(tmp_
     """Two replicas (tests/support/cluster.py, with their Redis), their caches on one bucket and
     prefix: a layer pulled cold through one is stored once, and the other sends it warm from the
     store by its data plane, without asking the upstream, registered for every replica's budget
-    while it does."""
+    while it does (and the URL handed out, for the 5 minutes it is valid)."""
     tmp_path = tmp_path_factory.mktemp("s3rep")  # short: a replica's data dir holds a unix socket
     store = S3Server(tmp_path / "s3", bind="0.0.0.0").start()  # the replicas reach it at the gateway
     prefix = "caches/replicas"
@@ -441,6 +441,7 @@ def test_two_replicas_on_one_bucket_a_blob_one_fetched_is_warm_on_the_other(tmp_
             location = urlsplit(headers["location"])
             assert status == 307 and location.path == "/_regcache/blob"  # warm on the second
             assert location.hostname == second.address
+            assert poll(lambda: cluster.reads_registered(layer, urls=True), bool)  # valid 5 min: no replica evicts it
             status, _, body = follow(headers["location"])
             assert status == 200 and hashlib.sha256(body).hexdigest() == layer[7:]
             status, _, part = follow(headers["location"], "Range: bytes=1048576-")

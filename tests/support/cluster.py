@@ -395,13 +395,15 @@ class Cluster:
             subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True, timeout=10)
             self._bridge = False
 
-    def reads_registered(self, digest: str) -> bool:
-        """Whether some replica's send of the blob is registered in Redis (cluster/reads.py)."""
+    def reads_registered(self, digest: str, urls: bool = False) -> bool:
+        """Whether some replica's send of the blob is registered in Redis (cluster/reads.py); with
+        `urls`, a URL of it handed out by a proxy instead (a member `<token>:url`)."""
         client = redis.Redis.from_url(self.redis.url, socket_timeout=5)
         try:
-            return bool(client.zcard(f"regcache:reading:docker.io@{digest}"))
+            readers = client.zrange(f"regcache:reading:docker.io@{digest}", 0, -1)
         finally:
             client.close()
+        return any(reader.endswith(b":url") == urls for reader in readers)
 
     def __enter__(self) -> "Cluster":
         return self.start()
