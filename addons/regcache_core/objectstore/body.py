@@ -4,8 +4,9 @@ reused buffers past aiohttp's StreamReader (http_body.py: how, and why).
 A reader is handed a filled buffer (a memoryview of it), or what has arrived when none filled
 within FLUSH_AFTER of its asking; it stays the reader's until it has asked for `held` more (1:
 until the next), while the others fill. A reader that writes pieces elsewhere (copies.py) holds
-a few, so the store's connection is read while they are written. A body that brings no byte for the caller's timeout, ends short of its length,
-or whose connection closes early fails as the store being unreachable (StoreUnreachable).
+a few, so the store's connection is read while they are written. A body that brings no byte
+for the caller's timeout, ends short of its length, or whose connection closes early fails as
+the store being unreachable (StoreUnreachable).
 """
 
 from __future__ import annotations
