@@ -1,7 +1,7 @@
 """An object's body received into reused buffers (objectstore/body.py on http_body.py), from a
 real HTTP server on loopback: every byte in order however it arrives and however slowly it is
-taken, at most BUFFERS buffers, and a body cut short or stalled fails as the store being
-unreachable."""
+taken, at most BUFFERS buffers, a reader holding several pieces has each whole, and a body cut
+short or stalled fails as the store being unreachable."""
 
 from __future__ import annotations
 
@@ -71,6 +71,22 @@ def test_every_byte_comes_in_order_in_pieces_of_reused_buffers(pause_every, clos
     digest, pieces, buffers = asyncio.run(served(sending(BODY, len(BODY), pause_every, close=close), get))
     assert digest == hashlib.sha256(BODY).hexdigest()
     assert pieces >= len(BODY) // READ_BUFFER and buffers <= BUFFERS
+
+
+def test_a_reader_holding_several_pieces_has_each_whole_until_as_many_more_are_asked_for():
+    held = BUFFERS - 1
+
+    async def get(session, url):
+        async with session.get(url) as response:
+            holding, offset, whole = [], 0, True
+            async for piece in body_pieces(response, len(BODY), 5, held):
+                holding = [*holding, (offset, piece)][-held:]
+                offset += len(piece)
+                await asyncio.sleep(0.05)  # the free buffer fills meanwhile
+                whole &= all(bytes(p) == BODY[at:at + len(p)] for at, p in holding)
+            return offset, whole
+
+    assert asyncio.run(served(sending(BODY, len(BODY), pause_every=3), get)) == (len(BODY), True)
 
 
 @pytest.mark.parametrize("stall", [0, 1.5])

@@ -1,5 +1,6 @@
 """The data plane's local copies of an object store's blobs (objectstore/copies.py), on a real
 folder, with the store's read faked: one read however many GETs (in one worker or several),
+its pieces written and hashed in order while their buffers are reused as body.py allows,
 the bytes checked before a copy is whole, a dead writer's copy removed, the least recently served
 copies going first, and the store's silence reported."""
 
@@ -18,6 +19,7 @@ from regcache_core.spool.table import HOLD_BACK, SpoolBroken
 
 BLOB = os.urandom(3 << 20)
 DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+CHUNK = 256 << 10
 
 
 class Store:
@@ -28,15 +30,21 @@ class Store:
         self.reads = 0
         self.release: asyncio.Event | None = None
 
-    def read(self):
+    def read(self, held: int):
         self.reads += 1
-        return self._chunks()
+        return self._chunks(held)
 
-    async def _chunks(self):
-        for start in range(0, len(self.body), 256 << 10):
+    async def _chunks(self, held: int):
+        """In pieces of `held` buffers taking turns, each filled again when `held` more pieces
+        are asked for: body.py's contract, at its tightest."""
+        buffers = [bytearray(CHUNK) for _ in range(held)]
+        for n, start in enumerate(range(0, len(self.body), CHUNK)):
             if self.release is not None:
                 await self.release.wait()
-            yield self.body[start:start + (256 << 10)]
+            buffer, piece = buffers[n % held], self.body[start:start + CHUNK]
+            buffer[:len(piece)] = piece
+            yield memoryview(buffer)[:len(piece)]
+            await asyncio.sleep(0)  # the writing threads run on meanwhile
         if self.fail is not None:
             raise self.fail
 

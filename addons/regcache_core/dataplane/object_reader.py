@@ -45,7 +45,7 @@ async def send_object(request: web.Request, exchange: Exchange, grant: Grant, re
     answer = plan(request, blob.size, blob.mtime, grant.digest)
     copies = request.app.get(LOCAL_COPIES)
     if copies is not None and answer.count > 0 and request.method == "GET":
-        copy = await copies.open(grant.digest, blob.size, lambda: blobs.stream(store, blob, 0, blob.size),
+        copy = await copies.open(grant.digest, blob.size, lambda held: blobs.stream(store, blob, 0, blob.size, held),
                                  start=answer.count == blob.size)
         if copy is not None:
             try:

@@ -111,9 +111,10 @@ class StoredBlobs:
         return await s3.generate_presigned_url("get_object", Params={"Bucket": store.bucket, "Key": blob.key},
                                                ExpiresIn=PRESIGNED_FOR)
 
-    async def stream(self, store: ObjectStore, blob: StoredBlob, start: int, count: int) -> AsyncIterator[memoryview]:
+    async def stream(self, store: ObjectStore, blob: StoredBlob, start: int, count: int,
+                     held: int = 1) -> AsyncIterator[memoryview]:
         """Bytes `start` to `start + count` of the object, as they arrive, each read within the
-        deadline, in pieces each valid until the next is asked for (body.py: received into a
+        deadline, in pieces each valid until `held` more are asked for (body.py: received into a
         few buffers, reused). Read by a presigned URL with a plain aiohttp session: 1.3-1.5x
         the bytes per second of botocore's streaming body on these machines. Raises
         StoreUnreachable, or OSError when the store answers otherwise (the object went, say)."""
@@ -126,7 +127,7 @@ class StoredBlobs:
                     raise OSError(f"the object store answered {answer.status} for {blob.key}")
                 if answer.content_length != count:
                     raise OSError(f"the object store answered {answer.content_length} bytes for {count}")
-                async for piece in body_pieces(answer, count, self.timeout):
+                async for piece in body_pieces(answer, count, self.timeout, held):
                     yield piece
         except (aiohttp.ClientError, TimeoutError) as e:
             raise StoreUnreachable(failure_reason(e)) from e

@@ -2,9 +2,11 @@
 reused buffers past aiohttp's StreamReader (http_body.py: how, and why).
 
 A reader is handed a filled buffer (a memoryview of it), or what has arrived when none filled
-within FLUSH_AFTER of its asking; it stays the reader's until it asks for the next one, while
-the others fill. A body that brings no byte for the caller's timeout, ends short of its length,
-or whose connection closes early fails as the store being unreachable (StoreUnreachable).
+within FLUSH_AFTER of its asking; it stays the reader's until it has asked for `held` more (1:
+until the next), while the others fill. A reader that writes pieces elsewhere (copies.py) holds
+a few, so the store's connection is read while they are written. A body that brings no byte
+for the caller's timeout, ends short of its length, or whose connection closes early fails as
+the store being unreachable (StoreUnreachable).
 """
 
 from __future__ import annotations
@@ -15,16 +17,17 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
-from ..http_body import BufferedBody
+from ..http_body import BUFFERS, BufferedBody
 from .client import StoreUnreachable
 
 FLUSH_AFTER = 0.05  # seconds a reader waits for a full buffer before taking what has arrived
 
 
-async def body_pieces(response: aiohttp.ClientResponse, size: int, timeout: float) -> AsyncIterator[memoryview]:
-    """The `size` bytes of `response`'s body (its headers read), in pieces: each valid until the
-    next is asked for. Closes the response on the way out."""
-    body = ObjectBody(size, timeout)
+async def body_pieces(response: aiohttp.ClientResponse, size: int, timeout: float,
+                      held: int = 1) -> AsyncIterator[memoryview]:
+    """The `size` bytes of `response`'s body (its headers read), in pieces: each valid until
+    `held` more are asked for (fewer than BUFFERS). Closes the response on the way out."""
+    body = ObjectBody(size, timeout, held)
     try:
         start = body.take_over(response)
         if start:
@@ -37,29 +40,31 @@ async def body_pieces(response: aiohttp.ClientResponse, size: int, timeout: floa
 
 
 class ObjectBody(BufferedBody):
-    def __init__(self, size: int, timeout: float) -> None:
+    def __init__(self, size: int, timeout: float, held: int = 1) -> None:
         super().__init__(size, timeout, StoreUnreachable, StoreUnreachable, "the store", "object")
+        if not 0 < held < BUFFERS:
+            raise ValueError(f"a reader holds 1 to {BUFFERS - 1} pieces, not {held}")
         self.full: collections.deque[memoryview] = collections.deque()  # filled pieces, in order
-        self.held: memoryview | None = None  # the piece the reader has
+        self.held: collections.deque[memoryview] = collections.deque()  # the pieces the reader has, oldest first
+        self.holds = held
         self.changed = asyncio.Event()
 
     async def next_piece(self) -> memoryview | None:
         """The next filled buffer (or what has arrived, after FLUSH_AFTER); None at the end."""
-        if self.held is not None:
-            self._give_back(self.held)
-            self.held = None
+        if len(self.held) == self.holds:
+            self._give_back(self.held.popleft())
         flush_at = self.loop.time() + FLUSH_AFTER
         while True:
             if self.full:
-                self.held = self.full.popleft()
-                return self.held
+                self.held.append(self.full.popleft())
+                return self.held[-1]
             if self.failure is not None:
                 raise self.failure
             if self.received == self.size and not self.used:
                 return None
             if self.used and self.loop.time() >= flush_at:
-                self.held = self._cut()
-                return self.held
+                self.held.append(self._cut())
+                return self.held[-1]
             self.changed.clear()
             try:
                 async with asyncio.timeout_at(flush_at if self.used else None):
