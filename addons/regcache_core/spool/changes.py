@@ -1,0 +1,132 @@
+"""Waking a spool's readers when its file changes (Linux inotify), instead of looking every few ms.
+
+A reader that has caught up with a download (table.py's SpoolProgress) waits for the file to
+grow, be sealed or be unlinked. Looking every READ_POLL (20 ms) cost time at both ends of a
+cold blob: at the speed of a loopback upstream a reader always catches up, so it sent in bursts
+of a few MiB and its client sat idle between them, and the last MiB, held back until the seal,
+went out up to a poll later. inotify tells each of those at once: a write is IN_MODIFY, the
+seal (chmod) and an unlink (the link count) are IN_ATTRIB.
+
+One inotify instance per event loop (a data-plane worker), read on the loop; a watch per file
+inode, shared by the readers of that file in the process (the kernel gives them one watch
+descriptor) and counted, so the last one's wait removes it. A watch is held only while a reader
+waits: a reader that goes away mid-transfer leaves nothing behind. Where inotify is not there
+or out of instances or watches, `changed` never fires and readers look every READ_POLL as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import struct
+import weakref
+from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
+
+IN_MODIFY, IN_ATTRIB, IN_Q_OVERFLOW = 0x2, 0x4, 0x4000
+IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name: none for a file's own watch)
+READ_SIZE = 64 << 10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class FileChanges:
+    """The inotify instance of one event loop: futures done at the next change of a watched file."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        self.fd = fd
+        self.watchers: dict[int, int] = {}  # watch descriptor -> waits holding it
+        self.waiting: dict[int, set[asyncio.Future]] = {}  # watch descriptor -> futures of its next change
+        weakref.finalize(self, os.close, fd)
+        loop.add_reader(fd, self._read)
+
+    def watch(self, fd: int) -> int | None:
+        """A watch on the open file `fd` (by its inode, unlinked or not), or None when none can be had."""
+        wd = _libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(), IN_MODIFY | IN_ATTRIB)
+        if wd < 0:
+            logger.debug("no inotify watch (%s): a spool reader polls", os.strerror(ctypes.get_errno()))
+            return None
+        self.watchers[wd] = self.watchers.get(wd, 0) + 1
+        return wd
+
+    def unwatch(self, wd: int) -> None:
+        self.watchers[wd] -= 1
+        if not self.watchers[wd]:
+            del self.watchers[wd]
+            _libc.inotify_rm_watch(self.fd, wd)  # fails harmlessly when the inode is gone already
+
+    def _read(self) -> None:
+        changed: set[int] = set()
+        with contextlib.suppress(BlockingIOError):
+            while data := os.read(self.fd, READ_SIZE):
+                offset = 0
+                while offset < len(data):
+                    wd, mask, _, length = EVENT.unpack_from(data, offset)
+                    offset += EVENT.size + length
+                    changed.update(self.waiting if mask & IN_Q_OVERFLOW else (wd,))
+        for wd in changed:
+            for future in self.waiting.pop(wd, ()):
+                if not future.done():
+                    future.set_result(None)
+
+
+_per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FileChanges | None] = weakref.WeakKeyDictionary()
+
+
+def _changes() -> FileChanges | None:
+    loop = asyncio.get_running_loop()
+    if loop not in _per_loop:
+        try:
+            _per_loop[loop] = FileChanges(loop)
+        except (OSError, AttributeError) as e:  # no inotify here (AttributeError: not Linux's libc)
+            logger.info("no inotify (%s): spool readers poll", getattr(e, "strerror", None) or e)
+            _per_loop[loop] = None
+    return _per_loop[loop]
+
+
+class Watch:
+    """One reader's watch on a file, while it waits for the file to change."""
+
+    def __init__(self, changes: FileChanges, wd: int) -> None:
+        self.changes, self.wd = changes, wd
+        self.future: asyncio.Future | None = None
+
+    def next_change(self) -> asyncio.Future:
+        """A future done at the file's next change after this call: look at the file after it,
+        then wait, and a change in between is not missed."""
+        self._forget_future()
+        self.future = asyncio.get_running_loop().create_future()
+        self.changes.waiting.setdefault(self.wd, set()).add(self.future)
+        return self.future
+
+    def _forget_future(self) -> None:
+        if self.future is not None and (waiting := self.changes.waiting.get(self.wd)) is not None:
+            waiting.discard(self.future)
+            if not waiting:
+                del self.changes.waiting[self.wd]
+        self.future = None
+
+
+@contextlib.contextmanager
+def watching(fd: int) -> Iterator[Watch | None]:
+    """A watch on the open file `fd` (its writes, mode changes, unlinking) for the block; None
+    where inotify cannot watch it."""
+    changes = _changes()
+    wd = changes.watch(fd) if changes is not None else None
+    if wd is None:
+        yield None
+        return
+    watch = Watch(changes, wd)
+    try:
+        yield watch
+    finally:
+        watch._forget_future()
+        changes.unwatch(wd)
