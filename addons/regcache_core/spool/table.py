@@ -29,7 +29,9 @@ with sendfile: they never see the bytes):
 - the proxy unlinks the file when the download fails (or its bytes hash wrong), so a reader
   waiting for more bytes that finds `st_nlink == 0` on a file that is not sealed knows the rest
   will never come, and cuts its connection: never a short body passed off as complete. A reader
-  that sees no growth for STALL_TIMEOUT (the proxy died) cuts too;
+  that sees no growth for STALL_TIMEOUT (the proxy died) cuts too. A reader that caught up
+  waits for the file's next change (changes.py: a write, the seal's chmod, the unlink), not for
+  a poll;
 - a client's reader holds a shared lock (flock) on its open file, and the proxy asks the cache
   to store a complete spool (cache_fill.py) once no client's reader holds one, or READERS_WAIT
   seconds after it completed: registry:2 reads, hashes and writes the whole blob again, which
