@@ -235,28 +235,22 @@ def test_a_reader_cuts_a_spool_that_stops_growing(tmp_path):
         run(read_all(path, stall_timeout=0.3))
 
 
-@pytest.mark.parametrize("change", ["growth", "seal", "unlink"])
-def test_a_caught_up_reader_wakes_at_the_files_change_not_at_a_poll(tmp_path, change):
+@pytest.mark.parametrize("change", ["seal", "unlink"])
+def test_a_caught_up_reader_is_woken_by_the_seal_or_the_unlink_not_a_poll(tmp_path, change):
     path = spool_path(tmp_path, KEY)
-    path.write_bytes(BLOB[:CHUNK])
-    never = 3600  # seconds: only the change can wake it within the test's bound
+    path.write_bytes(BLOB)  # every byte written, not yet checked
+    never = 3600  # seconds: only the change can wake the readers within the test's bound
 
     async def scenario():
         with open(path, "rb") as file:
-            readers = [SpoolProgress(file.fileno(), len(BLOB), poll=never, watched_poll=never) for _ in range(2)]
-            waits = [asyncio.create_task(reader.ready(CHUNK)) for reader in readers]
+            readers = [SpoolProgress(file.fileno(), len(BLOB), poll=never) for _ in range(2)]
+            waits = [asyncio.create_task(reader.ready(len(BLOB) - HOLD_BACK)) for reader in readers]
             await asyncio.sleep(0.05)
-            assert not any(wait.done() for wait in waits), "caught up: both wait"
-            if change in ("growth", "seal"):  # to all but the bytes held back: none more before the seal
-                append(path, BLOB[CHUNK:])
-                assert [await wait for wait in waits] == [len(BLOB) - HOLD_BACK] * 2
+            assert not any(wait.done() for wait in waits), "the last bytes wait for the seal"
             if change == "seal":
-                waits = [asyncio.create_task(reader.ready(len(BLOB) - HOLD_BACK)) for reader in readers]
-                await asyncio.sleep(0.05)
-                assert not any(wait.done() for wait in waits), "the last bytes wait for the seal"
                 os.chmod(path, os.stat(path).st_mode & ~WRITABLE)
                 assert [await wait for wait in waits] == [len(BLOB)] * 2
-            if change == "unlink":
+            else:
                 path.unlink()
                 for wait in waits:
                     with pytest.raises(SpoolBroken, match="download failed"):
@@ -267,11 +261,11 @@ def test_a_caught_up_reader_wakes_at_the_files_change_not_at_a_poll(tmp_path, ch
     run(scenario())
 
 
-def test_without_inotify_a_reader_looks_every_poll(tmp_path, monkeypatch):
+def test_without_inotify_a_reader_finds_the_seal_at_its_next_look(tmp_path, monkeypatch):
     monkeypatch.setattr(changes_module, "_changes", lambda: None)
     path = spool_path(tmp_path, KEY)
     grow(path, BLOB, 0.002)
-    assert run(read_all(path, watched_poll=3600)) == BLOB
+    assert run(read_all(path)) == BLOB
 
 
 def test_a_clients_reader_marks_the_spool_file_until_it_closes_it(tmp_path):

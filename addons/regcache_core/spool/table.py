@@ -30,8 +30,8 @@ with sendfile: they never see the bytes):
   waiting for more bytes that finds `st_nlink == 0` on a file that is not sealed knows the rest
   will never come, and cuts its connection: never a short body passed off as complete. A reader
   that sees no growth for STALL_TIMEOUT (the proxy died) cuts too. A reader that caught up
-  waits for the file's next change (changes.py: a write, the seal's chmod, the unlink), not for
-  a poll;
+  looks for growth every READ_POLL, and is woken at once by the seal's chmod or the unlink
+  (changes.py);
 - a client's reader holds a shared lock (flock) on its open file, and the proxy asks the cache
   to store a complete spool (cache_fill.py) once no client's reader holds one, or READERS_WAIT
   seconds after it completed: registry:2 reads, hashes and writes the whole blob again, which
@@ -70,10 +70,8 @@ SPOOL_DIR = "spools"  # folder in the data dir
 LINGER = 30.0  # seconds a completed spool stays after its last use
 FOLLOW_WAIT = 60.0  # seconds a GET waits for the download's answer headers, then goes upstream itself
 STALL_TIMEOUT = 60.0  # seconds a reader waits for a spool that does not grow, then cuts
-READ_POLL = 0.02  # seconds between a reader's looks at a spool it has caught up with (without inotify)
-WATCHED_POLL = 1.0  # the same with inotify, which wakes it at each change: for a stall only
+READ_POLL = 0.02  # seconds between a reader's looks at a spool it has caught up with, for growth
 HOLD_BACK = 1 << 20  # the last bytes a reader sends only once the spool is sealed
-BURST = 4 << 20  # bytes a reader that caught up waits for (at most READ_POLL) before it sends again
 READERS_WAIT = 10.0  # seconds a complete spool's store by the cache waits for its clients' readers, at most
 READERS_POLL = 0.1  # seconds between looks at whether clients still read a spool
 WRITABLE = 0o222  # a sealed spool file has none of these mode bits
@@ -335,48 +333,39 @@ def sealed(status: os.stat_result) -> bool:
 
 class SpoolProgress:
     """How far a reader of a spool file may send (see the module's docstring). The file's status
-    is read from the open file (fstat: no disk access), on the reader's event loop; a reader that
-    caught up waits for the file's next change (changes.py: inotify), looking again at least
-    every `watched_poll` seconds (for a stall), or every `poll` seconds where inotify is not there."""
+    is read from the open file (fstat: no disk access), on the reader's event loop. A reader that
+    caught up looks again every `poll` seconds for growth, and at once when the file is sealed
+    or unlinked (changes.py)."""
 
-    def __init__(self, fd: int, size: int, stall_timeout: float = STALL_TIMEOUT, poll: float = READ_POLL,
-                 watched_poll: float = WATCHED_POLL) -> None:
+    def __init__(self, fd: int, size: int, stall_timeout: float = STALL_TIMEOUT, poll: float = READ_POLL) -> None:
         self.fd, self.size = fd, size
-        self.stall_timeout, self.poll, self.watched_poll = stall_timeout, poll, watched_poll
+        self.stall_timeout, self.poll = stall_timeout, poll
         self.broken: str | None = None  # why the spool can never be sent whole, once that is known
 
     async def ready(self, offset: int) -> int:
         """The end of the bytes a reader that has sent `offset` of them may send now (more than
         `offset`), once the download has written them. Raises SpoolBroken when they will never
-        all come, or hashed wrong.
-
-        A reader less than BURST bytes behind is woken at each write, but waits for BURST bytes
-        (or all but the held-back ones, or the seal, or `poll` seconds after it began waiting): a sendfile per write (a MiB)
-        cost the data plane more CPU than sends of a few MiB."""
-        status = os.fstat(self.fd)
-        if (end := self._end(status)) - offset >= BURST or (end > offset and sealed(status)):
-            return end  # a reader well behind the download: no watch to set up
+        all come, or hashed wrong."""
+        if (end := self._end(os.fstat(self.fd))) > offset:
+            return end  # a reader behind the download: no watch to set up
         loop = asyncio.get_running_loop()
-        began = seen_at = loop.time()
-        seen = -1
+        seen, idle_since = -1, loop.time()
         with watching(self.fd) as watch:
             while True:
-                changed = watch.next_change() if watch is not None else None  # before the look
+                sealed_or_gone = watch.next_change() if watch is not None else None  # before the look
                 status = os.fstat(self.fd)
-                end, now = self._end(status), loop.time()
-                if end > offset and (watch is None or sealed(status) or end - offset >= BURST or end == self.size - HOLD_BACK
-                                     or now - began >= self.poll):
+                if (end := self._end(status)) > offset:
                     return end
                 if status.st_nlink == 0 and not sealed(status):
                     self._break(f"the download failed after {status.st_size} of {self.size} bytes")
                 if status.st_size != seen:
-                    seen, seen_at = status.st_size, now
-                elif now - seen_at > self.stall_timeout:
+                    seen, idle_since = status.st_size, loop.time()
+                elif loop.time() - idle_since > self.stall_timeout:
                     self._break(f"no growth for {self.stall_timeout:.0f}s after {status.st_size} of {self.size} bytes")
-                if changed is None:
+                if sealed_or_gone is None:
                     await asyncio.sleep(self.poll)
-                else:  # at the latest when `poll` has passed with bytes to send, or to look for a stall
-                    await asyncio.wait([changed], timeout=began + self.poll - now if end > offset else self.watched_poll)
+                else:
+                    await asyncio.wait([sealed_or_gone], timeout=self.poll)
 
     def _end(self, status: os.stat_result) -> int:
         return self.size if sealed(status) else min(status.st_size, self.size - HOLD_BACK)
