@@ -33,25 +33,30 @@ from tests.support.parts import (
 
 PORT = PORT_BASES["test_cluster_blobs"]
 LINK_PORT = PORT + UPSTREAM_OFFSET + 1
+RATE = 25e6  # bytes/s of the replicas' link to the upstream
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, images):
-    """(the cluster, its images: a cold multi-layer one and the big one). The replicas' upstream is
-    the bed's behind a 25 MB/s link, so the big layer's download lasts seconds: time to kill its
-    leader midway. Clients are the gateway's address only (HAProxy's and the test's): the
-    replicas' own addresses are not among them."""
+def link():
+    """The replicas' upstream: the bed's behind a 25 MB/s link, so the big layer's download
+    lasts seconds: time to kill its leader midway."""
+    link = SlowLink(LINK_PORT, PORT + UPSTREAM_OFFSET, rate=RATE, host=GATEWAY, bind="").start()
+    yield link
+    link.stop()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, images, link):
+    """(the cluster, its images: a cold multi-layer one and the big one), the upstream behind
+    `link`. Clients are the gateway's address only (HAProxy's and the test's): the replicas' own
+    addresses are not among them."""
     tmp = tmp_path_factory.mktemp("cluster-blobs")
-    link = SlowLink(LINK_PORT, PORT + UPSTREAM_OFFSET, rate=25e6, host=GATEWAY, bind="").start()
     cluster = Cluster(tmp / "bed", PORT, settings={"DOCKERHUB_UPSTREAM": link.url, "REGCACHE_CLIENTS": f"{GATEWAY}/32"})
     layers = build_image(tmp / "images", "library/layers", [("a.bin", 3 << 20), ("b.bin", 5 << 20), ("c.bin", 8 << 20)])
-    try:
-        with cluster:
-            for image in (layers, images["big"]):
-                cluster.upstream.push(image)
-            yield cluster, {"layers": layers, "big": images["big"]}
-    finally:
-        link.stop()
+    with cluster:
+        for image in (layers, images["big"]):
+            cluster.upstream.push(image)
+        yield cluster, {"layers": layers, "big": images["big"]}
 
 
 def get_blob(replica: Replica, image, digest: str) -> tuple[int, dict[str, str], bytes]:
@@ -222,7 +227,7 @@ def test_with_redis_down_every_pull_completes_and_back_it_is_one_get_per_blob_ag
         assert upstream_gets(cluster, digest) == 1, "cluster-wide again"
 
 
-def test_a_leader_killed_midway_cuts_its_readers_and_another_replica_takes_over(world):
+def test_a_leader_killed_midway_cuts_its_readers_and_another_replica_takes_over(world, link):
     cluster, images = world
     image = images["big"]
     layer = image.blob_digests[-1]
@@ -239,6 +244,9 @@ def test_a_leader_killed_midway_cuts_its_readers_and_another_replica_takes_over(
     started = poll(lambda: [f.stat().st_size for f in spools.iterdir()], lambda sizes: any(s > 10 << 20 for s in sizes),
                    timeout=60)
     assert started, "replica 0 never spooled the layer"
+    # Halfway it stays, until the kill, however long the others take to join under load (at 25
+    # MB/s the rest took 3.6 s); a trickle rather than a stop: a body with no byte for 30 s fails.
+    link.rate = 256e3
     readers = [threading.Thread(target=get, args=(replica,)) for replica in others]
     for reader in readers:
         reader.start()
@@ -249,6 +257,7 @@ def test_a_leader_killed_midway_cuts_its_readers_and_another_replica_takes_over(
     sizes = [f.stat().st_size for f in spools.iterdir()]
     assert all(size < len(whole) - (10 << 20) for size in sizes), f"the download ended before the kill: {sizes}"
     leader.kill()
+    link.rate = RATE  # for the successor's download
     for thread in (first, *readers):
         thread.join(60)
     for index, (status, headers, body) in answers.items():  # every reader cut short, never a wrong byte

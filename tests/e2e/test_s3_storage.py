@@ -3,12 +3,13 @@ S3 server (SeaweedFS, tests/support/s3_server.py): `regcache up` creates the mis
 refuses wrong credentials in one line; pulls go through a cache whose blobs are in the bucket
 (once each); warm layers come by the data plane streaming the object (Range too) or by a
 presigned URL of the store; with the store stopped, warm pulls get 503 naming it and containerd
-falls back, and they are served again once it is back; the budget evicts from the bucket; two
-replicas on one bucket share what either fetched. The data plane's local copies: 8 concurrent
-GETs make one read of the object (the S3 server's own request counts), later ones none, a cold
-pull's spool is kept as the copy, a copy of other bytes is never sent whole, and with copies off
-each GET reads the store. A session token signs regcache's calls and is in no output; a
-data-plane worker that cannot reach the store takes it down in /ready.
+falls back, and they are served again once it is back; the budget evicts from the bucket; old
+partial uploads are removed from it; two replicas on one bucket share what either fetched. The
+data plane's local copies: 8 concurrent GETs make one read of the object (the S3 server's own
+request counts), later ones none, a cold pull's spool is kept as the copy, a copy of other bytes
+is never sent whole, and with copies off each GET reads the store. A session token signs
+regcache's calls and is in no output; a data-plane worker that cannot reach the store takes it
+down in /ready.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import json
 import re
 import shutil
 import subprocess
+import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -370,6 +373,36 @@ def test_the_budget_evicts_from_the_bucket_and_cache_du_and_ls_read_it(upstream,
         assert ls.returncode == 0 and "library/second" in ls.stdout and big.name not in ls.stdout, ls.stdout + ls.stderr
     finally:
         assert stack.stop() == 0
+
+
+def test_partial_uploads_older_than_hours_are_removed_from_the_bucket_at_start_and_pulls_go_on(
+        warm, upstream, s3, tmp_path):
+    """A stack of its own on another prefix, where cut writes left two uploads: one registry:2
+    began two days ago (only its `startedat`: its data never completed) and one begun now. At
+    start the old one goes, the new one stays, and a pull through the cache works."""
+    prefix = "caches/uploads"
+    uploads = f"{prefix}/docker/registry/v2/repositories/library/small/_uploads"
+    old, fresh = f"{uploads}/{uuid.uuid4()}", f"{uploads}/{uuid.uuid4()}"
+    s3.put(BUCKET, f"{old}/startedat", rfc3339(time.time() - 2 * 86400))
+    s3.put(BUCKET, f"{fresh}/startedat", rfc3339(time.time()))
+    s3.put(BUCKET, f"{fresh}/data", b"the first bytes of a blob")
+    stack = docker_io_stack(tmp_path / "uploads", upstream, PRESIGNED_PORT,
+                            s3_settings(s3, DOCKERHUB_STORAGE=f"s3://{BUCKET}/{prefix}")).start()
+    try:
+        assert poll(lambda: [k for k in s3.keys(BUCKET, old) if not k.endswith("/")], lambda keys: not keys,
+                    timeout=60) == []
+        assert set(s3.keys(BUCKET, fresh)) >= {f"{fresh}/startedat", f"{fresh}/data"}
+        assert [line for line in stack.output if "removed 1 partial upload older than 6 h" in line], stack.output
+        small = warm["small"]
+        host = f"docker.io.{TEST_DOMAIN}:{PRESIGNED_PORT}"
+        assert pull(host, small.reference, tmp_path / "pulled") == small.manifest_digest
+    finally:
+        assert stack.stop() == 0
+
+
+def rfc3339(when: float) -> bytes:
+    """A `startedat` as registry:2 writes it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)).encode()
 
 
 def test_two_replicas_on_one_bucket_a_blob_one_fetched_is_warm_on_the_other(tmp_path_factory, images):

@@ -303,8 +303,10 @@ class ReferrersRegistry(_Server):
 
 class SlowLink:
     """A TCP relay to `target_port` that passes answers at `rate` bytes/s: a distant upstream
-    (this kernel has no netem), so a test can act while a blob is halfway through. When the
-    target dies, the relay closes the client's side too, as a link to a dead host ends."""
+    (this kernel has no netem), so a test can act while a blob is halfway through (setting `rate`
+    lower meanwhile keeps it there however slowly the test runs: transfers under way follow it
+    from their next chunk). When the target dies, the relay closes the client's side too, as a
+    link to a dead host ends."""
 
     CHUNK = 64 << 10
 
@@ -344,16 +346,15 @@ class SlowLink:
                 client.close()
                 continue
             target.settimeout(None)
-            threading.Thread(target=self._pipe, args=(client, target, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(target, client, self.CHUNK / self.rate), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, target, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(target, client, True), daemon=True).start()
 
-    @classmethod
-    def _pipe(cls, source: socket.socket, sink: socket.socket, pause: float | None) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, slow: bool) -> None:
         try:
-            while chunk := source.recv(cls.CHUNK):
+            while chunk := source.recv(self.CHUNK):
                 sink.sendall(chunk)
-                if pause:
-                    time.sleep(pause * len(chunk) / cls.CHUNK)
+                if slow:
+                    time.sleep(len(chunk) / self.rate)
         except OSError:
             pass
         for end in (source, sink):

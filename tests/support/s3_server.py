@@ -91,6 +91,7 @@ class S3Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self.stop()  # its sockets
                 raise RuntimeError(f"weed exited at start: {self.log_file.read_text(errors='replace')[-800:]}")
             if self._answers():
                 return self

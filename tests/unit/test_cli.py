@@ -55,7 +55,10 @@ def test_a_reader_that_stops_early_gets_no_traceback():
 def test_ctrl_c_ends_a_command_without_a_traceback(tmp_path):
     fifo = tmp_path / "pull.log"
     os.mkfifo(fifo)
-    command = subprocess.Popen([*REGCACHE, "stats", str(fifo)], stderr=subprocess.PIPE)
+    # Ctrl-C as in a terminal: a test run started in the background by a shell without job
+    # control (`scripts/test unit &`) ignores SIGINT, and its children would inherit that.
+    command = subprocess.Popen([*REGCACHE, "stats", str(fifo)], stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Opening the writing end succeeds once the command holds the reading end; it then waits
     # for lines that never come.
     writer = poll(lambda: _open_writer(fifo), lambda fd: fd is not None, timeout=30)

@@ -76,6 +76,27 @@ def test_a_dead_readers_send_expires_by_itself(redis_server):
     assert (before, after, ttl) == (True, False, -2)  # -2: the key is gone
 
 
+def test_a_handed_out_url_is_a_read_for_as_long_as_it_is_valid(redis_server):
+    async def main():
+        link = RedisLink(redis_server.url, 0.5)
+        proxy, data_plane, budget = (ClusterReads(link, ttl=0.3, renew_every=0.1) for _ in range(3))
+        proxy.handed_out(*BLOB, valid_for=1.5)
+        async with data_plane.read(*BLOB):  # the client follows it: a read's shorter TTL on the same key
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.6)  # past the read's TTL, within the URL's validity
+        during = await budget.read_anywhere(*BLOB)
+        ttl_during = await link.call(lambda r: r.pttl(reads_key(BLOB)))
+        await asyncio.sleep(1.0)
+        after = await budget.read_anywhere(*BLOB)
+        for reads in (proxy, data_plane, budget):
+            reads.close()
+        await link.close()
+        return during, ttl_during, after
+
+    during, ttl_during, after = asyncio.run(main())
+    assert during and ttl_during > 300 and not after
+
+
 def test_redis_down_sends_go_on_unregistered(redis_server):
     async def main():
         link = RedisLink(redis_server.url, 0.3)
@@ -101,6 +122,9 @@ class RecordedReads:
     def ended(self, blob) -> None:
         self.calls.append(("ended", blob))
 
+    def handed_out(self, registry: str, digest: str, valid_for: float) -> None:
+        self.calls.append(("handed out", (registry, digest)))
+
 
 @pytest.mark.parametrize("status", [200, 307])
 def test_the_proxy_registers_a_blob_it_sends_until_its_flow_ends_and_no_307(status):
@@ -118,3 +142,16 @@ def test_the_proxy_registers_a_blob_it_sends_until_its_flow_ends_and_no_307(stat
         assert (sending, reads.calls[len(sending):]) == ([("started", BLOB)], [("ended", BLOB)])
     else:
         assert reads.calls == []
+
+
+def test_the_proxy_registers_a_url_it_hands_out_for_a_blob_of_an_object_store():
+    reads = RecordedReads()
+    budget = DiskBudget(Settings(), Metrics(), SimpleNamespace(reads=reads))
+    registry = SimpleNamespace(name=BLOB[0], cache="http://127.0.0.1:5001", object_store=object())
+    flow = tflow.tflow(resp=tutils.tresp(status_code=307))
+    note(flow).target = Target(registry, "blob", "library/app", BLOB[1], f"/v2/library/app/blobs/{BLOB[1]}")
+    budget.requestheaders(flow)
+    budget.responseheaders(flow)
+    budget.response(flow)
+    budget.worker.shutdown()
+    assert reads.calls == [("handed out", BLOB)] and budget._busy(*BLOB)

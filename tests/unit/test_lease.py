@@ -15,11 +15,13 @@ KEY = "regcache:test-lease"
 def test_only_the_holder_whose_value_is_there_renews_replaces_or_deletes(redis_server):
     async def main():
         link = RedisLink(redis_server.url, 0.5)
-        mine = await take(link, KEY, "a", 0.3)
-        theirs = await take(link, KEY, "b", 0.3)
+        # A 1 s lease renewed every 0.1 s: a loaded machine may delay a renewal by tenths of a
+        # second (a 0.3 s lease lapsed that way once), never by most of a second.
+        mine = await take(link, KEY, "a", 1.0)
+        theirs = await take(link, KEY, "b", 1.0)
         kept = asyncio.get_running_loop().create_task(mine.keep(0.1))
-        await asyncio.sleep(0.6)  # past the expiry: renewed meanwhile
-        still = await take(link, KEY, "b", 0.3)
+        await asyncio.sleep(1.5)  # past the expiry: renewed meanwhile
+        still = await take(link, KEY, "b", 1.0)
         replaced = await mine.replace("a, published", ttl=5)
         stale = await delete_unchanged(link, KEY, "a")  # the value read before the replacement
         await asyncio.sleep(0.3)

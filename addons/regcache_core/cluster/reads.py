@@ -11,6 +11,11 @@ trip every RENEW_EVERY seconds while they last, and removes its member when its 
 the blob ends. A reader that dies renews no more: its deadline passes, the evicting replica
 counts it no more, and the key itself expires READ_TTL after the last renewal of any reader.
 
+A URL of a blob handed to a client (a presigned one of the object store, or the data plane's) is
+a read too, for as long as the URL is valid: the client may read the object from the store
+without any replica in between. The proxy registers it once, as a member of its own
+(`<token>:url`) with that deadline; a later URL of the blob moves the deadline on.
+
 Redis down: registering and renewing are skipped (each process's reads are registered again at
 the first renewal Redis answers) and the budget checks only its own replica's reads, as one node.
 """
@@ -31,14 +36,18 @@ RENEW_EVERY = 2.0  # seconds between renewals: a few chances before the deadline
 
 Blob = tuple[str, str]  # registry name, digest
 
-# KEYS: the blobs' sets; ARGV: the reader, READ_TTL in ms. Each blob's deadline for this reader is
-# Redis's time plus READ_TTL, and its key lives as long as its latest deadline.
+# KEYS: the blobs' sets; ARGV: the reader, the time it reads for in ms (READ_TTL, or a handed-out
+# URL's life). Each blob's deadline for this reader is Redis's time plus that, and its key lives
+# as long as its latest deadline (never shortened: a URL's deadline outlasts the reads' renewals).
 _REGISTER = """
 local now = redis.call('TIME')
-local deadline = now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[2])
+local ttl = tonumber(ARGV[2])
+local deadline = now[1] * 1000 + math.floor(now[2] / 1000) + ttl
 for _, key in ipairs(KEYS) do
   redis.call('ZADD', key, deadline, ARGV[1])
-  redis.call('PEXPIRE', key, ARGV[2])
+  if redis.call('PTTL', key) < ttl then
+    redis.call('PEXPIRE', key, ttl)
+  end
 end
 return 1
 """
@@ -93,6 +102,13 @@ class ClusterReads:
             self._renewing()
             self._later(self._write(blob))
 
+    def handed_out(self, registry: str, digest: str, valid_for: float) -> None:
+        """A URL of the blob went to a client, who may read it (from the object store, past every
+        replica) for `valid_for` seconds: registered as a read that long, soon (for hooks that
+        cannot wait); not at all while Redis is down."""
+        key = reads_key((registry, digest))
+        self._later(self._register_once(key, f"{self.reader}:url", int(valid_for * 1000)))
+
     def ended(self, blob: Blob) -> None:
         self.reading[blob] -= 1
         if self.reading[blob] <= 0:
@@ -119,6 +135,10 @@ class ClusterReads:
                     await self.link.call(lambda r: r.eval(_REGISTER, 1, key, self.reader, self.ttl_ms))
                 else:
                     await self.link.call(lambda r: r.zrem(key, self.reader))
+
+    async def _register_once(self, key: str, member: str, ttl_ms: int) -> None:
+        with contextlib.suppress(SharedStateDown):
+            await self.link.call(lambda r: r.eval(_REGISTER, 1, key, member, ttl_ms))
 
     async def _renew(self) -> None:
         while True:

@@ -18,6 +18,7 @@ from aiohttp import web
 from ..cluster.link import RedisLink
 from ..cluster.reads import ClusterReads
 from ..config import Config
+from ..objectstore.copies import COPIES_DIR, remove_unfinished
 from ..stack.parent_death import dies_with_this_process
 from .grants import GrantSigner, grant_key
 from .records import RecordSender, records_socket
@@ -37,6 +38,8 @@ def run_workers(config: Config, on_ready: Callable[[], None] = lambda: None) -> 
         signal.signal(signum, lambda *_: stop.set())
     # fork: the parent runs no threads and no event loop yet; spawn would add a resource tracker process
     context = multiprocessing.get_context("fork")
+    if config.s3.copies_max_disk and (removed := remove_unfinished(config.data_dir / COPIES_DIR)):
+        logger.warning("removed %d unfinished local copies: their writers died", removed)
     serving = context.Semaphore(0)  # each worker releases it once its port is open
     workers = [context.Process(target=serve, args=(config, serving, dies_with_this_process()), name=f"regcache-dataplane-{n}")
                for n in range(config.dataplane.workers)]

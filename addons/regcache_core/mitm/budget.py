@@ -1,12 +1,13 @@
 """DiskBudget: records each client pull of cached content (a Recorder sink) and runs the disk
-budget and the caches' free-space checks (regcache_core/budget/) in a thread of its own, never
-on mitmproxy's event loop.
+budget, the caches' free-space checks and, for caches on an object store, the removal of old
+partial uploads (regcache_core/budget/) in a thread of its own, never on mitmproxy's event loop.
 
 With replicas, pulls are recorded in Redis too (cluster/usage.py; the ones Redis missed while
 down are sent when it is back), eviction ranks by the cluster's records, a run takes the
 eviction lease first (one replica at a time evicts from the storage they share), and it skips
-blobs any replica is sending (cluster/reads.py: this proxy registers its own sends there). While
-Redis is down a replica runs alone on its own records and its own sends, as one node."""
+blobs any replica is sending or handed out by a URL still valid (cluster/reads.py: this proxy
+registers its own sends and URLs there). While Redis is down a replica runs alone on its own
+records and its own sends, as one node."""
 
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ from mitmproxy import http
 from ..budget import report
 from ..budget.disk import DiskWatch
 from ..budget.enforce import CacheBudget, enforce, summary
+from ..budget.uploads import MAX_AGE, SWEEP_EVERY, sweep
 from ..budget.usage import UsageStore, usage_file
 from ..cluster.link import SharedStateDown
 from ..cluster.reads import Blob, ClusterReads
 from ..cluster.usage import EVICTION, SharedUsage
 from ..objectstore.blobs import PRESIGNED_FOR
-from ..objectstore.client import StoreUnreachable
+from ..objectstore.client import StoreRefused, StoreUnreachable
 from ..objectstore.tree import ObjectTree
 from ..stack.caches import local_backends
 from ..observe.metrics import Metrics
@@ -124,6 +126,8 @@ class DiskBudget:
                 now = time.monotonic()
                 self._handed_out = {k: t for k, t in self._handed_out.items() if t > now}
                 self._handed_out[target.registry.name, target.reference] = now + HANDED_OUT_FOR
+            if (reads := self.services.reads) is not None:  # the replica evicting may be another
+                reads.handed_out(target.registry.name, target.reference, HANDED_OUT_FOR)
         self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -173,11 +177,15 @@ class DiskBudget:
 
     async def _every(self) -> None:
         last = time.monotonic()
+        swept = None  # the first tick sweeps
         while True:
             await asyncio.sleep(TICK)
             if self._uses:
                 self.worker.submit(self._write_uses)
             now, pulled = time.monotonic(), self._blob_pulled
+            if swept is None or now - swept >= SWEEP_EVERY:
+                swept = now
+                self.worker.submit(self._sweep_uploads)
             if (pulled is not None and now - pulled >= RUN_DELAY) or now - last >= RUN_EVERY:
                 self._blob_pulled, last = None, now
                 if self._queued_run is None:  # a slow run is not queued again behind itself
@@ -261,6 +269,22 @@ class DiskBudget:
             self._store_unreachable = True
         except Exception:
             logger.exception("regcache: disk budget run failed")
+
+    def _sweep_uploads(self) -> None:
+        """Partial uploads left in the caches on an object store (budget/uploads.py)."""
+        for cache in self.caches:
+            if not isinstance(tree := cache.storage, ObjectTree):
+                continue  # on a filesystem registry:2's own purger removes them
+            try:
+                if removed := sweep(tree, time.time()):
+                    uploads = "partial upload" if len(removed) == 1 else "partial uploads"
+                    report(f"regcache: {cache.registry}: removed {len(removed)} {uploads} older than {MAX_AGE / 3600:g} h "
+                           f"from {tree}")
+            except (StoreUnreachable, StoreRefused) as e:
+                logger.warning(f"regcache: {cache.registry}: cannot remove old partial uploads from {tree} ({e}); "
+                               f"trying again in {SWEEP_EVERY / 3600:g} h")
+            except Exception:
+                logger.exception(f"regcache: {cache.registry}: removing old partial uploads failed")
 
 
 class ClusterRecords:

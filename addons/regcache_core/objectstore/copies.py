@@ -256,3 +256,31 @@ def _unlink_if_same(path: Path, status: os.stat_result) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+
+
+def remove_unfinished(directory: Path) -> int:
+    """At the data plane's start, before its workers: remove the unsealed files of the copies
+    folder no writer holds (the lock lives as long as its writer): copies and temporary names
+    (`.sha256-<hex>.<pid>.<hex>`) left by a worker that died writing. A copy would otherwise be
+    removed only by the next GET of its blob, and a temporary file never, holding room meanwhile.
+    Returns how many went. Blocking."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.name == LOCK_FILE or not entry.is_file(follow_symlinks=False) or sealed(entry.stat()):
+                continue
+            file = open(entry.path, "rb")
+        except FileNotFoundError:
+            continue
+        with file:
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its writer is at work
+            _unlink_if_same(Path(entry.path), os.fstat(file.fileno()))
+            removed += 1
+    return removed
