@@ -53,7 +53,8 @@ class FileChanges:
         """A watch on the open file `fd` (by its inode, unlinked or not), or None when none can be had."""
         wd = _libc.inotify_add_watch(self.fd, f"/proc/self/fd/{fd}".encode(), IN_ATTRIB)
         if wd < 0:
-            logger.debug("no inotify watch (%s): a spool reader polls", os.strerror(ctypes.get_errno()))
+            logger.debug("no inotify watch (%s): a spool reader finds a seal or unlink at its next look",
+                         os.strerror(ctypes.get_errno()))
             return None
         self.watchers[wd] = self.watchers.get(wd, 0) + 1
         return wd
@@ -88,7 +89,8 @@ def _changes() -> FileChanges | None:
         try:
             _per_loop[loop] = FileChanges(loop)
         except (OSError, AttributeError) as e:  # no inotify here (AttributeError: not Linux's libc)
-            logger.info("no inotify (%s): spool readers poll", getattr(e, "strerror", None) or e)
+            logger.info("no inotify (%s): spool readers find a seal or unlink at their next look",
+                        getattr(e, "strerror", None) or e)
             _per_loop[loop] = None
     return _per_loop[loop]
 
