@@ -11,7 +11,9 @@ import time
 
 import pytest
 
+from regcache_core.spool import changes as changes_module
 from regcache_core.spool.blob_heads import BlobHead, HeadFlights, blob_head
+from regcache_core.spool.changes import _per_loop
 from regcache_core.spool.table import (
     HOLD_BACK, WRITABLE, SpoolBroken, SpoolProgress, SpoolTable, clients_done, clients_reading, hold_as_reader, spool_path,
 )
@@ -44,13 +46,13 @@ async def spooling(table: SpoolTable, written: bytes):
     """A spool of KEY whose download got its 200 and wrote `written` so far."""
     spool, _ = table.claim(KEY)
     assert await table.start(spool, len(BLOB), "application/octet-stream")
-    append(spool, written)
+    append(spool.path, written)
     return spool
 
 
-def append(spool, data: bytes) -> None:
+def append(path, data: bytes) -> None:
     """What the download worker does with a spool's body: appends to the file the proxy made."""
-    with open(spool.path, "ab", 0) as file:
+    with open(path, "ab", 0) as file:
         file.write(data)
 
 
@@ -75,7 +77,7 @@ def test_gets_wait_for_the_downloads_headers_then_follow_its_spool_while_it_grow
         assert table.get(KEY) is spool and spool.content_type == "application/vnd.oci.image.layer.v1.tar"
         reader = asyncio.create_task(read_all(spool.path))
         for offset in range(0, len(BLOB), CHUNK):
-            append(spool, BLOB[offset:offset + CHUNK])
+            append(spool.path, BLOB[offset:offset + CHUNK])
             await asyncio.sleep(0)
         await table.finish(spool, len(BLOB), DIGEST)
         assert await reader == BLOB
@@ -130,7 +132,7 @@ def test_a_download_ending_short_or_hashing_wrong_fails_its_spool(tmp_path, body
         reader = asyncio.create_task(read_all(spool.path, sent=sent))
         await until(lambda: sent)  # the reader has the file open
         if body == "other bytes":
-            append(spool, bytes(len(BLOB) - CHUNK))
+            append(spool.path, bytes(len(BLOB) - CHUNK))
             await table.finish(spool, len(BLOB), "sha256:" + hashlib.sha256(BLOB[:CHUNK] + bytes(len(BLOB) - CHUNK)).hexdigest())
         else:
             await table.finish(spool, CHUNK, DIGEST)
@@ -231,6 +233,39 @@ def test_a_reader_cuts_a_spool_that_stops_growing(tmp_path):
     path.write_bytes(BLOB[:CHUNK])  # a writer that died: the file stays, and never grows
     with pytest.raises(SpoolBroken, match="no growth"):
         run(read_all(path, stall_timeout=0.3))
+
+
+@pytest.mark.parametrize("change", ["seal", "unlink"])
+def test_a_caught_up_reader_is_woken_by_the_seal_or_the_unlink_not_a_poll(tmp_path, change):
+    path = spool_path(tmp_path, KEY)
+    path.write_bytes(BLOB)  # every byte written, not yet checked
+    never = 3600  # seconds: only the change can wake the readers within the test's bound
+
+    async def scenario():
+        with open(path, "rb") as file:
+            readers = [SpoolProgress(file.fileno(), len(BLOB), poll=never) for _ in range(2)]
+            waits = [asyncio.create_task(reader.ready(len(BLOB) - HOLD_BACK)) for reader in readers]
+            await asyncio.sleep(0.05)
+            assert not any(wait.done() for wait in waits), "the last bytes wait for the seal"
+            if change == "seal":
+                os.chmod(path, os.stat(path).st_mode & ~WRITABLE)
+                assert [await wait for wait in waits] == [len(BLOB)] * 2
+            else:
+                path.unlink()
+                for wait in waits:
+                    with pytest.raises(SpoolBroken, match="download failed"):
+                        await wait
+            changes = _per_loop[asyncio.get_running_loop()]
+            assert not changes.watchers and not changes.waiting, "no watch outlives its waits"
+
+    run(scenario())
+
+
+def test_without_inotify_a_reader_finds_the_seal_at_its_next_look(tmp_path, monkeypatch):
+    monkeypatch.setattr(changes_module, "_changes", lambda: None)
+    path = spool_path(tmp_path, KEY)
+    grow(path, BLOB, 0.002)
+    assert run(read_all(path)) == BLOB
 
 
 def test_a_clients_reader_marks_the_spool_file_until_it_closes_it(tmp_path):

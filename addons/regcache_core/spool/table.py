@@ -29,7 +29,9 @@ with sendfile: they never see the bytes):
 - the proxy unlinks the file when the download fails (or its bytes hash wrong), so a reader
   waiting for more bytes that finds `st_nlink == 0` on a file that is not sealed knows the rest
   will never come, and cuts its connection: never a short body passed off as complete. A reader
-  that sees no growth for STALL_TIMEOUT (the proxy died) cuts too;
+  that sees no growth for STALL_TIMEOUT (the proxy died) cuts too. A reader that caught up
+  looks for growth every READ_POLL, and is woken at once by the seal's chmod or the unlink
+  (changes.py);
 - a client's reader holds a shared lock (flock) on its open file, and the proxy asks the cache
   to store a complete spool (cache_fill.py) once no client's reader holds one, or READERS_WAIT
   seconds after it completed: registry:2 reads, hashes and writes the whole blob again, which
@@ -60,13 +62,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .changes import watching
+
 logger = logging.getLogger(__name__)
 
 SPOOL_DIR = "spools"  # folder in the data dir
 LINGER = 30.0  # seconds a completed spool stays after its last use
 FOLLOW_WAIT = 60.0  # seconds a GET waits for the download's answer headers, then goes upstream itself
 STALL_TIMEOUT = 60.0  # seconds a reader waits for a spool that does not grow, then cuts
-READ_POLL = 0.02  # seconds between a reader's looks at a spool it has caught up with
+READ_POLL = 0.02  # seconds between a reader's looks at a spool it has caught up with, for growth
 HOLD_BACK = 1 << 20  # the last bytes a reader sends only once the spool is sealed
 READERS_WAIT = 10.0  # seconds a complete spool's store by the cache waits for its clients' readers, at most
 READERS_POLL = 0.1  # seconds between looks at whether clients still read a spool
@@ -329,7 +333,9 @@ def sealed(status: os.stat_result) -> bool:
 
 class SpoolProgress:
     """How far a reader of a spool file may send (see the module's docstring). The file's status
-    is read from the open file (fstat: no disk access), on the reader's event loop."""
+    is read from the open file (fstat: no disk access), on the reader's event loop. A reader that
+    caught up looks again every `poll` seconds for growth, and at once when the file is sealed
+    or unlinked (changes.py)."""
 
     def __init__(self, fd: int, size: int, stall_timeout: float = STALL_TIMEOUT, poll: float = READ_POLL) -> None:
         self.fd, self.size = fd, size
@@ -340,20 +346,29 @@ class SpoolProgress:
         """The end of the bytes a reader that has sent `offset` of them may send now (more than
         `offset`), once the download has written them. Raises SpoolBroken when they will never
         all come, or hashed wrong."""
+        if (end := self._end(os.fstat(self.fd))) > offset:
+            return end  # a reader behind the download: no watch to set up
         loop = asyncio.get_running_loop()
         seen, idle_since = -1, loop.time()
-        while True:
-            status = os.fstat(self.fd)
-            end = self.size if sealed(status) else min(status.st_size, self.size - HOLD_BACK)
-            if end > offset:
-                return end
-            if status.st_nlink == 0 and not sealed(status):
-                self._break(f"the download failed after {status.st_size} of {self.size} bytes")
-            if status.st_size != seen:
-                seen, idle_since = status.st_size, loop.time()
-            elif loop.time() - idle_since > self.stall_timeout:
-                self._break(f"no growth for {self.stall_timeout:.0f}s after {status.st_size} of {self.size} bytes")
-            await asyncio.sleep(self.poll)
+        with watching(self.fd) as watch:
+            while True:
+                sealed_or_gone = watch.next_change() if watch is not None else None  # before the look
+                status = os.fstat(self.fd)
+                if (end := self._end(status)) > offset:
+                    return end
+                if status.st_nlink == 0 and not sealed(status):
+                    self._break(f"the download failed after {status.st_size} of {self.size} bytes")
+                if status.st_size != seen:
+                    seen, idle_since = status.st_size, loop.time()
+                elif loop.time() - idle_since > self.stall_timeout:
+                    self._break(f"no growth for {self.stall_timeout:.0f}s after {status.st_size} of {self.size} bytes")
+                if sealed_or_gone is None:
+                    await asyncio.sleep(self.poll)
+                else:
+                    await asyncio.wait([sealed_or_gone], timeout=self.poll)
+
+    def _end(self, status: os.stat_result) -> int:
+        return self.size if sealed(status) else min(status.st_size, self.size - HOLD_BACK)
 
     def _break(self, reason: str) -> None:
         self.broken = reason
