@@ -74,8 +74,9 @@ class LocalCopies:
     async def open(self, digest: str, size: int, read: Callable[[int], AsyncIterator[bytes]], start: bool) -> Copy | None:
         """The copy of the blob `digest` of `size` bytes, open: sealed, or being written (by this
         or another worker). With none, and `start`, one is started, its bytes from `read(held)`
-        (the whole object, in pieces each valid until `held` more are asked for); None when there is none and none is started (not `start`, or it would not
-        fit): the caller streams from the store."""
+        (the whole object, in pieces each valid until `held` more are asked for); None when there
+        is none and none is started (not `start`, or it would not fit): the caller streams from
+        the store."""
         async with self._deciding:
             found = await asyncio.to_thread(self._look, digest, size)
             if found is not None or not start or size > self.max_disk:
