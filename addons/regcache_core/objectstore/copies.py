@@ -42,6 +42,7 @@ from typing import BinaryIO
 
 from ..config import Config
 from ..http_body import BUFFERS
+from ..spool.body import write_all
 from ..spool.table import WRITABLE, Key, SpoolProgress, sealed
 from .client import StoreUnreachable
 
@@ -161,7 +162,7 @@ class LocalCopies:
         written = 0
         try:
             async for piece in read(PIECES_IN_FLIGHT):
-                in_flight.append(asyncio.gather(asyncio.wrap_future(writing.submit(_append, writer, piece)),
+                in_flight.append(asyncio.gather(asyncio.wrap_future(writing.submit(write_all, writer.fileno(), piece)),
                                                 asyncio.wrap_future(hashing.submit(hasher.update, piece))))
                 written += len(piece)
                 if len(in_flight) == PIECES_IN_FLIGHT:
@@ -244,13 +245,6 @@ def _make_room(directory: Path, max_disk: int, size: int) -> bool:
         _unlink_if_same(Path(path), status)
         in_use -= status.st_size
     return in_use + size <= max_disk
-
-
-def _append(writer: BinaryIO, piece: bytes | memoryview) -> None:
-    """Write `piece` at the end of the file. In a thread."""
-    view = memoryview(piece)
-    while view:
-        view = view[os.write(writer.fileno(), view):]
 
 
 def _seal(writer: BinaryIO) -> None:
