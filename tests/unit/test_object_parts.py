@@ -18,6 +18,7 @@ from regcache_core.config import ObjectStore, S3Access
 from regcache_core.objectstore.blobs import StoredBlob, StoredBlobs
 from regcache_core.objectstore.client import StoreUnreachable
 from regcache_core.objectstore.parts import read_whole
+from tests.unit.test_object_body import served
 
 PART = 1 << 20
 BODY = os.urandom(5 * PART + 12345)
@@ -68,26 +69,21 @@ class LocalBlobs(StoredBlobs):
 async def read(server: RangeServer, parts: int, received: bytearray) -> bool:
     """Puts what read_whole hands on in `received`; whether every piece held was whole until
     HELD more came."""
-    app = web.Application()
-    app.router.add_get("/", server.answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    blobs = LocalBlobs(S3Access(None, "us-east-1", "", "", read_parts=parts, read_part_size=PART), 5)
-    blobs.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/"
-    blob = StoredBlob("key", len(server.body), 0.0)
-    holding, whole = [], True
-    try:
-        async for piece in read_whole(blobs, ObjectStore("bucket", "prefix"), blob, HELD):
-            holding = [*holding, (len(received), piece)][-HELD:]
-            received += piece
-            await asyncio.sleep(0.003)  # a slow writer: the parts ahead fill meanwhile
-            whole &= all(bytes(p) == server.body[at:at + len(p)] for at, p in holding)
-        return whole
-    finally:
-        await blobs.close()
-        await runner.cleanup()
+    async def get(_, url: str) -> bool:
+        blobs = LocalBlobs(S3Access(None, "us-east-1", "", "", read_parts=parts, read_part_size=PART), 5)
+        blobs.url = url
+        holding, whole = [], True
+        try:
+            async for piece in read_whole(blobs, ObjectStore("bucket", "prefix"), StoredBlob("key", len(server.body), 0.0),
+                                          HELD):
+                holding = [*holding, (len(received), piece)][-HELD:]
+                received.extend(piece)
+                await asyncio.sleep(0.003)  # a slow writer: the parts ahead fill meanwhile
+                whole &= all(bytes(p) == server.body[at:at + len(p)] for at, p in holding)
+            return whole
+        finally:
+            await blobs.close()
+    return await served(server.answer, get)
 
 
 def test_the_parts_come_in_order_each_piece_whole_until_held_more_are_asked_for():

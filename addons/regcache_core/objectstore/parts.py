@@ -9,8 +9,10 @@ The bytes are handed on in order, with blobs.py's `stream` contract: pieces each
 many as its bytes need (one spare, for a first piece cut short): a part ahead of the one being
 handed on receives its whole range into them, and pauses there (TCP flow control) until its
 turn; a part's buffers are not filled again once its range is whole, so its pieces stay valid
-after it ends. Memory per read: `parts` x (part size + 1 MiB); GETs per read: the object's size
-/ part size (S3 bills GETs by the request). Every part has the store's deadline; a part that
+after it ends. Memory per read: `parts` x (part size + 1 MiB), and the pieces the reader still
+holds of the part before; each part's buffers are new (the pages faulted in as they fill: a
+cost one stream's reused buffers do not have). GETs per read: the object's size / part size
+(S3 bills GETs by the request). Every part has the store's deadline; a part that
 fails or ends short fails the whole read (StoreUnreachable, OSError), as one GET's would. An
 object smaller than two parts is read by one GET, as is every object with REGCACHE_S3_READ_PARTS=1.
 """
