@@ -836,7 +836,8 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
                 "AWS S3 serves each connection roughly 85-100 MB/s and recommends parallel byte-range GETs: a "
                 "blob's first read goes up to this many times as fast. Each part in flight holds its bytes in "
                 "memory (REGCACHE_S3_READ_PART_SIZE + 1 MiB each), and each part is a GET the store bills. "
-                "Objects smaller than two parts are read by one GET. `1`: one GET per object."),
+                "Objects smaller than two parts are read by one GET. `1`: one GET per object, faster with a "
+                "store that has no per-connection limit (on the same host: docs/storage-s3.md)."),
         Setting("REGCACHE_S3_READ_PART_SIZE", "8M", _part_size, "bytes of each of those parts"),
     )),
     ("Disk", "", (
