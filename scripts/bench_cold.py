@@ -27,7 +27,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from scripts.bench_setup import PROXY_PORT, REPOSITORY, UPSTREAM_PORT, BenchStack, fetch_in_parallel
+from scripts.bench_setup import (
+    PROXY_PORT, REPOSITORY, UPSTREAM_PORT, BenchStack, add_recycle_option, fetch_in_parallel, recycle_page_cache, recycled,
+)
 from tests.support.parts import TEST_DOMAIN, Upstream, cache_holds, memory_mib, push_blob, random_chunks
 
 ALONE_PORT = 6100  # the plain registry:2 cache; BenchStack's ports are 5000.. and 6000
@@ -85,6 +87,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8", help="comma-separated client counts (default: 1,8)")
     parser.add_argument("--limit-mbit", type=int, default=800,
                         help="the limited upstream link, Mbit/s (default: 800, i.e. 100 MB/s; 0: loopback only)")
+    add_recycle_option(parser)
     parser.add_argument("--time-limit", type=float, default=1200, help="give up and clean up after this many seconds")
     args = parser.parse_args()
     size = args.size_mib << 20
@@ -108,6 +111,7 @@ def main() -> None:
                     if len(rows) % 2:  # taking turns at going first: the machine's state then favours neither
                         cases.reverse()
                     for name, base, storage in cases:
+                        recycle_page_cache(bench.workdir, args.recycle_mib)
                         cpu_before = {part: cpu_seconds(pids) for part, pids in regcache_pids.items()}
                         seconds[name], counts[name] = cold_pulls(bench.upstream, base, storage, digest, clients, size)
                         if name == "regcache":
@@ -123,7 +127,8 @@ def main() -> None:
                  "data plane (largest process)": max(memory_mib(pid)["VmHWM"] for pid in bench.dataplane_pids)}
 
     print(f"\ncold blob: {size / 2**20:.0f} MiB, a new one per row; seconds until every client had it; upstream "
-          "GETs / HEADs of it; regcache's CPU seconds per cold GiB (until the cache held it)")
+          "GETs / HEADs of it; regcache's CPU seconds per cold GiB (until the cache held it); "
+          f"{recycled(args.recycle_mib)}")
     print(f"{'link':>14} {'clients':>7} | {'seconds: alone':>14} {'regcache':>8} | {'GETs/HEADs: alone':>17} "
           f"{'regcache':>8} | {'CPU s/GiB: proxy':>16} {'data plane':>10} {'download worker':>15}")
     for link, clients, counts, seconds, cpu in rows:

@@ -33,7 +33,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from scripts.bench_setup import BenchStack, CACHE_PORT, PROXY_PORT, REPOSITORY, fetch, fetch_in_parallel, mb_per_s
+from scripts.bench_setup import (
+    BenchStack, CACHE_PORT, PROXY_PORT, REPOSITORY, add_recycle_option, fetch, fetch_in_parallel, mb_per_s,
+    recycle_page_cache, recycled,
+)
 from regcache_core.config import SETTING
 from regcache_core.objectstore.copies import COPIES_DIR
 from tests.support.parts import REGISTRY_PROGRAM, TEST_DOMAIN, Stack, docker_io_stack, stop_process, wait_for_port
@@ -51,6 +54,7 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=256, help="blob size in MiB (default: 256)")
     parser.add_argument("--clients", default="1,8", help="comma-separated client counts (default: 1,8)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; the median is printed (default: 3)")
+    add_recycle_option(parser)
     parser.add_argument("--time-limit", type=float, default=1200, help="give up and clean up after this many seconds")
     parser.add_argument("--store-mbps", type=int, default=0,
                         help="MB/s the store serves each connection at, as AWS S3 does (default: no limit)")
@@ -84,7 +88,8 @@ def main() -> None:
         stop_servers()  # the S3 server, when the stack did not start
     print(f"blob: {size / 2**20:.0f} MiB, warm in the bucket; median of {args.repeats} runs; {os.cpu_count()} cores; "
           f"store: {f'{args.store_mbps} MB/s per connection' if args.store_mbps else 'no limit'}; "
-          f"REGCACHE_S3_READ_PARTS: {args.read_parts or SETTING['REGCACHE_S3_READ_PARTS'].default}")
+          f"REGCACHE_S3_READ_PARTS: {args.read_parts or SETTING['REGCACHE_S3_READ_PARTS'].default}; "
+          f"{recycled(args.recycle_mib)}")
     print("\n".join(rows))
 
 
@@ -115,6 +120,7 @@ def run_cases(bench: BenchStack, servers: list, size: int, args) -> list[str]:
             for name, (url, before) in cases.items():
                 if before is not None:
                     before()
+                recycle_page_cache(bench.workdir, args.recycle_mib)
                 runs[name].append(fetch_in_parallel(url, clients, size, timeout=300))
         speeds = {name: mb_per_s(size * clients, statistics.median(times)) for name, times in runs.items()}
         for name in cases:
