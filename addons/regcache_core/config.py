@@ -103,6 +103,8 @@ class S3Access:
     redirect: bool = False  # REGCACHE_S3_REDIRECT: warm blobs by presigned URLs of the store
     session_token: str = field(default="", repr=False)  # AWS_SESSION_TOKEN: temporary credentials (STS)
     copies_max_disk: int = 0  # REGCACHE_S3_COPIES_MAX_DISK: bytes of the data plane's local copies; 0: none
+    read_parts: int = 1  # REGCACHE_S3_READ_PARTS: ranged GETs at once of a copy's first read (objectstore/parts.py)
+    read_part_size: int = 8 << 20  # REGCACHE_S3_READ_PART_SIZE: bytes of each
 
     def describe(self) -> str:
         """Where the store is, for messages (never the credentials)."""
@@ -280,7 +282,8 @@ def parse_config(values: Mapping[str, str]) -> Config:
         cluster=cluster,
         s3=S3Access(read("AWS_ENDPOINT_URL_S3") or read("AWS_ENDPOINT_URL"), read("AWS_REGION") or "us-east-1",
                     read("AWS_ACCESS_KEY_ID"), read("AWS_SECRET_ACCESS_KEY"), read("REGCACHE_S3_REDIRECT"),
-                    read("AWS_SESSION_TOKEN"), read("REGCACHE_S3_COPIES_MAX_DISK")),
+                    read("AWS_SESSION_TOKEN"), read("REGCACHE_S3_COPIES_MAX_DISK"), read("REGCACHE_S3_READ_PARTS"),
+                    read("REGCACHE_S3_READ_PART_SIZE")),
     )
 
 
@@ -463,6 +466,13 @@ def _workers(var: str, value: str) -> int:
 
 def _size_or_zero(var: str, value: str) -> int:
     return parse_size(var, value or "0")
+
+
+def _part_size(var: str, value: str) -> int:
+    size = parse_size(var, value)
+    if size < 1 << 20:
+        raise ConfigError(f"{var}: {value!r} is below 1M: parts that small cost more GETs than they gain")
+    return size
 
 
 def _host_names(var: str, value: str) -> tuple[str, ...]:
@@ -821,6 +831,14 @@ SECTIONS: tuple[tuple[str, str, tuple[Setting, ...]], ...] = (
                 "the copy, its bytes checked against the digest as they were written. A copy is served only "
                 "while the store holds the blob for the repository asked. `0`: no copies, every GET streams "
                 "the object from the store."),
+        Setting("REGCACHE_S3_READ_PARTS", "4", _positive,
+                "ranged GETs at once when a local copy reads an object from the store (its parts, in order)",
+                "AWS S3 serves each connection roughly 85-100 MB/s and recommends parallel byte-range GETs: a "
+                "blob's first read goes up to this many times as fast. Each part in flight holds its bytes in "
+                "memory (REGCACHE_S3_READ_PART_SIZE + 1 MiB each), and each part is a GET the store bills. "
+                "Objects smaller than two parts are read by one GET. `1`: one GET per object, faster with a "
+                "store that has no per-connection limit (on the same host: docs/storage-s3.md)."),
+        Setting("REGCACHE_S3_READ_PART_SIZE", "8M", _part_size, "bytes of each of those parts"),
     )),
     ("Disk", "", (
         Setting("REGCACHE_MAX_DISK", "", _optional_size,

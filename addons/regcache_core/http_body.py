@@ -16,7 +16,7 @@ and its parser were the busiest part of the worker's event loop.
 A consumer gets each buffer's bytes when it is full, or earlier on its own flush interval, and
 gives the buffer back when done with it; the connection stops being read while no buffer is
 free (then no byte is not a stall) and once the body is whole. Memory per body: BUFFERS *
-READ_BUFFER. Bounded as the StreamReader read was: a body that brings no byte for `stall`
+READ_BUFFER (or the buffers its consumer asks for). Bounded as the StreamReader read was: a body that brings no byte for `stall`
 seconds fails, as does one that ends short of its length or whose connection closes early:
 never a short body passed off as complete. Exactly the length asked for is read (more could
 only be a second answer); the connection is closed afterwards (aiohttp's parser never saw the
@@ -42,12 +42,12 @@ class BufferedBody(asyncio.BufferedProtocol):
     `failure` as `failure_type` (a stall as `stall_type`), worded about `peer` and `noun`."""
 
     def __init__(self, size: int, stall: float, failure_type: type[Exception], stall_type: type[Exception],
-                 peer: str, noun: str) -> None:
+                 peer: str, noun: str, buffers: int = BUFFERS) -> None:
         self.loop = asyncio.get_running_loop()
         self.size, self.stall = size, stall
         self.failure_type, self.stall_type, self.peer, self.noun = failure_type, stall_type, peer, noun
         self.received = 0
-        self.free = collections.deque(memoryview(bytearray(READ_BUFFER)) for _ in range(BUFFERS))
+        self.free = collections.deque(memoryview(bytearray(READ_BUFFER)) for _ in range(buffers))
         self.buffer: memoryview | None = self.free.popleft()  # the one filling; None: every buffer is held
         self.used = 0  # bytes of `buffer` filled
         self.failure: BaseException | None = None
@@ -118,7 +118,7 @@ class BufferedBody(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def _check_stall(self) -> None:
-        if self.buffer is None:  # waiting for the consumer
+        if self.buffer is None or self.received == self.size:  # waiting for the consumer, or whole
             self.last_byte = self.loop.time()
         if self.loop.time() - self.last_byte >= self.stall:
             self._fail(self.stall_type(f"no byte of the {self.noun} for {self.stall:.0f}s"))

@@ -6,10 +6,11 @@ presigned URL of the store; with the store stopped, warm pulls get 503 naming it
 falls back, and they are served again once it is back; the budget evicts from the bucket; old
 partial uploads are removed from it; two replicas on one bucket share what either fetched. The
 data plane's local copies: 8 concurrent GETs make one read of the object (the S3 server's own
-request counts), later ones none, a cold pull's spool is kept as the copy, a copy of other bytes
-is never sent whole, and with copies off each GET reads the store. A session token signs
-regcache's calls and is in no output; a data-plane worker that cannot reach the store takes it
-down in /ready.
+request counts: a ranged GET per part), later ones none; a first read the store stops in the
+middle of cuts its client after no wrong byte and leaves no copy; a cold pull's spool is kept
+as the copy, a copy of other bytes is never sent whole, and with copies off each GET reads the
+store. A session token signs regcache's calls and is in no output; a data-plane worker that
+cannot reach the store takes it down in /ready.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tests.support.parts import (
 )
 from tests.support.s3_server import ACCESS_KEY, SECRET_KEY, S3Server
 from regcache_core.commands.client_config import hosts_toml
+from regcache_core.config import SETTING, parse_size
 from regcache_core.objectstore.copies import COPIES_DIR
 
 PORT = PORT_BASES["test_s3_storage"]
@@ -43,6 +45,7 @@ BUDGET_PORT = PORT + 5  # the same
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
 REPLICAS_PORT = PORT_BASES["test_s3_storage[replicas]"]
 BUCKET, PREFIX = "regcache-test", "caches/hub"
+PART_SIZE = parse_size("", SETTING["REGCACHE_S3_READ_PART_SIZE"].default)
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +152,12 @@ def store_reads(s3: S3Server) -> int:
     return s3.requests(BUCKET, "GET", 206)
 
 
+def first_read_gets(size: int) -> int:
+    """The ranged GETs of a copy's first read of an object of `size` bytes: one per part
+    (REGCACHE_S3_READ_PARTS at once, its default above 1), one below two parts."""
+    return -(-size // PART_SIZE) if size >= 2 * PART_SIZE else 1
+
+
 def get_at_once(port: int, path: str, clients: int) -> list[tuple[int, dict, bytes]]:
     """`clients` GETs of `path` at once, each following its 307 as a registry client does."""
     with ThreadPoolExecutor(clients) as pool:
@@ -166,7 +175,7 @@ def test_concurrent_gets_of_a_warm_layer_share_one_read_of_the_store_and_later_o
     before = store_reads(s3)
     answers = get_at_once(PORT, path, 8)
     assert [(status, hashlib.sha256(body).hexdigest()) for status, _, body in answers] == [(200, layer[7:])] * 8
-    assert store_reads(s3) == before + 1
+    assert store_reads(s3) == before + first_read_gets(len(answers[0][2]))  # one read, by parts
     [copy] = copies_of(s3_stack)
     assert copy.name == layer.replace(":", "-") and copy.stat().st_mode & 0o777 == 0o400  # sealed, its owner's only
 
@@ -175,7 +184,7 @@ def test_concurrent_gets_of_a_warm_layer_share_one_read_of_the_store_and_later_o
     status, headers, _ = answer(PORT, path)
     status, headers, part = follow(headers["location"], "Range: bytes=7-1000006")
     assert status == 206 and hashlib.sha256(part).digest() == hashlib.sha256(answers[0][2][7:1000007]).digest()
-    assert store_reads(s3) == before + 1  # the copy, not the store
+    assert store_reads(s3) == before + first_read_gets(len(answers[0][2]))  # the copy, not the store
 
 
 def test_a_cold_layer_s_spool_is_kept_as_its_copy_and_a_copy_of_other_bytes_is_never_sent_whole(
@@ -333,6 +342,39 @@ def test_a_data_plane_worker_that_cannot_reach_the_store_takes_it_down_in_ready(
         s3.start()
     assert poll(lambda: json.loads(s3_stack.admin("/ready")[2])["object_store"], lambda state: state == "up",
                 timeout=30) == "up"
+
+
+def test_a_first_read_by_parts_cut_by_the_store_stopping_cuts_its_client_after_no_wrong_byte_and_keeps_no_copy(
+        s3_stack, s3, warm):
+    """The store serves each connection at 5 MB/s (as AWS S3 does, slower), so the copy's first
+    read of the 100 MiB layer, by parts, takes seconds; the store stops once its first bytes
+    reached the client."""
+    big = warm["big"]
+    layer = big.blob_digests[-1]
+    [key] = blob_keys(s3, layer)
+    original = s3.get(BUCKET, key)
+    assert len(original) >= 3 * PART_SIZE  # parts at once
+    for copy in copies_of(s3_stack):
+        copy.unlink()
+    s3.limit_each_connection(5)
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            got = pool.submit(get_following_the_307, PORT, f"/v2/{big.name}/blobs/{layer}", DOCKER_IO)
+            assert poll(lambda: [c.stat().st_size for c in copies_of(s3_stack)], lambda sizes: sizes and sizes[0] > 0,
+                        timeout=30)
+            s3.stop()
+            status, headers, body = got.result()
+        assert status == 200 and int(headers["content-length"]) == len(original)
+        assert 0 < len(body) < len(original) and body == original[:len(body)]
+        assert poll(lambda: copies_of(s3_stack), lambda copies: copies == [], timeout=10) == []
+        assert any("the local copy of" in line and layer[:19] in line for line in s3_stack.output)
+    finally:
+        s3.unlimit()
+        s3.start()
+    assert poll(lambda: json.loads(s3_stack.admin("/ready")[2])["object_store"], lambda state: state == "up",
+                timeout=30) == "up"
+    assert hashlib.sha256(get_following_the_307(PORT, f"/v2/{big.name}/blobs/{layer}", DOCKER_IO)[2]).hexdigest() \
+        == layer[7:]
 
 
 def test_the_budget_evicts_from_the_bucket_and_cache_du_and_ls_read_it(upstream, s3, images, tmp_path):

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from regcache_core.spool import changes as changes_module
+from regcache_core.spool import table as table_module
 from regcache_core.spool.blob_heads import BlobHead, HeadFlights, blob_head
 from regcache_core.spool.changes import _per_loop
 from regcache_core.spool.table import (
@@ -82,8 +83,7 @@ def test_gets_wait_for_the_downloads_headers_then_follow_its_spool_while_it_grow
         await table.finish(spool, len(BLOB), DIGEST)
         assert await reader == BLOB
         assert await table.follow(table.claim(KEY)[0]), "a completed spool serves GETs while it lingers"
-        await until(lambda: len(table) == 0)
-        assert not spool.path.exists(), "a completed spool is removed after it lingered"
+        await until(lambda: not spool.path.exists())  # a completed spool is removed after it lingered
         assert table.claim(KEY)[1], "the next GET starts a new download"
 
     run(scenario())
@@ -119,6 +119,34 @@ def test_a_download_failing_midway_cuts_its_readers_and_leaves_no_file(tmp_path)
         await until(lambda: len(table) == 0)
         assert list((tmp_path / "spools").iterdir()) == []
         assert table.claim(KEY)[1], "the next GET downloads afresh"
+
+    run(scenario())
+
+
+def test_a_get_just_after_a_spool_failed_gets_a_new_one_made_after_the_old_file_is_gone(tmp_path, monkeypatch):
+    """The next GET of a failed spool's blob follows a new download at once, even while the old
+    file's unlink is still on its way (a loaded machine); the new file, of the same name, is made
+    after that unlink, which would remove it otherwise."""
+    unlink = threading.Event()
+    remove_file = table_module.remove_file
+    monkeypatch.setattr(table_module, "remove_file", lambda path: unlink.wait(10) and remove_file(path))
+
+    async def scenario():
+        table = SpoolTable(tmp_path / "spools", max_disk=1 << 30)
+        failed = await spooling(table, BLOB[:CHUNK])
+        table.fail(failed, "the download worker exited")
+        spool, new = table.claim(KEY)
+        assert new and spool is not failed
+        follower = asyncio.create_task(table.follow(spool))
+        starting = asyncio.create_task(table.start(spool, len(BLOB), None))
+        await asyncio.sleep(0.1)
+        assert not starting.done(), "its file waits for the old one's unlink"
+        unlink.set()
+        assert await starting and await follower
+        reader = asyncio.create_task(read_all(spool.path))
+        append(spool.path, BLOB)
+        await table.finish(spool, len(BLOB), DIGEST)
+        assert await reader == BLOB
 
     run(scenario())
 

@@ -13,8 +13,10 @@ counts it no more, and the key itself expires READ_TTL after the last renewal of
 
 A URL of a blob handed to a client (a presigned one of the object store, or the data plane's) is
 a read too, for as long as the URL is valid: the client may read the object from the store
-without any replica in between. The proxy registers it once, as a member of its own
-(`<token>:url`) with that deadline; a later URL of the blob moves the deadline on.
+without any replica in between. The proxy registers it as a member of its own (`<token>:url`)
+with a deadline URL_MARGIN seconds past the URL's end, and registers the blob again only for a
+URL that would outlast that deadline: so every URL is covered to its end, and a rollout whose
+nodes all pull one layer costs one Redis call per blob and URL_MARGIN, not one per pull.
 
 Redis down: registering and renewing are skipped (each process's reads are registered again at
 the first renewal Redis answers) and the budget checks only its own replica's reads, as one node.
@@ -25,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 
 from .link import RedisLink, SharedStateDown
@@ -33,11 +36,12 @@ from .link import RedisLink, SharedStateDown
 PREFIX = "regcache:reading:"
 READ_TTL = 6.0  # seconds a read stays registered past its reader's last renewal
 RENEW_EVERY = 2.0  # seconds between renewals: a few chances before the deadline
+URL_MARGIN = 60.0  # seconds a handed-out URL's registration outlasts the URL: later URLs within them need none
 
 Blob = tuple[str, str]  # registry name, digest
 
 # KEYS: the blobs' sets; ARGV: the reader, the time it reads for in ms (READ_TTL, or a handed-out
-# URL's life). Each blob's deadline for this reader is Redis's time plus that, and its key lives
+# URL's life plus URL_MARGIN). Each blob's deadline for this reader is Redis's time plus that, and its key lives
 # as long as its latest deadline (never shortened: a URL's deadline outlasts the reads' renewals).
 _REGISTER = """
 local now = redis.call('TIME')
@@ -67,11 +71,19 @@ def reads_key(blob: Blob) -> str:
 class ClusterReads:
     """This process's reads of stored blobs, registered for the cluster while they last."""
 
-    def __init__(self, link: RedisLink, ttl: float = READ_TTL, renew_every: float = RENEW_EVERY) -> None:
+    def __init__(self, link: RedisLink, ttl: float = READ_TTL, renew_every: float = RENEW_EVERY,
+                 url_margin: float = URL_MARGIN) -> None:
         self.link = link
         self.reader = secrets.token_hex(8)
         self.ttl_ms = int(ttl * 1000)
         self.renew_every = renew_every
+        self.url_margin = url_margin
+        # Blob -> monotonic time until which its URLs' registration holds in Redis, at the least:
+        # taken before the call, whose deadline Redis counts from when it runs it, later. Kept in
+        # the order of those times (every URL is valid as long, and a new registration moves its
+        # blob to the end), so the expired ones are dropped from the front, each once.
+        self._urls: OrderedDict[Blob, float] = OrderedDict()
+        self._urls_outages = link.outages  # a registration made before Redis went away may be lost with it
         self.reading: Counter[Blob] = Counter()
         # One change reaches Redis at a time, and each writes what `reading` says then: a read
         # that starts again while the end of the last one is on its way is never left unregistered.
@@ -104,10 +116,24 @@ class ClusterReads:
 
     def handed_out(self, registry: str, digest: str, valid_for: float) -> None:
         """A URL of the blob went to a client, who may read it (from the object store, past every
-        replica) for `valid_for` seconds: registered as a read that long, soon (for hooks that
-        cannot wait); not at all while Redis is down."""
-        key = reads_key((registry, digest))
-        self._later(self._register_once(key, f"{self.reader}:url", int(valid_for * 1000)))
+        replica) for `valid_for` seconds: registered as a read at least that long, soon (for hooks
+        that cannot wait), unless a registration on its way or made already covers it; not at
+        all while Redis is down."""
+        now = time.monotonic()
+        # A registration that failed marked Redis down too: the next URL registers again (those
+        # handed out while it was on its way are this replica's only, as while Redis is down).
+        if self.link.outages != self._urls_outages:
+            self._urls.clear()
+            self._urls_outages = self.link.outages
+        while self._urls and next(iter(self._urls.values())) <= now:
+            self._urls.popitem(last=False)
+        blob = (registry, digest)
+        if self._urls.get(blob, 0.0) >= now + valid_for or not self.link.up:
+            return
+        registered_for = valid_for + self.url_margin
+        self._urls[blob] = now + registered_for
+        self._urls.move_to_end(blob)
+        self._later(self._register_once(reads_key(blob), f"{self.reader}:url", int(registered_for * 1000)))
 
     def ended(self, blob: Blob) -> None:
         self.reading[blob] -= 1

@@ -1,6 +1,6 @@
 """Sending a warm blob from an object store (K_STORAGE=s3://). With local copies on
 (objectstore/copies.py) a whole GET is sent the blob's copy by sendfile, while one read from the
-store writes it or once it is written, and a Range GET the copy when there is one; otherwise the
+store writes it (by several ranged GETs at once: objectstore/parts.py) or once it is written, and a Range GET the copy when there is one; otherwise the
 object (the range asked for) is streamed from the store and written to the client as it comes,
 memory per transfer bounded by the read buffers (objectstore/body.py). The same
 headers, Range and conditions as a file (file_response.plan) either way. A store that stops
@@ -19,6 +19,7 @@ from ..config import Registry
 from ..objectstore.blobs import StoredBlob, StoredBlobs
 from ..objectstore.client import StoreRefused, StoreUnreachable
 from ..objectstore.copies import LocalCopies
+from ..objectstore.parts import read_whole
 from ..routing import Refusal, store_unreachable
 from .exchange import Exchange, refused
 from .file_response import SEND_TIMEOUT, Plan, plan, send
@@ -45,7 +46,7 @@ async def send_object(request: web.Request, exchange: Exchange, grant: Grant, re
     answer = plan(request, blob.size, blob.mtime, grant.digest)
     copies = request.app.get(LOCAL_COPIES)
     if copies is not None and answer.count > 0 and request.method == "GET":
-        copy = await copies.open(grant.digest, blob.size, lambda held: blobs.stream(store, blob, 0, blob.size, held),
+        copy = await copies.open(grant.digest, blob.size, lambda held: read_whole(blobs, store, blob, held),
                                  start=answer.count == blob.size)
         if copy is not None:
             try:

@@ -17,6 +17,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -64,7 +65,10 @@ class DiskBudget:
         self._sending_lock = threading.Lock()  # the worker reads it while the event loop changes it
         self._registered: dict[str, tuple[ClusterReads, Blob]] = {}  # flow id -> its send, told to the cluster
         self._store_unreachable = False  # the last run found the object store down (warned once)
-        self._handed_out: dict[tuple[str, str], float] = {}  # (registry, digest) -> monotonic time its URLs expire
+        # (registry, digest) -> monotonic time its URLs expire, soonest first: every URL is valid
+        # HANDED_OUT_FOR, and a new one moves its blob to the end. A 307 costs O(1); each tick
+        # drops the expired ones from the front, each once.
+        self._handed_out: OrderedDict[tuple[str, str], float] = OrderedDict()
         # Uses not yet in the store, written together each tick: (registry, repository, reference) -> (kind, time).
         self._uses: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._uses_lock = threading.Lock()  # records come from the event loop and the data plane's thread
@@ -122,12 +126,12 @@ class DiskBudget:
         target = flow_note.target
         if (target and target.kind == "blob" and target.registry.object_store is not None
                 and flow.response.status_code == 307 and not flow_note.cold_blob):  # a cold one is read from its spool
+            blob = (target.registry.name, target.reference)
             with self._sending_lock:
-                now = time.monotonic()
-                self._handed_out = {k: t for k, t in self._handed_out.items() if t > now}
-                self._handed_out[target.registry.name, target.reference] = now + HANDED_OUT_FOR
+                self._handed_out[blob] = time.monotonic() + HANDED_OUT_FOR
+                self._handed_out.move_to_end(blob)
             if (reads := self.services.reads) is not None:  # the replica evicting may be another
-                reads.handed_out(target.registry.name, target.reference, HANDED_OUT_FOR)
+                reads.handed_out(*blob, HANDED_OUT_FOR)  # a Redis call only when no registration covers it
         self._finish(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
@@ -180,6 +184,7 @@ class DiskBudget:
         swept = None  # the first tick sweeps
         while True:
             await asyncio.sleep(TICK)
+            self._forget_expired_urls()
             if self._uses:
                 self.worker.submit(self._write_uses)
             now, pulled = time.monotonic(), self._blob_pulled
@@ -190,6 +195,12 @@ class DiskBudget:
                 self._blob_pulled, last = None, now
                 if self._queued_run is None:  # a slow run is not queued again behind itself
                     self._queued_run = self.worker.submit(self._run)
+
+    def _forget_expired_urls(self) -> None:
+        now = time.monotonic()
+        with self._sending_lock:
+            while self._handed_out and next(iter(self._handed_out.values())) <= now:
+                self._handed_out.popitem(last=False)
 
     # In the worker thread:
 

@@ -15,6 +15,7 @@ import aiohttp
 from ..config import ObjectStore, S3Access
 from . import layout
 from .body import body_pieces
+from ..http_body import BUFFERS
 from ..upstream.state import failure_reason
 from .client import StoreRefused, StoreUnreachable, client_context, within
 
@@ -112,10 +113,10 @@ class StoredBlobs:
                                                ExpiresIn=PRESIGNED_FOR)
 
     async def stream(self, store: ObjectStore, blob: StoredBlob, start: int, count: int,
-                     held: int = 1) -> AsyncIterator[memoryview]:
+                     held: int = 1, buffers: int = BUFFERS) -> AsyncIterator[memoryview]:
         """Bytes `start` to `start + count` of the object, as they arrive, each read within the
-        deadline, in pieces each valid until `held` more are asked for (body.py: received into a
-        few buffers, reused). Read by a presigned URL with a plain aiohttp session: 1.3-1.5x
+        deadline, in pieces each valid until `held` more are asked for (body.py: received into
+        `buffers` buffers of READ_BUFFER bytes, reused). Read by a presigned URL with a plain aiohttp session: 1.3-1.5x
         the bytes per second of botocore's streaming body on these machines. Raises
         StoreUnreachable, or OSError when the store answers otherwise (the object went, say)."""
         url = await self.presigned_url(store, blob)
@@ -127,7 +128,7 @@ class StoredBlobs:
                     raise OSError(f"the object store answered {answer.status} for {blob.key}")
                 if answer.content_length != count:
                     raise OSError(f"the object store answered {answer.content_length} bytes for {count}")
-                async for piece in body_pieces(answer, count, self.timeout, held):
+                async for piece in body_pieces(answer, count, self.timeout, held, buffers):
                     yield piece
         except (aiohttp.ClientError, TimeoutError) as e:
             raise StoreUnreachable(failure_reason(e)) from e

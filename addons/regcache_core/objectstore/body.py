@@ -24,10 +24,10 @@ FLUSH_AFTER = 0.05  # seconds a reader waits for a full buffer before taking wha
 
 
 async def body_pieces(response: aiohttp.ClientResponse, size: int, timeout: float,
-                      held: int = 1) -> AsyncIterator[memoryview]:
+                      held: int = 1, buffers: int = BUFFERS) -> AsyncIterator[memoryview]:
     """The `size` bytes of `response`'s body (its headers read), in pieces: each valid until
-    `held` more are asked for (fewer than BUFFERS). Closes the response on the way out."""
-    body = ObjectBody(size, timeout, held)
+    `held` more are asked for (fewer than `buffers`). Closes the response on the way out."""
+    body = ObjectBody(size, timeout, held, buffers)
     try:
         start = body.take_over(response)
         if start:
@@ -40,10 +40,10 @@ async def body_pieces(response: aiohttp.ClientResponse, size: int, timeout: floa
 
 
 class ObjectBody(BufferedBody):
-    def __init__(self, size: int, timeout: float, held: int = 1) -> None:
-        super().__init__(size, timeout, StoreUnreachable, StoreUnreachable, "the store", "object")
-        if not 0 < held < BUFFERS:
-            raise ValueError(f"a reader holds 1 to {BUFFERS - 1} pieces, not {held}")
+    def __init__(self, size: int, timeout: float, held: int = 1, buffers: int = BUFFERS) -> None:
+        super().__init__(size, timeout, StoreUnreachable, StoreUnreachable, "the store", "object", buffers)
+        if not 0 < held < buffers:
+            raise ValueError(f"a reader holds 1 to {buffers - 1} pieces, not {held}")
         self.full: collections.deque[memoryview] = collections.deque()  # filled pieces, in order
         self.held: collections.deque[memoryview] = collections.deque()  # the pieces the reader has, oldest first
         self.holds = held

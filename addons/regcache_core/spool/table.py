@@ -40,7 +40,8 @@ with sendfile: they never see the bytes):
 - a completed spool lingers LINGER seconds after it completed or last got a follower
   (registry:2 commits the blob into its storage just after its own fetch ends, and requests in
   that window would otherwise go upstream again), then is removed. Spools left by an earlier
-  run are removed at start.
+  run are removed at start. A spool that went is forgotten at once: the next GET of its blob
+  starts a new one, whose file (of the same name) is made once the old one is unlinked.
 
 The proxy's file operations (make, seal, unlink) run in one thread per spool (an executor of one
 worker), so they keep their order and the event loop never blocks. Disk use is bounded: over `max_disk`, a blob is not spooled and its GETs go
@@ -149,6 +150,9 @@ class SpoolTable:
         # link to it: objectstore/copies.py's adopt) before the spool goes
         self.keep = keep
         self._spools: dict[Key, Spool] = {}
+        # Key -> the unlink of its last spool's file, while under way: a new spool of the key makes
+        # its file, of the same name, only after it (start).
+        self._unlinking: dict[Key, asyncio.Future] = {}
         # Blocking, but once, at start, before any request: spools of an earlier run are useless.
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True, exist_ok=True)
@@ -189,6 +193,8 @@ class SpoolTable:
                         "no Content-Length" if size is None else f"{size} bytes, over REGCACHE_SPOOL_MAX_DISK")
             self.decline(spool)
             return False
+        if (unlinking := self._unlinking.get(spool.key)) is not None:
+            await asyncio.wait([unlinking])  # it would unlink this spool's file instead
         try:
             hashlib.new(spool.key[2].partition(":")[0])
             file = await asyncio.get_running_loop().run_in_executor(spool.executor, open_for_writing, spool.path)
@@ -260,18 +266,22 @@ class SpoolTable:
         self._remove(spool)
 
     def _remove(self, spool: Spool) -> None:
-        """Unlink the file (after a seal under way), then forget the key: until then a new spool
-        of it would share the file name."""
+        """Forget the key at once, so that the next GET of the blob starts a new spool (a GET in
+        between going upstream itself would undo the single flight), and unlink the file (after a
+        seal under way) in the spool's thread."""
         self._cancel_timer(spool)
-        if spool.file is None:
-            self._forget(spool)
-            return
-        future = asyncio.wrap_future(spool.executor.submit(spool.file.discard))
-        future.add_done_callback(lambda _: self._forget(spool))
-
-    def _forget(self, spool: Spool) -> None:
         if self._spools.get(spool.key) is spool:
             del self._spools[spool.key]
+        if spool.file is None:
+            spool.executor.shutdown(wait=False)
+            return
+        unlinking = asyncio.wrap_future(spool.executor.submit(spool.file.discard))
+        self._unlinking[spool.key] = unlinking
+        unlinking.add_done_callback(lambda _: self._unlinked(spool, unlinking))
+
+    def _unlinked(self, spool: Spool, unlinking: asyncio.Future) -> None:
+        if self._unlinking.get(spool.key) is unlinking:
+            del self._unlinking[spool.key]
         spool.executor.shutdown(wait=False)
 
     @staticmethod
