@@ -30,19 +30,17 @@ import asyncio
 import collections
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from ..config import Config
+from ..hashed_file import HashedFile
 from ..http_body import BUFFERS
-from ..spool.body import write_all
 from ..spool.table import WRITABLE, Key, SpoolProgress, sealed
 from .client import StoreUnreachable
 
@@ -148,30 +146,26 @@ class LocalCopies:
 
     async def _write(self, digest: str, size: int, writer: BinaryIO,
                      read: Callable[[int], AsyncIterator[bytes | memoryview]]) -> None:
-        hasher = hashlib.new(digest.partition(":")[0])
-        # Each piece is written and hashed in two threads of this copy's own (in order: one
-        # thread each), while the next pieces arrive (body.py: into the other buffers) and are
-        # handed to the threads too: up to PIECES_IN_FLIGHT at once. Readers get bytes as soon as
-        # they are written. Measured (256 MiB from SeaweedFS, one client): awaiting each piece's
-        # write and hash before asking for the next (the loop's pool) spent 2.5-4 ms per MiB, 1
-        # of them working; the threads waited for the loop's hops in between. One thread doing
-        # both served 8 clients' first read slower (890-930 MB/s against 910-1280 on a busy box).
+        # Each piece is written and hashed on threads of this copy's own (hashed_file.py: in
+        # order; readers get bytes as soon as they are written), while the next pieces arrive
+        # (body.py: into the other buffers) and are handed over too: up to PIECES_IN_FLIGHT at
+        # once. Measured (256 MiB from SeaweedFS, one client): awaiting each piece's write and
+        # hash before asking for the next (the loop's pool) spent 2.5-4 ms per MiB, 1 of them
+        # working; the threads waited for the loop's hops in between.
+        file = HashedFile(writer.fileno(), digest.partition(":")[0], "regcache-copy")
         in_flight: collections.deque[asyncio.Future] = collections.deque()
-        writing = ThreadPoolExecutor(1, "regcache-copy-write")
-        hashing = ThreadPoolExecutor(1, "regcache-copy-hash")
         written = 0
         try:
             async for piece in read(PIECES_IN_FLIGHT):
-                in_flight.append(asyncio.gather(asyncio.wrap_future(writing.submit(write_all, writer.fileno(), piece)),
-                                                asyncio.wrap_future(hashing.submit(hasher.update, piece))))
+                in_flight.append(file.submit(piece))
                 written += len(piece)
                 if len(in_flight) == PIECES_IN_FLIGHT:
                     await in_flight.popleft()  # its buffer is filled again once the next piece is asked for
             await asyncio.gather(*in_flight)
             if written != size:
                 raise OSError(f"the object ended after {written} of {size} bytes")
-            if f"{hasher.name}:{hasher.hexdigest()}" != digest:
-                raise OSError(f"the object's bytes hash to {hasher.name}:{hasher.hexdigest()[:12]}, not to its digest")
+            if (hashed := file.digest()) != digest:
+                raise OSError(f"the object's bytes hash to {hashed[:19]}, not to its digest")
             await asyncio.to_thread(_seal, writer)
         except BaseException as e:
             if isinstance(e, StoreUnreachable):
@@ -179,12 +173,11 @@ class LocalCopies:
             if not isinstance(e, asyncio.CancelledError):
                 logger.warning("the local copy of %s failed: %s", digest[:19], e or type(e).__name__)
             await asyncio.gather(*in_flight, return_exceptions=True)
-            await asyncio.to_thread(_discard, writer, self._path(digest), writing)
+            await file.close(lambda: _discard(writer, self._path(digest)))
             if not isinstance(e, Exception):
                 raise
-        finally:
-            writing.shutdown(wait=False)
-            hashing.shutdown(wait=False)
+        else:
+            await file.close(writer.close)  # and the lock goes
 
 
 def spool_keeper(config: Config) -> Callable[[Key, Path, int], None] | None:
@@ -249,11 +242,9 @@ def _make_room(directory: Path, max_disk: int, size: int) -> bool:
 
 def _seal(writer: BinaryIO) -> None:
     os.fchmod(writer.fileno(), os.fstat(writer.fileno()).st_mode & ~WRITABLE)
-    writer.close()  # and the lock goes
 
 
-def _discard(writer: BinaryIO, path: Path, writing: ThreadPoolExecutor) -> None:
-    writing.shutdown()  # its writes done (a cancelled wait does not stop one): none once the file is closed
+def _discard(writer: BinaryIO, path: Path) -> None:
     _unlink_if_same(path, os.fstat(writer.fileno()))
     writer.close()
 

@@ -4,24 +4,22 @@ received into reused buffers past aiohttp's StreamReader (http_body.py: how, and
 The file gets each buffer as soon as it is full (readers follow the file), or once FLUSH_EVERY
 has passed since its first byte: from a slow link a buffer fills slowly, and readers cut a
 spool that does not grow. Several buffers are in flight at once: each is written to the file
-and hashed in threads while the next one fills. The hash runs beside the write, on its own
-thread, so that the bytes reach the file (and the readers) without waiting for it; both must be
-done before a buffer is reused, and before the digest is told. Every byte is hashed: the proxy
-seals the spool only when they hash to the blob's digest, and readers never get the last bytes
-of a spool not sealed. A body that brings no byte for BODY_STALL seconds fails (TimeoutError),
-as does one that ends short of its Content-Length (BodyFailed).
+and hashed (hashed_file.py: on threads of their own, the hash beside the write) while the next
+one fills; both must be done before a buffer is reused, and before the digest is told. Every
+byte is hashed: the proxy seals the spool only when they hash to the blob's digest, and readers
+never get the last bytes of a spool not sealed. A body that brings no byte for BODY_STALL
+seconds fails (TimeoutError), as does one that ends short of its Content-Length (BodyFailed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import aiohttp
 
+from ..hashed_file import HashedFile
 from ..http_body import BufferedBody
 
 BODY_STALL = 30.0  # seconds without a byte of the body, then the download fails (readers wait longer)
@@ -37,36 +35,29 @@ async def receive_body(response: aiohttp.ClientResponse, path: str, size: int, a
     (which must exist: one the proxy removed is a failed spool): the bytes written and their
     digest. The response is closed on the way out: its connection carried a protocol of ours."""
     fd = os.open(path, os.O_WRONLY)  # no O_CREAT
-    hasher = hashlib.new(algorithm)
-    with ThreadPoolExecutor(1, "regcache-spool-write") as writer, ThreadPoolExecutor(1, "regcache-spool-hash") as hashing:
-        body = SpoolBody(size, lambda piece: writer.submit(write_all, fd, piece),
-                         lambda piece: hashing.submit(hasher.update, piece))
-        try:
-            start = body.take_over(response)
-            if start:  # written first
-                body._start(memoryview(start), reused=False)
-            body._check_finished()
-            await body.finished
-        finally:
-            body.stop()
-            response.close()  # never back to the pool: aiohttp's parser did not see the body
-            writer.submit(os.close, fd)
-    return body.received, f"{algorithm}:{hasher.hexdigest()}"
-
-
-def write_all(fd: int, piece: memoryview) -> None:
-    while piece:
-        piece = piece[os.write(fd, piece):]
+    file = HashedFile(fd, algorithm, "regcache-spool")
+    body = SpoolBody(size, file.submit)
+    try:
+        start = body.take_over(response)
+        if start:  # written first
+            body._start(memoryview(start), reused=False)
+        body._check_finished()
+        await body.finished
+    finally:
+        body.stop()
+        response.close()  # never back to the pool: aiohttp's parser did not see the body
+        await file.close(lambda: os.close(fd))
+    return body.received, file.digest()
 
 
 class SpoolBody(BufferedBody):
-    """Receives `size` bytes into its buffers; `write(piece)` and `hash(piece)` start each
-    buffer's write and hash elsewhere (concurrent.futures.Future). `finished` is done once every
-    byte is written and hashed, or fails with the reason the body did not come whole."""
+    """Receives `size` bytes into its buffers; `store(piece)` starts each buffer's write and
+    hash (HashedFile.submit). `finished` is done once every byte is written and hashed, or fails
+    with the reason the body did not come whole."""
 
-    def __init__(self, size: int, write: Callable[[memoryview], Future], hash: Callable[[memoryview], Future]) -> None:
+    def __init__(self, size: int, store: Callable[[memoryview], asyncio.Future[None]]) -> None:
         super().__init__(size, BODY_STALL, BodyFailed, TimeoutError, "the upstream", "body")
-        self.write, self.hash = write, hash
+        self.store = store
         self.pending = 0  # writes and hashes under way
         self.finished: asyncio.Future[None] = self.loop.create_future()
         self.flush_timer: asyncio.TimerHandle | None = None
@@ -101,7 +92,7 @@ class SpoolBody(BufferedBody):
     def _start(self, piece: memoryview, reused: bool) -> None:
         """Write and hash `piece`; then, if `reused`, its buffer is free again."""
         self.pending += 1
-        job = asyncio.gather(asyncio.wrap_future(self.write(piece)), asyncio.wrap_future(self.hash(piece)))
+        job = self.store(piece)
         job.add_done_callback(lambda job: self._written(job, piece if reused else None))
 
     def _written(self, job: asyncio.Future, piece: memoryview | None) -> None:
