@@ -116,8 +116,9 @@ class StoredBlobs:
                      held: int = 1, buffers: int = BUFFERS) -> AsyncIterator[memoryview]:
         """Bytes `start` to `start + count` of the object, as they arrive, each read within the
         deadline, in pieces each valid until `held` more are asked for (body.py: received into
-        `buffers` buffers of READ_BUFFER bytes, reused). Read by a presigned URL with a plain aiohttp session: 1.3-1.5x
-        the bytes per second of botocore's streaming body on these machines. Raises
+        `buffers` buffers of READ_BUFFER bytes, reused). Read by a presigned URL with a plain
+        aiohttp session: 1.3-1.5x the bytes per second of botocore's streaming body on these
+        machines. Raises
         StoreUnreachable, or OSError when the store answers otherwise (the object went, say)."""
         url = await self.presigned_url(store, blob)
         try:
