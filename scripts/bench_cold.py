@@ -28,6 +28,7 @@ import os
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,10 +58,13 @@ class ColdPulls:
     machine_idle: float  # the fraction of the machine's CPU time left idle meanwhile
 
 
-def cold_pulls(upstream: Upstream, base: str, storage: Path, digest: str, clients: int, size: int) -> ColdPulls:
+def cold_pulls(upstream: Upstream, base: str, storage: Path, digest: str, clients: int, size: int,
+               just_before: Callable[[], None] = lambda: None) -> ColdPulls:
     """`clients` GET the cold blob `digest` at once from the registry at `base` (following 307s,
-    each checking its bytes); the cache (its storage at `storage`) must then store it."""
+    each checking its bytes), `just_before()` run right before they start; the cache (its storage
+    at `storage`) must then store it."""
     before = upstream_requests(upstream, digest)
+    just_before()
     machine_before = machine_ticks()
     seconds = fetch_in_parallel(f"{base}/v2/{REPOSITORY}/blobs/{digest}", clients, size, digest, timeout=600)
     busy, idle, total = (now - then for now, then in zip(machine_ticks(), machine_before))
@@ -133,9 +137,9 @@ def main() -> None:
                     if len(rows) % 2:  # taking turns at going first: the machine's state then favours neither
                         cases.reverse()
                     for name, base, storage in cases:
-                        recycle_page_cache(bench.workdir, args.recycle_mib)
                         cpu_before = {part: cpu_seconds(pids) for part, pids in regcache_pids.items()}
-                        pulls[name] = cold_pulls(bench.upstream, base, storage, digest, clients, size)
+                        pulls[name] = cold_pulls(bench.upstream, base, storage, digest, clients, size,
+                                                 lambda: recycle_page_cache(bench.workdir, args.recycle_mib))
                         if name == "regcache":
                             cpu = {part: (cpu_seconds(pids) - cpu_before[part]) / (size / 2**30)
                                    for part, pids in regcache_pids.items()}
