@@ -143,8 +143,8 @@ def main() -> None:
     print(f"load average (1/5/15 min) after each row: {', '.join(load_during)}")
     print(f"\ncold blob, {args.size_mib} MiB (a new one per row), {args.clients} clients at once, following the 307s")
     print(f"{'target':<22} {'seconds':>8} {'upstream GETs / HEADs':>22}")
-    for name, (seconds, counts) in cold.items():
-        print(f"{name:<22} {seconds:8.2f} {counts:>22}")
+    for name, pulls in cold.items():
+        print(f"{name:<22} {pulls.seconds:8.2f} {pulls.counts:>22}")
     print(f"load average after the cold pulls: {load_after}")
 
 
