@@ -28,9 +28,10 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import AsyncIterator
 
+from ..deadlines import Deadlines
 from .link import RedisLink, SharedStateDown
 
 PREFIX = "regcache:reading:"
@@ -79,10 +80,8 @@ class ClusterReads:
         self.renew_every = renew_every
         self.url_margin = url_margin
         # Blob -> monotonic time until which its URLs' registration holds in Redis, at the least:
-        # taken before the call, whose deadline Redis counts from when it runs it, later. Kept in
-        # the order of those times (every URL is valid as long, and a new registration moves its
-        # blob to the end), so the expired ones are dropped from the front, each once.
-        self._urls: OrderedDict[Blob, float] = OrderedDict()
+        # taken before the call, whose deadline Redis counts from when it runs it, later.
+        self._urls = Deadlines()
         self._urls_outages = link.outages  # a registration made before Redis went away may be lost with it
         self.reading: Counter[Blob] = Counter()
         # One change reaches Redis at a time, and each writes what `reading` says then: a read
@@ -125,14 +124,12 @@ class ClusterReads:
         if self.link.outages != self._urls_outages:
             self._urls.clear()
             self._urls_outages = self.link.outages
-        while self._urls and next(iter(self._urls.values())) <= now:
-            self._urls.popitem(last=False)
+        self._urls.drop_expired(now)
         blob = (registry, digest)
-        if self._urls.get(blob, 0.0) >= now + valid_for or not self.link.up:
+        if self._urls.until(blob) >= now + valid_for or not self.link.up:
             return
         registered_for = valid_for + self.url_margin
-        self._urls[blob] = now + registered_for
-        self._urls.move_to_end(blob)
+        self._urls.set(blob, now + registered_for)
         self._later(self._register_once(reads_key(blob), f"{self.reader}:url", int(registered_for * 1000)))
 
     def ended(self, blob: Blob) -> None:

@@ -17,7 +17,6 @@ import logging
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -31,6 +30,7 @@ from ..budget.usage import UsageStore, usage_file
 from ..cluster.link import SharedStateDown
 from ..cluster.reads import Blob, ClusterReads
 from ..cluster.usage import EVICTION, SharedUsage
+from ..deadlines import Deadlines
 from ..objectstore.blobs import PRESIGNED_FOR
 from ..objectstore.client import StoreRefused, StoreUnreachable
 from ..objectstore.tree import ObjectTree
@@ -65,10 +65,9 @@ class DiskBudget:
         self._sending_lock = threading.Lock()  # the worker reads it while the event loop changes it
         self._registered: dict[str, tuple[ClusterReads, Blob]] = {}  # flow id -> its send, told to the cluster
         self._store_unreachable = False  # the last run found the object store down (warned once)
-        # (registry, digest) -> monotonic time its URLs expire, soonest first: every URL is valid
-        # HANDED_OUT_FOR, and a new one moves its blob to the end. A 307 costs O(1); each tick
-        # drops the expired ones from the front, each once.
-        self._handed_out: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # (registry, digest) -> monotonic time its URLs expire (every URL is valid HANDED_OUT_FOR);
+        # each tick drops the expired ones.
+        self._handed_out = Deadlines()
         # Uses not yet in the store, written together each tick: (registry, repository, reference) -> (kind, time).
         self._uses: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._uses_lock = threading.Lock()  # records come from the event loop and the data plane's thread
@@ -128,8 +127,7 @@ class DiskBudget:
                 and flow.response.status_code == 307 and not flow_note.cold_blob):  # a cold one is read from its spool
             blob = (target.registry.name, target.reference)
             with self._sending_lock:
-                self._handed_out[blob] = time.monotonic() + HANDED_OUT_FOR
-                self._handed_out.move_to_end(blob)
+                self._handed_out.set(blob, time.monotonic() + HANDED_OUT_FOR)
             if (reads := self.services.reads) is not None:  # the replica evicting may be another
                 reads.handed_out(*blob, HANDED_OUT_FOR)  # a Redis call only when no registration covers it
         self._finish(flow)
@@ -165,7 +163,7 @@ class DiskBudget:
     def _is_sending(self, registry: str, digest: str) -> bool:
         with self._sending_lock:
             return ((registry, digest) in self._sending.values()
-                    or self._handed_out.get((registry, digest), 0) > time.monotonic())
+                    or self._handed_out.until((registry, digest)) > time.monotonic())
 
     def _busy(self, registry: str, digest: str) -> bool:
         """Whether a pull reads the blob now: on this replica, or with replicas on any (a send
@@ -199,8 +197,7 @@ class DiskBudget:
     def _forget_expired_urls(self) -> None:
         now = time.monotonic()
         with self._sending_lock:
-            while self._handed_out and next(iter(self._handed_out.values())) <= now:
-                self._handed_out.popitem(last=False)
+            self._handed_out.drop_expired(now)
 
     # In the worker thread:
 
