@@ -14,14 +14,14 @@ from the object store through the data plane (copy written, hashed and sent), th
 and its parser were the busiest part of the worker's event loop.
 
 A consumer gets each buffer's bytes when it is full, or earlier on its own flush interval, and
-gives the buffer back when done with it; the connection stops being read while no buffer is
-free (then no byte is not a stall) and once the body is whole. Memory per body: BUFFERS *
-READ_BUFFER (or the buffers its consumer asks for). Bounded as the StreamReader read was: a
-body that brings no byte for `stall` seconds fails, as does one that ends short of its length
-or whose connection closes early: never a short body passed off as complete. Exactly the
-length asked for is read (more could only be a second answer); the connection is closed
-afterwards (aiohttp's parser never saw the body), never reused. A chunked answer's framing would be read as bytes: a failed transfer,
-never a wrong byte taken as right (the consumers check digests).
+gives the buffer back when done with it; the connection stops being read while no buffer is free
+(then no byte is not a stall) and once the body is whole. Memory per body: BUFFERS * READ_BUFFER
+(or the buffers its consumer asks for). Bounded as the StreamReader read was: a body that brings
+no byte for `stall` seconds fails, as does one that ends short of its length or whose connection
+closes early: never a short body passed off as complete. Exactly the length asked for is read
+(more could only be a second answer); the connection is closed afterwards (aiohttp's parser
+never saw the body), never reused. A chunked answer's framing would be read as bytes: a failed
+transfer, never a wrong byte taken as right (the consumers check digests).
 """
 
 from __future__ import annotations

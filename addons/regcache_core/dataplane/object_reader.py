@@ -3,10 +3,11 @@
 store writes it (by several ranged GETs at once: objectstore/parts.py) or once it is written,
 and a Range GET the copy when there is one; otherwise the object (the range asked for) is
 streamed from the store and written to the client as it comes, memory per transfer bounded by
-the read buffers (objectstore/body.py). The same headers, Range and conditions as a file (file_response.plan) either way. A store that stops
-answering, or a client that stops reading, cuts the connection: never a short body passed off as
-complete. A store that does not answer is reported to the proxy (STORE_DOWN), whose health of it
-/ready and the 503s of warm pulls follow."""
+the read buffers (objectstore/body.py). The same headers, Range and conditions as a file
+(file_response.plan) either way. A store that stops answering, or a client that stops reading,
+cuts the connection: never a short body passed off as complete. A store that does not answer is
+reported to the proxy (STORE_DOWN), whose health of it /ready and the 503s of warm pulls
+follow."""
 
 from __future__ import annotations
 

@@ -118,8 +118,8 @@ class StoredBlobs:
         deadline, in pieces each valid until `held` more are asked for (body.py: received into
         `buffers` buffers of READ_BUFFER bytes, reused). Read by a presigned URL with a plain
         aiohttp session: 1.3-1.5x the bytes per second of botocore's streaming body on these
-        machines. Raises
-        StoreUnreachable, or OSError when the store answers otherwise (the object went, say)."""
+        machines. Raises StoreUnreachable, or OSError when the store answers otherwise (the
+        object went, say)."""
         url = await self.presigned_url(store, blob)
         try:
             async with self._streams().get(url, headers={"Range": f"bytes={start}-{start + count - 1}"}) as answer:

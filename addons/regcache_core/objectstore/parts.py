@@ -11,10 +11,10 @@ handed on receives its whole range into them, and pauses there (TCP flow control
 turn; a part's buffers are not filled again once its range is whole, so its pieces stay valid
 after it ends. Memory per read: `parts` x (part size + 1 MiB), and the pieces the reader still
 holds of the part before; each part's buffers are new (allocating them costs little: 0.04 CPU s
-per 288 MiB of 1 MiB buffers, glibc reusing the freed ones). GETs per read: the object's size / part size
-(S3 bills GETs by the request). Every part has the store's deadline; a part that
-fails or ends short fails the whole read (StoreUnreachable, OSError), as one GET's would. An
-object smaller than two parts is read by one GET, as is every object with REGCACHE_S3_READ_PARTS=1.
+per 288 MiB of 1 MiB buffers, glibc reusing the freed ones). GETs per read: the object's size /
+part size (S3 bills GETs by the request). Every part has the store's deadline; a part that fails
+or ends short fails the whole read (StoreUnreachable, OSError), as one GET's would. An object
+smaller than two parts is read by one GET, as is every object with REGCACHE_S3_READ_PARTS=1.
 """
 
 from __future__ import annotations

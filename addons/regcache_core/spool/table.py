@@ -44,8 +44,8 @@ with sendfile: they never see the bytes):
   starts a new one, whose file (of the same name) is made once the old one is unlinked.
 
 The proxy's file operations (make, seal, unlink) run in one thread per spool (an executor of one
-worker), so they keep their order and the event loop never blocks. Disk use is bounded: over `max_disk`, a blob is not spooled and its GETs go
-upstream each.
+worker), so they keep their order and the event loop never blocks. Disk use is bounded: over
+`max_disk`, a blob is not spooled and its GETs go upstream each.
 """
 
 from __future__ import annotations
