@@ -58,7 +58,7 @@ class Downloads:
 
     async def close(self) -> None:
         spools = list(self.table._spools.values())
-        self.downloads.close()
+        await self.downloads.close()
         self.state.close()
         self.auth.store.close()
         await asyncio.gather(*(s.task for s in spools if s.task), return_exceptions=True)

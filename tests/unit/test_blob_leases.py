@@ -117,7 +117,7 @@ class FakeSpools:
     async def follow(self, registry, repository, digest):
         return self.downloads.claim(registry, (registry.name, repository, digest))
 
-    def close(self) -> None:
+    async def close(self) -> None:
         pass
 
 
@@ -142,8 +142,8 @@ async def two_replicas(redis_url: str, redis_timeout: float = 0.5, ttl: float = 
     try:
         yield SimpleNamespace(a=a, b=b, a_url=a_url, server=server, links=links)
     finally:
-        a.close()
-        b.close()
+        await a.close()
+        await b.close()
         server.close()
         for link in links:
             await link.close()

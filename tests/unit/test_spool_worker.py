@@ -98,7 +98,7 @@ def scenario(tmp_path: Path, upstream: Upstream, body):
             await asyncio.wait_for(body(downloads, Registry("DOCKERHUB", "docker.io", url, None), answers), 60)
         finally:
             upstream.go.set()
-            downloads.close()
+            await downloads.close()
             await runner.cleanup()
 
     asyncio.run(main())
@@ -178,8 +178,8 @@ def test_the_worker_ends_with_its_link(tmp_path):
         spool = await downloads.follow(registry, REPOSITORY, DIGEST)
         await spool.task
         process = downloads.worker.worker.process
-        downloads.worker.close()
-        assert await asyncio.wait_for(process.wait(), 10) is not None
+        await downloads.worker.close()
+        assert process.returncode is not None, "close returns once the worker has exited"
 
     scenario(tmp_path, Upstream(), body)
 

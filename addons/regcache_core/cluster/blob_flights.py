@@ -186,8 +186,8 @@ class ClusterSpools:
     def downloads_running(self) -> int:
         return self.local.downloads_running()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         """Leases held are not released: they expire (this replica may be stopping for good)."""
         for task in self.tasks:
             task.cancel()
-        self.local.close()
+        await self.local.close()

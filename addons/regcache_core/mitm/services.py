@@ -66,7 +66,7 @@ class BlobFlights(Protocol):
 
     def downloads_running(self) -> int: ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
 
 class Spools:
@@ -93,8 +93,8 @@ class Spools:
         """Downloads not finished yet: clients and caches may be reading their spools."""
         return len(self.downloads.running)
 
-    def close(self) -> None:
-        self.downloads.close()
+    async def close(self) -> None:
+        await self.downloads.close()
 
 
 class Services:
@@ -200,7 +200,7 @@ class Services:
             self._close_later(self.stored_blobs.close())
             self.stored_blobs = self.store_health = None
         if self.blobs is not None:
-            self.blobs.close()
+            self._close_later(self.blobs.close())  # done waits for the download worker's exit
             self.blobs = None
         if self.manifests is not None:
             self.manifests.close()

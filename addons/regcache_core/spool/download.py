@@ -70,10 +70,10 @@ class SpoolDownloads:
             spool.task.add_done_callback(self.running.discard)
         return spool
 
-    def close(self) -> None:
-        """Every download stops and every spool goes. Sync: mitmproxy calls `done` from sync code too."""
+    async def close(self) -> None:
+        """Every download stops and every spool goes; returns once the worker has exited."""
         self.table.close()
-        self.worker.close()
+        await self.worker.close()
 
     async def _download(self, registry: Registry, spool: Spool) -> None:
         _, repository, digest = spool.key

@@ -73,11 +73,17 @@ class WorkerProcess:
         if self.alive:
             self.writer.write(json.dumps(message).encode() + b"\n")
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Kill the worker and wait (EXIT_WAIT at most) until it has exited: a proxy that is
+        stopping closes its event loop next, and asyncio warns on stderr about a child that
+        outlives its loop."""
         self.closed = True
         if self.process.returncode is None:
             self.process.kill()
         self.writer.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(EXIT_WAIT):
+                await self.process.wait()
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -131,14 +137,14 @@ class WorkerLink:
             if self.worker is None or not self.worker.alive:
                 self.worker = await start_worker()
                 if self._closed:  # closed while it started
-                    self.worker.close()
+                    await self.worker.close()
             return self.worker
 
-    def close(self) -> None:
-        """Stop the worker (sync: mitmproxy calls `done` from sync code too); its exchanges are lost."""
+    async def close(self) -> None:
+        """Stop the worker and wait for its exit; its exchanges are lost."""
         self._closed = True
         if self.worker is not None:
-            self.worker.close()
+            await self.worker.close()
 
 
 async def start_worker() -> WorkerProcess:
