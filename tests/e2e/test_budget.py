@@ -60,6 +60,18 @@ def settled(stack, image):
                 lambda state: state[0] and state[1] <= BUDGET, timeout=60, every=0.5)
 
 
+def what_happened(stack, images) -> str:
+    """For a failed eviction order: the budget's lines, the storage's files of 1 MiB or more
+    (size and mtime: a partial upload counts too), and when each image's layer was pulled."""
+    names = {layer(image): image.name for image in images}
+    budget = [line for line in stack.output if "disk budget" in line or "record" in line]
+    files = [f"{path.relative_to(storage(stack))} {path.stat().st_size} {path.stat().st_mtime:.3f}"
+             for path in sorted(storage(stack).rglob("*")) if path.is_file() and path.stat().st_size >= 1 << 20]
+    pulls = [f"{names[r['reference']]} {r['time']} {r['status']} {r['cache']} {r['backend']} {r['duration_ms']} ms"
+             for r in stack.pull_records() if r["reference"] in names]
+    return "\n".join(["budget:", *budget, "files:", *files, "layer pulls:", *pulls])
+
+
 def test_least_recently_used_image_is_evicted_and_comes_back_as_a_miss(budget_stack, upstream, images, more_images,
                                                                        tmp_path):
     first, second, third, fourth = images["big"], *more_images
@@ -67,8 +79,9 @@ def test_least_recently_used_image_is_evicted_and_comes_back_as_a_miss(budget_st
         assert pull(DOCKER_IO, image.reference, tmp_path / f"pull{n}") == image.manifest_digest
         assert settled(budget_stack, image)[0]
     assert settled(budget_stack, fourth)[1] <= BUDGET
-    assert held(budget_stack, first), "the first image was pulled again after the second: it stays"
-    assert not held(budget_stack, second), "the second image was used least recently: it goes"
+    story = what_happened(budget_stack, (first, second, third, fourth))
+    assert held(budget_stack, first), f"the first image was pulled again after the second: it stays\n{story}"
+    assert not held(budget_stack, second), f"the second image was used least recently: it goes\n{story}"
     # The run's line is printed once it has evicted: read the output until it is there.
     assert poll(lambda: budget_stack.output, lambda out: any(line.startswith("regcache: disk budget: evicted") for line in out))
     metrics = budget_stack.metrics()
