@@ -191,6 +191,19 @@ def test_over_the_disk_bound_a_blob_is_not_spooled_and_gets_go_upstream(tmp_path
     run(scenario())
 
 
+def test_two_downloads_starting_at_once_do_not_both_pass_the_disk_bound(tmp_path):
+    async def scenario():
+        table = SpoolTable(tmp_path / "spools", max_disk=len(BLOB) + 10)
+        first, _ = table.claim(KEY)
+        second, _ = table.claim(("docker.io", "library/big", "sha256:" + "0" * 64))
+        # Both check the bound before either has made its file (an await in the spool's thread).
+        started = await asyncio.gather(table.start(first, len(BLOB), None), table.start(second, len(BLOB), None))
+        assert started == [True, False]
+        assert table.disk_in_use == len(BLOB)
+
+    run(scenario())
+
+
 def test_a_get_waits_a_bounded_time_for_the_downloads_headers(tmp_path):
     async def scenario():
         table = SpoolTable(tmp_path / "spools", max_disk=1 << 30, follow_wait=0.1)

@@ -159,7 +159,8 @@ class SpoolTable:
 
     @property
     def disk_in_use(self) -> int:
-        return sum(s.size for s in self._spools.values() if s.servable)
+        """Bytes of the spools, and of those starting: `start` reserves a size before its awaits."""
+        return sum(s.size for s in self._spools.values() if s.state is not State.GONE)
 
     def claim(self, key: Key) -> tuple[Spool, bool]:
         """The spool of `key`, and whether it is new (the caller starts its download)."""
@@ -193,6 +194,7 @@ class SpoolTable:
                         "no Content-Length" if size is None else f"{size} bytes, over REGCACHE_SPOOL_MAX_DISK")
             self.decline(spool)
             return False
+        spool.size = size  # reserved: a download starting meanwhile sees it (declining drops it)
         if (unlinking := self._unlinking.get(spool.key)) is not None:
             await asyncio.wait([unlinking])  # it would unlink this spool's file instead
         try:
@@ -202,7 +204,7 @@ class SpoolTable:
             logger.warning("not spooling %s: %s", describe(spool.key), e)
             self.decline(spool)
             return False
-        spool.size, spool.state = size, State.SPOOLING
+        spool.state = State.SPOOLING
         spool.content_type = content_type or spool.content_type
         spool.file = SpoolFile(spool, file)
         spool.decided.set()
