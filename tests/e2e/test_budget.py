@@ -86,6 +86,7 @@ def test_least_recently_used_image_is_evicted_and_comes_back_as_a_miss(budget_st
     assert poll(lambda: budget_stack.output, lambda out: any(line.startswith("regcache: disk budget: evicted") for line in out))
     metrics = budget_stack.metrics()
     assert metrics[("regcache_evicted_bytes_total", (("registry", "docker.io"),))] >= 95 << 20
+    assert metrics[("regcache_eviction_skipped_blobs_total", (("registry", "docker.io"),))] == 0, "no pull was reading"
     assert metrics[("regcache_disk_budget_bytes", ())] == BUDGET
 
     fetched = len(upstream.requests_for(layer(second), "GET"))

@@ -10,7 +10,8 @@ import os
 import pytest
 
 from regcache_core.budget.disk import DiskWatch, disk_state
-from regcache_core.budget.eviction import CacheDisk, apply, choose
+from regcache_core.budget.enforce import CacheResult, summary
+from regcache_core.budget.eviction import CacheDisk, Evicted, apply, choose
 from regcache_core.budget.storage import blob_dir, scan
 from regcache_core.budget.usage import UsageStore
 from regcache_core.config import DEFAULTS, ConfigError, parse_config
@@ -85,7 +86,25 @@ def test_a_recorded_pull_outranks_an_older_store_and_busy_blobs_stay(tmp_path):
     assert cache.evict == b_blobs
     busy = CacheDisk("docker.io", storage, budget=5000, last_use={a_blobs[0]: 300})
     choose([busy], None, lambda registry, digest: digest == b_blobs[0])
-    assert busy.evict == a_blobs
+    assert busy.evict == a_blobs and busy.skipped == {b_blobs[0]}
+
+
+def test_a_blob_a_pull_began_reading_after_the_choice_stays_and_counts_as_skipped(tmp_path):
+    _, blobs = put_image(tmp_path, "a", "1", [3000], 100)
+    cache = CacheDisk("docker.io", scan(tmp_path), budget=1000, last_use={})
+    choose([cache], None, never_busy)
+    assert cache.evict == blobs and not cache.skipped
+    evicted = apply(cache, lambda registry, digest: digest == blobs[0])
+    assert evicted.blobs == 0 and cache.skipped == {blobs[0]}
+    assert blobs[0] in scan(tmp_path).blobs
+
+
+def test_the_runs_line_says_how_many_blobs_being_read_were_left():
+    results = [CacheResult("docker.io", Evicted(3, 300 << 20), 250 << 20, None, skipped=2),
+               CacheResult("ghcr.io", Evicted(0, 0), 10 << 20, None, skipped=1)]
+    assert summary(results, 300 << 20) == (
+        "regcache: disk budget: evicted docker.io: 3 blobs, 300.0 MiB, now 250.0 MiB, 2 being read left for a later "
+        "run (all caches 260.0 MiB of REGCACHE_MAX_DISK 300.0 MiB)")
 
 
 def test_a_blob_shared_by_two_repositories_loses_both_links(tmp_path):

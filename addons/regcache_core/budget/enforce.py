@@ -26,6 +26,7 @@ class CacheResult:
     evicted: Evicted
     used: int  # bytes its storage holds after the run
     budget: int | None
+    skipped: int = 0  # blobs due for eviction that a pull was reading: left for a later run
 
 
 def enforce(caches: list[CacheBudget], total_budget: int | None, usage: UsageRecords,
@@ -35,7 +36,8 @@ def enforce(caches: list[CacheBudget], total_budget: int | None, usage: UsageRec
     results = []
     for disk in disks:
         evicted = apply(disk, busy) if disk.evict else Evicted(0, 0)
-        results.append(CacheResult(disk.registry, evicted, disk.storage.total - evicted.bytes, disk.budget))
+        results.append(CacheResult(disk.registry, evicted, disk.storage.total - evicted.bytes, disk.budget,
+                                   len(disk.skipped)))
     return results
 
 
@@ -44,7 +46,9 @@ def summary(results: list[CacheResult], total_budget: int | None) -> str | None:
     if not any(r.evicted.blobs for r in results):
         return None
     parts = [f"{r.registry}: {r.evicted.blobs} blobs, {human_bytes(r.evicted.bytes)}, now {human_bytes(r.used)}"
-             + (f" of {human_bytes(r.budget)}" if r.budget else "") for r in results if r.evicted.blobs]
+             + (f" of {human_bytes(r.budget)}" if r.budget else "")
+             + (f", {r.skipped} being read left for a later run" if r.skipped else "")
+             for r in results if r.evicted.blobs]
     total = sum(r.used for r in results)
     limit = f" of REGCACHE_MAX_DISK {human_bytes(total_budget)}" if total_budget else ""
     return f"regcache: disk budget: evicted {'; '.join(parts)} (all caches {human_bytes(total)}{limit})"

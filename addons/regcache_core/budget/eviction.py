@@ -40,6 +40,7 @@ class CacheDisk:
     budget: int | None  # its own budget (K_MAX_DISK), if any
     last_use: dict[str, float]  # blob digest -> last client pull
     evict: list[str] = field(default_factory=list)  # chosen blobs, least recently used first
+    skipped: set[str] = field(default_factory=set)  # blobs whose turn came while a pull read them: left
 
     def candidates(self) -> list[tuple[float, str, int]]:
         """(last use, digest, size) of its evictable blobs, least recently used first.
@@ -63,7 +64,9 @@ def choose(caches: list[CacheDisk], total_budget: int | None, busy: Callable[[st
             queue = queues[cache.registry]
             while queue and used[cache.registry] > cache.budget * LOW_WATER:
                 _, digest, size = queue.pop(0)
-                if not busy(cache.registry, digest):
+                if busy(cache.registry, digest):
+                    cache.skipped.add(digest)
+                else:
                     cache.evict.append(digest)
                     used[cache.registry] -= size
     if total_budget is None or sum(used.values()) <= total_budget:
@@ -73,7 +76,9 @@ def choose(caches: list[CacheDisk], total_budget: int | None, busy: Callable[[st
     for _, registry, digest, size in merged:
         if sum(used.values()) <= total_budget * LOW_WATER:
             break
-        if not busy(registry, digest):
+        if busy(registry, digest):
+            by_registry[registry].skipped.add(digest)
+        else:
             by_registry[registry].evict.append(digest)
             used[registry] -= size
 
@@ -90,7 +95,10 @@ def apply(cache: CacheDisk, busy: Callable[[str, str], bool]) -> Evicted:
     storage = cache.storage
     removed: list[Blob] = []
     for digest in cache.evict:
-        if busy(cache.registry, digest) or digest not in storage.blobs:
+        if digest not in storage.blobs:
+            continue
+        if busy(cache.registry, digest):  # a pull began since it was chosen
+            cache.skipped.add(digest)
             continue
         _remove_blob(storage, digest)
         for repository in storage.repositories.values():

@@ -267,7 +267,7 @@ class DiskBudget:
                     with contextlib.suppress(SharedStateDown):  # it lapses by itself
                         self._on_loop(lease.end())
             for r in results:
-                self.metrics.budget_run(r.registry, r.used, r.budget, r.evicted.blobs, r.evicted.bytes)
+                self.metrics.budget_run(r.registry, r.used, r.budget, r.evicted.blobs, r.evicted.bytes, r.skipped)
             if line := summary(results, config.max_disk):
                 report(line)
             self._store_unreachable = False

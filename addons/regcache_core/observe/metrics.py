@@ -73,6 +73,9 @@ class Metrics:
             ("registry",), registry=self.registry)
         self.evicted_bytes = Counter(
             "regcache_evicted_bytes", "Bytes the disk budget removed from a cache.", ("registry",), registry=self.registry)
+        self.eviction_skipped = Counter(
+            "regcache_eviction_skipped_blobs", "Blobs due for eviction that a budget run left because a pull was "
+            "reading them (each run counts them again).", ("registry",), registry=self.registry)
         self.disk_used = Gauge(
             "regcache_cache_disk_used_bytes", "Bytes a cache run here holds in its storage, as of the last budget run.",
             ("registry",), registry=self.registry)
@@ -157,13 +160,15 @@ class Metrics:
         """Pulls left, from the upstream's `ratelimit-remaining` header (see upstream_signals)."""
         self.rate_limit_remaining.labels(registry).set(remaining)
 
-    def budget_run(self, registry: str, used: int, budget: int | None, evicted_blobs: int, evicted_bytes: int) -> None:
+    def budget_run(self, registry: str, used: int, budget: int | None, evicted_blobs: int, evicted_bytes: int,
+                   skipped: int) -> None:
         """One cache's part of a disk budget run."""
         self.disk_used.labels(registry).set(used)
         if budget is not None:
             self.disk_budget.labels(registry).set(budget)
         self.evicted_blobs.labels(registry).inc(evicted_blobs)
         self.evicted_bytes.labels(registry).inc(evicted_bytes)
+        self.eviction_skipped.labels(registry).inc(skipped)
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""
