@@ -26,7 +26,7 @@ class CacheResult:
     evicted: Evicted
     used: int  # bytes its storage holds after the run
     budget: int | None
-    skipped: int = 0  # blobs due for eviction that a pull was reading: left for a later run
+    skipped: int  # blobs due for eviction that a pull was reading: left for a later run
 
 
 def enforce(caches: list[CacheBudget], total_budget: int | None, usage: UsageRecords,
