@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from tests.support.parts import MANIFEST_TYPES, PORT_BASES, REGISTRY_PROGRAM, TEST_DOMAIN, Stack, docker_io_stack, http_get, poll
+from tests.support.parts import MANIFEST_TYPES, PORT_BASES, REGISTRY_PROGRAM, TEST_DOMAIN, Stack, docker_io_stack, http_get, pause, poll
 
 PORT = PORT_BASES["test_observability"]
 DOCKER_IO = f"docker.io.{TEST_DOMAIN}:{PORT}"
@@ -96,7 +96,7 @@ def test_readiness_follows_the_cache_backend(stack):
     assert status == 200, body
     assert json.loads(body) == {"ready": True, "proxy": "ok", "backends": {"docker.io": "ok"}, "upstreams": {"docker.io": "up"}}
     cache = stack.child(REGISTRY_PROGRAM)
-    os.kill(cache, signal.SIGSTOP)  # stopped: it accepts connections (the kernel does) but never answers
+    pause(cache)  # stopped: it accepts connections (the kernel does) but never answers
     try:
         status, _, body = stack.admin("/ready")
         assert status == 503

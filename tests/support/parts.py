@@ -8,6 +8,7 @@ conftest.py and the benchmarks call it first).
 from __future__ import annotations
 
 import base64
+import contextlib
 import ctypes
 import hashlib
 import http.client
@@ -139,6 +140,21 @@ def poll(read, done, timeout: float = 10.0, every: float = 0.05):
     while not done(value := read()) and time.monotonic() < deadline:
         time.sleep(every)
     return value
+
+
+def pause(pid: int, timeout: float = 5.0) -> None:
+    """SIGSTOP `pid` and return once every thread of it is stopped: the signal takes effect as
+    each thread is next scheduled, and a thread running meanwhile may still answer a request."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def states() -> set[str]:
+        found = set()
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            with contextlib.suppress(OSError):
+                found.add(stat.read_text().rsplit(")", 1)[1].split()[0])
+        return found
+
+    assert poll(states, lambda found: found and found <= {"T", "t"}, timeout), f"{pid} did not stop"
 
 
 def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0) -> None:
